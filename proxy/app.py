@@ -1,0 +1,160 @@
+"""Composition root: builds the ASGI app from settings and owns every resource's lifetime.
+
+Nothing is created at import time. The lifespan opens Redis, the control store, the upstream
+pools and the capabilities' background components, and closes them in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from proxy.admin.app import AdminContext, PrefixMount, build_admin
+from proxy.capability import Capability, Component, Deps
+from proxy.control.client import ControlClient
+from proxy.control.keys import Keys
+from proxy.control.store import ControlStore
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.traffic.forward import ProxyApp, Receive, Scope, Send
+from proxy.traffic.upstream import Upstream
+
+log = logging.getLogger("strangler")
+
+CapabilityBuilder = Callable[[Deps], Capability]
+
+
+def capability_builders() -> list[CapabilityBuilder]:
+    """The capabilities wired into the proxy, in start order."""
+    builders: list[CapabilityBuilder] = []
+    return builders
+
+
+def redis_client(settings: Settings) -> aioredis.Redis:
+    if not settings.redis_url:
+        raise RuntimeError("redis_url must be resolved (embedded Redis started) before building the app")
+    return aioredis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_seconds,
+        socket_connect_timeout=settings.redis_timeout_seconds,
+        retry_on_timeout=False,
+        health_check_interval=5,
+    )
+
+
+class Strangler:
+    """The ASGI application: lifespan + admin + proxy."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        builders: list[CapabilityBuilder] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.redis = redis_client(settings)
+        self.keys = Keys(settings.split_key, settings.key_prefix)
+        self.control = ControlClient(self.redis, self.keys)
+        deps = Deps(settings, self.metrics, self.redis, self.keys, self.control)
+        self.capabilities = [
+            build(deps) for build in (builders if builders is not None else capability_builders())
+        ]
+        sections = {name: parser for cap in self.capabilities for name, parser in cap.sections.items()}
+        self.store = ControlStore(settings, self.redis, self.metrics, sections)
+        deps.store = self.store
+        self.upstreams = {
+            "v1": Upstream("v1", settings.v1_url, settings),
+            "v2": Upstream("v2", settings.v2_url, settings),
+        }
+        services: dict[str, Any] = {}
+        for cap in self.capabilities:
+            services.update(cap.services)
+        self.admin_context = AdminContext(
+            settings, self.store, self.metrics, self.redis, self.control, services
+        )
+        extra_routes = [
+            r for cap in self.capabilities if cap.admin_routes for r in cap.admin_routes(self.admin_context)
+        ]
+        admin = PrefixMount(settings.admin_prefix, build_admin(self.admin_context, extra_routes))
+        mirror = next((cap.mirror for cap in self.capabilities if cap.mirror is not None), None)
+        deprecations = next((cap.deprecations for cap in self.capabilities if cap.deprecations), None)
+        self.proxy = ProxyApp(
+            settings,
+            self.store,
+            self.upstreams,
+            self.metrics,
+            admin,
+            recorders=[rec for cap in self.capabilities for rec in cap.recorders],
+            mirror=mirror,
+            deprecations=deprecations,
+        )
+        self._components: list[Component] = [c for cap in self.capabilities for c in cap.components]
+        self._started: list[Component] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self.proxy(scope, receive, send)
+
+    async def startup(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.start()
+        await self.store.start()
+        for component in self._components:
+            await component.start()
+            self._started.append(component)
+        snap = self.store.current
+        log.info(
+            "strangler ready: v1=%s v2=%s split=%s%% redis=%s",
+            self.settings.v1_url,
+            self.settings.v2_url,
+            snap.global_percentage,
+            "ok" if snap.redis_ok else "unreachable (serving default split, retrying)",
+        )
+        if self.settings.admin_token is None:
+            log.warning("no admin token configured: admin changes are accepted from loopback only")
+
+    async def shutdown(self) -> None:
+        for component in reversed(self._started):
+            with contextlib.suppress(Exception):
+                await component.stop()
+        self._started.clear()
+        await self.store.stop()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # noqa: BLE001 - report to the server, which exits cleanly
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> Strangler:
+    return Strangler(settings, metrics)
+
+
+def create_app_from_env() -> Strangler:
+    """uvicorn factory for ``--workers N``: the parent passes resolved settings as JSON."""
+    import os
+
+    raw = os.environ["STRANGLER_RESOLVED_SETTINGS"]
+    return Strangler(Settings.model_validate_json(raw))

@@ -1,0 +1,191 @@
+"""The ``strangler`` command: thin. It parses, calls the capabilities, and prints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import redis.asyncio as aioredis
+import typer
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.table import Table
+
+from proxy.control.client import ControlClient, InvalidValue
+from proxy.control.embedded import read_url
+from proxy.control.keys import Keys
+from proxy.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strangler: migrate from v1 to v2 safely.")
+console = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
+RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
+GroupOpt = Annotated[str | None, typer.Option("--group", "-g", help="Route group (default: the global split).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def settings_from(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+        raise  # unreachable, for type checkers
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    url = read_url(settings.embedded_redis_dir)
+    if url is None:
+        fail(
+            "no Redis to talk to: start `strangler serve` (embedded Redis) or pass --redis-url / "
+            "STRANGLER_REDIS_URL"
+        )
+    assert url is not None
+    return url
+
+
+def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable[T]]) -> T:
+    """Run one async action against Redis with a clear message when it is unreachable."""
+    url = resolve_redis_url(settings)
+
+    async def go() -> T:
+        redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return await action(ControlClient(redis, Keys(settings.split_key, settings.key_prefix)))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (RedisError, OSError) as exc:
+        fail(f"Redis at {url} is unreachable: {exc}")
+        raise
+
+
+def check_group(settings: Settings, group: str | None) -> str:
+    name = group or "default"
+    if name not in settings.group_names:
+        fail(f"unknown group {name!r}; configured groups: {', '.join(settings.group_names)}", 2)
+    return name
+
+
+@app.command()
+def serve(
+    v1: Annotated[str | None, typer.Option("--v1", help="v1 backend URL.")] = None,
+    v2: Annotated[str | None, typer.Option("--v2", help="v2 backend URL.")] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port.")] = None,
+    redis_url: RedisOpt = None,
+    config: ConfigOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
+    admin_token: Annotated[str | None, typer.Option(help="Token for admin changes.")] = None,
+) -> None:
+    """Run the proxy (embedded Redis when no Redis URL is configured)."""
+    from proxy.server import run
+
+    settings = settings_from(
+        config,
+        v1_url=v1,
+        v2_url=v2,
+        host=host,
+        port=port,
+        redis_url=redis_url,
+        workers=workers,
+        admin_token=admin_token,
+    )
+    run(settings)
+
+
+@app.command()
+def status(config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False) -> None:
+    """Split per group as stored in Redis."""
+    settings = settings_from(config, redis_url=redis_url)
+    groups = settings.group_names
+
+    async def read(control: ControlClient) -> dict[str, Any]:
+        raw = await control.get_split(groups)
+        await control.redis.ping()
+        return {"redis_ok": True, "redis_url": resolve_redis_url(settings), "groups": raw}
+
+    data = with_control(settings, read)
+    global_raw = data["groups"]["default"]
+    rows = []
+    for group in groups:
+        raw = data["groups"][group]
+        effective = raw if raw is not None else (global_raw if group != "default" else None)
+        rows.append(
+            {
+                "group": group,
+                "percentage": float(effective) if _is_number(effective) else settings.default_percentage,
+                "source": "own key" if raw is not None else ("global" if group != "default" else "default"),
+                "raw": raw,
+            }
+        )
+    if as_json:
+        print(json.dumps({"redis_ok": True, "redis_url": data["redis_url"], "groups": rows}))
+        return
+    table = Table(title=f"Strangler split (Redis {data['redis_url']})")
+    for column in ("group", "v2 %", "source", "raw value"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["group"], f"{row['percentage']:g}", row["source"], str(row["raw"]))
+    console.print(table)
+
+
+@app.command("set")
+def set_split(
+    percentage: Annotated[str, typer.Argument(help="Share of traffic for v2, 0 to 100.")],
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Set the v2 share; every replica follows within a moment."""
+    settings = settings_from(config, redis_url=redis_url)
+    name = check_group(settings, group)
+    try:
+        value = with_control(settings, lambda c: c.set_split(percentage, name))
+    except InvalidValue as exc:
+        fail(str(exc), 2)
+        return
+    console.print(f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold]")
+
+
+@app.command()
+def rollback(group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None) -> None:
+    """Send everything back to v1 at once."""
+    settings = settings_from(config, redis_url=redis_url)
+    name = check_group(settings, group)
+    with_control(settings, lambda c: c.set_split(0, name))
+    console.print(f"[yellow]rolled back[/yellow] {name}: v2 share is 0%")
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Writes to the control state, shared by the CLI and the admin API.
+
+Every write is validated first (a bad value never reaches Redis from our own tools) and followed
+by a publish on the change channel so every replica refreshes at once instead of at the next poll.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from proxy.control.keys import Keys
+from proxy.control.snapshot import parse_percentage
+
+
+class InvalidValue(ValueError):
+    """A value our own tools refuse to write; the message says what would be accepted."""
+
+
+class ControlClient:
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def publish(self, what: str) -> None:
+        await self.redis.publish(self.keys.changes_channel, what)
+
+    async def get_split(self, groups: list[str]) -> dict[str, str | None]:
+        """Raw values per group ('default' is the global key); None where unset."""
+        values = await self.redis.mget([self.keys.split(group) for group in groups])
+        return {
+            group: (value.decode() if isinstance(value, bytes) else value)
+            for group, value in zip(groups, values, strict=True)
+        }
+
+    async def set_split(self, percentage: float | str, group: str | None = None) -> float:
+        try:
+            value = parse_percentage(str(percentage))
+        except ValueError as exc:
+            raise InvalidValue(f"{percentage!r} is not a percentage between 0 and 100") from exc
+        assert value is not None
+        text = f"{value:g}"
+        await self.redis.set(self.keys.split(group), text)
+        await self.publish(f"split:{group or 'default'}")
+        return value
+
+    async def clear_split(self, group: str) -> None:
+        """Remove a group's override so it follows the global split again."""
+        await self.redis.delete(self.keys.split(group))
+        await self.publish(f"split:{group}")
+
+    async def set_hash_fields(self, name: str, fields: dict[str, Any]) -> None:
+        """Write fields of a capability's control hash (e.g. shadow settings) and announce it."""
+        key = self.keys.hash(name)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for field, value in fields.items():
+                if value is None:
+                    pipe.hdel(key, field)
+                else:
+                    pipe.hset(key, field, value if isinstance(value, str | bytes) else str(value))
+            await pipe.execute()
+        await self.publish(name)
+
+    async def get_hash(self, name: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.hash(name))
+        return {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }

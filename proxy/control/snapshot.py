@@ -1,0 +1,86 @@
+"""The immutable control snapshot the request path reads, and the parsing that builds it.
+
+Parsing is pure so it can be tested without Redis: raw strings in, a snapshot plus the list of
+rejected values out. A rejected value never replaces the last good one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# A section parser turns one Redis hash (field -> raw string) into a typed value. It receives the
+# previous parsed value so it can keep the last good one for fields it rejects, and returns the
+# new value plus human-readable problems (one per rejected field).
+SectionParser = Callable[[Mapping[str, str], Any], tuple[Any, list[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A control value that was rejected; ``key`` is a closed-set label (split, shadow, ...)."""
+
+    key: str
+    raw: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What every request decision reads. Replaced whole, never mutated, so reads need no lock."""
+
+    global_percentage: float
+    group_percentages: Mapping[str, float] = field(default_factory=dict)
+    sections: Mapping[str, Any] = field(default_factory=dict)
+    redis_ok: bool = False
+    loaded_at: float | None = None  # time.monotonic() of the last successful refresh
+    generation: int = 0
+
+    def percentage(self, group: str) -> float:
+        """The group's own split if set, else the global one."""
+        value = self.group_percentages.get(group)
+        return self.global_percentage if value is None else value
+
+    def section(self, name: str, default: Any = None) -> Any:
+        return self.sections.get(name, default)
+
+
+def parse_percentage(raw: str | bytes | None) -> float | None:
+    """A percentage from Redis: a finite number in [0, 100]; raises ValueError otherwise."""
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    value = float(text.strip())  # ValueError for 'abc'
+    if not math.isfinite(value) or value < 0 or value > 100:
+        raise ValueError(f"{text!r} is not a percentage in [0, 100]")
+    return value
+
+
+def build_split(
+    raw_global: str | None,
+    raw_groups: Mapping[str, str | None],
+    previous: Snapshot,
+    default_percentage: float,
+) -> tuple[float, dict[str, float], list[Invalid]]:
+    """Parse the split keys; a bad value keeps the previous good one for that key."""
+    problems: list[Invalid] = []
+    try:
+        parsed = parse_percentage(raw_global)
+        global_pct = default_percentage if parsed is None else parsed
+    except ValueError:
+        global_pct = previous.global_percentage
+        problems.append(Invalid("split", str(raw_global), "not a number in [0, 100]"))
+    groups: dict[str, float] = {}
+    for group, raw in raw_groups.items():
+        try:
+            value = parse_percentage(raw)
+        except ValueError:
+            problems.append(Invalid("split", str(raw), f"group {group}: not a number in [0, 100]"))
+            kept = previous.group_percentages.get(group)
+            if kept is not None:
+                groups[group] = kept
+            continue
+        if value is not None:
+            groups[group] = value
+    return global_pct, groups, problems

@@ -1,0 +1,201 @@
+"""Keeps an in-memory snapshot of the Redis control state fresh, beside the request path.
+
+Two triggers: a pub/sub message (instant, for changes made through strangler) and a poll (for a
+plain ``redis-cli SET``). Redis being down or slow only makes the snapshot older; the request
+path never waits on Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from proxy.control.keys import Keys
+from proxy.control.snapshot import Invalid, SectionParser, Snapshot, build_split
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+
+log = logging.getLogger("strangler.control")
+
+_REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class ControlStore:
+    """Owns the snapshot. ``current`` is a plain attribute read; refreshing swaps it whole."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        metrics: Metrics,
+        sections: Mapping[str, SectionParser] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._metrics = metrics
+        self._keys = Keys(settings.split_key, settings.key_prefix)
+        self._groups = [group.name for group in settings.routes]
+        self._sections = dict(sections or {})
+        initial_sections = {name: parser({}, None)[0] for name, parser in self._sections.items()}
+        self.current = Snapshot(
+            global_percentage=settings.default_percentage,
+            sections=initial_sections,
+        )
+        self._last_good = self.current
+        self._reported: set[tuple[str, str]] = set()
+        self._reported_down = False
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def keys(self) -> Keys:
+        return self._keys
+
+    def age_seconds(self) -> float | None:
+        loaded = self._last_good.loaded_at
+        return None if loaded is None else time.monotonic() - loaded
+
+    async def start(self) -> None:
+        """First refresh (bounded by the Redis timeout), then the poll and pub/sub loops."""
+        await self.refresh()
+        self._tasks = [
+            asyncio.create_task(self._poll_loop(), name="strangler-control-poll"),
+            asyncio.create_task(self._subscribe_loop(), name="strangler-control-pubsub"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+
+    async def refresh(self) -> bool:
+        """Read every control key in one pipeline and swap the snapshot; False if Redis failed."""
+        try:
+            raw_global, raw_groups, raw_hashes = await asyncio.wait_for(
+                self._read(), timeout=self._settings.redis_timeout_seconds * 2
+            )
+        except _REDIS_ERRORS as exc:
+            self._on_redis_down(exc)
+            return False
+        previous = self._last_good
+        global_pct, groups, problems = build_split(
+            raw_global, raw_groups, previous, self._settings.default_percentage
+        )
+        sections: dict[str, Any] = {}
+        for name, parser in self._sections.items():
+            value, errors = parser(raw_hashes.get(name, {}), previous.sections.get(name))
+            sections[name] = value
+            problems.extend(Invalid(name, "", error) for error in errors)
+        snapshot = Snapshot(
+            global_percentage=global_pct,
+            group_percentages=groups,
+            sections=sections,
+            redis_ok=True,
+            loaded_at=time.monotonic(),
+            generation=previous.generation + 1,
+        )
+        self._last_good = snapshot
+        self.current = snapshot
+        if self._reported_down:
+            self._reported_down = False
+            log.info("redis reachable again; control snapshot refreshed")
+        self._report(problems)
+        self._metrics.control_refreshed(snapshot, self._groups)
+        return True
+
+    async def _read(self) -> tuple[str | None, dict[str, str | None], dict[str, dict[str, str]]]:
+        split_keys = [self._keys.split()] + [self._keys.split(group) for group in self._groups]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.mget(split_keys)
+            for name in self._sections:
+                pipe.hgetall(self._keys.hash(name))
+            results = await pipe.execute()
+        values = [_text(value) for value in results[0]]
+        raw_groups = dict(zip(self._groups, values[1:], strict=True))
+        raw_hashes = {
+            name: {_text(k) or "": _text(v) or "" for k, v in result.items()}
+            for name, result in zip(self._sections, results[1:], strict=True)
+        }
+        return values[0], raw_groups, raw_hashes
+
+    def _on_redis_down(self, exc: BaseException) -> None:
+        """Serve on the last good snapshot (or all-v1 by policy); log the transition once."""
+        good = self._last_good
+        all_v1 = self._settings.redis_down_policy == "all_v1"
+        self.current = Snapshot(
+            global_percentage=0.0 if all_v1 else good.global_percentage,
+            group_percentages={group: 0.0 for group in self._groups} if all_v1 else good.group_percentages,
+            sections=good.sections,
+            redis_ok=False,
+            loaded_at=good.loaded_at,
+            generation=good.generation,
+        )
+        self._metrics.control_redis_error()
+        if not self._reported_down:
+            self._reported_down = True
+            log.warning(
+                "redis unreachable (%s); serving on %s",
+                type(exc).__name__,
+                "an all-v1 split" if all_v1 else "the last good snapshot",
+            )
+
+    def _report(self, problems: list[Invalid]) -> None:
+        """Log each distinct bad value once; count every time it is seen being rejected."""
+        for problem in problems:
+            self._metrics.invalid_control_value(problem.key)
+            marker = (problem.key, problem.raw + problem.reason)
+            if marker not in self._reported:
+                self._reported.add(marker)
+                log.error("ignored invalid control value %s=%r: %s", problem.key, problem.raw, problem.reason)
+
+    async def _poll_loop(self) -> None:
+        interval = self._settings.poll_interval_seconds
+        while not self._stopping:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=interval)
+            self._wake.clear()
+            if self._stopping:
+                return
+            await self.refresh()
+            self._metrics.snapshot_age(self.age_seconds())
+
+    async def _subscribe_loop(self) -> None:
+        """Wake the poll loop on every change message; reconnect with backoff when Redis drops."""
+        backoff = 0.1
+        while not self._stopping:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._keys.changes_channel)
+                backoff = 0.1
+                self._wake.set()  # pick up whatever changed while we were disconnected
+                while not self._stopping:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None:
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - any failure means reconnect, never crash the proxy
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,211 @@
+"""Every metric in one recorder, with methods named for events (flagger's recorder shape).
+
+Label values come from closed sets (version, group, method, status code, outcome); children are
+resolved once and cached so the request path does a dict lookup and an increment, nothing more.
+With several workers, prometheus-client's multiprocess mode is used (PROMETHEUS_MULTIPROC_DIR is
+set by ``strangler serve`` before any worker starts).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:
+    from proxy.control.snapshot import Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# sub-millisecond to 10 s, fine enough for p50/p95/p99 of a fast backend and of a slow one
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1,
+    0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0,
+)  # fmt: skip
+DELTA_BUCKETS = (-1.0, -0.25, -0.1, -0.05, -0.01, -0.001, 0.0, 0.001, 0.01, 0.05, 0.1, 0.25, 1.0, 5.0)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """The recorder. One per process; tests make their own, so nothing is registered globally."""
+
+    def __init__(self) -> None:
+        self.multiprocess = multiprocess_dir() is not None
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        gauge_mode: dict[str, Any] = {"multiprocess_mode": "mostrecent"} if self.multiprocess else {}
+        max_mode: dict[str, Any] = {"multiprocess_mode": "max"} if self.multiprocess else {}
+
+        # names fixed by issue 2: users' dashboards query these
+        self.http_requests = Counter(
+            "http_requests_total", "Requests answered, by version served.",
+            ["version", "method", "code"], registry=reg,
+        )  # fmt: skip
+        self.http_errors = Counter(
+            "http_errors_total", "5xx answers and proxy-generated errors.", ["version"], registry=reg
+        )
+        self.http_duration = Histogram(
+            "http_request_duration_seconds", "Time to the end of the answer, per version.",
+            ["version"], buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+
+        self.group_requests = Counter(
+            "strangler_group_requests_total", "Requests routed, per route group and version.",
+            ["group", "version"], registry=reg,
+        )  # fmt: skip
+        self.split_percentage = Gauge(
+            "strangler_split_percentage", "Share of traffic for v2 in force, per route group.",
+            ["group"], registry=reg, **gauge_mode,
+        )  # fmt: skip
+        self.fallbacks = Counter(
+            "strangler_fallbacks_total", "Requests for v2 served by v1 because v2 could not be reached.",
+            ["group"], registry=reg,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "strangler_upstream_errors_total", "Upstream failures by kind.",
+            ["version", "kind"], registry=reg,
+        )  # fmt: skip
+        self.invalid_values = Counter(
+            "strangler_invalid_control_values_total", "Control values in Redis rejected (last good kept).",
+            ["key"], registry=reg,
+        )  # fmt: skip
+        self.redis_errors = Counter(
+            "strangler_control_redis_errors_total",
+            "Failed control refreshes (Redis down or slow).",
+            registry=reg,
+        )
+        self.snapshot_age_gauge = Gauge(
+            "strangler_snapshot_age_seconds", "Age of the control snapshot in use.",
+            registry=reg, **max_mode,
+        )  # fmt: skip
+        self.redis_up = Gauge(
+            "strangler_redis_up", "1 when the last control refresh reached Redis.",
+            registry=reg, **gauge_mode,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "strangler_rejected_requests_total", "Requests refused by the proxy itself, by reason.",
+            ["reason"], registry=reg,
+        )  # fmt: skip
+        self.client_disconnects = Counter(
+            "strangler_client_disconnects_total", "Clients gone before the answer was complete.",
+            ["version", "stage"], registry=reg,
+        )  # fmt: skip
+
+        # shadow (issue 3)
+        self.shadow_requests = Counter(
+            "strangler_shadow_requests_total", "Mirrored requests by outcome.",
+            ["group", "outcome"], registry=reg,
+        )  # fmt: skip
+        self.shadow_comparisons = Counter(
+            "strangler_shadow_comparisons_total", "Shadow comparisons by result.",
+            ["group", "result"], registry=reg,
+        )  # fmt: skip
+        self.shadow_latency_delta = Histogram(
+            "strangler_shadow_latency_delta_seconds", "v2 minus v1 latency of mirrored requests.",
+            ["group"], buckets=DELTA_BUCKETS, registry=reg,
+        )  # fmt: skip
+
+        # canary (issue 4)
+        self.rollbacks = Counter(
+            "strangler_rollbacks_total", "Automatic and manual rollbacks.", ["group", "reason"], registry=reg
+        )
+        self.rollout_step = Gauge(
+            "strangler_rollout_step", "Current rollout step percentage (-1 when no rollout).",
+            ["group"], registry=reg, **gauge_mode,
+        )  # fmt: skip
+        self.check_verdicts = Counter(
+            "strangler_check_verdicts_total", "Health check verdicts.", ["group", "verdict"], registry=reg
+        )
+        self.judged_error_rate = Gauge(
+            "strangler_judged_error_rate", "Error rate in the last judged window.",
+            ["group", "version"], registry=reg, **gauge_mode,
+        )  # fmt: skip
+        self.judged_p95 = Gauge(
+            "strangler_judged_p95_seconds", "p95 latency in the last judged window.",
+            ["group", "version"], registry=reg, **gauge_mode,
+        )  # fmt: skip
+        self.alerts = Counter(
+            "strangler_alerts_total", "Alert deliveries by target kind and outcome.",
+            ["target", "outcome"], registry=reg,
+        )  # fmt: skip
+
+        # deprecation (issue 5)
+        self.deprecated_requests = Counter(
+            "strangler_deprecated_requests_total", "Requests to deprecated endpoints.",
+            ["rule", "phase"], registry=reg,
+        )  # fmt: skip
+
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._version_children: dict[str, tuple[Any, Any]] = {}
+        self._group_children: dict[tuple[str, str], Any] = {}
+
+    # --- request path -------------------------------------------------------------------------
+
+    def request_done(self, group: str, version: str, method: str, status: int, seconds: float) -> None:
+        """One answered request. Cached children: a dict lookup and three increments."""
+        key = (version, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            label_method = method if method in KNOWN_METHODS else "OTHER"
+            child = self.http_requests.labels(version, label_method, str(status))
+            self._request_children[key] = child
+        child.inc()
+        per_version = self._version_children.get(version)
+        if per_version is None:
+            per_version = (self.http_duration.labels(version), self.http_errors.labels(version))
+            self._version_children[version] = per_version
+        per_version[0].observe(seconds)
+        if status >= 500:
+            per_version[1].inc()
+        gkey = (group, version)
+        gchild = self._group_children.get(gkey)
+        if gchild is None:
+            gchild = self.group_requests.labels(group, version)
+            self._group_children[gkey] = gchild
+        gchild.inc()
+
+    def fallback(self, group: str) -> None:
+        self.fallbacks.labels(group).inc()
+
+    def upstream_error(self, version: str, kind: str) -> None:
+        self.upstream_errors.labels(version, kind).inc()
+
+    def rejected_request(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def client_disconnected(self, version: str, stage: str) -> None:
+        self.client_disconnects.labels(version, stage).inc()
+
+    # --- control ------------------------------------------------------------------------------
+
+    def control_refreshed(self, snapshot: Snapshot, groups: list[str]) -> None:
+        self.redis_up.set(1)
+        self.split_percentage.labels("default").set(snapshot.global_percentage)
+        for group in groups:
+            self.split_percentage.labels(group).set(snapshot.percentage(group))
+
+    def control_redis_error(self) -> None:
+        self.redis_errors.inc()
+        self.redis_up.set(0)
+
+    def snapshot_age(self, seconds: float | None) -> None:
+        self.snapshot_age_gauge.set(-1 if seconds is None else seconds)
+
+    def invalid_control_value(self, key: str) -> None:
+        self.invalid_values.labels(key).inc()
+
+    # --- exposition ---------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """Prometheus text; in multiprocess mode the sum over every worker's files."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

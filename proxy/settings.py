@@ -1,0 +1,293 @@
+"""The one typed settings object: defaults < YAML file < STRANGLER_* environment < CLI flags.
+
+Policy (route patterns, step ladders, exclude regexes) is parsed and checked here, once, so a
+mistake is one clear ``ConfigError`` at start-up instead of a surprise on the request path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+
+
+class ConfigError(Exception):
+    """Raised once at start-up with every problem in the configuration, in plain words."""
+
+
+class RouteGroup(BaseModel):
+    """A named set of path patterns that share one split (and shadow/canary policy)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    patterns: list[str] = Field(min_length=1)
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns_are_paths(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern.startswith("/"):
+                raise ValueError(f"route pattern {pattern!r} must start with '/'")
+        return value
+
+
+class ShadowGroupPolicy(BaseModel):
+    """Per-group overrides of the shadow defaults (None keeps the global value)."""
+
+    enabled: bool | None = None
+    sample_percentage: float | None = Field(default=None, ge=0, le=100)
+    methods: list[str] | None = None
+
+
+class ShadowSettings(BaseModel):
+    """Config defaults for mirroring; Redis values (strangler:shadow) override them live."""
+
+    enabled: bool = False
+    sample_percentage: float = Field(default=100.0, ge=0, le=100)
+    methods: list[str] = Field(default_factory=lambda: ["GET", "HEAD", "OPTIONS"])
+    max_body_bytes: int = Field(default=1024 * 1024, ge=0)
+    compare_max_bytes: int = Field(default=1024 * 1024, ge=0)
+    queue_size: int = Field(default=1000, ge=1)
+    concurrency: int = Field(default=32, ge=1)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    calibration_percentage: float = Field(default=1.0, ge=0, le=100)
+    exclude_paths: list[str] = Field(default_factory=list)
+    exclude_regex_paths: list[str] = Field(default_factory=list)
+    ignore_order: bool = False
+    ignore_order_endpoints: list[str] = Field(default_factory=list)
+    numeric_tolerance: float = Field(default=0.0, ge=0)
+    max_endpoints: int = Field(default=200, ge=1)
+    max_samples: int = Field(default=20, ge=0)
+    sample_body_bytes: int = Field(default=2048, ge=0)
+    compare_workers: int = Field(default=1, ge=1)
+    groups: dict[str, ShadowGroupPolicy] = Field(default_factory=dict)
+
+    @field_validator("exclude_regex_paths")
+    @classmethod
+    def _regexes_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"exclude regex {pattern!r} does not compile: {exc}") from exc
+        return value
+
+
+class CanaryThresholds(BaseModel):
+    """Limits that fail a check; absolute and relative to v1 in the same window."""
+
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    max_p95_seconds: float = Field(default=0.5, gt=0)
+    max_error_rate_ratio: float = Field(default=2.0, gt=0)
+    max_p95_ratio: float = Field(default=1.5, gt=0)
+    error_rate_floor: float = Field(default=0.01, ge=0, le=1)
+    p95_floor_seconds: float = Field(default=0.05, ge=0)
+    min_requests: int = Field(default=100, ge=1)
+    max_shadow_mismatch_rate: float | None = Field(default=None, ge=0, le=1)
+
+
+class NotifierTarget(BaseModel):
+    """One alert destination. ``kind`` picks the payload format."""
+
+    kind: Literal["slack", "pagerduty", "webhook"]
+    url: str
+    routing_key: SecretStr | None = None
+    min_severity: Literal["info", "warning", "critical"] = "info"
+
+
+class CanarySettings(BaseModel):
+    """Health checks, automatic rollback and the rollout ladder."""
+
+    enabled: bool = True
+    window_seconds: float = Field(default=60.0, gt=0)
+    check_interval_seconds: float = Field(default=10.0, gt=0)
+    flush_interval_seconds: float = Field(default=1.0, gt=0)
+    consecutive_failures: int = Field(default=3, ge=1)
+    count_4xx_as_errors: bool = False
+    leader_lock_ttl_seconds: float = Field(default=15.0, gt=0)
+    insufficient_data_alert_seconds: float = Field(default=600.0, gt=0)
+    steps: list[float] = Field(default_factory=lambda: [1, 5, 10, 25, 50, 75, 90, 95, 100])
+    step_interval_seconds: float = Field(default=300.0, gt=0)
+    thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds)
+    group_thresholds: dict[str, CanaryThresholds] = Field(default_factory=dict)
+    notifiers: list[NotifierTarget] = Field(default_factory=list)
+
+    @field_validator("steps")
+    @classmethod
+    def _ladder_is_sane(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("rollout steps must not be empty")
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError(f"rollout steps must increase strictly: {value}")
+        if value[0] <= 0 or value[-1] != 100:
+            raise ValueError(f"rollout steps must be above 0 and end at 100: {value}")
+        return value
+
+
+class DeprecationRule(BaseModel):
+    """An endpoint on its way out: warned with headers until the sunset, then 410 Gone."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    methods: list[str] = Field(default_factory=lambda: ["*"])
+    pattern: str
+    deprecated_at: str | None = None  # ISO 8601 date or datetime
+    sunset_at: str | None = None
+    migration_guide: str | None = None
+    replacement: str | None = None
+    phase: Literal["auto", "warn", "gone"] = "auto"
+
+
+class LimitSettings(BaseModel):
+    """Request limits, in line with nginx/Envoy defaults; see README "Security and limits"."""
+
+    max_body_bytes: int = Field(default=0, ge=0)  # 0 = unlimited (streamed)
+    max_request_line_bytes: int = Field(default=8192, ge=256)
+    max_header_bytes: int = Field(default=65536, ge=1024)
+    max_headers: int = Field(default=100, ge=1)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything the proxy needs, validated once. Runtime objects receive it; nothing else reads env."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STRANGLER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # where to listen and forward
+    v1_url: str = "http://127.0.0.1:8001"
+    v2_url: str = "http://127.0.0.1:8002"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    preserve_host: bool = True
+
+    # control state
+    redis_url: str | None = None
+    embedded_redis_dir: Path = Path(".strangler/redis")
+    embedded_redis_port: int = Field(default=0, ge=0, le=65535)
+    split_key: str = "feature:v2_traffic_percentage"
+    key_prefix: str = "strangler:"
+    default_percentage: float = Field(default=0.0, ge=0, le=100)
+    redis_down_policy: Literal["keep_last", "all_v1"] = "keep_last"
+    poll_interval_seconds: float = Field(default=1.0, gt=0, le=1.0)
+    redis_timeout_seconds: float = Field(default=0.5, gt=0)
+
+    # split
+    routes: list[RouteGroup] = Field(default_factory=list)
+    user_key_header: str = "X-User-ID"
+    user_key_cookie: str | None = "user_id"
+    user_key_fallback: Literal["random", "client_ip", "affinity_cookie"] = "random"
+    affinity_cookie_name: str = "strangler_uid"
+    hash_salt: str = "strangler"
+    force_header: str = "X-Strangler-Version"
+    force_header_enabled: bool = True
+
+    # upstream
+    fallback_to_v1: bool = True
+    connect_timeout_seconds: float = Field(default=2.0, gt=0)
+    read_timeout_seconds: float = Field(default=30.0, gt=0)
+    upstream_pool_size: int = Field(default=256, ge=1)
+
+    # admin
+    admin_prefix: str = "/_strangler"
+    admin_token: SecretStr | None = None
+    admin_reads_require_token: bool = False
+    admin_port: int | None = Field(default=None, ge=0, le=65535)
+
+    # capabilities
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
+    deprecations: list[DeprecationRule] = Field(default_factory=list)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("v1_url", "v2_url")
+    @classmethod
+    def _upstream_is_http(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+/?$|^https?://[^?#\s]+$", value):
+            raise ValueError(f"upstream URL {value!r} must look like http://host:port[/base]")
+        return value.rstrip("/")
+
+    @field_validator("admin_prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if not re.match(r"^/[A-Za-z0-9_.-]+$", value):
+            raise ValueError(f"admin_prefix {value!r} must be one path segment like /_strangler")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_groups(self) -> Settings:
+        names = [group.name for group in self.routes]
+        if len(names) != len(set(names)):
+            raise ValueError(f"route group names must be unique: {names}")
+        if "default" in names:
+            raise ValueError("'default' is reserved for requests no group matches")
+        return self
+
+    @property
+    def group_names(self) -> list[str]:
+        return ["default", *(group.name for group in self.routes)]
+
+    def admin_token_value(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("strangler_config_file", default=None)
+
+
+@contextmanager
+def _yaml_source(path: Path | None) -> Iterator[None]:
+    token = _CONFIG_FILE.set(path)
+    try:
+        yield
+    finally:
+        _CONFIG_FILE.reset(token)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from all sources; ``overrides`` are CLI flags (None means "not given")."""
+    path = Path(config_file) if config_file else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        with _yaml_source(path):
+            return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc

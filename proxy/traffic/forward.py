@@ -1,0 +1,508 @@
+"""The proxy itself: a plain ASGI callable. Per-request state lives in locals, never on ``self``.
+
+request -> admin prefix? -> deprecation -> route group -> split -> forward -> (mirror) -> record
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
+
+import orjson
+
+from proxy.control.store import ControlStore
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.traffic import split
+from proxy.traffic.errors import UpstreamError, UpstreamReset
+from proxy.traffic.hooks import (
+    Deprecations,
+    Mirror,
+    MirrorRequest,
+    NoDeprecations,
+    NoMirror,
+    PrimaryResult,
+    Recorder,
+)
+from proxy.traffic.paths import is_canonical, normalise
+from proxy.traffic.routing import RouteTable
+from proxy.traffic.upstream import Upstream, translate
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+        b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"expect", b"http2-settings",
+    }
+)  # fmt: skip
+# headers a client cannot make us drop by naming them in Connection
+PROTECTED = frozenset({b"host", b"content-length", b"content-type"})
+# headers the proxy sets itself: the client's copies are replaced (X-Forwarded-For is appended to)
+PROXY_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"x-request-id"})
+SMALL_BODY = 64 * 1024
+JSON_HEADERS = [(b"content-type", b"application/json")]
+VERSION_HEADER = b"x-api-version"
+VERSION_VALUE = {"v1": b"v1", "v2": b"v2"}
+
+
+class ClientGone(Exception):
+    """The client disconnected while we were still reading its request body."""
+
+
+class ProxyApp:
+    """Forwards every non-admin request to v1 or v2 according to the in-memory snapshot."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ControlStore,
+        upstreams: dict[str, Upstream],
+        metrics: Metrics,
+        admin: ASGIApp,
+        routes: RouteTable | None = None,
+        recorders: Sequence[Recorder] = (),
+        mirror: Mirror | None = None,
+        deprecations: Deprecations | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._admin = admin
+        self._routes = routes or RouteTable(settings.routes)
+        self._recorders = tuple(recorders)
+        self._mirror: Mirror = mirror or NoMirror()
+        self._deprecations: Deprecations = deprecations or NoDeprecations()
+        self._prefix = settings.admin_prefix
+        self._salt = settings.hash_salt.encode()
+        self._user_header = settings.user_key_header.lower().encode()
+        self._user_cookie = settings.user_key_cookie.encode() if settings.user_key_cookie else None
+        self._fallback = settings.user_key_fallback
+        self._affinity = settings.affinity_cookie_name.encode()
+        self._force = settings.force_header.lower().encode() if settings.force_header_enabled else None
+        self._strip = HOP_BY_HOP | ({self._force} if self._force else set())
+        self._fallback_to_v1 = settings.fallback_to_v1
+        self._preserve_host = settings.preserve_host
+        self._all_v1_when_down = settings.redis_down_policy == "all_v1"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1003})
+            return
+        path: str = scope["path"]
+        if path.startswith(self._prefix):
+            if path == self._prefix or path[len(self._prefix)] == "/":
+                if is_canonical(path, scope.get("raw_path")):
+                    await self._admin(scope, receive, send)
+                    return
+        norm = normalise(path)
+        if norm != path and (norm == self._prefix or norm.startswith(self._prefix + "/")):
+            await self._reject(send, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+            return
+        await self._proxy(scope, receive, send, norm)
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, norm: str) -> None:
+        started = time.perf_counter()
+        snapshot = self._store.current
+        method: str = scope["method"]
+
+        deprecation = self._deprecations.check(method, norm, snapshot)
+        if deprecation is not None and deprecation.gone_body is not None:
+            await self._answer(send, 410, deprecation.gone_body, deprecation.headers)
+            self._metrics.request_done("deprecated", "proxy", method, 410, time.perf_counter() - started)
+            return
+        group = self._routes.group_for(norm)
+
+        # one pass over the headers: pick out what we need, build what goes upstream
+        forced: bytes | None = None
+        user_key: bytes | None = None
+        cookie: bytes | None = None
+        host: bytes | None = None
+        xff: bytes | None = None
+        request_id: bytes | None = None
+        content_length: int | None = None
+        has_body = False
+        connection_named: set[bytes] = set()
+        out: list[tuple[bytes, bytes]] = []
+        for name, value in scope["headers"]:
+            if name == self._user_header:
+                user_key = value
+            elif name == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif name == b"host":
+                host = value
+                if not self._preserve_host:
+                    continue
+            elif name == self._force:
+                forced = value
+                continue
+            elif name == b"content-length":
+                has_body = True
+                content_length = int(value) if value.isdigit() else None
+            elif name == b"transfer-encoding":
+                has_body = True
+                continue
+            elif name == b"connection":
+                connection_named.update(part.strip().lower() for part in value.split(b","))
+                continue
+            if name in PROXY_SET:
+                if name == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif name == b"x-request-id" and 0 < len(value) <= 200:
+                    request_id = value
+                continue
+            if name in HOP_BY_HOP:
+                continue
+            out.append((name, value))
+        if connection_named:
+            drop = connection_named - PROTECTED
+            out = [(name, value) for name, value in out if name not in drop]
+        if content_length == 0:
+            has_body = False
+
+        # split decision
+        set_cookie: bytes | None = None
+        if forced is not None:
+            if forced in (b"v1", b"v2"):
+                version = forced.decode()
+            else:
+                await self._reject(send, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
+                return
+        else:
+            if self._all_v1_when_down and not snapshot.redis_ok:
+                percentage = 0.0
+            else:
+                percentage = snapshot.percentage(group)
+            if user_key is None and cookie is not None and self._user_cookie is not None:
+                user_key = _cookie_value(cookie, self._user_cookie)
+            if user_key is None:
+                if self._fallback == "client_ip":
+                    client = scope.get("client")
+                    user_key = client[0].encode() if client else None
+                elif self._fallback == "affinity_cookie":
+                    user_key = _cookie_value(cookie, self._affinity) if cookie else None
+                    if user_key is None:
+                        user_key = os.urandom(12).hex().encode()
+                        set_cookie = self._affinity + b"=" + user_key + b"; Path=/; HttpOnly; SameSite=Lax"
+            version = split.choose(percentage, self._salt, group, user_key)
+
+        client = scope.get("client")
+        client_ip = client[0].encode() if client else b"unknown"
+        out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
+        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        if host is not None:
+            out.append((b"x-forwarded-host", host))
+        if request_id is None:
+            request_id = os.urandom(16).hex().encode()
+        out.append((b"x-request-id", request_id))
+        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in out]
+
+        raw_target = scope.get("raw_path") or path_bytes(scope["path"])
+        query = scope.get("query_string")
+        if query:
+            raw_target = raw_target + b"?" + query
+
+        plan = None
+        if version == "v1":
+            plan = self._mirror.plan(group, method, content_length, snapshot)
+
+        body = _Body(receive, plan.max_body if plan is not None else 0) if has_body else None
+        extra_headers: list[tuple[bytes, bytes]] = []
+        if deprecation is not None:
+            extra_headers.extend(deprecation.headers)
+        if set_cookie is not None:
+            extra_headers.append((b"set-cookie", set_cookie))
+
+        try:
+            response = await self._send_upstream(version, method, raw_target, headers, body)
+        except UpstreamError as exc:
+            if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
+                self._metrics.fallback(group)
+                self._metrics.upstream_error("v2", exc.kind)
+                version = "v1"
+                plan = None
+                try:
+                    response = await self._send_upstream("v1", method, raw_target, headers, body)
+                except UpstreamError as exc2:
+                    await self._upstream_failed(send, exc2, group, method, started)
+                    return
+            else:
+                if plan is not None:
+                    self._mirror.abandon(plan, "primary_failed")
+                await self._upstream_failed(send, exc, group, method, started)
+                return
+        except ClientGone:
+            self._metrics.client_disconnected(version, "request")
+            return
+
+        result = await self._relay(
+            send, receive, response, version, extra_headers, body, plan, method, started, group
+        )
+        if result is None:
+            return
+        status, primary = result
+        seconds = time.perf_counter() - started
+        self._metrics.request_done(group, version, method, status, seconds)
+        for recorder in self._recorders:
+            recorder.record(group, version, status, seconds)
+        if plan is not None and primary is not None:
+            if body is not None and body.too_large:
+                self._mirror.abandon(plan, "size")
+                return
+            mirrored = MirrorRequest(
+                group=group,
+                method=method,
+                path=norm,
+                raw_target=raw_target,
+                headers=headers,
+                body=body.captured if body is not None else b"",
+                request_id=request_id.decode("latin-1"),
+            )
+            self._mirror.submit(plan, mirrored, primary)
+
+    async def _send_upstream(
+        self,
+        version: str,
+        method: str,
+        raw_target: bytes,
+        headers: list[tuple[str, str]],
+        body: _Body | None,
+    ) -> Any:
+        upstream = self._upstreams[version]
+        data: AsyncIterator[bytes] | bytes | None = None
+        if body is not None:
+            data = await body.prepare()
+        try:
+            return await upstream.send(method, raw_target, headers, data)
+        except UpstreamError:
+            raise
+        except ClientGone:
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else from the client lib is an upstream fault
+            raise translate(version, exc) from exc
+
+    async def _relay(
+        self,
+        send: Send,
+        receive: Receive,
+        response: Any,
+        version: str,
+        extra_headers: list[tuple[bytes, bytes]],
+        body: _Body | None,
+        plan: Any,
+        method: str,
+        started: float,
+        group: str,
+    ) -> tuple[int, PrimaryResult | None] | None:
+        """Stream the answer back: (status, primary for the mirror), or None if cut short."""
+        status: int = response.status
+        headers = _response_headers(response.raw_headers)
+        headers.append((VERSION_HEADER, VERSION_VALUE[version]))
+        headers.extend(extra_headers)
+        length = response.content_length
+        captured: bytearray | None = bytearray() if plan is not None else None
+        max_capture = plan.max_compare if plan is not None else 0
+        try:
+            if method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
+                payload = await response.read()
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": payload, "more_body": False})
+                if captured is not None:
+                    captured += payload
+            else:
+                await self._stream(send, receive, response, status, headers, body, captured, max_capture)
+        except UpstreamReset:
+            self._metrics.upstream_error(version, "reset")
+            self._metrics.request_done(group, version, method, 502, time.perf_counter() - started)
+            response.close()
+            return None  # the server closes the client connection: never a truncated body as complete
+        except (ClientGone, OSError):
+            self._metrics.client_disconnected(version, "response")
+            response.close()
+            return None
+        except Exception as exc:  # noqa: BLE001 - reading the answer failed before/while relaying
+            error = translate(version, exc)
+            response.close()
+            if error.kind in ("reset",):
+                return None
+            await self._upstream_failed(send, error, group, method, started)
+            return None
+        finally:
+            response.release()
+        if captured is None:
+            return status, None
+        primary_body = bytes(captured) if len(captured) <= max_capture else None
+        return status, PrimaryResult(status, headers, primary_body, time.perf_counter() - started)
+
+    async def _stream(
+        self,
+        send: Send,
+        receive: Receive,
+        response: Any,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: _Body | None,
+        captured: bytearray | None,
+        max_capture: int,
+    ) -> None:
+        """Large or unsized answers: chunk by chunk, with a watcher that stops on client disconnect."""
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        watcher: asyncio.Task[None] | None = None
+        gone = asyncio.Event()
+        if body is None or body.done:
+            watcher = asyncio.create_task(_watch_disconnect(receive, response, gone))
+        try:
+            iterator = response.content.iter_any()
+            while True:
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:
+                    if gone.is_set():
+                        raise ClientGone() from exc
+                    raise UpstreamReset("", "connection lost mid-answer") from exc
+                if gone.is_set():
+                    raise ClientGone()
+                if captured is not None and len(captured) <= max_capture:
+                    captured += chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if gone.is_set():
+                raise ClientGone()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _upstream_failed(
+        self, send: Send, exc: UpstreamError, group: str, method: str, started: float
+    ) -> None:
+        self._metrics.upstream_error(exc.version, exc.kind)
+        label = "upstream timeout" if exc.status == 504 else "upstream unavailable"
+        body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
+        await self._answer(send, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
+        self._metrics.request_done(group, exc.version, method, exc.status, time.perf_counter() - started)
+
+    async def _reject(self, send: Send, status: int, reason: str, detail: str) -> None:
+        """The proxy refuses the request itself; counted by reason."""
+        self._metrics.rejected_request(reason)
+        body = orjson.dumps({"error": reason.replace("_", " "), "detail": detail})
+        await self._answer(send, status, body, [])
+
+    @staticmethod
+    async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *headers],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Body:
+    """The client's request body, read from ASGI ``receive`` and streamed up; optionally captured."""
+
+    __slots__ = ("_receive", "_capture_limit", "captured", "too_large", "started", "done", "_first")
+
+    def __init__(self, receive: Receive, capture_limit: int) -> None:
+        self._receive = receive
+        self._capture_limit = capture_limit
+        self.captured = b""
+        self.too_large = False
+        self.started = False
+        self.done = False
+        self._first: bytes | None = None
+
+    async def prepare(self) -> AsyncIterator[bytes] | bytes:
+        """Read the first message; a body that fits in it is sent as bytes (Content-Length path)."""
+        if self._first is None and not self.done:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            self._first = message.get("body", b"")
+            self._keep(self._first)
+            if not message.get("more_body", False):
+                self.done = True
+        if self.done:
+            return self._first or b""
+        return self._rest()
+
+    async def _rest(self) -> AsyncIterator[bytes]:
+        self.started = True
+        if self._first:
+            yield self._first
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            if chunk:
+                self._keep(chunk)
+                yield chunk
+            if not message.get("more_body", False):
+                self.done = True
+                return
+
+    def _keep(self, chunk: bytes) -> None:
+        if self._capture_limit and not self.too_large:
+            if len(self.captured) + len(chunk) > self._capture_limit:
+                self.too_large = True
+                self.captured = b""
+            else:
+                self.captured += chunk
+
+
+def _started(body: _Body | None) -> bool:
+    return body is not None and body.started
+
+
+async def _watch_disconnect(receive: Receive, response: Any, gone: asyncio.Event) -> None:
+    """Only used once the request body is fully read, so it is the sole caller of ``receive``."""
+    with contextlib.suppress(asyncio.CancelledError):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+                response.close()
+                return
+
+
+def _response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers (and any the backend named in Connection); keep repeats in order."""
+    named: set[bytes] = set()
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower == b"connection":
+            named.update(part.strip().lower() for part in value.split(b","))
+            continue
+        if lower in HOP_BY_HOP or lower == VERSION_HEADER:
+            continue
+        kept.append((lower, value))
+    if named:
+        kept = [(name, value) for name, value in kept if name not in named - PROTECTED]
+    return kept
+
+
+def _cookie_value(cookie: bytes, name: bytes) -> bytes | None:
+    for part in cookie.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == name and value:
+            return value
+    return None
+
+
+def path_bytes(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")

@@ -1,0 +1,259 @@
+"""Real processes for tests: redis-server, backends and the proxy, each on a free 127.0.0.1 port."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import redis
+import yaml
+
+from proxy.control.embedded import find_redis_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
+    """Poll until ``predicate()`` is truthy; return its value or fail with ``message``."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {message or predicate} (last error: {last_exc!r})")
+
+
+class RedisServer:
+    """A real redis-server process; can be killed, frozen and restarted on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [
+            find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        wait_until(lambda: client.ping(), timeout=10, message="redis-server start")
+        client.close()
+        return self
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.thaw()
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class Backend:
+    """tests/backends.py in its own process; ``control`` changes its behaviour live."""
+
+    def __init__(self, name: str, workdir: Path, port: int = 0) -> None:
+        self.name = name
+        self.workdir = workdir
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Backend:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        port_file = self.workdir / f"backend-{self.name}-{os.getpid()}-{id(self)}.port"
+        port_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.backends", "--name", self.name, "--port", str(self.port),
+             "--port-file", str(port_file)],
+            cwd=ROOT,
+        )  # fmt: skip
+        wait_until(port_file.exists, timeout=15, message=f"backend {self.name} start")
+        self.port = int(port_file.read_text())
+        return self
+
+    def control(self, **state: Any) -> None:
+        httpx.post(f"{self.url}/__control", json=state, timeout=5).raise_for_status()
+
+    def log(self, clear: bool = False) -> list[dict[str, Any]]:
+        response = httpx.request("DELETE" if clear else "GET", f"{self.url}/__log", timeout=5)
+        return list(response.json())
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self) -> Backend:
+        """Same port again (so a running proxy finds it)."""
+        self.stop()
+        return self.start()
+
+    def freeze(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+class ProxyProcess:
+    """``strangler serve`` as a real process, configured through a YAML file and CLI flags."""
+
+    def __init__(self, workdir: Path, settings: dict[str, Any], extra_env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.settings = settings
+        self.port = settings.get("port") or free_port()
+        self.settings["port"] = self.port
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"proxy-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return self.url + self.settings.get("admin_prefix", "/_strangler")
+
+    def start(self, wait: bool = True) -> ProxyProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / f"strangler-{self.port}.yaml"
+        config.write_text(yaml.safe_dump(self.settings))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
+        env.update(self.extra_env)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+            cwd=self.workdir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def up() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"proxy exited early:\n{self.output()}")
+            return httpx.get(self.admin + "/health", timeout=1).status_code == 200
+
+        wait_until(up, timeout=timeout, message="proxy health")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics(self) -> str:
+        return httpx.get(self.admin + "/metrics", timeout=5).text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of samples of ``name`` whose labels include ``labels`` (0 when absent)."""
+        return metric_value(self.metrics(), name, **labels)
+
+    def rss(self) -> int:
+        assert self.process is not None
+        proc = psutil.Process(self.process.pid)
+        return int(sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]))
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(_LABEL.findall(match.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(3))
+    return total
+
+
+@contextmanager
+def running(*things: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for thing in reversed(things):
+            thing.stop()
