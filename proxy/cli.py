@@ -180,6 +180,17 @@ def _is_number(value: Any) -> bool:
     return True
 
 
+def register_capability_commands() -> None:
+    """Each capability keeps its commands in ``proxy/<capability>/commands.py`` with a
+    ``register(app)`` function; add one import line here per capability."""
+    modules: list[Any] = []
+    for module in modules:
+        module.register(app)
+
+
+register_capability_commands()
+
+
 def main() -> None:
     try:
         app()
