@@ -1,0 +1,140 @@
+"""Issue 2 acceptance: share, stickiness, monotonicity, agreement between replicas, live changes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import httpx
+
+from tests.support import Backend, ProxyProcess, RedisServer, wait_until
+
+KEY = "feature:v2_traffic_percentage"
+
+
+def versions(proxy: ProxyProcess, users: range | list[str], path: str = "/") -> dict[str, str]:
+    seen: dict[str, str] = {}
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        for user in users:
+            response = client.get(path, headers={"X-User-ID": f"user-{user}"})
+            assert response.status_code == 200
+            seen[str(user)] = response.headers["x-api-version"]
+    return seen
+
+
+def test_share_sticky_monotonic_and_same_on_two_replicas(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    v1, v2 = v1v2
+    redis_server.client().set(KEY, "30")
+    first = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
+    second = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
+
+    at_30 = versions(first, range(3000))
+    share = sum(v == "v2" for v in at_30.values()) / len(at_30)
+    assert 0.27 <= share <= 0.33, share
+
+    again = versions(first, range(500))
+    assert again == {k: at_30[k] for k in again}, "a user key changed version without a change of split"
+    assert versions(second, range(500)) == again, "two replicas disagree"
+
+    redis_server.client().set(KEY, "50")
+    wait_until(lambda: httpx.get(first.admin + "/split").json()["default"] == 50.0, timeout=3)
+    at_50 = versions(first, range(3000))
+    moved_back = [k for k, v in at_30.items() if v == "v2" and at_50[k] == "v1"]
+    assert moved_back == []
+    assert 0.47 <= sum(v == "v2" for v in at_50.values()) / 3000 <= 0.53
+
+
+def test_group_key_overrides_global(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    v1, v2 = v1v2
+    client = redis_server.client()
+    client.set(KEY, "0")
+    client.set(KEY + ":orders", "100")
+    proxy = proxy_factory(
+        v1_url=v1.url, v2_url=v2.url, redis_url=redis_url,
+        routes=[{"name": "orders", "patterns": ["/orders/**", "/cart/*"]}],
+    )
+    assert set(versions(proxy, range(50), "/orders/7/items").values()) == {"v2"}
+    assert set(versions(proxy, range(50), "/cart/1").values()) == {"v2"}
+    assert set(versions(proxy, range(50), "/cart/1/x").values()) == {"v1"}
+    assert set(versions(proxy, range(50), "/users/1").values()) == {"v1"}
+    client.delete(KEY + ":orders")
+    wait_until(lambda: set(versions(proxy, range(20), "/orders/1").values()) == {"v1"}, timeout=3)
+
+
+def test_force_header_and_affinity_cookie(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
+) -> None:
+    v1, v2 = v1v2
+    proxy = proxy_factory(
+        v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, user_key_fallback="affinity_cookie",
+        default_percentage=50,
+    )
+    forced = httpx.get(proxy.url + "/echo", headers={"X-Strangler-Version": "v2"})
+    assert forced.headers["x-api-version"] == "v2"
+    assert forced.json()["version"] == "v2"
+    assert not any(k.lower() == "x-strangler-version" for k, _ in forced.json()["headers"])
+    bad = httpx.get(proxy.url + "/echo", headers={"X-Strangler-Version": "v3"})
+    assert bad.status_code == 400
+    assert bad.json()["error"] == "bad force header"
+
+    with httpx.Client(base_url=proxy.url) as client:
+        first = client.get("/")
+        cookie = first.headers["set-cookie"]
+        assert cookie.startswith("strangler_uid=")
+        seen = {client.get("/").headers["x-api-version"] for _ in range(30)}
+    assert seen == {first.headers["x-api-version"]}
+
+
+def test_redis_cli_set_is_picked_up_within_a_poll(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    v1, v2 = v1v2
+    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, poll_interval_seconds=1.0)
+    redis_server.client().set(KEY, "100")  # a plain SET, no publish: only the poll sees it
+    changed = time.monotonic()
+    wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=2.0)
+    assert time.monotonic() - changed < 2.0
+
+
+def test_strangler_set_is_picked_up_at_once(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
+) -> None:
+    v1, v2 = v1v2
+    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, poll_interval_seconds=1.0)
+    subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "set", "100", "--redis-url", redis_url], check=True, capture_output=True
+    )
+    # the CLI publishes the change; the proxy refreshes on the message instead of waiting for the poll
+    wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=0.5, interval=0.01)
+    subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "rollback", "--redis-url", redis_url], check=True, capture_output=True
+    )
+    wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=0.5, interval=0.01)
+
+
+def test_invalid_values_keep_the_last_good_one_and_are_counted(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    v1, v2 = v1v2
+    client = redis_server.client()
+    client.set(KEY, "100")
+    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
+    assert httpx.get(proxy.url + "/").headers["x-api-version"] == "v2"
+    for bad in ("abc", "150", "-1", "nan"):
+        before = proxy.metric("strangler_invalid_control_values_total", key="split")
+        client.set(KEY, bad)
+        wait_until(lambda b=before: proxy.metric("strangler_invalid_control_values_total", key="split") > b, timeout=3)
+        assert {httpx.get(proxy.url + "/").headers["x-api-version"] for _ in range(20)} == {"v2"}
+    assert proxy.output().count("ignored invalid control value") == 4  # once per distinct bad value
+    client.set(KEY, "0")
+    wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=3)
