@@ -79,11 +79,9 @@ def run(settings: Settings) -> None:
             config = uvicorn_config(settings, "proxy.app:create_app_from_env")
             config.factory = True
             config.workers = settings.workers
-            server = uvicorn.Server(config)
-            sock = config.bind_socket()
             from uvicorn.supervisors import Multiprocess
 
-            Multiprocess(config, target=server.run, sockets=[sock]).run()
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
         else:
             from proxy.app import create_app
 
