@@ -13,13 +13,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from proxy.admin.app import AdminContext, PrefixMount, build_admin
+from proxy.admin.app import AdminContext, AdminOnly, NotServedHere, PrefixMount, build_admin
+from proxy.canary import capability as canary_capability
 from proxy.capability import Capability, Component, Deps
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.control.store import ControlStore
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.shadow import capability as shadow_capability
+from proxy.traffic import deprecation_capability
 from proxy.traffic.forward import ProxyApp, Receive, Scope, Send
 from proxy.traffic.upstream import Upstream
 
@@ -31,6 +34,9 @@ CapabilityBuilder = Callable[[Deps], Capability]
 def capability_builders() -> list[CapabilityBuilder]:
     """The capabilities wired into the proxy, in start order."""
     builders: list[CapabilityBuilder] = []
+    builders.append(canary_capability.build)
+    builders.append(deprecation_capability.build)
+    builders.append(shadow_capability.build)
     return builders
 
 
@@ -80,7 +86,11 @@ class Strangler:
         extra_routes = [
             r for cap in self.capabilities if cap.admin_routes for r in cap.admin_routes(self.admin_context)
         ]
-        admin = PrefixMount(settings.admin_prefix, build_admin(self.admin_context, extra_routes))
+        admin: Any = PrefixMount(settings.admin_prefix, build_admin(self.admin_context, extra_routes))
+        # with admin_port the admin API is served only there (server.py runs a second server)
+        self.admin_app: Any = None
+        if settings.admin_port is not None:
+            self.admin_app, admin = AdminOnly(settings.admin_prefix, admin), NotServedHere()
         mirror = next((cap.mirror for cap in self.capabilities if cap.mirror is not None), None)
         deprecations = next((cap.deprecations for cap in self.capabilities if cap.deprecations), None)
         self.proxy = ProxyApp(
@@ -118,7 +128,10 @@ class Strangler:
             "ok" if snap.redis_ok else "unreachable (serving default split, retrying)",
         )
         if self.settings.admin_token is None:
-            log.warning("no admin token configured: admin changes are accepted from loopback only")
+            log.warning(
+                "no admin token configured: admin changes are accepted only from trusted peers (%s)",
+                ", ".join(self.settings.admin_trusted_peers),
+            )
 
     async def shutdown(self) -> None:
         for component in reversed(self._started):

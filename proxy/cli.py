@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
+from proxy.admin.commands import AdminTokenOpt, AdminUrlOpt
 from proxy.control.client import ControlClient, InvalidValue
 from proxy.control.embedded import read_url
 from proxy.control.keys import Keys
@@ -110,15 +111,28 @@ def serve(
 
 
 @app.command()
-def status(config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False) -> None:
-    """Split per group as stored in Redis."""
+def status(
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    as_json: JsonOpt = False,
+    url: AdminUrlOpt = None,
+    token: AdminTokenOpt = None,
+) -> None:
+    """Split per group as stored in Redis (or as a running proxy sees it, with --url)."""
+    if url:
+        from proxy.admin.commands import remote_status
+
+        return remote_status(url, token, as_json)
     settings = settings_from(config, redis_url=redis_url)
     groups = settings.group_names
 
     async def read(control: ControlClient) -> dict[str, Any]:
         raw = await control.get_split(groups)
         await control.redis.ping()
-        return {"redis_ok": True, "redis_url": resolve_redis_url(settings), "groups": raw}
+        from proxy.canary.commands import canary_status
+
+        canary = await canary_status(control, groups)
+        return {"redis_ok": True, "redis_url": resolve_redis_url(settings), "groups": raw, "canary": canary}
 
     data = with_control(settings, read)
     global_raw = data["groups"]["default"]
@@ -132,16 +146,20 @@ def status(config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOp
                 "percentage": float(effective) if _is_number(effective) else settings.default_percentage,
                 "source": "own key" if raw is not None else ("global" if group != "default" else "default"),
                 "raw": raw,
+                **data["canary"][group],  # rollout, verdict, decision (one line each)
             }
         )
     if as_json:
         print(json.dumps({"redis_ok": True, "redis_url": data["redis_url"], "groups": rows}))
         return
     table = Table(title=f"Strangler split (Redis {data['redis_url']})")
-    for column in ("group", "v2 %", "source", "raw value"):
+    for column in ("group", "v2 %", "source", "raw value", "rollout", "last check", "last decision"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["group"], f"{row['percentage']:g}", row["source"], str(row["raw"]))
+        table.add_row(
+            row["group"], f"{row['percentage']:g}", row["source"], str(row["raw"]),
+            row["rollout"], row["verdict"], row["decision"],
+        )  # fmt: skip
     console.print(table)
 
 
@@ -151,10 +169,25 @@ def set_split(
     group: GroupOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: AdminUrlOpt = None,
+    token: AdminTokenOpt = None,
+    verify: Annotated[
+        str | None,
+        typer.Option(help="Watch the checks this long (e.g. 5m); restore the old value if they fail."),
+    ] = None,
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
+    if url:
+        from proxy.admin.commands import remote_set
+
+        return remote_set(url, token, percentage, group)
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
+    if verify is not None:
+        from proxy.canary.commands import verified_set
+
+        verified_set(settings, name, percentage, verify)
+        return
     try:
         value = with_control(settings, lambda c: c.set_split(percentage, name))
     except InvalidValue as exc:
@@ -164,12 +197,44 @@ def set_split(
 
 
 @app.command()
-def rollback(group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None) -> None:
+def rollback(
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: AdminUrlOpt = None,
+    token: AdminTokenOpt = None,
+) -> None:
     """Send everything back to v1 at once."""
+    if url:
+        from proxy.admin.commands import remote_rollback
+
+        return remote_rollback(url, token, group)
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
     with_control(settings, lambda c: c.set_split(0, name))
     console.print(f"[yellow]rolled back[/yellow] {name}: v2 share is 0%")
+
+
+@app.command()
+def bench(
+    connections: Annotated[int, typer.Option("--connections", "-c", help="Concurrent connections.")] = 64,
+    seconds: Annotated[float, typer.Option("--seconds", "-d", help="Measured seconds per target.")] = 10,
+    peer: Annotated[
+        str | None,
+        typer.Option(help="Also measure a peer: 'asgiproxy' or a command with {port} and {upstream}."),
+    ] = None,
+    percentage: Annotated[float, typer.Option(help="v2 share during the run.")] = 10,
+    builtin: Annotated[bool, typer.Option("--builtin", help="Use the built-in load generator, not wrk.")] = False,
+) -> None:
+    """Requests/s and p50/p99: direct, through Strangler, and through a peer, in one run."""
+    import shutil
+
+    from proxy.bench import bench as run_bench
+    from proxy.bench import render
+
+    use_wrk = not builtin and shutil.which("wrk") is not None
+    results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk)
+    print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator"))
 
 
 def _is_number(value: Any) -> bool:
@@ -184,6 +249,19 @@ def register_capability_commands() -> None:
     """Each capability keeps its commands in ``proxy/<capability>/commands.py`` with a
     ``register(app)`` function; add one import line here per capability."""
     modules: list[Any] = []
+    from proxy.admin import commands as admin_commands
+    from proxy.demo import commands as demo_commands
+
+    modules += [admin_commands, demo_commands]
+    from proxy.canary import commands as canary_commands
+
+    modules.append(canary_commands)
+    from proxy.shadow import commands as shadow_commands
+
+    modules.append(shadow_commands)
+    from proxy import soak as soak_commands
+
+    modules.append(soak_commands)
     for module in modules:
         module.register(app)
 

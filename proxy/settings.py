@@ -72,7 +72,20 @@ class ShadowSettings(BaseModel):
     max_samples: int = Field(default=20, ge=0)
     sample_body_bytes: int = Field(default=2048, ge=0)
     compare_workers: int = Field(default=1, ge=1)
+    # share of one core a compare thread may use: it rests (elapsed * (1/share - 1)) after each compare
+    compare_cpu_share: float = Field(default=0.5, gt=0, le=1)
+    # the first N mirrored safe requests per endpoint are calibrated whatever the percentage
+    calibration_warmup: int = Field(default=3, ge=0)
+    flush_interval_seconds: float = Field(default=0.5, gt=0)
     groups: dict[str, ShadowGroupPolicy] = Field(default_factory=dict)
+
+    @field_validator("exclude_paths")
+    @classmethod
+    def _paths_from_root(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("root"):
+                raise ValueError(f"exclude path {path!r} must start with root, e.g. root['data'][*]['id']")
+        return value
 
     @field_validator("exclude_regex_paths")
     @classmethod
@@ -102,9 +115,22 @@ class NotifierTarget(BaseModel):
     """One alert destination. ``kind`` picks the payload format."""
 
     kind: Literal["slack", "pagerduty", "webhook"]
-    url: str
-    routing_key: SecretStr | None = None
+    url: str | None = None  # pagerduty defaults to the Events API v2 enqueue endpoint
+    routing_key: SecretStr | None = None  # pagerduty integration key
     min_severity: Literal["info", "warning", "critical"] = "info"
+
+    @model_validator(mode="after")
+    def _complete(self) -> NotifierTarget:
+        if self.kind == "pagerduty":
+            if self.routing_key is None:
+                raise ValueError("a pagerduty notifier needs routing_key")
+            if self.url is None:
+                self.url = "https://events.pagerduty.com/v2/enqueue"
+        elif not self.url:
+            raise ValueError(f"a {self.kind} notifier needs url")
+        if not re.match(r"^https?://", self.url):
+            raise ValueError(f"notifier url {self.url!r} must start with http:// or https://")
+        return self
 
 
 class CanarySettings(BaseModel):
@@ -118,11 +144,15 @@ class CanarySettings(BaseModel):
     count_4xx_as_errors: bool = False
     leader_lock_ttl_seconds: float = Field(default=15.0, gt=0)
     insufficient_data_alert_seconds: float = Field(default=600.0, gt=0)
-    steps: list[float] = Field(default_factory=lambda: [1, 5, 10, 25, 50, 75, 90, 95, 100])
+    steps: list[float] = Field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 100.0])
     step_interval_seconds: float = Field(default=300.0, gt=0)
     thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds)
     group_thresholds: dict[str, CanaryThresholds] = Field(default_factory=dict)
     notifiers: list[NotifierTarget] = Field(default_factory=list)
+    notify_queue_size: int = Field(default=1000, ge=1)
+    notify_retries: int = Field(default=3, ge=0)
+    notify_backoff_seconds: float = Field(default=1.0, gt=0)
+    notify_timeout_seconds: float = Field(default=5.0, gt=0)
 
     @field_validator("steps")
     @classmethod
@@ -137,26 +167,86 @@ class CanarySettings(BaseModel):
 
 
 class DeprecationRule(BaseModel):
-    """An endpoint on its way out: warned with headers until the sunset, then 410 Gone."""
+    """An endpoint on its way out: warned with headers until the sunset, then 410 Gone.
+
+    Dates are ISO 8601 (``2026-06-01`` means midnight UTC; a datetime without offset is UTC).
+    ``phase``: ``auto`` (warn, then gone from ``sunset_at`` on), ``warn``/``gone`` (forced), ``off``
+    (rule disabled, useful as a live override). Redis (``strangler:deprecations``) may override it.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     methods: list[str] = Field(default_factory=lambda: ["*"])
     pattern: str
-    deprecated_at: str | None = None  # ISO 8601 date or datetime
-    sunset_at: str | None = None
-    migration_guide: str | None = None
-    replacement: str | None = None
-    phase: Literal["auto", "warn", "gone"] = "auto"
+    deprecated_at: str  # ISO 8601 date or datetime; sent as ``Deprecation: @<unix seconds>``
+    sunset_at: str | None = None  # ``Sunset`` header; from this instant on the endpoint is gone
+    migration_guide: str | None = None  # ``Link: <...>; rel="deprecation"``
+    replacement: str | None = None  # named in the 410 body ("Use <replacement> instead")
+    phase: Literal["auto", "warn", "gone", "off"] = "auto"
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        upper = [method.upper() for method in value]
+        unknown = [m for m in upper if m != "*" and m not in HTTP_METHODS]
+        if not upper or unknown:
+            raise ValueError(f"methods must be '*' or among {', '.join(HTTP_METHODS)}; got {value}")
+        return upper
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_is_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"deprecation pattern {value!r} must start with '/'")
+        return value
+
+    @field_validator("deprecated_at", "sunset_at")
+    @classmethod
+    def _iso_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_instant(value)
+        return value
+
+    @field_validator("migration_guide")
+    @classmethod
+    def _guide_is_uri(cls, value: str | None) -> str | None:
+        if value is not None and (not value or any(c in value for c in '<>" \r\n')):
+            raise ValueError(f"migration_guide {value!r} must be a URI (no spaces, quotes or <>)")
+        return value
+
+
+def parse_instant(text: str) -> float:
+    """ISO 8601 date or datetime -> unix seconds; a bare date is midnight UTC, no offset means UTC."""
+    from datetime import UTC, datetime
+
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not an ISO 8601 date or datetime (e.g. 2026-06-01)") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
 class LimitSettings(BaseModel):
-    """Request limits, in line with nginx/Envoy defaults; see README "Security and limits"."""
+    """Request limits, in line with nginx/Envoy defaults; see docs/security.md "Security and limits".
 
-    max_body_bytes: int = Field(default=0, ge=0)  # 0 = unlimited (streamed)
+    Enforced in the HTTP parser (proxy/traffic/guard.py) before a request reaches the proxy logic;
+    a refusal is answered with ``Connection: close`` and counted in
+    ``strangler_rejected_requests_total{reason}``.
+    """
+
+    # 413 (body_too_large); 0 = unlimited: bodies are streamed, never buffered whole
+    max_body_bytes: int = Field(default=0, ge=0)
+    # 414 (request_line_too_long); nginx large_client_header_buffers: 8k
     max_request_line_bytes: int = Field(default=8192, ge=256)
+    # 431 (headers_too_large), names + values; Envoy max_request_headers_kb: 60
     max_header_bytes: int = Field(default=65536, ge=1024)
+    # 431 (too_many_headers); Envoy max_headers_count: 100
     max_headers: int = Field(default=100, ge=1)
+    # 408 then close (header_timeout): from connection (or first byte of a request) to the end of
+    # its headers; stops slowloris. nginx client_header_timeout is 60 s, Envoy suggests 10 s
     header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # idle keep-alive connections are closed after this
     keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
 
 
@@ -209,7 +299,9 @@ class Settings(BaseSettings):
     admin_prefix: str = "/_strangler"
     admin_token: SecretStr | None = None
     admin_reads_require_token: bool = False
-    admin_port: int | None = Field(default=None, ge=0, le=65535)
+    admin_port: int | None = Field(default=None, ge=0, le=65535)  # own port; then not on the main one
+    # peers allowed to change things when no admin_token is set (exact addresses or CIDR networks)
+    admin_trusted_peers: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
 
     # capabilities
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
@@ -232,6 +324,27 @@ class Settings(BaseSettings):
         if not re.match(r"^/[A-Za-z0-9_.-]+$", value):
             raise ValueError(f"admin_prefix {value!r} must be one path segment like /_strangler")
         return value
+
+    @field_validator("admin_trusted_peers")
+    @classmethod
+    def _peers_parse(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for peer in value:
+            try:
+                ipaddress.ip_network(peer, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"admin_trusted_peers entry {peer!r} is not an address or network") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _admin_port_and_rule_names(self) -> Settings:
+        if self.admin_port is not None and self.workers > 1:
+            raise ValueError("admin_port needs workers: 1 (with several workers, use the main port)")
+        names = [rule.name for rule in self.deprecations]
+        if len(names) != len(set(names)):
+            raise ValueError(f"deprecation rule names must be unique: {names}")
+        return self
 
     @model_validator(mode="after")
     def _unique_groups(self) -> Settings:

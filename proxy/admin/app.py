@@ -1,4 +1,11 @@
-"""The admin API (Starlette is fine here: this is not the hot path)."""
+"""The admin API (Starlette is fine here: this is not the hot path).
+
+Every answer is JSON, errors included (``{"error": ..., "detail": ...}`` for 400/401/404/405/422/500),
+and ``GET {prefix}/openapi.json`` describes every route, the capabilities' extra routes included.
+Changes (any method but GET/HEAD) need the bearer token, or a trusted peer when no token is set;
+reads follow ``admin_reads_require_token``, except ``/health`` and ``/ready`` which stay open for
+load balancers and container health checks.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.admin.auth import allowed
+from proxy.admin.auth import PeerPolicy, allowed
+from proxy.admin.openapi import RouteDoc, openapi_document
 from proxy.control.client import ControlClient, InvalidValue
 from proxy.control.store import ControlStore
 from proxy.metrics import CONTENT_TYPE, Metrics
@@ -41,26 +49,40 @@ def error(status: int, message: str, **details: Any) -> JSONResponse:
     return JSONResponse({"error": message, **details}, status_code=status)
 
 
+OPEN_READS = frozenset({"/health", "/ready"})  # liveness/readiness probes never need the token
+
+
 def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> Starlette:
     token = ctx.settings.admin_token_value()
     reads_protected = ctx.settings.admin_reads_require_token
+    peers = PeerPolicy(ctx.settings.admin_trusted_peers)
+    how = (
+        "send Authorization: Bearer <admin token>"
+        if token
+        else "no admin token is set: changes are accepted from trusted peers only (admin_trusted_peers)"
+    )
 
-    def guard(handler: Handler, write: bool) -> Handler:
+    def guard(handler: Handler, write: bool, path: str = "") -> Handler:
+        protected = write or (reads_protected and path not in OPEN_READS)
+
         async def guarded(request: Request) -> Response:
-            if (write or reads_protected) and not allowed(request, token):
-                return error(401, "unauthorized", detail="send Authorization: Bearer <admin token>")
+            if protected and not allowed(request, token, peers):
+                return error(401, "unauthorized", detail=how)
             return await handler(request)
 
+        guarded.__doc__ = handler.__doc__
         return guarded
 
     async def health(request: Request) -> Response:
+        """Liveness: the process answers."""
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
+        """Readiness: a control snapshot is loaded (503 until Redis answered once)."""
         snap = ctx.store.current
         age = ctx.store.age_seconds()
         ready_ = snap.redis_ok or snap.loaded_at is not None
-        body = {
+        body: dict[str, Any] = {
             "ready": ready_,
             "redis_ok": snap.redis_ok,
             "snapshot_age_seconds": age,
@@ -71,57 +93,88 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         return JSONResponse(body, status_code=200 if ready_ else 503)
 
     async def metrics(request: Request) -> Response:
+        """Prometheus metrics (text exposition format)."""
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     async def status(request: Request) -> Response:
+        """Split per route group, Redis health and snapshot age."""
         return JSONResponse(status_payload(ctx))
 
     async def get_split(request: Request) -> Response:
+        """v2 share in force per route group."""
         snap = ctx.store.current
         return JSONResponse({g: snap.percentage(g) for g in ctx.settings.group_names})
 
     async def put_split(request: Request) -> Response:
+        """Set the v2 share: {"percentage": 25, "group": "default"}."""
         body = await json_body(request)
         group = body.get("group") or "default"
         if group not in ctx.settings.group_names:
             return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
+        if "percentage" not in body:
+            return error(422, "invalid percentage", detail="body needs a percentage between 0 and 100")
         try:
-            value = await ctx.control.set_split(body.get("percentage"), group)
+            value = await ctx.control.set_split(body["percentage"], group)
         except InvalidValue as exc:
             return error(422, "invalid percentage", detail=str(exc))
         log.info("split for %s set to %s%% through the admin API", group, value)
         return JSONResponse({"group": group, "percentage": value})
 
     async def rollback(request: Request) -> Response:
+        """Send a group (default: the global split) back to 0% v2 at once."""
         body = await json_body(request, allow_empty=True)
         group = body.get("group") or "default"
         if group not in ctx.settings.group_names:
-            return error(404, "unknown group", group=group)
+            return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
         await ctx.control.set_split(0, group)
         ctx.metrics.rollbacks.labels(group, "manual").inc()
         log.warning("manual rollback of %s to 0%% through the admin API", group)
         return JSONResponse({"group": group, "percentage": 0.0})
 
-    routes = [
-        Route("/health", guard(health, write=False), methods=["GET", "HEAD"]),
-        Route("/ready", guard(ready, write=False), methods=["GET", "HEAD"]),
-        Route("/metrics", guard(metrics, write=False), methods=["GET"]),
-        Route("/status", guard(status, write=False), methods=["GET"]),
-        Route("/split", guard(get_split, write=False), methods=["GET"]),
-        Route("/split", guard(put_split, write=True), methods=["PUT", "POST"]),
-        Route("/rollback", guard(rollback, write=True), methods=["POST"]),
+    async def openapi(request: Request) -> Response:
+        """This document."""
+        return JSONResponse(document)
+
+    table: list[tuple[str, Handler, list[str]]] = [
+        ("/health", health, ["GET", "HEAD"]),
+        ("/ready", ready, ["GET", "HEAD"]),
+        ("/metrics", metrics, ["GET"]),
+        ("/status", status, ["GET"]),
+        ("/split", get_split, ["GET"]),
+        ("/split", put_split, ["PUT", "POST"]),
+        ("/rollback", rollback, ["POST"]),
+        ("/openapi.json", openapi, ["GET"]),
     ]
     for route in extra_routes or []:
-        write = bool(set(route.methods or ()) - {"GET", "HEAD"})
-        routes.append(
-            Route(route.path, guard(route.endpoint, write=write), methods=list(route.methods or []))
-        )
+        table.append((route.path, route.endpoint, sorted(route.methods or ["GET"])))
+
+    routes: list[Route] = []
+    docs: list[RouteDoc] = []
+    for path, handler, methods in table:
+        write = bool(set(methods) - {"GET", "HEAD"})
+        routes.append(Route(path, guard(handler, write=write, path=path), methods=methods))
+        protected = write or (reads_protected and path not in OPEN_READS)
+        docs.append(RouteDoc(path, methods, handler.__doc__ or "", write, protected))
+    document = openapi_document(ctx.settings, docs)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return error(exc.status_code, exc.detail)
+        message = {404: "not found", 405: "method not allowed"}.get(exc.status_code, exc.detail)
+        details: dict[str, Any] = {"path": request.url.path}
+        if exc.status_code == 405 and exc.headers and "allow" in {k.lower() for k in exc.headers}:
+            details["allowed"] = next(v for k, v in exc.headers.items() if k.lower() == "allow")
+        elif exc.detail and exc.detail != message:
+            details["detail"] = exc.detail
+        response = error(exc.status_code, message, **details)
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error})
+    async def on_crash(request: Request, exc: Exception) -> Response:
+        log.exception("admin handler failed: %s %s", request.method, request.url.path)
+        return error(500, "internal error", detail=f"{type(exc).__name__} (see the proxy log)")
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error, Exception: on_crash})
     return app
 
 
@@ -134,7 +187,7 @@ async def json_body(request: Request, allow_empty: bool = False) -> dict[str, An
 
         data = orjson.loads(raw)
     except ValueError as exc:
-        raise HTTPException(400, "body must be a JSON object") from exc
+        raise HTTPException(400, "body must be a JSON object (it does not parse)") from exc
     if not isinstance(data, dict):
         raise HTTPException(400, "body must be a JSON object")
     return data
@@ -166,3 +219,44 @@ class PrefixMount:
         child = dict(scope)
         child["root_path"] = scope.get("root_path", "") + self.prefix
         await self.app(child, receive, send)
+
+
+class AdminOnly:
+    """The admin API on its own port: only the prefix is served there, anything else is a JSON 404."""
+
+    def __init__(self, prefix: str, admin: Any) -> None:
+        self.prefix = prefix
+        self.admin = admin
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # the main server owns the lifespan
+            message = await receive()
+            while message["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+                message = await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        if path == self.prefix or path.startswith(self.prefix + "/"):
+            await self.admin(scope, receive, send)
+            return
+        detail = f"the admin API lives under {self.prefix}/"
+        await json_answer(send, 404, {"error": "not found", "detail": detail})
+
+
+class NotServedHere:
+    """Stands in for the admin app on the main port when the admin API has its own port."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await json_answer(send, 404, {"error": "not found", "path": scope.get("path", "")})
+
+
+async def json_answer(send: Any, status: int, payload: dict[str, Any]) -> None:
+    import orjson
+
+    body = orjson.dumps(payload)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import orjson
@@ -93,6 +94,7 @@ class ProxyApp:
         self._fallback_to_v1 = settings.fallback_to_v1
         self._preserve_host = settings.preserve_host
         self._all_v1_when_down = settings.redis_down_policy == "all_v1"
+        self._request_ids = _request_ids()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,11 +102,14 @@ class ProxyApp:
                 await send({"type": "websocket.close", "code": 1003})
             return
         path: str = scope["path"]
-        if path.startswith(self._prefix):
-            if path == self._prefix or path[len(self._prefix)] == "/":
-                if is_canonical(path, scope.get("raw_path")):
-                    await self._admin(scope, receive, send)
-                    return
+        if path.startswith(self._prefix) and (path == self._prefix or path[len(self._prefix)] == "/"):
+            # one spelling reaches the admin API: no escapes (%5F), no dot or empty segments, no
+            # trailing slash (Starlette would answer it with a redirect built from the client's Host)
+            if is_canonical(path, scope.get("raw_path")) and not path.endswith("/"):
+                await self._admin(scope, receive, send)
+                return
+            await self._reject(send, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+            return
         norm = normalise(path)
         if norm != path and (norm == self._prefix or norm.startswith(self._prefix + "/")):
             await self._reject(send, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
@@ -203,7 +208,7 @@ class ProxyApp:
         if host is not None:
             out.append((b"x-forwarded-host", host))
         if request_id is None:
-            request_id = os.urandom(16).hex().encode()
+            request_id = next(self._request_ids)
         out.append((b"x-request-id", request_id))
         headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in out]
 
@@ -284,11 +289,15 @@ class ProxyApp:
             data = await body.prepare()
         try:
             return await upstream.send(method, raw_target, headers, data)
-        except UpstreamError:
-            raise
         except ClientGone:
             raise
         except Exception as exc:  # noqa: BLE001 - anything else from the client lib is an upstream fault
+            if body is not None and body.gone:
+                # the client left mid-upload and the aborted upload surfaced as an upstream error:
+                # count it as the client's doing, not the backend's (canary error rates read this)
+                raise ClientGone() from exc
+            if isinstance(exc, UpstreamError):
+                raise
             raise translate(version, exc) from exc
 
     async def _relay(
@@ -314,7 +323,12 @@ class ProxyApp:
         max_capture = plan.max_compare if plan is not None else 0
         try:
             if method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
-                payload = await response.read()
+                try:
+                    payload = await response.read()
+                except Exception as exc:  # noqa: BLE001 - nothing relayed yet: a clean 502/504
+                    response.close()
+                    await self._upstream_failed(send, translate(version, exc), group, method, started)
+                    return None
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": payload, "more_body": False})
                 if captured is not None:
@@ -334,6 +348,7 @@ class ProxyApp:
             error = translate(version, exc)
             response.close()
             if error.kind in ("reset",):
+                self._metrics.upstream_error(version, error.kind)
                 return None
             await self._upstream_failed(send, error, group, method, started)
             return None
@@ -397,7 +412,8 @@ class ProxyApp:
         """The proxy refuses the request itself; counted by reason."""
         self._metrics.rejected_request(reason)
         body = orjson.dumps({"error": reason.replace("_", " "), "detail": detail})
-        await self._answer(send, status, body, [])
+        # close: the request body (if any) is unread, and a refused client gets no second try
+        await self._answer(send, status, body, [(b"connection", b"close")])
 
     @staticmethod
     async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -414,7 +430,7 @@ class ProxyApp:
 class _Body:
     """The client's request body, read from ASGI ``receive`` and streamed up; optionally captured."""
 
-    __slots__ = ("_receive", "_capture_limit", "captured", "too_large", "started", "done", "_first")
+    __slots__ = ("_receive", "_capture_limit", "captured", "too_large", "started", "done", "gone", "_first")
 
     def __init__(self, receive: Receive, capture_limit: int) -> None:
         self._receive = receive
@@ -423,6 +439,7 @@ class _Body:
         self.too_large = False
         self.started = False
         self.done = False
+        self.gone = False  # the client disconnected before the body was complete
         self._first: bytes | None = None
 
     async def prepare(self) -> AsyncIterator[bytes] | bytes:
@@ -430,6 +447,7 @@ class _Body:
         if self._first is None and not self.done:
             message = await self._receive()
             if message["type"] == "http.disconnect":
+                self.gone = True
                 raise ClientGone()
             self._first = message.get("body", b"")
             self._keep(self._first)
@@ -446,6 +464,7 @@ class _Body:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
+                self.gone = True
                 raise ClientGone()
             chunk = message.get("body", b"")
             if chunk:
@@ -462,6 +481,13 @@ class _Body:
                 self.captured = b""
             else:
                 self.captured += chunk
+
+
+def _request_ids() -> Iterator[bytes]:
+    """Unique 32-hex-digit ids without a syscall per request: a random process prefix + a counter."""
+    prefix = os.urandom(8).hex()
+    for n in itertools.count():
+        yield b"%s%016x" % (prefix.encode(), n)
 
 
 def _started(body: _Body | None) -> bool:

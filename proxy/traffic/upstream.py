@@ -37,6 +37,7 @@ class Upstream:
         self._base_path = base.raw_path.rstrip("/")
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[bytes, URL] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -71,9 +72,17 @@ class Upstream:
             self._session = None
 
     def url(self, raw_target: bytes) -> URL:
-        """Base URL + the raw request target, percent-encoding untouched (``%2F`` stays)."""
-        target = raw_target.decode("latin-1")
-        return URL(self._origin + self._base_path + target, encoded=True)
+        """Base URL + the raw request target, percent-encoding untouched (``%2F`` stays).
+
+        Building a yarl URL costs several microseconds; hot targets repeat, so a small bounded
+        cache pays for itself (cleared whole when full: no LRU bookkeeping per request)."""
+        url = self._urls.get(raw_target)
+        if url is None:
+            url = URL(self._origin + self._base_path + raw_target.decode("latin-1"), encoded=True)
+            if len(self._urls) >= 4096:
+                self._urls.clear()
+            self._urls[raw_target] = url
+        return url
 
     async def send(
         self,

@@ -1,0 +1,218 @@
+"""``strangler deprecations``: list rules with hit counts, override a rule's phase live.
+
+Hit counts come from the running proxy's admin API (``GET {prefix}/deprecations``), not from
+Redis: they are Prometheus counters in the proxy's memory (summed over its workers), so reading
+them costs the proxy nothing on the request path and needs no extra writer task. The price: a
+count is per proxy instance and restarts at zero; fleet-wide history is the Prometheus query
+``sum by (rule, phase) (increase(strangler_deprecated_requests_total[7d]))``. Without a reachable
+admin API the rules are still listed (config + Redis overrides), without counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+import typer
+from redis.exceptions import RedisError
+
+from proxy.admin.remote import AdminClient, AdminError, deprecation_table
+from proxy.control.client import ControlClient
+from proxy.control.keys import Keys
+from proxy.settings import Settings
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
+RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+AdminUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="STRANGLER_ADMIN_URL", help="Admin API of a running proxy (default: from the config)."
+    ),
+]
+AdminTokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
+]
+
+
+def default_admin_url(settings: Settings) -> str:
+    """Where a proxy started with these settings serves its admin API."""
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    port = settings.admin_port if settings.admin_port is not None else settings.port
+    return f"http://{host}:{port}{settings.admin_prefix}"
+
+
+def _cli() -> ModuleType:
+    """The CLI's helpers (fail, settings_from, with_control), imported when a command runs:
+    importing ``proxy.cli`` while it registers its commands would be circular."""
+    from proxy import cli
+
+    return cli
+
+
+def register(app: typer.Typer) -> None:
+    deprecations = typer.Typer(
+        help="Deprecated endpoints: rules, phases and who still calls them.", invoke_without_command=True
+    )
+    app.add_typer(deprecations, name="deprecations")
+
+    @deprecations.callback()
+    def listing(
+        ctx: typer.Context,
+        config: ConfigOpt = None,
+        redis_url: RedisOpt = None,
+        url: AdminUrlOpt = None,
+        token: AdminTokenOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """List rules and hit counts (from the proxy's admin API; rules only from Redis otherwise)."""
+        if ctx.invoked_subcommand is not None:
+            return
+        cli = _cli()
+        settings = cli.settings_from(config, redis_url=redis_url)
+        target = url or default_admin_url(settings)
+        try:
+            with AdminClient(target, token or settings.admin_token_value(), settings.admin_prefix) as client:
+                data = client.deprecations()
+            source = f"admin API {client.url}"
+        except AdminError as exc:
+            if url:  # the user named a proxy: say it failed rather than fall back quietly
+                cli.fail(str(exc))
+            cli.err.print(f"[yellow]note:[/yellow] {exc}; listing rules from the config and Redis, no counts")
+            data = {"rules": _rules_from_redis(settings)}
+            source = "config + Redis (no proxy reachable: no counts)"
+        if as_json:
+            print(json.dumps({"source": source, **data}))
+            return
+        if not data["rules"]:
+            cli.console.print("no deprecation rules configured")
+            return
+        cli.console.print(deprecation_table(data["rules"], f"Deprecations ({source})"))
+
+    @deprecations.command("phase")
+    def set_phase(
+        name: Annotated[str, typer.Argument(help="Rule name.")],
+        phase: Annotated[str, typer.Argument(help="auto | warn | gone | off")],
+        config: ConfigOpt = None,
+        redis_url: RedisOpt = None,
+        url: AdminUrlOpt = None,
+        token: AdminTokenOpt = None,
+    ) -> None:
+        """Force a rule's phase live on every replica (``auto`` follows the sunset date again)."""
+        cli = _cli()
+        settings = cli.settings_from(config, redis_url=redis_url)
+        if url:
+            try:
+                with AdminClient(url, token, settings.admin_prefix) as client:
+                    client.override_deprecation(name, {"phase": phase})
+            except AdminError as exc:
+                cli.fail(str(exc))
+        else:
+            from proxy.traffic.deprecation import SECTION, InvalidOverride, parse_override
+
+            try:
+                parse_override(name, phase, {rule.name: rule for rule in settings.deprecations})
+            except InvalidOverride as exc:
+                cli.fail(str(exc), 2)
+            cli.with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: phase}))
+        cli.console.print(f"deprecation rule [bold]{name}[/bold]: phase [bold]{phase}[/bold]")
+
+    @deprecations.command("clear")
+    def clear(
+        name: Annotated[str, typer.Argument(help="Rule name.")],
+        config: ConfigOpt = None,
+        redis_url: RedisOpt = None,
+        url: AdminUrlOpt = None,
+        token: AdminTokenOpt = None,
+    ) -> None:
+        """Drop a rule's live override (back to its configured values)."""
+        cli = _cli()
+        settings = cli.settings_from(config, redis_url=redis_url)
+        if url:
+            try:
+                with AdminClient(url, token, settings.admin_prefix) as client:
+                    client.clear_deprecation(name)
+            except AdminError as exc:
+                cli.fail(str(exc))
+        else:
+            from proxy.traffic.deprecation import SECTION
+
+            cli.with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: None}))
+        cli.console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
+
+
+def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
+    """Config rules with the Redis overrides applied, as the proxy would see them (no counts)."""
+    from proxy.metrics import Metrics
+    from proxy.traffic.deprecation import SECTION, DeprecationRules
+
+    raw: dict[str, str] = {}
+    url = settings.redis_url
+    if url is None:
+        from proxy.control.embedded import read_url
+
+        url = read_url(settings.embedded_redis_dir)
+    if url is not None:
+
+        async def read() -> dict[str, str]:
+            redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            try:
+                keys = Keys(settings.split_key, settings.key_prefix)
+                return await ControlClient(redis, keys).get_hash(SECTION)
+            finally:
+                await redis.aclose()
+
+        try:
+            raw = asyncio.run(read())
+        except (RedisError, OSError):
+            raw = {}
+    rules = DeprecationRules(settings.deprecations, Metrics())
+    ruleset, _ = rules.parse(raw, None)
+    listed = rules.describe(ruleset)
+    for item in listed:
+        item["hits"] = {"warn": "-", "gone": "-"}
+    return listed
+
+
+
+
+
+# --- status / set / rollback through the admin API (cli.py calls these when --url is given) ---------
+
+
+def remote_status(url: str, token: str | None, as_json: bool) -> None:
+    from proxy.admin.remote import print_status
+
+    cli = _cli()
+    try:
+        with AdminClient(url, token) as client:
+            print_status(client, cli.console, as_json)
+    except AdminError as exc:
+        cli.fail(str(exc))
+
+
+def remote_set(url: str, token: str | None, percentage: str, group: str | None) -> None:
+    cli = _cli()
+    try:
+        with AdminClient(url, token) as client:
+            data = client.set_split(percentage, group)
+    except AdminError as exc:
+        cli.fail(str(exc), 2 if exc.status == 422 else 1)
+        return
+    group_name, value = data["group"], data["percentage"]
+    cli.console.print(f"v2 share for [bold]{group_name}[/bold] set to [bold]{value:g}%[/bold]")
+
+
+def remote_rollback(url: str, token: str | None, group: str | None) -> None:
+    cli = _cli()
+    try:
+        with AdminClient(url, token) as client:
+            data = client.rollback(group)
+    except AdminError as exc:
+        cli.fail(str(exc))
+        return
+    cli.console.print(f"[yellow]rolled back[/yellow] {data['group']}: v2 share is 0%")

@@ -1,0 +1,124 @@
+"""A hand-written OpenAPI 3.1 document for the admin API, built once from the route table.
+
+Hand-written rather than Starlette's SchemaGenerator (which wants YAML in every docstring): each
+route contributes its path, methods, first docstring line and whether it needs the token, so
+routes the capabilities add (shadow, rollout, deprecations) appear without extra work; the
+request bodies we know are described here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.settings import Settings
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "description": "what went wrong, in plain words"},
+        "detail": {"type": "string"},
+    },
+}
+
+BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("/split", "put"): {
+        "type": "object",
+        "required": ["percentage"],
+        "properties": {
+            "percentage": {"type": "number", "minimum": 0, "maximum": 100},
+            "group": {"type": "string", "default": "default"},
+        },
+    },
+    ("/rollback", "post"): {
+        "type": "object",
+        "properties": {"group": {"type": "string", "default": "default"}},
+    },
+    ("/deprecations/{name}", "put"): {
+        "type": "object",
+        "description": 'either {"phase": ...} or rule fields (a name not configured defines a new rule)',
+        "properties": {
+            "phase": {"type": "string", "enum": ["auto", "warn", "gone", "off"]},
+            "pattern": {"type": "string"},
+            "methods": {"type": "array", "items": {"type": "string"}},
+            "deprecated_at": {"type": "string", "description": "ISO 8601 date or datetime"},
+            "sunset_at": {"type": "string", "description": "ISO 8601 date or datetime"},
+            "migration_guide": {"type": "string", "format": "uri"},
+            "replacement": {"type": "string"},
+        },
+    },
+}
+BODIES[("/split", "post")] = BODIES[("/split", "put")]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDoc:
+    path: str
+    methods: list[str]
+    doc: str
+    write: bool
+    protected: bool
+
+
+def _summary(doc: str) -> str:
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def openapi_document(settings: Settings, routes: list[RouteDoc]) -> dict[str, Any]:
+    prefix = settings.admin_prefix
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        item = paths.setdefault(prefix + route.path, {})
+        params = re.findall(r"{(\w+)}", route.path)
+        for method in route.methods:
+            lower = method.lower()
+            if lower == "head":
+                continue
+            operation: dict[str, Any] = {
+                "summary": _summary(route.doc) or f"{method} {prefix}{route.path}",
+                "operationId": lower + "_" + re.sub(r"[^A-Za-z0-9]+", "_", route.path).strip("_"),
+                "responses": {
+                    "200": {"description": "OK", "content": {"application/json": {}}},
+                    "default": {
+                        "description": "error",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    },
+                },
+            }
+            if route.path == "/metrics":
+                operation["responses"]["200"] = {"description": "OK", "content": {"text/plain": {}}}
+            if params:
+                operation["parameters"] = [
+                    {"name": n, "in": "path", "required": True, "schema": {"type": "string"}} for n in params
+                ]
+            body = BODIES.get((route.path, lower))
+            if body is not None:
+                operation["requestBody"] = {
+                    "required": route.path != "/rollback",
+                    "content": {"application/json": {"schema": body}},
+                }
+            if route.protected:
+                operation["security"] = [{"bearer": []}]
+                operation["responses"]["401"] = {
+                    "description": "missing or wrong token (or untrusted peer when no token is set)",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                }
+            item[lower] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Strangler admin API",
+            "version": "1",
+            "description": (
+                "Control the v1 -> v2 migration. Changes need `Authorization: Bearer <token>`; "
+                "without a configured token they are accepted from trusted peers only."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": ERROR_SCHEMA},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,137 @@
+"""The CLI's client for a running proxy's admin API (httpx: not the hot path, and sync is simpler).
+
+``--url`` (or STRANGLER_ADMIN_URL) names the proxy, with or without the admin prefix
+(``http://host:8080`` and ``http://host:8080/_strangler`` both work); ``--token`` (or
+STRANGLER_ADMIN_TOKEN) is sent as ``Authorization: Bearer``. Errors come back as ``AdminError``
+carrying the server's own JSON message, so the CLI can print it as is.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_PREFIX = "/_strangler"
+
+
+class AdminError(Exception):
+    """The admin API refused or could not be reached; ``str()`` is a message for humans."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def base_url(url: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """``http://h:p`` -> ``http://h:p/_strangler``; a URL that already has a path is kept."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise AdminError(f"admin URL {url!r} must look like http://host:port[{prefix}]")
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{parts.netloc}{path or prefix}"
+
+
+class AdminClient:
+    def __init__(
+        self, url: str, token: str | None = None, prefix: str = DEFAULT_PREFIX, timeout: float = 5.0
+    ) -> None:
+        self.url = base_url(url, prefix)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self._client.request(method, self.url + path, json=body)
+        except httpx.HTTPError as exc:
+            raise AdminError(f"admin API at {self.url} is unreachable: {exc}") from exc
+        try:
+            data = response.json()
+        except json.JSONDecodeError:
+            data = None
+        if response.status_code >= 400:
+            if isinstance(data, dict) and "error" in data:
+                extra = data.get("detail") or data.get("message") or ""
+                message = f"{data['error']}" + (f": {extra}" if extra else "")
+            else:
+                message = response.text[:200] or response.reason_phrase
+            raise AdminError(f"admin API answered {response.status_code}: {message}", response.status_code)
+        return data
+
+    # --- operations the CLI uses ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/status"))
+
+    def set_split(self, percentage: str | float, group: str | None) -> dict[str, Any]:
+        try:
+            value: Any = float(percentage)
+        except ValueError:
+            value = percentage  # let the server say why it is wrong
+        return dict(self.request("PUT", "/split", {"percentage": value, "group": group or "default"}))
+
+    def rollback(self, group: str | None) -> dict[str, Any]:
+        return dict(self.request("POST", "/rollback", {"group": group or "default"}))
+
+    def deprecations(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/deprecations"))
+
+    def override_deprecation(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("PUT", f"/deprecations/{name}", body))
+
+    def clear_deprecation(self, name: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/deprecations/{name}"))
+
+
+# --- what the CLI commands print when they go through the admin API -------------------------------
+
+
+def print_status(client: AdminClient, console: Console, as_json: bool) -> None:
+    data = client.status()
+    if as_json:
+        print(json.dumps({"via": client.url, **data}))
+        return
+    table = Table(title=f"Strangler split (admin API {client.url})")
+    for column in ("group", "v2 %", "source"):
+        table.add_column(column)
+    for group, info in data.get("groups", {}).items():
+        own = info.get("own_key")
+        source = "own key" if own else ("global" if group != "default" else "global key / default")
+        table.add_row(group, f"{info.get('percentage', 0):g}", source)
+    console.print(table)
+    redis = "ok" if data.get("redis_ok") else "UNREACHABLE (serving the last good snapshot)"
+    age = data.get("snapshot_age_seconds")
+    console.print(f"redis: {redis}; snapshot age: {'-' if age is None else f'{age:.1f}s'}")
+
+
+def deprecation_table(rules: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("rule", "methods", "pattern", "phase", "now", "sunset", "warned", "gone (410)", "source"):
+        table.add_column(column)
+    for rule in rules:
+        hits = rule.get("hits") or {}
+        table.add_row(
+            rule["name"],
+            ",".join(rule.get("methods", [])),
+            rule["pattern"],
+            rule.get("phase", "auto"),
+            rule.get("effective_phase", "?"),
+            rule.get("sunset_at") or "-",
+            str(hits.get("warn", "-")),
+            str(hits.get("gone", "-")),
+            rule.get("source", "config"),
+        )
+    return table

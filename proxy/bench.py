@@ -1,0 +1,317 @@
+"""``strangler bench``: requests/s and latency direct vs through Strangler vs a peer, in one run.
+
+Everything runs on this machine: two fast backends (v1, v2), a private redis-server, Strangler
+with one worker, the split at 10% with metrics on, and optionally a peer proxy command. Load comes
+from wrk when it is on PATH, else from a built-in multi-process keep-alive generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 27\r\n\r\n"
+    b'{"ok":true,"version":"vX"}\n'
+)
+
+# The asgiproxy peer, run the fair way: uvloop + httptools, no access log (as Strangler runs).
+ASGIPROXY_PEER = (
+    f"{shlex.quote(sys.executable)} -c "
+    + shlex.quote(
+        "import sys, uvicorn\n"
+        "from asgiproxy.__main__ import make_app\n"
+        "app, _ = make_app(upstream_base_url=sys.argv[1])\n"
+        "uvicorn.run(app, host='127.0.0.1', port=int(sys.argv[2]), loop='uvloop', http='httptools',"
+        " access_log=False, log_level='warning')\n"
+    )
+    + " {upstream} {port}"
+)
+PEERS = {"asgiproxy": ASGIPROXY_PEER}
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- a backend fast enough that the proxy is what gets measured --------------------------------
+
+
+def _backend_main(port: int, version: bytes) -> None:
+    """Keep-alive HTTP/1.1 server answering a fixed small JSON body (httptools parser, uvloop)."""
+    import httptools
+    import uvloop
+
+    body = RESPONSE.replace(b"vX", version)
+
+    class Proto(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+            self.parser = httptools.HttpRequestParser(self)
+
+        def data_received(self, data: bytes) -> None:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.transport.close()
+
+        def on_message_complete(self) -> None:
+            self.transport.write(body)  # type: ignore[attr-defined]
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Proto, "127.0.0.1", port, backlog=1024)
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(serve())
+
+
+def start_backend(version: str) -> tuple[multiprocessing.Process, str]:
+    port = free_port()
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_backend_main, args=(port, version.encode()), daemon=True
+    )
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/")
+    return proc, url
+
+
+def wait_http(url: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def run_wrk(url: str, connections: int, seconds: float, threads: int) -> Result:
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", url],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(label: str) -> float:
+        match = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    errors = 0
+    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"):
+        match = re.search(pattern, out)
+        if match:
+            errors += sum(int(g) for g in match.groups())
+    return Result(url, rps, pct("50"), pct("99"), errors)
+
+
+def _load_worker(host: str, port: int, path: str, conns: int, seconds: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    import uvloop
+
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    latencies: list[float] = []
+    counts = {"ok": 0, "err": 0}
+
+    async def one_conn(deadline: float) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            counts["err"] += 1
+            return
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            writer.write(request)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                match = re.search(rb"content-length:\s*(\d+)", head, re.I)
+                if match:
+                    await reader.readexactly(int(match.group(1)))
+            except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
+                counts["err"] += 1
+                return
+            latencies.append(time.perf_counter() - start)
+            counts["ok" if head.startswith(b"HTTP/1.1 2") else "err"] += 1
+        writer.close()
+
+    async def main() -> None:
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(one_conn(deadline) for _ in range(conns)))
+
+    uvloop.run(main())
+    queue.put((counts["ok"], counts["err"], latencies[:: max(1, len(latencies) // 20000)]))
+
+
+def run_builtin(url: str, connections: int, seconds: float, processes: int) -> Result:
+    match = re.match(r"http://([^:/]+):(\d+)(/.*)?", url)
+    assert match
+    host, port, path = match.group(1), int(match.group(2)), match.group(3) or "/"
+    ctx = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    per = max(1, connections // processes)
+    workers = [
+        ctx.Process(target=_load_worker, args=(host, port, path, per, seconds, queue)) for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    ok = err = 0
+    samples: list[float] = []
+    for _ in workers:
+        a, b, lat = queue.get(timeout=seconds + 60)
+        ok, err = ok + a, err + b
+        samples.extend(lat)
+    for worker in workers:
+        worker.join()
+    samples.sort()
+
+    def pct(p: float) -> float:
+        return samples[min(len(samples) - 1, int(len(samples) * p))] * 1000 if samples else float("nan")
+
+    return Result(url, ok / seconds, pct(0.5), pct(0.99), err)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def start_strangler(v1: str, v2: str, redis_url: str, percentage: float, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    import redis
+
+    redis.Redis.from_url(redis_url).set("feature:v2_traffic_percentage", str(percentage))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
+    env.update({"STRANGLER_LOG_LEVEL": "warning"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--v1", v1, "--v2", v2, "--port", str(port),
+         "--redis-url", redis_url, "--workers", "1"],
+        cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/_strangler/health")
+    return proc, url
+
+
+def start_peer(command: str, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    template = PEERS.get(command, command)
+    proc = subprocess.Popen(
+        template.format(port=port, upstream=upstream), shell=True, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/")
+    return proc, url
+
+
+def stop(proc: subprocess.Popen[bytes] | multiprocessing.Process) -> None:
+    if isinstance(proc, subprocess.Popen):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    else:
+        proc.terminate()
+        proc.join(5)
+
+
+def bench(
+    connections: int = 64,
+    seconds: float = 10.0,
+    peer: str | None = None,
+    percentage: float = 10.0,
+    use_wrk: bool | None = None,
+    warmup: float = 2.0,
+) -> list[Result]:
+    from proxy.control.embedded import EmbeddedRedis
+
+    use_wrk = shutil.which("wrk") is not None if use_wrk is None else use_wrk
+
+    def load(url: str) -> Result:
+        if use_wrk:
+            run_wrk(url, connections, warmup, 1)
+            return run_wrk(url, connections, seconds, 1)
+        run_builtin(url, connections, warmup, 1)
+        return run_builtin(url, connections, seconds, 1)
+
+    results: list[Result] = []
+    procs: list[subprocess.Popen[bytes] | multiprocessing.Process] = []
+    with tempfile.TemporaryDirectory(prefix="strangler-bench-") as tmp:
+        embedded = EmbeddedRedis(Path(tmp) / "redis")
+        redis_url = embedded.start()
+        try:
+            b1, v1 = start_backend("v1")
+            b2, v2 = start_backend("v2")
+            procs += [b1, b2]
+            direct = load(v1 + "/")
+            direct.name = "direct (backend v1)"
+            results.append(direct)
+            proxy_proc, proxy_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp))
+            procs.append(proxy_proc)
+            ours = load(proxy_url + "/")
+            ours.name = f"strangler (1 worker, split {percentage:g}%, metrics on)"
+            results.append(ours)
+            stop(proxy_proc)
+            if peer:
+                peer_proc, peer_url = start_peer(peer, v1)
+                procs.append(peer_proc)
+                theirs = load(peer_url + "/")
+                theirs.name = f"peer: {peer if peer in PEERS else 'custom command'}"
+                results.append(theirs)
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+            embedded.stop()
+    return results
+
+
+def render(results: list[Result], connections: int, seconds: float, tool: str) -> str:
+    direct = results[0].rps or 1
+    ours = results[1].rps if len(results) > 1 else 0
+    lines = [
+        f"load: {tool}, {connections} connections, {seconds:g}s per target, one run, {os.cpu_count()} cores",
+        f"{'target':<48} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs direct':>10} {'strangler/this':>15}",
+    ]
+    for res in results:
+        vs_ours = f"{ours / res.rps:.2f}x" if res.rps else "-"
+        lines.append(
+            f"{res.name:<48} {res.rps:>10.0f} {res.p50_ms:>8.2f} {res.p99_ms:>8.2f} {res.errors:>7} "
+            f"{res.rps / direct:>9.2f}x {vs_ours:>15}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Where verdicts and decisions live in Redis, and the status view built from them (CLI, admin).
+
+- ``<prefix>canary:verdict:<group>``: the last check (JSON), with the failure streak and the
+  insufficient-data clock, so a new leader carries on where the old one stopped.
+- ``<prefix>canary:decision:<group>``: the last rollback decision (JSON).
+- ``<prefix>canary:decisions``: the last 100 decisions, newest first.
+- ``<prefix>canary:leader``: the leader lock (holder identity, with expiry).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from proxy.canary.rollout import RolloutState
+from proxy.control.keys import Keys
+
+DECISIONS_LIMIT = 100
+
+
+def verdict_key(keys: Keys, group: str) -> str:
+    return keys.under("canary", "verdict", group)
+
+
+def decision_key(keys: Keys, group: str) -> str:
+    return keys.under("canary", "decision", group)
+
+
+def decisions_key(keys: Keys) -> str:
+    return keys.under("canary", "decisions")
+
+
+def leader_key(keys: Keys) -> str:
+    return keys.under("canary", "leader")
+
+
+def _load(raw: Any) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+async def read_many(redis: aioredis.Redis, keys: list[str]) -> list[dict[str, Any] | None]:
+    if not keys:
+        return []
+    return [_load(raw) for raw in await redis.mget(keys)]
+
+
+async def read_status(redis: aioredis.Redis, keys: Keys, groups: list[str]) -> dict[str, Any]:
+    """Per group: split (raw), rollout, last verdict, last decision; plus who leads."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.mget([keys.split(g) for g in groups])
+        pipe.mget([keys.under("rollout", g) for g in groups])
+        pipe.mget([verdict_key(keys, g) for g in groups])
+        pipe.mget([decision_key(keys, g) for g in groups])
+        pipe.get(leader_key(keys))
+        splits, rollouts, verdicts, decisions, leader = await pipe.execute()
+    out: dict[str, Any] = {"leader": leader.decode() if isinstance(leader, bytes) else leader, "groups": {}}
+    for i, group in enumerate(groups):
+        raw_split = splits[i].decode() if isinstance(splits[i], bytes) else splits[i]
+        rollout = RolloutState.from_json(rollouts[i]).as_dict() if rollouts[i] else None
+        out["groups"][group] = {
+            "split_raw": raw_split,
+            "rollout": rollout,
+            "verdict": _load(verdicts[i]),
+            "decision": _load(decisions[i]),
+        }
+    return out

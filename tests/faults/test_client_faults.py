@@ -1,0 +1,112 @@
+"""Clients that vanish or crawl: the proxy lets go of the upstream side, counts it, and keeps
+serving everyone else."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from tests.faults.load import Load, established_to, requests_total
+from tests.support import Backend, ProxyProcess, wait_until
+
+HEAD = b"Host: app.test\r\n"
+
+
+def test_clients_disconnecting_mid_upload(proxy: ProxyProcess, v1v2: tuple[Backend, Backend]) -> None:
+    """10 MB promised, 1 MB sent, then gone: the upstream request is abandoned, not left hanging."""
+    v1, _ = v1v2
+    before = proxy.metric("strangler_client_disconnects_total", stage="request")
+    errors_before = proxy.metric("strangler_upstream_errors_total")
+    with Load(proxy.url + "/echo", workers=2, seconds=2.0) as load:
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                sock.sendall(b"POST /upload HTTP/1.1\r\n" + HEAD + b"Content-Length: 10000000\r\n\r\n")
+                sock.sendall(b"u" * 1_000_000)
+                time.sleep(0.05)
+    assert load.outcomes and load.failures() == []
+    wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="request") - before == 5,
+               timeout=10, message="every abandoned upload counted")  # fmt: skip
+    assert proxy.metric("strangler_upstream_errors_total") == errors_before, "not the backend's fault"
+    wait_until(lambda: established_to(proxy, v1.port) <= 2, timeout=10, message="upload connections released")
+
+
+def test_clients_disconnecting_mid_download(proxy: ProxyProcess, v1v2: tuple[Backend, Backend]) -> None:
+    """50 MB answers abandoned after 1 MB: the upstream connection is closed, not parked half-read."""
+    v1, _ = v1v2
+    before = proxy.metric("strangler_client_disconnects_total", stage="response")
+    with Load(proxy.url + "/echo", workers=2, seconds=2.0) as load:
+        for chunked in (b"0", b"1") * 3:
+            with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+                sock.sendall(
+                    b"GET /stream?bytes=50000000&sized=" + chunked + b" HTTP/1.1\r\n" + HEAD + b"\r\n"
+                )
+                received = 0
+                while received < 1_000_000:
+                    chunk = sock.recv(65536)
+                    assert chunk, "the proxy closed a healthy download"
+                    received += len(chunk)
+    assert load.outcomes and load.failures() == []
+    wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="response") - before == 6,
+               timeout=15, message="every abandoned download counted")  # fmt: skip
+    wait_until(
+        lambda: established_to(proxy, v1.port) <= 2, timeout=10, message="download connections released"
+    )
+
+
+def test_slowloris_is_closed_after_the_header_timeout_and_blocks_nobody(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
+) -> None:
+    v1, v2 = v1v2
+    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url,
+                          limits={"header_timeout_seconds": 1.5})  # fmt: skip
+    before = proxy.metric("strangler_rejected_requests_total", reason="header_timeout")
+    request = b"GET /echo HTTP/1.1\r\n" + HEAD + b"X-Slow: " + b"s" * 200 + b"\r\n\r\n"
+    slow: list[socket.socket] = []
+    closed_after: dict[int, float] = {}
+    answers: dict[int, bytes] = {}
+
+    def crawl(index: int, sock: socket.socket) -> None:
+        """One byte a second (a bit faster here, to keep the test short) until the proxy hangs up."""
+        opened = time.monotonic()
+        sock.settimeout(0.25)
+        for byte in request:
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                break
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            answers[index] = data
+            break
+        closed_after[index] = time.monotonic() - opened
+
+    threads = []
+    for index in range(15):
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        slow.append(sock)
+        threads.append(threading.Thread(target=crawl, args=(index, sock), daemon=True))
+    idle = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(5)]  # never send a byte
+    for thread in threads:
+        thread.start()
+    with Load(proxy.url + "/echo", workers=3, seconds=2.5) as load:
+        pass
+    for thread in threads:
+        thread.join(15)
+    assert load.outcomes and load.failures() == [], "slow clients must not block the others"
+    assert len(closed_after) == 15
+    assert all(seconds < 10 for seconds in closed_after.values()), closed_after
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for answer in answers.values()), answers
+    for sock in idle:
+        sock.settimeout(10)
+        assert sock.recv(100) == b"", "an idle connection is closed after the header timeout"
+    for sock in slow + idle:
+        sock.close()
+    timed_out = lambda: proxy.metric("strangler_rejected_requests_total", reason="header_timeout")  # noqa: E731
+    wait_until(lambda: timed_out() - before == 20, timeout=5, message="every slow or idle client counted")
+    assert requests_total(proxy, code="200") >= len(load.outcomes)

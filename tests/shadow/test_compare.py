@@ -1,0 +1,170 @@
+"""The comparison is pure: table-driven, no server."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.shadow.compare import (
+    Answer,
+    classify,
+    compare,
+    differences,
+    is_noisy,
+    noise_between,
+    normalise_path,
+)
+from proxy.shadow.policy import EndpointRules, RuleSet, make_rule
+
+JSON = "application/json"
+
+
+def answer(payload: object, status: int = 200, content_type: str = JSON) -> Answer:
+    return Answer(status, content_type, orjson.dumps(payload))
+
+
+def rules(*specs: tuple[str, str | None]) -> EndpointRules:
+    return RuleSet(tuple(make_rule(kind, None, value) for kind, value in specs)).for_endpoint("GET /x")
+
+
+def fields(a: Answer, b: Answer, r: EndpointRules | None = None) -> list[str]:
+    return sorted({d.field for d in differences(a, b, r or EndpointRules())})
+
+
+def test_identical_json_matches_whatever_the_key_order_or_spacing() -> None:
+    a = Answer(200, JSON, b'{"a": 1, "b": [1, 2]}')
+    b = Answer(200, "application/json", b'{"b":[1,2],"a":1}')
+    assert compare(a, b, EndpointRules(), set()).result == "match"
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "expected"),
+    [
+        ({"a": 1}, {"a": 2}, ["root['a']"]),
+        ({"a": 1}, {"a": 1, "b": 2}, ["root['b']"]),
+        ({"a": 1, "b": 2}, {"a": 1}, ["root['b']"]),
+        ({"a": 1}, {"a": "1"}, ["root['a']"]),
+        ({"items": [{"id": 1}, {"id": 2}]}, {"items": [{"id": 1}, {"id": 3}]}, ["root['items'][*]['id']"]),
+        ({"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 2}}}, ["root['a']['b']['c']"]),
+        # many keys differ: still reported field by field, not as one replaced object
+        ({"a": 1, "b": 2, "c": 3}, {"a": 9, "b": 8, "c": 3}, ["root['a']", "root['b']"]),
+    ],
+)
+def test_json_differences_are_reported_per_field(left: object, right: object, expected: list[str]) -> None:
+    assert fields(answer(left), answer(right)) == expected
+
+
+def test_status_and_content_type_are_compared() -> None:
+    assert fields(answer({}, 200), answer({}, 201)) == ["status"]
+    assert fields(answer({}, content_type="application/json; charset=utf-8"),
+                  answer({}, content_type="application/json;charset=UTF-8")) == []  # fmt: skip
+    assert fields(answer({}, content_type=JSON), answer({}, content_type="text/plain")) == ["content-type"]
+
+
+def test_non_json_bodies_are_compared_by_their_bytes() -> None:
+    assert fields(Answer(200, "text/html", b"<p>a</p>"), Answer(200, "text/html", b"<p>a</p>")) == []
+    assert fields(Answer(200, "text/html", b"<p>a</p>"), Answer(200, "text/html", b"<p>b</p>")) == ["body"]
+    # a body that claims JSON but is not: bytes
+    assert fields(Answer(200, JSON, b"{nope"), Answer(200, JSON, b"{nope!")) == ["body"]
+
+
+def test_exclude_paths_exact_and_wildcard_and_regex() -> None:
+    a = answer({"id": 1, "data": [{"updated_at": 1, "x": 1}, {"updated_at": 2, "x": 2}], "meta": {"t": 1}})
+    b = answer({"id": 2, "data": [{"updated_at": 5, "x": 1}, {"updated_at": 6, "x": 3}], "meta": {"t": 2}})
+    assert fields(a, b) == [
+        "root['data'][*]['updated_at']",
+        "root['data'][*]['x']",
+        "root['id']",
+        "root['meta']['t']",
+    ]
+    r = rules(("exclude_path", "root['id']"), ("exclude_path", "root['data'][*]['updated_at']"),
+              ("exclude_regex", r"\['meta'\]"))  # fmt: skip
+    assert fields(a, b, r) == ["root['data'][*]['x']"]
+
+
+def test_ignore_order_and_numeric_tolerance() -> None:
+    a, b = answer({"tags": [1, 2, 3]}), answer({"tags": [3, 1, 2]})
+    assert fields(a, b) == ["root['tags'][*]"]
+    assert fields(a, b, rules(("ignore_order", None))) == []
+    a, b = answer({"price": 10.001}), answer({"price": 10.002})
+    assert fields(a, b) == ["root['price']"]
+    assert fields(a, b, rules(("tolerance", "0.01"))) == []
+    assert fields(a, answer({"price": 10.5}), rules(("tolerance", "0.01"))) == ["root['price']"]
+
+
+def test_rules_apply_per_endpoint() -> None:
+    rule_set = RuleSet(
+        (make_rule("ignore_order", "GET /lists", None), make_rule("exclude_path", "*", "root['t']"))
+    )
+    assert rule_set.for_endpoint("GET /lists").ignore_order is True
+    assert rule_set.for_endpoint("GET /other").ignore_order is False
+    assert rule_set.for_endpoint("GET /other").exclude_paths == ("root['t']",)
+
+
+def test_pathological_json_is_compared_as_bytes_quickly() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    other = b"[" * 100_000 + b"1" + b"]" * 100_000
+    started = time.perf_counter()
+    assert compare(Answer(200, JSON, deep), Answer(200, JSON, deep), EndpointRules(), set()).result == "match"
+    outcome = compare(Answer(200, JSON, deep), Answer(200, JSON, other), EndpointRules(), set())
+    assert outcome.result == "mismatch" and outcome.mismatched == ["body"]
+    # nested within orjson's limit but past ours: still bytes, no RecursionError
+    medium = b'{"a":' * 900 + b"1" + b"}" * 900
+    assert compare(Answer(200, JSON, medium), Answer(200, JSON, medium.replace(b"1", b"2")), EndpointRules(),
+                   set()).mismatched == ["body"]  # fmt: skip
+    assert time.perf_counter() - started < 5
+
+
+def test_noise_is_what_differs_between_two_v1_answers_and_is_not_a_mismatch() -> None:
+    first = answer({"id": 1, "uuid": "a", "at": 1.5, "items": [{"t": 1}]})
+    second = answer({"id": 1, "uuid": "b", "at": 1.6, "items": [{"t": 2}]})
+    noisy = noise_between(first, second, EndpointRules())
+    assert noisy == {"root['uuid']", "root['at']", "root['items'][*]['t']"}
+    v2 = answer({"id": 1, "uuid": "c", "at": 1.7, "items": [{"t": 3}, {"t": 4}]})
+    outcome = compare(first, v2, EndpointRules(), noisy)
+    # the second item is new: a real difference, not noise
+    assert outcome.result == "mismatch" and outcome.mismatched == ["root['items'][*]"]
+    v2 = answer({"id": 1, "uuid": "c", "at": 1.7, "items": [{"t": 3}]})
+    outcome = compare(first, v2, EndpointRules(), noisy)
+    assert outcome.result == "noise" and outcome.mismatched == []
+    assert sorted(outcome.suppressed) == ["root['at']", "root['items'][*]['t']", "root['uuid']"]
+    assert compare(first, answer({"id": 2, "uuid": "c", "at": 1.5, "items": [{"t": 1}]}), EndpointRules(),
+                   noisy).mismatched == ["root['id']"]  # fmt: skip
+
+
+def test_noise_covers_children_of_a_noisy_field_only() -> None:
+    assert is_noisy("root['meta']['x']", {"root['meta']"})
+    assert is_noisy("root['meta'][*]", {"root['meta']"})
+    assert not is_noisy("root['metadata']", {"root['meta']"})
+    assert classify([], {"root['a']"}).result == "match"
+
+
+def test_paths_fold_list_indexes() -> None:
+    assert normalise_path("root['a'][12]['b'][0]") == "root['a'][*]['b'][*]"
+    assert normalise_path("root['x[1]']") == "root['x[*]']"  # inside a key: harmless over-folding
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(json_values)
+def test_any_json_matches_itself(value: object) -> None:
+    assert compare(answer(value), answer(value), EndpointRules(), set()).result == "match"
+
+
+@given(json_values, json_values)
+def test_comparison_never_raises(left: object, right: object) -> None:
+    outcome = compare(answer(left), answer(right), EndpointRules(), set())
+    assert outcome.result in ("match", "mismatch")
+    if outcome.result == "match":
+        assert left == right

@@ -1,0 +1,83 @@
+"""The hot-path half of the mirror, in-process: plan/submit/abandon decide and count, nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from proxy.capability import Deps
+from proxy.control.client import ControlClient
+from proxy.control.keys import Keys
+from proxy.control.snapshot import Snapshot
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.shadow import capability
+from proxy.shadow.mirror import ShadowMirror
+from proxy.shadow.policy import RULES_SECTION, SECTION
+from proxy.traffic.hooks import MirrorRequest, PrimaryResult
+from tests.support import metric_value
+
+
+def build(redis_url: str, raw: dict[str, str], **shadow: object) -> tuple[ShadowMirror, Snapshot, Metrics]:
+    settings = Settings(
+        redis_url=redis_url,
+        routes=[{"name": "orders", "patterns": ["/orders/**"]}],
+        shadow={"enabled": True, **shadow},
+    )
+    metrics = Metrics()
+    client = aioredis.Redis.from_url(redis_url)
+    keys = Keys()
+    cap = capability.build(Deps(settings, metrics, client, keys, ControlClient(client, keys)))
+    assert set(cap.sections) == {SECTION, RULES_SECTION} and isinstance(cap.mirror, ShadowMirror)
+    assert cap.admin_routes is not None and cap.components == [cap.mirror]
+    sections = {name: parser(raw, None)[0] for name, parser in cap.sections.items()}
+    return cap.mirror, Snapshot(0.0, sections=sections), metrics
+
+
+def count(metrics: Metrics, **labels: str) -> float:
+    return metric_value(metrics.render().decode(), "strangler_shadow_requests_total", **labels)
+
+
+def test_plan_checks_switch_method_and_size_and_counts_skips(redis_url: str) -> None:
+    mirror, snapshot, metrics = build(redis_url, {"group:orders:methods": "GET,POST"}, max_body_bytes=100)
+    plan = mirror.plan("default", "GET", None, snapshot)
+    assert plan is not None and plan.max_body == 100 and plan.max_compare == 1024 * 1024
+    assert mirror.plan("default", "POST", 10, snapshot) is None
+    assert count(metrics, group="default", outcome="skipped_method") == 1
+    assert mirror.plan("orders", "POST", 10, snapshot) is not None
+    assert mirror.plan("orders", "POST", 101, snapshot) is None
+    assert count(metrics, group="orders", outcome="skipped_size") == 1
+    mirror.abandon(plan, "size")  # a chunked body grew too large
+    mirror.abandon(plan, "primary_failed")
+    assert count(metrics, group="default", outcome="skipped_size") == 1
+
+
+def test_plan_samples_the_configured_share(redis_url: str) -> None:
+    mirror, snapshot, _ = build(redis_url, {"sample_percentage": "10"})
+    chosen = sum(mirror.plan("default", "GET", None, snapshot) is not None for _ in range(20_000))
+    assert 1_500 < chosen < 2_500
+    mirror, snapshot, _ = build(redis_url, {"sample_percentage": "0.5"})
+    chosen = sum(mirror.plan("default", "GET", None, snapshot) is not None for _ in range(20_000))
+    assert 40 < chosen < 180
+    mirror, snapshot, _ = build(redis_url, {"enabled": "false"})
+    assert mirror.plan("default", "GET", None, snapshot) is None
+
+
+def test_submit_never_blocks_and_counts_drops(redis_url: str) -> None:
+    mirror, snapshot, metrics = build(redis_url, {}, queue_size=2)
+    request = MirrorRequest("default", "GET", "/a", b"/a", [("host", "x")], b"", "id")
+    primary = PrimaryResult(200, [], b"{}", 0.01)
+
+    async def go() -> None:
+        mirror.submit(mirror.plan("default", "GET", None, snapshot), request, primary)
+        await mirror.start()
+        try:
+            # the workers are not scheduled in between: the queue takes two, the rest are dropped
+            for _ in range(5):
+                mirror.submit(mirror.plan("default", "GET", None, snapshot), request, primary)
+        finally:
+            await mirror.stop()
+
+    asyncio.run(go())
+    assert count(metrics, outcome="dropped") == 1 + 3
