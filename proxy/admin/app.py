@@ -148,13 +148,19 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
     for route in extra_routes or []:
         table.append((route.path, route.endpoint, sorted(route.methods or ["GET"])))
 
-    routes: list[Route] = []
+    # one Route per path, dispatching on the method: a 405 then lists every allowed method
+    by_path: dict[str, dict[str, Handler]] = {}
     docs: list[RouteDoc] = []
     for path, handler, methods in table:
         write = bool(set(methods) - {"GET", "HEAD"})
-        routes.append(Route(path, guard(handler, write=write, path=path), methods=methods))
+        guarded = guard(handler, write=write, path=path)
+        for method in methods:
+            by_path.setdefault(path, {})[method] = guarded
+        if "GET" in methods:
+            by_path[path].setdefault("HEAD", guarded)
         protected = write or (reads_protected and path not in OPEN_READS)
         docs.append(RouteDoc(path, methods, handler.__doc__ or "", write, protected))
+    routes = [Route(path, dispatch(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
     document = openapi_document(ctx.settings, docs)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
@@ -163,7 +169,7 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         details: dict[str, Any] = {"path": request.url.path}
         if exc.status_code == 405 and exc.headers and "allow" in {k.lower() for k in exc.headers}:
             details["allowed"] = next(v for k, v in exc.headers.items() if k.lower() == "allow")
-        elif exc.detail and exc.detail != message:
+        elif exc.detail and exc.detail.lower() != message:
             details["detail"] = exc.detail
         response = error(exc.status_code, message, **details)
         for key, value in (exc.headers or {}).items():
@@ -176,6 +182,13 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error, Exception: on_crash})
     return app
+
+
+def dispatch(handlers: dict[str, Handler]) -> Handler:
+    async def endpoint(request: Request) -> Response:
+        return await handlers[request.method](request)
+
+    return endpoint
 
 
 async def json_body(request: Request, allow_empty: bool = False) -> dict[str, Any]:

@@ -304,9 +304,9 @@ class ShadowMirror:
         response = await upstream.send(
             request.method, request.raw_target, headers, body, timeout=self._timeout
         )
+        data = bytearray()
+        over = False
         try:
-            data = bytearray()
-            over = False
             async for chunk in response.content.iter_any():
                 if len(data) + len(chunk) > limit:
                     over = True

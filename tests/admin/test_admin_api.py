@@ -116,6 +116,9 @@ def test_errors_are_json_with_a_clear_message(proxy: ProxyProcess) -> None:
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"] == "method not allowed"
     assert "GET" in wrong_method.headers["allow"]
+    patch = httpx.patch(admin + "/split", json={"percentage": 5})
+    assert patch.status_code == 405
+    assert {"GET", "PUT", "POST"} <= {m.strip() for m in patch.headers["allow"].split(",")}
     invalid = httpx.put(admin + "/split", json={"percentage": 150})
     assert invalid.status_code == 422
     assert invalid.json()["error"] == "invalid percentage" and "150" in invalid.json()["detail"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import orjson
 import redis.asyncio as aioredis
 
 from proxy.capability import Deps
@@ -13,8 +15,9 @@ from proxy.control.snapshot import Snapshot
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.shadow import capability
+from proxy.shadow.compare import Answer
 from proxy.shadow.mirror import ShadowMirror
-from proxy.shadow.policy import RULES_SECTION, SECTION
+from proxy.shadow.policy import RULES_SECTION, SECTION, EndpointRules
 from proxy.traffic.hooks import MirrorRequest, PrimaryResult
 from tests.support import metric_value
 
@@ -81,3 +84,15 @@ def test_submit_never_blocks_and_counts_drops(redis_url: str) -> None:
 
     asyncio.run(go())
     assert count(metrics, outcome="dropped") == 1 + 3
+
+
+def test_comparing_rests_so_its_cpu_share_stays_bounded(redis_url: str) -> None:
+    """By construction: CPU used <= wall time of the comparison <= share x (comparison + rest)."""
+    mirror, _, _ = build(redis_url, {}, compare_cpu_share=0.25)
+    left = Answer(200, "application/json", orjson.dumps([{"id": i, "v": i} for i in range(3000)]))
+    right = Answer(200, "application/json", orjson.dumps([{"id": i, "v": -i} for i in range(3000)]))
+    wall, cpu = time.perf_counter(), time.thread_time()
+    outcome, learnt = mirror._compare_paced(left, right, None, EndpointRules(), frozenset())
+    wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+    assert outcome.result == "mismatch" and learnt == set()
+    assert cpu <= 0.25 * wall + 0.01

@@ -1,0 +1,59 @@
+"""The CLI for people: clear messages and non-zero exits when Redis is unreachable or a value is bad."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.support import RedisServer, free_port
+
+
+def strangler(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *args], capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )  # fmt: skip
+
+
+def test_set_status_rollback_against_redis(redis_server: RedisServer, redis_url: str) -> None:
+    assert strangler("set", "12.5", "--redis-url", redis_url).returncode == 0
+    assert redis_server.client().get("feature:v2_traffic_percentage") == "12.5"
+    status = strangler("status", "--json", "--redis-url", redis_url)
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["redis_ok"] is True
+    assert data["groups"][0]["group"] == "default"
+    assert data["groups"][0]["percentage"] == 12.5
+    table = strangler("status", "--redis-url", redis_url)
+    assert "default" in table.stdout and "12.5" in table.stdout
+    assert strangler("rollback", "--redis-url", redis_url).returncode == 0
+    assert redis_server.client().get("feature:v2_traffic_percentage") == "0"
+
+
+def test_invalid_percentage_is_refused_and_nothing_written(redis_server: RedisServer, redis_url: str) -> None:
+    for bad in ("abc", "150", "nan"):
+        result = strangler("set", bad, "--redis-url", redis_url)
+        assert result.returncode == 2
+        assert "not a percentage between 0 and 100" in result.stderr
+    assert redis_server.client().get("feature:v2_traffic_percentage") is None
+
+
+def test_unknown_group_is_refused(redis_url: str) -> None:
+    result = strangler("set", "5", "--group", "nope", "--redis-url", redis_url)
+    assert result.returncode == 2
+    assert "unknown group 'nope'" in result.stderr
+
+
+def test_unreachable_redis_is_a_clear_error(redis_url: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    for args in (("status",), ("set", "5"), ("rollback",)):
+        result = strangler(*args, "--redis-url", dead)
+        assert result.returncode == 1, result
+        assert f"Redis at {dead} is unreachable" in result.stderr
+
+
+def test_bad_config_file_is_a_clear_error(tmp_path: object) -> None:
+    result = strangler("status", "--config", "/nonexistent/strangler.yaml")
+    assert result.returncode == 2
+    assert "config file /nonexistent/strangler.yaml does not exist" in result.stderr
