@@ -8,6 +8,7 @@ set by ``strangler serve`` before any worker starts).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +142,14 @@ class Metrics:
             ["rule", "phase"], registry=reg,
         )  # fmt: skip
 
+        # reliability (issue 6): what a task leak would show; computed at scrape time, free per request
+        if not self.multiprocess:
+            self.loop_tasks = Gauge(
+                "strangler_event_loop_tasks", "asyncio tasks alive: requests in flight, background loops.",
+                registry=reg,
+            )  # fmt: skip
+            self.loop_tasks.set_function(_count_loop_tasks)
+
         self._request_children: dict[tuple[str, str, int], Any] = {}
         self._version_children: dict[str, tuple[Any, Any]] = {}
         self._group_children: dict[tuple[str, str], Any] = {}
@@ -200,6 +209,25 @@ class Metrics:
     def invalid_control_value(self, key: str) -> None:
         self.invalid_values.labels(key).inc()
 
+    # --- canary (issue 4) ----------------------------------------------------------------------
+
+    def check_judged(self, group: str, verdict: str, figures: dict[str, dict[str, Any]]) -> None:
+        """One health check: its verdict, and the judged figures of each version that had traffic."""
+        self.check_verdicts.labels(group, verdict).inc()
+        for version, numbers in figures.items():
+            if numbers.get("requests"):
+                self.judged_error_rate.labels(group, version).set(numbers["error_rate"])
+                self.judged_p95.labels(group, version).set(numbers["p95_seconds"])
+
+    def rolled_back(self, group: str, reason: str) -> None:
+        self.rollbacks.labels(group, reason).inc()
+
+    def rollout_at(self, group: str, percentage: float | None) -> None:
+        self.rollout_step.labels(group).set(-1 if percentage is None else percentage)
+
+    def alert_delivery(self, target: str, outcome: str) -> None:
+        self.alerts.labels(target, outcome).inc()
+
     # --- exposition ---------------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -209,3 +237,11 @@ class Metrics:
             MultiProcessCollector(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _count_loop_tasks() -> float:
+    """Tasks of the running loop (the scrape runs on it); -1 when read outside a loop."""
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:
+        return -1.0

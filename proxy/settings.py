@@ -246,6 +246,10 @@ class LimitSettings(BaseModel):
     # 408 then close (header_timeout): from connection (or first byte of a request) to the end of
     # its headers; stops slowloris. nginx client_header_timeout is 60 s, Envoy suggests 10 s
     header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # 408 then close (body_timeout): longest silence between two reads of a request body while we
+    # are reading; a stalled upload would otherwise hold an upstream connection forever.
+    # nginx client_body_timeout: 60 s
+    body_timeout_seconds: float = Field(default=60.0, gt=0)
     # idle keep-alive connections are closed after this
     keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
 

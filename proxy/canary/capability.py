@@ -103,8 +103,7 @@ def admin_routes(service: CanaryService) -> list[Route]:
                 elif action == "resume":
                     state = await service.rollouts.resume(group, who)
                 elif action == "abort":
-                    state = await service.rollouts.abort(group, who)
-                    service.deps.metrics.rollbacks.labels(group, "aborted").inc()
+                    state = await service.rollouts.abort(group, who)  # the leader counts it
                 elif action == "promote":
                     state = await service.rollouts.promote(group, who, full=bool(data.get("full")))
                 else:

@@ -88,6 +88,8 @@ class CanaryController:
                 self._next_check = self.clock() + self.canary.check_interval_seconds
                 await self.check_all()
             for event in await events.drain(self.redis, self.keys):
+                if event.kind == "aborted":  # made by a person through the CLI or any admin API
+                    self.metrics.rolled_back(event.group, "aborted")
                 self.notifier.notify(event)
             self._redis_failing = False
         except REDIS_ERRORS as exc:
@@ -208,15 +210,11 @@ class CanaryController:
             elif verdict.status is Status.PASS and rollout.due(now):
                 await self._advance(group, rollout, verdict)
                 rollout = await self.rollouts.get(group)
-        self.metrics.rollout_step.labels(group).set(-1 if rollout is None else rollout.percentage)
+        self.metrics.rollout_at(group, None if rollout is None else rollout.percentage)
         return verdict
 
     def _observe(self, group: str, verdict: Verdict) -> None:
-        self.metrics.check_verdicts.labels(group, verdict.status.value).inc()
-        for version, figures in (("v1", verdict.v1), ("v2", verdict.v2)):
-            if figures.get("requests"):
-                self.metrics.judged_error_rate.labels(group, version).set(figures["error_rate"])
-                self.metrics.judged_p95.labels(group, version).set(figures["p95_seconds"])
+        self.metrics.check_judged(group, verdict.status.value, {"v1": verdict.v1, "v2": verdict.v2})
 
     def _track_insufficient(
         self, group: str, verdict: Verdict, split: float, record: dict[str, Any], now: float
@@ -333,7 +331,7 @@ class CanaryController:
         except Exception:  # noqa: BLE001
             log.exception("rollback of %s: could not persist the decision", group)
         try:
-            self.metrics.rollbacks.labels(group, verdict.failed_check or "unknown").inc()
+            self.metrics.rolled_back(group, verdict.failed_check or "unknown")
         except Exception:  # noqa: BLE001
             log.exception("rollback of %s: metrics failed", group)
         try:

@@ -238,11 +238,11 @@ class ShadowMirror:
         results = await asyncio.gather(*fetches, return_exceptions=True)
         shadow = results[0]
         second = results[1] if calibrate else None
-        batch = self._batch
+        # (self._batch is swapped by every flush: never hold it across an await)
         if isinstance(shadow, BaseException):
             error = shadow if isinstance(shadow, UpstreamError) else translate("v2", shadow)
             self._count(group, "error")
-            batch.count(endpoint, group, "errors")
+            self._batch.count(endpoint, group, "errors")
             self._add_sample(
                 endpoint, request, primary, None, "error", [], detail=f"{error.kind}: {error.detail}"
             )
@@ -251,7 +251,7 @@ class ShadowMirror:
         self._delta_children_for(group).observe(shadow.seconds - primary.seconds)
         if primary.body is None or shadow.body is None:
             self._result(group, "skipped")
-            batch.count(endpoint, group, "skipped")
+            self._batch.count(endpoint, group, "skipped")
             return
         v1 = Answer(primary.status, _content_type(primary.headers), primary.body)
         v2 = Answer(shadow.status, shadow.content_type, shadow.body)
@@ -271,7 +271,7 @@ class ShadowMirror:
             new = learnt - self._noise.get(endpoint, set())
             if new:
                 self._noise.setdefault(endpoint, set()).update(new)
-                batch.noise[endpoint].update(new)
+                self._batch.noise[endpoint].update(new)
         if v1b is not None:
             # warm-up counts completed calibrations: until then every safe request calibrates, so
             # answers compared while the first calibration is in flight do not miss the noise

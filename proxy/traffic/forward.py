@@ -257,9 +257,7 @@ class ProxyApp:
             return
         status, primary = result
         seconds = time.perf_counter() - started
-        self._metrics.request_done(group, version, method, status, seconds)
-        for recorder in self._recorders:
-            recorder.record(group, version, status, seconds)
+        self._done(group, version, method, status, seconds)
         if plan is not None and primary is not None:
             if body is not None and body.too_large:
                 self._mirror.abandon(plan, "size")
@@ -337,7 +335,7 @@ class ProxyApp:
                 await self._stream(send, receive, response, status, headers, body, captured, max_capture)
         except UpstreamReset:
             self._metrics.upstream_error(version, "reset")
-            self._metrics.request_done(group, version, method, 502, time.perf_counter() - started)
+            self._done(group, version, method, 502, time.perf_counter() - started)
             response.close()
             return None  # the server closes the client connection: never a truncated body as complete
         except (ClientGone, OSError):
@@ -399,6 +397,13 @@ class ProxyApp:
             if watcher is not None:
                 watcher.cancel()
 
+    def _done(self, group: str, version: str, method: str, status: int, seconds: float) -> None:
+        """Every answer a version is responsible for, relayed or proxy-generated (502/504), is
+        recorded once: metrics and the recorders (canary windows judge v2 by these)."""
+        self._metrics.request_done(group, version, method, status, seconds)
+        for recorder in self._recorders:
+            recorder.record(group, version, status, seconds)
+
     async def _upstream_failed(
         self, send: Send, exc: UpstreamError, group: str, method: str, started: float
     ) -> None:
@@ -406,7 +411,7 @@ class ProxyApp:
         label = "upstream timeout" if exc.status == 504 else "upstream unavailable"
         body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
         await self._answer(send, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
-        self._metrics.request_done(group, exc.version, method, exc.status, time.perf_counter() - started)
+        self._done(group, exc.version, method, exc.status, time.perf_counter() - started)
 
     async def _reject(self, send: Send, status: int, reason: str, detail: str) -> None:
         """The proxy refuses the request itself; counted by reason."""

@@ -44,7 +44,7 @@ class Policy:
     """Limits resolved once per server (not per connection) plus the metrics recorder."""
 
     __slots__ = ("max_line", "max_header_bytes", "max_headers", "max_head", "max_body", "header_timeout",
-                 "metrics")  # fmt: skip
+                 "body_timeout", "metrics")  # fmt: skip
 
     def __init__(self, limits: LimitSettings, metrics: Any | None) -> None:
         self.max_line = limits.max_request_line_bytes
@@ -54,6 +54,7 @@ class Policy:
         self.max_head = limits.max_request_line_bytes + limits.max_header_bytes + 4 * (limits.max_headers + 2)
         self.max_body = limits.max_body_bytes
         self.header_timeout = limits.header_timeout_seconds
+        self.body_timeout = limits.body_timeout_seconds
         self.metrics = metrics
 
     def count(self, reason: str) -> None:
@@ -95,6 +96,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._policy = policy_for(config)
         self._refusal: Refused | None = None
+        self._refused = False  # once refused, nothing more on this connection is read
         self._in_head = True
         self._head_bytes = 0
         self._header_count = 0
@@ -104,6 +106,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._content_length = -1
         self._body_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._last_body = 0.0
         self.url = b""  # uvicorn sets it per message; the limits read it before the first one
 
     # --- connection ----------------------------------------------------------------------------
@@ -114,10 +118,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, minus its per-request warning log, plus the unfinished-head bound."""
+        if self._refused:
+            return
         self._unset_keepalive_if_required()
         if self._in_head:
             self._head_bytes += len(data)
@@ -188,8 +195,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
-        self._in_head = False
-        self._head_bytes = 0
         version = self.parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise self._stop(400, "bad_version", "only HTTP/1.0 and HTTP/1.1 are served")
@@ -206,9 +211,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         max_body = self._policy.max_body
         if max_body and self._content_length > max_body:
             raise self._stop(413, "body_too_large", "request body over the limit")
+        self._in_head = False
+        self._head_bytes = 0
         super().on_headers_complete()
+        if self._codings or self._content_length > 0:
+            self._last_body = self.loop.time()
+            self._body_timer = self.loop.call_later(self._policy.body_timeout, self._body_check)
 
     def on_body(self, body: bytes) -> None:
+        self._last_body = self.loop.time()
         max_body = self._policy.max_body
         if max_body:
             self._body_bytes += len(body)
@@ -217,6 +228,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._cancel_body_timer()
         super().on_message_complete()
         self._in_head = True
         self._head_bytes = 0
@@ -229,14 +241,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return self._refusal
 
     def _refuse(self, refusal: Refused) -> None:
-        """Answer (if no answer has started) and close; the running request, if any, sees a disconnect."""
+        """Answer (if no answer has started) and close; the running request, if any, sees a disconnect.
+
+        If the refused request is pipelined behind requests still being answered, writing our
+        answer now would make it read as the answer to an earlier request (a response desync):
+        the earlier answers finish instead, then the connection closes without a word about this
+        one (as after any unanswered pipelined request, the client may retry it).
+        """
         self._refusal = None
+        self._refused = True
         self._cancel_header_timer()
+        self._cancel_body_timer()
         self._policy.count(refusal.reason)
         transport = self.transport
         if transport.is_closing():
             return
         cycle = self.cycle
+        if self._in_head and cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False  # the latest accepted request: answered, then the connection closes
+            return
         if cycle is None or not cycle.response_started or cycle.response_complete:
             body = b'{"error":"' + refusal.reason.replace("_", " ").encode() + b'","detail":"' + \
                 refusal.detail.encode() + b'"}'  # fmt: skip
@@ -275,3 +298,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:  # an idle connection that never sent a byte: just close it
             self._policy.count("header_timeout")
             self.transport.close()
+
+    # --- body timeout (stalled uploads) ----------------------------------------------------------
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_check(self) -> None:
+        """One timer per body, re-armed for the remainder: O(1) per chunk (a clock read)."""
+        self._body_timer = None
+        if self.transport.is_closing() or self._in_head:
+            return
+        now = self.loop.time()
+        if self.flow.read_paused:
+            self._last_body = now  # we stopped reading (the upstream is slow): not the client's silence
+        idle = now - self._last_body
+        timeout = self._policy.body_timeout
+        if idle >= timeout:
+            self._refuse(Refused(408, "body_timeout", "request body stalled"))
+        else:
+            self._body_timer = self.loop.call_later(timeout - idle, self._body_check)

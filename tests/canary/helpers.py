@@ -21,7 +21,9 @@ FAST_CANARY: dict[str, Any] = {
     "flush_interval_seconds": 0.2,
     "consecutive_failures": 3,
     "leader_lock_ttl_seconds": 1.5,
-    "thresholds": {"min_requests": 10},
+    # a loaded 2-core machine gives small samples the odd slow request: only the latency test
+    # (which sets its own floor) should fail on latency
+    "thresholds": {"min_requests": 10, "p95_floor_seconds": 0.2},
     "notify_backoff_seconds": 0.1,
     "notify_timeout_seconds": 1.0,
     "notify_retries": 2,

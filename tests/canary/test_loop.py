@@ -245,6 +245,7 @@ def test_latency_rollback_and_pause_resume_promote_abort(redis_url: str) -> None
         assert aborted.state == ROLLED_BACK and await rig.split() == "0"
         await rig.controller.tick()  # the leader sends what people did, too
         assert {"paused", "resumed", "aborted"} <= set(rig.notifier.kinds())
+        assert rig.metrics.rollbacks.labels("default", "aborted")._value.get() == 1
 
     run(redis_url, body)
 

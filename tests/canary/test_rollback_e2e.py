@@ -95,7 +95,12 @@ def test_three_times_slower_v2_is_rolled_back_by_the_latency_check(
     v1.control(delay_ms=50)
     v2.control(delay_ms=50)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, canary=canary())
+    proxy = proxy_factory(
+        v1_url=v1.url,
+        v2_url=v2.url,
+        redis_url=redis_url,
+        canary=canary(thresholds={"p95_floor_seconds": 0.05}),
+    )
     r.set("feature:v2_traffic_percentage", "20")
     with Traffic([proxy.url], concurrency=12):
         wait_until(

@@ -158,3 +158,8 @@ class RawServer:
     def stop(self) -> None:
         self._stopping = True
         self.sock.close()
+
+
+def loop_tasks(proxy: ProxyProcess) -> float:
+    """asyncio tasks alive in the proxy (the scrape's own task included)."""
+    return proxy.metric("strangler_event_loop_tasks")

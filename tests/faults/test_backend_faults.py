@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.load import Load, RawServer, established_to, requests_total
+from tests.faults.load import Load, RawServer, established_to, loop_tasks, requests_total
 from tests.hostile.rawhttp import exchange
 from tests.support import Backend, ProxyProcess, RedisServer, wait_until
 
@@ -61,6 +61,7 @@ def test_v2_frozen_gives_504_after_the_read_timeout_and_v1_is_unaffected(
     proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, read_timeout_seconds=1.0,
                           connect_timeout_seconds=1.0)  # fmt: skip
     timeouts_before = proxy.metric("strangler_upstream_errors_total", version="v2", kind="timeout")
+    tasks_before = loop_tasks(proxy)
     v2.freeze()
     try:
         with Load(
@@ -83,6 +84,7 @@ def test_v2_frozen_gives_504_after_the_read_timeout_and_v1_is_unaffected(
         lambda: httpx.get(proxy.url + "/echo", headers={"X-Strangler-Version": "v2"}).status_code == 200
     )
     wait_until(lambda: established_to(proxy, v2.port) <= 3, timeout=10, message="v2 connections released")
+    wait_until(lambda: loop_tasks(proxy) <= tasks_before + 2, timeout=10, message="no task left behind")
 
 
 BAD_ANSWERS = {
@@ -124,6 +126,7 @@ def test_v2_answering_invalid_http_is_a_502(bad_v2: tuple[ProxyProcess, RawServe
     errors_before = proxy.metric("strangler_upstream_errors_total", version="v2")
     answered_before = requests_total(proxy, version="v2", code="502")
     fallbacks_before = proxy.metric("strangler_fallbacks_total")
+    tasks_before = loop_tasks(proxy)
     for _ in range(3):
         reply = exchange(proxy.port, GET % (b"/echo", b"X-Strangler-Version: v2\r\n"))
         assert reply.status == 502, reply.raw[:300]
@@ -133,6 +136,7 @@ def test_v2_answering_invalid_http_is_a_502(bad_v2: tuple[ProxyProcess, RawServe
     assert requests_total(proxy, version="v2", code="502") - answered_before == 3
     assert proxy.metric("strangler_fallbacks_total") == fallbacks_before, "something was sent: no fallback"
     assert established_to(proxy, bad.port) == 0
+    wait_until(lambda: loop_tasks(proxy) <= tasks_before + 2, timeout=10, message="no task left behind")
 
 
 def test_upstream_closing_mid_body_closes_the_client_connection(
@@ -141,6 +145,7 @@ def test_upstream_closing_mid_body_closes_the_client_connection(
     """/reset promises 100000 bytes, sends 1000 and drops: the client sees the short count and a
     closed connection (so it knows), never a complete-looking answer."""
     v1, _ = v1v2
+    tasks_before = loop_tasks(proxy)
     for _ in range(3):
         reply = exchange(proxy.port, b"GET /reset HTTP/1.1\r\nHost: app.test\r\n\r\n", timeout=10)
         assert reply.status == 200
@@ -149,6 +154,7 @@ def test_upstream_closing_mid_body_closes_the_client_connection(
         assert reply.closed
     assert proxy.metric("strangler_upstream_errors_total", version="v1", kind="reset") == 3
     wait_until(lambda: established_to(proxy, v1.port) <= 1, timeout=10)
+    wait_until(lambda: loop_tasks(proxy) <= tasks_before + 2, timeout=10, message="no task left behind")
 
 
 def test_chunked_upstream_cut_mid_body_never_gets_a_final_chunk(

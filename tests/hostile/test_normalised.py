@@ -207,3 +207,17 @@ def test_deeply_nested_json_to_a_mirrored_endpoint(
     finally:
         v1.stop()
         v2.stop()
+
+
+def test_a_refused_request_pipelined_behind_a_good_one_cannot_take_its_answer(
+    hostile_proxy: ProxyProcess, v1_recorder: RecordingServer
+) -> None:
+    """The good request is answered (its own 200), then the connection closes; the refusal is never
+    written where it could be read as the answer to the earlier request."""
+    good = b"GET /slow-first HTTP/1.1\r\n" + H + b"\r\n"
+    bad = b"POST /echo HTTP/1.1\r\n" + H + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    reply = exchange(hostile_proxy.port, good + bad)
+    assert reply.status == 200
+    assert reply.raw.count(b"HTTP/1.1 ") == 1
+    assert reply.closed
+    assert [r.target for r in v1_recorder.requests] == [b"/slow-first"]

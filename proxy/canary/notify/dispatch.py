@@ -80,7 +80,7 @@ class Dispatcher:
             try:
                 queue.put_nowait(body)
             except asyncio.QueueFull:
-                self._metrics.alerts.labels(target.kind, "dropped").inc()
+                self._metrics.alert_delivery(target.kind, "dropped")
                 log.warning("alert queue full: dropped %s alert for %s", event.kind, target.kind)
 
     async def start(self) -> None:
@@ -119,7 +119,7 @@ class Dispatcher:
             try:
                 response = await self._client.post(target.url, json=body)
                 if response.status_code < 300:
-                    self._metrics.alerts.labels(target.kind, "sent").inc()
+                    self._metrics.alert_delivery(target.kind, "sent")
                     return
                 problem = f"HTTP {response.status_code}"
                 if 400 <= response.status_code < 500 and response.status_code != 429:
@@ -127,9 +127,9 @@ class Dispatcher:
             except httpx.HTTPError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             if attempt < self._retries:
-                self._metrics.alerts.labels(target.kind, "retried").inc()
+                self._metrics.alert_delivery(target.kind, "retried")
                 await asyncio.sleep(self._backoff * 2**attempt)
-        self._metrics.alerts.labels(target.kind, "failed").inc()
+        self._metrics.alert_delivery(target.kind, "failed")
         log.warning(
             "alert to %s target failed after %d attempts: %s", target.kind, self._retries + 1, problem
         )
