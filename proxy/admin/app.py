@@ -152,14 +152,17 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
     by_path: dict[str, dict[str, Handler]] = {}
     docs: list[RouteDoc] = []
     for path, handler, methods in table:
-        write = bool(set(methods) - {"GET", "HEAD"})
-        guarded = guard(handler, write=write, path=path)
-        for method in methods:
-            by_path.setdefault(path, {})[method] = guarded
-        if "GET" in methods:
-            by_path[path].setdefault("HEAD", guarded)
-        protected = write or (reads_protected and path not in OPEN_READS)
-        docs.append(RouteDoc(path, methods, handler.__doc__ or "", write, protected))
+        handlers = by_path.setdefault(path, {})
+        for write in (False, True):  # a route's GET stays a read even if it also takes POST
+            chosen = [m for m in methods if (m not in ("GET", "HEAD")) is write]
+            if not chosen:
+                continue
+            guarded = guard(handler, write=write, path=path)
+            handlers.update(dict.fromkeys(chosen, guarded))
+            if "GET" in chosen:
+                handlers.setdefault("HEAD", guarded)
+            protected = write or (reads_protected and path not in OPEN_READS)
+            docs.append(RouteDoc(path, chosen, handler.__doc__ or "", write, protected))
     routes = [Route(path, dispatch(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
     document = openapi_document(ctx.settings, docs)
 

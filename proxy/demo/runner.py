@@ -208,9 +208,11 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
         next_report = time.monotonic() + 10
         while not proxy_task.done():
             await asyncio.sleep(0.2)
+            if group.stopping:
+                await generator.stop()  # the load goes first, while the proxy drains
             now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                group.stop()
+            if deadline is not None and now >= deadline and not group.stopping:
+                group.stop()  # once: a second stop() would force the exit
             if now >= next_report:
                 next_report = now + 10
                 seen = f"{generator.sent} requests, by version {generator.by_version}"

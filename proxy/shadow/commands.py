@@ -55,8 +55,18 @@ def _run(config: Path | None, redis_url: str | None, action: Any) -> Any:
 @shadow_app.command("on")
 def shadow_on(group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None) -> None:
     """Start mirroring (globally, or for one group while the global switch is on)."""
-    _run(config, redis_url, lambda s, r: s.set({"enabled": True}, group))
+
+    async def switch_on(shadow: ShadowControl, report: ReportStore) -> dict[str, Any]:
+        await shadow.set({"enabled": True}, group)
+        return await shadow.status()
+
+    status = _run(config, redis_url, switch_on)
     console.print(f"shadow traffic [green]on[/green] for {group or 'all groups'}")
+    if group is not None and not status["groups"][group]["enabled"]:
+        console.print("[yellow]note:[/yellow] the global switch is off; `strangler shadow on` turns it on")
+    for name, policy in status["groups"].items():
+        if policy["enabled"] and policy["sample_percentage"] == 0 and name == (group or "default"):
+            console.print(f"[yellow]note:[/yellow] {name} samples 0%; `strangler shadow set --sample P`")
 
 
 @shadow_app.command("off")

@@ -106,6 +106,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._content_length = -1
         self._body_bytes = 0
         self._header_timer: asyncio.TimerHandle | None = None
+        # loop time since when we wait for the current request head; None while not waiting
+        self._head_since: float | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._last_body = 0.0
         self.url = b""  # uvicorn sets it per message; the limits read it before the first one
@@ -114,7 +116,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_timer()
+        self._head_since = self.loop.time()
+        self._header_timer = self.loop.call_later(self._policy.header_timeout, self._header_check)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -161,8 +164,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._codings = 0
         self._content_length = -1
         self._body_bytes = 0
-        if self._header_timer is None:
-            self._arm_header_timer()
+        if self._head_since is None:
+            self._head_since = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -177,8 +180,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise self._stop(431, "too_many_headers", "too many request headers")
         if self._header_bytes > self._policy.max_header_bytes:
             raise self._stop(431, "headers_too_large", "request headers over the limit")
-        super().on_header(name, value)
-        lower = self.headers[-1][0]
+        # uvicorn's on_header, inlined (this runs for every header of every request)
+        lower = name.lower()
+        if lower == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((lower, value))
         if lower == b"host":
             self._hosts += 1
             if self._hosts > 1:
@@ -194,7 +200,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._content_length = int(value) if value.isdigit() else -1
 
     def on_headers_complete(self) -> None:
-        self._cancel_header_timer()
+        self._head_since = None
         version = self.parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise self._stop(400, "bad_version", "only HTTP/1.0 and HTTP/1.1 are served")
@@ -228,6 +234,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._head_since = None
         self._cancel_body_timer()
         super().on_message_complete()
         self._in_head = True
@@ -280,18 +287,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport.close()
 
     # --- header timeout (slowloris) --------------------------------------------------------------
-
-    def _arm_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(self._policy.header_timeout, self._header_timeout)
+    # One timer per connection, re-armed from its own callback: a request costs a clock read at its
+    # first byte, not a timer of its own.
 
     def _cancel_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
-    def _header_timeout(self) -> None:
+    def _header_check(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing() or not self._in_head:
+        if self.transport.is_closing():
+            return
+        timeout = self._policy.header_timeout
+        since = self._head_since
+        waited = 0.0 if since is None else self.loop.time() - since
+        if waited < timeout:
+            self._header_timer = self.loop.call_later(timeout - waited, self._header_check)
             return
         if self.url or self._head_bytes:
             self._refuse(Refused(408, "header_timeout", "request headers not received in time"))

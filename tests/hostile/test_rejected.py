@@ -87,6 +87,8 @@ CASES: dict[str, tuple[bytes, int, str]] = {
     "too_many_headers": (get(H + b"".join(b"X-%d: v\r\n" % i for i in range(150))), 431, "too_many_headers"),
     "body_over_limit_by_content_length": (post(b"Content-Length: %d\r\n" % (MAX_BODY + 1)),
                                           413, "body_too_large"),
+    "body_over_limit_sent_in_full": (post(b"Content-Length: %d\r\n" % (16 * MAX_BODY), b"x" * 16 * MAX_BODY),
+                                     413, "body_too_large"),
     "body_over_limit_with_expect": (post(b"Expect: 100-continue\r\nContent-Length: %d\r\n" % (10 * MAX_BODY)),
                                     413, "body_too_large"),
     # --- proxy rules ----------------------------------------------------------------------------
