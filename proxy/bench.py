@@ -132,14 +132,19 @@ def run_wrk(url: str, connections: int, seconds: float, threads: int) -> Result:
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
     errors = 0
-    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)"):
+    for pattern in (
+        r"Non-2xx or 3xx responses: (\d+)",
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+    ):
         match = re.search(pattern, out)
         if match:
             errors += sum(int(g) for g in match.groups())
     return Result(url, rps, pct("50"), pct("99"), errors)
 
 
-def _load_worker(host: str, port: int, path: str, conns: int, seconds: float, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+def _load_worker(
+    host: str, port: int, path: str, conns: int, seconds: float, queue: multiprocessing.Queue
+) -> None:  # type: ignore[type-arg]
     import uvloop
 
     request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
@@ -183,7 +188,8 @@ def run_builtin(url: str, connections: int, seconds: float, processes: int) -> R
     queue: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
     per = max(1, connections // processes)
     workers = [
-        ctx.Process(target=_load_worker, args=(host, port, path, per, seconds, queue)) for _ in range(processes)
+        ctx.Process(target=_load_worker, args=(host, port, path, per, seconds, queue))
+        for _ in range(processes)
     ]
     for worker in workers:
         worker.start()
@@ -206,7 +212,9 @@ def run_builtin(url: str, connections: int, seconds: float, processes: int) -> R
 # --- the run ---------------------------------------------------------------------------------
 
 
-def start_strangler(v1: str, v2: str, redis_url: str, percentage: float, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_strangler(
+    v1: str, v2: str, redis_url: str, percentage: float, workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
     import redis
 
     redis.Redis.from_url(redis_url).set("feature:v2_traffic_percentage", str(percentage))
@@ -306,7 +314,8 @@ def render(results: list[Result], connections: int, seconds: float, tool: str) -
     ours = results[1].rps if len(results) > 1 else 0
     lines = [
         f"load: {tool}, {connections} connections, {seconds:g}s per target, one run, {os.cpu_count()} cores",
-        f"{'target':<48} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs direct':>10} {'strangler/this':>15}",
+        f"{'target':<48} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"{'vs direct':>10} {'strangler/this':>15}",
     ]
     for res in results:
         vs_ours = f"{ours / res.rps:.2f}x" if res.rps else "-"

@@ -28,7 +28,9 @@ T = TypeVar("T")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
 RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
-GroupOpt = Annotated[str | None, typer.Option("--group", "-g", help="Route group (default: the global split).")]
+GroupOpt = Annotated[
+    str | None, typer.Option("--group", "-g", help="Route group (default: the global split).")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -224,7 +226,9 @@ def bench(
         typer.Option(help="Also measure a peer: 'asgiproxy' or a command with {port} and {upstream}."),
     ] = None,
     percentage: Annotated[float, typer.Option(help="v2 share during the run.")] = 10,
-    builtin: Annotated[bool, typer.Option("--builtin", help="Use the built-in load generator, not wrk.")] = False,
+    builtin: Annotated[
+        bool, typer.Option("--builtin", help="Use the built-in load generator, not wrk.")
+    ] = False,
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through a peer, in one run."""
     import shutil

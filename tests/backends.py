@@ -149,7 +149,8 @@ async def gzip_body(request: web.Request) -> web.Response:
     import gzip
 
     payload = gzip.compress(json.dumps({"version": NAME, "zipped": True}).encode())
-    return web.Response(body=payload, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+    return web.Response(body=payload, headers=headers)
 
 
 async def redirect(request: web.Request) -> web.Response:

@@ -67,7 +67,9 @@ class RedisServer:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+        return redis.Redis.from_url(
+            self.url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
+        )
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:

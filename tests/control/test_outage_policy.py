@@ -17,7 +17,8 @@ def versions(proxy: ProxyProcess, n: int = 40) -> set[str]:
 
 
 def test_starts_without_redis_on_the_default_and_picks_it_up_later(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend],
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
     redis_factory: Callable[[], RedisServer],
 ) -> None:
     v1, v2 = v1v2
@@ -36,7 +37,8 @@ def test_starts_without_redis_on_the_default_and_picks_it_up_later(
 
 
 def test_all_v1_policy_sends_everything_to_v1_while_redis_is_down(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend],
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
     redis_factory: Callable[[], RedisServer],
 ) -> None:
     v1, v2 = v1v2
@@ -54,7 +56,8 @@ def test_all_v1_policy_sends_everything_to_v1_while_redis_is_down(
 
 
 def test_keep_last_policy_keeps_the_split_while_redis_is_down(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend],
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
     redis_factory: Callable[[], RedisServer],
 ) -> None:
     v1, v2 = v1v2

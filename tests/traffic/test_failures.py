@@ -12,8 +12,10 @@ from tests.support import Backend, ProxyProcess, RedisServer
 
 
 def test_v2_down_falls_back_to_v1_and_both_down_is_502(
-    proxy_factory: Callable[..., ProxyProcess], backend_factory: Callable[[str], Backend],
-    redis_server: RedisServer, redis_url: str,
+    proxy_factory: Callable[..., ProxyProcess],
+    backend_factory: Callable[[str], Backend],
+    redis_server: RedisServer,
+    redis_url: str,
 ) -> None:
     v1 = backend_factory("v1")
     v2 = backend_factory("v2")

@@ -9,7 +9,7 @@ import socket
 import httpx
 import pytest
 
-from tests.support import Backend, ProxyProcess
+from tests.support import ProxyProcess
 
 
 def raw_request(port: int, data: bytes, timeout: float = 5.0) -> bytes:
@@ -34,7 +34,9 @@ def test_every_method_reaches_the_backend(shared_proxy: ProxyProcess, method: st
 
 def test_query_string_and_path_pass_byte_for_byte(shared_proxy: ProxyProcess) -> None:
     target = b"/echo/a%2Fb/%7Euser?q=%2F%20x&q=2&empty=&flag"
-    reply = raw_request(shared_proxy.port, b"GET " + target + b" HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+    reply = raw_request(
+        shared_proxy.port, b"GET " + target + b" HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+    )
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     record = json.loads(body)

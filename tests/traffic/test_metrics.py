@@ -13,7 +13,7 @@ def send_known_traffic(proxy: ProxyProcess) -> None:
     with httpx.Client(base_url=proxy.url) as client:
         for i in range(30):
             client.get("/", headers={"X-Strangler-Version": "v1", "X-User-ID": str(i)})
-        for i in range(12):
+        for _ in range(12):
             client.post("/echo", content=b"x", headers={"X-Strangler-Version": "v2"})
         for _ in range(5):
             client.get("/status/503", headers={"X-Strangler-Version": "v2"})
@@ -35,7 +35,9 @@ def check_values(text: str) -> None:
 
 
 def test_metrics_names_labels_and_values(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
+    redis_server: RedisServer,
     redis_url: str,
 ) -> None:
     v1, v2 = v1v2
@@ -44,14 +46,21 @@ def test_metrics_names_labels_and_values(
     send_known_traffic(proxy)
     text = proxy.metrics()
     check_values(text)
-    buckets = {line.split('le="')[1].split('"')[0] for line in text.splitlines()
-               if line.startswith('http_request_duration_seconds_bucket{') and 'version="v1"' in line}
+    buckets = {
+        line.split('le="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("http_request_duration_seconds_bucket{") and 'version="v1"' in line
+    }
     assert {"0.0005", "0.001", "10.0", "+Inf"} <= buckets
     assert metric_value(text, "strangler_split_percentage", group="default") == 12.5
     assert metric_value(text, "strangler_redis_up") == 1
     wait_until(lambda: 0 <= proxy.metric("strangler_snapshot_age_seconds") < 5, timeout=3)
-    for name in ("strangler_fallbacks_total", "strangler_upstream_errors_total",
-                 "strangler_invalid_control_values_total", "strangler_snapshot_age_seconds"):
+    for name in (
+        "strangler_fallbacks_total",
+        "strangler_upstream_errors_total",
+        "strangler_invalid_control_values_total",
+        "strangler_snapshot_age_seconds",
+    ):
         assert f"# TYPE {name.removesuffix('_total')}" in text
 
 

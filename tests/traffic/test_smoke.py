@@ -7,7 +7,9 @@ import httpx
 from tests.support import ProxyProcess, RedisServer, wait_until
 
 
-def test_forwards_to_v1_by_default_and_v2_when_split_is_100(proxy: ProxyProcess, redis_server: RedisServer) -> None:
+def test_forwards_to_v1_by_default_and_v2_when_split_is_100(
+    proxy: ProxyProcess, redis_server: RedisServer
+) -> None:
     response = httpx.get(proxy.url + "/echo/a?x=1", headers={"X-User-ID": "u1"})
     assert response.status_code == 200
     assert response.headers["x-api-version"] == "v1"

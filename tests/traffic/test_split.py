@@ -25,7 +25,9 @@ def versions(proxy: ProxyProcess, users: range | list[str], path: str = "/") -> 
 
 
 def test_share_sticky_monotonic_and_same_on_two_replicas(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
+    redis_server: RedisServer,
     redis_url: str,
 ) -> None:
     v1, v2 = v1v2
@@ -50,7 +52,9 @@ def test_share_sticky_monotonic_and_same_on_two_replicas(
 
 
 def test_group_key_overrides_global(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
+    redis_server: RedisServer,
     redis_url: str,
 ) -> None:
     v1, v2 = v1v2
@@ -58,7 +62,9 @@ def test_group_key_overrides_global(
     client.set(KEY, "0")
     client.set(KEY + ":orders", "100")
     proxy = proxy_factory(
-        v1_url=v1.url, v2_url=v2.url, redis_url=redis_url,
+        v1_url=v1.url,
+        v2_url=v2.url,
+        redis_url=redis_url,
         routes=[{"name": "orders", "patterns": ["/orders/**", "/cart/*"]}],
     )
     assert set(versions(proxy, range(50), "/orders/7/items").values()) == {"v2"}
@@ -74,7 +80,10 @@ def test_force_header_and_affinity_cookie(
 ) -> None:
     v1, v2 = v1v2
     proxy = proxy_factory(
-        v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, user_key_fallback="affinity_cookie",
+        v1_url=v1.url,
+        v2_url=v2.url,
+        redis_url=redis_url,
+        user_key_fallback="affinity_cookie",
         default_percentage=50,
     )
     forced = httpx.get(proxy.url + "/echo", headers={"X-Strangler-Version": "v2"})
@@ -94,7 +103,9 @@ def test_force_header_and_affinity_cookie(
 
 
 def test_redis_cli_set_is_picked_up_within_a_poll(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
+    redis_server: RedisServer,
     redis_url: str,
 ) -> None:
     v1, v2 = v1v2
@@ -111,18 +122,28 @@ def test_strangler_set_is_picked_up_at_once(
     v1, v2 = v1v2
     proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, poll_interval_seconds=1.0)
     subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "set", "100", "--redis-url", redis_url], check=True, capture_output=True
+        [sys.executable, "-m", "proxy.cli", "set", "100", "--redis-url", redis_url],
+        check=True,
+        capture_output=True,
     )
     # the CLI publishes the change; the proxy refreshes on the message instead of waiting for the poll
-    wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=0.5, interval=0.01)
-    subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "rollback", "--redis-url", redis_url], check=True, capture_output=True
+    wait_until(
+        lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=0.5, interval=0.01
     )
-    wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=0.5, interval=0.01)
+    subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "rollback", "--redis-url", redis_url],
+        check=True,
+        capture_output=True,
+    )
+    wait_until(
+        lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=0.5, interval=0.01
+    )
 
 
 def test_invalid_values_keep_the_last_good_one_and_are_counted(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_server: RedisServer,
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
+    redis_server: RedisServer,
     redis_url: str,
 ) -> None:
     v1, v2 = v1v2
@@ -133,7 +154,10 @@ def test_invalid_values_keep_the_last_good_one_and_are_counted(
     for bad in ("abc", "150", "-1", "nan"):
         before = proxy.metric("strangler_invalid_control_values_total", key="split")
         client.set(KEY, bad)
-        wait_until(lambda b=before: proxy.metric("strangler_invalid_control_values_total", key="split") > b, timeout=3)
+        wait_until(
+            lambda b=before: proxy.metric("strangler_invalid_control_values_total", key="split") > b,
+            timeout=3,
+        )
         assert {httpx.get(proxy.url + "/").headers["x-api-version"] for _ in range(20)} == {"v2"}
     assert proxy.output().count("ignored invalid control value") == 4  # once per distinct bad value
     client.set(KEY, "0")
