@@ -174,11 +174,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         value = value.strip(_OWS)  # OWS is not part of a field value (RFC 9110 5.5)
-        self._header_count += 1
-        self._header_bytes += len(name) + len(value) + 4
-        if self._header_count > self._policy.max_headers:
-            raise self._stop(431, "too_many_headers", "too many request headers")
-        if self._header_bytes > self._policy.max_header_bytes:
+        policy = self._policy
+        count = self._header_count = self._header_count + 1
+        size = self._header_bytes = self._header_bytes + len(name) + len(value) + 4
+        if count > policy.max_headers or size > policy.max_header_bytes:
+            if count > policy.max_headers:
+                raise self._stop(431, "too_many_headers", "too many request headers")
             raise self._stop(431, "headers_too_large", "request headers over the limit")
         # uvicorn's on_header, inlined (this runs for every header of every request)
         lower = name.lower()
@@ -210,7 +211,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             raise self._stop(400, "bad_framing", "Transfer-Encoding is not allowed in HTTP/1.0")
         if self.parser.get_method() == b"CONNECT":
             raise self._stop(400, "connect_refused", "CONNECT is not served: this is not a forward proxy")
-        if self.parser.should_upgrade() and (self._codings or self._content_length > 0):
+        if (self._codings or self._content_length > 0) and self.parser.should_upgrade():
             # llhttp stops at an upgrade without reading the body: it would never reach the app and
             # whatever follows could be a request hidden from us (h2c smuggling)
             raise self._stop(400, "bad_upgrade", "an upgrade request must not carry a body")
