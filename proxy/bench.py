@@ -213,14 +213,14 @@ def run_builtin(url: str, connections: int, seconds: float, processes: int) -> R
 
 
 def start_strangler(
-    v1: str, v2: str, redis_url: str, percentage: float, workdir: Path
+    v1: str, v2: str, redis_url: str, percentage: float, workdir: Path, env_extra: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     import redis
 
     redis.Redis.from_url(redis_url).set("feature:v2_traffic_percentage", str(percentage))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
-    env.update({"STRANGLER_LOG_LEVEL": "warning"})
+    env.update({"STRANGLER_LOG_LEVEL": "warning", **(env_extra or {})})
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--v1", v1, "--v2", v2, "--port", str(port),
          "--redis-url", redis_url, "--workers", "1"],

@@ -110,6 +110,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_since: float | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._last_body = 0.0
+        self._active: Any = None  # the request being answered now (uvicorn keeps no reference)
         self.url = b""  # uvicorn sets it per message; the limits read it before the first one
 
     # --- connection ----------------------------------------------------------------------------
@@ -152,6 +153,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(Refused(414, "request_line_too_long", "request line over the limit"))
             else:
                 self._refuse(Refused(431, "headers_too_large", "request headers over the limit"))
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._active = cycle
+        super()._start_asgi_task(cycle, app)
 
     # --- parser callbacks ----------------------------------------------------------------------
 
@@ -264,10 +269,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         transport = self.transport
         if transport.is_closing():
             return
-        cycle = self.cycle
-        if self._in_head and cycle is not None and not cycle.response_complete:
-            cycle.keep_alive = False  # the latest accepted request: answered, then the connection closes
+        # the refused request has a cycle only once its headers were accepted (refused mid-body)
+        refused = None if self._in_head else self.cycle
+        active = self._active
+        if active is not None and active is not refused and not active.response_complete:
+            if refused is not None and self.pipeline and self.pipeline[0][0] is refused:
+                self.pipeline.popleft()  # queued behind the active one: it never runs
+            last = self.pipeline[0][0] if self.pipeline else active
+            last.keep_alive = False  # the last accepted request is answered, then the connection closes
             return
+        cycle = refused if refused is not None else self.cycle
         if cycle is None or not cycle.response_started or cycle.response_complete:
             body = b'{"error":"' + refusal.reason.replace("_", " ").encode() + b'","detail":"' + \
                 refusal.detail.encode() + b'"}'  # fmt: skip

@@ -221,3 +221,17 @@ def test_a_refused_request_pipelined_behind_a_good_one_cannot_take_its_answer(
     assert reply.raw.count(b"HTTP/1.1 ") == 1
     assert reply.closed
     assert [r.target for r in v1_recorder.requests] == [b"/slow-first"]
+
+
+def test_a_body_over_the_limit_pipelined_behind_a_good_request_cannot_take_its_answer(
+    hostile_proxy: ProxyProcess, v1_recorder: RecordingServer
+) -> None:
+    good = b"GET /first HTTP/1.1\r\n" + H + b"\r\n"
+    size = 64 * 1024 + 100
+    bad = (b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n"
+           + b"%x\r\n" % size + b"x" * size + b"\r\n0\r\n\r\n")  # fmt: skip
+    reply = exchange(hostile_proxy.port, good + bad)
+    assert reply.status == 200, reply.raw[:200]
+    assert reply.raw.count(b"HTTP/1.1 ") == 1
+    assert reply.closed
+    assert [r.target for r in v1_recorder.requests] == [b"/first"]

@@ -89,8 +89,8 @@ def test_submit_never_blocks_and_counts_drops(redis_url: str) -> None:
 def test_comparing_rests_so_its_cpu_share_stays_bounded(redis_url: str) -> None:
     """By construction: CPU used <= wall time of the comparison <= share x (comparison + rest)."""
     mirror, _, _ = build(redis_url, {}, compare_cpu_share=0.25)
-    left = Answer(200, "application/json", orjson.dumps([{"id": i, "v": i} for i in range(3000)]))
-    right = Answer(200, "application/json", orjson.dumps([{"id": i, "v": -i} for i in range(3000)]))
+    left = Answer(200, "application/json", orjson.dumps([{"id": i, "v": i} for i in range(1000)]))
+    right = Answer(200, "application/json", orjson.dumps([{"id": i, "v": -i} for i in range(1000)]))
     wall, cpu = time.perf_counter(), time.thread_time()
     outcome, learnt = mirror._compare_paced(left, right, None, EndpointRules(), frozenset())
     wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
