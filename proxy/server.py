@@ -60,6 +60,8 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         date_header=False,
         proxy_headers=False,
         timeout_keep_alive=int(settings.limits.keepalive_timeout_seconds),
+        # on SIGTERM: stop accepting, let requests in flight finish, but never hang a deploy
+        timeout_graceful_shutdown=int(settings.drain_timeout_seconds),
         log_config=None,
         log_level=settings.log_level,
     )

@@ -271,6 +271,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     preserve_host: bool = True
+    drain_timeout_seconds: float = Field(default=10.0, gt=0)
 
     # control state
     redis_url: str | None = None
