@@ -44,7 +44,12 @@ def test_demo_runs_serves_both_versions_and_reports_the_seeded_difference(tmp_pa
         wait_until(
             lambda: httpx.get(admin + "/health", timeout=1).status_code == 200, timeout=30, message="demo up"
         )
-        text = log.read_text()
+        # the banner is printed once the proxy is up, a moment after /health first answers
+        def banner() -> str:
+            text = log.read_text()
+            return text if "strangler rollout start" in text else ""
+
+        text = wait_until(banner, timeout=10, message="demo banner")
         assert "strangler status" in text and "strangler set 25" in text and "strangler rollout start" in text
         redis_url = re.search(r"redis\s+(redis://\S+)", text)
         assert redis_url is not None, text
