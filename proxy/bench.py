@@ -213,7 +213,12 @@ def run_builtin(url: str, connections: int, seconds: float, processes: int) -> R
 
 
 def start_strangler(
-    v1: str, v2: str, redis_url: str, percentage: float, workdir: Path, env_extra: dict[str, str] | None = None
+    v1: str,
+    v2: str,
+    redis_url: str,
+    percentage: float,
+    workdir: Path,
+    env_extra: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     import redis
 

@@ -56,7 +56,7 @@ def test_example_names_every_setting_with_the_code_default_and_a_meaning() -> No
 def test_env_var_names_are_what_settings_read(tmp_path: Path) -> None:
     """A nested setting from the table, set through its env var, reaches the settings object."""
     env_rows = {key: env for key, env, _, _ in rows(EXAMPLE.read_text())}
-    code = "from proxy.settings import load_settings; s = load_settings(); print(s.limits.max_headers, s.port)"
+    code = "from proxy.settings import load_settings as l; s = l(); print(s.limits.max_headers, s.port)"
     result = subprocess.run(
         [sys.executable, "-c", code],
         env={env_rows["limits.max_headers"]: "77", env_rows["port"]: "9999", "PATH": "/usr/bin:/bin"},

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from proxy.background import BackgroundLoop
 from proxy.canary import events, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
 from proxy.canary.leader import LeaderLock
@@ -35,7 +36,9 @@ from proxy.settings import Settings
 log = logging.getLogger("strangler.canary")
 
 
-class CanaryController:
+class CanaryController(BackgroundLoop):
+    name = "strangler-canary-controller"
+
     def __init__(
         self,
         settings: Settings,
@@ -49,6 +52,7 @@ class CanaryController:
         wall: Callable[[], float] = time.time,
         identity: str | None = None,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.canary = settings.canary
         self.redis = redis
@@ -63,8 +67,6 @@ class CanaryController:
         self.interval = min(self.canary.check_interval_seconds, self.canary.leader_lock_ttl_seconds / 3)
         self.is_leader = False
         self._next_check: float | None = None
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
         self._redis_failing = False
 
     # --- loop ---------------------------------------------------------------------------------
@@ -95,25 +97,7 @@ class CanaryController:
         except REDIS_ERRORS as exc:
             self._redis_trouble(exc)
 
-    async def run(self) -> None:
-        while not self._stopping:
-            try:
-                await self.tick()
-            except Exception:  # noqa: BLE001 - a bug in one check must not stop the guard
-                log.exception("canary tick failed")
-            await asyncio.sleep(self.interval)
-
-    async def start(self) -> None:
-        self._stopping = False
-        self._task = asyncio.create_task(self.run(), name="strangler-canary-controller")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+    async def on_stop(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.lock.release(), timeout=1.0)  # hand over at once
         self.is_leader = False

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from proxy.background import BackgroundLoop
 from proxy.canary.analysis import BOUNDS, Window
 from proxy.control.keys import Keys
 from proxy.settings import CanarySettings
@@ -75,8 +76,10 @@ def window_key(keys: Keys, group: str, version: str, second: int) -> str:
     return keys.under("win", group, version, str(second))
 
 
-class WindowFlusher:
+class WindowFlusher(BackgroundLoop):
     """Background component: every ``flush_interval_seconds`` one HINCRBY pipeline with EXPIRE."""
+
+    name = "strangler-canary-flush"
 
     def __init__(
         self,
@@ -86,14 +89,13 @@ class WindowFlusher:
         settings: CanarySettings,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         self._recorder = recorder
         self._redis = redis
         self._keys = keys
-        self._interval = settings.flush_interval_seconds
+        self.interval = settings.flush_interval_seconds
         self._ttl = int(math.ceil(settings.window_seconds * 2 + settings.flush_interval_seconds + 10))
         self._wall = wall
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
         self._failing = False
 
     async def tick(self) -> int:
@@ -125,22 +127,7 @@ class WindowFlusher:
             log.info("canary window flush works again")
         return written
 
-    async def run(self) -> None:
-        while not self._stopping:
-            await self.tick()
-            await asyncio.sleep(self._interval)
-
-    async def start(self) -> None:
-        self._stopping = False
-        self._task = asyncio.create_task(self.run(), name="strangler-canary-flush")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+    async def on_stop(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.tick(), timeout=1.0)  # last deltas, best effort
 

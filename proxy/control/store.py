@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from proxy.background import cancel_and_wait
 from proxy.control.keys import Keys
 from proxy.control.snapshot import Invalid, SectionParser, Snapshot, build_split
 from proxy.metrics import Metrics
@@ -74,11 +75,7 @@ class ControlStore:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     async def refresh(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from proxy.background import cancel_and_wait
 from proxy.capability import Deps
 from proxy.control.snapshot import Snapshot
 from proxy.shadow.compare import Answer, Outcome, compare, noise_between
@@ -179,11 +180,7 @@ class ShadowMirror:
 
     async def stop(self) -> None:
         self._queue = None  # new submissions are dropped (counted) while we stop
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), timeout=2)

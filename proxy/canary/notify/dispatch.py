@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from proxy.background import cancel_and_wait
 from proxy.canary.events import SEVERITY_RANK, Event
 from proxy.canary.notify import formats
 from proxy.metrics import Metrics
@@ -94,11 +95,7 @@ class Dispatcher:
         # a short grace so the alert for a rollback made just before shutdown still leaves
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.drained(), min(1.0, self._timeout))
-        for task in self._workers:
-            task.cancel()
-        for task in self._workers:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._workers)
         self._workers = []
         if self._client is not None:
             await self._client.aclose()
