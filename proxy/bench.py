@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -92,7 +93,7 @@ def _backend_main(port: int, version: bytes) -> None:
     uvloop.run(serve())
 
 
-def start_backend(version: str) -> tuple[multiprocessing.Process, str]:
+def start_backend(version: str) -> tuple[Any, str]:
     port = free_port()
     proc = multiprocessing.get_context("spawn").Process(
         target=_backend_main, args=(port, version.encode()), daemon=True

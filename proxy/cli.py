@@ -145,7 +145,9 @@ def status(
         rows.append(
             {
                 "group": group,
-                "percentage": float(effective) if _is_number(effective) else settings.default_percentage,
+                "percentage": float(effective)
+                if effective is not None and _is_number(effective)
+                else settings.default_percentage,
                 "source": "own key" if raw is not None else ("global" if group != "default" else "default"),
                 "raw": raw,
                 **data["canary"][group],  # rollout, verdict, decision (one line each)
