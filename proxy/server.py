@@ -23,12 +23,22 @@ from proxy.settings import Settings
 log = logging.getLogger("strangler")
 
 
+class _DropCountedEvents(logging.Filter):
+    """uvicorn logs an ERROR each time the proxy ends an answer early (a backend reset mid-body);
+    those are counted in strangler_upstream_errors_total{kind="reset"}, and a log line per event
+    would let a flaky backend flood the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ASGI callable returned without completing response")
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("uvicorn.error").addFilter(_DropCountedEvents())
 
 
 def settings_to_json(settings: Settings) -> str:
@@ -59,7 +69,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         server_header=False,
         date_header=False,
         proxy_headers=False,
-        timeout_keep_alive=int(settings.limits.keepalive_timeout_seconds),
+        timeout_keep_alive=max(1, round(settings.limits.keepalive_timeout_seconds)),
         # on SIGTERM: stop accepting, let requests in flight finish, but never hang a deploy
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds),
         log_config=None,
