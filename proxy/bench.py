@@ -272,19 +272,19 @@ def bench(
     percentage: float = 10.0,
     use_wrk: bool | None = None,
     warmup: float = 2.0,
+    rounds: int = 3,
 ) -> list[Result]:
+    """Every target runs side by side; measurements alternate over ``rounds`` and the median
+    round counts, so a noisy moment on a shared 2-core machine cannot decide a ratio alone."""
     from proxy.control.embedded import EmbeddedRedis
 
     use_wrk = shutil.which("wrk") is not None if use_wrk is None else use_wrk
 
-    def load(url: str) -> Result:
+    def load(url: str, duration: float) -> Result:
         if use_wrk:
-            run_wrk(url, connections, warmup, 1)
-            return run_wrk(url, connections, seconds, 1)
-        run_builtin(url, connections, warmup, 1)
-        return run_builtin(url, connections, seconds, 1)
+            return run_wrk(url, connections, duration, 1)
+        return run_builtin(url, connections, duration, 1)
 
-    results: list[Result] = []
     procs: list[subprocess.Popen[bytes] | multiprocessing.Process] = []
     with tempfile.TemporaryDirectory(prefix="strangler-bench-") as tmp:
         embedded = EmbeddedRedis(Path(tmp) / "redis")
@@ -293,33 +293,39 @@ def bench(
             b1, v1 = start_backend("v1")
             b2, v2 = start_backend("v2")
             procs += [b1, b2]
-            direct = load(v1 + "/")
-            direct.name = "direct (backend v1)"
-            results.append(direct)
+            targets = {"direct (backend v1)": v1 + "/"}
             proxy_proc, proxy_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp))
             procs.append(proxy_proc)
-            ours = load(proxy_url + "/")
-            ours.name = f"strangler (1 worker, split {percentage:g}%, metrics on)"
-            results.append(ours)
-            stop(proxy_proc)
+            targets[f"strangler (1 worker, split {percentage:g}%, metrics on)"] = proxy_url + "/"
             if peer:
                 peer_proc, peer_url = start_peer(peer, v1)
                 procs.append(peer_proc)
-                theirs = load(peer_url + "/")
-                theirs.name = f"peer: {peer if peer in PEERS else 'custom command'}"
-                results.append(theirs)
+                targets[f"peer: {peer if peer in PEERS else 'custom command'}"] = peer_url + "/"
+            for url in targets.values():
+                load(url, warmup)
+            runs: dict[str, list[Result]] = {name: [] for name in targets}
+            for _ in range(max(1, rounds)):
+                for name, url in targets.items():
+                    runs[name].append(load(url, seconds))
         finally:
             for proc in reversed(procs):
                 stop(proc)
             embedded.stop()
+    results = []
+    for name, measured in runs.items():
+        middle = sorted(measured, key=lambda r: r.rps)[len(measured) // 2]
+        results.append(
+            Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured))
+        )
     return results
 
 
-def render(results: list[Result], connections: int, seconds: float, tool: str) -> str:
+def render(results: list[Result], connections: int, seconds: float, tool: str, rounds: int = 3) -> str:
     direct = results[0].rps or 1
     ours = results[1].rps if len(results) > 1 else 0
     lines = [
-        f"load: {tool}, {connections} connections, {seconds:g}s per target, one run, {os.cpu_count()} cores",
+        f"load: {tool}, {connections} connections, median of {rounds} alternating {seconds:g}s rounds"
+        f" per target, one run, {os.cpu_count()} cores",
         f"{'target':<48} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
         f"{'vs direct':>10} {'strangler/this':>15}",
     ]

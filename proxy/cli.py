@@ -222,7 +222,7 @@ def rollback(
 @app.command()
 def bench(
     connections: Annotated[int, typer.Option("--connections", "-c", help="Concurrent connections.")] = 64,
-    seconds: Annotated[float, typer.Option("--seconds", "-d", help="Measured seconds per target.")] = 10,
+    seconds: Annotated[float, typer.Option("--seconds", "-d", help="Seconds per measurement.")] = 10,
     peer: Annotated[
         str | None,
         typer.Option(help="Also measure a peer: 'asgiproxy' or a command with {port} and {upstream}."),
@@ -231,6 +231,7 @@ def bench(
     builtin: Annotated[
         bool, typer.Option("--builtin", help="Use the built-in load generator, not wrk.")
     ] = False,
+    rounds: Annotated[int, typer.Option(help="Alternating rounds per target; the median counts.")] = 3,
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through a peer, in one run."""
     import shutil
@@ -239,8 +240,8 @@ def bench(
     from proxy.bench import render
 
     use_wrk = not builtin and shutil.which("wrk") is not None
-    results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk)
-    print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator"))
+    results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds)
+    print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
 
 
 def _is_number(value: Any) -> bool:
