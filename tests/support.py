@@ -236,6 +236,17 @@ class ProxyProcess:
             self.process.wait()
 
 
+def versions_by_user(proxy: ProxyProcess, users: Any, path: str = "/") -> dict[str, str]:
+    """The version (X-API-Version) each user key is served by, one request per key."""
+    seen: dict[str, str] = {}
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:
+        for user in users:
+            response = client.get(path, headers={"X-User-ID": f"user-{user}"})
+            assert response.status_code == 200, response.text
+            seen[str(user)] = response.headers["x-api-version"]
+    return seen
+
+
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 

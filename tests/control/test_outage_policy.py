@@ -6,14 +6,13 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.support import Backend, ProxyProcess, RedisServer, wait_until
+from tests.support import Backend, ProxyProcess, RedisServer, versions_by_user, wait_until
 
 KEY = "feature:v2_traffic_percentage"
 
 
 def versions(proxy: ProxyProcess, n: int = 40) -> set[str]:
-    with httpx.Client(base_url=proxy.url) as client:
-        return {client.get("/", headers={"X-User-ID": f"u{i}"}).headers["x-api-version"] for i in range(n)}
+    return set(versions_by_user(proxy, range(n)).values())
 
 
 def test_starts_without_redis_on_the_default_and_picks_it_up_later(

@@ -9,19 +9,13 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.support import Backend, ProxyProcess, RedisServer, wait_until
+from tests.support import Backend, ProxyProcess, RedisServer, versions_by_user, wait_until
 
 KEY = "feature:v2_traffic_percentage"
 
 
 def versions(proxy: ProxyProcess, users: range | list[str], path: str = "/") -> dict[str, str]:
-    seen: dict[str, str] = {}
-    with httpx.Client(base_url=proxy.url, timeout=10) as client:
-        for user in users:
-            response = client.get(path, headers={"X-User-ID": f"user-{user}"})
-            assert response.status_code == 200
-            seen[str(user)] = response.headers["x-api-version"]
-    return seen
+    return versions_by_user(proxy, users, path)
 
 
 def test_share_sticky_monotonic_and_same_on_two_replicas(
