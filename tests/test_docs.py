@@ -63,3 +63,19 @@ def test_env_var_names_are_what_settings_read(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=ROOT, check=True,
     )  # fmt: skip
     assert result.stdout.split() == ["77", "9999"]
+
+
+def test_readme_metrics_table_matches_the_recorder() -> None:
+    """Every metric the proxy exports is in the README's table, and the table names no other."""
+    import re
+
+    from proxy.metrics import Metrics
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`((?:http|strangler)_[a-z0-9_]+)`", section))
+    exported = {metric.name for metric in Metrics().registry.collect()}
+    exported = {name + "_total" if f"{name}_total" in documented else name for name in exported}
+    assert documented == exported, (
+        f"undocumented: {sorted(exported - documented)}, not exported: {sorted(documented - exported)}"
+    )
