@@ -153,9 +153,21 @@ def status(
                 **data["canary"][group],  # rollout, verdict, decision (one line each)
             }
         )
+    proxy_view = _local_proxy_view(settings)
     if as_json:
-        print(json.dumps({"redis_ok": True, "redis_url": data["redis_url"], "groups": rows}))
+        print(
+            json.dumps(
+                {"redis_ok": True, "redis_url": data["redis_url"], "groups": rows, "proxy": proxy_view}
+            )
+        )
         return
+    if proxy_view is None:
+        console.print("proxy: no answer at the configured address (snapshot age unknown; use --url)")
+    else:
+        age = proxy_view.get("snapshot_age_seconds")
+        reachable = "reachable" if proxy_view.get("redis_ok") else "UNREACHABLE"
+        shown = "-" if age is None else f"{age:.1f}s"
+        console.print(f"proxy {proxy_view['url']}: Redis {reachable}, snapshot age {shown}")
     table = Table(title=f"Strangler split (Redis {data['redis_url']})")
     for column in ("group", "v2 %", "source", "raw value", "rollout", "last check", "last decision"):
         table.add_column(column)
@@ -242,6 +254,28 @@ def bench(
     use_wrk = not builtin and shutil.which("wrk") is not None
     results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds)
     print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
+
+
+def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
+    """Redis health and snapshot age as the proxy configured here sees them, if it answers."""
+    import httpx
+
+    from proxy.admin.commands import default_admin_url
+
+    url = default_admin_url(settings)
+    headers = {"Authorization": f"Bearer {token}"} if (token := settings.admin_token_value()) else {}
+    try:
+        response = httpx.get(url + "/status", headers=headers, timeout=1.0)
+        body = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    return {
+        "url": url,
+        "redis_ok": body.get("redis_ok"),
+        "snapshot_age_seconds": body.get("snapshot_age_seconds"),
+    }
 
 
 def _is_number(value: Any) -> bool:

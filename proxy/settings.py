@@ -281,7 +281,7 @@ class Settings(BaseSettings):
     key_prefix: str = "strangler:"
     default_percentage: float = Field(default=0.0, ge=0, le=100)
     redis_down_policy: Literal["keep_last", "all_v1"] = "keep_last"
-    poll_interval_seconds: float = Field(default=1.0, gt=0, le=1.0)
+    poll_interval_seconds: float = Field(default=0.5, gt=0, le=1.0)
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
 
     # split

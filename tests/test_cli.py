@@ -57,3 +57,21 @@ def test_bad_config_file_is_a_clear_error(tmp_path: object) -> None:
     result = strangler("status", "--config", "/nonexistent/strangler.yaml")
     assert result.returncode == 2
     assert "config file /nonexistent/strangler.yaml does not exist" in result.stderr
+
+
+def test_status_shows_the_running_proxys_snapshot_age(proxy: object, redis_url: str) -> None:
+    """With a config naming the proxy's address, status adds the proxy's own view of Redis."""
+    import yaml
+
+    from tests.support import ProxyProcess
+
+    assert isinstance(proxy, ProxyProcess)
+    config = proxy.workdir / "status-check.yaml"
+    config.write_text(yaml.safe_dump({"port": proxy.port, "redis_url": redis_url}))
+    result = strangler("status", "--json", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)["proxy"]
+    assert view["redis_ok"] is True
+    assert 0 <= view["snapshot_age_seconds"] < 5
+    table = strangler("status", "--config", str(config))
+    assert "Redis reachable, snapshot age" in table.stdout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import httpx
@@ -103,11 +102,11 @@ def test_redis_cli_set_is_picked_up_within_a_poll(
     redis_url: str,
 ) -> None:
     v1, v2 = v1v2
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, poll_interval_seconds=1.0)
+    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, poll_interval_seconds=0.5)
     redis_server.client().set(KEY, "100")  # a plain SET, no publish: only the poll sees it
-    changed = time.monotonic()
-    wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=2.0)
-    assert time.monotonic() - changed < 2.0
+    wait_until(
+        lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=1.0, interval=0.01
+    )
 
 
 def test_strangler_set_is_picked_up_at_once(
@@ -122,7 +121,7 @@ def test_strangler_set_is_picked_up_at_once(
     )
     # the CLI publishes the change; the proxy refreshes on the message instead of waiting for the poll
     wait_until(
-        lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=0.5, interval=0.01
+        lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=0.2, interval=0.01
     )
     subprocess.run(
         [sys.executable, "-m", "proxy.cli", "rollback", "--redis-url", redis_url],
@@ -130,7 +129,7 @@ def test_strangler_set_is_picked_up_at_once(
         capture_output=True,
     )
     wait_until(
-        lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=0.5, interval=0.01
+        lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=0.2, interval=0.01
     )
 
 
