@@ -222,11 +222,11 @@ class ProxyApp:
             plan = self._mirror.plan(group, method, content_length, snapshot)
 
         body = _Body(receive, plan.max_body if plan is not None else 0) if has_body else None
-        extra_headers: list[tuple[bytes, bytes]] = []
+        ex = _Exchange(group, method, version, started, body, plan)
         if deprecation is not None:
-            extra_headers.extend(deprecation.headers)
+            ex.extra_headers.extend(deprecation.headers)
         if set_cookie is not None:
-            extra_headers.append((b"set-cookie", set_cookie))
+            ex.extra_headers.append((b"set-cookie", set_cookie))
 
         try:
             response = await self._send_upstream(version, method, raw_target, headers, body)
@@ -234,30 +234,27 @@ class ProxyApp:
             if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
                 self._metrics.fallback(group)
                 self._metrics.upstream_error("v2", exc.kind)
-                version = "v1"
-                plan = None
+                ex.version = "v1"
+                ex.plan = plan = None  # a request v2 was meant to serve is never mirrored to v2
                 try:
                     response = await self._send_upstream("v1", method, raw_target, headers, body)
                 except UpstreamError as exc2:
-                    await self._upstream_failed(send, exc2, group, method, started)
+                    await self._upstream_failed(send, exc2, ex)
                     return
             else:
                 if plan is not None:
                     self._mirror.abandon(plan, "primary_failed")
-                await self._upstream_failed(send, exc, group, method, started)
+                await self._upstream_failed(send, exc, ex)
                 return
         except ClientGone:
             self._metrics.client_disconnected(version, "request")
             return
 
-        result = await self._relay(
-            send, receive, response, version, extra_headers, body, plan, method, started, group
-        )
+        result = await self._relay(send, receive, response, ex)
         if result is None:
             return
         status, primary = result
-        seconds = time.perf_counter() - started
-        self._done(group, version, method, status, seconds)
+        self._done(group, ex.version, method, status, time.perf_counter() - started)
         if plan is not None and primary is not None:
             if body is not None and body.too_large:
                 self._mirror.abandon(plan, "size")
@@ -299,43 +296,34 @@ class ProxyApp:
             raise translate(version, exc) from exc
 
     async def _relay(
-        self,
-        send: Send,
-        receive: Receive,
-        response: Any,
-        version: str,
-        extra_headers: list[tuple[bytes, bytes]],
-        body: _Body | None,
-        plan: Any,
-        method: str,
-        started: float,
-        group: str,
+        self, send: Send, receive: Receive, response: Any, ex: _Exchange
     ) -> tuple[int, PrimaryResult | None] | None:
         """Stream the answer back: (status, primary for the mirror), or None if cut short."""
+        version, plan, started = ex.version, ex.plan, ex.started
         status: int = response.status
         headers = _response_headers(response.raw_headers)
         headers.append((VERSION_HEADER, VERSION_VALUE[version]))
-        headers.extend(extra_headers)
+        headers.extend(ex.extra_headers)
         length = response.content_length
         captured: bytearray | None = bytearray() if plan is not None else None
         max_capture = plan.max_compare if plan is not None else 0
         try:
-            if method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
+            if ex.method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
                 try:
                     payload = await response.read()
                 except Exception as exc:  # noqa: BLE001 - nothing relayed yet: a clean 502/504
                     response.close()
-                    await self._upstream_failed(send, translate(version, exc), group, method, started)
+                    await self._upstream_failed(send, translate(version, exc), ex)
                     return None
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": payload, "more_body": False})
                 if captured is not None:
                     captured += payload
             else:
-                await self._stream(send, receive, response, status, headers, body, captured, max_capture)
+                await self._stream(send, receive, response, status, headers, ex.body, captured, max_capture)
         except UpstreamReset:
             self._metrics.upstream_error(version, "reset")
-            self._done(group, version, method, 502, time.perf_counter() - started)
+            self._done(ex.group, version, ex.method, 502, time.perf_counter() - started)
             response.close()
             return None  # the server closes the client connection: never a truncated body as complete
         except (ClientGone, OSError):
@@ -348,7 +336,7 @@ class ProxyApp:
             if error.kind in ("reset",):
                 self._metrics.upstream_error(version, error.kind)
                 return None
-            await self._upstream_failed(send, error, group, method, started)
+            await self._upstream_failed(send, error, ex)
             return None
         finally:
             response.release()
@@ -404,14 +392,12 @@ class ProxyApp:
         for recorder in self._recorders:
             recorder.record(group, version, status, seconds)
 
-    async def _upstream_failed(
-        self, send: Send, exc: UpstreamError, group: str, method: str, started: float
-    ) -> None:
+    async def _upstream_failed(self, send: Send, exc: UpstreamError, ex: _Exchange) -> None:
         self._metrics.upstream_error(exc.version, exc.kind)
         label = "upstream timeout" if exc.status == 504 else "upstream unavailable"
         body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
         await self._answer(send, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
-        self._done(group, exc.version, method, exc.status, time.perf_counter() - started)
+        self._done(ex.group, exc.version, ex.method, exc.status, time.perf_counter() - ex.started)
 
     async def _reject(self, send: Send, status: int, reason: str, detail: str) -> None:
         """The proxy refuses the request itself; counted by reason."""
@@ -430,6 +416,21 @@ class ProxyApp:
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Exchange:
+    """What the relay and the recording steps share about one request (instead of six arguments)."""
+
+    __slots__ = ("group", "method", "version", "started", "body", "plan", "extra_headers")
+
+    def __init__(self, group: str, method: str, version: str, started: float, body: _Body | None, plan: Any):
+        self.group = group
+        self.method = method
+        self.version = version  # becomes "v1" when v2 could not be reached and v1 serves instead
+        self.started = started
+        self.body = body
+        self.plan = plan
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # deprecation headers, affinity cookie
 
 
 class _Body:
