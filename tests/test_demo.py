@@ -80,6 +80,10 @@ def test_demo_runs_serves_both_versions_and_reports_the_seeded_difference(tmp_pa
         else:
             raise AssertionError("the demo's Redis still answers after Ctrl-C")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if process.poll() is None:  # a failed assertion above: stop it the way a user would first,
+            process.send_signal(signal.SIGINT)  # so its embedded Redis is not left behind
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
