@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from proxy.control.embedded import free_port
 
 MAX_IN_FLIGHT = 512
 
@@ -138,12 +139,6 @@ def serve_backends(port_file: str) -> None:
         asyncio.run(main())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -180,7 +175,7 @@ class Stack:
         self.procs.append(backends)
         _wait(port_file.exists, 20, "the backends")
         v1, v2 = json.loads(port_file.read_text())
-        port = _free_port()
+        port = free_port()
         config = {
             "v1_url": f"http://127.0.0.1:{v1}",
             "v2_url": f"http://127.0.0.1:{v2}",

@@ -106,9 +106,19 @@ def proxy_factory(workdir: Path) -> Iterator[Callable[..., ProxyProcess]]:
 
 
 @pytest.fixture()
-def proxy(
+def start_proxy(
     proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
-) -> ProxyProcess:
-    """A proxy in front of the shared backends and the session Redis, default settings."""
+) -> Callable[..., ProxyProcess]:
+    """``proxy_factory`` in front of the shared backends and the session Redis; settings override."""
     v1, v2 = v1v2
-    return proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
+
+    def start(**settings: Any) -> ProxyProcess:
+        return proxy_factory(**{"v1_url": v1.url, "v2_url": v2.url, "redis_url": redis_url, **settings})
+
+    return start
+
+
+@pytest.fixture()
+def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
+    """A proxy in front of the shared backends and the session Redis, default settings."""
+    return start_proxy()

@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from proxy.control.keys import Keys
-from proxy.control.snapshot import parse_percentage
+from proxy.control.snapshot import as_text, parse_percentage
 
 
 class InvalidValue(ValueError):
@@ -29,10 +29,7 @@ class ControlClient:
     async def get_split(self, groups: list[str]) -> dict[str, str | None]:
         """Raw values per group ('default' is the global key); None where unset."""
         values = await self.redis.mget([self.keys.split(group) for group in groups])
-        return {
-            group: (value.decode() if isinstance(value, bytes) else value)
-            for group, value in zip(groups, values, strict=True)
-        }
+        return {group: as_text(value) for group, value in zip(groups, values, strict=True)}
 
     async def set_split(self, percentage: float | str, group: str | None = None) -> float:
         try:
@@ -64,7 +61,4 @@ class ControlClient:
 
     async def get_hash(self, name: str) -> dict[str, str]:
         raw = await self.redis.hgetall(self.keys.hash(name))
-        return {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()
-        }
+        return {as_text(k) or "": as_text(v) or "" for k, v in raw.items()}

@@ -46,11 +46,18 @@ class Snapshot:
         return self.sections.get(name, default)
 
 
+def as_text(value: Any) -> str | None:
+    """A Redis reply as text (our clients do not set decode_responses); None stays None."""
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def parse_percentage(raw: str | bytes | None) -> float | None:
     """A percentage from Redis: a finite number in [0, 100]; raises ValueError otherwise."""
-    if raw is None:
+    text = as_text(raw)
+    if text is None:
         return None
-    text = raw.decode() if isinstance(raw, bytes) else raw
     value = float(text.strip())  # ValueError for 'abc'
     if not math.isfinite(value) or value < 0 or value > 100:
         raise ValueError(f"{text!r} is not a percentage in [0, 100]")

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from proxy.background import cancel_and_wait
 from proxy.control.keys import Keys
-from proxy.control.snapshot import Invalid, SectionParser, Snapshot, build_split
+from proxy.control.snapshot import Invalid, SectionParser, Snapshot, as_text, build_split
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 
@@ -120,10 +120,10 @@ class ControlStore:
             for name in self._sections:
                 pipe.hgetall(self._keys.hash(name))
             results = await pipe.execute()
-        values = [_text(value) for value in results[0]]
+        values = [as_text(value) for value in results[0]]
         raw_groups = dict(zip(self._groups, values[1:], strict=True))
         raw_hashes = {
-            name: {_text(k) or "": _text(v) or "" for k, v in result.items()}
+            name: {as_text(k) or "": as_text(v) or "" for k, v in result.items()}
             for name, result in zip(self._sections, results[1:], strict=True)
         }
         return values[0], raw_groups, raw_hashes
@@ -190,9 +190,3 @@ class ControlStore:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -23,13 +23,14 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from proxy.control.keys import Keys
+from proxy.control.snapshot import as_text
 
 COUNTERS = ("compared", "matched", "mismatched", "noise", "skipped", "errors")
 OUTCOMES = ("sent", "dropped", "skipped_method", "skipped_size", "error")
 
 
 def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return as_text(value) or ""
 
 
 @dataclass

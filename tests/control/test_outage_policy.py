@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.support import Backend, ProxyProcess, RedisServer, versions_by_user, wait_until
+from tests.support import ProxyProcess, RedisServer, versions_by_user, wait_until
 
 KEY = "feature:v2_traffic_percentage"
 
@@ -16,14 +16,12 @@ def versions(proxy: ProxyProcess, n: int = 40) -> set[str]:
 
 
 def test_starts_without_redis_on_the_default_and_picks_it_up_later(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
+    start_proxy: Callable[..., ProxyProcess],
     redis_factory: Callable[[], RedisServer],
 ) -> None:
-    v1, v2 = v1v2
     redis = redis_factory()
     redis.kill()
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis.url, default_percentage=100)
+    proxy = start_proxy(redis_url=redis.url, default_percentage=100)
     assert versions(proxy) == {"v2"}  # serving on the configured default
     ready = httpx.get(proxy.admin + "/ready").json()
     assert ready["redis_ok"] is False
@@ -36,14 +34,12 @@ def test_starts_without_redis_on_the_default_and_picks_it_up_later(
 
 
 def test_all_v1_policy_sends_everything_to_v1_while_redis_is_down(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
+    start_proxy: Callable[..., ProxyProcess],
     redis_factory: Callable[[], RedisServer],
 ) -> None:
-    v1, v2 = v1v2
     redis = redis_factory()
     redis.client().set(KEY, "100")
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis.url, redis_down_policy="all_v1")
+    proxy = start_proxy(redis_url=redis.url, redis_down_policy="all_v1")
     assert versions(proxy) == {"v2"}
     redis.kill()
     wait_until(lambda: versions(proxy, 10) == {"v1"}, timeout=5)
@@ -55,14 +51,12 @@ def test_all_v1_policy_sends_everything_to_v1_while_redis_is_down(
 
 
 def test_keep_last_policy_keeps_the_split_while_redis_is_down(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
+    start_proxy: Callable[..., ProxyProcess],
     redis_factory: Callable[[], RedisServer],
 ) -> None:
-    v1, v2 = v1v2
     redis = redis_factory()
     redis.client().set(KEY, "100")
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis.url)
+    proxy = start_proxy(redis_url=redis.url)
     redis.kill()
     wait_until(lambda: proxy.metric("strangler_redis_up") == 0, timeout=5)
     assert versions(proxy) == {"v2"}

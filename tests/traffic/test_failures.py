@@ -8,7 +8,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.support import Backend, ProxyProcess, RedisServer
+from tests.support import Backend, ProxyProcess, RedisServer, free_port
 
 
 def test_v2_down_falls_back_to_v1_and_both_down_is_502(
@@ -43,24 +43,16 @@ def test_v2_down_falls_back_to_v1_and_both_down_is_502(
     assert proxy.metric("http_requests_total", version="v1", code="502") == 1
 
 
-def test_fallback_can_be_turned_off(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
-) -> None:
-    v1, _ = v1v2
-    dead_port = _closed_port()
-    proxy = proxy_factory(
-        v1_url=v1.url, v2_url=f"http://127.0.0.1:{dead_port}", redis_url=redis_url, fallback_to_v1=False
-    )
+def test_fallback_can_be_turned_off(start_proxy: Callable[..., ProxyProcess]) -> None:
+    dead_port = free_port()  # bound then released: nothing listens
+    proxy = start_proxy(v2_url=f"http://127.0.0.1:{dead_port}", fallback_to_v1=False)
     response = httpx.get(proxy.url + "/", headers={"X-Strangler-Version": "v2"})
     assert response.status_code == 502
     assert response.json()["version"] == "v2"
 
 
-def test_slow_backend_is_a_504(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
-) -> None:
-    v1, v2 = v1v2
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, read_timeout_seconds=0.3)
+def test_slow_backend_is_a_504(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(read_timeout_seconds=0.3)
     response = httpx.get(proxy.url + "/slow?ms=2000", timeout=10)
     assert response.status_code == 504
     assert response.json() == {"error": "upstream timeout", "version": "v1", "detail": "read timeout"}
@@ -84,9 +76,3 @@ def test_reset_mid_answer_closes_the_client_connection(shared_proxy: ProxyProces
     assert b"content-length: 100000" in head.lower()
     assert len(body) < 100000  # closed, not padded or completed
     assert shared_proxy.metric("strangler_upstream_errors_total", kind="reset") >= 2
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

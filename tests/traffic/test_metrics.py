@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.support import Backend, ProxyProcess, RedisServer, metric_value, wait_until
+from tests.support import ProxyProcess, RedisServer, metric_value, wait_until
 
 
 def send_known_traffic(proxy: ProxyProcess) -> None:
@@ -35,14 +35,10 @@ def check_values(text: str) -> None:
 
 
 def test_metrics_names_labels_and_values(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
-    redis_server: RedisServer,
-    redis_url: str,
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    v1, v2 = v1v2
     redis_server.client().set("feature:v2_traffic_percentage", "12.5")
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
+    proxy = start_proxy()
     send_known_traffic(proxy)
     text = proxy.metrics()
     check_values(text)
@@ -64,11 +60,8 @@ def test_metrics_names_labels_and_values(
         assert f"# TYPE {name.removesuffix('_total')}" in text
 
 
-def test_metrics_add_up_across_workers(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
-) -> None:
-    v1, v2 = v1v2
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, workers=2)
+def test_metrics_add_up_across_workers(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(workers=2)
     # new connections per request so both workers take a share
     send_known_traffic(proxy)
     check_values(proxy.metrics())

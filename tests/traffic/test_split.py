@@ -8,25 +8,18 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.support import Backend, ProxyProcess, RedisServer, versions_by_user, wait_until
+from tests.support import ProxyProcess, RedisServer, wait_until
+from tests.support import versions_by_user as versions
 
 KEY = "feature:v2_traffic_percentage"
 
 
-def versions(proxy: ProxyProcess, users: range | list[str], path: str = "/") -> dict[str, str]:
-    return versions_by_user(proxy, users, path)
-
-
 def test_share_sticky_monotonic_and_same_on_two_replicas(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
-    redis_server: RedisServer,
-    redis_url: str,
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    v1, v2 = v1v2
     redis_server.client().set(KEY, "30")
-    first = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
-    second = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
+    first = start_proxy()
+    second = start_proxy()
 
     at_30 = versions(first, range(3000))
     share = sum(v == "v2" for v in at_30.values()) / len(at_30)
@@ -45,19 +38,12 @@ def test_share_sticky_monotonic_and_same_on_two_replicas(
 
 
 def test_group_key_overrides_global(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
-    redis_server: RedisServer,
-    redis_url: str,
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    v1, v2 = v1v2
     client = redis_server.client()
     client.set(KEY, "0")
     client.set(KEY + ":orders", "100")
-    proxy = proxy_factory(
-        v1_url=v1.url,
-        v2_url=v2.url,
-        redis_url=redis_url,
+    proxy = start_proxy(
         routes=[{"name": "orders", "patterns": ["/orders/**", "/cart/*"]}],
     )
     assert set(versions(proxy, range(50), "/orders/7/items").values()) == {"v2"}
@@ -68,14 +54,8 @@ def test_group_key_overrides_global(
     wait_until(lambda: set(versions(proxy, range(20), "/orders/1").values()) == {"v1"}, timeout=3)
 
 
-def test_force_header_and_affinity_cookie(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
-) -> None:
-    v1, v2 = v1v2
-    proxy = proxy_factory(
-        v1_url=v1.url,
-        v2_url=v2.url,
-        redis_url=redis_url,
+def test_force_header_and_affinity_cookie(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(
         user_key_fallback="affinity_cookie",
         default_percentage=50,
     )
@@ -96,24 +76,17 @@ def test_force_header_and_affinity_cookie(
 
 
 def test_redis_cli_set_is_picked_up_within_a_poll(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
-    redis_server: RedisServer,
-    redis_url: str,
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    v1, v2 = v1v2
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, poll_interval_seconds=0.5)
+    proxy = start_proxy(poll_interval_seconds=0.5)
     redis_server.client().set(KEY, "100")  # a plain SET, no publish: only the poll sees it
     wait_until(
         lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=1.0, interval=0.01
     )
 
 
-def test_strangler_set_is_picked_up_at_once(
-    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
-) -> None:
-    v1, v2 = v1v2
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, poll_interval_seconds=1.0)
+def test_strangler_set_is_picked_up_at_once(start_proxy: Callable[..., ProxyProcess], redis_url: str) -> None:
+    proxy = start_proxy(poll_interval_seconds=1.0)
     subprocess.run(
         [sys.executable, "-m", "proxy.cli", "set", "100", "--redis-url", redis_url],
         check=True,
@@ -134,15 +107,11 @@ def test_strangler_set_is_picked_up_at_once(
 
 
 def test_invalid_values_keep_the_last_good_one_and_are_counted(
-    proxy_factory: Callable[..., ProxyProcess],
-    v1v2: tuple[Backend, Backend],
-    redis_server: RedisServer,
-    redis_url: str,
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    v1, v2 = v1v2
     client = redis_server.client()
     client.set(KEY, "100")
-    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url)
+    proxy = start_proxy()
     assert httpx.get(proxy.url + "/").headers["x-api-version"] == "v2"
     for bad in ("abc", "150", "-1", "nan"):
         before = proxy.metric("strangler_invalid_control_values_total", key="split")
