@@ -7,6 +7,7 @@ pools and the capabilities' background components, and closes them in reverse or
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 from collections.abc import Callable
@@ -75,8 +76,10 @@ class Strangler:
         self.store = ControlStore(settings, self.redis, self.metrics, sections)
         deps.store = self.store
         self.upstreams = {
-            "v1": Upstream("v1", settings.v1_url, settings),
-            "v2": Upstream("v2", settings.v2_url, settings),
+            version: Upstream(
+                version, url, settings, on_drop=functools.partial(self.metrics.upstream_error, version)
+            )
+            for version, url in (("v1", settings.v1_url), ("v2", settings.v2_url))
         }
         services: dict[str, Any] = {}
         for cap in self.capabilities:
@@ -136,10 +139,7 @@ class Strangler:
             "ok" if snap.redis_ok else "unreachable (serving default split, retrying)",
         )
         if self.settings.admin_token is None:
-            log.warning(
-                "no admin token configured: admin changes are accepted only from trusted peers (%s)",
-                ", ".join(self.settings.admin_trusted_peers),
-            )
+            log.warning("no admin token: the admin API accepts no changes (strangler serve generates one)")
 
     async def shutdown(self) -> None:
         for component in reversed(self._started):

@@ -17,8 +17,10 @@ from typing import Any
 import uvicorn
 from pydantic import SecretStr
 
+from proxy.admin.token import ensure_admin_token
 from proxy.control.embedded import EmbeddedRedis
 from proxy.settings import Settings
+from proxy.traffic.guard import raise_open_file_limit
 
 log = logging.getLogger("strangler")
 
@@ -80,6 +82,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
 def run(settings: Settings) -> None:
     """Blocking: serve until SIGINT/SIGTERM, then stop what we started."""
     configure_logging(settings.log_level)
+    raise_open_file_limit()
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.embedded_redis_dir, settings.embedded_redis_port)
@@ -88,6 +91,9 @@ def run(settings: Settings) -> None:
         print(f"strangler: embedded Redis at {url} (data in {embedded.directory})", flush=True)
         hint = f"redis-cli -u {url} SET {settings.split_key} 10"
         print(f"strangler: change the split with `{hint}`", flush=True)
+    if settings.admin_token is None:
+        settings = ensure_admin_token(settings)
+        print(f"strangler: admin token in {settings.admin_token_file} (the local CLI reads it)", flush=True)
     metrics_dir: str | None = None
     try:
         if settings.workers > 1:

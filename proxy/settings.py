@@ -252,6 +252,16 @@ class LimitSettings(BaseModel):
     body_timeout_seconds: float = Field(default=60.0, gt=0)
     # idle keep-alive connections are closed after this
     keepalive_timeout_seconds: float = Field(default=5.0, gt=0)
+    # request bodies up to this size are read whole before an upstream connection is taken, so a
+    # slow uploader holds no backend connection; larger ones are streamed
+    body_buffer_bytes: int = Field(default=65536, ge=0)
+    # 408 (body_too_slow) then close: a streamed body must average at least this rate once it has
+    # run for body_rate_grace_seconds (0 = no minimum)
+    min_body_rate_bytes_per_second: int = Field(default=1024, ge=0)
+    body_rate_grace_seconds: float = Field(default=10.0, gt=0)
+    # client connections held at once; over it, idle connections are closed first, then new ones
+    # refused. Also capped below the process's open-file limit (raised to the hard limit at start)
+    max_connections: int = Field(default=4096, ge=1)
 
 
 class Settings(BaseSettings):
@@ -299,14 +309,18 @@ class Settings(BaseSettings):
     connect_timeout_seconds: float = Field(default=2.0, gt=0)
     read_timeout_seconds: float = Field(default=30.0, gt=0)
     upstream_pool_size: int = Field(default=256, ge=1)
+    # 503 (pool_timeout) when no connection to the backend is free for this long
+    pool_timeout_seconds: float = Field(default=3.0, gt=0)
+    # CA bundle that https backends are verified against (default: the system store)
+    upstream_ca_file: Path | None = None
 
     # admin
     admin_prefix: str = "/_strangler"
     admin_token: SecretStr | None = None
     admin_reads_require_token: bool = False
     admin_port: int | None = Field(default=None, ge=0, le=65535)  # own port; then not on the main one
-    # peers allowed to change things when no admin_token is set (exact addresses or CIDR networks)
-    admin_trusted_peers: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
+    # with no admin_token, one is generated at first start and kept here (mode 0600) for the local CLI
+    admin_token_file: Path = Path(".strangler/admin-token")
 
     # capabilities
     shadow: ShadowSettings = Field(default_factory=ShadowSettings)
@@ -328,18 +342,6 @@ class Settings(BaseSettings):
     def _prefix_shape(cls, value: str) -> str:
         if not re.match(r"^/[A-Za-z0-9_.-]+$", value):
             raise ValueError(f"admin_prefix {value!r} must be one path segment like /_strangler")
-        return value
-
-    @field_validator("admin_trusted_peers")
-    @classmethod
-    def _peers_parse(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
-        for peer in value:
-            try:
-                ipaddress.ip_network(peer, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"admin_trusted_peers entry {peer!r} is not an address or network") from exc
         return value
 
     @model_validator(mode="after")

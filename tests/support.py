@@ -170,6 +170,18 @@ class ProxyProcess:
     def admin(self) -> str:
         return self.url + self.settings.get("admin_prefix", "/_strangler")
 
+    @property
+    def token(self) -> str:
+        """The admin token: configured, or the one `strangler serve` generated in its directory."""
+        configured = self.settings.get("admin_token")
+        if configured:
+            return str(configured)
+        return (self.workdir / ".strangler" / "admin-token").read_text().strip()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
     def start(self, wait: bool = True) -> ProxyProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / f"strangler-{self.port}.yaml"

@@ -2,7 +2,7 @@
 
 Every answer is JSON, errors included (``{"error": ..., "detail": ...}`` for 400/401/404/405/422/500),
 and ``GET {prefix}/openapi.json`` describes every route, the capabilities' extra routes included.
-Changes (any method but GET/HEAD) need the bearer token, or a trusted peer when no token is set;
+Changes (any method but GET/HEAD) need the bearer token, from any peer (loopback included);
 reads follow ``admin_reads_require_token``, except ``/health`` and ``/ready`` which stay open for
 load balancers and container health checks.
 """
@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.admin.auth import PeerPolicy, allowed
+from proxy.admin.auth import allowed
 from proxy.admin.openapi import RouteDoc, openapi_document
 from proxy.control.client import ControlClient, InvalidValue
 from proxy.control.store import ControlStore
@@ -55,18 +55,13 @@ OPEN_READS = frozenset({"/health", "/ready"})  # liveness/readiness probes never
 def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> Starlette:
     token = ctx.settings.admin_token_value()
     reads_protected = ctx.settings.admin_reads_require_token
-    peers = PeerPolicy(ctx.settings.admin_trusted_peers)
-    how = (
-        "send Authorization: Bearer <admin token>"
-        if token
-        else "no admin token is set: changes are accepted from trusted peers only (admin_trusted_peers)"
-    )
+    how = "send Authorization: Bearer <admin token> (strangler serve keeps it in admin_token_file)"
 
     def guard(handler: Handler, write: bool, path: str = "") -> Handler:
         protected = write or (reads_protected and path not in OPEN_READS)
 
         async def guarded(request: Request) -> Response:
-            if protected and not allowed(request, token, peers):
+            if protected and not allowed(request, token):
                 return error(401, "unauthorized", detail=how)
             return await handler(request)
 

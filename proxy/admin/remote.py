@@ -2,7 +2,8 @@
 
 ``--url`` (or STRANGLER_ADMIN_URL) names the proxy, with or without the admin prefix
 (``http://host:8080`` and ``http://host:8080/_strangler`` both work); ``--token`` (or
-STRANGLER_ADMIN_TOKEN) is sent as ``Authorization: Bearer``. Errors come back as ``AdminError``
+STRANGLER_ADMIN_TOKEN, else the token a local `strangler serve` generated in .strangler/admin-token)
+is sent as ``Authorization: Bearer``. Errors come back as ``AdminError``
 carrying the server's own JSON message, so the CLI can print it as is.
 """
 
@@ -41,6 +42,11 @@ class AdminClient:
         self, url: str, token: str | None = None, prefix: str = DEFAULT_PREFIX, timeout: float = 5.0
     ) -> None:
         self.url = base_url(url, prefix)
+        if token is None:
+            # the token `strangler serve` generated for this directory, if it did
+            from proxy.admin.token import read_token
+
+            token = read_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(headers=headers, timeout=timeout)
 

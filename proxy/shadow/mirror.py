@@ -4,7 +4,7 @@ Hot path (``plan``, ``submit``, ``abandon``): a dict lookup in the snapshot, a r
 method check, a size check, ``put_nowait`` on a bounded queue. No Redis, no awaits, no logging.
 
 Workers (``settings.shadow.concurrency`` tasks) take a request off the queue, send it to v2 with
-their own aiohttp session (and, for a calibration sample, to v1 a second time), compare in a small
+their own pools of the edge client (and, for a calibration sample, to v1 a second time), compare in a small
 thread pool whose CPU share is capped, and add the result to an in-memory batch that a flusher
 writes to Redis with one pipeline per interval. Nothing here can fail or delay the primary answer:
 the client already has it when ``submit`` is called.
@@ -21,25 +21,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from proxy.background import cancel_and_wait
 from proxy.capability import Deps
 from proxy.control.snapshot import Snapshot
+from proxy.edge.errors import UpstreamError
 from proxy.shadow.compare import Answer, Outcome, compare, noise_between
 from proxy.shadow.endpoints import EndpointNamer
 from proxy.shadow.policy import RULES_SECTION, SAFE_METHODS, SECTION, EndpointRules, GroupPolicy, RuleSet
 from proxy.shadow.report import ReportBatch, ReportStore
-from proxy.traffic.errors import UpstreamError
 from proxy.traffic.hooks import MirrorRequest, PrimaryResult
 from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import Upstream, translate
 
 log = logging.getLogger("strangler.shadow")
 
-SHADOW_HEADER = ("X-Strangler-Shadow", "1")
-CALIBRATION_HEADER = ("X-Strangler-Calibration", "1")
+SHADOW_HEADER = (b"x-strangler-shadow", b"1")
+CALIBRATION_HEADER = (b"x-strangler-calibration", b"1")
 OUTCOMES = ("sent", "dropped", "skipped_method", "skipped_size", "error")
 RESULTS = ("match", "mismatch", "noise", "skipped")
 _random = random.random
@@ -94,10 +93,7 @@ class ShadowMirror:
         self._v1: Upstream | None = None
         self._v2: Upstream | None = None
         self._reported_errors: set[str] = set()
-        self._timeout = aiohttp.ClientTimeout(
-            total=self._config.timeout_seconds,
-            connect=min(deps.settings.connect_timeout_seconds, self._config.timeout_seconds),
-        )
+        self._timeout = self._config.timeout_seconds  # per mirrored request, whole
         # metric children resolved once for the closed label sets
         groups = deps.settings.group_names
         self._outcome_children = {
@@ -155,14 +151,9 @@ class ShadowMirror:
 
     async def start(self) -> None:
         settings = self._deps.settings
-        pool = settings.model_copy(
-            update={
-                "upstream_pool_size": self._config.concurrency,
-                "read_timeout_seconds": self._config.timeout_seconds,
-            }
-        )
-        self._v2 = Upstream("v2", settings.v2_url, pool)
-        self._v1 = Upstream("v1", settings.v1_url, pool)
+        size, timeout = self._config.concurrency, self._config.timeout_seconds
+        self._v2 = Upstream("v2", settings.v2_url, settings, pool_size=size, read_timeout=timeout)
+        self._v1 = Upstream("v1", settings.v1_url, settings, pool_size=size, read_timeout=timeout)
         await self._v2.start()
         await self._v1.start()
         self._executor = ThreadPoolExecutor(
@@ -293,32 +284,31 @@ class ShadowMirror:
         self,
         upstream: Upstream,
         request: MirrorRequest,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | None,
         limit: int,
     ) -> Fetched:
         started = time.perf_counter()
-        response = await upstream.send(
-            request.method, request.raw_target, headers, body, timeout=self._timeout
-        )
         data = bytearray()
         over = False
         try:
-            async for chunk in response.content.iter_any():
-                if len(data) + len(chunk) > limit:
-                    over = True
-                    break
-                data += chunk
+            async with asyncio.timeout(self._timeout):
+                method = request.method.encode("latin-1")
+                add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's Host
+                response = await upstream.send(method, request.raw_target, headers, body, add_host=add_host)
+                try:
+                    async for chunk in response.chunks():
+                        if len(data) + len(chunk) > limit:
+                            over = True
+                            break
+                        data += chunk
+                finally:
+                    response.close()
         except Exception as exc:
             raise translate(upstream.version, exc) from exc
-        finally:
-            if over:
-                response.close()
-            else:
-                response.release()
         return Fetched(
             status=response.status,
-            content_type=response.headers.get("Content-Type", ""),
+            content_type=(response.header(b"content-type") or b"").decode("latin-1"),
             body=None if over else bytes(data),
             seconds=time.perf_counter() - started,
         )

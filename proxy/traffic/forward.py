@@ -16,10 +16,11 @@ from typing import Any
 import orjson
 
 from proxy.control.store import ControlStore
+from proxy.edge.client import UpstreamResponse
+from proxy.edge.errors import UpstreamError
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.traffic import split
-from proxy.traffic.errors import UpstreamError, UpstreamReset
 from proxy.traffic.hooks import (
     Deprecations,
     Mirror,
@@ -50,6 +51,11 @@ PROTECTED = frozenset({b"host", b"content-length", b"content-type"})
 # headers the proxy sets itself: the client's copies are replaced (X-Forwarded-For is appended to)
 PROXY_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"x-request-id"})
 SMALL_BODY = 64 * 1024
+# a client cannot forge the proxy's own markers (shadow, calibration, ...) towards the backends
+MARKER_PREFIX = b"x-strangler-"
+# a request that says it is another method counts as that method for mirroring and calibration
+METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-method-override"})
+ALLOW_ALL = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 JSON_HEADERS = [(b"content-type", b"application/json")]
 VERSION_HEADER = b"x-api-version"
 VERSION_VALUE = {"v1": b"v1", "v2": b"v2"}
@@ -57,6 +63,14 @@ VERSION_VALUE = {"v1": b"v1", "v2": b"v2"}
 
 class ClientGone(Exception):
     """The client disconnected while we were still reading its request body."""
+
+
+class BodyTooSlow(Exception):
+    """A streamed request body arrived below the minimum rate: the client, not the backend, is at fault."""
+
+
+METHOD_BYTES = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+FAILURE_LABELS = {502: "upstream unavailable", 503: "upstream busy", 504: "upstream timeout"}
 
 
 class ProxyApp:
@@ -95,6 +109,10 @@ class ProxyApp:
         self._preserve_host = settings.preserve_host
         self._all_v1_when_down = settings.redis_down_policy == "all_v1"
         self._request_ids = _request_ids()
+        limits = settings.limits
+        self._body_policy = BodyPolicy(
+            limits.body_buffer_bytes, limits.min_body_rate_bytes_per_second, limits.body_rate_grace_seconds
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -102,6 +120,10 @@ class ProxyApp:
                 await send({"type": "websocket.close", "code": 1003})
             return
         path: str = scope["path"]
+        raw_path: bytes = scope.get("raw_path") or path_bytes(path)
+        if not raw_path.startswith(b"/"):
+            await self._odd_target(scope, send, raw_path)
+            return
         if path.startswith(self._prefix) and (path == self._prefix or path[len(self._prefix)] == "/"):
             # one spelling reaches the admin API: no escapes (%5F), no dot or empty segments, no
             # trailing slash (Starlette would answer it with a redirect built from the client's Host)
@@ -114,9 +136,20 @@ class ProxyApp:
         if norm != path and (norm == self._prefix or norm.startswith(self._prefix + "/")):
             await self._reject(send, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
             return
-        await self._proxy(scope, receive, send, norm)
+        await self._proxy(scope, receive, send, norm, raw_path)
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send, norm: str) -> None:
+    async def _odd_target(self, scope: Scope, send: Send, raw_path: bytes) -> None:
+        """Only origin-form targets are forwarded. ``OPTIONS *`` asks about the server itself, so
+        the proxy answers it; anything else (``*@host:port/x``, authority-form) is the client's
+        mistake or an attack: 400, counted as a refusal, never a version's error."""
+        if raw_path == b"*" and scope["method"] == "OPTIONS" and not scope.get("query_string"):
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"allow", ALLOW_ALL), (b"content-length", b"0")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await self._reject(send, 400, "bad_target", "the request target must be a path like /items?id=1")
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send, norm: str, raw_path: bytes) -> None:
         started = time.perf_counter()
         snapshot = self._store.current
         method: str = scope["method"]
@@ -136,6 +169,7 @@ class ProxyApp:
         xff: bytes | None = None
         request_id: bytes | None = None
         content_length: int | None = None
+        override: bytes | None = None
         has_body = False
         connection_named: set[bytes] = set()
         out: list[tuple[bytes, bytes]] = []
@@ -154,9 +188,14 @@ class ProxyApp:
             elif name == b"content-length":
                 has_body = True
                 content_length = int(value) if value.isdigit() else None
+                continue  # sent upstream as the canonical number by the edge client
             elif name == b"transfer-encoding":
                 has_body = True
                 continue
+            elif name.startswith(MARKER_PREFIX):
+                continue
+            elif name in METHOD_OVERRIDES:
+                override = value
             elif name == b"connection":
                 connection_named.update(part.strip().lower() for part in value.split(b","))
                 continue
@@ -174,6 +213,9 @@ class ProxyApp:
             out = [(name, value) for name, value in out if name not in drop]
         if content_length == 0:
             has_body = False
+        query: bytes = scope.get("query_string") or b""
+        if override is None and b"_method=" in query:
+            override = _query_value(query, b"_method")
 
         # split decision
         set_cookie: bytes | None = None
@@ -210,26 +252,26 @@ class ProxyApp:
         if request_id is None:
             request_id = next(self._request_ids)
         out.append((b"x-request-id", request_id))
-        headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in out]
-
-        raw_target = scope.get("raw_path") or path_bytes(scope["path"])
-        query = scope.get("query_string")
-        if query:
-            raw_target = raw_target + b"?" + query
+        headers = out
+        raw_target = raw_path + b"?" + query if query else raw_path
 
         plan = None
         if version == "v1":
-            plan = self._mirror.plan(group, method, content_length, snapshot)
+            effective = method if override is None else override.decode("latin-1").strip().upper()
+            plan = self._mirror.plan(group, effective, content_length, snapshot)
 
-        body = _Body(receive, plan.max_body if plan is not None else 0) if has_body else None
+        capture = plan.max_body if plan is not None else 0
+        body = _Body(receive, capture, self._body_policy) if has_body else None
         ex = _Exchange(group, method, version, started, body, plan)
+        ex.content_length = content_length if has_body or content_length == 0 else None
+        ex.add_host = host is None or not self._preserve_host
         if deprecation is not None:
             ex.extra_headers.extend(deprecation.headers)
         if set_cookie is not None:
             ex.extra_headers.append((b"set-cookie", set_cookie))
 
         try:
-            response = await self._send_upstream(version, method, raw_target, headers, body)
+            response = await self._send_upstream(version, method, raw_target, headers, body, ex)
         except UpstreamError as exc:
             if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
                 self._metrics.fallback(group)
@@ -237,7 +279,7 @@ class ProxyApp:
                 ex.version = "v1"
                 ex.plan = plan = None  # a request v2 was meant to serve is never mirrored to v2
                 try:
-                    response = await self._send_upstream("v1", method, raw_target, headers, body)
+                    response = await self._send_upstream("v1", method, raw_target, headers, body, ex)
                 except UpstreamError as exc2:
                     await self._upstream_failed(send, exc2, ex)
                     return
@@ -248,6 +290,9 @@ class ProxyApp:
                 return
         except ClientGone:
             self._metrics.client_disconnected(version, "request")
+            return
+        except BodyTooSlow:
+            await self._reject(send, 408, "body_too_slow", "request body arrived below the minimum rate")
             return
 
         result = await self._relay(send, receive, response, ex)
@@ -275,28 +320,33 @@ class ProxyApp:
         version: str,
         method: str,
         raw_target: bytes,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: _Body | None,
-    ) -> Any:
+        ex: _Exchange,
+    ) -> UpstreamResponse:
+        """Bodies up to ``body_buffer_bytes`` are read whole before a pool slot is taken, so a slow
+        uploader never holds a backend connection; only larger bodies are streamed."""
         upstream = self._upstreams[version]
         data: AsyncIterator[bytes] | bytes | None = None
         if body is not None:
             data = await body.prepare()
         try:
-            return await upstream.send(method, raw_target, headers, data)
-        except ClientGone:
+            return await upstream.send(
+                METHOD_BYTES.get(method) or method.encode("latin-1"), raw_target, headers, data,
+                content_length=ex.content_length if not isinstance(data, bytes) else None,
+                add_host=ex.add_host,
+            )  # fmt: skip
+        except (ClientGone, BodyTooSlow):
             raise
-        except Exception as exc:  # noqa: BLE001 - anything else from the client lib is an upstream fault
+        except Exception as exc:  # noqa: BLE001 - anything else from the client is an upstream fault
             if body is not None and body.gone:
                 # the client left mid-upload and the aborted upload surfaced as an upstream error:
                 # count it as the client's doing, not the backend's (canary error rates read this)
                 raise ClientGone() from exc
-            if isinstance(exc, UpstreamError):
-                raise
             raise translate(version, exc) from exc
 
     async def _relay(
-        self, send: Send, receive: Receive, response: Any, ex: _Exchange
+        self, send: Send, receive: Receive, response: UpstreamResponse, ex: _Exchange
     ) -> tuple[int, PrimaryResult | None] | None:
         """Stream the answer back: (status, primary for the mirror), or None if cut short."""
         version, plan, started = ex.version, ex.plan, ex.started
@@ -311,9 +361,8 @@ class ProxyApp:
             if ex.method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
                 try:
                     payload = await response.read()
-                except Exception as exc:  # noqa: BLE001 - nothing relayed yet: a clean 502/504
-                    response.close()
-                    await self._upstream_failed(send, translate(version, exc), ex)
+                except UpstreamError as exc:  # nothing relayed yet: a clean 502/504
+                    await self._upstream_failed(send, exc, ex)
                     return None
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 await send({"type": "http.response.body", "body": payload, "more_body": False})
@@ -321,25 +370,17 @@ class ProxyApp:
                     captured += payload
             else:
                 await self._stream(send, receive, response, status, headers, ex.body, captured, max_capture)
-        except UpstreamReset:
-            self._metrics.upstream_error(version, "reset")
+        except UpstreamError as exc:
+            # the answer had started: the client connection is closed, never a truncated body
+            # passed off as complete
+            self._metrics.upstream_error(version, "reset" if exc.kind == "protocol" else exc.kind)
             self._done(ex.group, version, ex.method, 502, time.perf_counter() - started)
-            response.close()
-            return None  # the server closes the client connection: never a truncated body as complete
+            return None
         except (ClientGone, OSError):
             self._metrics.client_disconnected(version, "response")
-            response.close()
-            return None
-        except Exception as exc:  # noqa: BLE001 - reading the answer failed before/while relaying
-            error = translate(version, exc)
-            response.close()
-            if error.kind in ("reset",):
-                self._metrics.upstream_error(version, error.kind)
-                return None
-            await self._upstream_failed(send, error, ex)
             return None
         finally:
-            response.release()
+            response.close()  # a no-op after a complete answer; else the connection is dropped
         if captured is None:
             return status, None
         primary_body = bytes(captured) if len(captured) <= max_capture else None
@@ -349,7 +390,7 @@ class ProxyApp:
         self,
         send: Send,
         receive: Receive,
-        response: Any,
+        response: UpstreamResponse,
         status: int,
         headers: list[tuple[bytes, bytes]],
         body: _Body | None,
@@ -363,16 +404,7 @@ class ProxyApp:
         if body is None or body.done:
             watcher = asyncio.create_task(_watch_disconnect(receive, response, gone))
         try:
-            iterator = response.content.iter_any()
-            while True:
-                try:
-                    chunk = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-                except Exception as exc:
-                    if gone.is_set():
-                        raise ClientGone() from exc
-                    raise UpstreamReset("", "connection lost mid-answer") from exc
+            async for chunk in response.chunks():
                 if gone.is_set():
                     raise ClientGone()
                 if captured is not None and len(captured) <= max_capture:
@@ -381,6 +413,10 @@ class ProxyApp:
             if gone.is_set():
                 raise ClientGone()
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except UpstreamError:
+            if gone.is_set():
+                raise ClientGone() from None
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -393,11 +429,17 @@ class ProxyApp:
             recorder.record(group, version, status, seconds)
 
     async def _upstream_failed(self, send: Send, exc: UpstreamError, ex: _Exchange) -> None:
+        """The client gets a generic reason (the edge client's details name no address anyway);
+        the kind is counted. A full pool is the proxy's own limit, not the version's error."""
         self._metrics.upstream_error(exc.version, exc.kind)
-        label = "upstream timeout" if exc.status == 504 else "upstream unavailable"
+        label = FAILURE_LABELS.get(exc.status, "upstream unavailable")
         body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
         await self._answer(send, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
-        self._done(ex.group, exc.version, ex.method, exc.status, time.perf_counter() - ex.started)
+        seconds = time.perf_counter() - ex.started
+        if exc.blames_version:
+            self._done(ex.group, exc.version, ex.method, exc.status, seconds)
+        else:
+            self._metrics.request_done(ex.group, "proxy", ex.method, exc.status, seconds)
 
     async def _reject(self, send: Send, status: int, reason: str, detail: str) -> None:
         """The proxy refuses the request itself; counted by reason."""
@@ -421,7 +463,8 @@ class ProxyApp:
 class _Exchange:
     """What the relay and the recording steps share about one request (instead of six arguments)."""
 
-    __slots__ = ("group", "method", "version", "started", "body", "plan", "extra_headers")
+    __slots__ = ("group", "method", "version", "started", "body", "plan", "extra_headers", "content_length",
+                 "add_host")  # fmt: skip
 
     def __init__(self, group: str, method: str, version: str, started: float, body: _Body | None, plan: Any):
         self.group = group
@@ -431,16 +474,32 @@ class _Exchange:
         self.body = body
         self.plan = plan
         self.extra_headers: list[tuple[bytes, bytes]] = []  # deprecation headers, affinity cookie
+        self.content_length: int | None = None  # as the client declared it (sent canonical)
+        self.add_host = True  # False when the client's Host is passed on (preserve_host)
+
+
+class BodyPolicy:
+    """The body limits, resolved once: buffer size and the minimum upload rate."""
+
+    __slots__ = ("buffer", "min_rate", "grace")
+
+    def __init__(self, buffer: int, min_rate: int, grace: float) -> None:
+        self.buffer = buffer
+        self.min_rate = min_rate
+        self.grace = grace
 
 
 class _Body:
-    """The client's request body, read from ASGI ``receive`` and streamed up; optionally captured."""
+    """The client's request body, read from ASGI ``receive``: buffered whole when small, else
+    streamed up at no less than the minimum rate; optionally captured for the mirror."""
 
-    __slots__ = ("_receive", "_capture_limit", "captured", "too_large", "started", "done", "gone", "_first")
+    __slots__ = ("_receive", "_capture_limit", "_policy", "captured", "too_large", "started", "done", "gone",
+                 "_first")  # fmt: skip
 
-    def __init__(self, receive: Receive, capture_limit: int) -> None:
+    def __init__(self, receive: Receive, capture_limit: int, policy: BodyPolicy) -> None:
         self._receive = receive
         self._capture_limit = capture_limit
+        self._policy = policy
         self.captured = b""
         self.too_large = False
         self.started = False
@@ -449,23 +508,39 @@ class _Body:
         self._first: bytes | None = None
 
     async def prepare(self) -> AsyncIterator[bytes] | bytes:
-        """Read the first message; a body that fits in it is sent as bytes (Content-Length path)."""
+        """Read up to the buffer size; a body that fits is sent as bytes (before a pool slot is
+        taken, so a slow client holds no backend connection), a larger one is streamed."""
         if self._first is None and not self.done:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.gone = True
-                raise ClientGone()
-            self._first = message.get("body", b"")
-            self._keep(self._first)
-            if not message.get("more_body", False):
-                self.done = True
+            parts: list[bytes] = []
+            size = 0
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self.gone = True
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                if chunk:
+                    self._keep(chunk)
+                    parts.append(chunk)
+                    size += len(chunk)
+                if not message.get("more_body", False):
+                    self.done = True
+                    break
+                if size > self._policy.buffer:
+                    break
+            self._first = b"".join(parts)
         if self.done:
             return self._first or b""
         return self._rest()
 
     async def _rest(self) -> AsyncIterator[bytes]:
         self.started = True
+        policy = self._policy
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        sent = 0
         if self._first:
+            sent = len(self._first)
             yield self._first
         while True:
             message = await self._receive()
@@ -475,10 +550,15 @@ class _Body:
             chunk = message.get("body", b"")
             if chunk:
                 self._keep(chunk)
+                sent += len(chunk)
                 yield chunk
             if not message.get("more_body", False):
                 self.done = True
                 return
+            if policy.min_rate:
+                elapsed = loop.time() - began
+                if elapsed > policy.grace and sent < policy.min_rate * elapsed:
+                    raise BodyTooSlow()
 
     def _keep(self, chunk: bytes) -> None:
         if self._capture_limit and not self.too_large:
@@ -532,6 +612,14 @@ def _cookie_value(cookie: bytes, name: bytes) -> bytes | None:
     for part in cookie.split(b";"):
         key, sep, value = part.strip().partition(b"=")
         if sep and key == name and value:
+            return value
+    return None
+
+
+def _query_value(query: bytes, name: bytes) -> bytes | None:
+    for part in query.split(b"&"):
+        key, sep, value = part.partition(b"=")
+        if sep and key == name:
             return value
     return None
 

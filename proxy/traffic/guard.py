@@ -28,6 +28,10 @@ from proxy.settings import LimitSettings
 # RFC 3986 reg-name / IP-literal / port characters; anything else in Host is refused
 _HOST_OK = re.compile(rb"^[A-Za-z0-9.\-_~!$&'()*+,;=:\[\]%]*$")
 _OWS = b" \t"
+OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 74\r\n"
+    b'connection: close\r\n\r\n{"error":"over capacity","detail":"too many connections, try again later"}'
+)
 
 
 class Refused(Exception):
@@ -44,7 +48,7 @@ class Policy:
     """Limits resolved once per server (not per connection) plus the metrics recorder."""
 
     __slots__ = ("max_line", "max_header_bytes", "max_headers", "max_head", "max_body", "header_timeout",
-                 "body_timeout", "metrics")  # fmt: skip
+                 "body_timeout", "metrics", "max_connections", "connections")  # fmt: skip
 
     def __init__(self, limits: LimitSettings, metrics: Any | None) -> None:
         self.max_line = limits.max_request_line_bytes
@@ -56,10 +60,41 @@ class Policy:
         self.header_timeout = limits.header_timeout_seconds
         self.body_timeout = limits.body_timeout_seconds
         self.metrics = metrics
+        self.max_connections = connection_cap(limits.max_connections)
+        # every open client connection, oldest first: idle ones are closed first at the cap
+        self.connections: dict[GuardedHttpToolsProtocol, None] = {}
 
     def count(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.rejected_request(reason)
+
+
+def connection_cap(configured: int) -> int:
+    """The configured cap, kept below the open-file limit: each client connection may need an
+    upstream one too, and Redis, the mirror and the listener need a few. Past the limit accept()
+    fails with EMFILE and nobody is served; below it we choose whom to close."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return configured
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(8, min(configured, (soft - 64) // 2))
+
+
+def raise_open_file_limit() -> None:
+    """Soft open-file limit up to the hard one: the default 1024 is a few hundred clients."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def policy_for(config: Config) -> Policy:
@@ -117,10 +152,36 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        policy = self._policy
+        if len(policy.connections) >= policy.max_connections and not self._make_room():
+            # at the cap and every connection is busy: refuse at once, before reading a byte
+            policy.count("connection_limit")
+            self._refused = True
+            transport.write(OVER_CAPACITY)
+            transport.close()
+            return
+        policy.connections[self] = None
         self._head_since = self.loop.time()
-        self._header_timer = self.loop.call_later(self._policy.header_timeout, self._header_check)
+        self._header_timer = self.loop.call_later(policy.header_timeout, self._header_check)
+
+    def _make_room(self) -> bool:
+        """Close the oldest idle connection (no request in progress), as nginx reuses idle
+        keep-alive connections when worker_connections run out. False if none is idle."""
+        for conn in self._policy.connections:
+            if conn._idle():
+                self._policy.count("idle_closed")
+                conn._refused = True
+                conn.transport.close()
+                self._policy.connections.pop(conn, None)
+                return True
+        return False
+
+    def _idle(self) -> bool:
+        active = self._active
+        return self._head_bytes == 0 and (active is None or active.response_complete)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._policy.connections.pop(self, None)
         self._cancel_header_timer()
         self._cancel_body_timer()
         super().connection_lost(exc)

@@ -29,7 +29,7 @@ class MirrorRequest:
     method: str
     path: str  # decoded, normalised (for endpoint naming)
     raw_target: bytes  # raw path + query, byte for byte
-    headers: list[tuple[str, str]]  # as sent upstream (X-Request-ID, Host included)
+    headers: list[tuple[bytes, bytes]]  # as sent upstream (X-Request-ID, Host included)
     body: bytes
     request_id: str
 

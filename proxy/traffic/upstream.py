@@ -1,134 +1,85 @@
-"""Pooled aiohttp sessions to the two fixed backends, and the one place aiohttp errors are mapped.
+"""The two fixed backends, each a pool of our edge client, and the one place foreign errors are mapped.
 
-The base URL comes only from settings: request targets and Host headers are appended as a path,
-never parsed for a scheme or authority, so the proxy cannot be turned into an open proxy.
+Where a request goes comes only from settings: the edge client writes the configured origin's
+path plus the request path as one component, and connects only to the configured host and port.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any
+import ssl
+from collections.abc import AsyncIterator, Callable
 
-import aiohttp
-from yarl import URL
-
-from proxy.settings import Settings
-from proxy.traffic.errors import (
-    UpstreamConnectError,
-    UpstreamConnectTimeout,
+from proxy.edge.client import Headers, Origin, PoolLimits, UpstreamPool, UpstreamResponse
+from proxy.edge.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
 )
+from proxy.settings import Settings
 
-# aiohttp adds these by itself unless told not to; a proxy must pass the client's own (or none)
-SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Verification against the system store, or the configured CA bundle."""
+    ca = settings.upstream_ca_file
+    return ssl.create_default_context(cafile=str(ca) if ca else None)
 
 
 class Upstream:
-    """One backend: a base URL and a pooled keep-alive session. Opened and closed by the lifespan."""
+    """One backend: its origin and a keep-alive pool. Opened and closed by the lifespan."""
 
-    def __init__(self, version: str, base_url: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        version: str,
+        base_url: str,
+        settings: Settings,
+        pool_size: int | None = None,
+        read_timeout: float | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
         self.version = version
-        base = URL(base_url)
-        self._origin = f"{base.scheme}://{base.raw_authority}"
-        self._base_path = base.raw_path.rstrip("/")
-        self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[bytes, URL] = {}
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise RuntimeError("upstream session used before start()")
-        return self._session
+        origin = Origin.parse(base_url)
+        limits = PoolLimits(
+            size=pool_size or settings.upstream_pool_size,
+            connect_timeout=settings.connect_timeout_seconds,
+            read_timeout=read_timeout or settings.read_timeout_seconds,
+            pool_timeout=settings.pool_timeout_seconds,
+        )
+        self.pool = UpstreamPool(
+            version, origin, limits, tls_context(settings) if origin.scheme == "https" else None, on_drop
+        )
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._settings.upstream_pool_size,
-            limit_per_host=self._settings.upstream_pool_size,
-            keepalive_timeout=4.0,  # below the usual 5 s server idle timeout: no reuse races
-            enable_cleanup_closed=False,
-            ttl_dns_cache=60,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                connect=self._settings.connect_timeout_seconds,
-                sock_read=self._settings.read_timeout_seconds,
-            ),
-            skip_auto_headers=SKIP_AUTO_HEADERS,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-        )
+        """Connections are opened on demand; nothing to do before the first request."""
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def url(self, raw_target: bytes) -> URL:
-        """Base URL + the raw request target, percent-encoding untouched (``%2F`` stays).
-
-        Building a yarl URL costs several microseconds; hot targets repeat, so a small bounded
-        cache pays for itself (cleared whole when full: no LRU bookkeeping per request)."""
-        url = self._urls.get(raw_target)
-        if url is None:
-            url = URL(self._origin + self._base_path + raw_target.decode("latin-1"), encoded=True)
-            if len(self._urls) >= 4096:
-                self._urls.clear()
-            self._urls[raw_target] = url
-        return url
+        await self.pool.close()
 
     async def send(
         self,
-        method: str,
-        raw_target: bytes,
-        headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | bytes | None,
-        timeout: aiohttp.ClientTimeout | None = None,
-    ) -> aiohttp.ClientResponse:
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: bytes | AsyncIterator[bytes] | None = None,
+        *,
+        content_length: int | None = None,
+        add_host: bool = True,
+        read_timeout: float | None = None,
+    ) -> UpstreamResponse:
         """Send the request; return the response with its body still unread."""
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
-        try:
-            return await self.session.request(
-                method,
-                self.url(raw_target),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                **extra,
-            )
-        except Exception as exc:
-            raise translate(self.version, exc) from exc
+        return await self.pool.request(
+            method, target, headers, body,
+            content_length=content_length, add_host=add_host, read_timeout=read_timeout,
+        )  # fmt: skip
 
 
 def translate(version: str, exc: BaseException) -> UpstreamError:
-    """Map aiohttp/asyncio errors to our tree. The order matters: subclasses first."""
+    """Anything not already ours (a bug, an OS error) becomes an upstream error of the right kind."""
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return UpstreamConnectTimeout(version, "connect timeout")
-    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError | TimeoutError):
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return UpstreamTimeout(version, "read timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(version, f"cannot connect: {exc.os_error.strerror or exc.os_error}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamReset(version, "connection lost mid-answer")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamProtocolError(version, "backend closed the connection without an answer")
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamProtocolError(version, f"invalid answer: {exc.message}")
-    if isinstance(exc, aiohttp.ClientOSError | OSError):
-        return UpstreamProtocolError(version, f"connection error: {exc}")
-    if isinstance(exc, aiohttp.ClientError):
-        return UpstreamProtocolError(version, f"{type(exc).__name__}")
+    if isinstance(exc, ConnectionError):
+        return UpstreamReset(version, "connection lost")
     return UpstreamProtocolError(version, f"unexpected {type(exc).__name__}")
-
-
-def raw_headers_text(raw: Any) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]

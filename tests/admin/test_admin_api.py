@@ -1,13 +1,13 @@
 """The admin API against a real proxy: who may change things, reads by setting, JSON errors, OpenAPI.
 
-"Non-trusted peer" is tested for real without binding to a public address: the proxy listens on
-127.0.0.1 only and the test client connects from source address 127.0.0.2. The kernel treats that
-as loopback, but the proxy trusts only ``admin_trusted_peers`` (default 127.0.0.1 and ::1).
+No peer address is trusted: clients from 127.0.0.1 and from 127.0.0.2 (a second loopback source
+address, standing in for a remote peer) both need the token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -70,25 +70,30 @@ def test_changes_need_the_token_and_change_nothing_without_it(
     assert httpx.get(admin + "/status").status_code == 200
 
 
-def test_without_a_token_only_trusted_peers_may_change_things(
+def test_without_a_configured_token_one_is_generated_and_loopback_is_not_trusted(
     proxy: ProxyProcess, redis_server: RedisServer, outsider: httpx.Client
 ) -> None:
+    """A TLS terminator on the same host makes every client look like 127.0.0.1: no peer address
+    may change anything without the token, which `serve` generated for the local CLI."""
     redis = redis_server.client()
-    response = outsider.put(proxy.admin + "/split", json={"percentage": 30})
-    assert response.status_code == 401
-    assert "trusted peers" in response.json()["detail"]
-    assert outsider.post(proxy.admin + "/rollback").status_code == 401
-    assert redis.get(SPLIT_KEY) is None
-    # a token sent by an outsider means nothing when none is configured
-    forged = outsider.put(
-        proxy.admin + "/split", json={"percentage": 30}, headers={"Authorization": "Bearer x"}
-    )
-    assert forged.status_code == 401 and redis.get(SPLIT_KEY) is None
-    assert outsider.get(proxy.admin + "/split").status_code == 200  # reads stay open
-    # the trusted peer (127.0.0.1) may
-    assert httpx.put(proxy.admin + "/split", json={"percentage": 30}).status_code == 200
+    token_file = proxy.workdir / ".strangler" / "admin-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    for client in (outsider, httpx.Client(timeout=5)):  # 127.0.0.2 and 127.0.0.1 alike
+        response = client.put(proxy.admin + "/split", json={"percentage": 30})
+        assert response.status_code == 401
+        assert "admin token" in response.json()["detail"]
+        assert client.post(proxy.admin + "/rollback").status_code == 401
+        forged = client.put(
+            proxy.admin + "/split", json={"percentage": 30}, headers={"Authorization": "Bearer x"}
+        )
+        assert forged.status_code == 401
+        assert redis.get(SPLIT_KEY) is None
+        assert client.get(proxy.admin + "/split").status_code == 200  # reads stay open
+    # the generated token works, from any peer
+    granted = outsider.put(proxy.admin + "/split", json={"percentage": 30}, headers=proxy.auth)
+    assert granted.status_code == 200
     assert redis.get(SPLIT_KEY) == "30"
-    assert "trusted peers (127.0.0.1, ::1)" in proxy.output()  # the start-up log says so
+    assert proxy.token not in proxy.output()  # the log names the file, never the token
 
 
 def test_reads_follow_the_setting(
@@ -110,6 +115,7 @@ def test_reads_follow_the_setting(
 
 def test_errors_are_json_with_a_clear_message(proxy: ProxyProcess) -> None:
     admin = proxy.admin
+    httpx = _Authed(proxy.auth)  # validation errors are for callers who may change things
     missing = httpx.get(admin + "/nope")
     assert missing.status_code == 404 and missing.json()["error"] == "not found"
     wrong_method = httpx.delete(admin + "/status")
@@ -167,5 +173,15 @@ def test_admin_on_its_own_port_is_not_on_the_main_one(
     assert [e for b in v1v2 for e in b.log()] == []  # not forwarded either: the prefix stays reserved
     assert httpx.get(admin + "/status").status_code == 200
     assert httpx.get(f"http://127.0.0.1:{admin_port}/other").status_code == 404
-    assert httpx.put(admin + "/split", json={"percentage": 5}).status_code == 200
+    assert httpx.put(admin + "/split", json={"percentage": 5}, headers=proxy.auth).status_code == 200
     assert httpx.get(proxy.url + "/echo").status_code == 200  # the main port still proxies
+
+
+class _Authed:
+    """httpx's module functions with the admin token on every call."""
+
+    def __init__(self, auth: dict[str, str]) -> None:
+        self._client = httpx.Client(headers=auth, timeout=5)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)

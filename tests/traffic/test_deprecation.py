@@ -195,12 +195,14 @@ def test_phase_override_from_redis_and_admin_listing(
     assert rules["old-users"]["hits"]["warn"] == warned
     assert rules["legacy-export"]["effective_phase"] == "gone"
 
-    # back to warn through the admin API (loopback, no token configured)
-    response = httpx.put(deprecating_proxy.admin + "/deprecations/old-users", json={"phase": "warn"})
+    # back to warn through the admin API (no token configured: the generated one)
+    auth = deprecating_proxy.auth
+    rule = deprecating_proxy.admin + "/deprecations/old-users"
+    response = httpx.put(rule, json={"phase": "warn"}, headers=auth)
     assert response.status_code == 200, response.text
     assert httpx.get(url).status_code == 200
-    bad = httpx.put(deprecating_proxy.admin + "/deprecations/old-users", json={"phase": "later"})
+    bad = httpx.put(rule, json={"phase": "later"}, headers=auth)
     assert bad.status_code == 422 and "old-users" in bad.json()["detail"]
     assert client.hget("strangler:deprecations", "old-users") == "warn"
-    assert httpx.delete(deprecating_proxy.admin + "/deprecations/old-users").status_code == 200
+    assert httpx.delete(deprecating_proxy.admin + "/deprecations/old-users", headers=auth).status_code == 200
     assert client.hget("strangler:deprecations", "old-users") is None

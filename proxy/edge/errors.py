@@ -1,4 +1,4 @@
-"""One exception tree for upstream failures; ``upstream.py`` maps aiohttp's errors into it."""
+"""One exception tree for upstream failures: the edge client raises these, one `except` maps them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ class UpstreamError(Exception):
     status = 502
     #: True when nothing of the request reached the backend, so another backend may take it.
     nothing_sent = False
+    #: False when the failure is the proxy's own (pool exhausted): then not a version's error.
+    blames_version = True
 
     def __init__(self, version: str, detail: str) -> None:
         super().__init__(detail)
@@ -41,3 +43,15 @@ class UpstreamReset(UpstreamError):
     """The backend went away mid-answer, after the client got the headers."""
 
     kind = "reset"
+
+
+class UpstreamPoolTimeout(UpstreamError):
+    """Every pooled connection to the backend stayed busy for the pool-wait bound.
+
+    That is the proxy's own capacity, not the backend's fault: answered 503 and never counted
+    against the version in the canary windows."""
+
+    kind = "pool_timeout"
+    status = 503
+    nothing_sent = True
+    blames_version = False

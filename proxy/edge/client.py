@@ -1,0 +1,696 @@
+"""A pooled HTTP/1.1 client to one configured origin, on httptools (llhttp).
+
+Why our own and not aiohttp's: a proxy must control exactly which host it connects to and which
+bytes go on a shared connection. Here
+
+- the request head is built from the configured origin plus the request path as one component; a
+  target that does not start with ``/`` is refused before a byte is written, so no request target
+  can name another host (the asterisk-form ``*@host:port/`` trick that string-built URLs fall for);
+- an idle pooled connection that becomes readable (a backend writing after a complete answer) is
+  closed and never reused, so one client's answer can never reach another (nginx's keepalive close
+  handler does the same);
+- the response head and body framing are llhttp's, strict: Content-Length, chunked or
+  close-delimited; 1xx interim answers are skipped; an unsolicited ``101`` is a protocol error;
+- waiting for a pool slot has its own bound (``pool_timeout``), separate from connecting;
+- request bodies are framed by us (canonical ``content-length``, or chunked), with flow control.
+
+Errors are ``proxy.edge.errors`` classes, never internal addresses: their ``detail`` is safe to show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import httptools
+
+from proxy.edge.errors import (
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    UpstreamPoolTimeout,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+
+Headers = Sequence[tuple[bytes, bytes]]
+READ_HIGH_WATER = 256 * 1024  # response bytes buffered before we stop reading the backend
+_BAD_IN_TARGET = (b" ", b"\r", b"\n", b"\t", b"#", b"\x00")
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a backend is: parsed once from settings, never from a request."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: bytes  # b"" or b"/base" (no trailing slash)
+    host_header: bytes
+
+    @classmethod
+    def parse(cls, url: str) -> Origin:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream URL must be http(s)://host[:port][/base], got {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = parts.hostname
+        shown = f"[{host}]" if ":" in host else host
+        default = (parts.scheme == "https" and port == 443) or (parts.scheme == "http" and port == 80)
+        host_header = shown.encode("idna") + (b"" if default else b":%d" % port)
+        return cls(parts.scheme, host, port, parts.path.rstrip("/").encode(), host_header)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    size: int = 256
+    connect_timeout: float = 2.0
+    read_timeout: float = 30.0
+    pool_timeout: float = 2.0
+    idle_timeout: float = 4.0  # below the usual 5 s server keep-alive: no reuse races
+
+
+def request_head(
+    method: bytes, origin: Origin, target: bytes, headers: Headers, add_host: bool, framing: bytes
+) -> bytes:
+    """The request head: the configured origin's path + the request target as a path component.
+
+    ``target`` must be origin-form (``/path?query``); anything else raises ``ValueError``."""
+    if not target.startswith(b"/") or any(bad in target for bad in _BAD_IN_TARGET):
+        raise ValueError("request target must be origin-form: /path[?query]")
+    parts = [method, b" ", origin.base_path, target, b" HTTP/1.1\r\n"]
+    if add_host:
+        parts += (b"host: ", origin.host_header, b"\r\n")
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (framing, b"\r\n")
+    return b"".join(parts)
+
+
+class UpstreamResponse:
+    """A response whose body is read from the connection as the caller consumes it."""
+
+    __slots__ = ("status", "raw_headers", "content_length", "_chunks", "_buffered", "_done", "_error",
+                 "_waiter", "_conn")  # fmt: skip
+
+    def __init__(self, conn: _Connection, status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.raw_headers = raw_headers
+        self.content_length: int | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._done = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._conn: _Connection | None = conn
+
+    def header(self, name: bytes) -> bytes | None:
+        """First value of a header (``name`` lower-case)."""
+        for key, value in self.raw_headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def complete(self) -> bool:
+        return self._done
+
+    # --- fed by the connection -----------------------------------------------------------------
+
+    def _feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > READ_HIGH_WATER and self._conn is not None:
+            self._conn.pause_reading()
+        self._wake()
+
+    def _finish(self, error: UpstreamError | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._error = error
+        self._conn = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- consumed by the caller ----------------------------------------------------------------
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive; raises ``UpstreamReset``/``UpstreamTimeout`` if cut short."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                conn = self._conn
+                if conn is not None and self._buffered <= READ_HIGH_WATER // 4:
+                    conn.resume_reading()
+                yield chunk
+                continue
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.chunks()]
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Stop reading: a connection with an unfinished answer is closed, never pooled."""
+        conn = self._conn
+        self._conn = None
+        if not self._done:
+            self._done = True
+            self._chunks.clear()
+            if conn is not None:
+                conn.abort()
+
+    release = close  # after a complete answer both are no-ops
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: idle in the pool or carrying exactly one exchange."""
+
+    __slots__ = ("pool", "transport", "parser", "response", "reused", "busy", "closed", "idle_since",
+                 "_head_future", "_status", "_headers", "_interim", "_head_only", "_keep", "_got_bytes",
+                 "_write_paused", "_drain", "_read_paused", "_timer", "_last_read", "_read_timeout",
+                 "counted_out")  # fmt: skip
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: UpstreamResponse | None = None
+        self.reused = False
+        self.busy = False
+        self.closed = False
+        self.idle_since = 0.0
+        self._head_future: asyncio.Future[UpstreamResponse] | None = None
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._interim = False
+        self._head_only = False
+        self._keep = True
+        self._got_bytes = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._read_timeout = pool.limits.read_timeout
+        self.counted_out = False  # its pool slot has been given back
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError())
+        if self.busy:
+            error = self._end_of_stream_error()
+            if isinstance(error, _CloseDelimited) and self.response is not None:
+                self.response._finish()  # the close is the end of a close-delimited body
+                self.busy = False
+            else:
+                self._fail_exchange(error)
+        self.pool._forget(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy:
+            # an idle pooled connection must stay silent; bytes here would be read as the next
+            # client's answer. Drop the connection (nginx: ngx_http_upstream_keepalive_close_handler)
+            self.pool.dropped("idle_readable")
+            self.abort()
+            return
+        self._got_bytes = True
+        self._last_read = self.pool.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail_exchange(self._unasked_upgrade())
+            self.abort()
+        except httptools.HttpParserError:
+            self._fail_exchange(UpstreamProtocolError(self.pool.version, "invalid HTTP answer"))
+            self.abort()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # --- llhttp callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if not self.busy or self._head_future is None:
+            # a second answer with no request outstanding: the backend is out of step
+            raise _Unrequested()
+        self._headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status == 101:
+            self._fail_exchange(self._unasked_upgrade())
+            raise _Upgrade()
+        if status < 200:
+            self._interim = True  # 100 Continue, 103 Early Hints: not the answer
+            return
+        self._keep = self.parser.should_keep_alive()
+        response = self.response = UpstreamResponse(self, status, self._headers)
+        length = response.header(b"content-length")
+        if length is not None and length.isdigit():
+            response.content_length = int(length)
+        future = self._head_future
+        if future is not None and not future.done():
+            future.set_result(response)
+        if self._head_only:
+            # a HEAD answer has no body whatever its Content-Length says; llhttp cannot be told, so
+            # the answer ends here and the connection is not reused
+            self._keep = False
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is not None and not response.complete:
+            response._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self._complete()
+
+    # --- exchange ------------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        response = self.response
+        if response is None or (response.complete and not self.busy):
+            return
+        response._finish()
+        self._end_exchange(reusable=self._keep)
+
+    def _end_exchange(self, reusable: bool) -> None:
+        self._cancel_timer()
+        self.busy = False
+        self._head_future = None
+        if self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+        if reusable and not self.closed:
+            self.pool._release(self)
+        else:
+            self.abort()
+
+    def _fail_exchange(self, error: UpstreamError) -> None:
+        future = self._head_future
+        if future is not None and not future.done():
+            future.set_exception(error)
+        elif self.response is not None and not self.response.complete:
+            reset = error if isinstance(error, UpstreamReset | UpstreamTimeout) else None
+            self.response._finish(reset or UpstreamReset(self.pool.version, "connection lost mid-answer"))
+        if self.busy:
+            self.busy = False
+            self._head_future = None
+
+    def _unasked_upgrade(self) -> UpstreamError:
+        return UpstreamProtocolError(self.pool.version, "backend switched protocols unasked")
+
+    def _end_of_stream_error(self) -> UpstreamError:
+        response = self.response
+        if response is not None and not response.complete:
+            if response.content_length is None and response.header(b"transfer-encoding") is None:
+                return _CloseDelimited(self.pool.version, "")  # close-delimited body: the close is its end
+            return UpstreamReset(self.pool.version, "connection lost mid-answer")
+        if self._got_bytes:
+            return UpstreamProtocolError(self.pool.version, "backend closed the connection mid-answer")
+        return _NoAnswer(self.pool.version, "backend closed the connection without an answer")
+
+    async def exchange(
+        self, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool, head_only: bool,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        """Write the request, return the response once its head has arrived."""
+        loop = self.pool.loop
+        self.busy = True
+        self.response = None
+        self._got_bytes = False
+        self._interim = False
+        self._head_only = head_only
+        self._keep = True
+        self._read_timeout = read_timeout
+        future: asyncio.Future[UpstreamResponse] = loop.create_future()
+        self._head_future = future
+        transport = self.transport
+        assert transport is not None
+        self._last_read = loop.time()
+        self._timer = loop.call_later(read_timeout, self._check_timeout)
+        writer: asyncio.Task[None] | None = None
+        if body is None or isinstance(body, bytes):
+            transport.write(head + body if body else head)  # one write per request
+        else:
+            transport.write(head)
+            writer = loop.create_task(self._write_body(body, chunked))
+        try:
+            if writer is not None:
+                await asyncio.wait((writer, future), return_when=asyncio.FIRST_COMPLETED)
+                if not future.done():
+                    writer.result()  # the upload ended first: raise its error, if any
+                elif not writer.done():
+                    # the backend answered before the upload was complete: stop sending; the
+                    # connection is in an unknown state, so it is not reused
+                    writer.cancel()
+                    self._keep = False
+            return await future
+        except BaseException:
+            if not future.done():
+                future.cancel()
+            self.busy = False
+            self.abort()
+            raise
+        finally:
+            if writer is not None:
+                if not writer.done():
+                    writer.cancel()
+                elif not writer.cancelled():
+                    writer.exception()  # retrieved: no "never retrieved" log line
+
+    async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        async for chunk in body:
+            if self.closed:
+                raise ConnectionResetError()
+            if not chunk:
+                continue
+            transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if self._write_paused:
+                self._drain = self.pool.loop.create_future()
+                try:
+                    await self._drain
+                finally:
+                    self._drain = None
+        if chunked and not self.closed:
+            transport.write(b"0\r\n\r\n")
+
+    # --- read timeout: one timer per exchange, re-armed for the remainder ----------------------------
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        if not self.busy or self.closed:
+            return
+        now = self.pool.loop.time()
+        if self._read_paused:
+            self._last_read = now  # we stopped reading (our client is slow): not the backend's silence
+        idle = now - self._last_read
+        if idle < self._read_timeout:
+            self._timer = self.pool.loop.call_later(self._read_timeout - idle, self._check_timeout)
+            return
+        if self.response is None:
+            self._fail_exchange(UpstreamTimeout(self.pool.version, "read timeout"))
+        else:
+            self._fail_exchange(UpstreamTimeout(self.pool.version, "read timeout mid-answer"))
+        self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- flow control and closing ----------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self.closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+            self.pool._forget(self)
+
+
+class _Unrequested(Exception):
+    """Raised in a parser callback: the backend began an answer nobody asked for."""
+
+
+class _Upgrade(Exception):
+    """Raised in a parser callback: a 101 to a request that asked for no upgrade."""
+
+
+class _NoAnswer(UpstreamProtocolError):
+    """The connection closed before any byte of the answer: safe to retry on a new connection."""
+
+
+class _CloseDelimited(UpstreamError):
+    """Not an error: a close-delimited body ended with the connection."""
+
+
+class UpstreamPool:
+    """Keep-alive connections to one origin, with a bounded size and a bounded wait for a slot."""
+
+    def __init__(
+        self,
+        version: str,
+        origin: Origin,
+        limits: PoolLimits,
+        ssl_context: ssl.SSLContext | None = None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
+        self.version = version
+        self.origin = origin
+        self.limits = limits
+        self._ssl = ssl_context if origin.scheme == "https" else None
+        if origin.scheme == "https" and self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        self._idle: list[_Connection] = []
+        self._open = 0
+        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._on_drop = on_drop
+
+    def dropped(self, reason: str) -> None:
+        """A pooled connection was dropped for misbehaving (counted by the owner's metrics)."""
+        if self._on_drop is not None:
+            self._on_drop(reason)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    async def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: bytes | AsyncIterator[bytes] | None = None,
+        *,
+        content_length: int | None = None,
+        add_host: bool = True,
+        read_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request; return the response once its head has arrived.
+
+        ``body``: bytes (sent with a canonical Content-Length), an async iterator (streamed; with
+        ``content_length`` as declared, else chunked), or None (no body; ``content_length=0`` still
+        sends ``content-length: 0``)."""
+        if isinstance(body, bytes):
+            framing = b"content-length: %d\r\n" % len(body)
+            chunked = False
+        elif body is None:
+            framing = b"content-length: 0\r\n" if content_length == 0 else b""
+            chunked = False
+        elif content_length is not None:
+            framing = b"content-length: %d\r\n" % content_length
+            chunked = False
+        else:
+            framing = b"transfer-encoding: chunked\r\n"
+            chunked = True
+        try:
+            head = request_head(method, self.origin, target, headers, add_host, framing)
+        except ValueError as exc:
+            raise UpstreamProtocolError(self.version, str(exc)) from None
+        timeout = self.limits.read_timeout if read_timeout is None else read_timeout
+        head_only = method == b"HEAD"
+        replayable = body is None or isinstance(body, bytes)
+        while True:
+            conn = await self._acquire()
+            try:
+                return await conn.exchange(head, body, chunked, head_only, timeout)
+            except _NoAnswer as exc:
+                # a reused connection the backend closed as we wrote to it (keep-alive race):
+                # nothing was answered, so one retry on a fresh connection is safe
+                if conn.reused and replayable:
+                    continue
+                raise UpstreamProtocolError(self.version, exc.detail) from None
+            except ConnectionError:
+                raise UpstreamReset(self.version, "connection lost while sending the request") from None
+
+    # --- the pool --------------------------------------------------------------------------------
+
+    async def _acquire(self) -> _Connection:
+        while True:
+            conn = await self._acquire_once()
+            if not conn.closed:
+                return conn
+
+    async def _acquire_once(self) -> _Connection:
+        loop = self.loop
+        now = loop.time()
+        idle = self._idle
+        while idle:
+            conn = idle.pop()  # LIFO: the warmest connection, the cold ones age out
+            if conn.closed:
+                continue
+            if now - conn.idle_since > self.limits.idle_timeout:
+                conn.abort()
+                continue
+            conn.reused = True
+            return conn
+        if self._open < self.limits.size and not self._waiters:
+            return await self._connect()
+        waiter: asyncio.Future[_Connection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.limits.pool_timeout):
+                conn_or_slot = await waiter
+        except TimeoutError:
+            raise UpstreamPoolTimeout(self.version, "no upstream connection free in time") from None
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if conn_or_slot is None:
+            return await self._connect()
+        conn_or_slot.reused = True
+        return conn_or_slot
+
+    async def _connect(self) -> _Connection:
+        self._open += 1
+        origin = self.origin
+        conn = _Connection(self)
+        try:
+            async with asyncio.timeout(self.limits.connect_timeout):
+                await self.loop.create_connection(
+                    lambda: conn,
+                    origin.host,
+                    origin.port,
+                    ssl=self._ssl,
+                    server_hostname=origin.host if self._ssl is not None else None,
+                )
+        except BaseException as exc:
+            self._open -= 1
+            self._hand_slot()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamConnectTimeout(self.version, "connect timeout") from None
+            if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                raise UpstreamConnectError(self.version, "TLS handshake failed") from None
+            if isinstance(exc, OSError):
+                raise UpstreamConnectError(self.version, f"cannot connect: {_reason(exc)}") from None
+            raise
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        """A connection whose exchange ended cleanly: to a waiter, else idle."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        if self._closing:
+            conn.abort()
+            return
+        conn.idle_since = self.loop.time()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.limits.idle_timeout, self._sweep)
+
+    def _forget(self, conn: _Connection) -> None:
+        """A connection closed (by either side): free its slot."""
+        if conn.counted_out:
+            return
+        conn.counted_out = True
+        self._open -= 1
+        if conn in self._idle:
+            self._idle.remove(conn)
+        self._hand_slot()
+
+    def _hand_slot(self) -> None:
+        while self._waiters and self._open < self.limits.size:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _sweep(self) -> None:
+        """Close connections idle past the keep-alive bound; re-armed while any are idle."""
+        self._sweeper = None
+        deadline = self.loop.time() - self.limits.idle_timeout
+        for conn in [c for c in self._idle if c.idle_since <= deadline]:
+            conn.abort()
+        if self._idle:
+            self._sweeper = self.loop.call_later(self.limits.idle_timeout / 2, self._sweep)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for conn in list(self._idle):
+            conn.abort()
+        self._idle.clear()
+
+
+def _reason(exc: OSError) -> str:
+    """The OS's words for a failure, without the address asyncio puts in its message."""
+    if exc.errno in (errno.ECONNREFUSED,):
+        return "connection refused"
+    if exc.errno is not None:
+        return os.strerror(exc.errno).lower()
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return "network error"

@@ -1,0 +1,369 @@
+"""The request never chooses where it goes, and one client's bytes never reach another client.
+
+Raw sockets against the real proxy and raw recording backends: each case asserts the exact status,
+that nothing reached any host but the configured backends, and which bytes each backend received.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.hostile.rawhttp import exchange
+from tests.hostile.recorder import RecordingServer
+from tests.support import ProxyProcess, RedisServer, free_port
+
+H = b"Host: app.test\r\n"
+CLOSE = b"Connection: close\r\n"
+
+
+def rejected(proxy: ProxyProcess, reason: str) -> float:
+    return proxy.metric("strangler_rejected_requests_total", reason=reason)
+
+
+# --- the request target ----------------------------------------------------------------------------
+
+
+TARGETS = {  # id -> (target, the refusal counted: llhttp itself refuses some forms as malformed)
+    "asterisk_userinfo_path": (b"*@127.0.0.1:{other}/ssrf", "bad_target"),
+    "asterisk_userinfo": (b"*@127.0.0.1:{other}", "bad_target"),
+    "asterisk_word": (b"*x", "bad_target"),
+    "authority_form": (b"127.0.0.1:{other}", "malformed"),
+    "at_sign": (b"@127.0.0.1:{other}/x", "malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(TARGETS))
+def test_a_target_that_is_not_a_path_never_reaches_any_host(
+    hostile_proxy: ProxyProcess,
+    recorders: dict[str, RecordingServer],
+    v1_recorder: RecordingServer,
+    case: str,
+) -> None:
+    target, reason = TARGETS[case]
+    target = target.replace(b"{other}", str(recorders["other"].port).encode())
+    before = rejected(hostile_proxy, reason)
+    v2_errors = hostile_proxy.metric("http_errors_total", version="v2")
+    reply = exchange(
+        hostile_proxy.port, b"GET " + target + b" HTTP/1.1\r\n" + H + b"X-Strangler-Version: v2\r\n\r\n"
+    )
+    assert reply.status == 400, reply.raw[:300]
+    assert reason.replace("_", " ").encode() in reply.body
+    assert reply.closed
+    assert rejected(hostile_proxy, reason) == before + 1
+    for name, server in recorders.items():
+        assert server.raw == b"", f"{name} received {server.raw[:200]!r}"
+    # the client's mistake is never a version's error (the canary reads these)
+    assert hostile_proxy.metric("http_errors_total", version="v2") == v2_errors
+
+
+def test_asterisk_form_cannot_reach_the_admin_api_from_outside(
+    hostile_proxy: ProxyProcess, redis_server: RedisServer, recorders: dict[str, RecordingServer]
+) -> None:
+    """The attack that used to work: the proxy calling its own admin API from loopback."""
+    redis = redis_server.client()
+    split_key = hostile_proxy.settings["split_key"]
+    before = redis.get(split_key)
+    body = b'{"percentage": 77}'
+    data = (b"PUT *@127.0.0.1:%d/_strangler/split HTTP/1.1\r\n" % hostile_proxy.port + H
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+    with socket.create_connection(("127.0.0.1", hostile_proxy.port), source_address=("127.0.0.2", 0)) as sock:
+        sock.settimeout(5)
+        sock.sendall(data)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert redis.get(split_key) == before
+    assert all(server.raw == b"" for server in recorders.values())
+
+
+def test_options_asterisk_is_answered_by_the_proxy(
+    hostile_proxy: ProxyProcess, recorders: dict[str, RecordingServer], v1_recorder: RecordingServer
+) -> None:
+    v2_errors = hostile_proxy.metric("http_errors_total", version="v2")
+    for _ in range(5):
+        reply = exchange(
+            hostile_proxy.port,
+            b"OPTIONS * HTTP/1.1\r\n" + H + b"X-Strangler-Version: v2\r\n" + CLOSE + b"\r\n",
+        )
+        assert reply.status == 200
+        assert b"GET" in reply.headers[b"allow"] and reply.body == b""
+    assert all(server.raw == b"" for server in recorders.values())
+    assert hostile_proxy.metric("http_errors_total", version="v2") == v2_errors
+
+
+def test_absolute_form_goes_to_the_configured_backend_with_its_path_only(
+    hostile_proxy: ProxyProcess, recorders: dict[str, RecordingServer], v1_recorder: RecordingServer
+) -> None:
+    other = recorders["other"].port
+    reply = exchange(
+        hostile_proxy.port, b"GET http://127.0.0.1:%d/abs?q=1 HTTP/1.1\r\n" % other + H + CLOSE + b"\r\n"
+    )
+    assert reply.status == 200
+    assert [r.target for r in v1_recorder.requests] == [b"/abs?q=1"]
+    assert recorders["other"].raw == b""
+
+
+def test_content_length_goes_upstream_as_the_canonical_number(
+    hostile_proxy: ProxyProcess, v1_recorder: RecordingServer
+) -> None:
+    padded = b"0" * 30 + b"5"
+    for text in (b"005", padded):
+        v1_recorder.clear()
+        reply = exchange(
+            hostile_proxy.port,
+            b"POST /echo HTTP/1.1\r\n" + H + CLOSE + b"Content-Length: " + text + b"\r\n\r\nhello",
+        )
+        assert reply.status == 200
+        (request,) = v1_recorder.requests
+        assert request.header(b"content-length") == [b"5"] and request.body == b"hello"
+
+
+def test_client_cannot_forge_the_proxys_markers(
+    hostile_proxy: ProxyProcess, v1_recorder: RecordingServer
+) -> None:
+    reply = exchange(
+        hostile_proxy.port,
+        b"GET /echo HTTP/1.1\r\n"
+        + H
+        + CLOSE
+        + b"X-Strangler-Shadow: 1\r\nX-Strangler-Calibration: 1\r\n\r\n",
+    )
+    assert reply.status == 200
+    (request,) = v1_recorder.requests
+    assert not [name for name, _ in request.headers if name.lower().startswith(b"x-strangler-")]
+
+
+# --- backends that misbehave on a pooled connection ----------------------------------------------
+
+
+class ScriptedBackend:
+    """A raw keep-alive backend: answers ``T=<target>``; ``/poison`` writes a second, unrequested
+    answer 0.3 s after the first; ``/switch`` answers 101 to a plain request."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = self._sock.getsockname()[1]
+        self.connections = 0
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        buffer = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = conn.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                target = head.split(b" ")[1]
+                try:
+                    if target == b"/switch":
+                        conn.sendall(
+                            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\nRAW"
+                        )
+                        continue
+                    body = b"T=" + target
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    if target == b"/poison":
+                        time.sleep(0.3)
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")
+                except OSError:
+                    return
+
+    def stop(self) -> None:
+        self._closing = True
+        self._sock.close()
+
+
+@pytest.fixture()
+def scripted(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> Iterator[tuple[ScriptedBackend, ProxyProcess]]:
+    backend = ScriptedBackend()
+    proxy = proxy_factory(
+        v1_url=backend.url, v2_url=backend.url, redis_url=redis_url, split_key="sc:split", key_prefix="sc:"
+    )
+    yield backend, proxy
+    backend.stop()
+
+
+def test_an_idle_pooled_connection_that_speaks_is_dropped_never_reused(
+    scripted: tuple[ScriptedBackend, ProxyProcess],
+) -> None:
+    backend, proxy = scripted
+    with httpx.Client(timeout=5) as client:
+        assert client.get(proxy.url + "/poison").text == "T=/poison"
+        time.sleep(0.6)  # the backend has now written an unrequested answer on the idle connection
+        for i in range(10):
+            # new clients each: none may get the stray answer or the one meant for another
+            with httpx.Client(timeout=5) as other:
+                assert other.get(proxy.url + f"/after-{i}").text == f"T=/after-{i}"
+    assert proxy.metric("strangler_upstream_errors_total", version="v1", kind="idle_readable") >= 1
+
+
+def test_an_unsolicited_101_is_a_502_and_the_connection_is_dropped(
+    scripted: tuple[ScriptedBackend, ProxyProcess],
+) -> None:
+    backend, proxy = scripted
+    reply = exchange(proxy.port, b"GET /switch HTTP/1.1\r\n" + H + CLOSE + b"\r\n")
+    assert reply.status == 502
+    assert b"RAW" not in reply.raw and b"101" not in reply.raw.split(b"\r\n")[0]
+    assert proxy.metric("strangler_upstream_errors_total", version="v1", kind="protocol") == 1
+    # the next request is served on a fresh connection, with its own answer
+    assert httpx.get(proxy.url + "/next", timeout=5).text == "T=/next"
+
+
+def test_error_answers_name_no_internal_address(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> None:
+    dead = free_port()
+    url = f"http://127.0.0.1:{dead}"
+    proxy = proxy_factory(v1_url=url, v2_url=url, redis_url=redis_url, split_key="d:split", key_prefix="d:")
+    response = httpx.get(proxy.url + "/x", timeout=5)
+    assert response.status_code == 502
+    assert response.json() == {
+        "error": "upstream unavailable",
+        "version": "v1",
+        "detail": "cannot connect: connection refused",
+    }
+    assert str(dead) not in response.text and "127.0.0.1" not in response.text
+    assert str(dead) not in proxy.metrics()
+
+
+# --- the pool under slow clients -------------------------------------------------------------------
+
+
+def test_slow_uploads_hold_no_backend_connection(
+    hostile_proxy: ProxyProcess, v1_recorder: RecordingServer
+) -> None:
+    """300 clients each send 1 byte of a declared 1000-byte body and stall. Their bodies are
+    buffered by the proxy (they are under body_buffer_bytes), so not one backend connection is
+    taken for them, and an ordinary GET is served at once."""
+    connections_before = len(v1_recorder.connections)
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", hostile_proxy.port))
+            sock.sendall(b"POST /slow HTTP/1.1\r\n" + H + b"Content-Length: 1000\r\n\r\nx")
+            slow.append(sock)
+        reply = exchange(hostile_proxy.port, b"GET /fast HTTP/1.1\r\n" + H + CLOSE + b"\r\n", timeout=5)
+        assert reply.status == 200
+        assert [r.target for r in v1_recorder.requests] == [b"/fast"]
+        assert len(v1_recorder.connections) - connections_before <= 1
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_a_full_pool_is_a_bounded_503_not_a_versions_error(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str, backend_factory: Callable[[str], object]
+) -> None:
+    from tests.support import Backend
+
+    slow = backend_factory("v1")
+    assert isinstance(slow, Backend)
+    proxy = proxy_factory(v1_url=slow.url, v2_url=slow.url, redis_url=redis_url, upstream_pool_size=2,
+                          pool_timeout_seconds=0.3, split_key="pool:split", key_prefix="pool:")  # fmt: skip
+    results: list[int] = []
+
+    def hold() -> None:
+        results.append(httpx.get(proxy.url + "/slow?ms=2000", timeout=10).status_code)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    time.sleep(0.7)  # both holders are waiting on the backend (2 s), holding the pool's 2 connections
+    busy = httpx.get(proxy.url + "/x", timeout=5)
+    assert busy.status_code == 503
+    assert busy.json()["error"] == "upstream busy"
+    for thread in holders:
+        thread.join()
+    assert results == [200, 200]
+    assert proxy.metric("strangler_upstream_errors_total", version="v1", kind="pool_timeout") == 1
+    # the proxy's own limit: never counted as v1's error (the canary compares versions by these)
+    assert proxy.metric("http_errors_total", version="v1") == 0
+    assert proxy.metric("http_errors_total", version="proxy") == 1
+
+
+def test_a_streamed_upload_below_the_minimum_rate_gets_408(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> None:
+    backend = RecordingServer().start()
+    try:
+        limits = {
+            "body_buffer_bytes": 1024, "min_body_rate_bytes_per_second": 1000, "body_rate_grace_seconds": 0.5
+        }
+        proxy = proxy_factory(
+            v1_url=backend.url, v2_url=backend.url, redis_url=redis_url, split_key="r:split", key_prefix="r:",
+            limits=limits,
+        )
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"POST /up HTTP/1.1\r\n" + H + b"Content-Length: 100000\r\n\r\n" + b"x" * 2000)
+            answer = b""
+            for _ in range(60):  # a trickle of 250 B/s: the average falls below 1,000 B/s after ~2.7 s
+                time.sleep(0.1)
+                try:
+                    sock.sendall(b"x" * 25)
+                except OSError:
+                    break
+            try:
+                answer = sock.recv(65536)
+            except OSError:
+                pass
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert proxy.metric("strangler_rejected_requests_total", reason="body_too_slow") == 1
+        assert backend.requests == []  # the upload never completed upstream
+    finally:
+        backend.stop()
+
+
+# --- connection limits -------------------------------------------------------------------------------
+
+
+def test_an_idle_connection_flood_does_not_lock_out_a_normal_client(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> None:
+    backend = RecordingServer().start()
+    flood: list[socket.socket] = []
+    try:
+        proxy = proxy_factory(
+            v1_url=backend.url, v2_url=backend.url, redis_url=redis_url, split_key="c:split", key_prefix="c:",
+            limits={"max_connections": 50},
+        )
+        for _ in range(200):
+            flood.append(socket.create_connection(("127.0.0.1", proxy.port)))
+        reply = exchange(proxy.port, b"GET /normal HTTP/1.1\r\n" + H + CLOSE + b"\r\n", timeout=5)
+        assert reply.status == 200
+        assert [r.target for r in backend.requests] == [b"/normal"]
+        assert proxy.metric("strangler_rejected_requests_total", reason="idle_closed") >= 150
+    finally:
+        for sock in flood:
+            sock.close()
+        backend.stop()
