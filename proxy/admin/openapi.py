@@ -102,7 +102,7 @@ def openapi_document(settings: Settings, routes: list[RouteDoc]) -> dict[str, An
             if route.protected:
                 operation["security"] = [{"bearer": []}]
                 operation["responses"]["401"] = {
-                    "description": "missing or wrong token (or untrusted peer when no token is set)",
+                    "description": "missing or wrong token",
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
                 }
             item[lower] = operation
@@ -112,8 +112,8 @@ def openapi_document(settings: Settings, routes: list[RouteDoc]) -> dict[str, An
             "title": "Strangler admin API",
             "version": "1",
             "description": (
-                "Control the v1 -> v2 migration. Changes need `Authorization: Bearer <token>`; "
-                "without a configured token they are accepted from trusted peers only."
+                "Control the v1 -> v2 migration. Changes need `Authorization: Bearer <token>` from "
+                "every peer; without a configured token, `strangler serve` generates one in admin_token_file."
             ),
         },
         "paths": paths,
