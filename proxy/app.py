@@ -171,11 +171,3 @@ class Strangler:
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Strangler:
     return Strangler(settings, metrics)
-
-
-def create_app_from_env() -> Strangler:
-    """uvicorn factory for ``--workers N``: the parent passes resolved settings as JSON."""
-    import os
-
-    raw = os.environ["STRANGLER_RESOLVED_SETTINGS"]
-    return Strangler(Settings.model_validate_json(raw))

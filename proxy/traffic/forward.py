@@ -1,4 +1,6 @@
-"""The proxy itself: a plain ASGI callable. Per-request state lives in locals, never on ``self``.
+"""The forwarding core: one request from client to backend and back. Per-request state lives in
+locals, never on ``self``. It talks to the client through ``ClientExchange`` (our native server or
+the ASGI adapter), and to the backends through the edge client.
 
 request -> admin prefix? -> deprecation -> route group -> split -> forward -> (mirror) -> record
 """
@@ -10,7 +12,7 @@ import contextlib
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -21,6 +23,7 @@ from proxy.edge.errors import UpstreamError
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.traffic import split
+from proxy.traffic.exchange import ASGIApp, AsgiExchange, ClientExchange, ClientGone, Receive, Scope, Send
 from proxy.traffic.hooks import (
     Deprecations,
     Mirror,
@@ -33,12 +36,6 @@ from proxy.traffic.hooks import (
 from proxy.traffic.paths import is_canonical, normalise
 from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import Upstream, translate
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 HOP_BY_HOP = frozenset(
     {
@@ -59,10 +56,6 @@ ALLOW_ALL = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 JSON_HEADERS = [(b"content-type", b"application/json")]
 VERSION_HEADER = b"x-api-version"
 VERSION_VALUE = {"v1": b"v1", "v2": b"v2"}
-
-
-class ClientGone(Exception):
-    """The client disconnected while we were still reading its request body."""
 
 
 class BodyTooSlow(Exception):
@@ -115,48 +108,50 @@ class ProxyApp:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI adapter: ``proxy.app:app`` under any ASGI server runs the same core."""
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1003})
             return
-        path: str = scope["path"]
-        raw_path: bytes = scope.get("raw_path") or path_bytes(path)
+        await self.handle(AsgiExchange(scope, receive, send))
+
+    async def handle(self, ex: ClientExchange) -> None:
+        path = ex.path
+        raw_path = ex.raw_path
         if not raw_path.startswith(b"/"):
-            await self._odd_target(scope, send, raw_path)
+            await self._odd_target(ex, raw_path)
             return
         if path.startswith(self._prefix) and (path == self._prefix or path[len(self._prefix)] == "/"):
             # one spelling reaches the admin API: no escapes (%5F), no dot or empty segments, no
             # trailing slash (Starlette would answer it with a redirect built from the client's Host)
-            if is_canonical(path, scope.get("raw_path")) and not path.endswith("/"):
-                await self._admin(scope, receive, send)
+            if is_canonical(path, raw_path) and not path.endswith("/"):
+                await ex.asgi(self._admin)
                 return
-            await self._reject(send, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+            await self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
             return
         norm = normalise(path)
         if norm != path and (norm == self._prefix or norm.startswith(self._prefix + "/")):
-            await self._reject(send, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+            await self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
             return
-        await self._proxy(scope, receive, send, norm, raw_path)
+        await self._proxy(ex, norm, raw_path)
 
-    async def _odd_target(self, scope: Scope, send: Send, raw_path: bytes) -> None:
+    async def _odd_target(self, ex: ClientExchange, raw_path: bytes) -> None:
         """Only origin-form targets are forwarded. ``OPTIONS *`` asks about the server itself, so
         the proxy answers it; anything else (``*@host:port/x``, authority-form) is the client's
         mistake or an attack: 400, counted as a refusal, never a version's error."""
-        if raw_path == b"*" and scope["method"] == "OPTIONS" and not scope.get("query_string"):
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"allow", ALLOW_ALL), (b"content-length", b"0")]})  # fmt: skip
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if raw_path == b"*" and ex.method == "OPTIONS" and not ex.query:
+            await ex.respond(200, [(b"allow", ALLOW_ALL), (b"content-length", b"0")], b"", False)
             return
-        await self._reject(send, 400, "bad_target", "the request target must be a path like /items?id=1")
+        await self._reject(ex, 400, "bad_target", "the request target must be a path like /items?id=1")
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send, norm: str, raw_path: bytes) -> None:
+    async def _proxy(self, ex: ClientExchange, norm: str, raw_path: bytes) -> None:
         started = time.perf_counter()
         snapshot = self._store.current
-        method: str = scope["method"]
+        method: str = ex.method
 
         deprecation = self._deprecations.check(method, norm, snapshot)
         if deprecation is not None and deprecation.gone_body is not None:
-            await self._answer(send, 410, deprecation.gone_body, deprecation.headers)
+            await self._answer(ex, 410, deprecation.gone_body, deprecation.headers)
             self._metrics.request_done("deprecated", "proxy", method, 410, time.perf_counter() - started)
             return
         group = self._routes.group_for(norm)
@@ -173,7 +168,7 @@ class ProxyApp:
         has_body = False
         connection_named: set[bytes] = set()
         out: list[tuple[bytes, bytes]] = []
-        for name, value in scope["headers"]:
+        for name, value in ex.headers:
             if name == self._user_header:
                 user_key = value
             elif name == b"cookie":
@@ -213,7 +208,7 @@ class ProxyApp:
             out = [(name, value) for name, value in out if name not in drop]
         if content_length == 0:
             has_body = False
-        query: bytes = scope.get("query_string") or b""
+        query = ex.query
         if override is None and b"_method=" in query:
             override = _query_value(query, b"_method")
 
@@ -223,7 +218,7 @@ class ProxyApp:
             if forced in (b"v1", b"v2"):
                 version = forced.decode()
             else:
-                await self._reject(send, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
+                await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
                 return
         else:
             if self._all_v1_when_down and not snapshot.redis_ok:
@@ -234,8 +229,7 @@ class ProxyApp:
                 user_key = _cookie_value(cookie, self._user_cookie)
             if user_key is None:
                 if self._fallback == "client_ip":
-                    client = scope.get("client")
-                    user_key = client[0].encode() if client else None
+                    user_key = ex.client_host.encode() if ex.client_host else None
                 elif self._fallback == "affinity_cookie":
                     user_key = _cookie_value(cookie, self._affinity) if cookie else None
                     if user_key is None:
@@ -243,10 +237,9 @@ class ProxyApp:
                         set_cookie = self._affinity + b"=" + user_key + b"; Path=/; HttpOnly; SameSite=Lax"
             version = split.choose(percentage, self._salt, group, user_key)
 
-        client = scope.get("client")
-        client_ip = client[0].encode() if client else b"unknown"
+        client_ip = ex.client_host.encode() if ex.client_host else b"unknown"
         out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
-        out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+        out.append((b"x-forwarded-proto", b"https" if ex.scheme == "https" else b"http"))
         if host is not None:
             out.append((b"x-forwarded-host", host))
         if request_id is None:
@@ -261,45 +254,45 @@ class ProxyApp:
             plan = self._mirror.plan(group, effective, content_length, snapshot)
 
         capture = plan.max_body if plan is not None else 0
-        body = _Body(receive, capture, self._body_policy) if has_body else None
-        ex = _Exchange(group, method, version, started, body, plan)
-        ex.content_length = content_length if has_body or content_length == 0 else None
-        ex.add_host = host is None or not self._preserve_host
+        body = _Body(ex.read, capture, self._body_policy) if has_body else None
+        xc = _Exchange(group, method, version, started, body, plan)
+        xc.content_length = content_length if has_body or content_length == 0 else None
+        xc.add_host = host is None or not self._preserve_host
         if deprecation is not None:
-            ex.extra_headers.extend(deprecation.headers)
+            xc.extra_headers.extend(deprecation.headers)
         if set_cookie is not None:
-            ex.extra_headers.append((b"set-cookie", set_cookie))
+            xc.extra_headers.append((b"set-cookie", set_cookie))
 
         try:
-            response = await self._send_upstream(version, method, raw_target, headers, body, ex)
+            response = await self._send_upstream(version, method, raw_target, headers, body, xc)
         except UpstreamError as exc:
             if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
                 self._metrics.fallback(group)
                 self._metrics.upstream_error("v2", exc.kind)
-                ex.version = "v1"
-                ex.plan = plan = None  # a request v2 was meant to serve is never mirrored to v2
+                xc.version = "v1"
+                xc.plan = plan = None  # a request v2 was meant to serve is never mirrored to v2
                 try:
-                    response = await self._send_upstream("v1", method, raw_target, headers, body, ex)
+                    response = await self._send_upstream("v1", method, raw_target, headers, body, xc)
                 except UpstreamError as exc2:
-                    await self._upstream_failed(send, exc2, ex)
+                    await self._upstream_failed(ex, exc2, xc)
                     return
             else:
                 if plan is not None:
                     self._mirror.abandon(plan, "primary_failed")
-                await self._upstream_failed(send, exc, ex)
+                await self._upstream_failed(ex, exc, xc)
                 return
         except ClientGone:
             self._metrics.client_disconnected(version, "request")
             return
         except BodyTooSlow:
-            await self._reject(send, 408, "body_too_slow", "request body arrived below the minimum rate")
+            await self._reject(ex, 408, "body_too_slow", "request body arrived below the minimum rate")
             return
 
-        result = await self._relay(send, receive, response, ex)
+        result = await self._relay(ex, response, xc)
         if result is None:
             return
         status, primary = result
-        self._done(group, ex.version, method, status, time.perf_counter() - started)
+        self._done(group, xc.version, method, status, time.perf_counter() - started)
         if plan is not None and primary is not None:
             if body is not None and body.too_large:
                 self._mirror.abandon(plan, "size")
@@ -322,7 +315,7 @@ class ProxyApp:
         raw_target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: _Body | None,
-        ex: _Exchange,
+        xc: _Exchange,
     ) -> UpstreamResponse:
         """Bodies up to ``body_buffer_bytes`` are read whole before a pool slot is taken, so a slow
         uploader never holds a backend connection; only larger bodies are streamed."""
@@ -333,8 +326,8 @@ class ProxyApp:
         try:
             return await upstream.send(
                 METHOD_BYTES.get(method) or method.encode("latin-1"), raw_target, headers, data,
-                content_length=ex.content_length if not isinstance(data, bytes) else None,
-                add_host=ex.add_host,
+                content_length=xc.content_length if not isinstance(data, bytes) else None,
+                add_host=xc.add_host,
             )  # fmt: skip
         except (ClientGone, BodyTooSlow):
             raise
@@ -346,35 +339,34 @@ class ProxyApp:
             raise translate(version, exc) from exc
 
     async def _relay(
-        self, send: Send, receive: Receive, response: UpstreamResponse, ex: _Exchange
+        self, ex: ClientExchange, response: UpstreamResponse, xc: _Exchange
     ) -> tuple[int, PrimaryResult | None] | None:
         """Stream the answer back: (status, primary for the mirror), or None if cut short."""
-        version, plan, started = ex.version, ex.plan, ex.started
+        version, plan, started = xc.version, xc.plan, xc.started
         status: int = response.status
         headers = _response_headers(response.raw_headers)
         headers.append((VERSION_HEADER, VERSION_VALUE[version]))
-        headers.extend(ex.extra_headers)
+        headers.extend(xc.extra_headers)
         length = response.content_length
         captured: bytearray | None = bytearray() if plan is not None else None
         max_capture = plan.max_compare if plan is not None else 0
         try:
-            if ex.method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
+            if xc.method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
                 try:
                     payload = await response.read()
                 except UpstreamError as exc:  # nothing relayed yet: a clean 502/504
-                    await self._upstream_failed(send, exc, ex)
+                    await self._upstream_failed(ex, exc, xc)
                     return None
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": payload, "more_body": False})
+                await ex.respond(status, headers, payload, False)
                 if captured is not None:
                     captured += payload
             else:
-                await self._stream(send, receive, response, status, headers, ex.body, captured, max_capture)
+                await self._stream(ex, response, status, headers, xc.body, captured, max_capture)
         except UpstreamError as exc:
             # the answer had started: the client connection is closed, never a truncated body
             # passed off as complete
             self._metrics.upstream_error(version, "reset" if exc.kind == "protocol" else exc.kind)
-            self._done(ex.group, version, ex.method, 502, time.perf_counter() - started)
+            self._done(xc.group, version, xc.method, 502, time.perf_counter() - started)
             return None
         except (ClientGone, OSError):
             self._metrics.client_disconnected(version, "response")
@@ -388,8 +380,7 @@ class ProxyApp:
 
     async def _stream(
         self,
-        send: Send,
-        receive: Receive,
+        ex: ClientExchange,
         response: UpstreamResponse,
         status: int,
         headers: list[tuple[bytes, bytes]],
@@ -398,21 +389,21 @@ class ProxyApp:
         max_capture: int,
     ) -> None:
         """Large or unsized answers: chunk by chunk, with a watcher that stops on client disconnect."""
-        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await ex.respond(status, headers, b"", True)
         watcher: asyncio.Task[None] | None = None
         gone = asyncio.Event()
         if body is None or body.done:
-            watcher = asyncio.create_task(_watch_disconnect(receive, response, gone))
+            watcher = asyncio.create_task(_watch_disconnect(ex, response, gone))
         try:
             async for chunk in response.chunks():
                 if gone.is_set():
                     raise ClientGone()
                 if captured is not None and len(captured) <= max_capture:
                     captured += chunk
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await ex.write(chunk, True)
             if gone.is_set():
                 raise ClientGone()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await ex.write(b"", False)
         except UpstreamError:
             if gone.is_set():
                 raise ClientGone() from None
@@ -428,36 +419,29 @@ class ProxyApp:
         for recorder in self._recorders:
             recorder.record(group, version, status, seconds)
 
-    async def _upstream_failed(self, send: Send, exc: UpstreamError, ex: _Exchange) -> None:
+    async def _upstream_failed(self, ex: ClientExchange, exc: UpstreamError, xc: _Exchange) -> None:
         """The client gets a generic reason (the edge client's details name no address anyway);
         the kind is counted. A full pool is the proxy's own limit, not the version's error."""
         self._metrics.upstream_error(exc.version, exc.kind)
         label = FAILURE_LABELS.get(exc.status, "upstream unavailable")
         body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
-        await self._answer(send, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
-        seconds = time.perf_counter() - ex.started
+        await self._answer(ex, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
+        seconds = time.perf_counter() - xc.started
         if exc.blames_version:
-            self._done(ex.group, exc.version, ex.method, exc.status, seconds)
+            self._done(xc.group, exc.version, xc.method, exc.status, seconds)
         else:
-            self._metrics.request_done(ex.group, "proxy", ex.method, exc.status, seconds)
+            self._metrics.request_done(xc.group, "proxy", xc.method, exc.status, seconds)
 
-    async def _reject(self, send: Send, status: int, reason: str, detail: str) -> None:
+    async def _reject(self, ex: ClientExchange, status: int, reason: str, detail: str) -> None:
         """The proxy refuses the request itself; counted by reason."""
         self._metrics.rejected_request(reason)
         body = orjson.dumps({"error": reason.replace("_", " "), "detail": detail})
         # close: the request body (if any) is unread, and a refused client gets no second try
-        await self._answer(send, status, body, [(b"connection", b"close")])
+        await self._answer(ex, status, body, [(b"connection", b"close")])
 
     @staticmethod
-    async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *headers],
-            }
-        )
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+    async def _answer(ex: ClientExchange, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+        await ex.respond(status, [*JSON_HEADERS, (b"content-length", b"%d" % len(body)), *extra], body, False)
 
 
 class _Exchange:
@@ -493,11 +477,12 @@ class _Body:
     """The client's request body, read from ASGI ``receive``: buffered whole when small, else
     streamed up at no less than the minimum rate; optionally captured for the mirror."""
 
-    __slots__ = ("_receive", "_capture_limit", "_policy", "captured", "too_large", "started", "done", "gone",
+    __slots__ = ("_read", "_capture_limit", "_policy", "captured", "too_large", "started", "done", "gone",
                  "_first")  # fmt: skip
 
-    def __init__(self, receive: Receive, capture_limit: int, policy: BodyPolicy) -> None:
-        self._receive = receive
+    def __init__(self, read: Callable[[], Awaitable[tuple[bytes, bool]]], capture_limit: int,
+                 policy: BodyPolicy) -> None:  # fmt: skip
+        self._read = read
         self._capture_limit = capture_limit
         self._policy = policy
         self.captured = b""
@@ -514,16 +499,12 @@ class _Body:
             parts: list[bytes] = []
             size = 0
             while True:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    self.gone = True
-                    raise ClientGone()
-                chunk = message.get("body", b"")
+                chunk, more = await self._next()
                 if chunk:
                     self._keep(chunk)
                     parts.append(chunk)
                     size += len(chunk)
-                if not message.get("more_body", False):
+                if not more:
                     self.done = True
                     break
                 if size > self._policy.buffer:
@@ -543,22 +524,25 @@ class _Body:
             sent = len(self._first)
             yield self._first
         while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self.gone = True
-                raise ClientGone()
-            chunk = message.get("body", b"")
+            chunk, more = await self._next()
             if chunk:
                 self._keep(chunk)
                 sent += len(chunk)
                 yield chunk
-            if not message.get("more_body", False):
+            if not more:
                 self.done = True
                 return
             if policy.min_rate:
                 elapsed = loop.time() - began
                 if elapsed > policy.grace and sent < policy.min_rate * elapsed:
                     raise BodyTooSlow()
+
+    async def _next(self) -> tuple[bytes, bool]:
+        try:
+            return await self._read()
+        except ClientGone:
+            self.gone = True
+            raise
 
     def _keep(self, chunk: bytes) -> None:
         if self._capture_limit and not self.too_large:
@@ -580,15 +564,12 @@ def _started(body: _Body | None) -> bool:
     return body is not None and body.started
 
 
-async def _watch_disconnect(receive: Receive, response: Any, gone: asyncio.Event) -> None:
-    """Only used once the request body is fully read, so it is the sole caller of ``receive``."""
+async def _watch_disconnect(ex: ClientExchange, response: UpstreamResponse, gone: asyncio.Event) -> None:
+    """Only used once the request body is fully read, so it is the sole reader of the client."""
     with contextlib.suppress(asyncio.CancelledError):
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                gone.set()
-                response.close()
-                return
+        await ex.wait_gone()
+        gone.set()
+        response.close()
 
 
 def _response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

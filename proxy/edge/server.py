@@ -1,0 +1,744 @@
+"""Our HTTP/1.1 server protocol on httptools (llhttp): limits, strict framing, timeouts, pipelining.
+
+Why our own and not uvicorn's: the proxy's speed is decided here (one transport write per answer
+or chunk, no ASGI message dicts, no framework), and so is its safety (every limit and refusal below
+is ours, with no private name of another library to break on an upgrade).
+
+Each connection parses requests with llhttp and hands each one to the forwarding core as a
+``NativeExchange`` (``proxy/traffic/exchange.py`` is the interface). Pipelined requests are
+answered in order: one is active, the rest wait and reading pauses. Refusals (the table in
+docs/security.md) are answered here with a small JSON body and ``Connection: close``, counted in
+``strangler_rejected_requests_total{reason}`` and never logged per request; nothing refused here
+reaches a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import http
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+
+from proxy.traffic.exchange import ASGIApp, ClientGone, Message
+
+log = logging.getLogger("strangler")
+
+_HOST_OK = re.compile(rb"^[A-Za-z0-9.\-_~!$&'()*+,;=:\[\]%]*$")
+_OWS = b" \t"
+STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
+NO_BODY_STATUS = frozenset({204, 304})
+BODY_HIGH_WATER = 256 * 1024  # request bytes buffered before we stop reading the client
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+OVER_CAPACITY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 74\r\n"
+    b'connection: close\r\n\r\n{"error":"over capacity","detail":"too many connections, try again later"}'
+)
+
+Handler = Callable[["NativeExchange"], Awaitable[None]]
+
+
+class ServerLimits:
+    """Limits resolved once per server, the refusal counter and the open connections."""
+
+    __slots__ = ("max_line", "max_header_bytes", "max_headers", "max_head", "max_body", "header_timeout",
+                 "body_timeout", "keepalive_timeout", "max_connections", "count", "connections")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        max_request_line_bytes: int = 8192,
+        max_header_bytes: int = 65536,
+        max_headers: int = 100,
+        max_body_bytes: int = 0,
+        header_timeout_seconds: float = 10.0,
+        body_timeout_seconds: float = 60.0,
+        keepalive_timeout_seconds: float = 5.0,
+        max_connections: int = 4096,
+        count: Callable[[str], None] | None = None,
+    ) -> None:
+        self.max_line = max_request_line_bytes
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        # bytes of an unfinished head we are willing to buffer (request line + headers + CRLFs)
+        self.max_head = max_request_line_bytes + max_header_bytes + 4 * (max_headers + 2)
+        self.max_body = max_body_bytes
+        self.header_timeout = header_timeout_seconds
+        self.body_timeout = body_timeout_seconds
+        self.keepalive_timeout = keepalive_timeout_seconds
+        self.max_connections = max_connections
+        self.count: Callable[[str], None] = count or (lambda reason: None)
+        # every open connection, oldest first: idle ones are closed first at the cap
+        self.connections: dict[ServerProtocol, None] = {}
+
+
+class Refused(Exception):
+    """Raised inside a parser callback to stop parsing; the protocol answers ``status``."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+class NativeExchange:
+    """One request on one connection, and its answer: the ``ClientExchange`` of our server."""
+
+    __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "http_version",
+                 "keep_alive", "expect_continue", "_conn", "_chunks", "_buffered", "_body_done", "_waiter",
+                 "_responded", "_complete", "_chunked", "_no_body", "gone")  # fmt: skip
+
+    def __init__(self, conn: ServerProtocol, method: str, raw_path: bytes, path: str, query: bytes,
+                 headers: list[tuple[bytes, bytes]], http_version: str, keep_alive: bool,
+                 expect_continue: bool) -> None:  # fmt: skip
+        self._conn = conn
+        self.method = method
+        self.raw_path = raw_path
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.client_host = conn.client_host
+        self.scheme = conn.scheme
+        self.http_version = http_version
+        self.keep_alive = keep_alive
+        self.expect_continue = expect_continue
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._body_done = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._responded = False
+        self._complete = False
+        self._chunked = False
+        self._no_body = False
+        self.gone = False
+
+    # --- fed by the connection -------------------------------------------------------------------
+
+    def _feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered > BODY_HIGH_WATER:
+            self._conn.pause_reading()
+        self._wake()
+
+    def _end_body(self) -> None:
+        self._body_done = True
+        self._wake()
+
+    def _disconnect(self) -> None:
+        self.gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+    @property
+    def body_done(self) -> bool:
+        return self._body_done
+
+    # --- ClientExchange ----------------------------------------------------------------------------
+
+    async def read(self) -> tuple[bytes, bool]:
+        if self.expect_continue and not self._responded:
+            self.expect_continue = False
+            self._conn.write(CONTINUE)
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered <= BODY_HIGH_WATER // 4:
+                    self._conn.resume_reading()
+                return chunk, bool(self._chunks) or not self._body_done
+            if self._body_done:
+                return b"", False
+            if self.gone:
+                raise ClientGone()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
+        if self.gone:
+            raise ClientGone()
+        self._responded = True
+        parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
+        sized = False
+        close = not self.keep_alive
+        for name, value in headers:
+            if name == b"content-length":
+                sized = True
+            elif name == b"connection":
+                if value.lower() == b"close":
+                    close = True
+                continue  # written below, once
+            elif name == b"transfer-encoding":
+                continue  # we frame the answer ourselves
+            parts += (name, b": ", value, b"\r\n")
+        no_body = self.method == "HEAD" or status in NO_BODY_STATUS or status < 200
+        self._no_body = no_body
+        if not no_body and not sized:
+            if not more:
+                parts.append(b"content-length: %d\r\n" % len(body))
+            elif self.http_version == "1.1":
+                parts.append(b"transfer-encoding: chunked\r\n")
+                self._chunked = True
+            else:
+                close = True  # HTTP/1.0 and unsized: the close ends the body
+        elif no_body and not sized and status >= 200 and status not in NO_BODY_STATUS and not more:
+            pass  # HEAD: the backend's length (if any) was passed on; none invented
+        if self._body_done is False and not more:
+            # answered before the whole request body arrived: the rest cannot be skipped safely
+            close = True
+        if close:
+            self.keep_alive = False
+            parts.append(b"connection: close\r\n")
+        elif self.http_version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if body and not no_body:
+            parts.append(b"%x\r\n%s\r\n" % (len(body), body) if self._chunked else body)
+        if not more and self._chunked:
+            parts.append(b"0\r\n\r\n")
+        self._conn.write(b"".join(parts))
+        if not more:
+            self._finish()
+        elif self._conn.write_paused:
+            await self._conn.drain()
+
+    async def write(self, body: bytes, more: bool) -> None:
+        if self.gone:
+            raise ClientGone()
+        if self._no_body:
+            data = b""
+        elif self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            if not more:
+                data += b"0\r\n\r\n"
+        else:
+            data = body
+        if data:
+            self._conn.write(data)
+        if not more:
+            self._finish()
+        elif self._conn.write_paused:
+            await self._conn.drain()
+
+    async def wait_gone(self) -> None:
+        await self._conn.lost
+
+    async def asgi(self, app: ASGIApp) -> None:
+        """Run an ASGI app for this request (the admin API): dicts only here, off the hot path."""
+        conn = self._conn
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": self.http_version, "method": self.method, "scheme": self.scheme,
+            "path": self.path, "raw_path": self.raw_path, "query_string": self.query, "root_path": "",
+            "headers": self.headers,
+            "client": (self.client_host, conn.client_port) if self.client_host else None,
+            "server": conn.server_address,
+        }  # fmt: skip
+        start: dict[str, Any] = {}
+
+        async def receive() -> Message:
+            if not self._body_done or self._chunks:
+                try:
+                    body, more = await self.read()
+                except ClientGone:
+                    return {"type": "http.disconnect"}
+                return {"type": "http.request", "body": body, "more_body": more}
+            await self.wait_gone()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body" or self._complete:
+                return
+            body, more = message.get("body", b""), message.get("more_body", False)
+            headers = [(bytes(k).lower(), bytes(v)) for k, v in start.get("headers", [])]
+            if not self._responded:
+                await self.respond(start["status"], headers, body, more)
+            else:
+                await self.write(body, more)
+
+        await app(scope, receive, send)
+
+    def _finish(self) -> None:
+        if not self._complete:
+            self._complete = True
+            self._conn.exchange_done(self)
+
+
+class ServerProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, handler: Handler, limits: ServerLimits, scheme: str = "http") -> None:
+        self._handler = handler
+        self._limits = limits
+        self.scheme = scheme
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_host: str | None = None
+        self.client_port = 0
+        self.server_address: tuple[str, int] | None = None
+        self.lost: asyncio.Future[None] = self.loop.create_future()
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._refused = False
+        self._refusal: Refused | None = None
+        # request being parsed
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._in_head = True
+        self._head_bytes = 0
+        self._header_count = 0
+        self._header_bytes = 0
+        self._hosts = 0
+        self._codings = 0
+        self._content_length = -1
+        self._body_bytes = 0
+        self._expect = False
+        self._parsing: NativeExchange | None = None  # the request whose body is being read
+        # requests and answers
+        self._active: NativeExchange | None = None
+        self._queue: collections.deque[NativeExchange] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        # timers: one for the head/keep-alive deadlines, one for body stalls
+        self._head_since: float | None = None
+        self._idle_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._last_body = 0.0
+
+    # --- connection ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client_host, self.client_port = str(peer[0]), int(peer[1])
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple) and len(sock) >= 2:
+            self.server_address = (str(sock[0]), int(sock[1]))
+        limits = self._limits
+        if len(limits.connections) >= limits.max_connections and not self._make_room():
+            # at the cap and every connection is busy: refuse at once, before reading a byte
+            limits.count("connection_limit")
+            self._refused = True
+            transport.write(OVER_CAPACITY)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        limits.connections[self] = None
+        self._head_since = self.loop.time()
+        self._timer = self.loop.call_later(limits.header_timeout, self._check_deadlines)
+
+    def _make_room(self) -> bool:
+        """Close the oldest idle connection, as nginx reuses idle keep-alive connections when
+        worker_connections run out. False if none is idle."""
+        for conn in self._limits.connections:
+            if conn.idle:
+                self._limits.count("idle_closed")
+                conn._refused = True
+                conn._limits.connections.pop(conn, None)
+                if conn.transport is not None:
+                    conn.transport.close()
+                return True
+        return False
+
+    @property
+    def idle(self) -> bool:
+        return self._active is None and self._head_bytes == 0 and not self._queue
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._limits.connections.pop(self, None)
+        self._cancel_timers()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        for ex in (self._active, *self._queue, self._parsing):
+            if ex is not None:
+                ex._disconnect()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # an upgrade we do not serve (h2c, or a WebSocket until the relay exists): the request
+            # was read whole and is answered as plain HTTP; nothing after it on this connection can
+            # be read as HTTP, so the connection closes after the answer
+            self._refused_reading()
+            return
+        except httptools.HttpParserError:
+            refusal = self._refusal or Refused(400, "malformed", "invalid HTTP request")
+            self._refuse(refusal)
+            return
+        if self._in_head and self._head_bytes > self._limits.max_head:
+            if self._header_count == 0 and len(self._url) >= self._limits.max_line:
+                self._refuse(Refused(414, "request_line_too_long", "request line over the limit"))
+            else:
+                self._refuse(Refused(431, "headers_too_large", "request headers over the limit"))
+
+    def _refused_reading(self) -> None:
+        last = self._queue[-1] if self._queue else self._active
+        if last is not None:
+            last.keep_alive = False
+        self._refused = True  # read nothing more
+
+    # --- writing and flow control ----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.lost.done():
+            self._drain = self.loop.create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+        if self.lost.done():
+            raise ClientGone()
+
+    def pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.transport.is_closing():
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self.transport
+        if self._read_paused and not self._queue and transport is not None and not transport.is_closing():
+            self._read_paused = False
+            transport.resume_reading()
+
+    # --- parser callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._header_count = 0
+        self._header_bytes = 0
+        self._hosts = 0
+        self._codings = 0
+        self._content_length = -1
+        self._body_bytes = 0
+        self._expect = False
+        self._idle_since = None
+        if self._head_since is None:
+            self._head_since = self.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_line:
+            raise self._stop(414, "request_line_too_long", "request line over the limit")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        value = value.strip(_OWS)  # OWS is not part of a field value (RFC 9110 5.5)
+        limits = self._limits
+        count = self._header_count = self._header_count + 1
+        size = self._header_bytes = self._header_bytes + len(name) + len(value) + 4
+        if count > limits.max_headers:
+            raise self._stop(431, "too_many_headers", "too many request headers")
+        if size > limits.max_header_bytes:
+            raise self._stop(431, "headers_too_large", "request headers over the limit")
+        lower = name.lower()
+        self._headers.append((lower, value))
+        if lower == b"host":
+            self._hosts += 1
+            if self._hosts > 1:
+                raise self._stop(400, "bad_host", "more than one Host header")
+            if not _HOST_OK.match(value):
+                raise self._stop(400, "bad_host", "invalid Host header")
+        elif lower == b"transfer-encoding":
+            self._codings += 1
+            if self._codings > 1 or value.lower() != b"chunked":
+                raise self._stop(400, "bad_framing", "Transfer-Encoding must be one 'chunked'")
+        elif lower == b"content-length":
+            self._content_length = int(value) if value.isdigit() else -1  # llhttp checked the syntax
+        elif lower == b"expect" and value.lower() == b"100-continue":
+            self._expect = True
+
+    def on_headers_complete(self) -> None:
+        self._head_since = None
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise self._stop(400, "bad_version", "only HTTP/1.0 and HTTP/1.1 are served")
+        if self._hosts == 0 and version == "1.1":
+            raise self._stop(400, "bad_host", "HTTP/1.1 requires a Host header")
+        if self._codings and version == "1.0":
+            raise self._stop(400, "bad_framing", "Transfer-Encoding is not allowed in HTTP/1.0")
+        method = parser.get_method()
+        if method == b"CONNECT":
+            raise self._stop(400, "connect_refused", "CONNECT is not served: this is not a forward proxy")
+        has_body = self._codings > 0 or self._content_length > 0
+        if has_body and parser.should_upgrade():
+            # llhttp stops at an upgrade without reading the body: whatever follows could be a
+            # request hidden from us (h2c smuggling)
+            raise self._stop(400, "bad_upgrade", "an upgrade request must not carry a body")
+        max_body = self._limits.max_body
+        if max_body and self._content_length > max_body:
+            raise self._stop(413, "body_too_large", "request body over the limit")
+        try:
+            parsed = httptools.parse_url(self._url)
+            raw_path: bytes = parsed.path or b""
+            query: bytes = parsed.query or b""
+            path = unquote(raw_path.decode("ascii"))
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):
+            raise self._stop(400, "malformed", "invalid request target") from None
+        self._in_head = False
+        self._head_bytes = 0
+        ex = NativeExchange(
+            self, method.decode("ascii"), raw_path, path, query, self._headers, version,
+            parser.should_keep_alive() and not parser.should_upgrade(), self._expect,
+        )  # fmt: skip
+        if not has_body:
+            ex._body_done = True
+        else:
+            self._parsing = ex
+            self._last_body = self.loop.time()
+            self._body_timer = self.loop.call_later(self._limits.body_timeout, self._check_body)
+        if self._active is None:
+            self._start(ex)
+        else:
+            self._queue.append(ex)  # pipelined: answered in order
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        self._last_body = self.loop.time()
+        max_body = self._limits.max_body
+        if max_body:
+            self._body_bytes += len(body)
+            if self._body_bytes > max_body:
+                raise self._stop(413, "body_too_large", "request body over the limit")
+        if self._parsing is not None:
+            self._parsing._feed(body)
+
+    def on_message_complete(self) -> None:
+        self._head_since = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        if self._parsing is not None:
+            self._parsing._end_body()
+            self._parsing = None
+        self._in_head = True
+        self._head_bytes = 0
+
+    # --- answering ---------------------------------------------------------------------------------
+
+    def _start(self, ex: NativeExchange) -> None:
+        self._active = ex
+        self._idle_since = None
+        self._task = self.loop.create_task(self._run(ex))
+
+    async def _run(self, ex: NativeExchange) -> None:
+        try:
+            await self._handler(ex)
+        except ClientGone:
+            pass
+        except Exception:  # noqa: BLE001 - a bug must cost one request, never the connection's others
+            log.exception("request handler failed")
+            if not ex._responded and not ex.gone:
+                body = b'{"error":"internal error","detail":"the proxy failed to handle this request"}'
+                ex.keep_alive = False
+                try:
+                    await ex.respond(500, [(b"content-type", b"application/json")], body, False)
+                except ClientGone:
+                    pass
+        if not ex.complete:
+            # the handler ended without finishing its answer (a backend reset mid-body): the client
+            # must not take a truncated answer as complete
+            self._close()
+
+    def exchange_done(self, ex: NativeExchange) -> None:
+        """An answer is complete: close, or go on with the next pipelined request."""
+        if ex is not self._active:
+            return
+        self._active = None
+        if not ex.keep_alive or not ex.body_done or self._refused and not self._queue:
+            self._close()
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+            self.resume_reading()
+            return
+        self._idle_since = self.loop.time()
+        self.resume_reading()
+        if self._timer is None:
+            self._timer = self.loop.call_later(self._limits.keepalive_timeout, self._check_deadlines)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # --- refusing ----------------------------------------------------------------------------------
+
+    def _stop(self, status: int, reason: str, detail: str) -> Refused:
+        """Remember why; httptools turns the raised exception into an HttpParserError."""
+        self._refusal = Refused(status, reason, detail)
+        return self._refusal
+
+    def _refuse(self, refusal: Refused) -> None:
+        """Answer (if no answer has started) and close; the running request, if any, sees a disconnect.
+
+        If the refused request is pipelined behind answers still in progress, writing our answer
+        now would make it read as the answer to an earlier request (a response desync): the earlier
+        answers finish instead, then the connection closes without a word about this one.
+        """
+        self._refusal = None
+        self._refused = True
+        self._cancel_timers()
+        self._limits.count(refusal.reason)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        refused = self._parsing  # refused mid-body: that request has an exchange
+        active = self._active
+        if active is not None and active is not refused and not active.complete:
+            if refused is not None and refused in self._queue:
+                self._queue.remove(refused)
+            last = self._queue[-1] if self._queue else active
+            last.keep_alive = False  # answered, then the connection closes
+            return
+        if refused is None or not refused._responded:
+            reason = refusal.reason.replace("_", " ").encode()
+            body = b'{"error":"%s","detail":"%s"}' % (reason, refusal.detail.encode())
+            transport.write(b"".join((STATUS_LINES[refusal.status],
+                                      b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body),
+                                      b"connection: close\r\n\r\n", body)))  # fmt: skip
+        if refused is not None and not refused.complete:
+            refused._disconnect()  # its handler sees the client gone; its later writes are dropped
+        transport.close()
+
+    # --- deadlines: one timer per connection, re-armed for the remainder -----------------------------
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        now = self.loop.time()
+        limits = self._limits
+        if self._head_since is not None:
+            waited = now - self._head_since
+            if waited >= limits.header_timeout:
+                if self._url or self._head_bytes:
+                    self._refuse(Refused(408, "header_timeout", "request headers not received in time"))
+                else:  # a connection that never sent a byte of this request: just close it
+                    limits.count("header_timeout")
+                    self._refused = True
+                    transport.close()
+                return
+            self._timer = self.loop.call_later(limits.header_timeout - waited, self._check_deadlines)
+        elif self._idle_since is not None:
+            waited = now - self._idle_since
+            if waited >= limits.keepalive_timeout:
+                self._refused = True
+                transport.close()
+                return
+            self._timer = self.loop.call_later(limits.keepalive_timeout - waited, self._check_deadlines)
+        # otherwise a request is being answered: re-armed when the connection is idle again
+
+    def _check_body(self) -> None:
+        """A stalled upload: the longest silence between two reads of a body (not counted while we
+        ourselves stopped reading because the backend is slow)."""
+        self._body_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._parsing is None:
+            return
+        now = self.loop.time()
+        if self._read_paused:
+            self._last_body = now
+        idle = now - self._last_body
+        timeout = self._limits.body_timeout
+        if idle >= timeout:
+            self._refuse(Refused(408, "body_timeout", "request body stalled"))
+        else:
+            self._body_timer = self.loop.call_later(timeout - idle, self._check_body)
+
+    def _cancel_timers(self) -> None:
+        for name in ("_timer", "_body_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
+
+
+class HttpServer:
+    """Our listener(s) for one handler: start, then stop gracefully (drain, then close)."""
+
+    def __init__(self, handler: Handler, limits: ServerLimits) -> None:
+        self._handler = handler
+        self.limits = limits
+        self.servers: list[asyncio.Server] = []
+        self.started = False
+
+    def protocol(self) -> ServerProtocol:
+        return ServerProtocol(self._handler, self.limits)
+
+    async def listen(self, host: str, port: int, sock: Any = None, backlog: int = 2048) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            server = await loop.create_server(self.protocol, sock=sock, backlog=backlog)
+        else:
+            server = await loop.create_server(self.protocol, host, port, backlog=backlog, reuse_address=True)
+        self.servers.append(server)
+        return server
+
+    @property
+    def ports(self) -> list[int]:
+        return [s.getsockname()[1] for server in self.servers for s in server.sockets]
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, close idle connections, give answers in progress ``drain_timeout``."""
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout
+        while loop.time() < deadline:
+            for conn in list(self.limits.connections):
+                if conn.idle:
+                    conn._close()
+            if not self.limits.connections:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.limits.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        for server in self.servers:
+            await server.wait_closed()
