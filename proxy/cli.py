@@ -380,6 +380,11 @@ def bench(
     from proxy.bench import bench as run_bench
     from proxy.bench import render
 
+    if peer == "asgiproxy":
+        import importlib.util
+
+        if importlib.util.find_spec("asgiproxy") is None:
+            fail("the asgiproxy peer is not installed: pip install -e '.[bench]' (or .venv/bin/pip ...)")
     use_wrk = not builtin and shutil.which("wrk") is not None
     results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds)
     print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))

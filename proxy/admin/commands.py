@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         url: AdminUrlOpt = None,
         token: AdminTokenOpt = None,
     ) -> None:
-        """Force a rule's phase live on every replica (``auto`` follows the sunset date again)."""
+        """Force a rule's phase live on every replica ("auto" follows the sunset date again)."""
         cli = _cli()
         settings = cli.settings_from(config, redis_url=redis_url)
         if url:
