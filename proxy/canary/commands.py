@@ -292,9 +292,8 @@ def watch(
         if rollout["state"] == ROLLED_BACK:
             cli.fail(f"rollout of {name}: rolled back to 0%")
         if limit is not None and time.monotonic() - started > limit:
-            cli.fail(
-                f"rollout of {name}: still {rollout['state']} at {rollout['percentage']:g}% after {timeout}"
-            )
+            where = f"{rollout['state']} at {rollout['percentage']:g}%"
+            cli.fail(f"rollout of {name}: timed out after {timeout}, still {where}")
         time.sleep(0.5)
 
 
