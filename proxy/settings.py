@@ -286,7 +286,7 @@ class Settings(BaseSettings):
     # control state
     redis_url: str | None = None
     embedded_redis_dir: Path = Path(".strangler/redis")
-    embedded_redis_port: int = Field(default=0, ge=0, le=65535)
+    embedded_redis_port: int = Field(default=6390, ge=0, le=65535)
     split_key: str = "feature:v2_traffic_percentage"
     key_prefix: str = "strangler:"
     default_percentage: float = Field(default=0.0, ge=0, le=100)

@@ -6,6 +6,7 @@ by a publish on the change channel so every replica refreshes at once instead of
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -46,6 +47,44 @@ class ControlClient:
         """Remove a group's override so it follows the global split again."""
         await self.redis.delete(self.keys.split(group))
         await self.publish(f"split:{group}")
+
+    async def rollback(self, group: str | None, known: list[str]) -> dict[str, str | None]:
+        """Set to 0 one group, or (``group`` None) the global key and every group key that exists.
+
+        Without a group, "every group" is the union of ``known`` (config and registered groups)
+        and every ``<split_key>:*`` key actually in Redis, so a group set by a proxy whose config
+        this CLI has never seen still goes back to v1. Returns each changed key's previous raw value.
+        """
+        if group is not None:
+            targets = [group]
+        else:
+            found = set(known) - {"default"}
+            prefix = self.keys.split("default") + ":"
+            async for key in self.redis.scan_iter(match=prefix + "*", count=500):
+                found.add((as_text(key) or "")[len(prefix) :])
+            ordered = sorted(found)
+            values = await self.redis.mget([self.keys.split(g) for g in ordered]) if ordered else []
+            targets = ["default"] + [g for g, v in zip(ordered, values, strict=True) if v is not None]
+        before = await self.redis.mget([self.keys.split(g) for g in targets])
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name in targets:
+                pipe.set(self.keys.split(name), "0")
+            await pipe.execute()
+        await self.publish(f"split:{group or '*'}")
+        return {name: as_text(value) for name, value in zip(targets, before, strict=True)}
+
+    async def registered_groups(self) -> dict[str, dict[str, Any]]:
+        """Route groups running proxies registered (``strangler:groups``): patterns and share served."""
+        raw = await self.redis.hgetall(self.keys.groups)
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in raw.items():
+            try:
+                info = json.loads(as_text(value) or "")
+            except ValueError:
+                continue
+            if isinstance(info, dict):
+                out[as_text(key) or ""] = info
+        return out
 
     async def set_hash_fields(self, name: str, fields: dict[str, Any]) -> None:
         """Write fields of a capability's control hash (e.g. shadow settings) and announce it."""

@@ -23,6 +23,11 @@ class Keys:
         """Pub/sub channel every writer publishes on so replicas refresh at once."""
         return f"{self.prefix}changes"
 
+    @property
+    def groups(self) -> str:
+        """Hash of the route groups running proxies know, and the share each serves (JSON per group)."""
+        return f"{self.prefix}groups"
+
     def hash(self, name: str) -> str:
         """A control hash owned by one capability, e.g. ``strangler:shadow``."""
         return f"{self.prefix}{name}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -51,6 +52,8 @@ class ControlStore:
         )
         self._last_good = self.current
         self._reported: set[tuple[str, str]] = set()
+        self._rejected_now: set[tuple[str, str]] = set()
+        self._published: dict[str, float] = {}
         self._reported_down = False
         self._wake = asyncio.Event()
         self._stopping = False
@@ -111,7 +114,33 @@ class ControlStore:
             log.info("redis reachable again; control snapshot refreshed")
         self._report(problems)
         self._metrics.control_refreshed(snapshot, self._groups)
+        await self._publish_groups(snapshot)
         return True
+
+    async def _publish_groups(self, snapshot: Snapshot) -> None:
+        """Register our route groups and the share each is served at, in ``strangler:groups``.
+
+        The CLI reads it to know groups its own config does not name, and to show what proxies
+        actually serve when the stored value is invalid. Written only when a served share changes
+        (so not on every poll); a failed write is retried at the next refresh.
+        """
+        serving = {group: snapshot.percentage(group) for group in self._settings.group_names}
+        changed = {group: value for group, value in serving.items() if self._published.get(group) != value}
+        if not changed:
+            return
+        patterns = {group.name: list(group.patterns) for group in self._settings.routes}
+        fields = {
+            group: json.dumps({"patterns": patterns.get(group, []), "serving": value})
+            for group, value in changed.items()
+        }
+        try:
+            await asyncio.wait_for(
+                self._redis.hset(self._keys.groups, mapping=fields),  # type: ignore[arg-type]
+                timeout=self._settings.redis_timeout_seconds * 2,
+            )
+        except _REDIS_ERRORS:
+            return
+        self._published.update(changed)
 
     async def _read(self) -> tuple[str | None, dict[str, str | None], dict[str, dict[str, str]]]:
         split_keys = [self._keys.split()] + [self._keys.split(group) for group in self._groups]
@@ -141,6 +170,8 @@ class ControlStore:
             generation=good.generation,
         )
         self._metrics.control_redis_error()
+        if self._stopping:  # shutting down: Redis going away now is expected, not news
+            return
         if not self._reported_down:
             self._reported_down = True
             log.warning(
@@ -150,13 +181,18 @@ class ControlStore:
             )
 
     def _report(self, problems: list[Invalid]) -> None:
-        """Log each distinct bad value once; count every time it is seen being rejected."""
+        """Count each bad value once when it appears (not at every poll while it stays); log each
+        distinct bad value once per process."""
+        seen: set[tuple[str, str]] = set()
         for problem in problems:
-            self._metrics.invalid_control_value(problem.key)
             marker = (problem.key, problem.raw + problem.reason)
+            seen.add(marker)
+            if marker not in self._rejected_now:
+                self._metrics.invalid_control_value(problem.key)
             if marker not in self._reported:
                 self._reported.add(marker)
                 log.error("ignored invalid control value %s=%r: %s", problem.key, problem.raw, problem.reason)
+        self._rejected_now = seen
 
     async def _poll_loop(self) -> None:
         interval = self._settings.poll_interval_seconds
