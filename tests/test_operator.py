@@ -490,7 +490,10 @@ def test_demo_suggested_rollout_advances_at_the_default_rate(tmp_path: Path) -> 
             lambda: re.search(r"^\s+(strangler rollout start .*)$", log.read_text(), re.M), timeout=30
         ).group(1)
         admin = f"http://127.0.0.1:{port}/_strangler"
-        started = strangler(*hint.split()[1:], env={"STRANGLER_ADMIN_URL": admin})
+        token = (tmp_path / ".strangler" / "admin-token").read_text().strip()  # the banner's export
+        assert token not in log.read_text()  # the banner names the file, never the token
+        env = {"STRANGLER_ADMIN_URL": admin, "STRANGLER_ADMIN_TOKEN": token}
+        started = strangler(*hint.split()[1:], env=env)
         assert started.returncode == 0, started.stderr
 
         def step() -> float:

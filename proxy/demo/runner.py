@@ -163,7 +163,9 @@ class TrafficGenerator:
 
 def banner(settings: Settings, v1_url: str, v2_url: str, redis_url: str, proxy_url: str) -> str:
     admin = f"{proxy_url}{settings.admin_prefix}"
-    token = f"\n  export STRANGLER_ADMIN_TOKEN={settings.admin_token_value()}" if settings.admin_token else ""
+    # the token itself is never printed: generated ones are read from their file
+    token_file = settings.admin_token_file.resolve()
+    token = f"\n  export STRANGLER_ADMIN_TOKEN=$(cat {token_file})" if token_file.is_file() else ""
     return f"""
 Strangler demo is running (Ctrl-C stops everything).
 
@@ -193,6 +195,7 @@ In another terminal:
 
 async def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run until Ctrl-C (or ``options.duration``); returns what the generator saw."""
+    from proxy.admin.token import ensure_admin_token
     from proxy.app import create_app
     from proxy.control.client import ControlClient
     from proxy.server import ServerGroup, serve
@@ -213,7 +216,7 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
             print(f"demo: port {options.port} is in use; the proxy takes a free port", flush=True)
             options = dataclasses.replace(options, port=0)
         v1_url, v2_url = f"http://{options.host}:{v1_port}", f"http://{options.host}:{v2_port}"
-        settings = demo_settings(options, v1_url, v2_url, redis_url)
+        settings = ensure_admin_token(demo_settings(options, v1_url, v2_url, redis_url))
         app = create_app(settings)
         await ControlClient(app.redis, app.keys).set_split(START_PERCENTAGE)
         proxy_task = asyncio.create_task(serve(settings, app, group), name="strangler-demo-proxy")
