@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from proxy.admin.commands import AdminTokenOpt, AdminUrlOpt
+from proxy.canary.rollout import Rollouts
 from proxy.control.client import ControlClient, InvalidValue
 from proxy.control.embedded import read_url
 from proxy.control.keys import Keys
@@ -67,7 +68,8 @@ def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable
     async def go() -> T:
         redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         try:
-            return await action(ControlClient(redis, Keys(settings.split_key, settings.key_prefix)))
+            keys = Keys(settings.split_key, settings.key_prefix)
+            return await action(ControlClient(redis, keys, Rollouts(redis, keys).manual_split))
         finally:
             await redis.aclose()
 
