@@ -28,6 +28,10 @@ class Notifier(Protocol):
         """One bounded delivery attempt; never raises. ``rejected``: retrying cannot help."""
         ...
 
+    def gave_up(self, target: str) -> None:
+        """The outbox stopped retrying a (non-critical) alert for this target: count it."""
+        ...
+
 
 class NopNotifier:
     """Used when no target is configured, so callers never check for None."""
@@ -39,6 +43,9 @@ class NopNotifier:
 
     async def attempt(self, target: str, event: Event) -> Outcome:
         return "sent"
+
+    def gave_up(self, target: str) -> None:
+        return None
 
     async def start(self) -> None:
         return None

@@ -93,6 +93,9 @@ class Dispatcher:
         self._metrics.alert_delivery(spec.kind, "retried")
         return "retry"
 
+    def gave_up(self, target: str) -> None:
+        self._metrics.alert_delivery(self._by_name[target].kind, "failed")
+
     async def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False)
 
