@@ -252,8 +252,7 @@ class Rollouts:
             state = f.current
             if state is not None and not state.active:
                 raise RolloutError(
-                    f"nothing to abort: the rollout for {group} is {state.state} (v2 share "
-                    f"{state.percentage:g}%); use `strangler set` or `strangler rollback` to change the split"
+                    f"nothing to abort: the rollout of {group} is {state.state} at {state.percentage:g}%"
                 )
             state = _require(state, group, *ACTIVE)
             return replace(state, state=ROLLED_BACK, override=None), events.make(
