@@ -279,7 +279,8 @@ class Rollouts:
                     new = replace(state, state=PAUSED, override=value)
                     text = f"rollout of {group} paused: v2 share set to {value:g}% by hand"
                 return new, events.make("overridden", group, text, by, percentage=value), extra
-            new = replace(state, override=None if value == state.percentage else value)
+            base = replace(state, override=None).percentage
+            new = replace(state, override=None if value == base else value)
             return new, None, {**extra, "action": "split_set"}
 
         return await self._transition(group, "manual_split", go, by)
