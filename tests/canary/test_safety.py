@@ -126,6 +126,7 @@ def test_lost_redis_data_keeps_the_split_alerts_and_status_says_so(redis_url: st
         await rig.redis.flushall()  # Redis restarted without its data
         assert await store.refresh()
         assert store.current.percentage("default") == 100  # still served
+        assert store.state_lost_at is not None  # the admin /status shows it
         assert await rig.split() == "100"  # and written back
         await rig.second()
         state = await rig.rollouts.get("default")
