@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 
+import httpx
 import redis
 import redis.asyncio as aioredis
 
 from proxy.canary import events, records
-from proxy.canary.analysis import Status, Window, assess
+from proxy.canary.analysis import History, Status, Window, assess
 from proxy.canary.commands import summarize
 from proxy.canary.rollout import COMPLETED, PAUSED, PROGRESSING, ROLLED_BACK
 from proxy.canary.windows import read_windows
+from proxy.control.keys import Keys
 from proxy.control.store import ControlStore
 from proxy.metrics import Metrics
 from proxy.settings import CanaryThresholds, Settings
@@ -85,14 +89,11 @@ def test_fallbacks_to_v1_count_against_v2(
     proxy = proxy_factory(v1_url=v1.url, v2_url=refused_url(), redis_url=redis_url, canary=canary())
     r = redis.Redis.from_url(redis_url)
     r.set("feature:v2_traffic_percentage", "100")
-    import httpx
 
     async def windows() -> tuple[int, int]:
         client = aioredis.Redis.from_url(redis_url)
         try:
-            import time
-
-            w = (await read_windows(client, rig_keys(), ["default"], time.time() + 1, 30))["default"]["v2"]
+            w = (await read_windows(client, Keys(), ["default"], time.time() + 1, 30))["default"]["v2"]
             return w.requests, w.errors
         finally:
             await client.aclose()
@@ -106,12 +107,6 @@ def test_fallbacks_to_v1_count_against_v2(
     wait_until(failing_v2_counted, timeout=20)
     requests, errors = asyncio.run(windows())
     assert requests == errors >= 20
-
-
-def rig_keys():  # type: ignore[no-untyped-def]
-    from proxy.control.keys import Keys
-
-    return Keys()
 
 
 def test_lost_redis_data_keeps_the_split_alerts_and_status_says_so(redis_url: str) -> None:
@@ -175,15 +170,9 @@ def test_a_proxy_wide_stall_is_an_error_not_a_failure() -> None:
     """Issue 17 item 10: both versions above the absolute p95 limit says nothing about v2."""
     t = CanaryThresholds(min_requests=10, max_p95_seconds=0.5)
     slow = Window.of(100, 0, [2.0] * 100)
-    assert assess(slow, slow, t, records_history()).status is Status.ERROR
-    assert assess(Window.of(100, 0, [0.01] * 100), slow, t, records_history()).status is Status.FAIL
-    assert assess(Window.of(3, 0, [2.0] * 3), slow, t, records_history()).status is Status.FAIL
-
-
-def records_history():  # type: ignore[no-untyped-def]
-    from proxy.canary.analysis import History
-
-    return History()
+    assert assess(slow, slow, t, History()).status is Status.ERROR
+    assert assess(Window.of(100, 0, [0.01] * 100), slow, t, History()).status is Status.FAIL
+    assert assess(Window.of(3, 0, [2.0] * 3), slow, t, History()).status is Status.FAIL
 
 
 def test_abort_on_a_completed_rollout_changes_nothing(redis_url: str) -> None:
@@ -193,14 +182,14 @@ def test_abort_on_a_completed_rollout_changes_nothing(redis_url: str) -> None:
     assert cli("rollout", "start", "--steps", "50,100", "--interval", "1h", *base).exit_code == 0
     assert cli("rollout", "promote", *base).exit_code == 0
     before = (r.get("strangler:rollout:default"), r.lrange("strangler:rollout:default:log", 0, -1))
-    outbox = r.hlen(events.alerts_key(rig_keys()))
+    outbox = r.hlen(events.alerts_key(Keys()))
     result = cli("rollout", "abort", *base)
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "nothing to abort" in result.output
     assert "completed" in result.output and "100%" in result.output
     assert r.get("feature:v2_traffic_percentage") == "100"
     assert (r.get("strangler:rollout:default"), r.lrange("strangler:rollout:default:log", 0, -1)) == before
-    assert r.hlen(events.alerts_key(rig_keys())) == outbox
+    assert r.hlen(events.alerts_key(Keys())) == outbox
 
 
 def test_a_new_rollout_or_a_manual_change_starts_a_fresh_history(redis_url: str) -> None:
@@ -230,5 +219,46 @@ def test_a_new_rollout_or_a_manual_change_starts_a_fresh_history(redis_url: str)
     run(redis_url, body)
 
 
-def _unused(state: str) -> str:  # keeps json imported for readers of the records
-    return json.dumps(state)
+def test_the_embedded_redis_keeps_its_data_across_a_restart(tmp_path: Path) -> None:
+    """Issue 17 item 8: the product needs AOF persistence, and the embedded Redis has it."""
+    from proxy.control.embedded import EmbeddedRedis
+
+    first = EmbeddedRedis(tmp_path / "redis")
+    client = redis.Redis.from_url(first.start())
+    try:
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        client.set("feature:v2_traffic_percentage", "100")
+    finally:
+        client.close()
+        first.stop()
+    second = EmbeddedRedis(tmp_path / "redis")
+    client = redis.Redis.from_url(second.start())
+    try:
+        assert client.get("feature:v2_traffic_percentage") == b"100"
+    finally:
+        client.close()
+        second.stop()
+
+
+def test_the_cli_rollback_and_set_during_a_rollout_end_or_pause_it(redis_url: str) -> None:
+    """Issue 17 item 1 through the real commands: the state says what is served."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    base = ["--redis-url", redis_url]
+    assert cli("rollout", "start", "--steps", "20,50,100", "--interval", "1h", *base).exit_code == 0
+    assert cli("set", "35", *base).exit_code == 0
+    state = json.loads(r.get("strangler:rollout:default") or "null")
+    assert (state["state"], state["percentage"], r.get("feature:v2_traffic_percentage")) == (
+        "paused",
+        35,
+        "35",
+    )
+    assert cli("rollback", *base).exit_code == 0
+    state = json.loads(r.get("strangler:rollout:default") or "null")
+    assert (state["state"], state["percentage"], r.get("feature:v2_traffic_percentage")) == (
+        "rolled_back",
+        0,
+        "0",
+    )
+    resumed = cli("rollout", "resume", *base)
+    assert resumed.exit_code == 2 and "start a new one" in resumed.output
+    assert r.get("feature:v2_traffic_percentage") == "0"
