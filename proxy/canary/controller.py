@@ -97,7 +97,10 @@ class CanaryController(BackgroundLoop):
         """The lock's own heartbeat: never waits for a check, however slow that is."""
         period = self.canary.leader_lock_ttl_seconds / 3
         while True:
-            await self.keep_lock()
+            try:
+                await self.keep_lock()
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                log.exception("canary leader heartbeat failed")
             await asyncio.sleep(period)
 
     async def keep_lock(self) -> bool:
