@@ -25,6 +25,7 @@ from typer.core import TyperGroup
 
 from proxy.admin.commands import AdminTokenOpt, AdminUrlOpt
 from proxy.admin.remote import AdminError
+from proxy.canary.rollout import Rollouts
 from proxy.control.client import ControlClient, InvalidValue
 from proxy.control.embedded import EmbeddedRedisError, read_url
 from proxy.control.keys import Keys
@@ -122,7 +123,8 @@ def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable
     async def go() -> T:
         redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         try:
-            return await action(ControlClient(redis, Keys(settings.split_key, settings.key_prefix)))
+            keys = Keys(settings.split_key, settings.key_prefix)
+            return await action(ControlClient(redis, keys, Rollouts(redis, keys).manual_split))
         finally:
             await redis.aclose()
 

@@ -221,6 +221,7 @@ def status_payload(ctx: AdminContext) -> dict[str, Any]:
     return {
         "redis_ok": snap.redis_ok,
         "snapshot_age_seconds": ctx.store.age_seconds(),
+        "redis_data_lost_at": ctx.store.state_lost_at,  # this proxy saw Redis lose its data then
         "groups": {
             group: {
                 "percentage": snap.percentage(group),

@@ -311,6 +311,14 @@ def summarize(entry: dict[str, Any]) -> dict[str, str]:
         else f"{rollout['state']} {rollout['percentage']:g}% "
         f"(step {rollout['index'] + 1}/{len(rollout['steps'])})"
     )
+    lost = entry.get("state_lost")
+    if lost:
+        when = time.strftime("%H:%M:%S", time.localtime(float(lost.get("at", 0))))
+        r = (
+            f"REDIS LOST ITS DATA at {when}: proxies kept their last split and wrote it back "
+            f"(rollouts restored: {', '.join(lost.get('rollouts_restored') or []) or 'none'}); "
+            f"setting a split by hand clears this | {r}"
+        )
     if verdict:
         v1, v2 = verdict.get("v1") or {}, verdict.get("v2") or {}
         v = f"{verdict['status']}: v1 {_fig(v1)} | v2 {_fig(v2)}" + (

@@ -35,3 +35,13 @@ class Keys:
     def under(self, *parts: str) -> str:
         """Any other key under the prefix, e.g. ``strangler:rollout:default``."""
         return self.prefix + ":".join(parts)
+
+    @property
+    def epoch(self) -> str:
+        """Written once when a Redis is first used; if it vanishes or changes, Redis lost its data."""
+        return f"{self.prefix}epoch"
+
+    @property
+    def lost_state(self) -> str:
+        """The record of a detected data loss (JSON), until someone sets a split by hand."""
+        return f"{self.prefix}control:lost"
