@@ -43,7 +43,9 @@ def _run(config: Path | None, redis_url: str | None, action: Any) -> Any:
 
     async def go(control: ControlClient) -> Any:
         shadow = ShadowControl(control, settings)
-        report = ReportStore(control.redis, control.keys, settings.shadow.max_samples)
+        report = ReportStore(
+            control.redis, control.keys, settings.shadow.max_samples, settings.shadow.noise_threshold
+        )
         return await action(shadow, report)
 
     try:
