@@ -79,6 +79,7 @@ def admin_routes(ctx: Any, report: ReportStore, control: ShadowControl, mirror: 
         ]
         status["queue_depth"] = mirror.queue_depth
         status["buffered_bytes"] = mirror.buffered_bytes
+        status["report_epoch"] = mirror.epoch
         return JSONResponse(status)
 
     async def put_shadow(request: Request) -> Response:

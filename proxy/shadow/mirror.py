@@ -270,6 +270,11 @@ class ShadowMirror:
                 self._buffered -= job.size
                 queue.task_done()
 
+    @property
+    def epoch(self) -> int | None:
+        """The report reset epoch this replica last saw (None before its first read)."""
+        return self._epoch
+
     def _options_for(self, max_compare: int) -> Options:
         options = self._options.get(max_compare)
         if options is None:
@@ -455,6 +460,10 @@ class ShadowMirror:
         shadow: Fetched,
     ) -> None:
         batch = self._batch
+        if outcome.result == "skipped":  # a body over the limit and nothing else differed
+            self._result(group, "skipped")
+            batch.count(endpoint, group, "skipped")
+            return
         batch.count(endpoint, group, "compared")
         if outcome.result == "match":
             self._result(group, "match")

@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 
 from proxy.shadow.compare import (
     Answer,
+    Difference,
     classify,
     compare,
     differences,
-    Difference,
     is_noisy,
     learn,
     normalise_path,
