@@ -80,6 +80,7 @@ def admin_routes(ctx: Any, report: ReportStore, control: ShadowControl, mirror: 
         status["queue_depth"] = mirror.queue_depth
         status["buffered_bytes"] = mirror.buffered_bytes
         status["report_epoch"] = mirror.epoch
+        status["noise_in_force"] = mirror.noise_counts()
         return JSONResponse(status)
 
     async def put_shadow(request: Request) -> Response:

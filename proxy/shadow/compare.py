@@ -21,7 +21,7 @@ import re
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 import orjson
@@ -44,6 +44,8 @@ BOM = b"\xef\xbb\xbf"
 WHOLE = frozenset({"status", "content-type", "body", "body-size"})
 
 _INDEX = re.compile(r"\[\d+\]")
+_EXACT = Context(prec=1_000_000)  # normalize() rounds to the context's precision: never let it
+_ZERO = Decimal(0)
 # a number orjson may not keep exactly: 16+ significant digits, or a 3-digit exponent
 _LOSSY = re.compile(rb"\d(?:\.?\d){15}|[eE][+-]?\d{3}")
 _KINDS = {
@@ -91,7 +93,7 @@ class Difference:
     kind: str  # changed, type, added, removed, item-added, item-removed, repeated
     v1: str
     v2: str
-    # for list items: the item's shape (keys and value types) is one v1's list already has
+    # for list items: the item's shape (keys and value types) is one the other side's list has
     same_shape: bool = True
 
     def as_dict(self) -> dict[str, str]:
@@ -233,12 +235,15 @@ def _numbers(value: Any, depth: int) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
     if isinstance(value, int):
-        return Decimal(value)
-    if isinstance(value, float):
-        return Decimal(repr(value)).normalize()
-    if isinstance(value, Decimal):
-        return value.normalize()
-    return value
+        number = Decimal(value)
+    elif isinstance(value, float):
+        number = Decimal(repr(value))
+    elif isinstance(value, Decimal):
+        number = value
+    else:
+        return value
+    # one spelling per number (1, 1.0 and 1E0 hash alike in ignore_order), -0 is 0, no rounding
+    return number.normalize(_EXACT) if number else _ZERO
 
 
 def load_json(body: bytes, exact: bool = False) -> tuple[bool, Any]:
@@ -291,12 +296,14 @@ def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Diffe
         for level in levels:
             path = level.path() or "root"
             same = True
-            if kind == "item-added" and level.up is not None and isinstance(level.up.t1, list):
-                v1_list = level.up.t1
-                known = shapes.get(id(v1_list))
-                if known is None:
-                    known = shapes[id(v1_list)] = frozenset(_shape(v) for v in v1_list)
-                same = not known or _shape(level.t2) in known
+            if kind in ("item-added", "item-removed") and level.up is not None:
+                # an added item must look like one v1 has, a removed one like one v2 still has
+                item, other = (level.t2, level.up.t1) if kind == "item-added" else (level.t1, level.up.t2)
+                if isinstance(other, list):
+                    known = shapes.get(id(other))
+                    if known is None:
+                        known = shapes[id(other)] = frozenset(_shape(v) for v in other)
+                    same = not known or _shape(item) in known
             found.append(Difference(normalise_path(path), kind, _short(level.t1), _short(level.t2), same))
     return found
 

@@ -270,6 +270,12 @@ class ShadowMirror:
                 self._buffered -= job.size
                 queue.task_done()
 
+    def noise_counts(self) -> dict[str, int]:
+        """Endpoint -> fields this replica treats as noise now (for GET /shadow)."""
+        return {
+            endpoint: len(self.noisy(endpoint)) for endpoint in sorted(self._noise) if self.noisy(endpoint)
+        }
+
     @property
     def epoch(self) -> int | None:
         """The report reset epoch this replica last saw (None before its first read)."""

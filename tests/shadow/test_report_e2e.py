@@ -95,7 +95,9 @@ def test_noise_learnt_by_calibration_is_not_a_mismatch(
     things = wait_row(proxy, "GET /api/things/{id}", compared=11)
     assert (things["mismatched"], things["noise"]) == (4, 7)
     assert detail(proxy, "GET /api/things/{id}")["fields"] == {
-        "root['currency']": 3, "root['request_uuid']": 1, "root['generated_at']": 1
+        "root['currency']": 3,
+        "root['request_uuid']": 1,
+        "root['generated_at']": 1,
     }
 
 

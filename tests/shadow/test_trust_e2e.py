@@ -83,6 +83,7 @@ def test_forget_noise_reaches_every_running_replica(shadow_proxy: Start, scripte
     b = shadow_proxy(prefix=a.settings["key_prefix"], calibration_percentage=100)
     get(a, *["/t2/r"] * 3)  # the first is a mismatch (seen once), then noise
     wait_row(a, "GET /t2/r", compared=3)
+    wait_until(lambda: shadow_status(b)["noise_in_force"] == {"GET /t2/r": 1}, message="b reads a's noise")
     get(b, *["/t2/r"] * 2)
     assert counts(wait_row(a, "GET /t2/r", compared=5)) == (5, 0, 1, 4, 0)
     assert detail(a, "GET /t2/r")["noise_fields"] == ["root['r']"]
@@ -99,6 +100,7 @@ def test_forget_noise_reaches_every_running_replica(shadow_proxy: Start, scripte
         timeout=5,
         message="every replica saw the reset",
     )
+    assert all(shadow_status(p)["noise_in_force"] == {} for p in (a, b))
     get(a, "/t2/r", "/t2/r")
     get(b, "/t2/r", "/t2/r")
     assert counts(wait_row(a, "GET /t2/r", compared=4)) == (4, 0, 4, 0, 0)
