@@ -177,6 +177,13 @@ def test_bad_config_rules_are_one_config_error() -> None:
         ("/api/blobs/cafe", "/api/blobs/cafe"),
         ("/api/v2/users", "/api/v2/users"),
         ("/", "/"),
+        ("/reports/2024-01-31", "/reports/{date}"),
+        ("/reports/2024-01-31T10:00:00Z/raw", "/reports/{date}/raw"),
+        ("/commits/9f1c2ab", "/commits/{id}"),
+        ("/commits/deadbeef", "/commits/deadbeef"),  # a word that happens to be hex: kept
+        ("/posts/how-to-cook-rice", "/posts/{slug}"),
+        ("/user-settings/dark-mode", "/user-settings/dark-mode"),
+        ("/search/word17", "/search/word17"),  # name these with endpoint_patterns
     ],
 )
 def test_id_segments_become_placeholders(path: str, expected: str) -> None:
