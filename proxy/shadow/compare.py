@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - brotli is a declared dependency
     _brotli = None
 
 MAX_DEPTH = 100  # deepdiff recurses per level; far below Python's recursion limit
-MAX_DIFFS = 1000  # a totally different body stops being walked after this many differences
 MAX_REPORTED = 50  # differences kept per comparison for samples
 VALUE_CHARS = 200
 DEFAULT_HEADERS = ("location", "content-encoding", "cache-control")
@@ -284,7 +283,6 @@ def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Diffe
         exclude_paths=list(rules.exclude_paths) or None,
         exclude_regex_paths=list(rules.exclude_regexes) or None,
         math_epsilon=rules.tolerance or None,
-        max_diffs=MAX_DIFFS,
         view="tree",
         log_frequency_in_sec=0,
         **_EXTRA,

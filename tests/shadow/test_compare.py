@@ -175,3 +175,14 @@ def test_comparison_never_raises(left: object, right: object) -> None:
     assert outcome.result in ("match", "mismatch")
     if outcome.result == "match":
         assert left == right
+
+
+@pytest.mark.parametrize("order", [False, True])
+def test_a_difference_deep_into_a_large_document_is_found(order: bool) -> None:
+    """deepdiff's max_diffs counts visited nodes, not differences: with it, anything past the first
+    thousand nodes was reported as a match. Work is bounded by compare_max_bytes instead."""
+    doc = [{"id": i, "price": i} for i in range(5000)]
+    changed = [dict(d) for d in doc]
+    changed[4900]["price"] = -1
+    outcome = compare(answer(doc), answer(changed), EndpointRules(ignore_order=order), set())
+    assert outcome.result == "mismatch" and outcome.mismatched == ["root[*]['price']"]
