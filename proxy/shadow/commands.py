@@ -66,7 +66,9 @@ def _run(
 
     async def go(control: ControlClient) -> Any:
         shadow = ShadowControl(control, settings)
-        report = ReportStore(control.redis, control.keys, settings.shadow.max_samples)
+        report = ReportStore(
+            control.redis, control.keys, settings.shadow.max_samples, settings.shadow.noise_threshold
+        )
         return await action(shadow, report)
 
     try:
@@ -380,12 +382,16 @@ def _print_endpoint(detail: dict[str, Any]) -> None:
         for name, count in detail["fields"].items():
             table.add_row(escape(name), str(count))
         console.print(table)
-    if detail["suppressed"] or detail["noise_fields"]:
-        table = Table(title="Noise (differs between two v1 answers too)")
+    seen = detail.get("noise_seen", {})
+    if detail["suppressed"] or seen:
+        table = Table(title="Noise (varied between two v1 answers too)")
         table.add_column("field", overflow="fold")
+        table.add_column("varied in calibrations")
+        table.add_column("noise")
         table.add_column("suppressed")
-        for name in sorted(set(detail["noise_fields"]) | set(detail["suppressed"])):
-            table.add_row(escape(name), str(detail["suppressed"].get(name, 0)))
+        for name in sorted(set(seen) | set(detail["suppressed"])):
+            noisy = "yes" if name in detail["noise_fields"] else "not yet"
+            table.add_row(escape(name), str(seen.get(name, 0)), noisy, str(detail["suppressed"].get(name, 0)))
         console.print(table)
     for sample in detail["samples"]:
         console.print(
