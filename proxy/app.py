@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from proxy.admin.app import AdminContext, AdminOnly, NotServedHere, PrefixMount, build_admin
 from proxy.canary import capability as canary_capability
+from proxy.canary.rollout import Rollouts
 from proxy.capability import Capability, Component, Deps
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
@@ -67,7 +68,7 @@ class Strangler:
         self.metrics = metrics or Metrics()
         self.redis = redis_client(settings)
         self.keys = Keys(settings.split_key, settings.key_prefix)
-        self.control = ControlClient(self.redis, self.keys)
+        self.control = ControlClient(self.redis, self.keys, Rollouts(self.redis, self.keys).manual_split)
         deps = Deps(settings, self.metrics, self.redis, self.keys, self.control)
         self.capabilities = [
             build(deps) for build in (builders if builders is not None else capability_builders())

@@ -1,4 +1,10 @@
-"""The ``strangler`` command: thin. It parses, calls the capabilities, and prints."""
+"""The ``strangler`` command: thin. It parses, calls the capabilities, and prints.
+
+Errors leave through one place: ``fail`` prints one line on stderr (markup in the message is
+escaped, never interpreted) and exits with one of the codes below; ``StranglerGroup`` turns the
+errors our layers raise (unreachable Redis or admin API, refused values, bad config) into such a
+line instead of a traceback, whatever command raised them.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,56 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from proxy.admin.commands import AdminTokenOpt, AdminUrlOpt
+from proxy.admin.remote import AdminError
+from proxy.canary.rollout import Rollouts
 from proxy.control.client import ControlClient, InvalidValue
-from proxy.control.embedded import read_url
+from proxy.control.embedded import EmbeddedRedisError, read_url
 from proxy.control.keys import Keys
-from proxy.settings import ConfigError, Settings, load_settings
+from proxy.control.snapshot import parse_percentage
+from proxy.settings import ConfigError, RouteGroup, Settings, load_settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Strangler: migrate from v1 to v2 safely.")
+# Exit codes, the same for every command (README "Operate").
+EXIT_FAILED = 1  # the action failed or did not hold: unreachable, checks failed, rolled back, timed out
+EXIT_USAGE = 2  # bad input or a refused request: value, group, config, transition not allowed now
+EXIT_INTERRUPTED = 130
+
+
+class StranglerGroup(TyperGroup):
+    """Every command runs inside this ``invoke``: our known errors become one line and an exit code."""
+
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except (InvalidValue, ConfigError) as exc:
+            fail(str(exc), EXIT_USAGE)
+        except AdminError as exc:
+            usage = exc.bad_input or exc.status in (400, 404, 409, 422)
+            fail(str(exc), EXIT_USAGE if usage else EXIT_FAILED)
+        except (RedisError, EmbeddedRedisError, OSError) as exc:
+            fail(f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc), EXIT_FAILED)
+
+
+app = typer.Typer(
+    cls=StranglerGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    help="Strangler: migrate from v1 to v2 safely.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
@@ -34,17 +73,34 @@ GroupOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """The one way a command reports an error: one line on stderr, then the exit code."""
+    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"strangler {version('strangler')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Strangler: migrate from v1 to v2 safely."""
 
 
 def settings_from(config: Path | None, **overrides: Any) -> Settings:
     try:
         return load_settings(config, **overrides)
     except ConfigError as exc:
-        fail(str(exc), 2)
-        raise  # unreachable, for type checkers
+        fail(str(exc), EXIT_USAGE)
 
 
 def resolve_redis_url(settings: Settings) -> str:
@@ -67,7 +123,8 @@ def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable
     async def go() -> T:
         redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         try:
-            return await action(ControlClient(redis, Keys(settings.split_key, settings.key_prefix)))
+            keys = Keys(settings.split_key, settings.key_prefix)
+            return await action(ControlClient(redis, keys, Rollouts(redis, keys).manual_split))
         finally:
             await redis.aclose()
 
@@ -75,13 +132,29 @@ def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable
         return asyncio.run(go())
     except (RedisError, OSError) as exc:
         fail(f"Redis at {url} is unreachable: {exc}")
-        raise
+
+
+def with_registered_groups(settings: Settings) -> Settings:
+    """The settings plus the route groups running proxies registered in Redis (``strangler:groups``),
+    so a command works with every group a proxy serves, not only those in this CLI's config."""
+    registered = with_control(settings, lambda c: c.registered_groups())
+    extra = [
+        RouteGroup(name=name, patterns=[str(p) for p in info.get("patterns") or ["/**"]])
+        for name, info in sorted(registered.items())
+        if name not in settings.group_names and name != "default"
+    ]
+    if not extra:
+        return settings
+    return settings.model_copy(update={"routes": [*settings.routes, *extra]})
 
 
 def check_group(settings: Settings, group: str | None) -> str:
+    """The group name to act on; unknown to both the config and Redis: exit code 2."""
     name = group or "default"
     if name not in settings.group_names:
-        fail(f"unknown group {name!r}; configured groups: {', '.join(settings.group_names)}", 2)
+        settings = with_registered_groups(settings)
+    if name not in settings.group_names:
+        fail(f"unknown group {name!r}; known groups: {', '.join(settings.group_names)}", EXIT_USAGE)
     return name
 
 
@@ -120,46 +193,31 @@ def status(
     url: AdminUrlOpt = None,
     token: AdminTokenOpt = None,
 ) -> None:
-    """Split per group as stored in Redis (or as a running proxy sees it, with --url)."""
+    """Split per group: stored in Redis and served by the proxies (a running proxy's view with --url)."""
     if url:
         from proxy.admin.commands import remote_status
 
         return remote_status(url, token, as_json)
-    settings = settings_from(config, redis_url=redis_url)
+    settings = with_registered_groups(settings_from(config, redis_url=redis_url))
     groups = settings.group_names
 
     async def read(control: ControlClient) -> dict[str, Any]:
         raw = await control.get_split(groups)
-        await control.redis.ping()
+        registered = await control.registered_groups()
         from proxy.canary.commands import canary_status
 
         canary = await canary_status(control, groups)
-        return {"redis_ok": True, "redis_url": resolve_redis_url(settings), "groups": raw, "canary": canary}
+        return {"groups": raw, "registered": registered, "canary": canary}
 
     data = with_control(settings, read)
-    global_raw = data["groups"]["default"]
-    rows = []
-    for group in groups:
-        raw = data["groups"][group]
-        effective = raw if raw is not None else (global_raw if group != "default" else None)
-        rows.append(
-            {
-                "group": group,
-                "percentage": float(effective)
-                if effective is not None and _is_number(effective)
-                else settings.default_percentage,
-                "source": "own key" if raw is not None else ("global" if group != "default" else "default"),
-                "raw": raw,
-                **data["canary"][group],  # rollout, verdict, decision (one line each)
-            }
-        )
+    redis_at = resolve_redis_url(settings)
+    rows = [
+        {**row, **data["canary"][row["group"]]}  # rollout, verdict, decision (one line each)
+        for row in split_rows(groups, data["groups"], data["registered"], settings.default_percentage)
+    ]
     proxy_view = _local_proxy_view(settings)
     if as_json:
-        print(
-            json.dumps(
-                {"redis_ok": True, "redis_url": data["redis_url"], "groups": rows, "proxy": proxy_view}
-            )
-        )
+        print(json.dumps({"redis_ok": True, "redis_url": redis_at, "groups": rows, "proxy": proxy_view}))
         return
     if proxy_view is None:
         console.print("proxy: no answer at the configured address (snapshot age unknown; use --url)")
@@ -168,15 +226,82 @@ def status(
         reachable = "reachable" if proxy_view.get("redis_ok") else "UNREACHABLE"
         shown = "-" if age is None else f"{age:.1f}s"
         console.print(f"proxy {proxy_view['url']}: Redis {reachable}, snapshot age {shown}")
-    table = Table(title=f"Strangler split (Redis {data['redis_url']})")
-    for column in ("group", "v2 %", "source", "raw value", "rollout", "last check", "last decision"):
-        table.add_column(column)
+    table = Table(title=f"Strangler split (Redis {redis_at})")
+    for column in (
+        "group",
+        "v2 % served",
+        "stored value",
+        "source",
+        "rollout",
+        "last check",
+        "last decision",
+    ):
+        table.add_column(column, overflow="fold")
     for row in rows:
+        served = "?" if row["percentage"] is None else f"{row['percentage']:g}"
+        stored = "-" if row["raw"] is None else escape(row["raw"]) + ("" if row["valid"] else " (INVALID)")
         table.add_row(
-            row["group"], f"{row['percentage']:g}", row["source"], str(row["raw"]),
-            row["rollout"], row["verdict"], row["decision"],
+            row["group"], served, stored, row["source"], escape(row["rollout"]), escape(row["verdict"]),
+            escape(row["decision"]),
         )  # fmt: skip
     console.print(table)
+    for row in rows:
+        if not row["valid"]:
+            serving = (
+                "an unknown share (no proxy reported one)"
+                if row["serving"] is None
+                else (f"{row['serving']:g}%")
+            )
+            console.print(
+                f"[red]invalid value in Redis for {row['group']}:[/red] {escape(repr(row['raw']))} ignored; "
+                f"proxies keep serving their last good value: {serving}"
+            )
+
+
+def split_rows(
+    groups: list[str],
+    raw: dict[str, str | None],
+    registered: dict[str, dict[str, Any]],
+    default_percentage: float,
+) -> list[dict[str, Any]]:
+    """Per group: the stored value, whether it is valid, and the share in force.
+
+    The share in force is what the proxies reported serving (``strangler:groups``); without a
+    report it is what a proxy would compute from the stored values, or None when that is invalid.
+    """
+
+    def parsed(value: str | None) -> tuple[bool, float | None]:
+        try:
+            return True, parse_percentage(value)
+        except ValueError:
+            return False, None
+
+    global_ok, global_value = parsed(raw.get("default"))
+    global_in_force = (default_percentage if global_value is None else global_value) if global_ok else None
+    rows = []
+    for group in groups:
+        own = raw.get(group)
+        valid, value = parsed(own)
+        if group == "default":
+            source = "global key" if own is not None else "default_percentage"
+            computed = global_in_force
+        else:
+            source = "own key" if own is not None else "global"
+            computed = (value if valid else None) if own is not None else global_in_force
+        serving = registered.get(group, {}).get("serving")
+        serving = float(serving) if isinstance(serving, int | float) else None
+        rows.append(
+            {
+                "group": group,
+                "percentage": serving if serving is not None else computed,
+                "serving": serving,
+                "stored": value,
+                "raw": own,
+                "valid": valid,
+                "source": source,
+            }
+        )
+    return rows
 
 
 @app.command("set")
@@ -193,22 +318,18 @@ def set_split(
     ] = None,
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
+    if verify is not None:
+        from proxy.canary.commands import verified_set
+
+        verified_set(config, redis_url, url, token, group, percentage, verify)
+        return
     if url:
         from proxy.admin.commands import remote_set
 
         return remote_set(url, token, percentage, group)
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
-    if verify is not None:
-        from proxy.canary.commands import verified_set
-
-        verified_set(settings, name, percentage, verify)
-        return
-    try:
-        value = with_control(settings, lambda c: c.set_split(percentage, name))
-    except InvalidValue as exc:
-        fail(str(exc), 2)
-        return
+    value = with_control(settings, lambda c: c.set_split(percentage, name))
     console.print(f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold]")
 
 
@@ -220,20 +341,30 @@ def rollback(
     url: AdminUrlOpt = None,
     token: AdminTokenOpt = None,
 ) -> None:
-    """Send everything back to v1 at once."""
+    """Send everyone back to v1 at once: without --group, the global split and every group."""
     if url:
         from proxy.admin.commands import remote_rollback
 
         return remote_rollback(url, token, group)
     settings = settings_from(config, redis_url=redis_url)
-    name = check_group(settings, group)
-    with_control(settings, lambda c: c.set_split(0, name))
-    console.print(f"[yellow]rolled back[/yellow] {name}: v2 share is 0%")
+    known: list[str] = []
+    if group is not None:
+        check_group(settings, group)
+    else:
+        known = with_registered_groups(settings).group_names
+    print_rollback(with_control(settings, lambda c: c.rollback(group, known)))
+
+
+def print_rollback(changed: dict[str, str | None]) -> None:
+    """One line per group rolled back, with the value it had."""
+    for name, before in changed.items():
+        was = "unset" if before is None else f"{before}%"
+        console.print(f"[yellow]rolled back[/yellow] {name}: v2 share {escape(was)} -> 0%")
 
 
 @app.command()
 def bench(
-    connections: Annotated[int, typer.Option("--connections", "-c", help="Concurrent connections.")] = 64,
+    connections: Annotated[int, typer.Option("--connections", help="Concurrent connections.")] = 64,
     seconds: Annotated[float, typer.Option("--seconds", "-d", help="Seconds per measurement.")] = 10,
     peer: Annotated[
         str | None,
@@ -252,6 +383,11 @@ def bench(
     from proxy.bench import bench as run_bench
     from proxy.bench import render
 
+    if peer == "asgiproxy":
+        import importlib.util
+
+        if importlib.util.find_spec("asgiproxy") is None:
+            fail("the asgiproxy peer is not installed: pip install -e '.[bench]' (or .venv/bin/pip ...)")
     use_wrk = not builtin and shutil.which("wrk") is not None
     results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds)
     print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
@@ -277,14 +413,6 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
         "redis_ok": body.get("redis_ok"),
         "snapshot_age_seconds": body.get("snapshot_age_seconds"),
     }
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def register_capability_commands() -> None:
@@ -315,7 +443,7 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,33 @@ class ShadowSettings(BaseModel):
     calibration_warmup: int = Field(default=3, ge=0)
     flush_interval_seconds: float = Field(default=0.5, gt=0)
     groups: dict[str, ShadowGroupPolicy] = Field(default_factory=dict)
+    # a field is noise once it varied between two v1 answers in this many calibrations
+    noise_threshold: int = Field(default=2, ge=1)
+    # request and answer bodies held by the mirror (queued + in flight); past it: dropped, counted
+    max_buffered_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    # answer headers compared (Location only on 3xx and 201), reported as header:<name>
+    compare_headers: list[str] = Field(
+        default_factory=lambda: ["location", "content-encoding", "cache-control"]
+    )
+    # endpoint names tried before route patterns and templating: "/search/{term}", "/files/**"
+    endpoint_patterns: list[str] = Field(default_factory=list)
+
+    @field_validator("compare_headers")
+    @classmethod
+    def _header_names(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower() for name in value]
+        for name in names:
+            if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", name):
+                raise ValueError(f"{name!r} is not a header name")
+        return names
+
+    @field_validator("endpoint_patterns")
+    @classmethod
+    def _endpoint_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern.startswith("/"):
+                raise ValueError(f"endpoint pattern {pattern!r} must start with '/'")
+        return value
 
     @field_validator("exclude_paths")
     @classmethod
@@ -286,7 +313,7 @@ class Settings(BaseSettings):
     # control state
     redis_url: str | None = None
     embedded_redis_dir: Path = Path(".strangler/redis")
-    embedded_redis_port: int = Field(default=0, ge=0, le=65535)
+    embedded_redis_port: int = Field(default=6390, ge=0, le=65535)
     split_key: str = "feature:v2_traffic_percentage"
     key_prefix: str = "strangler:"
     default_percentage: float = Field(default=0.0, ge=0, le=100)

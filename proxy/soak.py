@@ -181,6 +181,7 @@ class Stack:
             "v2_url": f"http://127.0.0.1:{v2}",
             "port": port,
             "embedded_redis_dir": str(self.dir / "redis"),
+            "embedded_redis_port": 0,
             "default_percentage": self.split,
             "log_level": "warning",
             "canary": {"enabled": False},
@@ -188,8 +189,12 @@ class Stack:
         }
         (self.dir / "strangler.yaml").write_text(yaml.safe_dump(config))
         log = open(self.dir / "proxy.log", "wb")  # noqa: SIM115 - lives as long as the proxy
+        # Only the config file above configures this proxy: an exported STRANGLER_REDIS_URL (the
+        # demo suggests one) must never attach the soak's proxy to a live Redis.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
         proxy = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.dir / "strangler.yaml")],
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.dir,

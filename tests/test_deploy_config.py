@@ -8,6 +8,7 @@ the dashboard test needs nothing but the proxy's own metric definitions.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -42,8 +43,13 @@ def promtool() -> str:
     return found
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60, cwd=ROOT)
+def run(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, input=stdin, capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
+    )  # fmt: skip
 
 
 def exported_names(exposition: str) -> set[str]:
@@ -254,8 +260,25 @@ def test_docker_compose_config_validates() -> None:
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     assert docker is not None
-    checked = run(docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet")
+    secrets = {"STRANGLER_ADMIN_TOKEN": "t" * 32, "GRAFANA_ADMIN_PASSWORD": "p" * 24}
+    checked = run(docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet", env=secrets)
     assert checked.returncode == 0, checked.stderr
+    bare = {k: "" for k in secrets}  # unset: compose must refuse rather than fall back to a weak default
+    refused = run(docker, "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet", env=bare)
+    assert refused.returncode != 0 and "STRANGLER_ADMIN_TOKEN" in refused.stderr
+
+
+def test_compose_ships_no_secrets_and_publishes_on_loopback_only() -> None:
+    """Issue 11, item 12: no change-me / admin defaults, no port reachable from other machines."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "change-me" not in text and ":-admin" not in text
+    services = yaml.safe_load(text)["services"]
+    assert services["proxy"]["environment"]["STRANGLER_ADMIN_TOKEN"].startswith("${STRANGLER_ADMIN_TOKEN:?")
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:?"
+    )
+    published = [port for service in services.values() for port in service.get("ports", [])]
+    assert published and all(str(port).startswith("127.0.0.1:") for port in published)
 
 
 # --- example configuration ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -116,15 +117,18 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         return JSONResponse({"group": group, "percentage": value})
 
     async def rollback(request: Request) -> Response:
-        """Send a group (default: the global split) back to 0% v2 at once."""
+        """Back to 0% v2 at once: {"group": G} for one group; no group: the global split and every
+        group with its own key. "changed" maps each group to the value it had."""
         body = await json_body(request, allow_empty=True)
-        group = body.get("group") or "default"
-        if group not in ctx.settings.group_names:
+        group = body.get("group") or None
+        if group is not None and group not in ctx.settings.group_names:
             return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
-        await ctx.control.set_split(0, group)
-        ctx.metrics.rollbacks.labels(group, "manual").inc()
-        log.warning("manual rollback of %s to 0%% through the admin API", group)
-        return JSONResponse({"group": group, "percentage": 0.0})
+        changed = await ctx.control.rollback(group, ctx.settings.group_names)
+        for name in changed:
+            if name in ctx.settings.group_names:  # metric labels stay a closed set
+                ctx.metrics.rollbacks.labels(name, "manual").inc()
+        log.warning("manual rollback of %s to 0%% through the admin API", ", ".join(changed))
+        return JSONResponse({"group": group or "all", "percentage": 0.0, "changed": changed})
 
     async def openapi(request: Request) -> Response:
         """This document."""
@@ -174,11 +178,19 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
             response.headers[key] = value
         return response
 
+    async def on_redis_down(request: Request, exc: Exception) -> Response:
+        log.warning(
+            "admin %s %s: redis unavailable (%s)", request.method, request.url.path, type(exc).__name__
+        )
+        return error(503, "redis unavailable", detail="control state unavailable now; retry")
+
     async def on_crash(request: Request, exc: Exception) -> Response:
         log.exception("admin handler failed: %s %s", request.method, request.url.path)
         return error(500, "internal error", detail=f"{type(exc).__name__} (see the proxy log)")
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: on_http_error, Exception: on_crash})
+    on_error: dict[Any, Any] = {HTTPException: on_http_error, Exception: on_crash}
+    on_error.update({kind: on_redis_down for kind in (RedisError, ConnectionError, TimeoutError)})
+    app = Starlette(routes=routes, exception_handlers=on_error)
     return app
 
 
@@ -209,6 +221,7 @@ def status_payload(ctx: AdminContext) -> dict[str, Any]:
     return {
         "redis_ok": snap.redis_ok,
         "snapshot_age_seconds": ctx.store.age_seconds(),
+        "redis_data_lost_at": ctx.store.state_lost_at,  # this proxy saw Redis lose its data then
         "groups": {
             group: {
                 "percentage": snap.percentage(group),

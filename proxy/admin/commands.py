@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
         url: AdminUrlOpt = None,
         token: AdminTokenOpt = None,
     ) -> None:
-        """Force a rule's phase live on every replica (``auto`` follows the sunset date again)."""
+        """Force a rule's phase live on every replica ("auto" follows the sunset date again)."""
         cli = _cli()
         settings = cli.settings_from(config, redis_url=redis_url)
         if url:
@@ -178,41 +178,26 @@ def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
     return listed
 
 
-
-
-
 # --- status / set / rollback through the admin API (cli.py calls these when --url is given) ---------
+# AdminError raised here is turned into one line and an exit code by proxy.cli.StranglerGroup.
 
 
 def remote_status(url: str, token: str | None, as_json: bool) -> None:
     from proxy.admin.remote import print_status
 
-    cli = _cli()
-    try:
-        with AdminClient(url, token) as client:
-            print_status(client, cli.console, as_json)
-    except AdminError as exc:
-        cli.fail(str(exc))
+    with AdminClient(url, token) as client:
+        print_status(client, _cli().console, as_json)
 
 
 def remote_set(url: str, token: str | None, percentage: str, group: str | None) -> None:
-    cli = _cli()
-    try:
-        with AdminClient(url, token) as client:
-            data = client.set_split(percentage, group)
-    except AdminError as exc:
-        cli.fail(str(exc), 2 if exc.status == 422 else 1)
-        return
+    with AdminClient(url, token) as client:
+        data = client.set_split(percentage, group)
     group_name, value = data["group"], data["percentage"]
-    cli.console.print(f"v2 share for [bold]{group_name}[/bold] set to [bold]{value:g}%[/bold]")
+    _cli().console.print(f"v2 share for [bold]{group_name}[/bold] set to [bold]{value:g}%[/bold]")
 
 
 def remote_rollback(url: str, token: str | None, group: str | None) -> None:
+    with AdminClient(url, token) as client:
+        data = client.rollback(group)
     cli = _cli()
-    try:
-        with AdminClient(url, token) as client:
-            data = client.rollback(group)
-    except AdminError as exc:
-        cli.fail(str(exc))
-        return
-    cli.console.print(f"[yellow]rolled back[/yellow] {data['group']}: v2 share is 0%")
+    cli.print_rollback(data.get("changed") or {data["group"]: None})

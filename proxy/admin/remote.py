@@ -10,6 +10,7 @@ carrying the server's own JSON message, so the CLI can print it as is.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,16 +24,17 @@ DEFAULT_PREFIX = "/_strangler"
 class AdminError(Exception):
     """The admin API refused or could not be reached; ``str()`` is a message for humans."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, bad_input: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.bad_input = bad_input  # the request was wrong before anything was sent (a malformed URL)
 
 
 def base_url(url: str, prefix: str = DEFAULT_PREFIX) -> str:
     """``http://h:p`` -> ``http://h:p/_strangler``; a URL that already has a path is kept."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise AdminError(f"admin URL {url!r} must look like http://host:port[{prefix}]")
+        raise AdminError(f"admin URL {url!r} must look like http://host:port[{prefix}]", bad_input=True)
     path = parts.path.rstrip("/")
     return f"{parts.scheme}://{parts.netloc}{path or prefix}"
 
@@ -59,9 +61,11 @@ class AdminClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+    ) -> Any:
         try:
-            response = self._client.request(method, self.url + path, json=body)
+            response = self._client.request(method, self.url + path, json=body, params=params)
         except httpx.HTTPError as exc:
             raise AdminError(f"admin API at {self.url} is unreachable: {exc}") from exc
         try:
@@ -87,10 +91,44 @@ class AdminClient:
             value: Any = float(percentage)
         except ValueError:
             value = percentage  # let the server say why it is wrong
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(percentage)  # JSON has no NaN/Infinity: send the text, the server refuses it
         return dict(self.request("PUT", "/split", {"percentage": value, "group": group or "default"}))
 
     def rollback(self, group: str | None) -> dict[str, Any]:
-        return dict(self.request("POST", "/rollback", {"group": group or "default"}))
+        """No group: the global split and every group with its own key."""
+        return dict(self.request("POST", "/rollback", {"group": group} if group else {}))
+
+    def canary_status(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/canary/status"))
+
+    def rollout(self, action: str, group: str | None, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``action`` is start, pause, resume, abort or promote; "get" reads the state."""
+        payload = {"group": group or "default", **(body or {})}
+        if action == "get":
+            return dict(self.request("GET", "/rollout", params={"group": group or "default"}))
+        return dict(self.request("POST", f"/rollout/{action}", payload))
+
+    def shadow(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/shadow"))
+
+    def set_shadow(self, fields: dict[str, Any], group: str | None) -> dict[str, Any]:
+        body = {**fields, **({"group": group} if group else {})}
+        return dict(self.request("PUT", "/shadow", body)["written"])
+
+    def shadow_rules(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/shadow/rules")["rules"])
+
+    def change_rule(self, method: str, kind: str, endpoint: str | None, value: Any) -> dict[str, Any]:
+        return dict(
+            self.request(method, "/shadow/rules", {"kind": kind, "endpoint": endpoint, "value": value})
+        )
+
+    def diffs(self, endpoint: str | None = None) -> dict[str, Any]:
+        return dict(self.request("GET", "/diffs", params={"endpoint": endpoint} if endpoint else None))
+
+    def reset_diffs(self, forget_noise: bool) -> dict[str, Any]:
+        return dict(self.request("POST", "/diffs/reset", {"forget_noise": forget_noise}))
 
     def deprecations(self) -> dict[str, Any]:
         return dict(self.request("GET", "/deprecations"))

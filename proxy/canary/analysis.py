@@ -137,6 +137,8 @@ def assess(
     """Judge v2 against v1 in the same window.
 
     - Missing windows (Redis unreadable) are ERROR: the failure streak is kept, nothing is done.
+    - v1 and v2 both above the absolute p95 limit is ERROR too (a proxy-wide stall, not v2's fault);
+      with too little v1 traffic to tell, the absolute limit fails v2 alone.
     - v2 below ``min_requests``: INSUFFICIENT_DATA (hold; the streak is kept, not reset).
     - v1 below ``min_requests`` (e.g. at 100% v2): only the absolute limits can be applied, so a
       breach still FAILs but a clean result is INSUFFICIENT_DATA, never PASS.
@@ -170,6 +172,15 @@ def assess(
     e2, p2 = window_v2.error_rate, window_v2.p95
     if e2 > t.max_error_rate:
         return verdict(Status.FAIL, f"v2 error rate {e2:.2%} above {t.max_error_rate:.2%}", "error_rate")
+    if p2 > t.max_p95_seconds and window_v1.requests >= t.min_requests and window_v1.p95 > t.max_p95_seconds:
+        # both versions above the absolute limit in the same window: the proxy (or something both
+        # share) stalled; that says nothing about v2, so it is not a failure (the streak is kept)
+        return Verdict(
+            Status.ERROR,
+            f"v1 and v2 both above the p95 limit ({window_v1.p95 * 1000:.0f} / {p2 * 1000:.0f} ms): "
+            "a proxy-wide stall, not judged",
+            v1=v1, v2=v2, limits=limits, consecutive_failures=kept,
+        )  # fmt: skip
     if p2 > t.max_p95_seconds:
         return verdict(
             Status.FAIL, f"v2 p95 {p2 * 1000:.0f} ms above {t.max_p95_seconds * 1000:.0f} ms", "p95"

@@ -12,6 +12,7 @@ from starlette.routing import Route
 from proxy.canary import records
 from proxy.canary.controller import CanaryController
 from proxy.canary.notify import build_notifier
+from proxy.canary.notify.courier import Courier
 from proxy.canary.rollout import RolloutError, Rollouts, check_steps, parse_duration
 from proxy.canary.windows import WindowFlusher, WindowRecorder
 from proxy.capability import Capability, Component, Deps
@@ -45,11 +46,10 @@ def build(deps: Deps) -> Capability:
     recorder = WindowRecorder(canary.count_4xx_as_errors)
     flusher = WindowFlusher(recorder, deps.redis, deps.keys, canary)
     notifier = build_notifier(canary, deps.metrics)
-    controller = CanaryController(
-        deps.settings, deps.redis, deps.keys, deps.control, deps.metrics, notifier, rollouts
-    )
+    controller = CanaryController(deps.settings, deps.redis, deps.keys, deps.control, deps.metrics, rollouts)
+    courier = Courier(deps.redis, deps.keys, notifier, canary, deps.metrics, lambda: controller.is_leader)
     service = CanaryService(deps, rollouts, controller)
-    components: list[Component] = [notifier, flusher, controller]  # type: ignore[list-item]
+    components: list[Component] = [notifier, flusher, controller, courier]  # type: ignore[list-item]
     return Capability(
         "canary",
         recorders=[recorder],

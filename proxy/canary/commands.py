@@ -8,7 +8,6 @@ this module while it is itself being loaded (and again as ``__main__`` under ``p
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import socket
@@ -43,10 +42,34 @@ def who() -> str:
     return f"cli {user}@{socket.gethostname()}"
 
 
-def _transition(config: Path | None, redis_url: str | None, group: str | None, action: Any) -> dict[str, Any]:
-    """Run one Rollouts call; a refused transition is exit code 2 with the reason."""
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="STRANGLER_ADMIN_URL", help="Admin API of a running proxy (instead of Redis)."
+    ),
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
+]
+
+
+def _transition(
+    config: Path | None,
+    redis_url: str | None,
+    url: str | None,
+    token: str | None,
+    group: str | None,
+    action: Any,
+    remote: tuple[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Run one Rollouts call (Redis) or its admin API twin (``--url``); refused: exit code 2."""
     from proxy import cli
 
+    if url:
+        from proxy.admin.remote import AdminClient
+
+        with AdminClient(url, token) as client:
+            return client.rollout(remote[0], group, remote[1])
     settings = cli.settings_from(config, redis_url=redis_url)
     name = cli.check_group(settings, group)
 
@@ -57,8 +80,7 @@ def _transition(config: Path | None, redis_url: str | None, group: str | None, a
     try:
         return cli.with_control(settings, go)
     except RolloutError as exc:
-        cli.fail(str(exc), 2)
-        raise
+        cli.fail(str(exc), cli.EXIT_USAGE)
 
 
 def _print_state(state: dict[str, Any], as_json: bool) -> None:
@@ -81,6 +103,8 @@ def start(
     interval: Annotated[str | None, typer.Option(help="Hold per step, e.g. 30s, 5m.")] = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start at the first step; the leader advances while the checks pass."""
@@ -90,31 +114,52 @@ def start(
         hold = parse_duration(interval) if interval else settings.canary.step_interval_seconds
         return await r.start(name, ladder, hold, who())
 
-    _print_state(_transition(config, redis_url, group, action), as_json)
+    body = {k: v for k, v in (("steps", steps), ("interval", interval)) if v}
+    _print_state(_transition(config, redis_url, url, token, group, action, ("start", body)), as_json)
 
 
 @rollout_app.command("pause")
 def pause(
-    group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Hold at the current step (checks and automatic rollback keep running)."""
-    _print_state(_transition(config, redis_url, group, lambda r, n, s: r.pause(n, who())), as_json)
+    state = _transition(
+        config, redis_url, url, token, group, lambda r, n, s: r.pause(n, who()), ("pause", {})
+    )
+    _print_state(state, as_json)
 
 
 @rollout_app.command("resume")
 def resume(
-    group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Carry on; the current step is held for a full interval again."""
-    _print_state(_transition(config, redis_url, group, lambda r, n, s: r.resume(n, who())), as_json)
+    action = lambda r, n, s: r.resume(n, who())  # noqa: E731
+    _print_state(_transition(config, redis_url, url, token, group, action, ("resume", {})), as_json)
 
 
 @rollout_app.command("abort")
 def abort(
-    group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Roll back to 0% now and stop the rollout."""
-    _print_state(_transition(config, redis_url, group, lambda r, n, s: r.abort(n, who())), as_json)
+    action = lambda r, n, s: r.abort(n, who())  # noqa: E731
+    _print_state(_transition(config, redis_url, url, token, group, action, ("abort", {})), as_json)
 
 
 @rollout_app.command("promote")
@@ -123,24 +168,54 @@ def promote(
     full: Annotated[bool, typer.Option("--full", help="Straight to 100%.")] = False,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Go to the next step now (``--full``: to 100%), without waiting for the hold."""
-    _print_state(
-        _transition(config, redis_url, group, lambda r, n, s: r.promote(n, who(), full=full)), as_json
-    )
+    """Go to the next step now (with --full: to 100%), without waiting for the hold."""
+    action = lambda r, n, s: r.promote(n, who(), full=full)  # noqa: E731
+    body = {"full": True} if full else {}
+    _print_state(_transition(config, redis_url, url, token, group, action, ("promote", body)), as_json)
+
+
+def _status_reader(
+    config: Path | None, redis_url: str | None, url: str | None, token: str | None, group: str | None
+) -> tuple[str, Any]:
+    """The group name and a function returning ``records.read_status`` for it, from Redis or the API."""
+    from proxy import cli
+
+    if url:
+        from proxy.admin.remote import AdminClient
+
+        name = group or "default"
+
+        def remote() -> dict[str, Any]:
+            with AdminClient(url, token) as client:
+                data = client.canary_status()
+            if name not in data.get("groups", {}):
+                cli.fail(f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}", 2)
+            return {"leader": data.get("leader"), "groups": {name: data["groups"][name]}}
+
+        return name, remote
+    settings = cli.settings_from(config, redis_url=redis_url)
+    name = cli.check_group(settings, group)
+    return name, lambda: cli.with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
 
 
 @rollout_app.command("status")
 def status(
-    group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """The rollout, the last check and the last decision for a group."""
     from proxy import cli
 
-    settings = cli.settings_from(config, redis_url=redis_url)
-    name = cli.check_group(settings, group)
-    data = cli.with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
+    name, read = _status_reader(config, redis_url, url, token, group)
+    data = read()
     entry = data["groups"][name]
     if as_json:
         print(json.dumps({"group": name, "leader": data["leader"], **entry}, default=str))
@@ -148,55 +223,78 @@ def status(
     summary = summarize(entry)
     cli.console.print(f"group [bold]{name}[/bold] (leader: {data['leader'] or 'none'})")
     for label in ("rollout", "verdict", "decision"):
-        cli.console.print(f"  {label}: {summary[label]}")
+        cli.console.print(f"  {label}: {summary[label]}", markup=False)
+
+
+def watch_line(rollout: dict[str, Any], width: int = 20) -> str:
+    """``[#####...............]  25% progressing, step 4/6``: fits 80 columns for any group name
+    up to 20 characters."""
+    filled = round(width * float(rollout["percentage"]) / 100)
+    bar = "#" * filled + "." * (width - filled)
+    step = f"step {rollout['index'] + 1}/{len(rollout['steps'])}"
+    return f"[{bar}] {rollout['percentage']:>5g}% {rollout['state']}, {step}"
+
+
+def check_line(verdict: dict[str, Any]) -> str:
+    """The last check on one short line: status, then v2's and v1's figures."""
+    v1, v2 = verdict.get("v1") or {}, verdict.get("v2") or {}
+    line = f"check {verdict.get('status')}: v2 {_short(v2)}; v1 {_short(v1)}"
+    return line
+
+
+def _short(figures: dict[str, Any]) -> str:
+    if not figures:
+        return "n/a"
+    return (
+        f"{figures['requests']} req {figures['error_rate']:.1%} err p95 {figures['p95_seconds'] * 1000:.0f}ms"
+    )
 
 
 @rollout_app.command("watch")
 def watch(
     group: GroupOpt = None,
-    timeout: Annotated[str | None, typer.Option(help="Give up after this long (e.g. 10m).")] = None,
+    timeout: Annotated[str | None, typer.Option(help="Give up after this long (e.g. 10m); exit 1.")] = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """Follow a rollout live with a progress bar until it completes or is rolled back."""
-    from rich.progress import BarColumn, Progress, TextColumn
-
+    """Follow a rollout, one line per change, until it completes (exit 0), is rolled back or the
+    timeout passes (exit 1)."""
     from proxy import cli
 
-    settings = cli.settings_from(config, redis_url=redis_url)
-    name = cli.check_group(settings, group)
-    limit = parse_duration(timeout) if timeout else None
-
-    async def follow(control: Any) -> str:
-        started = time.monotonic()
-        with Progress(
-            TextColumn("[bold]{task.fields[group]}"),
-            BarColumn(),
-            TextColumn("{task.completed:>5.1f}%"),
-            TextColumn("{task.fields[detail]}"),
-            console=cli.console,
-        ) as bar:
-            task = bar.add_task("rollout", total=100, group=name, detail="")
-            while True:
-                data = await records.read_status(control.redis, control.keys, [name])
-                entry = data["groups"][name]
-                rollout = entry["rollout"]
-                if rollout is None:
-                    return "no rollout"
-                summary = summarize(entry)
-                bar.update(
-                    task, completed=rollout["percentage"], detail=f"{rollout['state']} | {summary['verdict']}"
-                )
-                if rollout["state"] in (COMPLETED, ROLLED_BACK):
-                    return str(rollout["state"])
-                if limit is not None and time.monotonic() - started > limit:
-                    return "timeout"
-                await asyncio.sleep(0.5)
-
-    outcome = cli.with_control(settings, follow)
-    cli.console.print(f"rollout of {name}: {outcome}")
-    if outcome == ROLLED_BACK:
-        raise typer.Exit(1)
+    limit = None
+    if timeout:
+        try:
+            limit = parse_duration(timeout)
+        except RolloutError as exc:
+            cli.fail(str(exc), cli.EXIT_USAGE)
+    name, read = _status_reader(config, redis_url, url, token, group)
+    started = time.monotonic()
+    last: tuple[str, str] = ("", "")
+    cli.console.print(f"watching the rollout of {name} (Ctrl-C stops watching, not the rollout)")
+    while True:
+        entry = read()["groups"][name]
+        rollout = entry["rollout"]
+        if rollout is None:
+            cli.fail(f"no rollout for {name} (start one: strangler rollout start --group {name})")
+        verdict = entry.get("verdict")
+        lines = (watch_line(rollout), check_line(verdict) if verdict else "")
+        stamp = time.strftime("%H:%M:%S")
+        if lines[0] != last[0]:
+            cli.console.print(f"{stamp} {lines[0]}", markup=False, soft_wrap=True)
+        if lines[1] and lines[1] != last[1]:
+            cli.console.print(f"{stamp}   {lines[1]}", markup=False, soft_wrap=True)
+        last = lines
+        if rollout["state"] == COMPLETED:
+            cli.console.print(f"rollout of {name}: completed at {rollout['percentage']:g}%")
+            return
+        if rollout["state"] == ROLLED_BACK:
+            cli.fail(f"rollout of {name}: rolled back to 0%")
+        if limit is not None and time.monotonic() - started > limit:
+            where = f"{rollout['state']} at {rollout['percentage']:g}%"
+            cli.fail(f"rollout of {name}: timed out after {timeout}, still {where}")
+        time.sleep(0.5)
 
 
 # --- helpers for proxy/cli.py ------------------------------------------------------------------
@@ -213,6 +311,14 @@ def summarize(entry: dict[str, Any]) -> dict[str, str]:
         else f"{rollout['state']} {rollout['percentage']:g}% "
         f"(step {rollout['index'] + 1}/{len(rollout['steps'])})"
     )
+    lost = entry.get("state_lost")
+    if lost:
+        when = time.strftime("%H:%M:%S", time.localtime(float(lost.get("at", 0))))
+        r = (
+            f"REDIS LOST ITS DATA at {when}: proxies kept their last split and wrote it back "
+            f"(rollouts restored: {', '.join(lost.get('rollouts_restored') or []) or 'none'}); "
+            f"setting a split by hand clears this | {r}"
+        )
     if verdict:
         v1, v2 = verdict.get("v1") or {}, verdict.get("v2") or {}
         v = f"{verdict['status']}: v1 {_fig(v1)} | v2 {_fig(v2)}" + (
@@ -242,61 +348,143 @@ async def canary_status(control: Any, groups: list[str]) -> dict[str, dict[str, 
     return {group: summarize(entry) for group, entry in data["groups"].items()}
 
 
-def verified_set(settings: Any, group: str, percentage: str, duration: str) -> None:
+class _SplitOps:
+    """What ``set --verify`` needs, over Redis or over the admin API (``--url``)."""
+
+    def before(self) -> str | None:
+        raise NotImplementedError
+
+    def set(self, percentage: str) -> float:
+        raise NotImplementedError
+
+    def checks(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The group's last verdict and last rollback decision."""
+        raise NotImplementedError
+
+    def restore(self, before: str | None) -> None:
+        raise NotImplementedError
+
+
+class _RedisOps(_SplitOps):
+    def __init__(self, settings: Any, group: str) -> None:
+        from proxy import cli
+
+        self.run = lambda action: cli.with_control(settings, action)
+        self.group = group
+
+    def before(self) -> str | None:
+        async def go(c: Any) -> str | None:
+            return (await c.get_split([self.group]))[self.group]  # type: ignore[no-any-return]
+
+        return self.run(go)  # type: ignore[no-any-return]
+
+    def set(self, percentage: str) -> float:
+        return float(self.run(lambda c: c.set_split(percentage, self.group)))
+
+    def checks(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        async def go(c: Any) -> list[dict[str, Any] | None]:
+            keys = [records.verdict_key(c.keys, self.group), records.decision_key(c.keys, self.group)]
+            return await records.read_many(c.redis, keys)
+
+        verdict, decision = self.run(go)
+        return verdict, decision
+
+    def restore(self, before: str | None) -> None:
+        self.run(lambda c: _restore(c, self.group, before))
+
+
+class _AdminOps(_SplitOps):
+    def __init__(self, url: str, token: str | None, group: str) -> None:
+        from proxy.admin.remote import AdminClient
+
+        self.client = AdminClient(url, token)
+        self.group = group
+
+    def before(self) -> str | None:
+        info = self.client.status().get("groups", {}).get(self.group)
+        if info is None:
+            from proxy import cli
+
+            served = ", ".join(self.client.status()["groups"])
+            cli.fail(f"unknown group {self.group!r}; the proxy serves: {served}", cli.EXIT_USAGE)
+        return f"{info['percentage']:g}"
+
+    def set(self, percentage: str) -> float:
+        return float(self.client.set_split(percentage, self.group)["percentage"])
+
+    def checks(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        entry = self.client.canary_status().get("groups", {}).get(self.group) or {}
+        return entry.get("verdict"), entry.get("decision")
+
+    def restore(self, before: str | None) -> None:
+        self.client.set_split(before or "0", self.group)
+
+
+def verified_set(
+    config: Path | None,
+    redis_url: str | None,
+    url: str | None,
+    token: str | None,
+    group: str | None,
+    percentage: str,
+    duration: str,
+) -> None:
     """``strangler set P --verify D``: set P, watch the leader's checks for D, restore on failure.
 
     Stricter than the automatic rollback on purpose: a person asked to verify, so the first failed
-    check restores the previous value (not 0). Needs a running proxy (the leader writes verdicts).
+    check restores the previous value (not 0). "verified" needs at least one passing check and no
+    failed one; checks that only said "insufficient data", or no check at all, are "not verified"
+    (exit 1, the new value stays). Over ``--url`` the previous value restored is the share that
+    was in force (the admin API sets, it does not delete a group's key).
     """
     from proxy import cli
-    from proxy.control.client import InvalidValue
 
     try:
         hold = parse_duration(duration)
     except RolloutError as exc:
-        cli.fail(str(exc), 2)
-        return
-
-    async def go(control: Any) -> tuple[str, Any, float, dict[str, Any] | None]:
-        before = (await control.get_split([group]))[group]
-        value = await control.set_split(percentage, group)
-        cli.console.print(
-            f"v2 share for [bold]{group}[/bold] set to [bold]{value:g}%[/bold] (was {before or 'unset'}); "
-            f"verifying for {hold:g}s"
-        )
-        started = time.time()
-        seen_at = None
-        while time.time() - started < hold:
-            verdict, decision = await records.read_many(
-                control.redis,
-                [records.verdict_key(control.keys, group), records.decision_key(control.keys, group)],
-            )
-            if decision and float(decision.get("at", 0)) > started:
-                await _restore(control, group, before)
-                return "rolled_back", before, value, decision
-            if verdict and float(verdict.get("at", 0)) > started and verdict.get("at") != seen_at:
-                seen_at = verdict.get("at")
-                cli.console.print(f"  check: {summarize({'verdict': verdict})['verdict']}")
-                if verdict.get("status") == "fail":
-                    await _restore(control, group, before)
-                    return "failed", before, value, verdict
-            await asyncio.sleep(0.25)
-        return "ok" if seen_at is not None else "unchecked", before, value, None
-
-    try:
-        outcome, before, value, why = cli.with_control(settings, go)
-    except InvalidValue as exc:
-        cli.fail(str(exc), 2)
-        return
-    if outcome == "ok":
-        cli.console.print(f"[green]verified[/green]: {group} stays at {value:g}%")
-    elif outcome == "unchecked":
-        cli.console.print(
-            f"[yellow]no check ran in {hold:g}s[/yellow] (is a proxy running?); {group} stays at {value:g}%"
-        )
+        cli.fail(str(exc), cli.EXIT_USAGE)
+    ops: _SplitOps
+    if url:
+        name = group or "default"
+        ops = _AdminOps(url, token, name)
     else:
-        reason = (why or {}).get("reason", "")
-        cli.fail(f"checks failed ({reason}); {group} restored to {before or 'unset'}")
+        settings = cli.settings_from(config, redis_url=redis_url)
+        name = cli.check_group(settings, group)
+        ops = _RedisOps(settings, name)
+    before = ops.before()
+    value = ops.set(percentage)
+    cli.console.print(
+        f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold] (was {before or 'unset'}); "
+        f"verifying for {hold:g}s"
+    )
+    started = time.time()
+    seen_at: Any = None
+    statuses: list[str] = []
+    while time.time() - started < hold:
+        verdict, decision = ops.checks()
+        if decision and float(decision.get("at", 0)) > started:
+            ops.restore(before)
+            why = decision.get("reason", "")
+            cli.fail(f"the canary rolled {name} back ({why}); restored to {before or 'unset'}")
+        if verdict and float(verdict.get("at", 0)) > started and verdict.get("at") != seen_at:
+            seen_at = verdict.get("at")
+            statuses.append(str(verdict.get("status")))
+            cli.console.print(f"  {check_line(verdict)}", markup=False)
+            if verdict.get("status") == "fail":
+                ops.restore(before)
+                cli.fail(
+                    f"checks failed ({verdict.get('reason', '')}); {name} restored to {before or 'unset'}"
+                )
+        time.sleep(0.25)
+    if "pass" in statuses:
+        cli.console.print(f"[green]verified[/green]: {name} stays at {value:g}% ({len(statuses)} checks)")
+        return
+    stays = f"{name} stays at {value:g}%"
+    if statuses and set(statuses) == {"insufficient_data"}:
+        cli.fail(f"not verified: insufficient data ({len(statuses)} checks, too few requests); {stays}")
+    if statuses:
+        cli.fail(f"not verified: checks said {', '.join(sorted(set(statuses)))}; {stays}")
+    cli.fail(f"not verified: no check ran in {hold:g}s (is a proxy running, canary on?); {stays}")
 
 
 async def _restore(control: Any, group: str, before: str | None) -> None:

@@ -1,12 +1,18 @@
-"""The leader's loop: take or keep the lock, judge every group, roll back, drive rollouts, alert.
+"""The leader's loop: keep the lock, judge every group, roll back, drive rollouts, raise alerts.
 
 ``run()`` is only ``while not stopping: await tick(); await sleep(interval)`` so tests drive
-``tick()`` one step at a time with injected clocks. A tick on a non-leader only tries the lock.
-The loop interval is short (a third of the lock TTL at most) so the lock is renewed in time even
-when checks are rare; the checks themselves run every ``check_interval_seconds``.
+``tick()`` one step at a time with injected clocks. The lock is renewed by its own task every third
+of its lifetime, so a check slower than the lock's lifetime does not lose it; every action the
+leader takes is a compare-and-set that also checks, in the same transaction, that the lock still
+holds this leader's token (``Rollouts``), so a deposed leader cannot act on what it judged.
 
-Rollback order (flagger's): traffic to 0 first; then stop the rollout, persist the decision,
-metrics, alerts, each of those logging and carrying on if it fails.
+A step advances only after the checks passed for its whole hold ("judged time": seconds covered
+by passing checks; insufficient data, errors and failures add nothing), kept in the verdict record
+so a new leader carries on. A new rollout or a split set by hand starts a fresh history: earlier
+failure streaks and window seconds are not judged (``records.since_key``).
+
+The rollback is one transaction (split 0, rollout rolled back, decision, critical alert queued);
+metrics and the log follow.
 """
 
 from __future__ import annotations
@@ -20,13 +26,13 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
-from proxy.background import BackgroundLoop
+from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
 from proxy.canary.leader import LeaderLock
-from proxy.canary.notify.base import Notifier
-from proxy.canary.rollout import Rollouts, RolloutState
+from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
 from proxy.canary.windows import REDIS_ERRORS, read_windows
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
@@ -46,11 +52,11 @@ class CanaryController(BackgroundLoop):
         keys: Keys,
         control: ControlClient,
         metrics: Metrics,
-        notifier: Notifier,
         rollouts: Rollouts | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         identity: str | None = None,
+        race_hook: RaceHook | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -59,7 +65,6 @@ class CanaryController(BackgroundLoop):
         self.keys = keys
         self.control = control
         self.metrics = metrics
-        self.notifier = notifier
         self.rollouts = rollouts or Rollouts(redis, keys, wall)
         self.clock = clock
         self.wall = wall
@@ -68,31 +73,60 @@ class CanaryController(BackgroundLoop):
         self.is_leader = False
         self._next_check: float | None = None
         self._redis_failing = False
+        self._renewer: asyncio.Task[None] | None = None
+        self._known: dict[str, RolloutState] = {}  # last rollout seen per group (restored after data loss)
+        # called as ("decided", group) between a check's reads and its action: tests land races there
+        self.race_hook = race_hook
+
+    def leader_token(self) -> tuple[str, str]:
+        return records.leader_key(self.keys), self.lock.identity
 
     # --- loop ---------------------------------------------------------------------------------
 
-    async def tick(self) -> None:
-        """One step: leadership, then (when due) the checks, then the alert outbox."""
+    async def start(self) -> None:
+        self._renewer = asyncio.create_task(self._renew_loop(), name="strangler-canary-lock")
+        await super().start()
+
+    async def stop(self) -> None:
+        if self._renewer is not None:
+            await cancel_and_wait([self._renewer])
+            self._renewer = None
+        await super().stop()
+
+    async def _renew_loop(self) -> None:
+        """The lock's own heartbeat: never waits for a check, however slow that is."""
+        period = self.canary.leader_lock_ttl_seconds / 3
+        while True:
+            try:
+                await self.keep_lock()
+            except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
+                log.exception("canary leader heartbeat failed")
+            await asyncio.sleep(period)
+
+    async def keep_lock(self) -> bool:
+        """Renew or take the lock; True while this process leads."""
         try:
             leader = await self.lock.ensure()
         except REDIS_ERRORS as exc:
             self._redis_trouble(exc)
-            self.is_leader = False
-            return
+            leader = False
         if leader != self.is_leader:
             log.info("canary leader %s: %s", "acquired" if leader else "lost", self.lock.identity)
             self.is_leader = leader
             self._next_check = None  # a new leader judges at once
-        if not leader:
+        return leader
+
+    async def tick(self) -> None:
+        """One step: leadership (unless the heartbeat task runs), lost state, then the checks."""
+        if self._renewer is None:
+            await self.keep_lock()
+        if not self.is_leader:
             return
         try:
+            await self._handle_lost_state()
             if self._next_check is None or self.clock() >= self._next_check:
                 self._next_check = self.clock() + self.canary.check_interval_seconds
                 await self.check_all()
-            for event in await events.drain(self.redis, self.keys):
-                if event.kind == "aborted":  # made by a person through the CLI or any admin API
-                    self.metrics.rolled_back(event.group, "aborted")
-                self.notifier.notify(event)
             self._redis_failing = False
         except REDIS_ERRORS as exc:
             self._redis_trouble(exc)
@@ -114,7 +148,11 @@ class CanaryController(BackgroundLoop):
         now = self.wall()
         previous = await records.read_many(self.redis, [records.verdict_key(self.keys, g) for g in groups])
         decisions = await records.read_many(self.redis, [records.decision_key(self.keys, g) for g in groups])
+        raw_since = await self.redis.mget([records.since_key(self.keys, g) for g in groups])
+        fresh = {g: float(r) for g, r in zip(groups, raw_since, strict=True) if r}
         since = {g: float(d["at"]) for g, d in zip(groups, decisions, strict=True) if d and "at" in d}
+        for group, at in fresh.items():
+            since[group] = max(since.get(group, at), at)
         windows = await read_windows(self.redis, self.keys, groups, now, self.canary.window_seconds, since)
         splits = await self.control.get_split(groups)
         gated = self.canary.thresholds.max_shadow_mismatch_rate is not None or any(
@@ -123,8 +161,12 @@ class CanaryController(BackgroundLoop):
         shadow = await self._shadow() if gated else {}
         verdicts = {}
         for group, prev in zip(groups, previous, strict=True):
+            prev = prev or {}
+            if group in fresh and float(prev.get("at") or 0) <= fresh[group]:
+                # a fresh history: no streak, no insufficient-data clock (an open incident stays open)
+                prev = {"needs_recovery": prev.get("needs_recovery", False)}
             verdicts[group] = await self._check_group(
-                group, prev or {}, windows[group], splits, now, shadow.get(group)
+                group, prev, windows[group], splits, now, shadow.get(group), fresh.get(group)
             )
         return verdicts
 
@@ -145,6 +187,7 @@ class CanaryController(BackgroundLoop):
         splits: dict[str, str | None],
         now: float,
         shadow: ShadowFigures | None = None,
+        history_since: float | None = None,
     ) -> Verdict:
         thresholds = self.canary.group_thresholds.get(group, self.canary.thresholds)
         verdict = assess(
@@ -167,40 +210,71 @@ class CanaryController(BackgroundLoop):
             "insufficient_alerted": prev.get("insufficient_alerted", False),
             "needs_recovery": prev.get("needs_recovery", False),
         }
-        self._track_insufficient(group, verdict, split, record, now)
+        if rollout is not None:
+            self._known[group] = rollout
+        await self._track_insufficient(group, verdict, split, record, now)
         if verdict.status is Status.PASS and record["needs_recovery"] and split > 0:
             record["needs_recovery"] = False
-            self.notifier.notify(
-                events.make(
-                    "recovered",
-                    group,
-                    f"v2 passes the checks again for {group}",
-                    "leader",
-                    v1=verdict.v1,
-                    v2=verdict.v2,
-                )
-            )
+            await events.enqueue(
+                self.redis, self.keys,
+                events.make("recovered", group, f"v2 passes the checks again for {group}", "leader",
+                            v1=verdict.v1, v2=verdict.v2),
+            )  # fmt: skip
+        judged = self._judged_time(rollout, prev, verdict, record, now)
+        if self.race_hook is not None:
+            await self.race_hook("decided", group)
         acted = False
         if verdict.rollback and split > 0:
-            acted = await self.rollback(group, verdict, split, rollout, now)
+            acted = await self.rollback(group, verdict, split, rollout, now, history_since)
             if acted:
                 record.update(
                     consecutive_failures=0, rollback=True, needs_recovery=True, action="rolled_back"
                 )
         await self.redis.set(records.verdict_key(self.keys, group), json.dumps(record, default=str))
-        if not acted and rollout is not None and rollout.state == "progressing":
-            if await self._overridden(group, rollout):
-                rollout = await self.rollouts.get(group)
-            elif verdict.status is Status.PASS and rollout.due(now):
-                await self._advance(group, rollout, verdict)
-                rollout = await self.rollouts.get(group)
+        if not acted and rollout is not None and rollout.active:
+            try:
+                if _split_of(splits.get(group)) != rollout.percentage:
+                    if await self.rollouts.pause_overridden(group, rollout.seq, self.leader_token()):
+                        log.warning("rollout of %s paused: its split was changed by hand", group)
+                elif (
+                    rollout.state == PROGRESSING
+                    and verdict.status is Status.PASS
+                    and judged >= rollout.interval_seconds
+                ):
+                    figures = {"v1": verdict.v1, "v2": verdict.v2, "verdict": verdict.status.value,
+                               "judged_seconds": round(judged, 3)}  # fmt: skip
+                    await self.rollouts.advance(group, rollout.seq, self.leader_token(), figures)
+            except Superseded as exc:
+                log.info("rollout of %s: not acting (%s)", group, exc)
+            rollout = await self.rollouts.get(group)
         self.metrics.rollout_at(group, None if rollout is None else rollout.percentage)
         return verdict
+
+    def _judged_time(
+        self,
+        rollout: RolloutState | None,
+        prev: dict[str, Any],
+        verdict: Verdict,
+        record: dict[str, Any],
+        now: float,
+    ) -> float:
+        """Seconds of the current hold covered by passing checks (a gap longer than two check
+        intervals, e.g. no leader, counts as two intervals at most)."""
+        if rollout is None or rollout.state != PROGRESSING:
+            return 0.0
+        hold_id = [rollout.started_at, rollout.hold_id]
+        hold = prev.get("hold") or {}
+        judged = float(hold.get("judged", 0.0)) if hold.get("id") == hold_id else 0.0
+        if verdict.status is Status.PASS:
+            last = max(float(prev.get("at") or 0.0), rollout.step_started_at)
+            judged += max(0.0, min(now - last, 2 * self.canary.check_interval_seconds))
+        record["hold"] = {"id": hold_id, "judged": judged}
+        return judged
 
     def _observe(self, group: str, verdict: Verdict) -> None:
         self.metrics.check_judged(group, verdict.status.value, {"v1": verdict.v1, "v2": verdict.v2})
 
-    def _track_insufficient(
+    async def _track_insufficient(
         self, group: str, verdict: Verdict, split: float, record: dict[str, Any], now: float
     ) -> None:
         """Alert once when a group with v2 traffic configured stays unjudgeable for too long."""
@@ -211,40 +285,14 @@ class CanaryController(BackgroundLoop):
         record["insufficient_since"] = since
         if not record["insufficient_alerted"] and now - since >= self.canary.insufficient_data_alert_seconds:
             record["insufficient_alerted"] = True
-            self.notifier.notify(
+            await events.enqueue(
+                self.redis, self.keys,
                 events.make(
                     "insufficient_data", group,
                     f"{group}: too little traffic to judge v2 for {now - since:.0f}s ({verdict.reason})",
                     "leader", v1=verdict.v1, v2=verdict.v2,
                 )
             )  # fmt: skip
-
-    async def _overridden(self, group: str, rollout: RolloutState) -> bool:
-        """Someone moved the split by hand (``strangler rollback``, ``set``, redis-cli) during a
-        rollout: pause it rather than raise traffic again at the next step. People win."""
-        raw = (await self.control.get_split([group]))[group]
-        try:
-            current = float(raw) if raw is not None else None
-        except ValueError:
-            current = None
-        if current is not None and current == rollout.percentage:
-            return False
-        latest = await self.rollouts.get(group)  # re-read: a promote may have just landed
-        if latest is None or latest.state != "progressing" or latest.percentage == current:
-            return False
-        try:
-            await self.rollouts.pause(group, f"leader: split changed to {raw} outside the rollout")
-        except Exception:  # noqa: BLE001 - paused or aborted meanwhile: nothing to do
-            return False
-        log.warning("rollout of %s paused: its split was changed to %s by hand", group, raw)
-        return True
-
-    async def _advance(self, group: str, rollout: RolloutState, verdict: Verdict) -> None:
-        figures = {"v1": verdict.v1, "v2": verdict.v2, "verdict": verdict.status.value}
-        try:
-            await self.rollouts.promote(group, f"leader {self.lock.identity}", figures=figures)
-        except Exception:  # noqa: BLE001 - e.g. paused a moment ago; the next tick sees it
-            log.exception("could not advance the rollout of %s", group)
 
     async def _shadow(self) -> dict[str, ShadowFigures]:
         """Per-group totals of the shadow diff report, read from Redis only if it exists.
@@ -278,19 +326,22 @@ class CanaryController(BackgroundLoop):
     # --- rollback -----------------------------------------------------------------------------
 
     async def rollback(
-        self, group: str, verdict: Verdict, split: float, rollout: RolloutState | None, now: float
+        self,
+        group: str,
+        verdict: Verdict,
+        split: float,
+        rollout: RolloutState | None,
+        now: float,
+        history_since: float | None = None,
     ) -> bool:
-        """Traffic first; every later step logs and continues on error. False if traffic did not move."""
-        try:
-            await self.control.set_split(0, group)
-        except Exception:  # noqa: BLE001 - keep the streak; the next check tries again
-            log.exception("ROLLBACK FAILED for %s: could not set the split to 0", group)
-            return False
+        """Split 0, rollout stopped, decision and critical alert: one transaction. False if nothing
+        moved (the lock was lost, a person set the split meanwhile, or Redis failed)."""
+        by = f"leader {self.lock.identity}"
         decision = {
             "at": now,
             "group": group,
             "action": "rollback",
-            "by": f"leader {self.lock.identity}",
+            "by": by,
             "failed_check": verdict.failed_check,
             "reason": verdict.reason,
             "from_percentage": split,
@@ -300,33 +351,68 @@ class CanaryController(BackgroundLoop):
             "consecutive_failures": verdict.consecutive_failures,
             "rollout_step": rollout.percentage if rollout is not None and rollout.active else None,
         }
+        event = events.make(
+            "rolled_back", group, f"{group} rolled back from {split:g}% to 0%: {verdict.reason}", by,
+            failed_check=verdict.failed_check, v1=verdict.v1, v2=verdict.v2,
+            thresholds=verdict.limits, from_percentage=split,
+        )  # fmt: skip
+        try:
+            result = await self.rollouts.rollback(group, decision, event, self.leader_token(), history_since)
+        except Superseded as exc:
+            log.warning("rollback of %s not made: %s", group, exc)
+            return False
+        except Exception:  # noqa: BLE001 - keep the streak; the next check tries again
+            log.exception("ROLLBACK FAILED for %s: could not set the split to 0", group)
+            return False
+        if result is False:
+            log.warning("rollback of %s not made: the split was changed by hand after the checks", group)
+            return False
         log.warning("rolled back %s from %g%% to 0%%: %s", group, split, verdict.reason)
-        try:
-            await self.rollouts.stop_for_rollback(group, decision)
-        except Exception:  # noqa: BLE001
-            log.exception("rollback of %s: could not stop the rollout", group)
-        try:
-            text = json.dumps(decision, default=str)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.set(records.decision_key(self.keys, group), text)
-                pipe.lpush(records.decisions_key(self.keys), text)
-                pipe.ltrim(records.decisions_key(self.keys), 0, records.DECISIONS_LIMIT - 1)
-                await pipe.execute()
-        except Exception:  # noqa: BLE001
-            log.exception("rollback of %s: could not persist the decision", group)
         try:
             self.metrics.rolled_back(group, verdict.failed_check or "unknown")
         except Exception:  # noqa: BLE001
             log.exception("rollback of %s: metrics failed", group)
-        try:
-            self.notifier.notify(
-                events.make(
-                    "rolled_back", group, f"{group} rolled back from {split:g}% to 0%: {verdict.reason}",
-                    f"leader {self.lock.identity}",
-                    failed_check=verdict.failed_check, v1=verdict.v1, v2=verdict.v2,
-                    thresholds=verdict.limits, from_percentage=split,
-                )
-            )  # fmt: skip
-        except Exception:  # noqa: BLE001
-            log.exception("rollback of %s: alert failed", group)
         return True
+
+    # --- lost state ---------------------------------------------------------------------------
+
+    async def _handle_lost_state(self) -> None:
+        """A proxy saw Redis lose its data and restored the split from its snapshot: put back the
+        rollouts this leader remembers (paused, so a person decides) and raise one critical alert."""
+        raw = await self.redis.get(records.lost_key(self.keys))
+        lost = records.load(raw)
+        if lost is None or lost.get("alerted"):
+            return
+        restored = []
+        for group, state in self._known.items():
+            if await self.rollouts.restore(state, f"leader {self.lock.identity}"):
+                restored.append(group)
+        lost.update(alerted=True, rollouts_restored=restored)
+        rollouts = f"rollouts restored (paused): {', '.join(restored)}" if restored else "no rollout restored"
+        event = events.make(
+            "state_lost", "*",
+            "Redis lost its data: proxies keep serving their last split, which was written back; "
+            f"{rollouts}. Check `strangler status`.",
+            f"leader {self.lock.identity}",
+            restored_split=lost.get("restored"), previous_epoch=lost.get("epoch"),
+        )  # fmt: skip
+        key = records.lost_key(self.keys)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                if records.load(await pipe.get(key)) != records.load(raw):
+                    return  # someone else handled it (or it was acknowledged)
+                pipe.multi()
+                pipe.set(key, json.dumps(lost, default=str), keepttl=True)
+                events.push(pipe, self.keys, event)
+                await pipe.execute()
+            except WatchError:
+                return
+        log.error("Redis lost its data; alert raised, rollouts restored: %s", restored or "none")
+
+
+def _split_of(raw: str | None) -> float | None:
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        return None

@@ -1,15 +1,20 @@
-"""Alertable events and the Redis outbox they travel through.
+"""Alertable events and the durable Redis outbox they travel through.
 
 Transitions happen in many places (the leader, the CLI, the admin API of any replica), but alerts
-are sent from one: every transition pushes its event to a capped Redis list in the same
-transaction that changes the state, and the leader drains that list and hands it to the notifier.
-So a ``rollout pause`` typed on a laptop still pages through the proxy's configured targets.
+are sent from one: every transition queues its event in the same transaction that changes the
+state, and the leader's courier (``notify/courier``) delivers it. The outbox is a hash of pending
+alerts (``<prefix>canary:alerts``, id -> event, attempts, targets done) and a sorted set of when each
+is next due (``<prefix>canary:alerts:due``). An alert leaves the outbox only after every target took
+it (or a non-critical one ran out of retries), so a leader that dies mid-delivery leaves it for the
+next one; the retry time is stored there too, so backoff survives restarts. The event id is the
+dedup key: delivery is at least once, and receivers can drop repeats by it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +37,8 @@ KINDS: dict[str, Severity] = {
     "resumed": "info",
     "completed": "info",
     "insufficient_data": "warning",  # too little traffic to judge for a long time
+    "overridden": "warning",  # a person set the split by hand during a rollout (paused or ended it)
+    "state_lost": "critical",  # Redis lost its data: the split was restored from a proxy's snapshot
 }
 
 
@@ -44,6 +51,11 @@ class Event:
     by: str = "leader"
     at: float = field(default_factory=time.time)
     fields: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def rank(self) -> int:
+        return SEVERITY_RANK.get(self.severity, 0)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -54,7 +66,7 @@ class Event:
         return cls(
             **{
                 k: data[k]
-                for k in ("kind", "group", "message", "severity", "by", "at", "fields")
+                for k in ("kind", "group", "message", "severity", "by", "at", "fields", "id")
                 if k in data
             }
         )
@@ -64,22 +76,78 @@ def make(kind: str, group: str, message: str, by: str, **fields: Any) -> Event:
     return Event(kind, group, message, KINDS.get(kind, "info"), by, time.time(), fields)
 
 
-def outbox_key(keys: Keys) -> str:
-    return keys.under("canary", "outbox")
+def alerts_key(keys: Keys) -> str:
+    return keys.under("canary", "alerts")
+
+
+def due_key(keys: Keys) -> str:
+    return keys.under("canary", "alerts", "due")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One alert in the outbox: the event, failed rounds so far, targets that already took it."""
+
+    event: Event
+    attempts: int = 0
+    done: tuple[str, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"event": json.loads(self.event.to_json()), "attempts": self.attempts, "done": list(self.done)}
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Pending:
+        data = json.loads(raw)
+        return cls(Event.from_json(json.dumps(data["event"])), int(data["attempts"]), tuple(data["done"]))
 
 
 def push(pipe: Any, keys: Keys, event: Event) -> None:
-    """Queue on a pipeline (so it commits with the transition it describes)."""
-    pipe.rpush(outbox_key(keys), event.to_json())
-    pipe.ltrim(outbox_key(keys), -OUTBOX_LIMIT, -1)
+    """Queue on a pipeline (so it commits with the transition it describes); due at once."""
+    pipe.hset(alerts_key(keys), event.id, Pending(event).to_json())
+    pipe.zadd(due_key(keys), {event.id: 0})
 
 
-async def drain(redis: aioredis.Redis, keys: Keys, limit: int = 100) -> list[Event]:
-    raw: list[str | bytes] | None = await redis.lpop(outbox_key(keys), limit)  # type: ignore[assignment]
-    events = []
-    for item in raw or []:
+async def enqueue(redis: aioredis.Redis, keys: Keys, event: Event) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        push(pipe, keys, event)
+        await pipe.execute()
+
+
+async def due(redis: aioredis.Redis, keys: Keys, now: float, limit: int = OUTBOX_LIMIT) -> list[Pending]:
+    """Alerts due by ``now``, critical first, then oldest first."""
+    ids: list[Any] = list(await redis.zrangebyscore(due_key(keys), "-inf", now, start=0, num=limit))
+    if not ids:
+        return []
+    raws: list[Any] = await redis.hmget(alerts_key(keys), ids)
+    found: list[Pending] = []
+    orphans: list[Any] = []
+    for alert_id, raw in zip(ids, raws, strict=True):
         try:
-            events.append(Event.from_json(item))
-        except (ValueError, TypeError):
-            continue
-    return events
+            found.append(Pending.from_json(raw))
+        except (TypeError, ValueError, KeyError):
+            orphans.append(alert_id)
+    if orphans:
+        await redis.zrem(due_key(keys), *orphans)
+    return sorted(found, key=lambda p: (-p.event.rank, p.event.at))
+
+
+async def finish(redis: aioredis.Redis, keys: Keys, alert_id: str) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hdel(alerts_key(keys), alert_id)
+        pipe.zrem(due_key(keys), alert_id)
+        await pipe.execute()
+
+
+async def reschedule(redis: aioredis.Redis, keys: Keys, pending: Pending, at: float) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(alerts_key(keys), pending.event.id, pending.to_json())
+        pipe.zadd(due_key(keys), {pending.event.id: at})
+        await pipe.execute()
+
+
+async def pending(redis: aioredis.Redis, keys: Keys) -> list[Pending]:
+    """Everything still in the outbox (status, tests)."""
+    raws = await redis.hvals(alerts_key(keys))
+    return sorted((Pending.from_json(r) for r in raws), key=lambda p: (-p.event.rank, p.event.at))

@@ -5,6 +5,10 @@
 - ``<prefix>canary:decision:<group>``: the last rollback decision (JSON).
 - ``<prefix>canary:decisions``: the last 100 decisions, newest first.
 - ``<prefix>canary:leader``: the leader lock (holder identity, with expiry).
+- ``<prefix>canary:since:<group>``: when the group's canary history last started afresh (a new
+  rollout, a split set by hand): failure streaks and window seconds from before it are not judged.
+- ``<prefix>control:lost``: written by a proxy that saw Redis lose its data (see ``control/store``);
+  the leader alerts on it, status shows it until someone sets a split by hand.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from proxy.canary.rollout import RolloutState
 from proxy.control.keys import Keys
 
 DECISIONS_LIMIT = 100
@@ -36,7 +39,15 @@ def leader_key(keys: Keys) -> str:
     return keys.under("canary", "leader")
 
 
-def _load(raw: Any) -> dict[str, Any] | None:
+def since_key(keys: Keys, group: str) -> str:
+    return keys.under("canary", "since", group)
+
+
+def lost_key(keys: Keys) -> str:
+    return keys.lost_state
+
+
+def load(raw: Any) -> dict[str, Any] | None:
     if not raw:
         return None
     try:
@@ -49,26 +60,35 @@ def _load(raw: Any) -> dict[str, Any] | None:
 async def read_many(redis: aioredis.Redis, keys: list[str]) -> list[dict[str, Any] | None]:
     if not keys:
         return []
-    return [_load(raw) for raw in await redis.mget(keys)]
+    return [load(raw) for raw in await redis.mget(keys)]
 
 
 async def read_status(redis: aioredis.Redis, keys: Keys, groups: list[str]) -> dict[str, Any]:
-    """Per group: split (raw), rollout, last verdict, last decision; plus who leads."""
+    """Per group: split (raw), rollout, last verdict, last decision; plus who leads and whether
+    Redis lost its data."""
+    from proxy.canary.rollout import RolloutState  # rollout imports this module
+
     async with redis.pipeline(transaction=False) as pipe:
         pipe.mget([keys.split(g) for g in groups])
         pipe.mget([keys.under("rollout", g) for g in groups])
         pipe.mget([verdict_key(keys, g) for g in groups])
         pipe.mget([decision_key(keys, g) for g in groups])
         pipe.get(leader_key(keys))
-        splits, rollouts, verdicts, decisions, leader = await pipe.execute()
-    out: dict[str, Any] = {"leader": leader.decode() if isinstance(leader, bytes) else leader, "groups": {}}
+        pipe.get(lost_key(keys))
+        splits, rollouts, verdicts, decisions, leader, lost = await pipe.execute()
+    out: dict[str, Any] = {
+        "leader": leader.decode() if isinstance(leader, bytes) else leader,
+        "state_lost": load(lost),
+        "groups": {},
+    }
     for i, group in enumerate(groups):
         raw_split = splits[i].decode() if isinstance(splits[i], bytes) else splits[i]
         rollout = RolloutState.from_json(rollouts[i]).as_dict() if rollouts[i] else None
         out["groups"][group] = {
             "split_raw": raw_split,
             "rollout": rollout,
-            "verdict": _load(verdicts[i]),
-            "decision": _load(decisions[i]),
+            "verdict": load(verdicts[i]),
+            "decision": load(decisions[i]),
+            "state_lost": out["state_lost"],
         }
     return out

@@ -1,9 +1,19 @@
 """The step ladder as a state machine kept in Redis: progressing, paused, completed, rolled_back.
 
-The state is one JSON value per group (``<prefix>rollout:<group>``), changed only inside a
-WATCH/MULTI transaction together with the split key, the transition log and the alert outbox, so a
-leader advancing and a person pausing at the same moment cannot leave the split and the state
-disagreeing. Anyone may make a transition (CLI, admin API); only the leader makes the timed ones.
+The state is one JSON value per group (``<prefix>rollout:<group>``). Every change to it is one
+compare-and-set: WATCH the state, the group's split key (and, for the leader, its lock and the
+group's history mark), decide from what was read, then write state + split + log + alert outbox in
+one MULTI. So the split always equals what the state says, and a write that raced with ours makes
+ours start again from the new facts. Who wins a race is decided by the rules each transition checks
+on those fresh facts, not by timing:
+
+- a manual split write (``strangler set``/``rollback``, the admin API) always applies; during a
+  rollout it pauses it (``override`` holds the hand-set share) or, at 0, ends it;
+- the automatic rollback applies over any concurrent promote, pause or resume, but yields to a
+  manual split write made after the checks it acted on;
+- an automatic advance needs the state still ``progressing`` at the version (``seq``) the leader
+  judged, the split untouched, and the lock still held by that leader.
+
 The ladder itself is arithmetic: the next step is ``steps[index + 1]``, 100 ends it.
 """
 
@@ -11,24 +21,33 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from proxy.canary import events
+from proxy.canary import events, records
 from proxy.canary.events import Event
 from proxy.control.keys import Keys
+from proxy.control.snapshot import as_text
 
 PROGRESSING, PAUSED, COMPLETED, ROLLED_BACK = "progressing", "paused", "completed", "rolled_back"
 ACTIVE = (PROGRESSING, PAUSED)
 LOG_LIMIT = 100
 
+# Called between the read and the write of every transition (action name, group). Tests use it to
+# land a competing write at exactly that moment; production passes nothing.
+RaceHook = Callable[[str, str], Awaitable[None]]
+
 
 class RolloutError(Exception):
     """A transition that does not apply (no rollout, wrong state); the message says why."""
+
+
+class Superseded(RolloutError):
+    """An automatic action found the facts it decided on changed (or the lock lost): nothing done."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +62,13 @@ class RolloutState:
     updated_at: float
     seq: int = 0
     last: dict[str, Any] = field(default_factory=dict)
+    override: float | None = None  # share set by hand during (or after) the rollout
+    hold_id: int = 0  # changes whenever a hold starts (a step entered, a resume): judged time restarts
 
     @property
     def percentage(self) -> float:
+        if self.override is not None:
+            return self.override
         return 0.0 if self.state == ROLLED_BACK else self.steps[self.index]
 
     @property
@@ -54,10 +77,6 @@ class RolloutState:
 
     def held_for(self, now: float) -> float:
         return now - self.step_started_at
-
-    def due(self, now: float) -> bool:
-        """Progressing and the current step was held for the whole interval."""
-        return self.state == PROGRESSING and self.held_for(now) >= self.interval_seconds
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -69,6 +88,26 @@ class RolloutState:
         data = json.loads(raw)
         data.pop("percentage", None)
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a transaction read under WATCH."""
+
+    current: RolloutState | None
+    split: str | None
+    history_since: float | None
+    lock_holder: str | None
+    now: float
+
+    def split_value(self) -> float | None:
+        try:
+            return None if self.split is None else float(self.split)
+        except ValueError:
+            return None
+
+
+Change = Callable[[Facts], "tuple[RolloutState | None, Event | None, dict[str, Any]] | None"]
 
 
 def parse_steps(text: str) -> list[float]:
@@ -112,10 +151,17 @@ def parse_duration(text: str) -> float:
 class Rollouts:
     """Reads and transitions rollouts. Shared by the leader, the admin API and the CLI."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        wall: Callable[[], float] = time.time,
+        race_hook: RaceHook | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.wall = wall
+        self.race_hook = race_hook
 
     def key(self, group: str) -> str:
         return self.keys.under("rollout", group)
@@ -131,132 +177,312 @@ class Rollouts:
         raw = await self.redis.lrange(self.log_key(group), 0, limit - 1)
         return [json.loads(item) for item in raw]
 
-    # --- transitions -------------------------------------------------------------------------
+    # --- transitions made by people --------------------------------------------------------
 
     async def start(self, group: str, steps: list[float], interval: float, by: str) -> RolloutState:
         check_steps(steps)
 
-        def go(current: RolloutState | None, now: float) -> tuple[RolloutState, Event]:
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
+            current = f.current
             if current is not None and current.active:
                 raise RolloutError(f"a rollout for {group} is already {current.state}; abort it first")
-            state = RolloutState(group, PROGRESSING, list(steps), 0, interval, now, now, now)
+            hold = (current.hold_id + 1) if current else 1
+            state = RolloutState(
+                group, PROGRESSING, list(steps), 0, interval, f.now, f.now, f.now, hold_id=hold
+            )
             return state, events.make(
                 "started", group, f"rollout of {group} started at {steps[0]:g}%", by,
                 steps=steps, interval_seconds=interval,
-            )  # fmt: skip
+            ), {"fresh_history": True}  # fmt: skip
 
-        return await self._transition(group, go, by, set_split=True)
+        return await self._required(group, "start", go, by)
 
     async def pause(self, group: str, by: str) -> RolloutState:
-        def go(current: RolloutState | None, now: float) -> tuple[RolloutState, Event]:
-            state = _require(current, group, PROGRESSING)
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
+            state = _require(f.current, group, PROGRESSING)
             return replace(state, state=PAUSED), events.make(
                 "paused", group, f"rollout of {group} paused at {state.percentage:g}%", by
-            )
+            ), {}
 
-        return await self._transition(group, go, by)
+        return await self._required(group, "pause", go, by)
 
     async def resume(self, group: str, by: str) -> RolloutState:
-        def go(current: RolloutState | None, now: float) -> tuple[RolloutState, Event]:
-            state = _require(current, group, PAUSED)
-            # the hold starts again: checks must pass for a whole interval after a pause
-            return replace(state, state=PROGRESSING, step_started_at=now), events.make(
-                "resumed", group, f"rollout of {group} resumed at {state.percentage:g}%", by
-            )
+        """Carry on from a pause. After a hand-set share the ladder resumes at the highest step
+        not above it (the first step after a share of 0), and the split is set to that step in the
+        same write, so what is printed is what is served. A rolled-back rollout is not resumed:
+        start a new one."""
 
-        return await self._transition(group, go, by)
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
+            state = f.current
+            if state is not None and state.state == ROLLED_BACK:
+                raise RolloutError(
+                    f"the rollout for {group} was rolled back; start a new one with `strangler rollout start`"
+                )
+            state = _require(state, group, PAUSED)
+            index = state.index
+            if state.override is not None:
+                below = [i for i, step in enumerate(state.steps) if step <= state.override]
+                index = below[-1] if below else 0
+            new = replace(
+                state, state=PROGRESSING, index=index, override=None, step_started_at=f.now,
+                hold_id=state.hold_id + 1,
+            )  # fmt: skip
+            return new, events.make(
+                "resumed", group, f"rollout of {group} resumed at {new.percentage:g}%", by
+            ), {}
+
+        return await self._required(group, "resume", go, by)
 
     async def promote(
         self, group: str, by: str, full: bool = False, figures: dict[str, Any] | None = None
     ) -> RolloutState:
-        """Next step now (``full``: straight to 100). The leader uses it for timed advances too."""
+        """Next step now (``full``: straight to 100). After a hand-set share, the next step above it."""
 
-        def go(current: RolloutState | None, now: float) -> tuple[RolloutState, Event]:
-            state = _require(current, group, *ACTIVE)
-            index = len(state.steps) - 1 if full else min(state.index + 1, len(state.steps) - 1)
-            done = state.steps[index] >= 100
-            new = replace(state, index=index, step_started_at=now, state=COMPLETED if done else state.state)
-            kind = "completed" if done else "step_advanced"
-            message = (
-                f"rollout of {group} completed: v2 serves 100%"
-                if done
-                else f"rollout of {group} advanced {state.percentage:g}% -> {new.percentage:g}%"
-            )
-            return new, events.make(kind, group, message, by, **({"figures": figures} if figures else {}))
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
+            state = _require(f.current, group, *ACTIVE)
+            return _advanced(state, group, by, f.now, full, figures)
 
-        return await self._transition(group, go, by, set_split=True, figures=figures)
+        return await self._required(group, "promote", go, by, figures=figures)
 
     async def abort(self, group: str, by: str, reason: str = "aborted") -> RolloutState:
-        """Traffic to 0 first (its own write, before anything else), then the state."""
-        await self.redis.set(self.keys.split(group), "0")
-        await self.redis.publish(self.keys.changes_channel, f"split:{group}")
+        """Traffic to 0 and the state rolled back, in one write; refused (nothing written) unless
+        the rollout is progressing or paused."""
 
-        def go(current: RolloutState | None, now: float) -> tuple[RolloutState, Event]:
-            state = _require(current, group, *ACTIVE)
-            return replace(state, state=ROLLED_BACK), events.make(
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
+            state = f.current
+            if state is not None and not state.active:
+                raise RolloutError(
+                    f"nothing to abort: the rollout of {group} is {state.state} at {state.percentage:g}%"
+                )
+            state = _require(state, group, *ACTIVE)
+            return replace(state, state=ROLLED_BACK, override=None), events.make(
                 "aborted", group, f"rollout of {group} aborted at {state.percentage:g}%: v2 share is 0%", by,
                 reason=reason,
-            )  # fmt: skip
+            ), {}  # fmt: skip
 
-        return await self._transition(group, go, by)
+        return await self._required(group, "abort", go, by)
 
-    async def stop_for_rollback(self, group: str, decision: dict[str, Any]) -> RolloutState | None:
-        """After the health check moved traffic to 0: mark an active rollout rolled back (no event:
-        the rollback decision raises its own)."""
+    async def manual_split(self, group: str, value: float, by: str = "operator") -> RolloutState | None:
+        """A share written by hand. It always applies and starts a fresh canary history. During a
+        rollout it pauses it at that share (ends it at 0); after one it is recorded as the new share."""
 
-        def go(current: RolloutState | None, now: float) -> tuple[RolloutState, Event | None]:
-            state = _require(current, group, *ACTIVE)
-            return replace(state, state=ROLLED_BACK), None
+        def go(f: Facts) -> tuple[RolloutState | None, Event | None, dict[str, Any]]:
+            state = f.current
+            extra: dict[str, Any] = {"fresh_history": True, "split": value, "ack_lost": True}
+            if state is None:
+                return None, None, extra
+            if state.active:
+                if value <= 0:
+                    new = replace(state, state=ROLLED_BACK, override=None)
+                    text = f"rollout of {group} ended: v2 share set to 0% by hand"
+                else:
+                    new = replace(state, state=PAUSED, override=value)
+                    text = f"rollout of {group} paused: v2 share set to {value:g}% by hand"
+                return new, events.make("overridden", group, text, by, percentage=value), extra
+            base = replace(state, override=None).percentage
+            new = replace(state, override=None if value == base else value)
+            return new, None, {**extra, "action": "split_set"}
 
-        try:
-            return await self._transition(group, go, "leader", figures=decision, action="rolled_back")
-        except RolloutError:
-            return None
+        return await self._transition(group, "manual_split", go, by)
+
+    # --- transitions made by the leader ------------------------------------------------------
+
+    async def advance(
+        self, group: str, expect_seq: int, leader: tuple[str, str], figures: dict[str, Any] | None = None
+    ) -> RolloutState | None:
+        """The timed advance: only from ``progressing`` at the version judged, with the split as the
+        state says and the lock still ours. None (nothing written) otherwise."""
+        by = f"leader {leader[1]}"
+
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]] | None:
+            state = f.current
+            if state is None or state.state != PROGRESSING or state.seq != expect_seq:
+                return None
+            if state.override is not None:
+                return None
+            if f.split_value() != state.percentage:
+                return None
+            return _advanced(state, group, by, f.now, False, figures)
+
+        return await self._transition(group, "advance", go, by, figures=figures, leader=leader)
+
+    async def pause_overridden(
+        self, group: str, expect_seq: int, leader: tuple[str, str]
+    ) -> RolloutState | None:
+        """The split was changed outside our tools (``redis-cli SET``): pause at that share."""
+
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]] | None:
+            state = f.current
+            if state is None or not state.active or state.seq != expect_seq:
+                return None
+            value = f.split_value()
+            if value is not None and value == state.percentage:
+                return None
+            if value is not None and not 0 <= value <= 100:
+                value = None
+            text = f"rollout of {group} paused: its split was changed to {f.split} outside the rollout"
+            if value is None:  # unset or invalid: the state's share is written back
+                new = replace(state, state=PAUSED)
+            else:
+                new = replace(state, state=PAUSED, override=value)
+            extra = {"fresh_history": True, **({"split": value} if value is not None else {})}
+            return new, events.make("paused", group, text, f"leader: split changed to {f.split}"), extra
+
+        return await self._transition(group, "pause_overridden", go, "leader", leader=leader)
+
+    async def rollback(
+        self,
+        group: str,
+        decision: dict[str, Any],
+        event: Event,
+        leader: tuple[str, str],
+        history_since: float | None,
+    ) -> RolloutState | None | bool:
+        """The automatic rollback: split 0, rollout rolled back, decision and critical alert, in one
+        write. Wins over a concurrent promote/pause/resume (it just retries on their writes); yields
+        to a manual split write made after the checks it acted on. False if nothing was done."""
+        done: list[bool] = []
+
+        def go(f: Facts) -> tuple[RolloutState | None, Event | None, dict[str, Any]] | None:
+            if (f.history_since or 0) > (history_since or 0):
+                return None  # a person changed the split after those checks: theirs stands
+            if (f.split_value() or 0) <= 0 and (f.current is None or f.current.percentage <= 0):
+                return None
+            state = f.current
+            new = None if state is None else replace(state, state=ROLLED_BACK, override=None)
+            done.append(True)
+            return new, event, {"split": 0.0, "decision": decision, "action": "rolled_back"}
+
+        state = await self._transition(group, "rollback", go, event.by, figures=decision, leader=leader)
+        return state if done else False
+
+    async def restore(self, remembered: RolloutState, by: str) -> RolloutState | None:
+        """After Redis lost its data: write back a rollout the leader remembers, paused if it was
+        active, at the share the proxies restored (or its own share if none was). Never over an
+        existing state."""
+
+        def go(f: Facts) -> tuple[RolloutState, None, dict[str, Any]] | None:
+            if f.current is not None:
+                return None
+            state = replace(remembered, state=PAUSED) if remembered.active else remembered
+            served = f.split_value()
+            if served is not None and served != state.percentage:
+                state = replace(state, override=served)
+            return state, None, {"action": "restored", "fresh_history": True}
+
+        return await self._transition(remembered.group, "restore", go, by)
+
+    # --- the one compare-and-set ------------------------------------------------------------
+
+    async def _required(
+        self, group: str, action: str, change: Change, by: str, figures: dict[str, Any] | None = None
+    ) -> RolloutState:
+        state = await self._transition(group, action, change, by, figures=figures)
+        assert state is not None
+        return state
 
     async def _transition(
         self,
         group: str,
-        change: Callable[[RolloutState | None, float], tuple[RolloutState, Event | None]],
+        action: str,
+        change: Change,
         by: str,
-        set_split: bool = False,
         figures: dict[str, Any] | None = None,
-        action: str | None = None,
-    ) -> RolloutState:
-        key = self.key(group)
+        leader: tuple[str, str] | None = None,
+    ) -> RolloutState | None:
+        """WATCH state, split, history mark (and lock); decide; MULTI. Returns the new state, or
+        None when ``change`` declined (automatic actions whose facts moved on)."""
+        key, split_key = self.key(group), self.keys.split(group)
+        since_key = records.since_key(self.keys, group)
+        watched = [key, split_key, since_key] + ([leader[0]] if leader else [])
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    await pipe.watch(key)
-                    raw = await pipe.get(key)
-                    current = RolloutState.from_json(raw) if raw else None
-                    now = self.wall()
-                    new, event = change(current, now)
-                    entry = {
-                        "at": now,
-                        "by": by,
-                        "action": action or (event.kind if event else new.state),
-                        "from": {"state": current.state, "percentage": current.percentage}
-                        if current
-                        else None,
-                        "to": {"state": new.state, "percentage": new.percentage},
-                        "figures": figures,
-                    }
-                    new = replace(new, updated_at=now, seq=(current.seq if current else 0) + 1, last=entry)
+                    await pipe.watch(*watched)
+                    values = await pipe.mget(watched)
+                    raw, split_raw, since_raw = values[0], values[1], values[2]
+                    holder = as_text(values[3]) if leader else None
+                    if leader is not None and holder != leader[1]:
+                        await pipe.reset()
+                        raise Superseded(f"not the leader any more ({leader[1]})")
+                    if self.race_hook is not None:
+                        await self.race_hook(action, group)
+                    facts = Facts(
+                        RolloutState.from_json(raw) if raw else None,
+                        as_text(split_raw),
+                        float(since_raw) if since_raw else None,
+                        holder,
+                        self.wall(),
+                    )
+                    outcome = change(facts)
+                    if outcome is None:
+                        await pipe.reset()
+                        return None
+                    new, event, extra = outcome
                     pipe.multi()
-                    pipe.set(key, json.dumps(new.as_dict()))
-                    if set_split:
-                        pipe.set(self.keys.split(group), f"{new.percentage:g}")
-                    pipe.lpush(self.log_key(group), json.dumps(entry, default=str))
-                    pipe.ltrim(self.log_key(group), 0, LOG_LIMIT - 1)
+                    current, now = facts.current, facts.now
+                    if new is not None:
+                        entry = {
+                            "at": now,
+                            "by": by,
+                            "action": extra.get("action") or (event.kind if event else new.state),
+                            "from": {"state": current.state, "percentage": current.percentage}
+                            if current
+                            else None,
+                            "to": {"state": new.state, "percentage": new.percentage},
+                            "figures": figures,
+                        }
+                        seq = (current.seq if current else 0) + 1
+                        new = replace(new, updated_at=now, seq=seq, last=entry)
+                        pipe.set(key, json.dumps(new.as_dict()))
+                        pipe.lpush(self.log_key(group), json.dumps(entry, default=str))
+                        pipe.ltrim(self.log_key(group), 0, LOG_LIMIT - 1)
+                    split = extra.get("split", new.percentage if new is not None else None)
+                    if split is not None:
+                        pipe.set(split_key, f"{split:g}")
+                    if extra.get("fresh_history"):
+                        pipe.set(since_key, repr(now))
+                    if extra.get("ack_lost"):
+                        pipe.delete(records.lost_key(self.keys))
+                    decision = extra.get("decision")
+                    if decision is not None:
+                        text = json.dumps(decision, default=str)
+                        pipe.set(records.decision_key(self.keys, group), text)
+                        pipe.lpush(records.decisions_key(self.keys), text)
+                        pipe.ltrim(records.decisions_key(self.keys), 0, records.DECISIONS_LIMIT - 1)
                     if event is not None:
                         events.push(pipe, self.keys, event)
                     await pipe.execute()
                     break
                 except WatchError:
                     continue
-        if set_split:
-            await self.redis.publish(self.keys.changes_channel, f"split:{group}")
+        await self.redis.publish(self.keys.changes_channel, f"split:{group}")
         return new
+
+
+def _advanced(
+    state: RolloutState, group: str, by: str, now: float, full: bool, figures: dict[str, Any] | None
+) -> tuple[RolloutState, Event, dict[str, Any]]:
+    last = len(state.steps) - 1
+    if full:
+        index = last
+    elif state.override is not None:
+        above = [i for i, step in enumerate(state.steps) if step > state.override]
+        index = above[0] if above else last
+    else:
+        index = min(state.index + 1, last)
+    done = state.steps[index] >= 100
+    new = replace(
+        state, index=index, override=None, step_started_at=now, hold_id=state.hold_id + 1,
+        state=COMPLETED if done else state.state,
+    )  # fmt: skip
+    kind = "completed" if done else "step_advanced"
+    message = (
+        f"rollout of {group} completed: v2 serves 100%"
+        if done
+        else f"rollout of {group} advanced {state.percentage:g}% -> {new.percentage:g}%"
+    )
+    return new, events.make(kind, group, message, by, **({"figures": figures} if figures else {})), {}
 
 
 def _require(current: RolloutState | None, group: str, *states: str) -> RolloutState:

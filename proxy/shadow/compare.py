@@ -1,18 +1,27 @@
 """Comparing two answers: pure functions, run in a worker thread, never on the event loop.
 
-Status, Content-Type and body are compared. JSON bodies go through deepdiff (a structural diff
-reported per field); anything else, or JSON we refuse to walk (unparseable, or nested deeper than
-``MAX_DEPTH``, e.g. 100,000 levels of ``[``), is compared by its bytes. Field names are deepdiff
-paths with list indexes folded to ``[*]`` so ``root['items'][0]['id']`` and ``[1]`` are one field
-(bounded report, and noise learnt on one item applies to all).
+Status, Content-Type, a few semantic headers and the body are compared. Bodies are decoded first
+(gzip, deflate, br; never past ``compare_max_bytes`` of decoded size) and a UTF-8 BOM is dropped.
+JSON bodies go through deepdiff (a structural diff reported per field), with every number turned
+into one exact type (``Decimal``) so ``1`` equals ``1.0`` and ``18446744073709551621`` differs from
+``...622``. Anything else, or JSON we refuse to walk (unparseable, or nested deeper than
+``MAX_DEPTH``), is compared by its bytes. Field names are deepdiff paths with list indexes folded
+to ``[*]``, so ``root['items'][0]['id']`` and ``[1]`` are one field (bounded report, and noise
+learnt on one item applies to all).
+
+Noise (see ``learn`` and ``is_noisy``) only ever means "this JSON value varies": a v2 difference in
+status, content type, a header, presence, type or structure is a mismatch whatever was learnt.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from decimal import Context, Decimal
 from typing import Any
 
 import orjson
@@ -20,22 +29,36 @@ from deepdiff import DeepDiff
 
 from proxy.shadow.policy import EndpointRules
 
+try:  # optional at import so a missing wheel degrades to "br compared as bytes", never a crash
+    import brotli as _brotli
+except ImportError:  # pragma: no cover - brotli is a declared dependency
+    _brotli = None
+
 MAX_DEPTH = 100  # deepdiff recurses per level; far below Python's recursion limit
-MAX_DIFFS = 1000  # a totally different body stops being walked after this many differences
 MAX_REPORTED = 50  # differences kept per comparison for samples
 VALUE_CHARS = 200
+DEFAULT_HEADERS = ("location", "content-encoding", "cache-control")
+BOM = b"\xef\xbb\xbf"
+# fields that describe the answer as a whole: never learnt as noise, never suppressed
+WHOLE = frozenset({"status", "content-type", "body", "body-size"})
 
 _INDEX = re.compile(r"\[\d+\]")
+_EXACT = Context(prec=1_000_000)  # normalize() rounds to the context's precision: never let it
+_ZERO = Decimal(0)
+# a number orjson may not keep exactly: 16+ significant digits, or a 3-digit exponent
+_LOSSY = re.compile(rb"\d(?:\.?\d){15}|[eE][+-]?\d{3}")
 _KINDS = {
     "values_changed": "changed",
     "type_changes": "type",
     "dictionary_item_added": "added",
     "dictionary_item_removed": "removed",
-    "iterable_item_added": "added",
-    "iterable_item_removed": "removed",
+    "iterable_item_added": "item-added",
+    "iterable_item_removed": "item-removed",
+    "repetition_change": "repeated",
     "attribute_added": "added",
     "attribute_removed": "removed",
 }
+ITEM_KINDS = frozenset({"item-added", "item-removed", "repeated"})
 # newer deepdiff reports a whole dict as changed when most keys differ; we always want fields
 _EXTRA: dict[str, Any] = (
     {"threshold_to_diff_deeper": 0}
@@ -46,19 +69,31 @@ _EXTRA: dict[str, Any] = (
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One side of a comparison."""
+    """One side of a comparison. ``body`` is None when it was over the compare limit."""
 
     status: int
     content_type: str
-    body: bytes
+    body: bytes | None
+    headers: tuple[tuple[str, str], ...] = ()  # (lower-case name, value) for the compared set
+    encoding: str = ""  # Content-Encoding, to decode the body before comparing
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Per-process comparison settings (the per-endpoint ones are ``EndpointRules``)."""
+
+    max_bytes: int = 1024 * 1024  # decoded body limit; beyond it the body is not compared
+    headers: tuple[str, ...] = DEFAULT_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
 class Difference:
-    field: str  # normalised deepdiff path, or "status", "content-type", "body"
-    kind: str  # changed, type, added, removed
+    field: str  # normalised deepdiff path, or status, content-type, body, body-size, header:<name>
+    kind: str  # changed, type, added, removed, item-added, item-removed, repeated
     v1: str
     v2: str
+    # for list items: the item's shape (keys and value types) is one the other side's list has
+    same_shape: bool = True
 
     def as_dict(self) -> dict[str, str]:
         return {"field": self.field, "kind": self.kind, "v1": self.v1, "v2": self.v2}
@@ -66,7 +101,7 @@ class Difference:
 
 @dataclass(slots=True)
 class Outcome:
-    """``result`` is match, mismatch or noise (every difference is in a noisy field)."""
+    """``result`` is match, mismatch, noise (every difference is noise) or skipped (body too large)."""
 
     result: str
     differences: list[Difference] = field(default_factory=list)
@@ -78,60 +113,165 @@ def normalise_path(path: str) -> str:
     return _INDEX.sub("[*]", path)
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json") or media.endswith("/json")
+
+
 def media_type(content_type: str) -> str:
-    """``Application/JSON; charset=UTF-8`` -> ``application/json; charset=utf-8`` (spaces dropped)."""
-    return ";".join(part.strip() for part in content_type.lower().split(";") if part.strip())
+    """``Application/JSON; charset=UTF-8`` -> ``application/json`` (JSON is UTF-8: charset means
+    nothing there); other types keep their parameters, lower-cased, spaces dropped."""
+    parts = [part.strip() for part in content_type.lower().split(";") if part.strip()]
+    if parts and _is_json(parts[0]):
+        parts = [parts[0], *(p for p in parts[1:] if not p.startswith("charset="))]
+    return ";".join(parts)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return _number_text(value)
+    raise TypeError
+
+
+def _number_text(value: Decimal) -> str:
+    return str(int(value)) if value == value.to_integral_value() else str(value)
 
 
 def _short(value: Any) -> str:
     if type(value).__name__ == "NotPresent":
         return "<absent>"
-    try:
-        text = orjson.dumps(value).decode()
-    except TypeError:
-        text = repr(value)
+    if isinstance(value, Decimal):
+        text = _number_text(value)
+    else:
+        try:
+            text = orjson.dumps(value, default=_json_default).decode()
+        except TypeError:
+            text = repr(value)
     return text if len(text) <= VALUE_CHARS else text[:VALUE_CHARS] + "..."
 
 
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Iterative (a recursive walk would itself overflow on the inputs it guards against)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in item)
-    return False
+# --- bodies ---------------------------------------------------------------------------------------
 
 
-def load_json(body: bytes) -> tuple[bool, Any]:
+class TooLarge(Exception):
+    """The decoded body would pass the compare limit (a decompression bomb stops here)."""
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo Content-Encoding (gzip, x-gzip, deflate, br; comma-separated list applied in reverse).
+
+    Raises TooLarge past ``limit`` decoded bytes (decoding stops there: a 1 KB bomb never becomes
+    a 1 GB buffer) and ValueError for an unknown or corrupt encoding."""
+    codings = [c.strip().lower() for c in encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        if coding in ("gzip", "x-gzip", "deflate"):
+            body = _inflate(body, coding, limit)
+        elif coding == "br" and _brotli is not None:
+            body = _unbrotli(body, limit)
+        else:
+            raise ValueError(f"unsupported content-encoding {coding!r}")
+    return body
+
+
+def _inflate(body: bytes, coding: str, limit: int) -> bytes:
+    # 16+MAX_WBITS: gzip; 32+: zlib or gzip header; deflate is often sent raw (-MAX_WBITS)
+    attempts = [16 + zlib.MAX_WBITS] if coding != "deflate" else [zlib.MAX_WBITS, -zlib.MAX_WBITS]
+    last: Exception | None = None
+    for wbits in attempts:
+        try:
+            inflater = zlib.decompressobj(wbits)
+            out = inflater.decompress(body, limit + 1)
+            if len(out) > limit or inflater.unconsumed_tail:
+                raise TooLarge()
+            out += inflater.flush()
+            if len(out) > limit:
+                raise TooLarge()
+            return out
+        except zlib.error as exc:
+            last = exc
+    raise ValueError(f"corrupt {coding} body: {last}")
+
+
+def _unbrotli(body: bytes, limit: int) -> bytes:
+    assert _brotli is not None
+    decoder = _brotli.Decompressor()
+    out = bytearray()
+    try:
+        step = 64 * 1024  # feed in slices so the output is checked before it can grow far
+        for start in range(0, len(body), step):
+            out += decoder.process(body[start : start + step])
+            if len(out) > limit:
+                raise TooLarge()
+    except _brotli.error as exc:
+        raise ValueError(f"corrupt br body: {exc}") from exc
+    return bytes(out)
+
+
+# --- JSON -----------------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _exact(body: bytes) -> Any:
+    """The slow exact parser: ints stay ints, decimals become Decimal (no binary rounding)."""
+    return json.loads(body, parse_float=Decimal, parse_constant=_reject_constant)
+
+
+def _numbers(value: Any, depth: int) -> Any:
+    """Every number as a normalised Decimal (JSON has one number type; bool stays bool).
+
+    Returns the converted value, or raises RecursionError when nested deeper than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise RecursionError
+    if isinstance(value, dict):
+        return {k: _numbers(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v, depth + 1) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, float):
+        number = Decimal(repr(value))
+    elif isinstance(value, Decimal):
+        number = value
+    else:
+        return value
+    # one spelling per number (1, 1.0 and 1E0 hash alike in ignore_order), -0 is 0, no rounding
+    return number.normalize(_EXACT) if number else _ZERO
+
+
+def load_json(body: bytes, exact: bool = False) -> tuple[bool, Any]:
     """(True, value) for JSON we are willing to walk; (False, None) to fall back to bytes."""
     try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:  # invalid, or nested past orjson's own limit
+        value = _exact(body) if exact else orjson.loads(body)
+        return True, _numbers(value, 1)
+    except (orjson.JSONDecodeError, ValueError, RecursionError):  # invalid, too deep, too many digits
         return False, None
-    if _depth_exceeds(value, MAX_DEPTH):
-        return False, None
-    return True, value
 
 
-def _body_differences(a: Answer, b: Answer, rules: EndpointRules) -> list[Difference]:
-    if "json" in a.content_type.lower() and "json" in b.content_type.lower():
-        ok_a, left = load_json(a.body)
-        ok_b, right = load_json(b.body)
-        if ok_a and ok_b:
-            try:
-                return _json_differences(left, right, rules)
-            except RecursionError:
-                pass
-    if a.body == b.body:
-        return []
-    return [Difference("body", "changed", f"{len(a.body)} bytes", f"{len(b.body)} bytes")]
+def needs_exact(body: bytes) -> bool:
+    """True when orjson might round a number of this body (checked on the bytes, cheaply)."""
+    return _LOSSY.search(body) is not None
+
+
+def _shape(value: Any) -> Any:
+    """Keys and value types, recursively (list items as a set of shapes): what "structure" means."""
+    if isinstance(value, dict):
+        return ("d", tuple(sorted((k, _shape(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("l", frozenset(_shape(v) for v in value))
+    if isinstance(value, bool):
+        return "b"
+    if isinstance(value, Decimal):
+        return "n"
+    if isinstance(value, str):
+        return "s"
+    return "z" if value is None else type(value).__name__
 
 
 def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference]:
@@ -139,61 +279,215 @@ def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Diffe
         left,
         right,
         ignore_order=rules.ignore_order,
+        report_repetition=rules.ignore_order,  # multisets: [1,1,2] vs [1,2] is a difference
         exclude_paths=list(rules.exclude_paths) or None,
         exclude_regex_paths=list(rules.exclude_regexes) or None,
         math_epsilon=rules.tolerance or None,
-        max_diffs=MAX_DIFFS,
         view="tree",
         log_frequency_in_sec=0,
         **_EXTRA,
     )
     found: list[Difference] = []
+    shapes: dict[int, frozenset[Any]] = {}
     for report_type, levels in diff.tree.items():
         kind = _KINDS.get(report_type, report_type)
         for level in levels:
             path = level.path() or "root"
-            found.append(Difference(normalise_path(path), kind, _short(level.t1), _short(level.t2)))
+            same = True
+            if kind in ("item-added", "item-removed") and level.up is not None:
+                # an added item must look like one v1 has, a removed one like one v2 still has
+                item, other = (level.t2, level.up.t1) if kind == "item-added" else (level.t1, level.up.t2)
+                if isinstance(other, list):
+                    known = shapes.get(id(other))
+                    if known is None:
+                        known = shapes[id(other)] = frozenset(_shape(v) for v in other)
+                    same = not known or _shape(item) in known
+            found.append(Difference(normalise_path(path), kind, _short(level.t1), _short(level.t2), same))
     return found
 
 
-def differences(a: Answer, b: Answer, rules: EndpointRules) -> list[Difference]:
-    """Every difference between two answers (v1 first), rules applied."""
+# --- answers --------------------------------------------------------------------------------------
+
+
+def _prepare(answer: Answer, limit: int) -> bytes | None:
+    """The body to compare: decoded, BOM dropped; None when over the limit (or not captured)."""
+    if answer.body is None:
+        return None
+    body = answer.body
+    if answer.encoding:
+        try:
+            body = decode_body(body, answer.encoding, limit)
+        except TooLarge:
+            return None
+        except ValueError:
+            body = answer.body  # unknown or corrupt encoding: compare what was sent
+    return body[3:] if body.startswith(BOM) else body
+
+
+def _body_differences(
+    a: Answer, b: Answer, rules: EndpointRules, options: Options
+) -> list[Difference] | None:
+    """Body differences, or None when the body could not be compared (over the limit)."""
+    left = _prepare(a, options.max_bytes)
+    right = _prepare(b, options.max_bytes)
+    if left is None or right is None:
+        # one side over the limit, the other far under it: that is a difference, not a skip
+        small = left if left is not None else right
+        if small is not None and len(small) < options.max_bytes // 2:
+            over = f"over {options.max_bytes} bytes"
+            size = f"{len(small)} bytes"
+            v1, v2 = (size, over) if left is not None else (over, size)
+            return [Difference("body-size", "changed", v1, v2)]
+        return None
+    if _is_json(a.content_type) and _is_json(b.content_type):
+        exact = needs_exact(left) or needs_exact(right)
+        ok_a, parsed_a = load_json(left, exact)
+        ok_b, parsed_b = load_json(right, exact)
+        if ok_a and ok_b:
+            try:
+                return _json_differences(parsed_a, parsed_b, rules)
+            except RecursionError:
+                pass
+    if left == right:
+        return []
+    return [Difference("body", "changed", f"{len(left)} bytes", f"{len(right)} bytes")]
+
+
+def _location(value: str) -> str:
+    return value.strip()
+
+
+def _header_value(name: str, value: str) -> str:
+    """Normalise what is only spelling: case of tokens and spaces in lists (values stay exact)."""
+    if name in ("cache-control", "content-encoding", "vary"):
+        return ",".join(sorted(part.strip().lower() for part in value.split(",") if part.strip()))
+    if name == "location":
+        return _location(value)
+    return value.strip()
+
+
+def header_map(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers:
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _header_differences(a: Answer, b: Answer, options: Options) -> list[Difference]:
+    found: list[Difference] = []
+    left, right = header_map(a.headers), header_map(b.headers)
+    redirect = 300 <= a.status < 400 or 300 <= b.status < 400 or 201 in (a.status, b.status)
+    for name in options.headers:
+        if name == "location" and not redirect:
+            continue
+        one, two = left.get(name), right.get(name)
+        if one is None and two is None:
+            continue
+        if one is not None and two is not None and _header_value(name, one) == _header_value(name, two):
+            continue
+        kind = "changed" if one is not None and two is not None else ("added" if one is None else "removed")
+        found.append(Difference(f"header:{name}", kind, one or "<absent>", two or "<absent>"))
+    return found
+
+
+def differences(
+    a: Answer, b: Answer, rules: EndpointRules, options: Options | None = None
+) -> tuple[list[Difference], bool]:
+    """Every difference between two answers (v1 first), rules applied; and whether bodies were
+    compared (False: one was over the limit)."""
+    options = options or Options()
     found: list[Difference] = []
     if a.status != b.status:
         found.append(Difference("status", "changed", str(a.status), str(b.status)))
     if media_type(a.content_type) != media_type(b.content_type):
         found.append(Difference("content-type", "changed", a.content_type, b.content_type))
-    found.extend(_body_differences(a, b, rules))
-    return found
+    found.extend(_header_differences(a, b, options))
+    body = _body_differences(a, b, rules, options)
+    if body is not None:
+        found.extend(body)
+    return found, body is not None
 
 
-def is_noisy(path: str, noisy: Iterable[str]) -> bool:
-    """A field is noisy if it, or a parent of it, differed between two v1 answers."""
-    for known in noisy:
-        if path == known or (path.startswith(known) and path[len(known)] in "[."):
-            return True
+# --- noise ----------------------------------------------------------------------------------------
+
+
+def length_name(path: str) -> str:
+    """``root['items'][*]`` -> ``len(root['items'])``: "this list's length varies"."""
+    return f"len({path[:-3]})" if path.endswith("[*]") else f"len({path})"
+
+
+def is_noisy(diff: Difference, noisy: frozenset[str] | set[str]) -> bool:
+    """Whether a v2 difference is explained by learnt noise (the noise rule, docs/shadow.md).
+
+    * a changed value (same JSON type) is noise when that field, or a parent of it, was seen to
+      vary between two v1 answers, or it lies inside a list whose length varies;
+    * an item added to, removed from or repeated in a list is noise when that list's length was
+      seen to vary, and (for an added item) the item has a shape v1's list already has;
+    * a type change, an added or removed key, status, content type, headers and body-size never are.
+    """
+    if not noisy or diff.field in WHOLE or diff.field.startswith("header:"):
+        return False
+    path = diff.field
+    if diff.kind == "changed":
+        for known in noisy:
+            if known.startswith("len("):
+                inner = known[4:-1] + "[*]"
+                if path.startswith(inner) and (len(path) == len(inner) or path[len(inner)] in "[."):
+                    return True
+            elif path == known or (path.startswith(known) and path[len(known)] in "[."):
+                return True
+        return False
+    if diff.kind in ITEM_KINDS:
+        return diff.same_shape and length_name(path) in noisy
     return False
 
 
-def classify(found: list[Difference], noisy: frozenset[str] | set[str]) -> Outcome:
+def classify(found: list[Difference], noisy: frozenset[str] | set[str], compared: bool = True) -> Outcome:
     if not found:
-        return Outcome("match")
+        return Outcome("match" if compared else "skipped")
     mismatched: dict[str, None] = {}
     suppressed: dict[str, None] = {}
     for diff in found:
-        if noisy and is_noisy(diff.field, noisy):
+        if noisy and is_noisy(diff, noisy):
             suppressed[diff.field] = None
         else:
             mismatched[diff.field] = None
-    result = "mismatch" if mismatched else "noise"
+    result = "mismatch" if mismatched else ("noise" if compared else "skipped")
     return Outcome(result, found[:MAX_REPORTED], list(mismatched), list(suppressed))
 
 
-def compare(a: Answer, b: Answer, rules: EndpointRules, noisy: frozenset[str] | set[str]) -> Outcome:
+def compare(
+    a: Answer,
+    b: Answer,
+    rules: EndpointRules,
+    noisy: frozenset[str] | set[str],
+    options: Options | None = None,
+) -> Outcome:
     """v1 answer ``a`` against v2 answer ``b``."""
-    return classify(differences(a, b, rules), noisy)
+    found, compared = differences(a, b, rules, options)
+    return classify(found, noisy, compared)
 
 
-def noise_between(first: Answer, second: Answer, rules: EndpointRules) -> set[str]:
-    """Fields that differ between two v1 answers to the same request: noise for that endpoint."""
-    return {diff.field for diff in differences(first, second, rules)}
+def learn(first: Answer, second: Answer, rules: EndpointRules, options: Options | None = None) -> set[str]:
+    """Noise candidates from two v1 answers to the same request (the caller counts them).
+
+    Nothing is learnt unless both are the same successful JSON answer: a 503 on one side teaches
+    nothing. Only a value that changed with its type kept (``root['id']``) or a list whose length
+    changed (``len(root['items'])``) is learnt; status, content type, headers, body, presence and
+    type changes never are."""
+    if first.status != second.status or first.status >= 400:
+        return set()
+    if media_type(first.content_type) != media_type(second.content_type) or not _is_json(first.content_type):
+        return set()
+    found, compared = differences(first, second, rules, options)
+    if not compared:
+        return set()
+    names: set[str] = set()
+    for diff in found:
+        if diff.field in WHOLE or diff.field.startswith("header:"):
+            continue
+        if diff.kind == "changed":
+            names.add(diff.field)
+        elif diff.kind in ITEM_KINDS:
+            names.add(length_name(diff.field))
+    return names

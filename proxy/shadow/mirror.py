@@ -1,7 +1,13 @@
 """The Mirror: a per-request decision on the hot path, and workers that do everything else.
 
 Hot path (``plan``, ``submit``, ``abandon``): a dict lookup in the snapshot, a random number, a
-method check, a size check, ``put_nowait`` on a bounded queue. No Redis, no awaits, no logging.
+method check, a size check, a byte-budget check, ``put_nowait`` on a bounded queue. No Redis, no
+awaits, no logging.
+
+Memory is bounded in bytes, not only in requests: bodies held by queued jobs and answers being read
+by workers count against ``max_buffered_bytes``. A job is admitted while held bytes stay under half
+the budget (the other half is for answers being read); an answer that cannot be read within the
+budget is not compared (``skipped``).
 
 Workers (``settings.shadow.concurrency`` tasks) take a request off the queue, send it to v2 with
 their own pools of the edge client (and, for a calibration sample, to v1 a second time), compare in a small
@@ -27,9 +33,17 @@ from proxy.background import cancel_and_wait
 from proxy.capability import Deps
 from proxy.control.snapshot import Snapshot
 from proxy.edge.errors import UpstreamError
-from proxy.shadow.compare import Answer, Outcome, compare, noise_between
+from proxy.shadow.compare import Answer, Options, Outcome, compare, learn
 from proxy.shadow.endpoints import EndpointNamer
-from proxy.shadow.policy import RULES_SECTION, SAFE_METHODS, SECTION, EndpointRules, GroupPolicy, RuleSet
+from proxy.shadow.policy import (
+    RULES_SECTION,
+    SECTION,
+    EndpointRules,
+    GroupPolicy,
+    RuleSet,
+    is_safe,
+    override_method,
+)
 from proxy.shadow.report import ReportBatch, ReportStore
 from proxy.traffic.hooks import MirrorRequest, PrimaryResult
 from proxy.traffic.routing import RouteTable
@@ -42,6 +56,7 @@ CALIBRATION_HEADER = (b"x-strangler-calibration", b"1")
 OUTCOMES = ("sent", "dropped", "skipped_method", "skipped_size", "error")
 RESULTS = ("match", "mismatch", "noise", "skipped")
 _random = random.random
+_MARKER_PREFIX = b"x-strangler-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +67,10 @@ class Fetched:
     content_type: str
     body: bytes | None
     seconds: float
+    headers: tuple[tuple[str, str], ...] = ()  # compared headers only
+    encoding: str = ""
+    reserved: int = 0  # bytes of the byte budget this body holds until the comparison is done
+    over_budget: bool = False  # reading stopped because the byte budget was spent
 
 
 @dataclass(slots=True)
@@ -59,13 +78,39 @@ class _Job:
     plan: GroupPolicy
     request: MirrorRequest
     primary: PrimaryResult
+    size: int  # bytes held against the budget while queued and handled
 
 
-def _content_type(headers: list[tuple[bytes, bytes]]) -> str:
-    for name, value in headers:
-        if name == b"content-type":
-            return value.decode("latin-1")
-    return ""
+class _OverBudget(Exception):
+    pass
+
+
+def _answer_headers(
+    headers: list[tuple[bytes, bytes]], wanted: frozenset[str]
+) -> tuple[str, str, tuple[tuple[str, str], ...]]:
+    """(content type, content encoding, the compared headers) of the primary's answer headers."""
+    content_type = encoding = ""
+    picked: list[tuple[str, str]] = []
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if name == "content-type":
+            content_type = value
+        elif name == "content-encoding":
+            encoding = value
+        if name in wanted:
+            picked.append((name, value))
+    return content_type, encoding, tuple(picked)
+
+
+def mirror_headers(
+    headers: list[tuple[bytes, bytes]], *markers: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The primary's upstream headers without any ``X-Strangler-*`` a client sent, plus ours: a
+    client must not be able to make real traffic look like shadow or calibration traffic."""
+    kept = [(k, v) for k, v in headers if not k.lower().startswith(_MARKER_PREFIX)]
+    kept.extend(markers)
+    return kept
 
 
 def _truncate(body: bytes | None, limit: int) -> str | None:
@@ -83,10 +128,17 @@ class ShadowMirror:
         self._config = deps.settings.shadow
         self._metrics = deps.metrics
         self._report = report
-        self._namer = EndpointNamer(routes, self._config.max_endpoints)
+        self._namer = EndpointNamer(routes, self._config.max_endpoints, self._config.endpoint_patterns)
         self._queue: asyncio.Queue[_Job] | None = None
         self._batch = ReportBatch()
-        self._noise: dict[str, set[str]] = {}
+        # endpoint -> field -> calibrations in which it varied (Redis, all replicas, + ours unflushed)
+        self._noise: dict[str, dict[str, int]] = {}
+        self._epoch: int | None = None
+        self._budget = self._config.max_buffered_bytes
+        self._admit_limit = self._budget // 2
+        self._buffered = 0
+        self._wanted_headers = frozenset(self._config.compare_headers)
+        self._options: dict[int, Options] = {}
         self._calibrated: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -125,13 +177,16 @@ class ShadowMirror:
 
     def submit(self, plan: Any, request: MirrorRequest, primary: PrimaryResult) -> None:
         queue = self._queue
-        if queue is None:
+        size = len(request.body) + (len(primary.body) if primary.body is not None else 0)
+        if queue is None or self._buffered + size > self._admit_limit:
             self._count(plan.group, "dropped")
             return
         try:
-            queue.put_nowait(_Job(plan, request, primary))
+            queue.put_nowait(_Job(plan, request, primary, size))
         except asyncio.QueueFull:
             self._count(plan.group, "dropped")
+            return
+        self._buffered += size
 
     def abandon(self, plan: Any, reason: str) -> None:
         if reason == "size":
@@ -188,6 +243,11 @@ class ShadowMirror:
     def queue_depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Body bytes held by queued and in-flight mirrored requests (against max_buffered_bytes)."""
+        return self._buffered
+
     async def _worker(self) -> None:
         queue = self._queue
         assert queue is not None
@@ -200,21 +260,48 @@ class ShadowMirror:
             except Exception as exc:  # noqa: BLE001 - a shadow bug must never stop the workers
                 self._once(f"worker:{type(exc).__name__}", "shadow worker failed: %r", exc)
             finally:
+                self._buffered -= job.size
                 queue.task_done()
+
+    def noise_counts(self) -> dict[str, int]:
+        """Endpoint -> fields this replica treats as noise now (for GET /shadow)."""
+        return {
+            endpoint: len(self.noisy(endpoint)) for endpoint in sorted(self._noise) if self.noisy(endpoint)
+        }
+
+    @property
+    def epoch(self) -> int | None:
+        """The report reset epoch this replica last saw (None before its first read)."""
+        return self._epoch
+
+    def _options_for(self, max_compare: int) -> Options:
+        options = self._options.get(max_compare)
+        if options is None:
+            options = self._options[max_compare] = Options(max_compare, tuple(self._config.compare_headers))
+        return options
+
+    def noisy(self, endpoint: str) -> frozenset[str]:
+        """Fields of an endpoint seen to vary in at least ``noise_threshold`` calibrations."""
+        seen = self._noise.get(endpoint)
+        if not seen:
+            return frozenset()
+        threshold = self._config.noise_threshold
+        return frozenset(name for name, count in seen.items() if count >= threshold)
 
     async def handle(self, plan: GroupPolicy, request: MirrorRequest, primary: PrimaryResult) -> None:
         """Mirror one request, compare, and record the result in the batch."""
         group = plan.group
-        endpoint = self._namer.name(request.method, request.path)
+        claimed = override_method(request.headers, request.raw_target)
+        endpoint = self._namer.name(claimed or request.method, request.path)
         calibrate = (
-            request.method in SAFE_METHODS
-            and plan.calibration_percentage > 0
+            plan.calibration_percentage > 0
+            and is_safe(request.method, request.headers, request.raw_target)
             and (
                 self._calibrated.get(endpoint, 0) < self._config.calibration_warmup
                 or _random() * 100.0 < plan.calibration_percentage
             )
         )
-        headers = [*request.headers, SHADOW_HEADER]
+        headers = mirror_headers(request.headers, SHADOW_HEADER)
         body = request.body or None
         assert self._v2 is not None and self._v1 is not None
         self._count(group, "sent")
@@ -224,8 +311,24 @@ class ShadowMirror:
                 self._fetch(self._v1, request, [*headers, CALIBRATION_HEADER], body, plan.max_compare)
             )
         results = await asyncio.gather(*fetches, return_exceptions=True)
+        try:
+            await self._settle(plan, endpoint, request, primary, results)
+        finally:
+            for result in results:
+                if isinstance(result, Fetched):
+                    self._buffered -= result.reserved
+
+    async def _settle(
+        self,
+        plan: GroupPolicy,
+        endpoint: str,
+        request: MirrorRequest,
+        primary: PrimaryResult,
+        results: list[Fetched | BaseException],
+    ) -> None:
+        group = plan.group
         shadow = results[0]
-        second = results[1] if calibrate else None
+        second = results[1] if len(results) > 1 else None
         # (self._batch is swapped by every flush: never hold it across an await)
         if isinstance(shadow, BaseException):
             error = shadow if isinstance(shadow, UpstreamError) else translate("v2", shadow)
@@ -237,48 +340,47 @@ class ShadowMirror:
             return
         assert isinstance(shadow, Fetched)
         self._delta_children_for(group).observe(shadow.seconds - primary.seconds)
-        if primary.body is None or shadow.body is None:
+        if shadow.over_budget:
             self._result(group, "skipped")
             self._batch.count(endpoint, group, "skipped")
             return
-        v1 = Answer(primary.status, _content_type(primary.headers), primary.body)
-        v2 = Answer(shadow.status, shadow.content_type, shadow.body)
+        content_type, encoding, picked = _answer_headers(primary.headers, self._wanted_headers)
+        v1 = Answer(primary.status, content_type, primary.body, picked, encoding)
+        v2 = Answer(shadow.status, shadow.content_type, shadow.body, shadow.headers, shadow.encoding)
         v1b = None
-        if isinstance(second, Fetched) and second.body is not None:
-            v1b = Answer(second.status, second.content_type, second.body)
+        if isinstance(second, Fetched) and second.body is not None and not second.over_budget:
+            v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
         snapshot = self._deps.store.current if self._deps.store is not None else None
         rules_set = snapshot.sections.get(RULES_SECTION) if snapshot is not None else None
         rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
-        noisy = frozenset(self._noise.get(endpoint, ()))
+        options = self._options_for(plan.max_compare)
         loop = asyncio.get_running_loop()
         assert self._executor is not None
-        outcome, learnt = await loop.run_in_executor(
-            self._executor, self._compare_paced, v1, v2, v1b, rules, noisy
-        )
-        if learnt:
-            new = learnt - self._noise.get(endpoint, set())
-            if new:
-                self._noise.setdefault(endpoint, set()).update(new)
-                self._batch.noise[endpoint].update(new)
+        learnt = set()
         if v1b is not None:
+            learnt = await loop.run_in_executor(self._executor, self._paced, learn, v1, v1b, rules, options)
+            if learnt:
+                seen = self._noise.setdefault(endpoint, {})
+                for name in learnt:
+                    seen[name] = seen.get(name, 0) + 1
+                self._batch.noise[endpoint].update(learnt)
             # warm-up counts completed calibrations: until then every safe request calibrates, so
             # answers compared while the first calibration is in flight do not miss the noise
             self._calibrated[endpoint] = self._calibrated.get(endpoint, 0) + 1
+        noisy = self.noisy(endpoint)
+        outcome = await loop.run_in_executor(
+            self._executor, self._paced, compare, v1, v2, rules, noisy, options
+        )
         self._record(endpoint, group, outcome, request, primary, shadow)
 
-    def _compare_paced(
-        self, v1: Answer, v2: Answer, v1b: Answer | None, rules: EndpointRules, noisy: frozenset[str]
-    ) -> tuple[Outcome, set[str]]:
-        """Runs in the compare thread. Sleeps after each comparison so its CPU share stays bounded."""
+    def _paced(self, func: Any, *args: Any) -> Any:
+        """Runs in the compare thread. Sleeps after each call so its CPU share stays bounded."""
         started = time.perf_counter()
-        learnt: set[str] = set()
-        if v1b is not None:
-            learnt = noise_between(v1, v1b, rules)
-        outcome = compare(v1, v2, rules, noisy | learnt if learnt else noisy)
+        result = func(*args)
         share = self._config.compare_cpu_share
         if share < 1.0:
             time.sleep((time.perf_counter() - started) * (1.0 / share - 1.0))
-        return outcome, learnt
+        return result
 
     async def _fetch(
         self,
@@ -290,27 +392,46 @@ class ShadowMirror:
     ) -> Fetched:
         started = time.perf_counter()
         data = bytearray()
-        over = False
+        over = over_budget = False
+        reserved = 0
         try:
             async with asyncio.timeout(self._timeout):
                 method = request.method.encode("latin-1")
-                add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's Host
+                add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
                 response = await upstream.send(method, request.raw_target, headers, body, add_host=add_host)
                 try:
                     async for chunk in response.chunks():
                         if len(data) + len(chunk) > limit:
                             over = True
                             break
+                        if self._buffered + len(chunk) > self._budget:
+                            over_budget = True
+                            break
+                        self._buffered += len(chunk)
+                        reserved += len(chunk)
                         data += chunk
                 finally:
-                    response.close()
+                    response.close()  # a no-op after a complete answer; else the connection is dropped
         except Exception as exc:
+            self._buffered -= reserved
             raise translate(upstream.version, exc) from exc
+        if over or over_budget:
+            self._buffered -= reserved
+            reserved = 0
+        wanted = self._wanted_headers
         return Fetched(
             status=response.status,
             content_type=(response.header(b"content-type") or b"").decode("latin-1"),
-            body=None if over else bytes(data),
+            body=None if over or over_budget else bytes(data),
             seconds=time.perf_counter() - started,
+            headers=tuple(
+                (name.decode("latin-1").lower(), value.decode("latin-1"))
+                for name, value in response.raw_headers
+                if name.decode("latin-1").lower() in wanted
+            ),
+            encoding=(response.header(b"content-encoding") or b"").decode("latin-1"),
+            reserved=reserved,
+            over_budget=over_budget,
         )
 
     # --- recording --------------------------------------------------------------------------------
@@ -339,6 +460,10 @@ class ShadowMirror:
         shadow: Fetched,
     ) -> None:
         batch = self._batch
+        if outcome.result == "skipped":  # a body over the limit and nothing else differed
+            self._result(group, "skipped")
+            batch.count(endpoint, group, "skipped")
+            return
         batch.count(endpoint, group, "compared")
         if outcome.result == "match":
             self._result(group, "match")
@@ -401,24 +526,35 @@ class ShadowMirror:
             self._once("flush", "could not write the shadow report (%r); will retry", exc)
 
     async def refresh_shared(self) -> None:
-        """Learn endpoint names and noise fields found by other replicas."""
+        """Take the noise counts of all replicas from Redis (replacing ours, so a forget reaches
+        us) and, when a reset moved the epoch on, free the endpoint slots."""
         try:
-            endpoints, noise = await self._report.read_shared()
+            epoch, shared = await self._report.read_shared()
         except Exception as exc:  # noqa: BLE001
             self._once("read", "could not read shared shadow state (%r); will retry", exc)
             return
-        self._namer.learn(endpoints)
-        for endpoint, fields in noise.items():
-            self._noise.setdefault(endpoint, set()).update(fields)
+        if self._epoch is not None and epoch != self._epoch:
+            # results from before the reset that were not written yet belong to the old report
+            self._batch = ReportBatch()
+            self._namer.reset()
+            self._calibrated.clear()
+        self._epoch = epoch
+        noise: dict[str, dict[str, int]] = {e: dict(seen) for e, seen in shared.items()}
+        for endpoint, pending in self._batch.noise.items():  # ours, not flushed yet
+            seen = noise.setdefault(endpoint, {})
+            for name, count in pending.items():
+                seen[name] = seen.get(name, 0) + count
+        self._noise = noise
 
     async def _flusher(self) -> None:
         interval = self._config.flush_interval_seconds
+        refresh = self._deps.settings.poll_interval_seconds
         last_read = 0.0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(min(interval, refresh))
             await self.flush()
             now = time.monotonic()
-            if now - last_read >= max(interval, 2.0):
+            if now - last_read >= refresh:
                 last_read = now
                 await self.refresh_shared()
 

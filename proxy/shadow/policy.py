@@ -28,6 +28,7 @@ from proxy.settings import HTTP_METHODS, Settings, ShadowSettings
 SECTION = "shadow"
 RULES_SECTION = "shadow_rules"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+METHOD_OVERRIDE_HEADERS = frozenset({b"x-http-method-override", b"x-method-override"})
 ALL_ENDPOINTS = "*"
 
 GLOBAL_FIELDS = (
@@ -133,6 +134,30 @@ def validate_fields(fields: Mapping[str, Any], groups: Iterable[str]) -> dict[st
         text = format_value(raw) if not isinstance(raw, str) else raw
         out[name] = format_value(parse_field(name, text, names))
     return out
+
+
+def override_method(headers: Iterable[tuple[bytes, bytes]], raw_target: bytes) -> str | None:
+    """The method a request claims through ``X-HTTP-Method-Override``, ``X-Method-Override`` or a
+    ``_method`` query parameter (upper-cased), or None. Servers that honour these treat a ``GET``
+    carrying ``DELETE`` as a delete, so mirroring and calibration must too."""
+    for name, value in headers:
+        if name.lower() in METHOD_OVERRIDE_HEADERS and value.strip():
+            return value.strip().decode("latin-1").upper()
+    _, sep, query = raw_target.partition(b"?")
+    if sep and b"_method=" in query:
+        for part in query.split(b"&"):
+            key, _, raw = part.partition(b"=")
+            if key == b"_method" and raw:
+                return raw.decode("latin-1").strip().upper()
+    return None
+
+
+def is_safe(method: str, headers: Iterable[tuple[bytes, bytes]], raw_target: bytes) -> bool:
+    """Safe to send again (calibration): the method and any override are both GET, HEAD or OPTIONS."""
+    if method not in SAFE_METHODS:
+        return False
+    claimed = override_method(headers, raw_target)
+    return claimed is None or claimed in SAFE_METHODS
 
 
 # --- the parsed settings section ----------------------------------------------------------------

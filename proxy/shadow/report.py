@@ -10,8 +10,11 @@ Readers (CLI, admin API) only read. Keys (prefix ``strangler:``):
 * ``diffs:suppressed:<endpoint>`` (hash): field -> differences reported as noise instead.
 * ``diffs:samples:<endpoint>`` (list, newest first, capped): recent mismatches and errors, JSON.
 * ``diffs:groups`` (hash): ``<group>:<outcome>`` -> mirrored requests by outcome (sent, dropped, ...).
-* ``noise:endpoints`` (set) and ``noise:<endpoint>`` (set): noisy fields per endpoint. Kept across
-  ``diffs --reset`` (they describe v1, not v2); ``--forget-noise`` clears them too.
+* ``noise:endpoints`` (set) and ``noise:seen:<endpoint>`` (hash): per endpoint, field -> number of
+  calibrations in which it varied between two v1 answers; noise from ``noise_threshold`` on. Kept
+  across ``diffs --reset`` (they describe v1, not v2); ``--forget-noise`` clears them too.
+* ``diffs_epoch`` (string): incremented by every reset; replicas that see it change free their
+  endpoint slots and drop what they had not written yet, so a reset reaches all of them.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class ReportBatch:
     samples: defaultdict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     groups: Counter[str] = field(default_factory=Counter)
     endpoint_group: dict[str, str] = field(default_factory=dict)
-    noise: defaultdict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    noise: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
     def __bool__(self) -> bool:
         return bool(self.counts or self.groups or self.noise or self.samples)
@@ -72,17 +75,20 @@ class ReportBatch:
         self.groups.update(older.groups)
         for endpoint, group in older.endpoint_group.items():
             self.endpoint_group.setdefault(endpoint, group)
-        for endpoint, names in older.noise.items():
-            self.noise[endpoint] |= names
+        for endpoint, seen in older.noise.items():
+            self.noise[endpoint].update(seen)
 
 
 class ReportStore:
     """Reads and writes the report keys. One instance per process; the client is shared."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, max_samples: int = 20) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, max_samples: int = 20, noise_threshold: int = 2
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.max_samples = max_samples
+        self.noise_threshold = noise_threshold
 
     # key names ---------------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -90,10 +96,14 @@ class ReportStore:
 
     def noise_key(self, endpoint: str | None = None) -> str:
         return (
-            self.keys.under("noise", endpoint)
+            self.keys.under("noise", "seen", endpoint)
             if endpoint is not None
             else self.keys.under("noise", "endpoints")
         )
+
+    @property
+    def epoch_key(self) -> str:
+        return self.keys.under("diffs_epoch")
 
     # writing -----------------------------------------------------------------------------------
     async def write(self, batch: ReportBatch) -> None:
@@ -122,27 +132,31 @@ class ReportStore:
                     pipe.ltrim(key, 0, self.max_samples - 1)
             for name, value in batch.groups.items():
                 pipe.hincrby(self.key("groups"), name, value)
-            for endpoint, names in batch.noise.items():
-                if names:
+            for endpoint, seen in batch.noise.items():
+                if seen:
                     pipe.sadd(self.noise_key(), endpoint)
-                    pipe.sadd(self.noise_key(endpoint), *names)
+                    for name, value in seen.items():
+                        pipe.hincrby(self.noise_key(endpoint), name, value)
             await pipe.execute()
 
-    async def read_shared(self) -> tuple[set[str], dict[str, set[str]]]:
-        """Endpoints already in the report and every endpoint's noise fields (for the workers)."""
+    async def read_shared(self) -> tuple[int, dict[str, dict[str, int]]]:
+        """The reset epoch and, per endpoint, how often each field was seen to vary (all replicas)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.smembers(self.key("endpoints"))
+            pipe.get(self.epoch_key)
             pipe.smembers(self.noise_key())
-            endpoints_raw, noisy_raw = await pipe.execute()
+            epoch_raw, noisy_raw = await pipe.execute()
         noisy_endpoints = sorted(_text(e) for e in noisy_raw)
-        noise: dict[str, set[str]] = {}
+        noise: dict[str, dict[str, int]] = {}
         if noisy_endpoints:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for endpoint in noisy_endpoints:
-                    pipe.smembers(self.noise_key(endpoint))
+                    pipe.hgetall(self.noise_key(endpoint))
                 results = await pipe.execute()
-            noise = {e: {_text(f) for f in r} for e, r in zip(noisy_endpoints, results, strict=True)}
-        return {_text(e) for e in endpoints_raw}, noise
+            noise = {
+                e: {_text(f): int(c) for f, c in r.items()}
+                for e, r in zip(noisy_endpoints, results, strict=True)
+            }
+        return int(_text(epoch_raw) or 0), noise
 
     # reading -----------------------------------------------------------------------------------
     async def summary(self) -> dict[str, Any]:
@@ -181,7 +195,7 @@ class ReportStore:
             pipe.hgetall(self.key("fields", endpoint))
             pipe.hgetall(self.key("suppressed", endpoint))
             pipe.lrange(self.key("samples", endpoint), 0, -1)
-            pipe.smembers(self.noise_key(endpoint))
+            pipe.hgetall(self.noise_key(endpoint))
             known, counts_raw, fields_raw, suppressed_raw, samples_raw, noise_raw = await pipe.execute()
         if not known and not noise_raw:
             return None
@@ -193,12 +207,16 @@ class ReportStore:
         result["suppressed"] = dict(
             sorted(((_text(k), int(v)) for k, v in suppressed_raw.items()), key=_by_count)
         )
-        result["noise_fields"] = sorted(_text(f) for f in noise_raw)
+        seen = {_text(f): int(c) for f, c in noise_raw.items()}
+        result["noise_fields"] = sorted(f for f, c in seen.items() if c >= self.noise_threshold)
+        result["noise_seen"] = dict(sorted(seen.items()))
         result["samples"] = [orjson.loads(s) for s in samples_raw]
         return result
 
     async def reset(self, forget_noise: bool = False) -> int:
-        """Delete the report (and, if asked, the learnt noise). Returns the number of keys deleted."""
+        """Delete the report (and, if asked, the learnt noise) and move the epoch on, so every
+        replica frees its endpoint slots (and forgets noise) at its next refresh. Returns the
+        number of keys deleted."""
         patterns = [self.key("*")]
         if forget_noise:
             patterns.append(self.keys.under("noise", "*"))
@@ -212,6 +230,7 @@ class ReportStore:
                     batch = []
             if batch:
                 deleted += await self.redis.delete(*batch)
+        await self.redis.incr(self.epoch_key)
         return deleted
 
 

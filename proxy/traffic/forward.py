@@ -269,6 +269,9 @@ class ProxyApp:
             if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
                 self._metrics.fallback(group)
                 self._metrics.upstream_error("v2", exc.kind)
+                if exc.blames_version:  # v2 failed this request: the canary must see it
+                    for recorder in self._recorders:
+                        recorder.record(group, "v2", 502, time.perf_counter() - started)
                 xc.version = "v1"
                 xc.plan = plan = None  # a request v2 was meant to serve is never mirrored to v2
                 try:

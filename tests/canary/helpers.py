@@ -87,11 +87,18 @@ class Receiver:
     def __init__(self) -> None:
         received: list[tuple[str, Any]] = []
         self.received = received
+        self.failing = False  # answer 503 (and record nothing) while set: a target that is down
+        outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                if outer.failing:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 received.append((self.path, json.loads(body or b"null")))
                 self.send_response(202 if self.path == "/pd" else 200)
                 self.send_header("Content-Type", "application/json")

@@ -15,6 +15,8 @@ from proxy.canary import records
 from proxy.canary.controller import CanaryController
 from proxy.canary.events import Event
 from proxy.canary.leader import LeaderLock
+from proxy.canary.notify.base import Outcome
+from proxy.canary.notify.courier import Courier
 from proxy.canary.rollout import COMPLETED, PAUSED, PROGRESSING, ROLLED_BACK, RolloutError, Rollouts
 from proxy.canary.windows import WindowFlusher, WindowRecorder, read_windows
 from proxy.control.client import ControlClient
@@ -39,13 +41,22 @@ class Clock:
 
 
 class Collected:
-    """A Notifier that keeps what it was handed (the protocol's whole surface: one method)."""
+    """A Notifier with one target that takes every alert and keeps it."""
+
+    targets = ("collect",)
 
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    def notify(self, event: Event) -> None:
+    def wants(self, target: str, event: Event) -> bool:
+        return True
+
+    async def attempt(self, target: str, event: Event) -> Outcome:
         self.events.append(event)
+        return "sent"
+
+    def gave_up(self, target: str) -> None:
+        raise AssertionError("never fails")
 
     def kinds(self) -> list[str]:
         return [e.kind for e in self.events]
@@ -64,15 +75,29 @@ class Rig:
         self.keys = Keys()
         self.clock = Clock()
         self.metrics = Metrics()
-        self.control = ControlClient(self.redis, self.keys)
         self.notifier = Collected()
         self.rollouts = Rollouts(self.redis, self.keys, self.clock)
+        self.control = ControlClient(self.redis, self.keys, self.rollouts.manual_split)
         self.recorder = WindowRecorder()
         self.flusher = WindowFlusher(self.recorder, self.redis, self.keys, self.settings.canary, self.clock)
+        self.controller = self.new_controller()
+
+    def new_controller(self, identity: str = "test-leader") -> CanaryController:
+        """A leader process; building a new one is what a crash and restart looks like."""
         self.controller = CanaryController(
-            self.settings, self.redis, self.keys, self.control, self.metrics, self.notifier,
-            self.rollouts, clock=self.clock, wall=self.clock, identity="test-leader",
+            self.settings, self.redis, self.keys, self.control, self.metrics,
+            self.rollouts, clock=self.clock, wall=self.clock, identity=identity,
         )  # fmt: skip
+        self.courier = Courier(
+            self.redis, self.keys, self.notifier, self.settings.canary, self.metrics,
+            lambda: self.controller.is_leader, wall=self.clock,
+        )  # fmt: skip
+        return self.controller
+
+    async def tick(self) -> None:
+        """The leader's tick and its courier's."""
+        await self.controller.tick()
+        await self.courier.tick()
 
     def traffic(self, v1: int, v2: int, v2_errors: int = 0, v2_seconds: float = 0.01) -> None:
         for _ in range(v1):
@@ -85,7 +110,7 @@ class Rig:
         self.traffic(v1, v2, **kw)
         await self.flusher.tick()
         self.clock.advance(1)
-        await self.controller.tick()
+        await self.tick()
 
     async def split(self) -> str | None:
         return (await self.control.get_split(["default"]))["default"]
@@ -186,6 +211,7 @@ def test_insufficient_data_neither_advances_nor_rolls_back_and_alerts_once(redis
 def test_rollback_after_consecutive_failures_traffic_first_then_decision(redis_url: str) -> None:
     async def body(rig: Rig) -> None:
         await rig.rollouts.start("default", [10, 100], 3600, "test")
+        await rig.second()  # the second the rollout started in is not judged (fresh history)
         await rig.second()  # healthy
         assert (await rig.verdict())["status"] == "pass"
         for expected in (1, 2):
@@ -243,7 +269,7 @@ def test_latency_rollback_and_pause_resume_promote_abort(redis_url: str) -> None
         await r.promote("default", "test")
         aborted = await r.abort("default", "test")
         assert aborted.state == ROLLED_BACK and await rig.split() == "0"
-        await rig.controller.tick()  # the leader sends what people did, too
+        await rig.tick()  # the leader sends what people did, too
         assert {"paused", "resumed", "aborted"} <= set(rig.notifier.kinds())
         assert rig.metrics.rollbacks.labels("default", "aborted")._value.get() == 1
 
@@ -267,6 +293,7 @@ def test_non_leader_does_nothing(redis_url: str) -> None:
 def test_shadow_mismatch_gate_reads_the_shadow_report_when_present(redis_url: str) -> None:
     async def body(rig: Rig) -> None:
         await rig.control.set_split(10)
+        await rig.second()  # the second of the change is not judged (fresh history)
         await rig.second()
         assert (await rig.verdict())["status"] == "pass"  # gate configured, no report: ignored
         await rig.redis.sadd("strangler:diffs:endpoints", "GET /t", "GET /u")
@@ -301,10 +328,9 @@ def test_redis_down_holds_without_raising_and_keeps_counts(redis_factory: Callab
         rig = Rig(server.url, redis_timeout_seconds=0.3)
         rig.redis = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
         rig.flusher._redis = rig.redis
-        rig.controller = CanaryController(
-            rig.settings, rig.redis, rig.keys, ControlClient(rig.redis, rig.keys), rig.metrics,
-            rig.notifier, Rollouts(rig.redis, rig.keys, rig.clock), rig.clock, rig.clock, "t",
-        )  # fmt: skip
+        rig.rollouts = Rollouts(rig.redis, rig.keys, rig.clock)
+        rig.control = ControlClient(rig.redis, rig.keys, rig.rollouts.manual_split)
+        rig.new_controller("t")
         try:
             await body(rig)
         finally:
@@ -317,11 +343,12 @@ def test_a_split_changed_by_hand_pauses_the_rollout_instead_of_raising_it_again(
     async def body(rig: Rig) -> None:
         await rig.rollouts.start("default", [10, 50, 100], 2, "test")
         await rig.second()
-        await rig.control.set_split(0)  # `strangler rollback` during the rollout
+        await rig.redis.set("feature:v2_traffic_percentage", "0")  # redis-cli, not our tools
         for _ in range(5):
             await rig.second()
         state = await rig.rollouts.get("default")
-        assert state is not None and state.state == PAUSED and state.last["by"].startswith("leader: split")
-        assert await rig.split() == "0"
+        assert state is not None and state.state == PAUSED and state.last["by"] == "leader"
+        assert state.percentage == 0 and await rig.split() == "0"
+        assert "split was changed to 0" in rig.notifier.events[-1].message
 
     run(redis_url, body)

@@ -177,21 +177,33 @@ def test_bad_config_rules_are_one_config_error() -> None:
         ("/api/blobs/cafe", "/api/blobs/cafe"),
         ("/api/v2/users", "/api/v2/users"),
         ("/", "/"),
+        ("/reports/2024-01-31", "/reports/{date}"),
+        ("/reports/2024-01-31T10:00:00Z/raw", "/reports/{date}/raw"),
+        ("/commits/9f1c2ab", "/commits/{id}"),
+        ("/commits/deadbeef", "/commits/deadbeef"),  # a word that happens to be hex: kept
+        ("/posts/how-to-cook-rice", "/posts/{slug}"),
+        ("/user-settings/dark-mode", "/user-settings/dark-mode"),
+        ("/search/word17", "/search/word17"),  # name these with endpoint_patterns
     ],
 )
 def test_id_segments_become_placeholders(path: str, expected: str) -> None:
     assert templated(path) == expected
 
 
-def test_endpoint_names_use_group_patterns_and_are_bounded() -> None:
+def test_endpoint_names_use_group_patterns_and_slots_go_to_volume() -> None:
     namer = EndpointNamer(RouteTable(settings().routes), max_endpoints=3)
     assert namer.name("GET", "/orders/1/lines/2") == "GET /orders/**"
+    assert namer.name("GET", "/orders/2") == "GET /orders/**"
     assert namer.name("POST", "/orders/1") == "POST /orders/**"
     assert namer.name("GET", "/users/bob") == "GET /users/*"
-    assert namer.name("GET", "/health/deep") == OTHER  # the fourth distinct name
-    assert namer.name("GET", "/orders/9") == "GET /orders/**"  # known names still resolve
-    namer.learn(["GET /x", "GET /y"])
+    # the sketch is full: a newcomer evicts the least seen name but must be seen twice to be named
+    assert namer.name("GET", "/health/deep") == OTHER
+    assert namer.name("GET", "/health/deep") == "GET /health/deep"
+    # the busiest name kept its slot through all of it
+    assert namer.name("GET", "/orders/9") == "GET /orders/**"
     assert len(namer.known) == 3
+    namer.reset()
+    assert namer.known == frozenset()
 
 
 def test_plan_object_has_what_forward_needs() -> None:

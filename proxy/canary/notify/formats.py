@@ -33,6 +33,7 @@ def slack(event: Event) -> dict[str, Any]:
         {"title": "group", "value": event.group, "short": True},
         {"title": "event", "value": event.kind, "short": True},
         {"title": "by", "value": event.by, "short": True},
+        {"title": "id", "value": event.id, "short": True},
     ]
     fields += [{"title": name, "value": _flat(value), "short": False} for name, value in event.fields.items()]
     return {
@@ -77,6 +78,7 @@ def pagerduty(event: Event, routing_key: str, source: str) -> dict[str, Any] | N
 def webhook(event: Event) -> dict[str, Any]:
     return {
         "source": "strangler",
+        "id": event.id,  # the dedup key: delivery is at least once
         "event": event.kind,
         "group": event.group,
         "severity": event.severity,
