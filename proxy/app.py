@@ -172,3 +172,27 @@ class Strangler:
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Strangler:
     return Strangler(settings, metrics)
+
+
+class EnvApp:
+    """``proxy.app:app``: the same core as a plain ASGI app, for any ASGI server (granian or
+    hypercorn for HTTP/2 and TLS, uvicorn). Settings come from the environment (``STRANGLER_*``,
+    and ``STRANGLER_CONFIG`` for a YAML file); the app is built at the first event (the lifespan),
+    not at import. Redis must be given (``STRANGLER_REDIS_URL``): no embedded one here."""
+
+    def __init__(self) -> None:
+        self._app: Strangler | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is None:
+            import os
+
+            from proxy.admin.token import ensure_admin_token
+            from proxy.settings import load_settings
+
+            settings = ensure_admin_token(load_settings(os.environ.get("STRANGLER_CONFIG")))
+            self._app = create_app(settings)
+        await self._app(scope, receive, send)
+
+
+app = EnvApp()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -15,8 +14,6 @@ import socket
 import sys
 import tempfile
 from typing import Any
-
-from pydantic import SecretStr
 
 from proxy.admin.token import ensure_admin_token
 from proxy.control.embedded import EmbeddedRedis
@@ -32,21 +29,6 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def settings_to_json(settings: Settings) -> str:
-    """Resolved settings for worker processes, secrets included (only ever passed via environment)."""
-
-    def reveal(value: Any) -> Any:
-        if isinstance(value, SecretStr):
-            return value.get_secret_value()
-        if isinstance(value, dict):
-            return {k: reveal(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [reveal(v) for v in value]
-        return value
-
-    return json.dumps(reveal(settings.model_dump()), default=str)
 
 
 def run(settings: Settings) -> None:
