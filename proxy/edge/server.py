@@ -252,13 +252,16 @@ class NativeExchange:
             "server": conn.server_address,
         }  # fmt: skip
         start: dict[str, Any] = {}
+        body_sent = False  # ASGI: the first receive() is an http.request, even for no body
 
         async def receive() -> Message:
-            if not self._body_done or self._chunks:
+            nonlocal body_sent
+            if not body_sent or not self._body_done or self._chunks:
                 try:
                     body, more = await self.read()
                 except ClientGone:
                     return {"type": "http.disconnect"}
+                body_sent = not more
                 return {"type": "http.request", "body": body, "more_body": more}
             await self.wait_gone()
             return {"type": "http.disconnect"}
