@@ -37,7 +37,8 @@ class Checkpoint:
                 raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
             if loaded.get("fingerprint") != print_:
                 raise CheckpointError(
-                    f"checkpoint {path} was written for a different configuration; delete it or run without --resume"
+                    f"checkpoint {path} was written for a different configuration; "
+                    "delete it or run without --resume"
                 )
             self.data = loaded
 

@@ -66,7 +66,9 @@ class ChunkPlan:
         ]
 
 
-def plan_chunks(plan: TablePlan, source: dict[str, Any], target: dict[str, Any], config: ParityConfig) -> ChunkPlan:
+def plan_chunks(
+    plan: TablePlan, source: dict[str, Any], target: dict[str, Any], config: ParityConfig
+) -> ChunkPlan:
     rows = max(source["rows"], target["rows"])
     bounds = [v for v in (source["min"], source["max"], target["min"], target["max"]) if v is not None]
     if not plan.ranged or not bounds:
@@ -187,7 +189,9 @@ class Runner:
         """Candidate keys of one chunk: rows whose hash differs or that exist on one side only."""
         ranges: list[tuple[int, int]] | None
         if source.in_db_hash:
-            left, right = self.both(lambda: source.checksums(lo, hi, width), lambda: target.checksums(lo, hi, width))
+            left, right = self.both(
+                lambda: source.checksums(lo, hi, width), lambda: target.checksums(lo, hi, width)
+            )
             differing = sorted(s for s in set(left) | set(right) if left.get(s) != right.get(s))
             if not differing:
                 return {}
@@ -228,7 +232,8 @@ class Runner:
                 changed = {
                     c.name: [display(old[c.name]), display(new[c.name])]
                     for c in plan.columns
-                    if canonical(old[c.name], c.kind, plan.precision) != canonical(new[c.name], c.kind, plan.precision)
+                    if canonical(old[c.name], c.kind, plan.precision)
+                    != canonical(new[c.name], c.kind, plan.precision)
                 }
                 if not changed:
                     continue

@@ -80,12 +80,18 @@ class Database:
     """One side's engine: read-only sessions where the dialect allows, every query paced."""
 
     def __init__(
-        self, url: str, throttle: Throttle, read_only: bool = True, on_query: Callable[[str], None] | None = None
+        self,
+        url: str,
+        throttle: Throttle,
+        read_only: bool = True,
+        on_query: Callable[[str], None] | None = None,
     ) -> None:
         try:
-            self.engine: Engine = sa.create_engine(url, pool_size=4, max_overflow=4) if not url.startswith(
-                "sqlite"
-            ) else sa.create_engine(url)
+            self.engine: Engine = (
+                sa.create_engine(url, pool_size=4, max_overflow=4)
+                if not url.startswith("sqlite")
+                else sa.create_engine(url)
+            )
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ParityError(f"cannot use database URL ({type(exc).__name__}: {_first_line(exc)})") from exc
         self.dialect = self.engine.dialect.name
@@ -99,14 +105,15 @@ class Database:
         schema, _, table = name.rpartition(".")
         try:
             with self.engine.connect() as conn:
-                self.server_version = tuple(self.engine.dialect.server_version_info or ())
+                version = self.engine.dialect.server_version_info or ()
+                self.server_version = tuple(int(v) for v in version if isinstance(v, int))
                 return sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema or None)
         except NoSuchTableError as exc:
             raise ParityError(f"table {name!r} does not exist in the {self.dialect} database") from exc
         except SQLAlchemyError as exc:
             raise ParityError(f"cannot read {name!r}: {_first_line(exc)}") from exc
 
-    def run(self, label: str, statement: Any) -> Sequence[sa.Row[Any]]:
+    def run(self, label: str, statement: Any) -> Sequence[Any]:
         self.throttle.wait()
         if self.on_query:
             self.on_query(label)
@@ -157,7 +164,7 @@ def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan
             continue
         target_kind = kind_of(column.type)
         if name in table.transforms:
-            expression = sa.literal_column(f"({table.transforms[name]})")
+            expression: Any = sa.literal_column(f"({table.transforms[name]})")
             used_sources |= _mentioned(table.transforms[name], src_cols)
             source_kind = target_kind
             source_expr: Any = expression
@@ -165,7 +172,8 @@ def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan
             source_name = inverse.get(name, name)
             if source_name not in src_cols or source_name in table.ignore:
                 problems.append(
-                    f"target column {name!r} has no source column: add it to rename, transforms or ignore_target"
+                    f"target column {name!r} has no source column: "
+                    "add it to rename, transforms or ignore_target"
                 )
                 continue
             used_sources.add(source_name)
@@ -248,7 +256,11 @@ class TableSide:
         """Rows, key bounds and sums of numeric columns: cheap, and a first verdict on its own."""
         first = self.range_column
         numeric = [c for c in self.plan.columns if c.kind in ("int", "decimal")][:4]
-        items = [sa.func.count().label("rows"), sa.func.min(first).label("min"), sa.func.max(first).label("max")]
+        items = [
+            sa.func.count().label("rows"),
+            sa.func.min(first).label("min"),
+            sa.func.max(first).label("max"),
+        ]
         items += [sa.func.sum(sa.cast(self.expr(c), sa.Numeric)).label(f"sum:{c.name}") for c in numeric]
         row = self.db.run(f"aggregates of {self.plan.table.name}", self._filtered(sa.select(*items)))[0]
         result = dict(row._mapping)
@@ -260,10 +272,10 @@ class TableSide:
         kind, own = column.kind, self.side_kind(column)
         text_type = sa.Text()
         if kind in ("int", "decimal"):
-            numeric = sa.cast(expr, sa.Numeric)
+            numeric: Any = sa.cast(expr, sa.Numeric)
             if self.db.server_version[:1] and self.db.server_version[0] >= 13:
                 numeric = sa.func.trim_scale(numeric)
-            rendered = sa.cast(numeric, text_type)
+            rendered: Any = sa.cast(numeric, text_type)
         elif kind == "bool":
             rendered = sa.cast(sa.cast(expr, sa.Integer), text_type)
         elif kind == "timestamp":
@@ -288,12 +300,12 @@ class TableSide:
         if lo is None or hi is None:
             segment: Any = sa.literal(0)
         else:
-            segment = sa.func.floor((sa.cast(self.range_column, sa.BigInteger) - lo) / sa.literal(width))
+            segment = (sa.cast(self.range_column, sa.BigInteger) - lo) // width  # integer division
         statement = self._filtered(
             sa.select(segment.label("seg"), sa.func.count(), sa.func.sum(self._sql_hash())), lo, hi
         ).group_by(sa.text("1"))
         rows = self.db.run(f"checksums of {self.plan.table.name}", statement)
-        return {int(seg): (int(count), int(total) & MASK64) for seg, count, total in rows}
+        return {int(row[0]): (int(row[1]), int(row[2]) & MASK64) for row in rows}
 
     # pass 1, streaming
     def row_hashes(self, ranges: Sequence[tuple[int, int]] | None) -> dict[Key, tuple[Raw, int]]:
@@ -307,7 +319,9 @@ class TableSide:
             if self.in_db_hash:
                 statement = sa.select(*keys, self._sql_hash())
             else:
-                statement = sa.select(*keys, *(self.expr(c).label(f"c{i}") for i, c in enumerate(self.plan.columns)))
+                statement = sa.select(
+                    *keys, *(self.expr(c).label(f"c{i}") for i, c in enumerate(self.plan.columns))
+                )
             statement = self._filtered(statement)
             if batch is not None:
                 column = self.range_column
@@ -319,12 +333,14 @@ class TableSide:
                 if self.in_db_hash:
                     found[key] = (raw, int(row[nkey]))
                 else:
-                    pieces = [canonical(v, c.kind, self.plan.precision) for v, c in zip(row, self.plan.all_columns)]
+                    columns, precision = self.plan.all_columns, self.plan.precision
+                    pieces = [canonical(v, c.kind, precision) for v, c in zip(row, columns, strict=False)]
                     found[key] = (raw, row_hash(pieces))
         return found
 
     def canonical_key(self, raw: Raw) -> Key:
-        return tuple(canonical(v, c.kind, self.plan.precision) for v, c in zip(raw, self.plan.key))
+        precision = self.plan.precision
+        return tuple(canonical(v, c.kind, precision) for v, c in zip(raw, self.plan.key, strict=True))
 
     # pass 2
     def fetch(self, raws: Sequence[Raw]) -> dict[Key, dict[str, Any]]:

@@ -24,14 +24,19 @@ class Throttle:
         self._lock = threading.Lock()
         self.waited = 0.0
 
-    def wait(self) -> None:
+    def reserve(self) -> float:
+        """Take the next slot; return how long to wait before using it."""
         if not self.interval:
-            return
+            return 0.0
         with self._lock:
             now = self.clock()
             start = max(now, self._next)
             self._next = start + self.interval
-        delay = start - now
-        if delay > 0:
+            delay = start - now
             self.waited += delay
+        return delay
+
+    def wait(self) -> None:
+        delay = self.reserve()
+        if delay > 0:
             self.sleep(delay)
