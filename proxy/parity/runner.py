@@ -177,7 +177,6 @@ class Runner:
         if diffs and self.config.lag_seconds > 0:
             before = len(diffs)
             self.options.sleep(self.config.lag_seconds)
-            result.skipped_recent = 0
             diffs = self.judge(plan, source, target, [candidates[k] for k in diffs], result)
             result.resolved_after_lag = before - len(diffs)
         self.classify(diffs, result)
