@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +75,7 @@ def test_differences_that_only_look_different_do_not_count(
         dst,
         f"UPDATE {table_name} SET amount = amount + 0.0001 WHERE id = 5",
         f"UPDATE {table_name} SET seen = seen + interval '1 millisecond' WHERE id = 6",
-        f"UPDATE {table_name} SET doc = '{{\"a\": 7, \"b\": [1, 8]}}' WHERE id = 7",
+        f'UPDATE {table_name} SET doc = \'{{"a": 7, "b": [1, 8]}}\' WHERE id = 7',
         f"UPDATE {table_name} SET flag = 1 - flag WHERE id = 8",
         f"UPDATE {table_name} SET note = NULL WHERE id = 9",  # was ''
     )
@@ -101,8 +100,10 @@ def test_renames_and_transforms_find_every_change(
     )
     execute(
         dst,
-        f"CREATE TABLE {table_name}_v2 (id bigint PRIMARY KEY, owner_name text, amount_cents bigint, state text)",
-        f"INSERT INTO {table_name}_v2 SELECT g, 'owner' || g, g * 100 + 25, 'open' FROM generate_series(1, 1000) g",
+        f"CREATE TABLE {table_name}_v2 (id bigint PRIMARY KEY, owner_name text, amount_cents bigint, "
+        "state text)",
+        f"INSERT INTO {table_name}_v2 SELECT g, 'owner' || g, g * 100 + 25, 'open' "
+        "FROM generate_series(1, 1000) g",
         f"UPDATE {table_name}_v2 SET owner_name = owner_name || '!' WHERE id IN (10, 200, 300, 999)",
         f"UPDATE {table_name}_v2 SET amount_cents = amount_cents + 1 WHERE id IN (11, 201, 301, 998)",
         f"UPDATE {table_name}_v2 SET state = 'closed' WHERE id IN (12, 500)",
@@ -167,7 +168,8 @@ def test_composite_keys_across_postgresql_and_sqlite(
     )
     execute(
         dst,
-        f"CREATE TABLE {table_name} (tenant integer, code text, price real, meta text, PRIMARY KEY (tenant, code))",
+        f"CREATE TABLE {table_name} (tenant integer, code text, price real, meta text, "
+        "PRIMARY KEY (tenant, code))",
     )
     rows = [
         {"t": t, "c": f"c{g}", "p": g + 0.5, "m": json.dumps({"z": None, "k": g}, indent=1)}
@@ -287,7 +289,8 @@ def test_a_stopped_run_resumes_from_its_checkpoint(
             raise Stop
 
     with pytest.raises(Stop):
-        Runner(config, Checkpoint(path, fingerprint(config), False), RunOptions(on_chunk=stop_after_two)).run()
+        first = Checkpoint(path, fingerprint(config), False)
+        Runner(config, first, RunOptions(on_chunk=stop_after_two)).run()
     saved = json.loads(path.read_text())
     assert len(saved["tables"][table_name]["chunks"]) == 2
 
@@ -306,9 +309,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint(
         Checkpoint(path, fingerprint(other), True)
 
 
-def test_result_is_stored_in_redis_and_alerted(
-    redis_url: str, tmp_path: Path, table_name: str
-) -> None:
+def test_result_is_stored_in_redis_and_alerted(redis_url: str, tmp_path: Path, table_name: str) -> None:
     import redis
 
     src, dst = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
@@ -317,7 +318,8 @@ def test_result_is_stored_in_redis_and_alerted(
     execute(src, f"INSERT INTO {table_name} VALUES (1, 'a'), (2, 'b')")
     execute(dst, f"INSERT INTO {table_name} VALUES (1, 'a')")
     config = write_config(tmp_path / "p.yaml", src, dst, [{"source_table": table_name, "key": ["id"]}])
-    code, _, err = parity("sql", "-c", str(config), "--redis-url", redis_url, "--checkpoint", str(tmp_path / "c"))
+    checkpoint = str(tmp_path / "c")
+    code, _, err = parity("sql", "-c", str(config), "--redis-url", redis_url, "--checkpoint", checkpoint)
     assert code == 1, err
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     stored = json.loads(client.hget("strangler:parity:last", table_name) or "{}")
@@ -347,7 +349,7 @@ def test_exit_codes_of_the_real_command(tmp_path: Path) -> None:
     execute(dst, "UPDATE t SET v = 'b'")
     different = run()
     assert different.returncode == 1 and "different" in different.stdout
-    assert "changed `1`: v: \"a\" -> \"b\"" in markdown.read_text()
+    assert 'changed `1`: v: "a" -> "b"' in markdown.read_text()
     execute(dst, "DROP TABLE t")
     broken = run()
     assert broken.returncode == 2 and "does not exist" in broken.stderr
