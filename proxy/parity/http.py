@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -28,6 +28,7 @@ from proxy.shadow.compare import Answer, differences
 from proxy.shadow.policy import EndpointRules
 
 STYLES = ("cursor", "page", "offset", "none")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -170,12 +171,10 @@ class Walker:
         o = self.options
         limits = httpx.Limits(max_connections=max(2, o.concurrency * 2))
         async with httpx.AsyncClient(headers=o.headers, timeout=o.timeout, limits=limits) as client:
-            try:
-                left, right = await asyncio.gather(
-                    self.walk(client, "v1", o.v1), self.walk(client, "v2", o.v2)
-                )
-            except ParityError as exc:
-                return [TableResult(o.path, ERROR, error=str(exc), mode="http")]
+            walked = await _together(self.walk(client, "v1", o.v1), self.walk(client, "v2", o.v2))
+            if isinstance(walked, ParityError):
+                return [TableResult(o.path, ERROR, error=str(walked), mode="http list")]
+            left, right = walked
             results = [self.compare_lists(left, right)]
             if o.sample and o.item_path:
                 results.append(await self.spot_check(client, sorted(set(left) & set(right))))
@@ -230,15 +229,29 @@ class Walker:
             found = differences(answers[0], answers[1], o.rules)
             return ident, {d.field: [d.v1, d.v2] for d in found}
 
-        try:
-            outcomes = await asyncio.gather(*(one(i) for i in chosen))
-        except ParityError as exc:
-            return TableResult(o.item_path, ERROR, error=str(exc), mode="http item")
+        outcomes = await _together(*(one(i) for i in chosen))
+        if isinstance(outcomes, ParityError):
+            return TableResult(o.item_path, ERROR, error=str(outcomes), mode="http item")
         for ident, found in sorted(outcomes, key=lambda pair: _order(pair[0])):
             if found:
                 self._changed(result, ident, found)
         result.status = DIFFERENT if result.differences else EQUAL
         return result
+
+
+async def _together(*work: Coroutine[Any, Any, T]) -> list[T] | ParityError:
+    """All results, or the first failure with the other requests cancelled and awaited (a task
+    group, so nothing is left running against a closed client)."""
+    tasks: list[asyncio.Task[T]] = []
+    failure: ParityError | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(item) for item in work]
+    except* ParityError as errors:
+        failure = errors.exceptions[0]  # type: ignore[assignment]
+    if failure is not None:
+        return failure
+    return [task.result() for task in tasks]
 
 
 def _record_differences(a: Any, b: Any, rules: EndpointRules) -> dict[str, list[Any]]:
