@@ -34,7 +34,10 @@ class PostgresServer:
         self.user: str | None = None
         if os.geteuid() == 0:
             self.user = "postgres"
-            pwd.getpwnam(self.user)  # KeyError: no such user
+            try:
+                pwd.getpwnam(self.user)
+            except KeyError:
+                raise RuntimeError("running as root needs a 'postgres' user for initdb") from None
             shutil.chown(self.root, self.user)
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
