@@ -88,3 +88,18 @@ def test_config_errors_are_one_clear_line() -> None:
     assert parse_duration("1.5m") == 90 and parse_duration("250ms") == 0.25 and parse_duration(3) == 3
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "parity.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block is not None
+    config = parse_config(yaml.safe_load(block.group(1)))
+    [orders] = config.tables
+    assert orders.target_key == ["id"] and orders.transforms == {"amount_cents": "round(amount * 100)"}
+    assert config.lag_seconds == 30
