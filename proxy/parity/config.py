@@ -88,7 +88,7 @@ class ParityConfig(BaseModel):
     tables: list[TableMap] = Field(min_length=1)
     lag_seconds: float = 0.0
     chunk_rows: int = Field(default=250_000, ge=1)
-    segment_rows: int = Field(default=256, ge=1)
+    segment_rows: int = Field(default=64, ge=1)
     max_qps: float | None = Field(default=None, gt=0)
     read_only: bool = True
 

@@ -27,6 +27,7 @@ class TableResult:
     aggregates: dict[str, Any] = field(default_factory=dict)
     mode: str = ""
     seconds: float = 0.0
+    client_cpu_seconds: float = 0.0  # this process, all threads: the comparison's own cost
     finished_at: float = 0.0
     error: str | None = None
 

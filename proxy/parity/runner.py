@@ -110,12 +110,13 @@ class Runner:
                 if stored is not None:
                     results.append(TableResult.from_dict(stored))
                     continue
-                started = time.monotonic()
+                started, cpu = time.monotonic(), time.process_time()
                 try:
                     result = self.run_table(source, target, table.name)
                 except (ParityError, ParityConfigError) as exc:
                     result = TableResult(table.name, ERROR, error=str(exc))
                 result.seconds = round(time.monotonic() - started, 3)
+                result.client_cpu_seconds = round(time.process_time() - cpu, 3)
                 result.finished_at = time.time()
                 if result.status != ERROR:
                     self.checkpoint.table(table.name)["result"] = result.as_dict()

@@ -38,6 +38,13 @@ Key = tuple[Any, ...]  # canonical key (matches across sides)
 Raw = tuple[Any, ...]  # the key as one side stores it
 
 
+class _Bit64(sa.types.UserDefinedType[Any]):
+    cache_ok = True
+
+    def get_col_spec(self, **_kw: Any) -> str:
+        return "bit(64)"
+
+
 class ParityError(RuntimeError):
     """A database could not be read as configured (exit code 2)."""
 
@@ -52,6 +59,7 @@ class ColumnPlan:
     target: Any
     source_kind: str
     target_kind: str
+    same_type: bool = False  # plain columns of one SQL type: their text output already agrees
 
 
 @dataclass(slots=True)
@@ -97,8 +105,8 @@ class Database:
         self.dialect = self.engine.dialect.name
         self.throttle = throttle
         self.on_query = on_query
-        if read_only and self.dialect == "postgresql":
-            event.listen(self.engine, "connect", _pg_read_only)
+        if self.dialect == "postgresql":
+            event.listen(self.engine, "connect", _pg_session_read_only if read_only else _pg_session)
         self.server_version: tuple[int, ...] = ()
 
     def reflect(self, name: str) -> sa.Table:
@@ -113,12 +121,14 @@ class Database:
         except SQLAlchemyError as exc:
             raise ParityError(f"cannot read {name!r}: {_first_line(exc)}") from exc
 
-    def run(self, label: str, statement: Any) -> Sequence[Any]:
+    def run(self, label: str, statement: Any, setting: str | None = None) -> Sequence[Any]:
         self.throttle.wait()
         if self.on_query:
             self.on_query(label)
         try:
             with self.engine.connect() as conn:
+                if setting and self.dialect == "postgresql":
+                    conn.exec_driver_sql(setting)
                 return conn.execute(statement).all()
         except SQLAlchemyError as exc:
             raise ParityError(f"{label} failed on the {self.dialect} side: {_first_line(exc)}") from exc
@@ -127,12 +137,29 @@ class Database:
         self.engine.dispose()
 
 
-def _pg_read_only(dbapi_connection: Any, _record: Any) -> None:
-    """Parity never writes: say so to the server, so a mistyped transform cannot change data."""
+# Text output of timestamps, floats and bytea depends on session settings: pin them, so two
+# servers configured differently still render equal values as equal text.
+_PG_SESSION = (
+    "SET TIME ZONE 'UTC'",
+    "SET datestyle = 'ISO, YMD'",
+    "SET intervalstyle = 'postgres'",
+    "SET extra_float_digits = 1",
+    "SET bytea_output = 'hex'",
+)
+
+
+def _pg_session(dbapi_connection: Any, _record: Any, read_only: bool = False) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    for statement in _PG_SESSION:
+        cursor.execute(statement)
+    if read_only:  # parity never writes: say so, so a mistyped transform cannot change data
+        cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
     cursor.close()
     dbapi_connection.commit()
+
+
+def _pg_session_read_only(dbapi_connection: Any, record: Any) -> None:
+    _pg_session(dbapi_connection, record, read_only=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -180,7 +207,10 @@ def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan
             source_expr = src_cols[source_name]
             source_kind = kind_of(src_cols[source_name].type)
         kind = common_kind(source_kind, target_kind)
-        plans[name] = ColumnPlan(name, kind, source_expr, column, source_kind, target_kind)
+        same = (
+            isinstance(source_expr, sa.Column) and _type_text(source_expr) == _type_text(column) is not None
+        )
+        plans[name] = ColumnPlan(name, kind, source_expr, column, source_kind, target_kind, same)
     for name in table.transforms:
         if name not in tgt_cols:
             problems.append(f"transform target {name!r} is not a column of {table.target_table}")
@@ -205,6 +235,13 @@ def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan
     return TablePlan(
         table, source, target, key, columns, source_updated, target_updated, table.timestamp_precision
     )
+
+
+def _type_text(column: sa.Column[Any]) -> str | None:
+    try:
+        return str(column.type.compile(dialect=postgresql.dialect()))
+    except Exception:  # noqa: BLE001 - a type PostgreSQL cannot spell is never "the same type"
+        return None
 
 
 def _mentioned(expression: str, columns: Iterable[str]) -> set[str]:
@@ -267,33 +304,40 @@ class TableSide:
         return {k: (_plain_number(v) if k.startswith("sum:") else v) for k, v in result.items()}
 
     # pass 1, in the database
-    def _sql_piece(self, column: ColumnPlan) -> Any:
+    def _sql_value(self, column: ColumnPlan) -> Any:
+        """The column as it enters the row text: itself when both sides store the same type (its
+        text output already agrees), else rendered to the canonical form of its kind."""
         expr = self.expr(column)
         kind, own = column.kind, self.side_kind(column)
-        text_type = sa.Text()
+        if column.same_type and not (kind == "timestamp" and self.plan.precision < 6):
+            return expr
         if kind in ("int", "decimal"):
             numeric: Any = sa.cast(expr, sa.Numeric)
             if self.db.server_version[:1] and self.db.server_version[0] >= 13:
                 numeric = sa.func.trim_scale(numeric)
-            rendered: Any = sa.cast(numeric, text_type)
-        elif kind == "bool":
-            rendered = sa.cast(sa.cast(expr, sa.Integer), text_type)
-        elif kind == "timestamp":
+            return numeric
+        if kind == "bool":
+            return sa.cast(expr, sa.Integer)
+        if kind == "timestamp":
             instant = expr if own == "timestamp" else sa.cast(expr, postgresql.TIMESTAMP(timezone=True))
-            scaled = sa.func.round(sa.extract("epoch", instant) * sa.literal(10**self.plan.precision))
-            rendered = sa.cast(scaled, text_type)
-        elif kind == "json":
-            rendered = sa.cast(sa.cast(expr, postgresql.JSONB), text_type)
-        elif kind == "bytes":
-            rendered = sa.func.encode(expr, "hex")
-        else:
-            rendered = sa.cast(expr, text_type)
-        length = sa.cast(sa.func.length(rendered), text_type)
-        return sa.func.coalesce(sa.func.concat(length, ":", rendered, "|"), "N")
+            return sa.func.round(sa.extract("epoch", instant) * sa.literal(10**self.plan.precision))
+        if kind == "json":
+            return sa.cast(expr, postgresql.JSONB)
+        if kind == "date":
+            return sa.cast(expr, sa.Date)
+        if kind == "bytes":
+            return expr
+        return sa.cast(expr, sa.Text)
 
     def _sql_hash(self) -> Any:
-        pieces = [self._sql_piece(c) for c in self.plan.all_columns]
-        return sa.func.hashtextextended(sa.func.concat(*pieces), 0)
+        """64-bit hash of the row's text. ``row(...)::text`` quotes values with separators and
+        writes NULL as nothing and '' as "", so the text is unambiguous, and it is built in C."""
+        text = sa.cast(sa.func.row(*(self._sql_value(c) for c in self.plan.all_columns)), sa.Text)
+        if self.db.server_version[:1] and self.db.server_version[0] < 11:  # no hashtextextended
+            return sa.cast(
+                sa.cast(sa.literal("x") + sa.func.substr(sa.func.md5(text), 1, 16), _Bit64()), sa.BigInteger
+            )
+        return sa.func.hashtextextended(text, 0)
 
     def checksums(self, lo: int | None, hi: int | None, width: int) -> dict[int, tuple[int, int]]:
         """``{segment: (rows, sum of row hashes mod 2**64)}`` for one chunk, in one scan."""
@@ -304,7 +348,9 @@ class TableSide:
         statement = self._filtered(
             sa.select(segment.label("seg"), sa.func.count(), sa.func.sum(self._sql_hash())), lo, hi
         ).group_by(sa.text("1"))
-        rows = self.db.run(f"checksums of {self.plan.table.name}", statement)
+        # the planner cannot know there are few segments, and sorts every row to group them;
+        # hashing into a few thousand groups is much cheaper
+        rows = self.db.run(f"checksums of {self.plan.table.name}", statement, "SET LOCAL enable_sort = off")
         return {int(row[0]): (int(row[1]), int(row[2]) & MASK64) for row in rows}
 
     # pass 1, streaming
