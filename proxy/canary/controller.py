@@ -168,6 +168,9 @@ class CanaryController(BackgroundLoop):
             "needs_recovery": prev.get("needs_recovery", False),
         }
         self._track_insufficient(group, verdict, split, record, now)
+        held = await self._parity_hold(rollout)
+        if held:
+            record["parity_hold"] = held
         if verdict.status is Status.PASS and record["needs_recovery"] and split > 0:
             record["needs_recovery"] = False
             self.notifier.notify(
@@ -191,7 +194,7 @@ class CanaryController(BackgroundLoop):
         if not acted and rollout is not None and rollout.state == "progressing":
             if await self._overridden(group, rollout):
                 rollout = await self.rollouts.get(group)
-            elif verdict.status is Status.PASS and rollout.due(now):
+            elif verdict.status is Status.PASS and rollout.due(now) and not held:
                 await self._advance(group, rollout, verdict)
                 rollout = await self.rollouts.get(group)
         self.metrics.rollout_at(group, None if rollout is None else rollout.percentage)
@@ -238,6 +241,25 @@ class CanaryController(BackgroundLoop):
             return False
         log.warning("rollout of %s paused: its split was changed to %s by hand", group, raw)
         return True
+
+    async def _parity_hold(self, rollout: RolloutState | None) -> list[str]:
+        """Tables of ``canary.parity_tables`` whose last ``strangler parity`` result (hash
+        ``<prefix>parity:last``, written by ``proxy/parity``) is not ``equal``, or that were never
+        checked. The rollout holds (no next step) but is not rolled back: the data is behind,
+        not v2's answers."""
+        tables = self.canary.parity_tables
+        if not tables or rollout is None or rollout.state != "progressing":
+            return []
+        raw = await self.redis.hmget(self.keys.under("parity", "last"), tables)  # type: ignore[misc]
+        held = []
+        for table, value in zip(tables, raw, strict=True):
+            try:
+                status = json.loads(value).get("status") if value else None
+            except (ValueError, AttributeError):
+                status = None
+            if status != "equal":
+                held.append(table)
+        return held
 
     async def _advance(self, group: str, rollout: RolloutState, verdict: Verdict) -> None:
         figures = {"v1": verdict.v1, "v2": verdict.v2, "verdict": verdict.status.value}
