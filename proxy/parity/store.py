@@ -9,6 +9,7 @@ the canary outbox, so it is delivered by the notifiers the proxy already has.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,12 +24,29 @@ SUMMARY_FIELDS = (
 )  # fmt: skip
 
 
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.I)
+_ADDRESS = re.compile(r"\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-f:]+\](?::\d+)?", re.I)
+_SERVER = re.compile(r'(server at|host|to server) "[^"]*"', re.I)
+_PORT = re.compile(r"\bport \d+", re.I)
+
+
+def redact(text: str | None) -> str | None:
+    """Error text leaves the operator's terminal (Redis, Slack): no URLs, addresses or ports."""
+    if text is None:
+        return None
+    text = _URL.sub("<url>", text)
+    text = _SERVER.sub(r"\1 <host>", text)
+    text = _ADDRESS.sub("<address>", text)
+    return _PORT.sub("port <n>", text)[:300]
+
+
 def parity_key(keys: Keys) -> str:
     return keys.under("parity", "last")
 
 
 def summary(result: TableResult, kind: str) -> dict[str, Any]:
     data = {name: getattr(result, name) for name in SUMMARY_FIELDS}
+    data["error"] = redact(result.error)
     data["kind"] = kind
     return data
 
@@ -47,7 +65,7 @@ async def store_results(
                 f"parity {result.table}: {result.missing} missing, {result.extra} extra, "
                 f"{result.changed} changed"
                 if result.status == DIFFERENT
-                else f"parity {result.table}: could not be checked ({result.error})"
+                else f"parity {result.table}: could not be checked ({redact(result.error)})"
             )
             event = events.Event(
                 "parity_different" if result.status == DIFFERENT else "parity_error",

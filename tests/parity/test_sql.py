@@ -358,3 +358,33 @@ def test_exit_codes_of_the_real_command(tmp_path: Path) -> None:
 def test_report_round_trip() -> None:
     result = TableResult("t", "different", missing=1, samples={"missing": [1], "extra": [], "changed": []})
     assert TableResult.from_dict({**result.as_dict(), "unknown": 1}) == result
+
+
+def test_where_limits_both_sides_and_table_picks_one(tmp_path: Path) -> None:
+    src, dst = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    for url in (src, dst):
+        execute(
+            url,
+            "CREATE TABLE a (id integer PRIMARY KEY, v text, archived integer)",
+            "CREATE TABLE b (id integer PRIMARY KEY, v text)",
+        )
+    insert = "INSERT INTO a VALUES (:id, :v, :archived)"
+    execute(src, insert, params=[{"id": i, "v": "x", "archived": int(i > 5)} for i in range(1, 11)])
+    execute(
+        dst,
+        insert,
+        params=[{"id": i, "v": "x" if i != 8 else "y", "archived": int(i > 5)} for i in range(1, 9)],
+    )
+    execute(dst, "INSERT INTO b VALUES (1, 'other')")
+    tables = [
+        {"source_table": "a", "key": ["id"], "where": "archived = 0"},
+        {"source_table": "b", "key": ["id"]},
+    ]
+    config = write_config(tmp_path / "p.yaml", src, dst, tables)
+    code, report = run_json(tmp_path, config, "--table", "a")
+    table = only(report)
+    assert code == 0 and (table["source_rows"], table["target_rows"]) == (5, 5)
+    code, report = run_json(tmp_path, config)
+    assert code == 1 and [t["status"] for t in report["tables"]] == ["equal", "different"]
+    code, _, err = parity("sql", "-c", str(config), "--table", "nope", "--no-store")
+    assert code == 2 and "unknown table 'nope'" in err

@@ -103,3 +103,17 @@ def test_the_documented_example_config_is_valid() -> None:
     [orders] = config.tables
     assert orders.target_key == ["id"] and orders.transforms == {"amount_cents": "round(amount * 100)"}
     assert config.lag_seconds == 30
+
+
+def test_errors_stored_or_alerted_carry_no_addresses() -> None:
+    from proxy.parity.store import redact
+
+    text = (
+        'connection failed: connection to server at "10.1.2.3", port 5432 failed; '
+        "postgresql+psycopg://reader@db.internal:5432/shop; 192.168.0.7:6379"
+    )
+    cleaned = redact(text)
+    assert cleaned is not None
+    for secret in ("10.1.2.3", "5432", "db.internal", "reader@", "192.168.0.7", "6379"):
+        assert secret not in cleaned
+    assert cleaned.startswith("connection failed: connection to server at <host>")
