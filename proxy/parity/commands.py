@@ -136,7 +136,14 @@ def parity_sql(
 ) -> None:
     """Compare tables of two databases: counts, segment checksums, then only the differing rows."""
     from proxy.parity.checkpoint import Checkpoint, CheckpointError, fingerprint
-    from proxy.parity.runner import Runner, RunOptions
+
+    try:
+        from proxy.parity.runner import Runner, RunOptions
+    except ImportError as exc:  # SQLAlchemy is in the `parity` extra
+        _fail(
+            f"strangler parity sql needs SQLAlchemy 2 ({exc.name} is missing): pip install 'strangler[parity]'"
+        )
+        return
 
     try:
         overrides: dict[str, Any] = {"max_qps": max_qps}

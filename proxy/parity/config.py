@@ -13,12 +13,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from proxy.parity.errors import ParityConfigError
+
+__all__ = ["ParityConfig", "ParityConfigError", "TableMap", "load_config", "parse_config", "parse_duration"]
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-class ParityConfigError(ValueError):
-    """The configuration cannot be used as written."""
 
 
 def parse_duration(value: Any) -> float:

@@ -20,9 +20,9 @@ from urllib.parse import quote
 import httpx
 import orjson
 
+from proxy.parity.errors import ParityError
 from proxy.parity.normalise import display
 from proxy.parity.report import DIFFERENT, EQUAL, ERROR, TableResult
-from proxy.parity.sql import ParityError
 from proxy.parity.throttle import Throttle
 from proxy.shadow.compare import Answer, differences
 from proxy.shadow.policy import EndpointRules

@@ -10,7 +10,8 @@ value is turned into canonical text for its kind, or ``None`` for SQL NULL, so t
 * JSON is compared in canonical form (keys sorted, no whitespace), never as raw text;
 * ``True`` equals ``1`` and ``'t'``.
 
-The same canonical text feeds the client-side row hash (SQLite and mixed dialects), so hashing
+Pure (no SQL here: :mod:`proxy.parity.sql` maps column types to kinds). The same canonical text
+feeds the client-side row hash (SQLite and mixed dialects), so hashing
 and the final comparison agree by construction.
 """
 
@@ -23,7 +24,6 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import orjson
-from sqlalchemy import types as sqltypes
 
 KINDS = ("int", "decimal", "bool", "timestamp", "date", "json", "text", "bytes")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -32,25 +32,6 @@ _TRUE = frozenset({"1", "t", "true", "y", "yes", "on"})
 _FALSE = frozenset({"0", "f", "false", "n", "no", "off"})
 _RANK = {"json": 7, "timestamp": 6, "date": 5, "bool": 4, "decimal": 3, "int": 2, "bytes": 1, "text": 0}
 MASK64 = (1 << 64) - 1
-
-
-def kind_of(sql_type: Any) -> str:
-    """The comparison kind of one reflected SQLAlchemy type."""
-    if isinstance(sql_type, sqltypes.Boolean):
-        return "bool"
-    if isinstance(sql_type, sqltypes.Integer):
-        return "int"
-    if isinstance(sql_type, sqltypes.Numeric):  # Float is a Numeric too
-        return "decimal"
-    if isinstance(sql_type, sqltypes.DateTime):
-        return "timestamp"
-    if isinstance(sql_type, sqltypes.Date):
-        return "date"
-    if isinstance(sql_type, sqltypes.JSON):
-        return "json"
-    if isinstance(sql_type, sqltypes._Binary):
-        return "bytes"
-    return "text"
 
 
 def common_kind(left: str, right: str) -> str:
@@ -79,14 +60,14 @@ def _as_decimal(value: Any) -> Decimal | None:
         return None
 
 
-def _instant(value: Any) -> datetime | None:
+def instant(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if isinstance(value, date):
         return datetime.combine(value, time(), tzinfo=UTC)
     if isinstance(value, str):
         try:
-            return _instant(datetime.fromisoformat(value.strip().replace(" ", "T", 1)))
+            return instant(datetime.fromisoformat(value.strip().replace(" ", "T", 1)))
         except ValueError:
             return None
     return None
@@ -109,10 +90,10 @@ def canonical(value: Any, kind: str, precision: int = 6) -> str | None:
             return "0"
         return "?" + str(value)
     if kind == "timestamp":
-        instant = _instant(value)
-        if instant is None:
+        when = instant(value)
+        if when is None:
             return "?" + str(value)
-        micros = (instant - _EPOCH) // _MICRO
+        micros = (when - _EPOCH) // _MICRO
         step = 10 ** (6 - precision)
         if step > 1:
             micros = (micros + step // 2) // step * step  # round half up, as PostgreSQL does

@@ -25,10 +25,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from proxy.parity.checkpoint import Checkpoint
-from proxy.parity.config import ParityConfig, ParityConfigError
-from proxy.parity.normalise import _instant, canonical, display
+from proxy.parity.config import ParityConfig
+from proxy.parity.errors import ParityConfigError, ParityError
+from proxy.parity.normalise import canonical, display, instant
 from proxy.parity.report import DIFFERENT, EQUAL, ERROR, TableResult
-from proxy.parity.sql import UPDATED, Database, Key, ParityError, Raw, TablePlan, TableSide, build_plan
+from proxy.parity.sql import UPDATED, Database, Key, Raw, TablePlan, TableSide, build_plan
 from proxy.parity.throttle import Throttle
 
 T = TypeVar("T")
@@ -275,8 +276,8 @@ class Runner:
 def _recent(row: dict[str, Any] | None, cutoff: datetime) -> bool:
     if row is None:
         return False
-    instant = _instant(row.get(UPDATED))
-    return instant is not None and instant > cutoff
+    when = instant(row.get(UPDATED))
+    return when is not None and when > cutoff
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

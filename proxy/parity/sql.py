@@ -27,8 +27,9 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
-from proxy.parity.config import ParityConfigError, TableMap
-from proxy.parity.normalise import MASK64, canonical, common_kind, kind_of, row_hash
+from proxy.parity.config import TableMap
+from proxy.parity.errors import ParityConfigError, ParityError
+from proxy.parity.normalise import MASK64, canonical, common_kind, row_hash
 from proxy.parity.throttle import Throttle
 
 FETCH_BATCH = 500
@@ -43,10 +44,6 @@ class _Bit64(sa.types.UserDefinedType[Any]):
 
     def get_col_spec(self, **_kw: Any) -> str:
         return "bit(64)"
-
-
-class ParityError(RuntimeError):
-    """A database could not be read as configured (exit code 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +165,25 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --- the plan ---------------------------------------------------------------------------------
+
+
+def kind_of(sql_type: Any) -> str:
+    """The comparison kind of one reflected SQLAlchemy type."""
+    if isinstance(sql_type, sa.types.Boolean):
+        return "bool"
+    if isinstance(sql_type, sa.types.Integer):
+        return "int"
+    if isinstance(sql_type, sa.types.Numeric):  # Float is a Numeric too
+        return "decimal"
+    if isinstance(sql_type, sa.types.DateTime):
+        return "timestamp"
+    if isinstance(sql_type, sa.types.Date):
+        return "date"
+    if isinstance(sql_type, sa.types.JSON):
+        return "json"
+    if isinstance(sql_type, sa.types._Binary):
+        return "bytes"
+    return "text"
 
 
 def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan:
