@@ -141,7 +141,8 @@ def parity_sql(
         from proxy.parity.runner import Runner, RunOptions
     except ImportError as exc:  # SQLAlchemy is in the `parity` extra
         _fail(
-            f"strangler parity sql needs SQLAlchemy 2 ({exc.name} is missing): pip install 'strangler[parity]'"
+            f"strangler parity sql needs SQLAlchemy 2 ({exc.name} is missing): "
+            "pip install 'strangler[parity]'"
         )
         return
 
