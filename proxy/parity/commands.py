@@ -213,6 +213,9 @@ def parity_http(
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Numbers closer than this are equal.")
     ] = 0.0,
+    shadow_rules: Annotated[
+        bool, typer.Option("--shadow-rules", help="Also apply the live shadow ignore rules (from Redis).")
+    ] = False,
     samples: SamplesOpt = 20,
     report: ReportOpt = None,
     markdown: MarkdownOpt = None,
@@ -246,6 +249,8 @@ def parity_http(
     except (ValueError, re.error) as exc:
         _fail(str(exc))
         return
+    if shadow_rules:
+        options.shadow_rules = _shadow_rules(settings, redis_url)
     with err.status("walking v1 and v2") as status:
 
         def show(version: str, records: int) -> None:
@@ -255,6 +260,37 @@ def parity_http(
     if not no_store:
         _store(results, "http", settings, redis_url)
     raise typer.Exit(_finish(results, "http", as_json, report, markdown))
+
+
+def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[Any, ...]:
+    """The rule set the proxies compare with: config rules plus the live ones in Redis."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from proxy import cli
+    from proxy.control.client import ControlClient
+    from proxy.shadow.policy import RULES_SECTION, make_rules_parser
+
+    keys, url = _keys_and_url(settings_path, redis_url, required=True)
+    assert url is not None
+    settings = cli.settings_from(settings_path, redis_url=redis_url)
+
+    async def go() -> dict[str, str]:
+        client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return await ControlClient(client, keys).get_hash(RULES_SECTION)
+        finally:
+            await client.aclose()
+
+    try:
+        raw = asyncio.run(go())
+    except (RedisError, OSError) as exc:
+        _fail(f"cannot read the shadow rules: Redis is unreachable ({exc})")
+        raise  # unreachable
+    ruleset, problems = make_rules_parser(settings)(raw, None)
+    for problem in problems:
+        err.print(f"[yellow]warning:[/yellow] shadow rule skipped: {escape(problem)}")
+    return tuple(ruleset.rules)
 
 
 @parity_app.command("last")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -25,7 +24,7 @@ from proxy.parity.normalise import display
 from proxy.parity.report import DIFFERENT, EQUAL, ERROR, TableResult
 from proxy.parity.throttle import Throttle
 from proxy.shadow.compare import Answer, differences
-from proxy.shadow.policy import EndpointRules
+from proxy.shadow.policy import ALL_ENDPOINTS, EndpointRules, Rule, RuleSet, make_rule
 
 STYLES = ("cursor", "page", "offset", "none")
 T = TypeVar("T")
@@ -59,6 +58,7 @@ class HttpOptions:
     tolerance: float = 0.0
     samples: int = 20
     seed: int = 0
+    shadow_rules: tuple[Rule, ...] = ()  # the live shadow ignore rules (--shadow-rules)
 
     def __post_init__(self) -> None:
         if self.paginate not in STYLES:
@@ -69,15 +69,43 @@ class HttpOptions:
             raise ValueError("--sample needs --item-path (e.g. /items/{id})")
         if self.item_path and "{id}" not in self.item_path:
             raise ValueError("--item-path must contain {id}")
+        self._own_rules()  # a bad path or regex is refused before anything is fetched
+
+    def _own_rules(self) -> list[Rule]:
+        """The command-line rules, for every endpoint; validated as shadow rules are (ValueError)."""
+        rules = [make_rule("exclude_path", None, p, "cli") for p in self.exclude_paths]
+        rules += [make_rule("exclude_regex", None, r, "cli") for r in self.exclude_regex]
+        if self.ignore_order:
+            rules.append(make_rule("ignore_order", None, None, "cli"))
+        if self.tolerance:
+            rules.append(make_rule("tolerance", None, self.tolerance, "cli"))
+        return rules
 
     @property
-    def rules(self) -> EndpointRules:
-        return EndpointRules(
-            tuple(self.exclude_paths),
-            tuple(re.compile(r) for r in self.exclude_regex),
-            self.ignore_order,
-            self.tolerance,
+    def record_rules(self) -> EndpointRules:
+        """Rules for one record of the list. Shadow rules of ``GET <path>`` name paths in the whole
+        page (``root['items'][*]['etag']``): those under the list are moved to the record's root."""
+        endpoint = f"GET {self.path}"
+        prefix = (
+            "root" + "".join(f"['{part}']" for part in (self.items_path or "").split(".") if part) + "[*]"
         )
+        moved: list[Rule] = []
+        for rule in self.shadow_rules:
+            if not rule.applies_to(endpoint):
+                continue
+            if rule.kind == "exclude_path":
+                if not rule.value.startswith(prefix):
+                    continue
+                rule = make_rule(
+                    "exclude_path", ALL_ENDPOINTS, "root" + rule.value[len(prefix) :], rule.source
+                )
+            moved.append(rule)
+        return RuleSet(tuple(self._own_rules() + moved)).for_endpoint(endpoint)
+
+    @property
+    def item_rules(self) -> EndpointRules:
+        """Rules for ``GET <item path>``: the command line's and the shadow rules of that endpoint."""
+        return RuleSet(tuple(self._own_rules()) + self.shadow_rules).for_endpoint(f"GET {self.item_path}")
 
 
 def dig(value: Any, path: str | None) -> Any:
@@ -184,6 +212,7 @@ class Walker:
         o = self.options
         result = TableResult(o.path, EQUAL, source_rows=len(left), target_rows=len(right), mode="http list")
         result.aggregates = {"pages": dict(self.pages)}
+        rules = o.record_rules
         for key in sorted(left.keys() - right.keys(), key=_order):
             result.missing += 1
             if len(result.samples["missing"]) < o.samples:
@@ -193,7 +222,7 @@ class Walker:
             if len(result.samples["extra"]) < o.samples:
                 result.samples["extra"].append(key)
         for key in sorted(left.keys() & right.keys(), key=_order):
-            found = _record_differences(left[key], right[key], o.rules)
+            found = _record_differences(left[key], right[key], rules)
             if found:
                 self._changed(result, key, found)
         result.status = DIFFERENT if result.differences else EQUAL
@@ -214,6 +243,7 @@ class Walker:
             o.item_path, EQUAL, source_rows=len(chosen), target_rows=len(chosen), mode="http item"
         )
         gate = asyncio.Semaphore(o.concurrency)
+        rules = o.item_rules
 
         async def one(ident: str) -> tuple[str, dict[str, list[Any]]]:
             path = o.item_path.replace("{id}", quote(ident, safe="")) if o.item_path else ""
@@ -226,7 +256,7 @@ class Walker:
                             response.status_code, response.headers.get("content-type", ""), response.content
                         )
                     )
-            found = differences(answers[0], answers[1], o.rules)
+            found = differences(answers[0], answers[1], rules)
             return ident, {d.field: [d.v1, d.v2] for d in found}
 
         outcomes = await _together(*(one(i) for i in chosen))

@@ -169,3 +169,35 @@ def test_a_failing_or_unreachable_api_exits_2(apis: Any) -> None:
     assert code == 2 and "ConnectError" in report["tables"][0]["error"]
     code, _, err = parity_http("--v1", v1.url, "--v2", v1.url, "--path", "/items", "--paginate", "sideways")
     assert code == 2 and "pagination must be one of" in err
+
+
+def test_the_live_shadow_ignore_rules_apply_to_records_and_items(apis: Any, redis_url: str) -> None:
+    import redis
+
+    from proxy.shadow.policy import rule_key
+
+    old = records(9)
+    new = [{**r, "etag": "changed", "name": r["name"].upper()} for r in old]
+    v1, v2 = apis(old, "page"), apis(new, "page")
+    args = (
+        "--v1", v1.url, "--v2", v2.url, "--path", "/items", "--paginate", "page",
+        "--item-path", "/items/{id}", "--sample", "3", "--redis-url", redis_url,
+    )  # fmt: skip
+    code, report, _ = parity_http(*args, "--shadow-rules")
+    assert code == 1 and report["tables"][0]["changed_columns"] == {"root['etag']": 9, "root['name']": 9}
+    client = redis.Redis.from_url(redis_url)
+    client.hset(
+        "strangler:shadow_rules",
+        mapping={
+            # page paths of the list endpoint apply to each record of it
+            rule_key("exclude_path", "GET /items", "root['data']['items'][*]['etag']"): "1",
+            rule_key("exclude_path", "GET /items", "root['data']['items'][*]['name']"): "1",
+            # the item endpoint's own rules, and rules for every endpoint
+            rule_key("exclude_path", "GET /items/{id}", "root['etag']"): "1",
+            rule_key("exclude_path", "*", "root['name']"): "1",
+        },
+    )
+    code, report, err = parity_http(*args, "--shadow-rules")
+    assert code == 0, (report, err)
+    code, report, _ = parity_http(*args)  # without the flag: the rules are not read
+    assert code == 1
