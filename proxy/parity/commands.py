@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,6 +93,17 @@ def _store(results: list[TableResult], kind: str, settings_path: Path | None, re
         err.print(f"[yellow]warning:[/yellow] result not stored in Redis: {escape(str(exc))}")
 
 
+def _guarded(run: Callable[[], list[TableResult]]) -> list[TableResult]:
+    """Whatever goes wrong inside is exit code 2, never Python's 1 (which means "different")."""
+    try:
+        return run()
+    except (KeyboardInterrupt, typer.Exit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exit-code contract's boundary
+        _fail(f"parity stopped: {type(exc).__name__}: {exc}")
+        raise  # unreachable
+
+
 def _finish(
     results: list[TableResult], kind: str, as_json: bool, report: Path | None, markdown: Path | None
 ) -> int:
@@ -173,7 +185,7 @@ def parity_sql(
             progress.update(tasks[name], completed=done, total=total)
 
         options = RunOptions(samples=samples, progress=show, tables=list(table or []))
-        results = Runner(parsed, state, options).run()
+        results = _guarded(lambda: Runner(parsed, state, options).run())
     if exit_code(results) != 2 and checkpoint.exists():
         checkpoint.unlink()  # finished: a later --resume starts afresh
     if not no_store:
@@ -256,7 +268,7 @@ def parity_http(
         def show(version: str, records: int) -> None:
             status.update(f"walking {path}: {version} {records} records")
 
-        results = asyncio.run(Walker(options, show).run())
+        results = _guarded(lambda: asyncio.run(Walker(options, show).run()))
     if not no_store:
         _store(results, "http", settings, redis_url)
     raise typer.Exit(_finish(results, "http", as_json, report, markdown))

@@ -201,3 +201,9 @@ def test_the_live_shadow_ignore_rules_apply_to_records_and_items(apis: Any, redi
     assert code == 0, (report, err)
     code, report, _ = parity_http(*args)  # without the flag: the rules are not read
     assert code == 1
+
+
+def test_a_malformed_url_is_exit_2_not_a_traceback(apis: Any) -> None:
+    v1 = apis(records(3), "cursor")
+    code, report, _ = parity_http("--v1", v1.url, "--v2", "not a url", "--path", "/items")
+    assert code == 2 and "UnsupportedProtocol" in report["tables"][0]["error"]
