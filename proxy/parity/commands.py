@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from proxy.parity.config import ParityConfigError, load_config, parse_duration
-from proxy.parity.report import TableResult, exit_code, rich_table, to_json, to_markdown
+from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
 
 console = Console()
 err = Console(stderr=True)
@@ -116,6 +116,12 @@ def _finish(
         print(text)
     else:
         console.print(rich_table(results, kind))
+        for result in results:
+            shown = sample_lines(result, limit=5)
+            if shown:
+                console.print(f"[bold]{escape(result.table)}[/bold] (first samples; --report for all kept):")
+                for line in shown:
+                    console.print(f"  {escape(line)}", highlight=False)
         for result in results:
             if result.error:
                 err.print(f"[red]error:[/red] {escape(result.table)}: {escape(result.error)}")

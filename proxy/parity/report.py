@@ -79,20 +79,26 @@ def to_markdown(results: list[TableResult], kind: str) -> str:
             f"| {r.changed} | {_counts(r).replace('|', '/')} |"
         )
     for r in results:
-        if not r.differences:
-            continue
-        lines += ["", f"## {r.table}: samples", ""]
-        for key in r.samples.get("missing", []):
-            lines.append(f"- missing in target: `{json.dumps(key, default=str)}`")
-        for key in r.samples.get("extra", []):
-            lines.append(f"- extra in target: `{json.dumps(key, default=str)}`")
-        for sample in r.samples.get("changed", []):
-            cols = "; ".join(
-                f"{c}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"
-                for c, (old, new) in sample["columns"].items()
-            )
-            lines.append(f"- changed `{json.dumps(sample['key'], default=str)}`: {cols}")
+        if r.differences:
+            lines += ["", f"## {r.table}: samples", ""]
+            lines += [f"- {line}" for line in sample_lines(r)]
     return "\n".join(lines) + "\n"
+
+
+def sample_lines(result: TableResult, limit: int | None = None) -> list[str]:
+    """One line per sampled difference: ``missing in target: `7```, ``changed `9`: v: "a" -> "b"``."""
+    lines: list[str] = []
+    for key in result.samples.get("missing", [])[:limit]:
+        lines.append(f"missing in target: `{json.dumps(key, default=str)}`")
+    for key in result.samples.get("extra", [])[:limit]:
+        lines.append(f"extra in target: `{json.dumps(key, default=str)}`")
+    for sample in result.samples.get("changed", [])[:limit]:
+        cols = "; ".join(
+            f"{c}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}"
+            for c, (old, new) in sample["columns"].items()
+        )
+        lines.append(f"changed `{json.dumps(sample['key'], default=str)}`: {cols}")
+    return lines
 
 
 def _n(value: int | None) -> str:
@@ -100,6 +106,7 @@ def _n(value: int | None) -> str:
 
 
 def rich_table(results: list[TableResult], kind: str) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"parity ({kind})")
@@ -108,7 +115,7 @@ def rich_table(results: list[TableResult], kind: str) -> Any:
     colour = {EQUAL: "green", DIFFERENT: "yellow", ERROR: "red"}
     for r in results:
         table.add_row(
-            r.table, f"[{colour[r.status]}]{r.status}[/]", _n(r.source_rows), _n(r.target_rows),
-            str(r.missing), str(r.extra), str(r.changed), _counts(r),
+            escape(r.table), f"[{colour[r.status]}]{r.status}[/]", _n(r.source_rows), _n(r.target_rows),
+            str(r.missing), str(r.extra), str(r.changed), escape(_counts(r)),
         )  # fmt: skip
     return table
