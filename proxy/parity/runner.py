@@ -84,11 +84,17 @@ def plan_chunks(
 class Runner:
     """Runs a whole config. Dependencies come in; the runner owns two engines and one thread pool."""
 
-    def __init__(self, config: ParityConfig, checkpoint: Checkpoint, options: RunOptions) -> None:
+    def __init__(
+        self,
+        config: ParityConfig,
+        checkpoint: Checkpoint,
+        options: RunOptions,
+        throttle: Throttle | None = None,
+    ) -> None:
         self.config = config
         self.checkpoint = checkpoint
         self.options = options
-        self.throttle = Throttle(config.max_qps)
+        self.throttle = throttle or Throttle(config.max_qps)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parity")
 
     def both(self, left: Callable[[], T], right: Callable[[], U]) -> tuple[T, U]:

@@ -108,6 +108,7 @@ class Database:
 
     def reflect(self, name: str) -> sa.Table:
         schema, _, table = name.rpartition(".")
+        self.throttle.wait()
         try:
             with self.engine.connect() as conn:
                 version = self.engine.dialect.server_version_info or ()

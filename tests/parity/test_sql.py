@@ -388,3 +388,24 @@ def test_where_limits_both_sides_and_table_picks_one(tmp_path: Path) -> None:
     assert code == 1 and [t["status"] for t in report["tables"]] == ["equal", "different"]
     code, _, err = parity("sql", "-c", str(config), "--table", "nope", "--no-store")
     assert code == 2 and "unknown table 'nope'" in err
+
+
+def test_max_qps_paces_every_query_of_a_run(tmp_path: Path) -> None:
+    from proxy.parity.throttle import Throttle
+
+    src, dst = f"sqlite:///{tmp_path / 'a.db'}", f"sqlite:///{tmp_path / 'b.db'}"
+    for url in (src, dst):
+        execute(
+            url, "CREATE TABLE t (id integer PRIMARY KEY, v text)", "INSERT INTO t VALUES (1, 'a'), (2, 'b')"
+        )
+    config = parse_config(
+        {"source": src, "target": dst, "max_qps": 4, "tables": [{"source_table": "t", "key": ["id"]}]}
+    )
+    slept: list[float] = []
+    queries: list[str] = []
+    throttle = Throttle(config.max_qps, clock=lambda: 0.0, sleep=slept.append)  # time stands still
+    options = RunOptions(on_query=queries.append)
+    [result] = Runner(config, Checkpoint(None, "x", False), options, throttle).run()
+    assert result.status == "equal" and len(queries) == 4  # aggregates and row hashes, both sides
+    # one start per 1/4 s across both sides: 2 reflections and 4 queries
+    assert sorted(slept) == [0.25, 0.5, 0.75, 1.0, 1.25]
