@@ -429,6 +429,9 @@ def register_capability_commands() -> None:
     from proxy.shadow import commands as shadow_commands
 
     modules.append(shadow_commands)
+    from proxy.parity import commands as parity_commands
+
+    modules.append(parity_commands)
     from proxy import soak as soak_commands
 
     modules.append(soak_commands)

@@ -175,6 +175,7 @@ class CanarySettings(BaseModel):
     step_interval_seconds: float = Field(default=300.0, gt=0)
     thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds)
     group_thresholds: dict[str, CanaryThresholds] = Field(default_factory=dict)
+    parity_tables: list[str] = Field(default_factory=list)
     notifiers: list[NotifierTarget] = Field(default_factory=list)
     notify_queue_size: int = Field(default=1000, ge=1)
     notify_retries: int = Field(default=3, ge=0)

@@ -213,6 +213,9 @@ class CanaryController(BackgroundLoop):
         if rollout is not None:
             self._known[group] = rollout
         await self._track_insufficient(group, verdict, split, record, now)
+        held = await self._parity_hold(rollout)
+        if held:
+            record["parity_hold"] = held
         if verdict.status is Status.PASS and record["needs_recovery"] and split > 0:
             record["needs_recovery"] = False
             await events.enqueue(
@@ -240,6 +243,7 @@ class CanaryController(BackgroundLoop):
                     rollout.state == PROGRESSING
                     and verdict.status is Status.PASS
                     and judged >= rollout.interval_seconds
+                    and not held
                 ):
                     figures = {"v1": verdict.v1, "v2": verdict.v2, "verdict": verdict.status.value,
                                "judged_seconds": round(judged, 3)}  # fmt: skip
@@ -293,6 +297,25 @@ class CanaryController(BackgroundLoop):
                     "leader", v1=verdict.v1, v2=verdict.v2,
                 )
             )  # fmt: skip
+
+    async def _parity_hold(self, rollout: RolloutState | None) -> list[str]:
+        """Tables of ``canary.parity_tables`` whose last ``strangler parity`` result (hash
+        ``<prefix>parity:last``, written by ``proxy/parity``) is not ``equal``, or that were never
+        checked. The rollout holds (no next step) but is not rolled back: the data is behind,
+        not v2's answers."""
+        tables = self.canary.parity_tables
+        if not tables or rollout is None or rollout.state != "progressing":
+            return []
+        raw = await self.redis.hmget(self.keys.under("parity", "last"), tables)  # type: ignore[misc]
+        held = []
+        for table, value in zip(tables, raw, strict=True):
+            try:
+                status = json.loads(value).get("status") if value else None
+            except (ValueError, AttributeError):
+                status = None
+            if status != "equal":
+                held.append(table)
+        return held
 
     async def _shadow(self) -> dict[str, ShadowFigures]:
         """Per-group totals of the shadow diff report, read from Redis only if it exists.

@@ -1,0 +1,54 @@
+"""Resume: what a run has finished, written atomically after every chunk.
+
+The file is tied to the configuration by a fingerprint; a checkpoint from a different config is
+refused rather than silently mixed in. Keys are stored as JSON (integers and text round-trip
+exactly; other key types are stored as text).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def fingerprint(config: Any) -> str:
+    """Stable digest of what decides the answer (tables, mapping, chunking), not of credentials."""
+    data = config.model_dump(exclude={"source", "target", "max_qps", "lag_seconds"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """``{"fingerprint", "tables": {name: {"plan", "chunks": {id: [raw keys]}, "result"}}}``."""
+
+    def __init__(self, path: Path | None, print_: str, resume: bool) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"fingerprint": print_, "tables": {}}
+        if path is not None and resume and path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+            if loaded.get("fingerprint") != print_:
+                raise CheckpointError(
+                    f"checkpoint {path} was written for a different configuration; "
+                    "delete it or run without --resume"
+                )
+            self.data = loaded
+
+    def table(self, name: str) -> dict[str, Any]:
+        return self.data["tables"].setdefault(name, {"plan": None, "chunks": {}, "result": None})
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_suffix(self.path.suffix + ".tmp")
+        temp.write_text(json.dumps(self.data, default=str))
+        os.replace(temp, self.path)
