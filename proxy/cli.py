@@ -207,7 +207,10 @@ def status(
         from proxy.canary.commands import canary_status
 
         canary = await canary_status(control, groups)
-        return {"groups": raw, "registered": registered, "canary": canary}
+        from proxy.parity.store import read_last_results
+
+        parity = await read_last_results(control.redis, control.keys)
+        return {"groups": raw, "registered": registered, "canary": canary, "parity": parity}
 
     data = with_control(settings, read)
     redis_at = resolve_redis_url(settings)
@@ -217,7 +220,8 @@ def status(
     ]
     proxy_view = _local_proxy_view(settings)
     if as_json:
-        print(json.dumps({"redis_ok": True, "redis_url": redis_at, "groups": rows, "proxy": proxy_view}))
+        print(json.dumps({"redis_ok": True, "redis_url": redis_at, "groups": rows, "proxy": proxy_view,
+                          "parity": data["parity"]}))  # fmt: skip
         return
     if proxy_view is None:
         console.print("proxy: no answer at the configured address (snapshot age unknown; use --url)")
@@ -245,6 +249,9 @@ def status(
             escape(row["decision"]),
         )  # fmt: skip
     console.print(table)
+    for name, result in sorted(data["parity"].items()):  # the last `strangler parity` run per table
+        counts = ", ".join(f"{result.get(k, 0)} {k}" for k in ("missing", "extra", "changed"))
+        console.print(f"parity {escape(name)}: {escape(str(result.get('status')))} ({counts})")
     for row in rows:
         if not row["valid"]:
             serving = (

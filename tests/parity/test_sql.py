@@ -328,6 +328,10 @@ def test_result_is_stored_in_redis_and_alerted(redis_url: str, tmp_path: Path, t
     assert event["kind"] == "parity_different" and event["group"] == table_name
     code, out, _ = parity("last", "--redis-url", redis_url, "--json")
     assert code == 0 and json.loads(out)[table_name]["missing"] == 1
+    status = subprocess.run([sys.executable, "-m", "proxy.cli", "status", "--redis-url", redis_url, "--json"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["parity"][table_name]["status"] == "different"
 
 
 def test_exit_codes_of_the_real_command(tmp_path: Path) -> None:
