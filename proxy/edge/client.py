@@ -179,6 +179,7 @@ class UpstreamResponse:
         if not self._done:
             self._done = True
             self._chunks.clear()
+            self._wake()  # a reader waiting in chunks() ends now, not at the next (never) byte
             if conn is not None:
                 conn.abort()
 
