@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 from typing import Any
@@ -102,6 +103,27 @@ def supervise(settings: Settings) -> None:
         worker.join()
 
 
+def listener_tls(settings: Settings) -> ssl.SSLContext | None:
+    """TLS termination when a certificate is configured. SIGHUP reloads the certificate and key
+    into the same context: new handshakes use them, open connections are left alone."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    cert, key = str(settings.tls_cert_file), str(settings.tls_key_file)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def reload() -> None:
+        try:
+            context.load_cert_chain(cert, key)
+            log.info("TLS certificate reloaded from %s", cert)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS certificate reload failed, keeping the old one: %s", exc)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+    return context
+
+
 def limits_for(settings: Settings, count: Any) -> ServerLimits:
     limits = settings.limits
     return ServerLimits(
@@ -182,9 +204,10 @@ async def serve(settings: Settings, app: Any, group: ServerGroup | None = None, 
     group = group or ServerGroup()
     if own_signals:
         group.install_signal_handlers()
+    tls = listener_tls(settings)
     await app.startup()
     metrics = app.metrics
-    main = HttpServer(app.proxy.handle, limits_for(settings, metrics.rejected_request))
+    main = HttpServer(app.proxy.handle, limits_for(settings, metrics.rejected_request), tls)
     admin_server: HttpServer | None = None
     try:
         await main.listen(settings.host, settings.port, sock=sock)

@@ -341,6 +341,13 @@ class Settings(BaseSettings):
     pool_timeout_seconds: float = Field(default=3.0, gt=0)
     # CA bundle that https backends are verified against (default: the system store)
     upstream_ca_file: Path | None = None
+    # client certificate (and key) presented to https backends that ask for one
+    upstream_client_cert_file: Path | None = None
+    upstream_client_key_file: Path | None = None
+
+    # TLS termination on the listener (both set: https; reloaded on SIGHUP without a restart)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     # admin
     admin_prefix: str = "/_strangler"
@@ -379,6 +386,14 @@ class Settings(BaseSettings):
         names = [rule.name for rule in self.deprecations]
         if len(names) != len(set(names)):
             raise ValueError(f"deprecation rule names must be unique: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.upstream_client_key_file is not None and self.upstream_client_cert_file is None:
+            raise ValueError("upstream_client_key_file needs upstream_client_cert_file")
         return self
 
     @model_validator(mode="after")

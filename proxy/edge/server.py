@@ -19,6 +19,7 @@ import collections
 import http
 import logging
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
@@ -705,21 +706,24 @@ class ServerProtocol(asyncio.Protocol):
 class HttpServer:
     """Our listener(s) for one handler: start, then stop gracefully (drain, then close)."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits) -> None:
+    def __init__(self, handler: Handler, limits: ServerLimits, tls: ssl.SSLContext | None = None) -> None:
         self._handler = handler
         self.limits = limits
+        self.tls = tls  # TLS termination: handshakes use whatever certificate the context holds now
         self.servers: list[asyncio.Server] = []
         self.started = False
 
     def protocol(self) -> ServerProtocol:
-        return ServerProtocol(self._handler, self.limits)
+        return ServerProtocol(self._handler, self.limits, "https" if self.tls is not None else "http")
 
     async def listen(self, host: str, port: int, sock: Any = None, backlog: int = 2048) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         if sock is not None:
-            server = await loop.create_server(self.protocol, sock=sock, backlog=backlog)
+            server = await loop.create_server(self.protocol, sock=sock, backlog=backlog, ssl=self.tls)
         else:
-            server = await loop.create_server(self.protocol, host, port, backlog=backlog, reuse_address=True)
+            server = await loop.create_server(
+                self.protocol, host, port, backlog=backlog, reuse_address=True, ssl=self.tls
+            )
         self.servers.append(server)
         return server
 

@@ -21,9 +21,14 @@ from proxy.settings import Settings
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
-    """Verification against the system store, or the configured CA bundle."""
+    """Verification (SNI, hostname, chain) against the system store or the configured CA bundle;
+    a client certificate when the backend asks for one."""
     ca = settings.upstream_ca_file
-    return ssl.create_default_context(cafile=str(ca) if ca else None)
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
+    if settings.upstream_client_cert_file is not None:
+        key = settings.upstream_client_key_file
+        context.load_cert_chain(str(settings.upstream_client_cert_file), str(key) if key else None)
+    return context
 
 
 class Upstream:
