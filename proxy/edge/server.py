@@ -308,17 +308,10 @@ class ServerProtocol(asyncio.Protocol):
         self._refused = False
         self._refusal: Refused | None = None
         # request being parsed
-        self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True
         self._head_bytes = 0
-        self._header_count = 0
-        self._header_bytes = 0
-        self._hosts = 0
-        self._codings = 0
-        self._content_length = -1
-        self._body_bytes = 0
-        self._expect = False
+        self._reset_request()
         self._parsing: NativeExchange | None = None  # the request whose body is being read
         # requests and answers
         self._active: NativeExchange | None = None
@@ -450,8 +443,8 @@ class ServerProtocol(asyncio.Protocol):
 
     # --- parser callbacks ------------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self._in_head = True
+    def _reset_request(self) -> None:
+        """Per-request parse state: counters the limits and framing checks read."""
         self._url = b""
         self._headers = []
         self._header_count = 0
@@ -461,6 +454,10 @@ class ServerProtocol(asyncio.Protocol):
         self._content_length = -1
         self._body_bytes = 0
         self._expect = False
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._reset_request()
         self._idle_since = None
         if self._head_since is None:
             self._head_since = self.loop.time()
