@@ -57,6 +57,10 @@ class TlsBackend:
                 await self._stop.wait()
 
         self._loop.run_until_complete(main())
+        pending = asyncio.all_tasks(self._loop)  # connections still open: end them before closing
+        for task in pending:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
     def stop(self) -> None:
