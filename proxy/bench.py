@@ -244,6 +244,7 @@ def start_strangler(
     percentage: float,
     workdir: Path,
     env_extra: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> tuple[subprocess.Popen[bytes], str]:
     import redis
 
@@ -253,7 +254,7 @@ def start_strangler(
     env.update({"STRANGLER_LOG_LEVEL": "warning", **(env_extra or {})})
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--v1", v1, "--v2", v2, "--port", str(port),
-         "--redis-url", redis_url, "--workers", "1"],
+         "--redis-url", redis_url, "--workers", str(workers)],
         cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -322,6 +323,8 @@ def bench(
     use_wrk: bool | None = None,
     warmup: float = 2.0,
     rounds: int = 3,
+    workers: int = 1,
+    shadow: bool = False,
 ) -> list[Result]:
     """Every target runs side by side; measurements alternate over ``rounds`` and the median
     round counts, so a noisy moment on a shared 2-core machine cannot decide a ratio alone."""
@@ -353,6 +356,19 @@ def bench(
                 os.sched_setaffinity(proxy_proc.pid, {0})
             procs.append(proxy_proc)
             targets[f"strangler (1 worker, split {percentage:g}%, metrics on)"] = proxy_url + "/"
+            if shadow:  # every v1-served request mirrored to v2 and compared
+                mirrored = {"STRANGLER_SHADOW__ENABLED": "true", "STRANGLER_SHADOW__SAMPLE_PERCENTAGE": "100"}
+                shadow_proc, shadow_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp), mirrored)
+                if pin:
+                    os.sched_setaffinity(shadow_proc.pid, {0})
+                procs.append(shadow_proc)
+                targets["strangler (1 worker, shadow 100%)"] = shadow_url + "/"
+            if workers > 1:  # not pinned: the workers get every core (wrk competes for them)
+                many_proc, many_url = start_strangler(
+                    v1, v2, redis_url, percentage, Path(tmp), workers=workers
+                )
+                procs.append(many_proc)
+                targets[f"strangler ({workers} workers, unpinned)"] = many_url + "/"
             for name in [p.strip() for p in (peer or "").split(",") if p.strip()]:
                 peer_proc, peer_url = start_peer(name, v1, v2, percentage, Path(tmp), pin=server_pin)
                 procs.append(peer_proc)

