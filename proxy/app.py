@@ -23,6 +23,7 @@ from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.control.store import ControlStore
 from proxy.metrics import Metrics
+from proxy.parity import capability as parity_capability
 from proxy.settings import Settings
 from proxy.shadow import capability as shadow_capability
 from proxy.traffic import deprecation_capability
@@ -40,6 +41,7 @@ def capability_builders() -> list[CapabilityBuilder]:
     builders.append(canary_capability.build)
     builders.append(deprecation_capability.build)
     builders.append(shadow_capability.build)
+    builders.append(parity_capability.build)
     return builders
 
 

@@ -76,6 +76,14 @@ class Metrics:
             "strangler_invalid_control_values_total", "Control values in Redis rejected (last good kept).",
             ["key"], registry=reg,
         )  # fmt: skip
+        self.parity_in_sync = Gauge(
+            "strangler_parity_in_sync", "Last `strangler parity` result per table: 1 equal, 0 not.",
+            ["table"], registry=reg, **gauge_mode,
+        )  # fmt: skip
+        self.parity_differences = Gauge(
+            "strangler_parity_differences", "Rows missing, extra or changed in the last parity run.",
+            ["table"], registry=reg, **gauge_mode,
+        )  # fmt: skip
         self.redis_errors = Counter(
             "strangler_control_redis_errors_total",
             "Failed control refreshes (Redis down or slow).",
@@ -205,6 +213,14 @@ class Metrics:
 
     def snapshot_age(self, seconds: float | None) -> None:
         self.snapshot_age_gauge.set(-1 if seconds is None else seconds)
+
+    def parity_results(self, results: dict[str, dict[str, Any]]) -> None:
+        """Replace the parity gauges with the tables now in Redis (a reset table disappears)."""
+        self.parity_in_sync.clear()
+        self.parity_differences.clear()
+        for table, result in results.items():
+            self.parity_in_sync.labels(table).set(1 if result["status"] == "equal" else 0)
+            self.parity_differences.labels(table).set(result["differences"])
 
     def invalid_control_value(self, key: str) -> None:
         self.invalid_values.labels(key).inc()

@@ -1,0 +1,40 @@
+"""Wires parity results into every proxy: the last result per table, read from Redis beside the
+request path (the control store's poll), becomes gauges the dashboard shows.
+
+Why the proxies and not the `strangler parity` command: the command runs now and then, from
+anywhere; Prometheus scrapes the proxies. Imports only ``control/`` and ``capability``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.capability import Capability, Deps
+
+SECTION = "parity:last"  # the hash `strangler parity` writes (proxy/parity/store.py: parity_key)
+MAX_TABLES = 100  # label values come from the operator's parity configs: bounded all the same
+
+
+def build(deps: Deps) -> Capability:
+    metrics = deps.metrics
+
+    def parse(raw: Mapping[str, str], previous: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
+        """``{table: {"status", "differences"}}``; a malformed entry is skipped, reported once."""
+        results: dict[str, dict[str, Any]] = {}
+        problems: list[str] = []
+        for table, text in sorted(raw.items())[:MAX_TABLES]:
+            try:
+                data = json.loads(text)
+                status = str(data["status"])
+                differences = sum(int(data.get(k) or 0) for k in ("missing", "extra", "changed"))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                problems.append(f"parity result for {table!r} is not a parity summary")
+                continue
+            results[table] = {"status": status, "differences": differences}
+        if results != (previous or {}):
+            metrics.parity_results(results)
+        return results, problems
+
+    return Capability(name="parity", sections={SECTION: parse})
