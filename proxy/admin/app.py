@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import __version__
 from proxy.admin.auth import allowed
 from proxy.admin.openapi import RouteDoc, openapi_document
 from proxy.control.client import ControlClient, InvalidValue
@@ -70,8 +71,9 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         return guarded
 
     async def health(request: Request) -> Response:
-        """Liveness: the process answers."""
-        return JSONResponse({"status": "ok"})
+        """Liveness: the event loop answers. Never asks Redis (an outage must not restart every
+        replica); the version tells a rolling update's old pods from its new ones."""
+        return JSONResponse({"status": "ok", "version": __version__})
 
     async def ready(request: Request) -> Response:
         """Readiness: a control snapshot is loaded (503 until Redis answered once)."""
