@@ -16,12 +16,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
-import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
 
 from proxy.admin.remote import AdminClient, AdminError, deprecation_table
 from proxy.control.client import ControlClient
+from proxy.control.connect import connect
 from proxy.control.keys import Keys
 from proxy.settings import Settings
 
@@ -159,7 +159,7 @@ def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
     if url is not None:
 
         async def read() -> dict[str, str]:
-            redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            redis = connect(url, 2)
             try:
                 keys = Keys(settings.split_key, settings.key_prefix)
                 return await ControlClient(redis, keys).get_hash(SECTION)
