@@ -65,7 +65,7 @@ class Strangler:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.redis = redis_client(settings)
-        self.keys = Keys(settings.split_key, settings.key_prefix)
+        self.keys = Keys.for_settings(settings)
         self.control = ControlClient(self.redis, self.keys, Rollouts(self.redis, self.keys).manual_split)
         deps = Deps(settings, self.metrics, self.redis, self.keys, self.control)
         self.capabilities = [

@@ -123,7 +123,7 @@ def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable
     async def go() -> T:
         redis = connect(url, 2)
         try:
-            keys = Keys(settings.split_key, settings.key_prefix)
+            keys = Keys.for_settings(settings)
             return await action(ControlClient(redis, keys, Rollouts(redis, keys).manual_split))
         finally:
             await redis.aclose()

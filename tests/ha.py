@@ -151,6 +151,23 @@ class SentinelSetup:
             node.stop()
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, fixed in Redis 6.2) is free too."""
+    import socket
+
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
 class ClusterSetup:
     def __init__(self, workdir: Path) -> None:
         self.nodes = [
@@ -158,6 +175,8 @@ class ClusterSetup:
                                            f"cluster-config-file nodes-{i}.conf"])
             for i in range(3)
         ]  # fmt: skip
+        for node in self.nodes:
+            node.port = cluster_port()
 
     def start(self) -> ClusterSetup:
         for node in self.nodes:

@@ -161,7 +161,7 @@ def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
         async def read() -> dict[str, str]:
             redis = connect(url, 2)
             try:
-                keys = Keys(settings.split_key, settings.key_prefix)
+                keys = Keys.for_settings(settings)
                 return await ControlClient(redis, keys).get_hash(SECTION)
             finally:
                 await redis.aclose()

@@ -403,7 +403,7 @@ class Rollouts:
             while True:
                 try:
                     await pipe.watch(*watched)
-                    values = await pipe.mget(watched)
+                    values = [await pipe.get(name) for name in watched]  # cluster pipelines refuse MGET
                     raw, split_raw, since_raw = values[0], values[1], values[2]
                     holder = as_text(values[3]) if leader else None
                     if leader is not None:

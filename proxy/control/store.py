@@ -56,7 +56,7 @@ class ControlStore:
         self._settings = settings
         self._redis = redis
         self._metrics = metrics
-        self._keys = Keys(settings.split_key, settings.key_prefix)
+        self._keys = Keys.for_settings(settings)
         self._groups = [group.name for group in settings.routes]
         self._sections = dict(sections or {})
         initial_sections = {name: parser({}, None)[0] for name, parser in self._sections.items()}
@@ -224,13 +224,15 @@ class ControlStore:
     ) -> tuple[str | None, dict[str, str | None], dict[str, dict[str, str]], str | None]:
         split_keys = [self._keys.split()] + [self._keys.split(group) for group in self._groups]
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.mget(split_keys)
+            for key in split_keys:  # GETs, not MGET: cluster pipelines refuse MGET
+                pipe.get(key)
             for name in self._sections:
                 pipe.hgetall(self._keys.hash(name))
             pipe.get(self._keys.epoch)
             results = await pipe.execute()
         epoch = as_text(results.pop())
-        values = [as_text(value) for value in results[0]]
+        values = [as_text(value) for value in results[: len(split_keys)]]
+        results = [values, *results[len(split_keys) :]]
         raw_groups = dict(zip(self._groups, values[1:], strict=True))
         raw_hashes = {
             name: {as_text(k) or "": as_text(v) or "" for k, v in result.items()}
