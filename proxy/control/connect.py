@@ -107,8 +107,10 @@ def describe(url: str) -> str:
     target = parse(url)
     if target.kind == PLAIN:
         parts = urlsplit(url)
-        host = parts.hostname or parts.path
-        return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}"
+        if not parts.hostname:  # unix:///path/to/socket
+            return f"{parts.scheme}://{parts.path}"
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
     nodes = ",".join(f"{h}:{p}" for h, p in target.nodes)
     tail = f"/{target.db}/{target.master}" if target.kind == SENTINEL else ""
     return f"{target.kind}://{nodes}{tail}"
