@@ -81,6 +81,13 @@ class SentinelSetup:
         self.sentinels: list[Node] = []
 
     def start(self) -> SentinelSetup:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # never leave half a setup running
+            raise
+
+    def _start(self) -> SentinelSetup:
         self.master.start()
         self.replica.lines = [f"replicaof 127.0.0.1 {self.master.port}"]
         self.replica.start()
@@ -179,6 +186,13 @@ class ClusterSetup:
             node.port = cluster_port()
 
     def start(self) -> ClusterSetup:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # never leave half a cluster running
+            raise
+
+    def _start(self) -> ClusterSetup:
         for node in self.nodes:
             node.start()
         per = 16384 // len(self.nodes)
