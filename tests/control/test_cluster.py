@@ -79,7 +79,15 @@ def test_proxies_on_a_cluster_follow_changes_and_the_leader_writes_without_cross
             assert state is not None
             advanced = await rollouts.advance("default", state.seq, lock.token(), {"verdict": "pass"})
             assert advanced is not None and advanced.percentage == 100
+            listeners = [node.client().pubsub() for node in cluster.nodes]  # one on every master
+            for listener in listeners:
+                listener.subscribe(KEYS.changes_channel)
+                assert listener.get_message(timeout=2)["type"] == "subscribe"
             changed = await control.rollback(None, ["default"])  # SCAN on every master, then writes
+            for listener in listeners:  # the change message, published once, reached every node
+                message = listener.get_message(timeout=2)
+                assert message is not None and message["data"].startswith(b"split:"), message
+                listener.close()
             numsub = 0
             for node in cluster.nodes:
                 reply = node.client().pubsub_numsub(KEYS.changes_channel)

@@ -12,12 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
+from proxy import __version__
 from proxy.settings import load_settings
 from tests.deploy.kustomize import render
-from tests.support import ROOT
+from tests.support import ROOT, ProxyProcess
 
 KUBE = ROOT / "deploy" / "kubernetes"
 TREES = {"base": KUBE / "base", "sentinel": KUBE / "overlays" / "sentinel"}
@@ -96,3 +98,10 @@ def test_the_pods_settings_load(tree: str, tmp_path: Path, monkeypatch: pytest.M
         assert settings.redis_url is not None and settings.redis_url.startswith("redis+sentinel://")
         monitor = by_kind(render(TREES[tree]))["ServiceMonitor"]
         assert monitor["spec"]["endpoints"][0]["path"] == settings.admin_prefix + "/metrics"
+
+
+def test_health_answers_status_and_version_without_a_token(proxy: ProxyProcess) -> None:
+    """The probes' contract: liveness is open and names the running version."""
+    answer = httpx.get(proxy.admin + "/health", timeout=5)
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ok", "version": __version__}
