@@ -200,4 +200,10 @@ def remote_rollback(url: str, token: str | None, group: str | None) -> None:
     with AdminClient(url, token) as client:
         data = client.rollback(group)
     cli = _cli()
+    if data.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
+        cli.console.print(
+            f"[yellow]rollback of {data['group']} accepted[/yellow]: 0% on that proxy now; "
+            "Redis is unreachable, every proxy follows when it is written"
+        )
+        return
     cli.print_rollback(data.get("changed") or {data["group"]: None})
