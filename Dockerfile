@@ -1,19 +1,27 @@
 # Strangler proxy image (also runs the demo backends and load generator in docker-compose.yml).
 # Configure with STRANGLER_* environment variables (nested: STRANGLER_SHADOW__ENABLED=true) or a
 # YAML file: docker run -v $PWD/strangler.yaml:/config/strangler.yaml IMAGE serve -c /config/strangler.yaml
-FROM python:3.11-slim
+# Built and run by tests/deploy/test_container.py (podman build --format docker keeps the HEALTHCHECK).
+FROM docker.io/library/python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
-RUN pip install . \
-    && useradd --system --uid 10001 --gid 0 --home-dir /data --create-home strangler \
-    && chmod g+rwX /data
+# Layer 1: the pinned dependencies only (pyproject's list, versions from constraints.txt), so a
+# change to the code does not reinstall them. The user has no home; /data is its writable directory.
+COPY pyproject.toml constraints.txt /tmp/deps/
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']['dependencies']))" >/tmp/deps/requirements.txt \
+    && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt setuptools wheel \
+    && rm -rf /tmp/deps \
+    && useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin strangler \
+    && mkdir /data && chown 10001:0 /data && chmod 0770 /data
+
+# Layer 2: the project itself, built outside the final tree (no build/ or egg-info left behind).
+COPY pyproject.toml README.md /tmp/src/
+COPY proxy /tmp/src/proxy
+RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src
 
 USER 10001
 ENV STRANGLER_HOST=0.0.0.0 \

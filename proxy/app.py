@@ -20,6 +20,7 @@ from proxy.canary import capability as canary_capability
 from proxy.canary.rollout import Rollouts
 from proxy.capability import Capability, Component, Deps
 from proxy.control.client import ControlClient
+from proxy.control.connect import connect
 from proxy.control.keys import Keys
 from proxy.control.store import ControlStore
 from proxy.metrics import Metrics
@@ -48,12 +49,9 @@ def capability_builders() -> list[CapabilityBuilder]:
 def redis_client(settings: Settings) -> aioredis.Redis:
     if not settings.redis_url:
         raise RuntimeError("redis_url must be resolved (embedded Redis started) before building the app")
-    return aioredis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_seconds,
-        socket_connect_timeout=settings.redis_timeout_seconds,
-        retry_on_timeout=False,
-        health_check_interval=5,
+    # plain, Sentinel (follows the master) or Cluster: proxy/control/connect.py
+    return connect(
+        settings.redis_url, settings.redis_timeout_seconds, retry_on_timeout=False, health_check_interval=5
     )
 
 
@@ -69,7 +67,7 @@ class Strangler:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.redis = redis_client(settings)
-        self.keys = Keys(settings.split_key, settings.key_prefix)
+        self.keys = Keys.for_settings(settings)
         self.control = ControlClient(self.redis, self.keys, Rollouts(self.redis, self.keys).manual_split)
         deps = Deps(settings, self.metrics, self.redis, self.keys, self.control)
         self.capabilities = [

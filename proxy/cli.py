@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
 from rich.console import Console
@@ -27,6 +26,7 @@ from proxy.admin.commands import AdminTokenOpt, AdminUrlOpt
 from proxy.admin.remote import AdminError
 from proxy.canary.rollout import Rollouts
 from proxy.control.client import ControlClient, InvalidValue
+from proxy.control.connect import connect, describe
 from proxy.control.embedded import EmbeddedRedisError, read_url
 from proxy.control.keys import Keys
 from proxy.control.snapshot import parse_percentage
@@ -121,9 +121,9 @@ def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable
     url = resolve_redis_url(settings)
 
     async def go() -> T:
-        redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        redis = connect(url, 2)
         try:
-            keys = Keys(settings.split_key, settings.key_prefix)
+            keys = Keys.for_settings(settings)
             return await action(ControlClient(redis, keys, Rollouts(redis, keys).manual_split))
         finally:
             await redis.aclose()
@@ -131,7 +131,7 @@ def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable
     try:
         return asyncio.run(go())
     except (RedisError, OSError) as exc:
-        fail(f"Redis at {url} is unreachable: {exc}")
+        fail(f"Redis at {describe(url)} is unreachable: {exc}")
 
 
 def with_registered_groups(settings: Settings) -> Settings:

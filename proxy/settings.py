@@ -372,6 +372,16 @@ class Settings(BaseSettings):
             raise ValueError(f"upstream URL {value!r} must look like http://host:port[/base]")
         return value.rstrip("/")
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_shape(cls, value: str | None) -> str | None:
+        """Sentinel and Cluster URLs are checked here so a typo is a config error, not a crash."""
+        if value:
+            from proxy.control.connect import check  # a leaf module: imports nothing of ours
+
+            check(value)
+        return value
+
     @field_validator("admin_prefix")
     @classmethod
     def _prefix_shape(cls, value: str) -> str:

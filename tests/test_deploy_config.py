@@ -226,7 +226,7 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource() -> None:
 
 def test_dockerfile_is_slim_non_root_with_a_healthcheck() -> None:
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    assert re.search(r"^FROM docker\.io/library/python:3\.11-slim", text, re.M)  # fully qualified
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*_strangler.*/health", text, re.M)

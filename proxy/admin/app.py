@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy import __version__
 from proxy.admin.auth import allowed
 from proxy.admin.openapi import RouteDoc, openapi_document
 from proxy.control.client import ControlClient, InvalidValue
@@ -70,8 +71,9 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         return guarded
 
     async def health(request: Request) -> Response:
-        """Liveness: the process answers."""
-        return JSONResponse({"status": "ok"})
+        """Liveness: the event loop answers. Never asks Redis (an outage must not restart every
+        replica); the version tells a rolling update's old pods from its new ones."""
+        return JSONResponse({"status": "ok", "version": __version__})
 
     async def ready(request: Request) -> Response:
         """Readiness: a control snapshot is loaded (503 until Redis answered once)."""
@@ -123,7 +125,17 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         group = body.get("group") or None
         if group is not None and group not in ctx.settings.group_names:
             return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
-        changed = await ctx.control.rollback(group, ctx.settings.group_names)
+        try:
+            changed = await ctx.control.rollback(group, ctx.settings.group_names)
+        except (RedisError, OSError, TimeoutError):
+            # e.g. a Sentinel failover in progress: in force here now, written when Redis returns
+            ctx.store.hold_rollback(group, lambda: ctx.control.rollback(group, ctx.settings.group_names))
+            log.warning("manual rollback of %s: Redis unreachable, applied here, retrying", group or "all")
+            return JSONResponse(
+                {"group": group or "all", "percentage": 0.0, "pending": True,
+                 "detail": "Redis unreachable: applied on this proxy now, written to Redis when it returns"},
+                status_code=202,
+            )  # fmt: skip
         for name in changed:
             if name in ctx.settings.group_names:  # metric labels stay a closed set
                 ctx.metrics.rollbacks.labels(name, "manual").inc()

@@ -16,12 +16,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
 
-import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
 
 from proxy.admin.remote import AdminClient, AdminError, deprecation_table
 from proxy.control.client import ControlClient
+from proxy.control.connect import connect
 from proxy.control.keys import Keys
 from proxy.settings import Settings
 
@@ -159,9 +159,9 @@ def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
     if url is not None:
 
         async def read() -> dict[str, str]:
-            redis = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            redis = connect(url, 2)
             try:
-                keys = Keys(settings.split_key, settings.key_prefix)
+                keys = Keys.for_settings(settings)
                 return await ControlClient(redis, keys).get_hash(SECTION)
             finally:
                 await redis.aclose()
@@ -200,4 +200,10 @@ def remote_rollback(url: str, token: str | None, group: str | None) -> None:
     with AdminClient(url, token) as client:
         data = client.rollback(group)
     cli = _cli()
+    if data.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
+        cli.console.print(
+            f"[yellow]rollback of {data['group']} accepted[/yellow]: 0% on that proxy now; "
+            "Redis is unreachable, every proxy follows when it is written"
+        )
+        return
     cli.print_rollback(data.get("changed") or {data["group"]: None})

@@ -31,7 +31,7 @@ from redis.exceptions import WatchError
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
-from proxy.canary.leader import LeaderLock
+from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
 from proxy.canary.windows import REDIS_ERRORS, read_windows
 from proxy.control.client import ControlClient
@@ -78,8 +78,9 @@ class CanaryController(BackgroundLoop):
         # called as ("decided", group) between a check's reads and its action: tests land races there
         self.race_hook = race_hook
 
-    def leader_token(self) -> tuple[str, str]:
-        return records.leader_key(self.keys), self.lock.identity
+    def leader_token(self) -> LeaderToken:
+        """The fencing token every action carries (checked in the action's own transaction)."""
+        return self.lock.token()
 
     # --- loop ---------------------------------------------------------------------------------
 

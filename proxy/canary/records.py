@@ -68,14 +68,20 @@ async def read_status(redis: aioredis.Redis, keys: Keys, groups: list[str]) -> d
     Redis lost its data."""
     from proxy.canary.rollout import RolloutState  # rollout imports this module
 
+    columns = [
+        [keys.split(g) for g in groups], [keys.under("rollout", g) for g in groups],
+        [verdict_key(keys, g) for g in groups], [decision_key(keys, g) for g in groups],
+    ]  # fmt: skip
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.mget([keys.split(g) for g in groups])
-        pipe.mget([keys.under("rollout", g) for g in groups])
-        pipe.mget([verdict_key(keys, g) for g in groups])
-        pipe.mget([decision_key(keys, g) for g in groups])
+        for column in columns:
+            for key in column:  # GETs, not MGET: cluster pipelines refuse MGET
+                pipe.get(key)
         pipe.get(leader_key(keys))
         pipe.get(lost_key(keys))
-        splits, rollouts, verdicts, decisions, leader, lost = await pipe.execute()
+        results = await pipe.execute()
+    n = len(groups)
+    splits, rollouts, verdicts, decisions = (results[i * n : (i + 1) * n] for i in range(4))
+    leader, lost = results[4 * n], results[4 * n + 1]
     out: dict[str, Any] = {
         "leader": leader.decode() if isinstance(leader, bytes) else leader,
         "state_lost": load(lost),

@@ -30,6 +30,7 @@ from redis.exceptions import WatchError
 
 from proxy.canary import events, records
 from proxy.canary.events import Event
+from proxy.canary.leader import LeaderToken
 from proxy.control.keys import Keys
 from proxy.control.snapshot import as_text
 
@@ -288,11 +289,11 @@ class Rollouts:
     # --- transitions made by the leader ------------------------------------------------------
 
     async def advance(
-        self, group: str, expect_seq: int, leader: tuple[str, str], figures: dict[str, Any] | None = None
+        self, group: str, expect_seq: int, leader: LeaderToken, figures: dict[str, Any] | None = None
     ) -> RolloutState | None:
         """The timed advance: only from ``progressing`` at the version judged, with the split as the
         state says and the lock still ours. None (nothing written) otherwise."""
-        by = f"leader {leader[1]}"
+        by = f"leader {leader.identity}"
 
         def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]] | None:
             state = f.current
@@ -307,7 +308,7 @@ class Rollouts:
         return await self._transition(group, "advance", go, by, figures=figures, leader=leader)
 
     async def pause_overridden(
-        self, group: str, expect_seq: int, leader: tuple[str, str]
+        self, group: str, expect_seq: int, leader: LeaderToken
     ) -> RolloutState | None:
         """The split was changed outside our tools (``redis-cli SET``): pause at that share."""
 
@@ -335,7 +336,7 @@ class Rollouts:
         group: str,
         decision: dict[str, Any],
         event: Event,
-        leader: tuple[str, str],
+        leader: LeaderToken,
         history_since: float | None,
     ) -> RolloutState | None | bool:
         """The automatic rollback: split 0, rollout rolled back, decision and critical alert, in one
@@ -388,23 +389,31 @@ class Rollouts:
         change: Change,
         by: str,
         figures: dict[str, Any] | None = None,
-        leader: tuple[str, str] | None = None,
+        leader: LeaderToken | None = None,
     ) -> RolloutState | None:
-        """WATCH state, split, history mark (and lock); decide; MULTI. Returns the new state, or
-        None when ``change`` declined (automatic actions whose facts moved on)."""
+        """WATCH state, split, history mark (and, for the leader, its lock and fencing counter);
+        decide; MULTI. Returns the new state, or None when ``change`` declined (automatic actions
+        whose facts moved on). A leader whose token is stale raises ``Superseded``: if a newer
+        leader takes over between our reads and EXEC, the WATCH on the lock aborts EXEC and the
+        retry finds the token stale."""
         key, split_key = self.key(group), self.keys.split(group)
         since_key = records.since_key(self.keys, group)
-        watched = [key, split_key, since_key] + ([leader[0]] if leader else [])
+        watched = [key, split_key, since_key] + ([leader.key, leader.fence_key] if leader else [])
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(*watched)
-                    values = await pipe.mget(watched)
+                    values = [await pipe.get(name) for name in watched]  # cluster pipelines refuse MGET
                     raw, split_raw, since_raw = values[0], values[1], values[2]
                     holder = as_text(values[3]) if leader else None
-                    if leader is not None and holder != leader[1]:
-                        await pipe.reset()
-                        raise Superseded(f"not the leader any more ({leader[1]})")
+                    if leader is not None:
+                        fence = int(values[4] or 0)
+                        if holder != leader.identity or fence != leader.fence:
+                            await pipe.reset()
+                            raise Superseded(
+                                f"fencing token {leader.fence} of {leader.identity} is stale "
+                                f"(lock at {fence}, held by {holder or 'nobody'})"
+                            )
                     if self.race_hook is not None:
                         await self.race_hook(action, group)
                     facts = Facts(
@@ -432,6 +441,8 @@ class Rollouts:
                             "to": {"state": new.state, "percentage": new.percentage},
                             "figures": figures,
                         }
+                        if leader is not None:
+                            entry["fence"] = leader.fence
                         seq = (current.seq if current else 0) + 1
                         new = replace(new, updated_at=now, seq=seq, last=entry)
                         pipe.set(key, json.dumps(new.as_dict()))
@@ -446,6 +457,8 @@ class Rollouts:
                         pipe.delete(records.lost_key(self.keys))
                     decision = extra.get("decision")
                     if decision is not None:
+                        if leader is not None:
+                            decision = {**decision, "fence": leader.fence}
                         text = json.dumps(decision, default=str)
                         pipe.set(records.decision_key(self.keys, group), text)
                         pipe.lpush(records.decisions_key(self.keys), text)

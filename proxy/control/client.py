@@ -74,7 +74,7 @@ class ControlClient:
             targets = [group]
         else:
             found = set(known) - {"default"}
-            prefix = self.keys.split("default") + ":"
+            prefix = self.keys.group_split_prefix
             async for key in self.redis.scan_iter(match=prefix + "*", count=500):
                 found.add((as_text(key) or "")[len(prefix) :])
             ordered = sorted(found)

@@ -10,6 +10,11 @@ persistence, a FLUSHALL, a failover to an empty replica): rather than fall back 
 (a finished migration would silently send everyone back to v1), the store keeps serving its last
 good snapshot, writes those values back (``SET NX``: the first replica to notice wins), records the
 loss in ``<prefix>control:lost`` for ``status`` and the canary leader's alert, and claims a new epoch.
+
+A rollback Redis cannot take (the master is gone and Sentinel has not promoted a replica yet) is not
+lost: :meth:`ControlStore.hold_rollback` serves 0% on this proxy at once, holds it over whatever
+Redis says, and retries the write in the background until it lands; then the change message
+carries it to every other proxy and the hold is dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -50,7 +56,7 @@ class ControlStore:
         self._settings = settings
         self._redis = redis
         self._metrics = metrics
-        self._keys = Keys(settings.split_key, settings.key_prefix)
+        self._keys = Keys.for_settings(settings)
         self._groups = [group.name for group in settings.routes]
         self._sections = dict(sections or {})
         initial_sections = {name: parser({}, None)[0] for name, parser in self._sections.items()}
@@ -70,6 +76,9 @@ class ControlStore:
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._held: set[str] = set()  # groups rolled back here whose write has not reached Redis ("*": all)
+        self._retries: set[asyncio.Task[None]] = set()
+        self.retry_interval = 0.2
 
     @property
     def keys(self) -> Keys:
@@ -90,8 +99,51 @@ class ControlStore:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        await cancel_and_wait(self._tasks)
+        if self._held:
+            log.error("stopping with a rollback not yet written to Redis: %s", ", ".join(sorted(self._held)))
+        await cancel_and_wait([*self._tasks, *self._retries])
         self._tasks = []
+
+    @property
+    def held_rollbacks(self) -> list[str]:
+        return sorted(self._held)
+
+    def hold_rollback(self, group: str | None, write: Callable[[], Awaitable[Any]]) -> None:
+        """Serve ``group`` (None: everything) at 0% now and keep it there until ``write`` succeeds;
+        ``write`` is retried every ``retry_interval`` seconds while Redis fails."""
+        name = group or "*"
+        self._held.add(name)
+        self._last_good = self._with_holds(self._last_good)
+        self.current = self._with_holds(self.current)
+        task = asyncio.create_task(self._retry(name, write), name=f"strangler-rollback-retry-{name}")
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, name: str, write: Callable[[], Awaitable[Any]]) -> None:
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                await write()
+            except _REDIS_ERRORS:
+                await asyncio.sleep(self.retry_interval)
+                continue
+            break
+        self._held.discard(name)
+        log.warning("rollback of %s written to Redis after %d attempts", name, attempts)
+        self._wake.set()
+
+    def _with_holds(self, snapshot: Snapshot) -> Snapshot:
+        if not self._held:
+            return snapshot
+        if "*" in self._held:
+            groups = {group: 0.0 for group in {*self._groups, *snapshot.group_percentages}}
+            return replace(snapshot, global_percentage=0.0, group_percentages=groups)
+        groups = dict(snapshot.group_percentages)
+        for name in self._held:
+            groups[name] = 0.0
+        glob = 0.0 if "default" in self._held else snapshot.global_percentage
+        return replace(snapshot, global_percentage=glob, group_percentages=groups)
 
     async def refresh(self) -> bool:
         """Read every control key in one pipeline and swap the snapshot; False if Redis failed."""
@@ -124,6 +176,7 @@ class ControlStore:
             loaded_at=time.monotonic(),
             generation=previous.generation + 1,
         )
+        snapshot = self._with_holds(snapshot)  # a rollback not yet in Redis stays in force here
         self._last_good = snapshot
         self.current = snapshot
         self._restorable = {}
@@ -171,13 +224,15 @@ class ControlStore:
     ) -> tuple[str | None, dict[str, str | None], dict[str, dict[str, str]], str | None]:
         split_keys = [self._keys.split()] + [self._keys.split(group) for group in self._groups]
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.mget(split_keys)
+            for key in split_keys:  # GETs, not MGET: cluster pipelines refuse MGET
+                pipe.get(key)
             for name in self._sections:
                 pipe.hgetall(self._keys.hash(name))
             pipe.get(self._keys.epoch)
             results = await pipe.execute()
         epoch = as_text(results.pop())
-        values = [as_text(value) for value in results[0]]
+        values = [as_text(value) for value in results[: len(split_keys)]]
+        results = [values, *results[len(split_keys) :]]
         raw_groups = dict(zip(self._groups, values[1:], strict=True))
         raw_hashes = {
             name: {as_text(k) or "": as_text(v) or "" for k, v in result.items()}
@@ -212,14 +267,14 @@ class ControlStore:
         """Serve on the last good snapshot (or all-v1 by policy); log the transition once."""
         good = self._last_good
         all_v1 = self._settings.redis_down_policy == "all_v1"
-        self.current = Snapshot(
+        self.current = self._with_holds(Snapshot(
             global_percentage=0.0 if all_v1 else good.global_percentage,
             group_percentages={group: 0.0 for group in self._groups} if all_v1 else good.group_percentages,
             sections=good.sections,
             redis_ok=False,
             loaded_at=good.loaded_at,
             generation=good.generation,
-        )
+        ))
         self._metrics.control_redis_error()
         if self._stopping:  # shutting down: Redis going away now is expected, not news
             return

@@ -61,7 +61,7 @@ def _keys_and_url(
     from proxy.control.keys import Keys
 
     settings = cli.settings_from(settings_path, redis_url=redis_url)
-    keys = Keys(settings.split_key, settings.key_prefix)
+    keys = Keys.for_settings(settings)
     url = settings.redis_url or read_url(settings.embedded_redis_dir)
     if url is None and required:
         _fail("no Redis to read: pass --redis-url or start `strangler serve`")
