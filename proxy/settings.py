@@ -292,6 +292,25 @@ class LimitSettings(BaseModel):
     max_connections: int = Field(default=4096, ge=1)
 
 
+class WebSocketSettings(BaseModel):
+    """WebSocket relay (issue 12): the version is chosen at upgrade time and kept for the connection."""
+
+    # false: upgrade requests are refused with 400 (websocket_disabled)
+    enabled: bool = True
+    # a message (all its fragments) over this is refused with close code 1009 by the proxy
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1)
+    # a connection with no message either way for this long is closed with 1001 (0 = never)
+    idle_timeout_seconds: float = Field(default=300.0, ge=0)
+    # the upstream must answer the upgrade within this (else 504 to the client)
+    handshake_timeout_seconds: float = Field(default=10.0, gt=0)
+    # how long a closing handshake may take before the connection is dropped
+    close_timeout_seconds: float = Field(default=5.0, gt=0)
+    # when a group's split drops, v2 connections it moves to v1 are closed with 1012 after this
+    drain_grace_seconds: float = Field(default=30.0, ge=0)
+    # the same on rollback (split at 0): at once by default
+    rollback_grace_seconds: float = Field(default=0.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything the proxy needs, validated once. Runtime objects receive it; nothing else reads env."""
 
@@ -328,6 +347,9 @@ class Settings(BaseSettings):
     user_key_cookie: str | None = "user_id"
     user_key_fallback: Literal["random", "client_ip", "affinity_cookie"] = "random"
     affinity_cookie_name: str = "strangler_uid"
+    # query parameter read for the sticky key after the header and cookie (browsers cannot set
+    # headers on a WebSocket); None: not read
+    user_key_query: str | None = None
     hash_salt: str = "strangler"
     force_header: str = "X-Strangler-Version"
     force_header_enabled: bool = True
@@ -355,6 +377,7 @@ class Settings(BaseSettings):
     canary: CanarySettings = Field(default_factory=CanarySettings)
     deprecations: list[DeprecationRule] = Field(default_factory=list)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
