@@ -413,7 +413,8 @@ class ProxyApp:
             self._metrics.client_disconnected(version, "request")
             return
         self._metrics.ws_opened(version)
-        session = Session(group, version, bucket, forced is not None)
+        opened_at = self._decider.percentage(snapshot, group)
+        session = Session(group, version, bucket, forced is not None, opened_at)
         key = self.ws_registry.add(session)
         try:
             await relay(ws, upstream, session, self._ws_policy, self._metrics)

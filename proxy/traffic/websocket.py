@@ -7,8 +7,9 @@ origin (``proxy/edge/websocket.py``). Both look like ``WsSide`` here.
 
 Close semantics: a close frame from either side is passed on with its code and reason; an
 upstream that vanishes without a close frame becomes 1011 to the client; a client that vanishes
-becomes 1001 to the upstream; a frame over the size limit is refused with 1009 by the side that
-received it and the other side gets the same code.
+becomes 1001 to the upstream; a message over the size limit is refused with 1009 by the side
+that received it (the client also gets 1009 when the upstream sent it; other upstream protocol
+errors are 1011).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DATA_OPS = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 INTERNAL_ERROR = 1011
 GOING_AWAY = 1001
 SERVICE_RESTART = 1012
+MESSAGE_TOO_BIG = 1009
 
 
 class WsSide(Protocol):
@@ -69,13 +71,14 @@ class WsPolicy:
 class Session:
     """One relayed connection, as the registry sees it."""
 
-    __slots__ = ("group", "version", "bucket", "forced", "drain", "deadline", "drain_reason")
+    __slots__ = ("group", "version", "bucket", "forced", "opened_at", "drain", "deadline", "drain_reason")
 
-    def __init__(self, group: str, version: str, bucket: int, forced: bool) -> None:
+    def __init__(self, group: str, version: str, bucket: int, forced: bool, opened_at: float) -> None:
         self.group = group
         self.version = version
         self.bucket = bucket  # the split bucket it was placed by (random when it had no key)
-        self.forced = forced
+        self.forced = forced  # the force header chose v2: only a rollback (split to 0) closes it
+        self.opened_at = opened_at  # the group's percentage when it opened
         self.drain = asyncio.Event()
         self.deadline: float | None = None
         self.drain_reason = ""
@@ -119,8 +122,11 @@ class Registry:
             if session.drain.is_set():
                 continue
             percentage = self._percentage(snapshot, session.group)
-            rollback = percentage <= 0
-            keep = not rollback and (session.forced or session.bucket < percentage * (split.BUCKETS / 100))
+            rollback = percentage <= 0 < session.opened_at if session.forced else percentage <= 0
+            if session.forced:
+                keep = not rollback
+            else:
+                keep = session.bucket < percentage * (split.BUCKETS / 100)
             if keep:
                 session.deadline = None  # the split went back up within the grace: it stays
                 continue
@@ -191,10 +197,10 @@ async def relay(
                 close = Close.parse(frame.data)
                 code = close.code
                 await upstream.close(close.code, close.reason)
-            else:
+            else:  # the client vanished, or broke the protocol (the proxy closed it with 1002/1009...)
                 failed = client.failed_code()
                 code = failed if failed is not None else GOING_AWAY
-                await upstream.close(failed if failed is not None else GOING_AWAY, "client gone")
+                await upstream.close(GOING_AWAY, "client gone")
         else:
             frame = down.result()
             if frame is not None:
@@ -202,11 +208,12 @@ async def relay(
                 code = close.code
                 await client.close(close.code, close.reason)
             else:
+                # the upstream vanished or broke the protocol: the client is told it was the
+                # server's fault (1011), or that a message was too big (1009)
                 failed = upstream.failed_code()
-                code = failed if failed is not None else INTERNAL_ERROR
-                await client.close(code, "upstream connection lost" if failed is None else "")
-                if failed is None:
-                    metrics.upstream_error(version, "ws_lost")
+                code = MESSAGE_TOO_BIG if failed == MESSAGE_TOO_BIG else INTERNAL_ERROR
+                await client.close(code, "upstream connection lost" if failed is None else "upstream error")
+                metrics.upstream_error(version, "ws_lost" if failed is None else "ws_protocol")
         metrics.ws_closed(version, code)
         await _settle(up, down, policy.close_timeout)
         return code

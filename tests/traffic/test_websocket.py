@@ -6,9 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +20,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support import ProxyProcess, RedisServer, metric_value, wait_until
+from tests.support import ProxyProcess, RedisServer, free_port, metric_value, wait_until
 from tests.wsbackend import WsBackend
 
 
@@ -140,8 +143,6 @@ def test_v2_unreachable_falls_back_to_v1_and_counts_an_error(
     proxy_factory: Callable[..., ProxyProcess], ws_backends: tuple[WsBackend, WsBackend], redis_url: str
 ) -> None:
     v1, _ = ws_backends
-    from tests.support import free_port
-
     proxy = proxy_factory(
         v1_url=v1.url, v2_url=f"http://127.0.0.1:{free_port()}", redis_url=redis_url,
         split_key=f"ws{uuid.uuid4().hex[:8]}:split", default_percentage=100,
@@ -311,3 +312,53 @@ def test_idle_timeout_closes_with_1001(ws_proxy: Callable[..., ProxyProcess]) ->
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=5)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+@pytest.fixture()
+def asgi_proxy(ws_backends: tuple[WsBackend, WsBackend], redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """``proxy.app:app`` under uvicorn: the same relay through the ASGI entry point."""
+    v1, v2 = ws_backends
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
+    env.update({"STRANGLER_V1_URL": v1.url, "STRANGLER_V2_URL": v2.url, "STRANGLER_REDIS_URL": redis_url,
+                "STRANGLER_SPLIT_KEY": "asgiws:split", "STRANGLER_KEY_PREFIX": "asgiws:"})  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "proxy.app:app", "--port", str(port), "--log-level", "warning",
+         "--ws", "websockets-sansio"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(url + "/_strangler/health", timeout=1).status_code == 200, timeout=20)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_asgi_entry_point_relays_and_refuses_with_the_status(asgi_proxy: str) -> None:
+    base = asgi_proxy.replace("http://", "ws://")
+    with connect(base + "/echo", subprotocols=["chat.v2"], max_size=None, compression=None) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "chat.v2"
+        assert ws.response is not None and ws.response.headers["X-API-Version"] == "v1"
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        big = os.urandom(1024 * 1024 - 10)
+        ws.send([big[i : i + 100_000] for i in range(0, len(big), 100_000)])
+        assert ws.recv(timeout=10) == big
+        ws.send("close:4002:asgi bye")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+        4002, "asgi bye",
+    )  # fmt: skip
+    with connect(base + "/echo", additional_headers={"X-Strangler-Version": "v2"}) as ws:
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v2"
+        ws.send("die")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    with pytest.raises(InvalidStatus) as refused:
+        connect(base + "/refuse", open_timeout=10)
+    assert refused.value.response.status_code == 403
