@@ -22,6 +22,8 @@ from pydantic_settings import (
 )
 
 HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+KeySource = Literal["header", "cookie", "query", "jwt"]
+DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "cookie", "query")
 
 
 class ConfigError(Exception):
@@ -292,6 +294,34 @@ class LimitSettings(BaseModel):
     max_connections: int = Field(default=4096, ge=1)
 
 
+class MatchRule(BaseModel):
+    """A request carrying this header, cookie or query value goes to ``version`` (testers, beta
+    users), whatever the percentage; checked before the sticky split, after the force header."""
+
+    group: str = "*"  # a route group name, "default", or "*" for every group
+    header: str | None = None
+    cookie: str | None = None
+    query: str | None = None
+    value: str = "*"  # exact match; "*": present with any value
+    version: Literal["v1", "v2"]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MatchRule:
+        given = [name for name in (self.header, self.cookie, self.query) if name]
+        if len(given) != 1:
+            raise ValueError("a match rule names exactly one of header, cookie or query")
+        return self
+
+
+class PinningSettings(BaseModel):
+    """Session pinning ("new sessions only"): a client keeps the version it was first given, so a
+    ramp moves only new sessions. A rollback (split at 0) always wins over a pin."""
+
+    groups: list[str] = Field(default_factory=list)  # route groups pinned ("default", "*" = all)
+    cookie_prefix: str = Field(default="strangler_pin", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    max_age_seconds: int = Field(default=86400, ge=1)
+
+
 class WebSocketSettings(BaseModel):
     """WebSocket relay (issue 12): the version is chosen at upgrade time and kept for the connection."""
 
@@ -350,6 +380,12 @@ class Settings(BaseSettings):
     # query parameter read for the sticky key after the header and cookie (browsers cannot set
     # headers on a WebSocket); None: not read
     user_key_query: str | None = None
+    # where the sticky key comes from, in this order: header, cookie, query, jwt (then the fallback)
+    user_key_sources: list[KeySource] = Field(default_factory=lambda: list(DEFAULT_KEY_SOURCES))
+    # the claim of the bearer token (read without verifying: it only picks a bucket)
+    user_key_jwt_claim: str = "sub"
+    match_rules: list[MatchRule] = Field(default_factory=list)
+    session_pinning: PinningSettings = Field(default_factory=PinningSettings)
     hash_salt: str = "strangler"
     force_header: str = "X-Strangler-Version"
     force_header_enabled: bool = True
@@ -411,6 +447,17 @@ class Settings(BaseSettings):
             raise ValueError(f"route group names must be unique: {names}")
         if "default" in names:
             raise ValueError("'default' is reserved for requests no group matches")
+        return self
+
+    @model_validator(mode="after")
+    def _rule_groups_exist(self) -> Settings:
+        known = {"*", "default", *(group.name for group in self.routes)}
+        named = [rule.group for rule in self.match_rules] + list(self.session_pinning.groups)
+        unknown = sorted(set(named) - known)
+        if unknown:
+            raise ValueError(f"match rules or session pinning name unknown route groups: {unknown}")
+        if len(set(self.user_key_sources)) != len(self.user_key_sources):
+            raise ValueError(f"user_key_sources lists a source twice: {self.user_key_sources}")
         return self
 
     @property

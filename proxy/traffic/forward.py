@@ -23,7 +23,7 @@ from proxy.edge.errors import UpstreamError
 from proxy.edge.websocket import FrameSocket, WsHandshakeRefused, open_upstream
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.traffic.decision import BadForce, Decider, query_value
+from proxy.traffic.decision import NO_BUCKET, BadForce, Decider, query_value
 from proxy.traffic.exchange import (
     ASGIApp,
     AsgiExchange,
@@ -106,6 +106,7 @@ class ProxyApp:
         self._decider = Decider(settings)
         self._user_header = self._decider.user_header
         self._force = self._decider.force
+        self._wanted = self._decider.wanted
         self._strip = HOP_BY_HOP | ({self._force} if self._force else set())
         self._fallback_to_v1 = settings.fallback_to_v1
         self._preserve_host = settings.preserve_host
@@ -188,6 +189,7 @@ class ProxyApp:
         override: bytes | None = None
         has_body = False
         connection_named: set[bytes] = set()
+        picked: dict[bytes, bytes] | None = {} if self._wanted else None
         out: list[tuple[bytes, bytes]] = []
         for name, value in ex.headers:
             if name == self._user_header:
@@ -215,6 +217,8 @@ class ProxyApp:
             elif name == b"connection":
                 connection_named.update(part.strip().lower() for part in value.split(b","))
                 continue
+            elif picked is not None and name in self._wanted:
+                picked[name] = value  # read by the decision (match rules, JWT), still forwarded
             if name in PROXY_SET:
                 if name == b"x-forwarded-for":
                     xff = value if xff is None else xff + b", " + value
@@ -235,8 +239,8 @@ class ProxyApp:
 
         # split decision (shared with WebSocket upgrades)
         try:
-            version, _, set_cookie = self._decider.choose(
-                snapshot, group, forced, user_key, cookie, query, ex.client_host
+            version, _, set_cookies = self._decider.choose(
+                snapshot, group, forced, user_key, cookie, query, ex.client_host, picked
             )
         except BadForce:
             await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
@@ -265,8 +269,8 @@ class ProxyApp:
         xc.add_host = host is None or not self._preserve_host
         if deprecation is not None:
             xc.extra_headers.extend(deprecation.headers)
-        if set_cookie is not None:
-            xc.extra_headers.append((b"set-cookie", set_cookie))
+        if set_cookies is not None:
+            xc.extra_headers.extend((b"set-cookie", value) for value in set_cookies)
 
         try:
             response = await self._send_upstream(version, method, raw_target, headers, body, xc)
@@ -343,6 +347,7 @@ class ProxyApp:
         xff: bytes | None = None
         request_id: bytes | None = None
         offered: list[str] = []
+        picked: dict[bytes, bytes] = {}
         out: list[tuple[bytes, bytes]] = []
         for name, value in ex.headers:
             if name == self._user_header:
@@ -361,6 +366,8 @@ class ProxyApp:
                 continue
             elif name.startswith(b"sec-websocket-") or name.startswith(MARKER_PREFIX):
                 continue  # key/version/accept are per hop; extensions are never negotiated
+            elif name in self._wanted:
+                picked[name] = value
             elif name in PROXY_SET:
                 if name == b"x-forwarded-for":
                     xff = value if xff is None else xff + b", " + value
@@ -371,8 +378,8 @@ class ProxyApp:
                 continue
             out.append((name, value))
         try:
-            version, bucket, set_cookie = self._decider.choose(
-                snapshot, group, forced, user_key, cookie, ex.query, ex.client_host, websocket=True
+            version, bucket, set_cookies = self._decider.choose(
+                snapshot, group, forced, user_key, cookie, ex.query, ex.client_host, picked, websocket=True
             )
         except BadForce:
             await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
@@ -404,8 +411,8 @@ class ProxyApp:
         extra = [(VERSION_HEADER, VERSION_VALUE[version])]
         if deprecation is not None:
             extra.extend(deprecation.headers)
-        if set_cookie is not None:
-            extra.append((b"set-cookie", set_cookie))
+        if set_cookies is not None:
+            extra.extend((b"set-cookie", value) for value in set_cookies)
         try:
             await ws.accept(chosen, extra, self._ws.max_message_bytes)
         except ClientGone:
@@ -414,7 +421,8 @@ class ProxyApp:
             return
         self._metrics.ws_opened(version)
         opened_at = self._decider.percentage(snapshot, group)
-        session = Session(group, version, bucket, forced is not None, opened_at)
+        # placed by the force header, a match rule or a pin: only a rollback closes it
+        session = Session(group, version, bucket, bucket == NO_BUCKET, opened_at)
         key = self.ws_registry.add(session)
         try:
             await relay(ws, upstream, session, self._ws_policy, self._metrics)
