@@ -375,14 +375,20 @@ def bench(
     seconds: Annotated[float, typer.Option("--seconds", "-d", help="Seconds per measurement.")] = 10,
     peer: Annotated[
         str | None,
-        typer.Option(help="Also measure peers, comma-separated: 'envoy', 'asgiproxy', or a command with "
-                     "{port} and {upstream}."),
+        typer.Option(
+            help="Also measure peers, comma-separated: 'envoy', 'asgiproxy', or a command with "
+            "{port} and {upstream}."
+        ),
     ] = None,
     percentage: Annotated[float, typer.Option(help="v2 share during the run.")] = 10,
     builtin: Annotated[
         bool, typer.Option("--builtin", help="Use the built-in load generator, not wrk.")
     ] = False,
     rounds: Annotated[int, typer.Option(help="Alternating rounds per target; the median counts.")] = 3,
+    websocket: Annotated[
+        bool, typer.Option("--websocket", help="Also measure WebSocket echo messages/s (direct vs proxy).")
+    ] = False,
+    http: Annotated[bool, typer.Option("--http/--no-http", help="Measure HTTP requests/s.")] = True,
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through a peer, in one run."""
     import shutil
@@ -396,8 +402,15 @@ def bench(
         if importlib.util.find_spec("asgiproxy") is None:
             fail("the asgiproxy peer is not installed: pip install -e '.[bench]' (or .venv/bin/pip ...)")
     use_wrk = not builtin and shutil.which("wrk") is not None
-    results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds)
-    print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
+    if http:
+        results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds)
+        print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
+    if websocket:
+        from proxy.bench import bench_websocket, render_websocket
+
+        ws_connections = min(connections, 16)
+        ws_results = bench_websocket(ws_connections, seconds, rounds)
+        print(render_websocket(ws_results, ws_connections, seconds, rounds))
 
 
 def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
