@@ -858,6 +858,9 @@ class HttpServer:
         """Stop accepting, close idle connections, give answers in progress ``drain_timeout``."""
         for server in self.servers:
             server.close()
+        for conn in list(self.limits.connections):
+            if conn._ws is not None:  # relayed WebSockets are told to reconnect elsewhere
+                conn._ws.close_now(1001, "server shutting down")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         while loop.time() < deadline:

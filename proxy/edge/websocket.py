@@ -189,7 +189,10 @@ class FrameSocket:
                 self._drain = None
 
     async def close(self, code: int | None, reason: str = "") -> None:
-        """Start the closing handshake (or answer one) with ``code``; no-op once closing."""
+        self.close_now(code, reason)
+
+    def close_now(self, code: int | None, reason: str = "") -> None:
+        """Start the closing handshake with ``code``; no-op once closing."""
         if self.is_open:
             if code is None or code in (1005, 1006, 1015):
                 self.protocol.send_close()

@@ -23,7 +23,8 @@ from proxy.traffic import split
 
 AFFINITY_ATTRIBUTES = b"; Path=/; HttpOnly; SameSite=Lax"
 MAX_TOKEN = 8192  # a bearer token longer than this is not read for a key
-NO_BUCKET = -1  # placed by the force header, a match rule or a pin, not by the split
+NO_BUCKET = -1  # placed by the force header or a match rule, not by the split: stays put
+PINNED = -2  # placed by a session pin: only a rollback moves it
 
 Rule = tuple[str, bytes, bytes | None, str]  # (header|cookie|query, name, value or None = any, version)
 
@@ -101,7 +102,7 @@ class Decider:
     ) -> tuple[str, int, list[bytes] | None]:
         """(version, bucket, Set-Cookie values or None). The bucket places a long-lived connection
         so it can be judged again when the split moves (random when there was no key;
-        ``NO_BUCKET`` when a force header, rule or pin placed it).
+        ``NO_BUCKET`` when a force header or rule placed it, ``PINNED`` for a pin).
 
         Raises ``BadForce`` for a force header other than v1/v2."""
         if forced is not None:
@@ -125,9 +126,9 @@ class Decider:
             pin = cookie_value(cookie, pin_name)
             if pin is not None:
                 if pin == self._pin_values[(group, "v2")] and percentage > 0:
-                    return "v2", NO_BUCKET, None
+                    return "v2", PINNED, None
                 if pin == self._pin_values[(group, "v1")]:
-                    return "v1", NO_BUCKET, None
+                    return "v1", PINNED, None
                 # a v2 pin during a rollback, or a pin we did not sign: decided afresh below
         set_cookies: list[bytes] | None = None
         user_key = self._key(header_key, cookie, query, picked)

@@ -23,7 +23,7 @@ from proxy.edge.errors import UpstreamError
 from proxy.edge.websocket import FrameSocket, WsHandshakeRefused, open_upstream
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.traffic.decision import NO_BUCKET, BadForce, Decider, query_value
+from proxy.traffic.decision import BadForce, Decider, query_value
 from proxy.traffic.exchange import (
     ASGIApp,
     AsgiExchange,
@@ -420,9 +420,7 @@ class ProxyApp:
             self._metrics.client_disconnected(version, "request")
             return
         self._metrics.ws_opened(version)
-        opened_at = self._decider.percentage(snapshot, group)
-        # placed by the force header, a match rule or a pin: only a rollback closes it
-        session = Session(group, version, bucket, bucket == NO_BUCKET, opened_at)
+        session = Session(group, version, bucket)
         key = self.ws_registry.add(session)
         try:
             await relay(ws, upstream, session, self._ws_policy, self._metrics)

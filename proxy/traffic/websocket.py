@@ -26,6 +26,7 @@ from websockets.frames import Close, Frame, Opcode
 from proxy.control.snapshot import Snapshot
 from proxy.metrics import Metrics
 from proxy.traffic import split
+from proxy.traffic.decision import NO_BUCKET, PINNED
 
 DATA_OPS = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 INTERNAL_ERROR = 1011
@@ -71,14 +72,15 @@ class WsPolicy:
 class Session:
     """One relayed connection, as the registry sees it."""
 
-    __slots__ = ("group", "version", "bucket", "forced", "opened_at", "drain", "deadline", "drain_reason")
+    __slots__ = ("group", "version", "bucket", "drain", "deadline", "drain_reason")
 
-    def __init__(self, group: str, version: str, bucket: int, forced: bool, opened_at: float) -> None:
+    def __init__(self, group: str, version: str, bucket: int) -> None:
         self.group = group
         self.version = version
-        self.bucket = bucket  # the split bucket it was placed by (random when it had no key)
-        self.forced = forced  # the force header chose v2: only a rollback (split to 0) closes it
-        self.opened_at = opened_at  # the group's percentage when it opened
+        # the split bucket it was placed by (random when it had no key); NO_BUCKET: the force
+        # header or a match rule placed it (they win at any percentage, so it is never drained);
+        # PINNED: a session pin (only a rollback moves it)
+        self.bucket = bucket
         self.drain = asyncio.Event()
         self.deadline: float | None = None
         self.drain_reason = ""
@@ -100,7 +102,7 @@ class Registry:
 
     def add(self, session: Session) -> int:
         key = next(self._ids)
-        if session.version == "v2":
+        if session.version == "v2" and session.bucket != NO_BUCKET:
             self._sessions[key] = session
             if self._task is None or self._task.done():
                 self._task = asyncio.get_running_loop().create_task(self._watch(), name="strangler-ws-drain")
@@ -121,12 +123,13 @@ class Registry:
         for session in list(self._sessions.values()):
             if session.drain.is_set():
                 continue
+            if session.bucket == NO_BUCKET:
+                continue
             percentage = self._percentage(snapshot, session.group)
-            rollback = percentage <= 0 < session.opened_at if session.forced else percentage <= 0
-            if session.forced:
-                keep = not rollback
-            else:
-                keep = session.bucket < percentage * (split.BUCKETS / 100)
+            rollback = percentage <= 0
+            keep = not rollback and (
+                session.bucket == PINNED or session.bucket < percentage * (split.BUCKETS / 100)
+            )
             if keep:
                 session.deadline = None  # the split went back up within the grace: it stays
                 continue

@@ -362,3 +362,42 @@ def test_asgi_entry_point_relays_and_refuses_with_the_status(asgi_proxy: str) ->
     with pytest.raises(InvalidStatus) as refused:
         connect(base + "/refuse", open_timeout=10)
     assert refused.value.response.status_code == 403
+
+
+def test_shutdown_tells_websocket_clients_1001(ws_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = ws_proxy()
+    with open_ws(proxy) as ws:
+        ws.send("a")
+        assert ws.recv(timeout=5) == "a"
+        assert proxy.process is not None
+        proxy.process.terminate()  # SIGTERM: the graceful stop
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    proxy.process.wait(15)
+
+
+def test_pinned_sessions_survive_a_lower_split_but_not_a_rollback_forced_ones_stay(
+    ws_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
+) -> None:
+    proxy = ws_proxy(session_pinning={"groups": ["*"]}, websocket={"drain_grace_seconds": 0.2})
+    key = ws_proxy.split_key  # type: ignore[attr-defined]
+    set_split(redis_server, proxy, key, 100)
+    with open_ws(proxy) as first:  # the 101 carries the pin
+        assert first.response is not None
+        pin = first.response.headers["Set-Cookie"].split(";")[0]
+        assert pin.startswith("strangler_pin_default=v2.")
+    with contextlib.ExitStack() as stack:
+        pinned = stack.enter_context(open_ws(proxy, additional_headers={"Cookie": pin}))
+        forced = stack.enter_context(open_ws(proxy, additional_headers={"X-Strangler-Version": "v2"}))
+        set_split(redis_server, proxy, key, 1)
+        time.sleep(1.0)  # well past the grace: a pinned session is not moved by a lower split
+        for ws in (pinned, forced):
+            ws.send("whoami")
+            assert ws.recv(timeout=5) == "v2"
+        set_split(redis_server, proxy, key, 0)
+        with pytest.raises(ConnectionClosed) as closed:
+            pinned.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        forced.send("whoami")  # the force header wins at any percentage: left alone
+        assert forced.recv(timeout=5) == "v2"
