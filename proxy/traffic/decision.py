@@ -113,7 +113,7 @@ class Decider:
         if rules:
             for kind, name, value, version in rules:
                 if kind == "header":
-                    found = picked.get(name) if picked else None
+                    found = header_key if name == self.user_header else (picked.get(name) if picked else None)
                 elif kind == "cookie":
                     found = cookie_value(cookie, name) if cookie else None
                 else:

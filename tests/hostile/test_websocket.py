@@ -132,7 +132,7 @@ def ws_edge(
     v2 = RawUpgradeServer(_bad_backend)
     proxy = proxy_factory(
         v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, split_key=f"wsh{uuid.uuid4().hex[:8]}:split",
-        websocket={"max_message_bytes": 4096},
+        websocket={"max_message_bytes": 4096, "handshake_timeout_seconds": 1.0},
     )  # fmt: skip
     yield proxy, v1, v2
     v1.stop()
@@ -144,6 +144,8 @@ def _bad_backend(target: bytes, key: bytes) -> bytes:
     if target == b"/badkey":
         return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" \
                b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n"  # fmt: skip
+    if target == b"/silent":  # accepts the connection, never answers the upgrade
+        return b""
     if target == b"/nokey":
         return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
     if target == b"/evil":
@@ -250,3 +252,18 @@ def test_masked_frame_from_the_backend_closes_the_client_with_1011(
             break
         time.sleep(0.05)
     assert metric_value(text, "strangler_websocket_open_connections", version="v2") == 0
+
+
+def test_backend_that_never_answers_the_upgrade_is_a_504(
+    ws_edge: tuple[ProxyProcess, WsBackend, RawUpgradeServer],
+) -> None:
+    proxy, _, _ = ws_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(upgrade(b"/silent", extra=b"X-Strangler-Version: v2\r\n"))
+        status, _ = read_head(sock)
+    assert status == 504
+    text = httpx.get(proxy.admin + "/metrics", timeout=5).text
+    assert (
+        metric_value(text, "strangler_websocket_handshake_failures_total", version="v2", reason="timeout")
+        == 1
+    )

@@ -82,3 +82,13 @@ def test_force_rules_and_pins() -> None:
     )
     forged = b"strangler_pin_default=v2.000000000000000000"
     assert decider.choose(snapshot(0), "default", None, b"k", forged, b"", None)[0] == "v1"
+
+
+def test_a_match_rule_on_the_user_key_header_works() -> None:
+    decider = Decider(Settings(match_rules=[{"header": "X-User-ID", "value": "qa-1", "version": "v2"}]))
+    assert decider.choose(snapshot(0), "default", None, b"qa-1", None, b"", None, {}) == (
+        "v2",
+        NO_BUCKET,
+        None,
+    )
+    assert decider.choose(snapshot(0), "default", None, b"qa-2", None, b"", None, {})[0] == "v1"
