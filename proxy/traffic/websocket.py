@@ -27,6 +27,7 @@ from proxy.control.snapshot import Snapshot
 from proxy.metrics import Metrics
 from proxy.traffic import split
 from proxy.traffic.decision import NO_BUCKET, PINNED
+from proxy.traffic.exchange import ClientGone
 
 DATA_OPS = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 INTERNAL_ERROR = 1011
@@ -163,14 +164,17 @@ async def relay(
     last = [loop.time()]
 
     async def pump(src: WsSide, dst: WsSide, count: Callable[[], None]) -> Frame | None:
-        while True:
-            frame = await src.recv()
-            if frame is None or frame.opcode is Opcode.CLOSE:
-                return frame
-            last[0] = loop.time()
-            await dst.send(frame)
-            if frame.fin and frame.opcode in DATA_OPS:
-                count()
+        try:
+            while True:
+                frame = await src.recv()
+                if frame is None or frame.opcode is Opcode.CLOSE:
+                    return frame
+                last[0] = loop.time()
+                await dst.send(frame)
+                if frame.fin and frame.opcode in DATA_OPS:
+                    count()
+        except (OSError, RuntimeError, ClientGone):  # a side that broke mid-send ends the relay
+            return None
 
     up = loop.create_task(pump(client, upstream, to_upstream.inc))
     down = loop.create_task(pump(upstream, client, to_client.inc))
@@ -186,7 +190,6 @@ async def relay(
                 if policy.idle_timeout and loop.time() - last[0] >= policy.idle_timeout:
                     code = GOING_AWAY
                     await _close_both(client, upstream, GOING_AWAY, "idle timeout", GOING_AWAY)
-                    metrics.ws_closed(version, code)
                     await _settle(up, down, policy.close_timeout)
                     return code
                 continue
@@ -217,10 +220,11 @@ async def relay(
                 code = MESSAGE_TOO_BIG if failed == MESSAGE_TOO_BIG else INTERNAL_ERROR
                 await client.close(code, "upstream connection lost" if failed is None else "upstream error")
                 metrics.upstream_error(version, "ws_lost" if failed is None else "ws_protocol")
-        metrics.ws_closed(version, code)
         await _settle(up, down, policy.close_timeout)
         return code
     finally:
+        # counted once whatever ended it (a cancelled relay at shutdown counts as 1001)
+        metrics.ws_closed(version, code)
         for task in (up, down, drain):
             task.cancel()
         for task in (up, down, drain):
