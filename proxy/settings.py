@@ -22,6 +22,8 @@ from pydantic_settings import (
 )
 
 HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
+KeySource = Literal["header", "cookie", "query", "jwt"]
+DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "cookie", "query")
 
 
 class ConfigError(Exception):
@@ -292,6 +294,53 @@ class LimitSettings(BaseModel):
     max_connections: int = Field(default=4096, ge=1)
 
 
+class MatchRule(BaseModel):
+    """A request carrying this header, cookie or query value goes to ``version`` (testers, beta
+    users), whatever the percentage; checked before the sticky split, after the force header."""
+
+    group: str = "*"  # a route group name, "default", or "*" for every group
+    header: str | None = None
+    cookie: str | None = None
+    query: str | None = None
+    value: str = "*"  # exact match; "*": present with any value
+    version: Literal["v1", "v2"]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> MatchRule:
+        given = [name for name in (self.header, self.cookie, self.query) if name]
+        if len(given) != 1:
+            raise ValueError("a match rule names exactly one of header, cookie or query")
+        return self
+
+
+class PinningSettings(BaseModel):
+    """Session pinning ("new sessions only"): a client keeps the version it was first given, so a
+    ramp moves only new sessions. A rollback (split at 0) always wins over a pin."""
+
+    groups: list[str] = Field(default_factory=list)  # route groups pinned ("default", "*" = all)
+    cookie_prefix: str = Field(default="strangler_pin", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    max_age_seconds: int = Field(default=86400, ge=1)
+
+
+class WebSocketSettings(BaseModel):
+    """WebSocket relay (issue 12): the version is chosen at upgrade time and kept for the connection."""
+
+    # false: upgrade requests are refused with 400 (websocket_disabled)
+    enabled: bool = True
+    # a message (all its fragments) over this is refused with close code 1009 by the proxy
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1)
+    # a connection with no message either way for this long is closed with 1001 (0 = never)
+    idle_timeout_seconds: float = Field(default=300.0, ge=0)
+    # the upstream must answer the upgrade within this (else 504 to the client)
+    handshake_timeout_seconds: float = Field(default=10.0, gt=0)
+    # how long a closing handshake may take before the connection is dropped
+    close_timeout_seconds: float = Field(default=5.0, gt=0)
+    # when a group's split drops, v2 connections it moves to v1 are closed with 1012 after this
+    drain_grace_seconds: float = Field(default=30.0, ge=0)
+    # the same on rollback (split at 0): at once by default
+    rollback_grace_seconds: float = Field(default=0.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything the proxy needs, validated once. Runtime objects receive it; nothing else reads env."""
 
@@ -328,6 +377,15 @@ class Settings(BaseSettings):
     user_key_cookie: str | None = "user_id"
     user_key_fallback: Literal["random", "client_ip", "affinity_cookie"] = "random"
     affinity_cookie_name: str = "strangler_uid"
+    # query parameter read for the sticky key after the header and cookie (browsers cannot set
+    # headers on a WebSocket); None: not read
+    user_key_query: str | None = None
+    # where the sticky key comes from, in this order: header, cookie, query, jwt (then the fallback)
+    user_key_sources: list[KeySource] = Field(default_factory=lambda: list(DEFAULT_KEY_SOURCES))
+    # the claim of the bearer token (read without verifying: it only picks a bucket)
+    user_key_jwt_claim: str = "sub"
+    match_rules: list[MatchRule] = Field(default_factory=list)
+    session_pinning: PinningSettings = Field(default_factory=PinningSettings)
     hash_salt: str = "strangler"
     force_header: str = "X-Strangler-Version"
     force_header_enabled: bool = True
@@ -362,6 +420,7 @@ class Settings(BaseSettings):
     canary: CanarySettings = Field(default_factory=CanarySettings)
     deprecations: list[DeprecationRule] = Field(default_factory=list)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -413,6 +472,17 @@ class Settings(BaseSettings):
             raise ValueError(f"route group names must be unique: {names}")
         if "default" in names:
             raise ValueError("'default' is reserved for requests no group matches")
+        return self
+
+    @model_validator(mode="after")
+    def _rule_groups_exist(self) -> Settings:
+        known = {"*", "default", *(group.name for group in self.routes)}
+        named = [rule.group for rule in self.match_rules] + list(self.session_pinning.groups)
+        unknown = sorted(set(named) - known)
+        if unknown:
+            raise ValueError(f"match rules or session pinning name unknown route groups: {unknown}")
+        if len(set(self.user_key_sources)) != len(self.user_key_sources):
+            raise ValueError(f"user_key_sources lists a source twice: {self.user_key_sources}")
         return self
 
     @property

@@ -521,6 +521,11 @@ class UpstreamPool:
         return self._loop
 
     @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for this origin (the WebSocket relay opens its own connections with it)."""
+        return self._ssl
+
+    @property
     def open_connections(self) -> int:
         return self._open
 

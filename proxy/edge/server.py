@@ -25,7 +25,14 @@ from typing import Any
 from urllib.parse import unquote
 
 import httptools
+from websockets.datastructures import Headers as WsHeaders
+from websockets.frames import Frame
+from websockets.http11 import Request as WsRequest
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol as WsServerProtocol
+from websockets.typing import Subprotocol
 
+from proxy.edge.websocket import FrameSocket, quiet_log
 from proxy.traffic.exchange import ASGIApp, ClientGone, Message
 
 log = logging.getLogger("strangler")
@@ -35,6 +42,7 @@ _OWS = b" \t"
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 NO_BODY_STATUS = frozenset({204, 304})
 BODY_HIGH_WATER = 256 * 1024  # request bytes buffered before we stop reading the client
+WS_EARLY_BYTES = 64 * 1024  # bytes a client may send after its upgrade request before we stop reading
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 OVER_CAPACITY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 74\r\n"
@@ -93,7 +101,7 @@ class NativeExchange:
 
     __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "http_version",
                  "keep_alive", "expect_continue", "_conn", "_chunks", "_buffered", "_body_done", "_waiter",
-                 "_responded", "_complete", "_chunked", "_no_body", "gone")  # fmt: skip
+                 "_responded", "_complete", "_chunked", "_no_body", "gone", "upgradable")  # fmt: skip
 
     def __init__(self, conn: ServerProtocol, method: str, raw_path: bytes, path: str, query: bytes,
                  headers: list[tuple[bytes, bytes]], http_version: str, keep_alive: bool,
@@ -118,6 +126,7 @@ class NativeExchange:
         self._chunked = False
         self._no_body = False
         self.gone = False
+        self.upgradable = False  # set by the connection: a WebSocket upgrade it can hand over
 
     # --- fed by the connection -------------------------------------------------------------------
 
@@ -241,6 +250,12 @@ class NativeExchange:
     async def wait_gone(self) -> None:
         await self._conn.lost
 
+    def websocket(self) -> NativeWebSocket | None:
+        """The client side of a WebSocket upgrade, if this request is one we can relay."""
+        if not self.upgradable:
+            return None
+        return NativeWebSocket(self, self._conn)
+
     async def asgi(self, app: ASGIApp) -> None:
         """Run an ASGI app for this request (the admin API): dicts only here, off the hot path."""
         conn = self._conn
@@ -288,6 +303,72 @@ class NativeExchange:
             self._conn.exchange_done(self)
 
 
+class NativeWebSocket:
+    """The client side of a relayed WebSocket on our own server: frames as the client sent them
+    (fragments, pings and pongs included), parsed and checked by ``websockets``' sans-I/O protocol."""
+
+    def __init__(self, ex: NativeExchange, conn: ServerProtocol) -> None:
+        self._ex = ex
+        self._conn = conn
+        self._socket: FrameSocket | None = None
+
+    def _request(self) -> WsRequest:
+        headers = WsHeaders()
+        for name, value in self._ex.headers:
+            headers[name.decode("latin-1")] = value.decode("latin-1")
+        return WsRequest(self._ex.raw_path.decode("latin-1"), headers)
+
+    def problem(self) -> str | None:
+        """Why the client's handshake is invalid (missing key, wrong version...), or None."""
+        response = WsServerProtocol(logger=quiet_log).accept(self._request())
+        if response.status_code == 101:
+            return None
+        return (response.body or b"invalid websocket handshake").decode("utf-8", "replace").strip()
+
+    async def accept(
+        self, subprotocol: str | None, headers: list[tuple[bytes, bytes]], max_size: int
+    ) -> None:
+        chosen = Subprotocol(subprotocol) if subprotocol is not None else None
+        handshake = WsServerProtocol(
+            select_subprotocol=lambda _, offered: chosen if chosen in offered else None, logger=quiet_log
+        )
+        response = handshake.accept(self._request())
+        for name, value in headers:
+            response.headers[name.decode("latin-1")] = value.decode("latin-1")
+        transport = self._conn.transport
+        if self._ex.gone or transport is None or transport.is_closing():
+            raise ClientGone()
+        transport.write(response.serialize())
+        self._ex._responded = True
+        # the frames get a protocol of their own that starts OPEN: the handshake was parsed by us
+        protocol = WsServerProtocol(state=OPEN, max_size=max_size, logger=quiet_log)
+        socket = FrameSocket(protocol, transport)
+        self._socket = socket
+        self._conn.upgraded(socket)
+
+    async def reject(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        await self._ex.respond(status, headers, body, False)
+
+    async def recv(self) -> Frame | None:
+        assert self._socket is not None
+        return await self._socket.recv()
+
+    async def send(self, frame: Frame) -> None:
+        assert self._socket is not None
+        await self._socket.send(frame)
+
+    async def close(self, code: int | None, reason: str = "") -> None:
+        if self._socket is not None:
+            await self._socket.close(code, reason)
+
+    def failed_code(self) -> int | None:
+        return self._socket.failed_code() if self._socket is not None else None
+
+    def abort(self) -> None:
+        if self._socket is not None and not self._socket.lost:
+            self._conn._close()
+
+
 class ServerProtocol(asyncio.Protocol):
     """One client connection."""
 
@@ -307,6 +388,9 @@ class ServerProtocol(asyncio.Protocol):
         self._read_paused = False
         self._refused = False
         self._refusal: Refused | None = None
+        # WebSocket: bytes after an upgrade request, held until the relay accepts; then the socket
+        self._ws_early: bytearray | None = None
+        self._ws: FrameSocket | None = None
         # request being parsed
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True
@@ -374,18 +458,39 @@ class ServerProtocol(asyncio.Protocol):
         for ex in (self._active, *self._queue, self._parsing):
             if ex is not None:
                 ex._disconnect()
+        if self._ws is not None:
+            self._ws.connection_lost()
+
+    def eof_received(self) -> bool | None:
+        if self._ws is not None:
+            self._ws.feed_eof()
+        return None
 
     def data_received(self, data: bytes) -> None:
+        if self._ws is not None:
+            self._ws.feed(data)
+            return
+        if self._ws_early is not None:
+            self._ws_early += data
+            if len(self._ws_early) > WS_EARLY_BYTES:
+                self.pause_reading()
+            return
         if self._refused:
             return
         if self._in_head:
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # an upgrade we do not serve (h2c, or a WebSocket until the relay exists): the request
-            # was read whole and is answered as plain HTTP; nothing after it on this connection can
-            # be read as HTTP, so the connection closes after the answer
+        except httptools.HttpParserUpgrade as upgrade:
+            # nothing after an upgrade request can be read as HTTP. A WebSocket upgrade that is the
+            # only request in flight may be handed to the relay (what follows is frames, kept until
+            # it accepts); any other upgrade (h2c...) is answered as plain HTTP, then the connection
+            # closes
+            active = self._active
+            if active is not None and not self._queue and _is_websocket(active):
+                active.upgradable = True
+                self._ws_early = bytearray(data[upgrade.args[0] :] if upgrade.args else b"")
+                return
             self._refused_reading()
             return
         except httptools.HttpParserError:
@@ -397,6 +502,18 @@ class ServerProtocol(asyncio.Protocol):
                 self._refuse(Refused(414, "request_line_too_long", "request line over the limit"))
             else:
                 self._refuse(Refused(431, "headers_too_large", "request headers over the limit"))
+
+    def upgraded(self, socket: FrameSocket) -> None:
+        """The relay accepted the upgrade: from now on the bytes are frames for ``socket``."""
+        self._ws = socket
+        early, self._ws_early = self._ws_early, None
+        socket._flush()  # the 101
+        if self._read_paused:
+            self._read_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        if early:
+            socket.feed(bytes(early))
 
     def _refused_reading(self) -> None:
         last = self._queue[-1] if self._queue else self._active
@@ -413,9 +530,13 @@ class ServerProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self._ws is not None:
+            self._ws.pause_writing()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._ws is not None:
+            self._ws.resume_writing()
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -700,6 +821,12 @@ class ServerProtocol(asyncio.Protocol):
                 setattr(self, name, None)
 
 
+def _is_websocket(ex: NativeExchange) -> bool:
+    if ex.method != "GET":
+        return False
+    return any(name == b"upgrade" and value.strip().lower() == b"websocket" for name, value in ex.headers)
+
+
 class HttpServer:
     """Our listener(s) for one handler: start, then stop gracefully (drain, then close)."""
 
@@ -732,6 +859,9 @@ class HttpServer:
         """Stop accepting, close idle connections, give answers in progress ``drain_timeout``."""
         for server in self.servers:
             server.close()
+        for conn in list(self.limits.connections):
+            if conn._ws is not None:  # relayed WebSockets are told to reconnect elsewhere
+                conn._ws.close_now(1001, "server shutting down")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         while loop.time() < deadline:

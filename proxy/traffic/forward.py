@@ -20,10 +20,21 @@ import orjson
 from proxy.control.store import ControlStore
 from proxy.edge.client import UpstreamResponse
 from proxy.edge.errors import UpstreamError
+from proxy.edge.websocket import FrameSocket, WsHandshakeRefused, open_upstream
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.traffic import split
-from proxy.traffic.exchange import ASGIApp, AsgiExchange, ClientExchange, ClientGone, Receive, Scope, Send
+from proxy.traffic.decision import BadForce, Decider, query_value
+from proxy.traffic.exchange import (
+    ASGIApp,
+    AsgiExchange,
+    AsgiWebSocket,
+    ClientExchange,
+    ClientGone,
+    ClientWebSocket,
+    Receive,
+    Scope,
+    Send,
+)
 from proxy.traffic.hooks import (
     Deprecations,
     Mirror,
@@ -36,6 +47,7 @@ from proxy.traffic.hooks import (
 from proxy.traffic.paths import is_canonical, normalise
 from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import Upstream, translate
+from proxy.traffic.websocket import Registry, Session, WsPolicy, relay
 
 HOP_BY_HOP = frozenset(
     {
@@ -91,16 +103,22 @@ class ProxyApp:
         self._mirror: Mirror = mirror or NoMirror()
         self._deprecations: Deprecations = deprecations or NoDeprecations()
         self._prefix = settings.admin_prefix
-        self._salt = settings.hash_salt.encode()
-        self._user_header = settings.user_key_header.lower().encode()
-        self._user_cookie = settings.user_key_cookie.encode() if settings.user_key_cookie else None
-        self._fallback = settings.user_key_fallback
-        self._affinity = settings.affinity_cookie_name.encode()
-        self._force = settings.force_header.lower().encode() if settings.force_header_enabled else None
+        self._decider = Decider(settings)
+        self._user_header = self._decider.user_header
+        self._force = self._decider.force
+        self._wanted = self._decider.wanted
         self._strip = HOP_BY_HOP | ({self._force} if self._force else set())
         self._fallback_to_v1 = settings.fallback_to_v1
         self._preserve_host = settings.preserve_host
-        self._all_v1_when_down = settings.redis_down_policy == "all_v1"
+        ws = settings.websocket
+        self._ws = ws
+        self._ws_policy = WsPolicy(
+            ws.idle_timeout_seconds, ws.close_timeout_seconds, ws.drain_grace_seconds,
+            ws.rollback_grace_seconds,
+        )  # fmt: skip
+        self.ws_registry = Registry(
+            lambda: self._store.current, self._decider.percentage, self._ws_policy, metrics
+        )
         self._request_ids = _request_ids()
         limits = settings.limits
         self._body_policy = BodyPolicy(
@@ -111,7 +129,7 @@ class ProxyApp:
         """The ASGI adapter: ``proxy.app:app`` under any ASGI server runs the same core."""
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1003})
+                await self.handle(AsgiWebSocket(scope, receive, send))
             return
         await self.handle(AsgiExchange(scope, receive, send))
 
@@ -132,6 +150,10 @@ class ProxyApp:
         norm = normalise(path)
         if norm != path and (norm == self._prefix or norm.startswith(self._prefix + "/")):
             await self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+            return
+        ws = ex.websocket()
+        if ws is not None:
+            await self._websocket(ex, ws, norm, raw_path)
             return
         await self._proxy(ex, norm, raw_path)
 
@@ -167,6 +189,7 @@ class ProxyApp:
         override: bytes | None = None
         has_body = False
         connection_named: set[bytes] = set()
+        picked: dict[bytes, bytes] | None = {} if self._wanted else None
         out: list[tuple[bytes, bytes]] = []
         for name, value in ex.headers:
             if name == self._user_header:
@@ -194,6 +217,8 @@ class ProxyApp:
             elif name == b"connection":
                 connection_named.update(part.strip().lower() for part in value.split(b","))
                 continue
+            elif picked is not None and name in self._wanted:
+                picked[name] = value  # read by the decision (match rules, JWT), still forwarded
             if name in PROXY_SET:
                 if name == b"x-forwarded-for":
                     xff = value if xff is None else xff + b", " + value
@@ -210,32 +235,16 @@ class ProxyApp:
             has_body = False
         query = ex.query
         if override is None and b"_method=" in query:
-            override = _query_value(query, b"_method")
+            override = query_value(query, b"_method")
 
-        # split decision
-        set_cookie: bytes | None = None
-        if forced is not None:
-            if forced in (b"v1", b"v2"):
-                version = forced.decode()
-            else:
-                await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
-                return
-        else:
-            if self._all_v1_when_down and not snapshot.redis_ok:
-                percentage = 0.0
-            else:
-                percentage = snapshot.percentage(group)
-            if user_key is None and cookie is not None and self._user_cookie is not None:
-                user_key = _cookie_value(cookie, self._user_cookie)
-            if user_key is None:
-                if self._fallback == "client_ip":
-                    user_key = ex.client_host.encode() if ex.client_host else None
-                elif self._fallback == "affinity_cookie":
-                    user_key = _cookie_value(cookie, self._affinity) if cookie else None
-                    if user_key is None:
-                        user_key = os.urandom(12).hex().encode()
-                        set_cookie = self._affinity + b"=" + user_key + b"; Path=/; HttpOnly; SameSite=Lax"
-            version = split.choose(percentage, self._salt, group, user_key)
+        # split decision (shared with WebSocket upgrades)
+        try:
+            version, _, set_cookies = self._decider.choose(
+                snapshot, group, forced, user_key, cookie, query, ex.client_host, picked
+            )
+        except BadForce:
+            await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
+            return
 
         client_ip = ex.client_host.encode() if ex.client_host else b"unknown"
         out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
@@ -260,8 +269,8 @@ class ProxyApp:
         xc.add_host = host is None or not self._preserve_host
         if deprecation is not None:
             xc.extra_headers.extend(deprecation.headers)
-        if set_cookie is not None:
-            xc.extra_headers.append((b"set-cookie", set_cookie))
+        if set_cookies is not None:
+            xc.extra_headers.extend((b"set-cookie", value) for value in set_cookies)
 
         try:
             response = await self._send_upstream(version, method, raw_target, headers, body, xc)
@@ -310,6 +319,160 @@ class ProxyApp:
                 request_id=request_id.decode("latin-1"),
             )
             self._mirror.submit(plan, mirrored, primary)
+
+    async def _websocket(self, ex: ClientExchange, ws: ClientWebSocket, norm: str, raw_path: bytes) -> None:
+        """An upgrade: choose the version as for HTTP, open the upstream WebSocket first (so a
+        refusal is a real HTTP status), then accept the client and relay frames until one side
+        closes. Never mirrored; never in the canary's latency (a failed handshake is an answer)."""
+        started = time.perf_counter()
+        if not self._ws.enabled:
+            await self._reject(ex, 400, "websocket_disabled", "WebSockets are not relayed here")
+            return
+        problem = ws.problem()
+        if problem is not None:
+            await self._reject(ex, 400, "bad_websocket_handshake", problem)
+            return
+        snapshot = self._store.current
+        deprecation = self._deprecations.check("GET", norm, snapshot)
+        if deprecation is not None and deprecation.gone_body is not None:
+            await self._answer(ex, 410, deprecation.gone_body, deprecation.headers)
+            self._metrics.request_done("deprecated", "proxy", "GET", 410, time.perf_counter() - started)
+            return
+        group = self._routes.group_for(norm)
+
+        forced: bytes | None = None
+        user_key: bytes | None = None
+        cookie: bytes | None = None
+        host: bytes | None = None
+        xff: bytes | None = None
+        request_id: bytes | None = None
+        offered: list[str] = []
+        picked: dict[bytes, bytes] = {}
+        out: list[tuple[bytes, bytes]] = []
+        for name, value in ex.headers:
+            if name == self._user_header:
+                user_key = value
+            elif name == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif name == b"host":
+                host = value
+                if not self._preserve_host:
+                    continue
+            elif name == self._force:
+                forced = value
+                continue
+            elif name == b"sec-websocket-protocol":
+                offered.extend(p.strip() for p in value.decode("latin-1").split(",") if p.strip())
+                continue
+            elif name.startswith(b"sec-websocket-") or name.startswith(MARKER_PREFIX):
+                continue  # key/version/accept are per hop; extensions are never negotiated
+            elif name in self._wanted:
+                picked[name] = value
+            elif name in PROXY_SET:
+                if name == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif name == b"x-request-id" and 0 < len(value) <= 200:
+                    request_id = value
+                continue
+            if name in HOP_BY_HOP or name == b"content-length":
+                continue
+            out.append((name, value))
+        try:
+            version, bucket, set_cookies = self._decider.choose(
+                snapshot, group, forced, user_key, cookie, ex.query, ex.client_host, picked, websocket=True
+            )
+        except BadForce:
+            await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
+            return
+        client_ip = ex.client_host.encode() if ex.client_host else b"unknown"
+        out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
+        out.append((b"x-forwarded-proto", b"https" if ex.scheme == "https" else b"http"))
+        if host is not None:
+            out.append((b"x-forwarded-host", host))
+        out.append((b"x-request-id", request_id or next(self._request_ids)))
+        target = raw_path + b"?" + ex.query if ex.query else raw_path
+        add_host = host is None or not self._preserve_host
+
+        try:
+            upstream, chosen = await self._open_ws(version, target, out, offered, add_host)
+        except UpstreamError as exc:
+            if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1:
+                self._metrics.fallback(group)
+                self._ws_failed_count(group, exc, started)
+                version = "v1"
+                try:
+                    upstream, chosen = await self._open_ws("v1", target, out, offered, add_host)
+                except UpstreamError as exc2:
+                    await self._ws_refused(ex, ws, group, exc2, started)
+                    return
+            else:
+                await self._ws_refused(ex, ws, group, exc, started)
+                return
+        extra = [(VERSION_HEADER, VERSION_VALUE[version])]
+        if deprecation is not None:
+            extra.extend(deprecation.headers)
+        if set_cookies is not None:
+            extra.extend((b"set-cookie", value) for value in set_cookies)
+        try:
+            await ws.accept(chosen, extra, self._ws.max_message_bytes)
+        except ClientGone:
+            upstream.abort()
+            self._metrics.client_disconnected(version, "request")
+            return
+        self._metrics.ws_opened(version)
+        session = Session(group, version, bucket)
+        key = self.ws_registry.add(session)
+        try:
+            await relay(ws, upstream, session, self._ws_policy, self._metrics)
+        finally:
+            self.ws_registry.remove(key)
+
+    async def _open_ws(
+        self, version: str, target: bytes, headers: list[tuple[bytes, bytes]], offered: list[str],
+        add_host: bool,
+    ) -> tuple[FrameSocket, str | None]:  # fmt: skip
+        pool = self._upstreams[version].pool
+        try:
+            return await open_upstream(
+                version, pool.origin, pool.ssl_context, target, headers, offered,
+                max_size=self._ws.max_message_bytes, connect_timeout=self._settings.connect_timeout_seconds,
+                handshake_timeout=self._ws.handshake_timeout_seconds, add_host=add_host,
+            )  # fmt: skip
+        except UpstreamError:
+            raise
+        except ValueError:  # not origin-form: request_head refused to build it
+            raise WsHandshakeRefused(version, "request target must be origin-form", None) from None
+        except Exception as exc:  # noqa: BLE001 - anything else is an upstream fault
+            raise translate(version, exc) from exc
+
+    def _ws_failed_count(self, group: str, exc: UpstreamError, started: float) -> None:
+        """A failed upgrade counts as an error for its version (metrics and the canary's windows)."""
+        self._metrics.upstream_error(exc.version, exc.kind)
+        self._metrics.ws_handshake_failed(exc.version, exc.kind)
+        status = exc.status
+        if isinstance(exc, WsHandshakeRefused) and exc.answer is not None:
+            status = exc.answer.status
+        if exc.blames_version:
+            self._done(group, exc.version, "GET", status, time.perf_counter() - started)
+
+    async def _ws_refused(
+        self, ex: ClientExchange, ws: ClientWebSocket, group: str, exc: UpstreamError, started: float
+    ) -> None:
+        """The client gets a real HTTP status: the upstream's own refusal, or 502/504."""
+        self._ws_failed_count(group, exc, started)
+        version_header = (VERSION_HEADER, VERSION_VALUE[exc.version])
+        if isinstance(exc, WsHandshakeRefused) and exc.answer is not None and exc.answer.status >= 300:
+            answer = exc.answer
+            headers = [(n, v) for n, v in _response_headers(answer.headers) if n != b"content-length"]
+            headers.append((b"content-length", b"%d" % len(answer.body)))
+            headers.append(version_header)
+            await ws.reject(answer.status, headers, answer.body)
+            return
+        label = FAILURE_LABELS.get(exc.status, "upstream unavailable")
+        body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
+        await ws.reject(
+            exc.status, [*JSON_HEADERS, (b"content-length", b"%d" % len(body)), version_header], body
+        )
 
     async def _send_upstream(
         self,
@@ -590,22 +753,6 @@ def _response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     if named:
         kept = [(name, value) for name, value in kept if name not in named - PROTECTED]
     return kept
-
-
-def _cookie_value(cookie: bytes, name: bytes) -> bytes | None:
-    for part in cookie.split(b";"):
-        key, sep, value = part.strip().partition(b"=")
-        if sep and key == name and value:
-            return value
-    return None
-
-
-def _query_value(query: bytes, name: bytes) -> bytes | None:
-    for part in query.split(b"&"):
-        key, sep, value = part.partition(b"=")
-        if sep and key == name:
-            return value
-    return None
 
 
 def path_bytes(path: str) -> bytes:

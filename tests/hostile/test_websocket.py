@@ -1,0 +1,269 @@
+"""Hostile input on the WebSocket path: bad client handshakes, frames that break the masking and
+size rules, and backends that answer the upgrade wrongly. Raw sockets on both sides."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.hostile.rawhttp import parse
+from tests.support import ProxyProcess, metric_value
+from tests.wsbackend import WsBackend
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def upgrade(path: bytes = b"/echo", key: bytes | None = b"dGhlIHNhbXBsZSBub25jZQ==", version: bytes = b"13",
+            extra: bytes = b"") -> bytes:  # fmt: skip
+    head = b"GET %s HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" % path
+    if key is not None:
+        head += b"Sec-WebSocket-Key: %s\r\n" % key
+    return head + b"Sec-WebSocket-Version: %s\r\n%s\r\n" % (version, extra)
+
+
+def frame(
+    opcode: int, payload: bytes, mask: bool = True, fin: bool = True, length: int | None = None
+) -> bytes:
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        head = struct.pack("!BB", first, (0x80 if mask else 0) | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", first, (0x80 if mask else 0) | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, (0x80 if mask else 0) | 127, n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def read_head(sock: socket.socket) -> tuple[int, bytes]:
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    reply = parse(head + b"\r\n\r\n", False)
+    return reply.status, rest
+
+
+def read_frame(sock: socket.socket, buffered: bytes = b"") -> tuple[int, bytes]:
+    data = buffered
+    while True:
+        if len(data) >= 2:
+            opcode, n = data[0] & 0x0F, data[1] & 0x7F
+            offset = 2
+            if n == 126:
+                n, offset = struct.unpack("!H", data[2:4])[0], 4
+            elif n == 127:
+                n, offset = struct.unpack("!Q", data[2:10])[0], 10
+            if len(data) >= offset + n:
+                return opcode, data[offset : offset + n]
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(data)
+        data += chunk
+
+
+def close_code(payload: bytes) -> int:
+    return int(struct.unpack("!H", payload[:2])[0])
+
+
+class RawUpgradeServer:
+    """Answers each upgrade request with ``answer(target, key)`` as raw bytes, then holds the
+    connection open until the proxy closes it."""
+
+    def __init__(self, answer: Callable[[bytes, bytes], bytes]) -> None:
+        self.answer = answer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            raw = b""
+            while b"\r\n\r\n" not in raw:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                raw += chunk
+            lines = raw.split(b"\r\n")
+            key = next((line.split(b":", 1)[1].strip() for line in lines
+                        if line.lower().startswith(b"sec-websocket-key:")), b"")  # fmt: skip
+            conn.sendall(self.answer(lines[0].split(b" ")[1], key))
+            conn.settimeout(10)
+            try:
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture()
+def ws_edge(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> Iterator[tuple[ProxyProcess, WsBackend, RawUpgradeServer]]:
+    """A proxy with a real WebSocket backend as v1 and a raw, misbehaving one as v2."""
+    v1 = WsBackend("v1").start()
+    v2 = RawUpgradeServer(_bad_backend)
+    proxy = proxy_factory(
+        v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, split_key=f"wsh{uuid.uuid4().hex[:8]}:split",
+        websocket={"max_message_bytes": 4096, "handshake_timeout_seconds": 1.0},
+    )  # fmt: skip
+    yield proxy, v1, v2
+    v1.stop()
+    v2.stop()
+
+
+def _bad_backend(target: bytes, key: bytes) -> bytes:
+    good = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    if target == b"/badkey":
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" \
+               b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n"  # fmt: skip
+    if target == b"/silent":  # accepts the connection, never answers the upgrade
+        return b""
+    if target == b"/nokey":
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    if target == b"/evil":
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\nConnection: Upgrade\r\n\r\nRAW"
+    if target == b"/protocol":  # a subprotocol the client never offered
+        return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" \
+               b"Sec-WebSocket-Protocol: admin\r\nSec-WebSocket-Accept: %s\r\n\r\n" % good  # fmt: skip
+    # a valid 101, then a masked frame (a server must never mask)
+    return b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" \
+           b"Sec-WebSocket-Accept: %s\r\n\r\n%s" % (good, frame(0x1, b"masked by a server"))  # fmt: skip
+
+
+def rejected(proxy: ProxyProcess, reason: str) -> float:
+    return metric_value(httpx.get(proxy.admin + "/metrics", timeout=5).text,
+                        "strangler_rejected_requests_total", reason=reason)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(upgrade(key=None), id="no-key"),
+        pytest.param(upgrade(key=b"short"), id="bad-key"),
+        pytest.param(upgrade(version=b"8"), id="old-version"),
+    ],
+)
+def test_bad_client_handshakes_are_400_and_reach_no_backend(
+    ws_edge: tuple[ProxyProcess, WsBackend, RawUpgradeServer], request_bytes: bytes
+) -> None:
+    proxy, v1, _ = ws_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(request_bytes)
+        status, _ = read_head(sock)
+    assert status == 400
+    assert v1.connections == 0
+    assert rejected(proxy, "bad_websocket_handshake") == 1
+
+
+def test_unmasked_client_frame_is_a_protocol_error(
+    ws_edge: tuple[ProxyProcess, WsBackend, RawUpgradeServer],
+) -> None:
+    proxy, _, _ = ws_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        # frames sent in the same write as the upgrade request are kept and relayed after the 101
+        sock.sendall(upgrade() + frame(0x1, b"early"))
+        status, rest = read_head(sock)
+        assert status == 101
+        opcode, payload = read_frame(sock, rest)
+        assert (opcode, payload) == (0x1, b"early")
+        sock.sendall(frame(0x1, b"not masked", mask=False))
+        opcode, payload = read_frame(sock)
+        assert opcode == 0x8 and close_code(payload) == 1002
+
+
+def test_oversized_frame_is_refused_from_its_header(
+    ws_edge: tuple[ProxyProcess, WsBackend, RawUpgradeServer],
+) -> None:
+    proxy, _, _ = ws_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(upgrade())
+        status, rest = read_head(sock)
+        assert status == 101
+        # claims 2**40 bytes: refused at once, without waiting for (or buffering) the payload
+        sock.sendall(frame(0x2, b"", length=2**40)[:14])
+        opcode, payload = read_frame(sock, rest)
+        assert opcode == 0x8 and close_code(payload) == 1009
+        # and fragments that add up past the limit are refused too
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(upgrade())
+        status, rest = read_head(sock)
+        sock.sendall(frame(0x2, b"a" * 3000, fin=False) + frame(0x0, b"b" * 3000))
+        opcode, payload = read_frame(sock, rest)
+        assert opcode == 0x8 and close_code(payload) == 1009
+
+
+@pytest.mark.parametrize("path", [b"/badkey", b"/nokey", b"/evil", b"/protocol"])
+def test_backend_with_an_invalid_101_gives_the_client_502_never_a_101(
+    ws_edge: tuple[ProxyProcess, WsBackend, RawUpgradeServer], path: bytes
+) -> None:
+    proxy, _, _ = ws_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(upgrade(path, extra=b"X-Strangler-Version: v2\r\nSec-WebSocket-Protocol: chat\r\n"))
+        status, body = read_head(sock)
+    assert status == 502
+    assert b"invalid websocket handshake from upstream" in body
+    text = httpx.get(proxy.admin + "/metrics", timeout=5).text
+    assert metric_value(text, "strangler_websocket_handshake_failures_total", version="v2") == 1
+    assert metric_value(text, "strangler_websocket_connections_total", version="v2") == 0
+
+
+def test_masked_frame_from_the_backend_closes_the_client_with_1011(
+    ws_edge: tuple[ProxyProcess, WsBackend, RawUpgradeServer],
+) -> None:
+    proxy, _, _ = ws_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(upgrade(b"/masked", extra=b"X-Strangler-Version: v2\r\n"))
+        status, rest = read_head(sock)
+        assert status == 101, rest
+        opcode, payload = read_frame(sock, rest)
+        assert opcode == 0x8 and close_code(payload) == 1011
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = httpx.get(proxy.admin + "/metrics", timeout=5).text
+        if metric_value(text, "strangler_websocket_closed_total", version="v2", code="1011") == 1:
+            break
+        time.sleep(0.05)
+    assert metric_value(text, "strangler_websocket_open_connections", version="v2") == 0
+
+
+def test_backend_that_never_answers_the_upgrade_is_a_504(
+    ws_edge: tuple[ProxyProcess, WsBackend, RawUpgradeServer],
+) -> None:
+    proxy, _, _ = ws_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(upgrade(b"/silent", extra=b"X-Strangler-Version: v2\r\n"))
+        status, _ = read_head(sock)
+    assert status == 504
+    text = httpx.get(proxy.admin + "/metrics", timeout=5).text
+    assert (
+        metric_value(text, "strangler_websocket_handshake_failures_total", version="v2", reason="timeout")
+        == 1
+    )

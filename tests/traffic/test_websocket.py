@@ -1,0 +1,403 @@
+"""Issue 12: WebSockets through the split, with a real client, real WebSocket backends per version
+and the real proxy process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from tests.support import ProxyProcess, RedisServer, free_port, metric_value, wait_until
+from tests.wsbackend import WsBackend
+
+
+@pytest.fixture()
+def ws_backends() -> Iterator[tuple[WsBackend, WsBackend]]:
+    v1, v2 = WsBackend("v1").start(), WsBackend("v2").start()
+    yield v1, v2
+    v1.stop()
+    v2.stop()
+
+
+@pytest.fixture()
+def ws_proxy(
+    proxy_factory: Callable[..., ProxyProcess], ws_backends: tuple[WsBackend, WsBackend], redis_url: str
+) -> Callable[..., ProxyProcess]:
+    v1, v2 = ws_backends
+    split_key = f"ws{uuid.uuid4().hex[:8]}:split"
+
+    def start(**settings: Any) -> ProxyProcess:
+        base = {"v1_url": v1.url, "v2_url": v2.url, "redis_url": redis_url, "split_key": split_key}
+        return proxy_factory(**{**base, **settings})
+
+    start.split_key = split_key  # type: ignore[attr-defined]
+    return start
+
+
+def ws_url(proxy: ProxyProcess, path: str = "/echo") -> str:
+    return proxy.url.replace("http://", "ws://") + path
+
+
+def open_ws(proxy: ProxyProcess, path: str = "/echo", **kwargs: Any) -> ClientConnection:
+    kwargs.setdefault("max_size", None)
+    kwargs.setdefault("compression", None)
+    kwargs.setdefault("open_timeout", 10)
+    return connect(ws_url(proxy, path), **kwargs)
+
+
+def metrics(proxy: ProxyProcess) -> str:
+    return httpx.get(proxy.admin + "/metrics", timeout=5).text
+
+
+def http_version(proxy: ProxyProcess, user: str) -> str:
+    return httpx.get(proxy.url + "/", headers={"X-User-ID": user}, timeout=5).headers["x-api-version"]
+
+
+def set_split(redis_server: RedisServer, proxy: ProxyProcess, key: str, value: float) -> None:
+    redis_server.client().set(key, str(value))
+    wait_until(lambda: httpx.get(proxy.admin + "/split", timeout=5).json()["default"] == value, timeout=5)
+
+
+def test_echo_text_binary_fragmented_and_subprotocol(ws_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = ws_proxy(websocket={"max_message_bytes": 4 * 1024 * 1024})
+    with open_ws(proxy, subprotocols=["chat.v1", "chat.v2"]) as ws:
+        assert ws.subprotocol == "chat.v2"
+        assert ws.response is not None and ws.response.headers["X-API-Version"] == "v1"
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        ws.send(b"\x00\x01binary")
+        assert ws.recv(timeout=5) == b"\x00\x01binary"
+        big = os.urandom(1024 * 1024)
+        ws.send([big[i : i + 65536] for i in range(0, len(big), 65536)])  # 16 fragments
+        assert ws.recv(timeout=10) == big
+        ws.send(["fragmented ", "text ", "message"])
+        assert ws.recv(timeout=5) == "fragmented text message"
+        pong = ws.ping(b"are you there")
+        assert pong.wait(5)
+    with open_ws(proxy, subprotocols=["chat.v1"]) as ws:
+        assert ws.subprotocol == "chat.v1"
+    with open_ws(proxy) as ws:
+        assert ws.subprotocol is None
+
+
+def test_split_and_stickiness_across_many_keys_and_headers_passed(
+    ws_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
+) -> None:
+    proxy = ws_proxy(user_key_query="uid")
+    set_split(redis_server, proxy, ws_proxy.split_key, 30)  # type: ignore[attr-defined]
+    http_versions: dict[int, str] = {}
+    ws_versions: dict[int, str] = {}
+    for user in range(150):
+        answer = httpx.get(proxy.url + "/echo", headers={"X-User-ID": f"user-{user}"}, timeout=5)
+        http_versions[user] = answer.headers["x-api-version"]
+        # browsers cannot set headers: the key comes from the query parameter here
+        with open_ws(proxy, f"/echo?uid=user-{user}") as ws:
+            ws.send("whoami")
+            ws_versions[user] = ws.recv(timeout=5)  # type: ignore[assignment]
+    assert ws_versions == http_versions, "a key got a different version over WebSocket than over HTTP"
+    share = sum(v == "v2" for v in ws_versions.values()) / len(ws_versions)
+    assert 0.15 <= share <= 0.45, share
+
+    headers = {"Cookie": "session=abc", "Authorization": "Bearer t0k", "X-User-ID": "user-1"}
+    with open_ws(proxy, "/echo?q=1", additional_headers=headers, origin="https://app.example") as ws:  # type: ignore[arg-type]
+        ws.send("headers")
+        seen = json.loads(ws.recv(timeout=5))
+    assert seen["cookie"] == "session=abc" and seen["authorization"] == "Bearer t0k"
+    assert seen["origin"] == "https://app.example"
+    assert seen["path"] == "/echo?q=1"
+    assert seen["x-forwarded-for"] == "127.0.0.1" and "x-request-id" in seen
+    assert "sec-websocket-extensions" not in seen  # never negotiated: frames pass as they are
+
+    with open_ws(proxy, additional_headers={"X-Strangler-Version": "v2"}) as ws:
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v2"
+
+
+def test_refused_upgrade_gives_the_status_and_counts(ws_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = ws_proxy()
+    with pytest.raises(InvalidStatus) as refused:
+        open_ws(proxy, "/refuse")
+    response = refused.value.response
+    assert response.status_code == 403
+    assert response.headers["X-API-Version"] == "v1"
+    assert json.loads(response.body) == {"error": "no entry", "version": "v1"}
+    text = metrics(proxy)
+    assert metric_value(text, "strangler_websocket_handshake_failures_total", version="v1") == 1
+    assert metric_value(text, "strangler_websocket_connections_total", version="v1") == 0
+
+
+def test_v2_unreachable_falls_back_to_v1_and_counts_an_error(
+    proxy_factory: Callable[..., ProxyProcess], ws_backends: tuple[WsBackend, WsBackend], redis_url: str
+) -> None:
+    v1, _ = ws_backends
+    proxy = proxy_factory(
+        v1_url=v1.url, v2_url=f"http://127.0.0.1:{free_port()}", redis_url=redis_url,
+        split_key=f"ws{uuid.uuid4().hex[:8]}:split", default_percentage=100,
+    )  # fmt: skip
+    with open_ws(proxy) as ws:
+        assert ws.response is not None and ws.response.headers["X-API-Version"] == "v1"
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v1"
+    text = metrics(proxy)
+    assert metric_value(text, "strangler_fallbacks_total") == 1
+    assert (
+        metric_value(text, "strangler_websocket_handshake_failures_total", version="v2", reason="connect")
+        == 1
+    )
+    assert metric_value(text, "http_errors_total", version="v2") == 1
+
+
+def test_close_codes_pass_and_upstream_death_is_1011_with_metrics(
+    ws_proxy: Callable[..., ProxyProcess],
+) -> None:
+    proxy = ws_proxy()
+    with open_ws(proxy) as ws:
+        ws.send("close:4001:backend says bye")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4001, "backend says bye")
+
+    with open_ws(proxy) as ws:
+        ws.send("one")
+        assert ws.recv(timeout=5) == "one"
+        ws.send("die")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+
+    with open_ws(proxy) as ws:
+        ws.send("two")
+        assert ws.recv(timeout=5) == "two"
+        ws.close(4321, "client leaving")
+    wait_until(
+        lambda: metric_value(metrics(proxy), "strangler_websocket_open_connections", version="v1") == 0
+    )
+    text = metrics(proxy)
+    assert metric_value(text, "strangler_websocket_connections_total", version="v1") == 3
+    assert metric_value(text, "strangler_websocket_closed_total", version="v1", code="4xxx") == 2
+    assert metric_value(text, "strangler_websocket_closed_total", version="v1", code="1011") == 1
+    assert (
+        metric_value(text, "strangler_websocket_messages_total", version="v1", direction="to_upstream") == 4
+    )
+    assert metric_value(text, "strangler_websocket_messages_total", version="v1", direction="to_client") == 2
+    # WebSockets never enter the request latency the canary reads
+    assert metric_value(text, "http_request_duration_seconds_count", version="v1") == 0
+
+
+def test_rollback_drains_v2_connections_with_1012(
+    ws_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
+) -> None:
+    proxy = ws_proxy()
+    key = ws_proxy.split_key  # type: ignore[attr-defined]
+    set_split(redis_server, proxy, key, 100)
+    stack = contextlib.ExitStack()
+    sockets = [stack.enter_context(open_ws(proxy, f"/echo?n={n}")) for n in range(3)]
+    for ws in sockets:
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v2"
+    started = time.monotonic()
+    set_split(redis_server, proxy, key, 0)
+    for ws in sockets:
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    assert time.monotonic() - started < 5  # rollback grace is 0 by default: well within 5 s
+    stack.close()
+    with open_ws(proxy) as ws:
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v1"
+    text = metrics(proxy)
+    assert metric_value(text, "strangler_websocket_drained_total", reason="rollback") == 3
+    assert metric_value(text, "strangler_websocket_closed_total", version="v2", code="1012") == 3
+
+
+def test_lower_split_drains_only_moved_connections_after_grace(
+    ws_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
+) -> None:
+    proxy = ws_proxy(websocket={"drain_grace_seconds": 1.0})
+    key = ws_proxy.split_key  # type: ignore[attr-defined]
+    set_split(redis_server, proxy, key, 60)
+    sockets: dict[int, ClientConnection] = {}
+    stack = contextlib.ExitStack()
+    for user in range(40):
+        ws = stack.enter_context(open_ws(proxy, additional_headers={"X-User-ID": f"u{user}"}))
+        ws.send("whoami")
+        if ws.recv(timeout=5) == "v2":
+            sockets[user] = ws
+        else:
+            ws.close()
+    set_split(redis_server, proxy, key, 20)
+    # who stays is what HTTP now says for the same key (the version header of any answer)
+    staying = {u for u in sockets if http_version(proxy, f"u{u}") == "v2"}
+    assert staying and staying != set(sockets)
+    time.sleep(0.3)
+    for ws in sockets.values():  # within the grace everyone still talks
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v2"
+    for user, ws in sockets.items():
+        if user in staying:
+            continue
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+    for user in staying:
+        sockets[user].send("still")
+        assert sockets[user].recv(timeout=5) == "still"
+        sockets[user].close()
+    stack.close()
+    assert metric_value(metrics(proxy), "strangler_websocket_drained_total", reason="split_lowered") == len(
+        set(sockets) - staying
+    )
+
+
+def test_slow_reader_keeps_proxy_memory_bounded(
+    ws_proxy: Callable[..., ProxyProcess], ws_backends: tuple[WsBackend, WsBackend]
+) -> None:
+    v1, _ = ws_backends
+    proxy = ws_proxy()
+    assert proxy.process is not None
+    process = psutil.Process(proxy.process.pid)
+    count, size = 2000, 64 * 1024  # 125 MiB offered by the backend
+    with open_ws(proxy, max_queue=1) as ws:
+        ws.send("warm")
+        assert ws.recv(timeout=5) == "warm"
+        before = process.memory_info().rss
+        ws.send(f"flood:{count}:{size}")
+        # the client reads nothing: the backend must be held back well before it has sent it all
+        wait_until(lambda: v1.sent > 10, timeout=10)
+        time.sleep(1.0)
+        stalled = v1.sent
+        time.sleep(0.5)
+        assert v1.sent == stalled < count // 4, (stalled, count)
+        grown = process.memory_info().rss - before
+        assert grown < 24 * 1024 * 1024, grown
+        received = 0
+        while received < count:
+            message = ws.recv(timeout=10)
+            assert len(message) == size
+            received += 1
+    assert v1.sent == count
+
+
+def test_message_over_the_limit_is_closed_1009(ws_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = ws_proxy(websocket={"max_message_bytes": 1000})
+    with open_ws(proxy) as ws:
+        ws.send("x" * 1000)
+        assert ws.recv(timeout=5) == "x" * 1000
+        ws.send("x" * 1001)
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+def test_idle_timeout_closes_with_1001(ws_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = ws_proxy(websocket={"idle_timeout_seconds": 0.5})
+    with open_ws(proxy, ping_interval=None) as ws:
+        ws.send("a")
+        assert ws.recv(timeout=5) == "a"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+@pytest.fixture()
+def asgi_proxy(ws_backends: tuple[WsBackend, WsBackend], redis_url: str, tmp_path: Path) -> Iterator[str]:
+    """``proxy.app:app`` under uvicorn: the same relay through the ASGI entry point."""
+    v1, v2 = ws_backends
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
+    env.update({"STRANGLER_V1_URL": v1.url, "STRANGLER_V2_URL": v2.url, "STRANGLER_REDIS_URL": redis_url,
+                "STRANGLER_SPLIT_KEY": "asgiws:split", "STRANGLER_KEY_PREFIX": "asgiws:"})  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "proxy.app:app", "--port", str(port), "--log-level", "warning",
+         "--ws", "websockets-sansio"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(url + "/_strangler/health", timeout=1).status_code == 200, timeout=20)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_asgi_entry_point_relays_and_refuses_with_the_status(asgi_proxy: str) -> None:
+    base = asgi_proxy.replace("http://", "ws://")
+    with connect(base + "/echo", subprotocols=["chat.v2"], max_size=None, compression=None) as ws:  # type: ignore[list-item]
+        assert ws.subprotocol == "chat.v2"
+        assert ws.response is not None and ws.response.headers["X-API-Version"] == "v1"
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        big = os.urandom(1024 * 1024 - 10)
+        ws.send([big[i : i + 100_000] for i in range(0, len(big), 100_000)])
+        assert ws.recv(timeout=10) == big
+        ws.send("close:4002:asgi bye")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+        4002, "asgi bye",
+    )  # fmt: skip
+    with connect(base + "/echo", additional_headers={"X-Strangler-Version": "v2"}) as ws:
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v2"
+        ws.send("die")
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=5)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    with pytest.raises(InvalidStatus) as refused:
+        connect(base + "/refuse", open_timeout=10)
+    assert refused.value.response.status_code == 403
+
+
+def test_shutdown_tells_websocket_clients_1001(ws_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = ws_proxy()
+    with open_ws(proxy) as ws:
+        ws.send("a")
+        assert ws.recv(timeout=5) == "a"
+        assert proxy.process is not None
+        proxy.process.terminate()  # SIGTERM: the graceful stop
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+    proxy.process.wait(15)
+
+
+def test_pinned_sessions_survive_a_lower_split_but_not_a_rollback_forced_ones_stay(
+    ws_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
+) -> None:
+    proxy = ws_proxy(session_pinning={"groups": ["*"]}, websocket={"drain_grace_seconds": 0.2})
+    key = ws_proxy.split_key  # type: ignore[attr-defined]
+    set_split(redis_server, proxy, key, 100)
+    with open_ws(proxy) as first:  # the 101 carries the pin
+        assert first.response is not None
+        pin = first.response.headers["Set-Cookie"].split(";")[0]
+        assert pin.startswith("strangler_pin_default=v2.")
+    with contextlib.ExitStack() as stack:
+        pinned = stack.enter_context(open_ws(proxy, additional_headers={"Cookie": pin}))
+        forced = stack.enter_context(open_ws(proxy, additional_headers={"X-Strangler-Version": "v2"}))
+        set_split(redis_server, proxy, key, 1)
+        time.sleep(1.0)  # well past the grace: a pinned session is not moved by a lower split
+        for ws in (pinned, forced):
+            ws.send("whoami")
+            assert ws.recv(timeout=5) == "v2"
+        set_split(redis_server, proxy, key, 0)
+        with pytest.raises(ConnectionClosed) as closed:
+            pinned.recv(timeout=5)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+        forced.send("whoami")  # the force header wins at any percentage: left alone
+        assert forced.recv(timeout=5) == "v2"
