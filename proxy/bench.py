@@ -384,13 +384,7 @@ def bench(
             for proc in reversed(procs):
                 stop(proc)
             embedded.stop()
-    results = []
-    for name, measured in runs.items():
-        middle = sorted(measured, key=lambda r: r.rps)[len(measured) // 2]
-        results.append(
-            Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured))
-        )
-    return results
+    return medians(runs)
 
 
 # --- WebSocket echo (issue 12): messages/s through the proxy against direct ------------------------
@@ -500,13 +494,7 @@ def bench_websocket(
             for proc in reversed(procs):
                 stop(proc)
             embedded.stop()
-    results = []
-    for name, measured in runs.items():
-        middle = sorted(measured, key=lambda r: r.rps)[len(measured) // 2]
-        results.append(
-            Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured))
-        )
-    return results
+    return medians(runs)
 
 
 def render_websocket(results: list[Result], connections: int, seconds: float, rounds: int) -> str:
@@ -535,6 +523,17 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on port {port}")
+
+
+def medians(runs: dict[str, list[Result]]) -> list[Result]:
+    """Per target, the median round (by rate), with the errors of every round."""
+    results = []
+    for name, measured in runs.items():
+        middle = sorted(measured, key=lambda r: r.rps)[len(measured) // 2]
+        results.append(
+            Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured))
+        )
+    return results
 
 
 def render(results: list[Result], connections: int, seconds: float, tool: str, rounds: int = 3) -> str:

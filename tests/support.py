@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -275,3 +276,27 @@ def running(*things: Any) -> Iterator[None]:
     finally:
         for thing in reversed(things):
             thing.stop()
+
+
+@contextlib.contextmanager
+def asgi_adapter(
+    v1_url: str, v2_url: str, redis_url: str, prefix: str, cwd: Path, *uvicorn_args: str
+) -> Iterator[str]:
+    """``proxy.app:app`` (the ASGI adapter over the same core) under uvicorn, configured from the
+    environment as a user would; yields its URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
+    env.update({"STRANGLER_V1_URL": v1_url, "STRANGLER_V2_URL": v2_url, "STRANGLER_REDIS_URL": redis_url,
+                "STRANGLER_SPLIT_KEY": f"{prefix}split", "STRANGLER_KEY_PREFIX": prefix})  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "proxy.app:app", "--port", str(port), "--log-level", "warning",
+         *uvicorn_args],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(url + "/_strangler/health", timeout=1).status_code == 200, timeout=20)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,7 +18,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.support import ProxyProcess, RedisServer, free_port, metric_value, wait_until
+from tests.support import ProxyProcess, RedisServer, asgi_adapter, free_port, metric_value, wait_until
 from tests.wsbackend import WsBackend
 
 
@@ -318,22 +316,8 @@ def test_idle_timeout_closes_with_1001(ws_proxy: Callable[..., ProxyProcess]) ->
 def asgi_proxy(ws_backends: tuple[WsBackend, WsBackend], redis_url: str, tmp_path: Path) -> Iterator[str]:
     """``proxy.app:app`` under uvicorn: the same relay through the ASGI entry point."""
     v1, v2 = ws_backends
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
-    env.update({"STRANGLER_V1_URL": v1.url, "STRANGLER_V2_URL": v2.url, "STRANGLER_REDIS_URL": redis_url,
-                "STRANGLER_SPLIT_KEY": "asgiws:split", "STRANGLER_KEY_PREFIX": "asgiws:"})  # fmt: skip
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "proxy.app:app", "--port", str(port), "--log-level", "warning",
-         "--ws", "websockets-sansio"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(url + "/_strangler/health", timeout=1).status_code == 200, timeout=20)
+    with asgi_adapter(v1.url, v2.url, redis_url, "asgiws:", tmp_path, "--ws", "websockets-sansio") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def test_asgi_entry_point_relays_and_refuses_with_the_status(asgi_proxy: str) -> None:
