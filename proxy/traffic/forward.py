@@ -157,6 +157,22 @@ class ProxyApp:
             return
         await self._proxy(ex, norm, raw_path)
 
+    def _add_forwarded(
+        self, out: list[tuple[bytes, bytes]], ex: ClientExchange, xff: bytes | None, host: bytes | None,
+        request_id: bytes | None,
+    ) -> bytes:
+        """The headers the proxy sets itself (the client's X-Forwarded-For is appended to, never
+        trusted); returns the request id used (the client's, when sane, else a new one)."""
+        client_ip = ex.client_host.encode() if ex.client_host else b"unknown"
+        out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
+        out.append((b"x-forwarded-proto", b"https" if ex.scheme == "https" else b"http"))
+        if host is not None:
+            out.append((b"x-forwarded-host", host))
+        if request_id is None:
+            request_id = next(self._request_ids)
+        out.append((b"x-request-id", request_id))
+        return request_id
+
     async def _odd_target(self, ex: ClientExchange, raw_path: bytes) -> None:
         """Only origin-form targets are forwarded. ``OPTIONS *`` asks about the server itself, so
         the proxy answers it; anything else (``*@host:port/x``, authority-form) is the client's
@@ -246,14 +262,7 @@ class ProxyApp:
             await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
             return
 
-        client_ip = ex.client_host.encode() if ex.client_host else b"unknown"
-        out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
-        out.append((b"x-forwarded-proto", b"https" if ex.scheme == "https" else b"http"))
-        if host is not None:
-            out.append((b"x-forwarded-host", host))
-        if request_id is None:
-            request_id = next(self._request_ids)
-        out.append((b"x-request-id", request_id))
+        request_id = self._add_forwarded(out, ex, xff, host, request_id)
         headers = out
         raw_target = raw_path + b"?" + query if query else raw_path
 
@@ -347,6 +356,7 @@ class ProxyApp:
         xff: bytes | None = None
         request_id: bytes | None = None
         offered: list[str] = []
+        connection_named: set[bytes] = set()
         picked: dict[bytes, bytes] = {}
         out: list[tuple[bytes, bytes]] = []
         for name, value in ex.headers:
@@ -366,6 +376,9 @@ class ProxyApp:
                 continue
             elif name.startswith(b"sec-websocket-") or name.startswith(MARKER_PREFIX):
                 continue  # key/version/accept are per hop; extensions are never negotiated
+            elif name == b"connection":
+                connection_named.update(part.strip().lower() for part in value.split(b","))
+                continue
             elif name in self._wanted:
                 picked[name] = value
             elif name in PROXY_SET:
@@ -377,6 +390,9 @@ class ProxyApp:
             if name in HOP_BY_HOP or name == b"content-length":
                 continue
             out.append((name, value))
+        if connection_named:
+            drop = connection_named - PROTECTED
+            out = [(name, value) for name, value in out if name not in drop]
         try:
             version, bucket, set_cookies = self._decider.choose(
                 snapshot, group, forced, user_key, cookie, ex.query, ex.client_host, picked, websocket=True
@@ -384,12 +400,7 @@ class ProxyApp:
         except BadForce:
             await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
             return
-        client_ip = ex.client_host.encode() if ex.client_host else b"unknown"
-        out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
-        out.append((b"x-forwarded-proto", b"https" if ex.scheme == "https" else b"http"))
-        if host is not None:
-            out.append((b"x-forwarded-host", host))
-        out.append((b"x-request-id", request_id or next(self._request_ids)))
+        self._add_forwarded(out, ex, xff, host, request_id)
         target = raw_path + b"?" + ex.query if ex.query else raw_path
         add_host = host is None or not self._preserve_host
 

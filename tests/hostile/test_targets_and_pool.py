@@ -6,6 +6,7 @@ that nothing reached any host but the configured backends, and which bytes each 
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -141,6 +142,15 @@ def test_client_cannot_forge_the_proxys_markers(
 # --- backends that misbehave on a pooled connection ----------------------------------------------
 
 
+# Content-Length says 5 bytes, chunked says more; either way a complete second answer follows it on
+# the same connection, waiting to be read as the next client's answer (response smuggling).
+CLTE_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
+)
+
+
 class ScriptedBackend:
     """A raw keep-alive backend: answers ``T=<target>``; ``/poison`` writes a second, unrequested
     answer 0.3 s after the first; ``/switch`` answers 101 to a plain request."""
@@ -183,6 +193,9 @@ class ScriptedBackend:
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
                 target = head.split(b" ")[1]
                 try:
+                    if target == b"/clte":  # both framings: read by length, a second answer hides in it
+                        conn.sendall(CLTE_ANSWER)
+                        continue
                     if target == b"/switch":
                         conn.sendall(
                             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\nRAW"
@@ -367,3 +380,19 @@ def test_an_idle_connection_flood_does_not_lock_out_a_normal_client(
         for sock in flood:
             sock.close()
         backend.stop()
+
+
+def test_a_backend_answer_with_two_framings_is_a_502_and_smuggles_nothing(
+    scripted: tuple[ScriptedBackend, ProxyProcess],
+) -> None:
+    """An answer carrying both Content-Length and Transfer-Encoding can be cut two ways; llhttp
+    refuses it, the connection is dropped, and no later client reads what followed it."""
+    backend, proxy = scripted
+    reply = exchange(proxy.port, b"GET /clte HTTP/1.1\r\n" + H + CLOSE + b"\r\n")
+    assert reply.status == 502, reply.raw[:300]
+    assert b"SMUGGLED" not in reply.raw and b"hello" not in reply.body
+    expected = {"error": "upstream unavailable", "version": "v1", "detail": "invalid HTTP answer"}
+    assert json.loads(reply.body) == expected
+    assert proxy.metric("strangler_upstream_errors_total", version="v1", kind="protocol") == 1
+    for i in range(5):  # new clients, new answers: the smuggled one never surfaces
+        assert httpx.get(proxy.url + f"/next-{i}", timeout=5).text == f"T=/next-{i}"

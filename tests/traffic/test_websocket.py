@@ -119,6 +119,13 @@ def test_split_and_stickiness_across_many_keys_and_headers_passed(
     assert seen["x-forwarded-for"] == "127.0.0.1" and "x-request-id" in seen
     assert "sec-websocket-extensions" not in seen  # never negotiated: frames pass as they are
 
+    # a header the client names in Connection is hop-by-hop: it stops at the proxy, as for HTTP
+    hop = {"Connection": "Upgrade, X-Hop-Only", "X-Hop-Only": "secret", "X-Kept": "yes"}
+    with open_ws(proxy, "/echo", additional_headers=hop) as ws:  # type: ignore[arg-type]
+        ws.send("headers")
+        seen = json.loads(ws.recv(timeout=5))
+    assert "x-hop-only" not in seen and seen["x-kept"] == "yes"
+
     with open_ws(proxy, additional_headers={"X-Strangler-Version": "v2"}) as ws:
         ws.send("whoami")
         assert ws.recv(timeout=5) == "v2"
