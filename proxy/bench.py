@@ -82,6 +82,28 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    cpu_us: float | None = None  # the target's CPU time (user + system, all its processes) per request
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants (Linux /proc), in seconds.
+
+    CPU per request is the figure a busy shared machine disturbs least: req/s falls when a
+    neighbour takes the core, the cost of one request hardly moves."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 # --- a backend fast enough that the proxy is what gets measured --------------------------------
@@ -156,6 +178,7 @@ def run_wrk(url: str, connections: int, seconds: float, threads: int, pin: list[
         value, unit = float(match.group(1)), match.group(2)
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
+    done = re.search(r"(\d+) requests in", out)
     errors = 0
     for pattern in (
         r"Non-2xx or 3xx responses: (\d+)",
@@ -164,7 +187,7 @@ def run_wrk(url: str, connections: int, seconds: float, threads: int, pin: list[
         match = re.search(pattern, out)
         if match:
             errors += sum(int(g) for g in match.groups())
-    return Result(url, rps, pct("50"), pct("99"), errors)
+    return Result(url, rps, pct("50"), pct("99"), errors, int(done.group(1)) if done else 0)
 
 
 def _load_worker(
@@ -205,6 +228,67 @@ def _load_worker(
     queue.put((counts["ok"], counts["err"], latencies[:: max(1, len(latencies) // 20000)]))
 
 
+def _paced_worker(
+    host: str, port: int, path: str, conns: int, rate: float, seconds: float, queue: multiprocessing.Queue
+) -> None:  # type: ignore[type-arg]
+    """``conns`` keep-alive connections, each sending on a fixed schedule (rate / conns per second):
+    latency is measured from the scheduled send time, so a stall is not hidden by sending later."""
+    import uvloop
+
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    latencies: list[float] = []
+    errors = [0]
+
+    async def one_conn(offset: float, start: float) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        interval = conns / rate
+        due = start + offset
+        end = start + seconds
+        while due < end:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(request)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                match = re.search(rb"content-length:\s*(\d+)", head, re.I)
+                if match:
+                    await reader.readexactly(int(match.group(1)))
+            except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
+                errors[0] += 1
+                return
+            latencies.append(time.perf_counter() - due)
+            due += interval
+        writer.close()
+
+    async def main() -> None:
+        start = time.perf_counter() + 0.2
+        await asyncio.gather(*(one_conn(i / rate, start) for i in range(conns)))
+
+    uvloop.run(main())
+    queue.put((errors[0], latencies))
+
+
+def run_paced(name: str, url: str, rate: float, seconds: float, pin: bool = False) -> Result:
+    match = re.match(r"http://([^:/]+):(\d+)(/.*)?", url)
+    assert match
+    host, port, path = match.group(1), int(match.group(2)), match.group(3) or "/"
+    ctx = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+    worker = ctx.Process(target=_paced_worker, args=(host, port, path, 10, rate, seconds, queue))
+    worker.start()
+    if pin and worker.pid is not None:
+        os.sched_setaffinity(worker.pid, {1})
+    errors, samples = queue.get(timeout=seconds + 60)
+    worker.join()
+    samples.sort()
+
+    def pct(p: float) -> float:
+        return samples[min(len(samples) - 1, int(len(samples) * p))] * 1000 if samples else float("nan")
+
+    return Result(name, len(samples) / seconds, pct(0.5), pct(0.99), errors, len(samples))
+
+
 def run_builtin(url: str, connections: int, seconds: float, processes: int) -> Result:
     match = re.match(r"http://([^:/]+):(\d+)(/.*)?", url)
     assert match
@@ -231,7 +315,7 @@ def run_builtin(url: str, connections: int, seconds: float, processes: int) -> R
     def pct(p: float) -> float:
         return samples[min(len(samples) - 1, int(len(samples) * p))] * 1000 if samples else float("nan")
 
-    return Result(url, ok / seconds, pct(0.5), pct(0.99), err)
+    return Result(url, ok / seconds, pct(0.5), pct(0.99), err, ok + err)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -325,6 +409,8 @@ def bench(
     rounds: int = 3,
     workers: int = 1,
     shadow: bool = False,
+    paced_rate: float = 1000.0,
+    paced: list[Result] | None = None,
 ) -> list[Result]:
     """Every target runs side by side; measurements alternate over ``rounds`` and the median
     round counts, so a noisy moment on a shared 2-core machine cannot decide a ratio alone."""
@@ -340,6 +426,9 @@ def bench(
         return run_builtin(url, connections, duration, 1)
 
     procs: list[subprocess.Popen[bytes] | multiprocessing.Process] = []
+    pids: dict[str, int] = {}  # whose CPU time each target costs
+    paced = paced if paced is not None else []
+    paced_targets: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="strangler-bench-") as tmp:
         embedded = EmbeddedRedis(Path(tmp) / "redis")
         redis_url = embedded.start()
@@ -351,11 +440,15 @@ def bench(
                 for backend in (b1, b2):
                     os.sched_setaffinity(backend.pid, {0})
             targets = {"direct (backend v1)": v1 + "/"}
+            pids["direct (backend v1)"] = b1.pid  # type: ignore[assignment]
             proxy_proc, proxy_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp))
             if pin:
                 os.sched_setaffinity(proxy_proc.pid, {0})
             procs.append(proxy_proc)
-            targets[f"strangler (1 worker, split {percentage:g}%, metrics on)"] = proxy_url + "/"
+            ours = f"strangler (1 worker, split {percentage:g}%, metrics on)"
+            targets[ours] = proxy_url + "/"
+            pids[ours] = proxy_proc.pid
+            paced_targets |= {"direct (backend v1)", ours}
             if shadow:  # every v1-served request mirrored to v2 and compared
                 mirrored = {"STRANGLER_SHADOW__ENABLED": "true", "STRANGLER_SHADOW__SAMPLE_PERCENTAGE": "100"}
                 shadow_proc, shadow_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp), mirrored)
@@ -363,23 +456,37 @@ def bench(
                     os.sched_setaffinity(shadow_proc.pid, {0})
                 procs.append(shadow_proc)
                 targets["strangler (1 worker, shadow 100%)"] = shadow_url + "/"
+                pids["strangler (1 worker, shadow 100%)"] = shadow_proc.pid
             if workers > 1:  # not pinned: the workers get every core (wrk competes for them)
                 many_proc, many_url = start_strangler(
                     v1, v2, redis_url, percentage, Path(tmp), workers=workers
                 )
                 procs.append(many_proc)
                 targets[f"strangler ({workers} workers, unpinned)"] = many_url + "/"
+                pids[f"strangler ({workers} workers, unpinned)"] = many_proc.pid
             for name in [p.strip() for p in (peer or "").split(",") if p.strip()]:
                 peer_proc, peer_url = start_peer(name, v1, v2, percentage, Path(tmp), pin=server_pin)
                 procs.append(peer_proc)
                 label = name if name in PEERS or name == "envoy" else "custom command"
                 targets[f"peer: {label}"] = peer_url + "/"
+                pids[f"peer: {label}"] = peer_proc.pid
+                paced_targets.add(f"peer: {label}")
             for url in targets.values():
                 load(url, warmup)
             runs: dict[str, list[Result]] = {name: [] for name in targets}
             for _ in range(max(1, rounds)):
                 for name, url in targets.items():
-                    runs[name].append(load(url, seconds))
+                    pid = pids.get(name)
+                    before = cpu_seconds(pid) if pid else 0.0
+                    result = load(url, seconds)
+                    if pid and result.requests:
+                        result.cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
+                    runs[name].append(result)
+            if paced_rate:
+                # added latency at a modest rate (not at saturation): the same targets, one by one
+                for name, url in targets.items():
+                    if name in paced_targets:
+                        paced.append(run_paced(name, url, paced_rate, seconds, pin=pin))
         finally:
             for proc in reversed(procs):
                 stop(proc)
@@ -449,7 +556,7 @@ def run_ws_load(url: str, connections: int, seconds: float, size: int = 64) -> R
     def pct(p: float) -> float:
         return samples[min(len(samples) - 1, int(len(samples) * p))] * 1000 if samples else float("nan")
 
-    return Result(url, ok / seconds, pct(0.5), pct(0.99), err)
+    return Result(url, ok / seconds, pct(0.5), pct(0.99), err, ok + err)
 
 
 def bench_websocket(
@@ -530,9 +637,11 @@ def medians(runs: dict[str, list[Result]]) -> list[Result]:
     results = []
     for name, measured in runs.items():
         middle = sorted(measured, key=lambda r: r.rps)[len(measured) // 2]
+        cpus = sorted(r.cpu_us for r in measured if r.cpu_us is not None)
         results.append(
-            Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured))
-        )
+            Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured),
+                   middle.requests, cpus[len(cpus) // 2] if cpus else None)
+        )  # fmt: skip
     return results
 
 
@@ -543,12 +652,30 @@ def render(results: list[Result], connections: int, seconds: float, tool: str, r
         f"load: {tool}, {connections} connections, median of {rounds} alternating {seconds:g}s rounds"
         f" per target, one run, {os.cpu_count()} cores",
         f"{'target':<48} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
-        f"{'vs direct':>10} {'strangler/this':>15}",
+        f"{'vs direct':>10} {'strangler/this':>15} {'CPU us/req':>11}",
     ]
     for res in results:
         vs_ours = f"{ours / res.rps:.2f}x" if res.rps else "-"
+        cpu = f"{res.cpu_us:.1f}" if res.cpu_us is not None else "-"
         lines.append(
             f"{res.name:<48} {res.rps:>10.0f} {res.p50_ms:>8.2f} {res.p99_ms:>8.2f} {res.errors:>7} "
-            f"{res.rps / direct:>9.2f}x {vs_ours:>15}"
+            f"{res.rps / direct:>9.2f}x {vs_ours:>15} {cpu:>11}"
+        )
+    return "\n".join(lines)
+
+
+def render_paced(results: list[Result], rate: float, seconds: float) -> str:
+    """Latency at a modest fixed rate, and what each proxy adds to the direct connection."""
+    if not results:
+        return ""
+    direct = results[0]
+    lines = [
+        f"latency at {rate:g} req/s (10 connections, paced), {seconds:g}s per target",
+        f"{'target':<48} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'added p50':>10} {'added p99':>10}",
+    ]
+    for res in results:
+        lines.append(
+            f"{res.name:<48} {res.rps:>10.0f} {res.p50_ms:>8.2f} {res.p99_ms:>8.2f} "
+            f"{res.p50_ms - direct.p50_ms:>+10.2f} {res.p99_ms - direct.p99_ms:>+10.2f}"
         )
     return "\n".join(lines)

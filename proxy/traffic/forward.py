@@ -11,9 +11,10 @@ import asyncio
 import contextlib
 import itertools
 import os
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -48,6 +49,9 @@ from proxy.traffic.paths import is_canonical, normalise
 from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import Upstream, translate
 from proxy.traffic.websocket import Registry, Session, WsPolicy, relay
+
+if TYPE_CHECKING:
+    from proxy.edge.server import NativeExchange
 
 HOP_BY_HOP = frozenset(
     {
@@ -134,28 +138,64 @@ class ProxyApp:
         await self.handle(AsgiExchange(scope, receive, send))
 
     async def handle(self, ex: ClientExchange) -> None:
-        path = ex.path
-        raw_path = ex.raw_path
-        if not raw_path.startswith(b"/"):
-            await self._odd_target(ex, raw_path)
-            return
-        if path.startswith(self._prefix) and (path == self._prefix or path[len(self._prefix)] == "/"):
-            # one spelling reaches the admin API: no escapes (%5F), no dot or empty segments, no
-            # trailing slash (Starlette would answer it with a redirect built from the client's Host)
-            if is_canonical(path, raw_path) and not path.endswith("/"):
-                await ex.asgi(self._admin)
-                return
-            await self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
-            return
-        norm = normalise(path)
-        if norm != path and (norm == self._prefix or norm.startswith(self._prefix + "/")):
-            await self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+        norm = self._classify(ex)
+        if not isinstance(norm, str):
+            await norm
             return
         ws = ex.websocket()
         if ws is not None:
-            await self._websocket(ex, ws, norm, raw_path)
+            await self._websocket(ex, ws, norm, ex.raw_path)
             return
-        await self._proxy(ex, norm, raw_path)
+        routed = self._route(ex, norm, ex.raw_path)
+        if isinstance(routed, _Exchange):
+            await self._forward(ex, routed)
+        else:
+            await routed
+
+    def start(self, ex: NativeExchange) -> Coroutine[Any, Any, None] | None:
+        """Our server's entry for a request without a body: taken now, with no task, when a warm
+        upstream connection is free (the common case under load); the answer is relayed from the
+        upstream connection's callbacks (``_FastRelay``). Anything else returns the coroutine that
+        handles it, which the server runs as a task."""
+        norm = self._classify(ex)
+        if not isinstance(norm, str):
+            return norm
+        routed = self._route(ex, norm, ex.raw_path)
+        if not isinstance(routed, _Exchange):
+            return routed
+        pool = self._upstreams[routed.version].pool
+        method = routed.method
+        try:
+            head = pool.head_for(
+                METHOD_BYTES.get(method) or method.encode("latin-1"), routed.raw_target, routed.headers,
+                routed.add_host, b"content-length: 0\r\n" if routed.content_length == 0 else b"",
+            )  # fmt: skip
+        except UpstreamError:
+            return self._forward(ex, routed)  # refused again there, and answered
+        conn = pool.take_idle()
+        if conn is None:
+            return self._forward(ex, routed)  # a new connection (or a wait for one) needs a task
+        conn.send_now(head, method == "HEAD", pool.limits.read_timeout, _FastRelay(self, ex, routed))
+        return None
+
+    def _classify(self, ex: ClientExchange) -> str | Coroutine[Any, Any, None]:
+        """The normalised path of a request to forward, or the coroutine that answers it here
+        (the admin API, an odd target, a misspelt admin path)."""
+        path = ex.path
+        raw_path = ex.raw_path
+        if not raw_path.startswith(b"/"):
+            return self._odd_target(ex, raw_path)
+        prefix = self._prefix
+        if path.startswith(prefix) and (path == prefix or path[len(prefix)] == "/"):
+            # one spelling reaches the admin API: no escapes (%5F), no dot or empty segments, no
+            # trailing slash (Starlette would answer it with a redirect built from the client's Host)
+            if is_canonical(path, raw_path) and not path.endswith("/"):
+                return ex.asgi(self._admin)
+            return self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+        norm = normalise(path)
+        if norm != path and (norm == prefix or norm.startswith(prefix + "/")):
+            return self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
+        return norm
 
     def _add_forwarded(
         self, out: list[tuple[bytes, bytes]], ex: ClientExchange, xff: bytes | None, host: bytes | None,
@@ -182,16 +222,17 @@ class ProxyApp:
             return
         await self._reject(ex, 400, "bad_target", "the request target must be a path like /items?id=1")
 
-    async def _proxy(self, ex: ClientExchange, norm: str, raw_path: bytes) -> None:
+    def _route(self, ex: ClientExchange, norm: str, raw_path: bytes) -> _Exchange | Coroutine[Any, Any, None]:
+        """Everything decided before a byte goes upstream, without waiting on anything: the
+        deprecation, the group, the version, the headers to send. A refusal comes back as the
+        coroutine that answers it."""
         started = time.perf_counter()
         snapshot = self._store.current
         method: str = ex.method
 
         deprecation = self._deprecations.check(method, norm, snapshot)
         if deprecation is not None and deprecation.gone_body is not None:
-            await self._answer(ex, 410, deprecation.gone_body, deprecation.headers)
-            self._metrics.request_done("deprecated", "proxy", method, 410, time.perf_counter() - started)
-            return
+            return self._gone(ex, deprecation, method, started)
         group = self._routes.group_for(norm)
 
         # one pass over the headers: pick out what we need, build what goes upstream
@@ -259,75 +300,126 @@ class ProxyApp:
                 snapshot, group, forced, user_key, cookie, query, ex.client_host, picked
             )
         except BadForce:
-            await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
-            return
-
-        request_id = self._add_forwarded(out, ex, xff, host, request_id)
-        headers = out
-        raw_target = raw_path + b"?" + query if query else raw_path
+            return self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
 
         plan = None
         if version == "v1":
             effective = method if override is None else override.decode("latin-1").strip().upper()
             plan = self._mirror.plan(group, effective, content_length, snapshot)
 
-        capture = plan.max_body if plan is not None else 0
-        body = _Body(ex.read, capture, self._body_policy) if has_body else None
-        xc = _Exchange(group, method, version, started, body, plan)
+        xc = _Exchange(group, method, version, started, None, plan)
+        xc.norm = norm
+        xc.request_id = self._add_forwarded(out, ex, xff, host, request_id)
+        xc.headers = out
+        xc.raw_target = raw_path + b"?" + query if query else raw_path
+        xc.has_body = has_body
         xc.content_length = content_length if has_body or content_length == 0 else None
         xc.add_host = host is None or not self._preserve_host
         if deprecation is not None:
             xc.extra_headers.extend(deprecation.headers)
         if set_cookies is not None:
             xc.extra_headers.extend((b"set-cookie", value) for value in set_cookies)
+        return xc
 
+    async def _gone(self, ex: ClientExchange, deprecation: Any, method: str, started: float) -> None:
+        await self._answer(ex, 410, deprecation.gone_body, deprecation.headers)
+        self._metrics.request_done("deprecated", "proxy", method, 410, time.perf_counter() - started)
+
+    async def _forward(self, ex: ClientExchange, xc: _Exchange) -> None:
+        """The routed request, with a task: its body, a new upstream connection, v1 fallback."""
+        plan = xc.plan
+        capture = plan.max_body if plan is not None else 0
+        body = xc.body = _Body(ex.read, capture, self._body_policy) if xc.has_body else None
         try:
-            response = await self._send_upstream(version, method, raw_target, headers, body, xc)
+            response = await self._send_upstream(xc.version, xc.method, xc.raw_target, xc.headers, body, xc)
         except UpstreamError as exc:
-            if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
-                self._metrics.fallback(group)
-                self._metrics.upstream_error("v2", exc.kind)
-                if exc.blames_version:  # v2 failed this request: the canary must see it
-                    for recorder in self._recorders:
-                        recorder.record(group, "v2", 502, time.perf_counter() - started)
-                xc.version = "v1"
-                xc.plan = plan = None  # a request v2 was meant to serve is never mirrored to v2
-                try:
-                    response = await self._send_upstream("v1", method, raw_target, headers, body, xc)
-                except UpstreamError as exc2:
-                    await self._upstream_failed(ex, exc2, xc)
-                    return
-            else:
-                if plan is not None:
-                    self._mirror.abandon(plan, "primary_failed")
-                await self._upstream_failed(ex, exc, xc)
+            recovered = await self._recover(ex, exc, xc)
+            if recovered is None:
                 return
+            response = recovered
         except ClientGone:
-            self._metrics.client_disconnected(version, "request")
+            self._metrics.client_disconnected(xc.version, "request")
             return
         except BodyTooSlow:
             await self._reject(ex, 408, "body_too_slow", "request body arrived below the minimum rate")
             return
+        await self._relay_and_finish(ex, response, xc)
 
+    async def _recover(
+        self, ex: ClientExchange, exc: UpstreamError, xc: _Exchange
+    ) -> UpstreamResponse | None:
+        """v2 unreachable before anything was sent: v1 serves it (when allowed). Otherwise the
+        client gets the error. None when the answer has been given here."""
+        body = xc.body
+        if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
+            self._metrics.fallback(xc.group)
+            self._metrics.upstream_error("v2", exc.kind)
+            if exc.blames_version:  # v2 failed this request: the canary must see it
+                for recorder in self._recorders:
+                    recorder.record(xc.group, "v2", 502, time.perf_counter() - xc.started)
+            xc.version = "v1"
+            xc.plan = None  # a request v2 was meant to serve is never mirrored to v2
+            try:
+                return await self._send_upstream("v1", xc.method, xc.raw_target, xc.headers, body, xc)
+            except UpstreamError as exc2:
+                await self._upstream_failed(ex, exc2, xc)
+                return None
+        if xc.plan is not None:
+            self._mirror.abandon(xc.plan, "primary_failed")
+        await self._upstream_failed(ex, exc, xc)
+        return None
+
+    async def _relay_and_finish(self, ex: ClientExchange, response: UpstreamResponse, xc: _Exchange) -> None:
         result = await self._relay(ex, response, xc)
-        if result is None:
+        if result is not None:
+            self._finished(xc, *result)
+
+    def _finished(self, xc: _Exchange, status: int, primary: PrimaryResult | None) -> None:
+        """An answer relayed in full: recorded, and handed to the mirror when planned."""
+        self._done(xc.group, xc.version, xc.method, status, time.perf_counter() - xc.started)
+        plan = xc.plan
+        if plan is None or primary is None:
             return
-        status, primary = result
-        self._done(group, xc.version, method, status, time.perf_counter() - started)
-        if plan is not None and primary is not None:
-            if body is not None and body.too_large:
-                self._mirror.abandon(plan, "size")
-                return
-            mirrored = MirrorRequest(
-                group=group,
-                method=method,
-                path=norm,
-                raw_target=raw_target,
-                headers=headers,
-                body=body.captured if body is not None else b"",
-                request_id=request_id.decode("latin-1"),
-            )
-            self._mirror.submit(plan, mirrored, primary)
+        body = xc.body
+        if body is not None and body.too_large:
+            self._mirror.abandon(plan, "size")
+            return
+        mirrored = MirrorRequest(
+            group=xc.group,
+            method=xc.method,
+            path=xc.norm,
+            raw_target=xc.raw_target,
+            headers=xc.headers,
+            body=body.captured if body is not None else b"",
+            request_id=xc.request_id.decode("latin-1"),
+        )
+        self._mirror.submit(plan, mirrored, primary)
+
+    def _answer_now(self, ex: NativeExchange, response: UpstreamResponse, xc: _Exchange) -> None:
+        """The fast path's end: a small answer, buffered whole by the upstream connection, is
+        written to the client in one write (no task, no coroutine)."""
+        try:
+            payload = response.buffered()
+        except UpstreamError as exc:  # nothing relayed yet: a clean 502/504
+            ex.spawn(self._upstream_failed(ex, exc, xc))
+            return
+        if ex.gone:
+            self._metrics.client_disconnected(xc.version, "response")
+            return
+        status = response.status
+        headers = self._answer_headers(response, xc)
+        ex.respond_now(status, headers, payload)
+        primary = None
+        plan = xc.plan
+        if plan is not None:
+            kept = payload if len(payload) <= plan.max_compare else None
+            primary = PrimaryResult(status, headers, kept, time.perf_counter() - xc.started)
+        self._finished(xc, status, primary)
+
+    async def _after_failure(self, ex: ClientExchange, exc: UpstreamError, xc: _Exchange) -> None:
+        response = await self._recover(ex, exc, xc)
+        if response is not None:
+            await self._relay_and_finish(ex, response, xc)
 
     async def _websocket(self, ex: ClientExchange, ws: ClientWebSocket, norm: str, raw_path: bytes) -> None:
         """An upgrade: choose the version as for HTTP, open the upstream WebSocket first (so a
@@ -521,14 +613,11 @@ class ProxyApp:
         """Stream the answer back: (status, primary for the mirror), or None if cut short."""
         version, plan, started = xc.version, xc.plan, xc.started
         status: int = response.status
-        headers = _response_headers(response.raw_headers)
-        headers.append((VERSION_HEADER, VERSION_VALUE[version]))
-        headers.extend(xc.extra_headers)
-        length = response.content_length
+        headers = self._answer_headers(response, xc)
         captured: bytearray | None = bytearray() if plan is not None else None
         max_capture = plan.max_compare if plan is not None else 0
         try:
-            if xc.method == "HEAD" or status in (204, 304) or (length is not None and length <= SMALL_BODY):
+            if _buffered(xc, response):
                 try:
                     payload = await response.read()
                 except UpstreamError as exc:  # nothing relayed yet: a clean 502/504
@@ -589,6 +678,13 @@ class ProxyApp:
             if watcher is not None:
                 watcher.cancel()
 
+    @staticmethod
+    def _answer_headers(response: UpstreamResponse, xc: _Exchange) -> list[tuple[bytes, bytes]]:
+        headers = _response_headers(response.raw_headers)
+        headers.append((VERSION_HEADER, VERSION_VALUE[xc.version]))
+        headers.extend(xc.extra_headers)
+        return headers
+
     def _done(self, group: str, version: str, method: str, status: int, seconds: float) -> None:
         """Every answer a version is responsible for, relayed or proxy-generated (502/504), is
         recorded once: metrics and the recorders (canary windows judge v2 by these)."""
@@ -625,7 +721,7 @@ class _Exchange:
     """What the relay and the recording steps share about one request (instead of six arguments)."""
 
     __slots__ = ("group", "method", "version", "started", "body", "plan", "extra_headers", "content_length",
-                 "add_host")  # fmt: skip
+                 "add_host", "has_body", "norm", "raw_target", "headers", "request_id")  # fmt: skip
 
     def __init__(self, group: str, method: str, version: str, started: float, body: _Body | None, plan: Any):
         self.group = group
@@ -637,6 +733,11 @@ class _Exchange:
         self.extra_headers: list[tuple[bytes, bytes]] = []  # deprecation headers, affinity cookie
         self.content_length: int | None = None  # as the client declared it (sent canonical)
         self.add_host = True  # False when the client's Host is passed on (preserve_host)
+        self.has_body = False
+        self.norm = ""  # the normalised path (routing, the mirror's report)
+        self.raw_target = b""  # what goes upstream after the configured base path
+        self.headers: list[tuple[bytes, bytes]] = []  # what goes upstream
+        self.request_id = b""
 
 
 class BodyPolicy:
@@ -728,6 +829,51 @@ class _Body:
                 self.captured = b""
             else:
                 self.captured += chunk
+
+
+class _FastRelay:
+    """The ``ResponseSink`` of a request taken by ``ProxyApp.start``: small answers are written
+    from the upstream connection's callbacks; a large or unsized one, or a failure, continues in
+    a task with the same code as the slow path."""
+
+    __slots__ = ("_app", "_ex", "_xc")
+
+    def __init__(self, app: ProxyApp, ex: NativeExchange, xc: _Exchange) -> None:
+        self._app = app
+        self._ex = ex
+        self._xc = xc
+
+    def head(self, response: UpstreamResponse) -> bool:
+        if _buffered(self._xc, response):
+            return True
+        self._ex.spawn(self._app._relay_and_finish(self._ex, response, self._xc))
+        return False
+
+    def done(self, response: UpstreamResponse) -> None:
+        try:
+            self._app._answer_now(self._ex, response, self._xc)
+        except Exception:  # noqa: BLE001 - a bug costs this request, never the upstream connection
+            self._ex.spawn(_raise(sys.exc_info()[1]))
+
+    def failed(self, error: UpstreamError, retryable: bool) -> None:
+        if retryable:  # the keep-alive race: nothing was answered; send again on a new connection
+            self._ex.spawn(self._app._forward(self._ex, self._xc))
+        else:
+            self._ex.spawn(self._app._after_failure(self._ex, error, self._xc))
+
+
+async def _raise(exc: BaseException | None) -> None:
+    """Hand an error to the server's task wrapper, which logs it and answers 500."""
+    if exc is not None:
+        raise exc
+
+
+def _buffered(xc: _Exchange, response: UpstreamResponse) -> bool:
+    """Answers read whole before relaying (one write to the client): no body, or a small one."""
+    length = response.content_length
+    if xc.method == "HEAD" or response.status in (204, 304):
+        return True
+    return length is not None and length <= SMALL_BODY
 
 
 def _request_ids() -> Iterator[bytes]:

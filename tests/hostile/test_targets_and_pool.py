@@ -153,7 +153,9 @@ CLTE_ANSWER = (
 
 class ScriptedBackend:
     """A raw keep-alive backend: answers ``T=<target>``; ``/poison`` writes a second, unrequested
-    answer 0.3 s after the first; ``/switch`` answers 101 to a plain request."""
+    answer 0.3 s after the first; ``/switch`` answers 101 to a plain request; after ``/drop-next``
+    the next request on that connection is read, then the connection closes with no answer (the
+    keep-alive race: a backend closing an idle connection just as the proxy reuses it)."""
 
     def __init__(self) -> None:
         self._sock = socket.socket()
@@ -180,6 +182,7 @@ class ScriptedBackend:
 
     def _serve(self, conn: socket.socket) -> None:
         buffer = b""
+        drop_next = False
         with conn:
             while True:
                 while b"\r\n\r\n" not in buffer:
@@ -192,6 +195,9 @@ class ScriptedBackend:
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
                 target = head.split(b" ")[1]
+                if drop_next:
+                    return  # read, never answered: the connection closes
+                drop_next = target == b"/drop-next"
                 try:
                     if target == b"/clte":  # both framings: read by length, a second answer hides in it
                         conn.sendall(CLTE_ANSWER)
@@ -238,6 +244,21 @@ def test_an_idle_pooled_connection_that_speaks_is_dropped_never_reused(
             with httpx.Client(timeout=5) as other:
                 assert other.get(proxy.url + f"/after-{i}").text == f"T=/after-{i}"
     assert proxy.metric("strangler_upstream_errors_total", version="v1", kind="idle_readable") >= 1
+
+
+def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_new_one(
+    scripted: tuple[ScriptedBackend, ProxyProcess],
+) -> None:
+    """The keep-alive race on the fast path (a request taken with no task): nothing was answered,
+    so the request goes again on a fresh connection and the client never sees the race."""
+    backend, proxy = scripted
+    with httpx.Client(timeout=5) as client:
+        assert client.get(proxy.url + "/drop-next").text == "T=/drop-next"
+        assert backend.connections == 1
+        reply = client.get(proxy.url + "/after-race")
+    assert (reply.status_code, reply.text) == (200, "T=/after-race")
+    assert backend.connections == 2
+    assert proxy.metric("http_errors_total", version="v1") == 0
 
 
 def test_an_unsolicited_101_is_a_502_and_the_connection_is_dropped(
