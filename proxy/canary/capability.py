@@ -1,33 +1,49 @@
 """Wires the canary capability: the window recorder on the hot path, the flusher, the leader loop,
-the notifier, the admin routes and the ``canary`` service."""
+the notifier, the courier and the admin routes (``/canary/status``, ``/rollout/...``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.background import Component
 from proxy.canary import records
-from proxy.canary.controller import CanaryController
+from proxy.canary.controller import CanaryController, ParityBehind, ShadowTotals
 from proxy.canary.notify import build_notifier
 from proxy.canary.notify.courier import Courier
 from proxy.canary.rollout import RolloutError, Rollouts, check_steps, parse_duration
 from proxy.canary.windows import WindowFlusher, WindowRecorder
-from proxy.capability import Capability, Component, Deps
+from proxy.control.client import ControlClient
+from proxy.control.keys import Keys
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.traffic.hooks import Recorder
 
 
 class CanaryService:
-    """What the admin API (and anything else in-process) may ask of the canary capability."""
+    """What the admin API asks of the canary capability (status; rollouts through ``rollouts``)."""
 
-    def __init__(self, deps: Deps, rollouts: Rollouts, controller: CanaryController | None) -> None:
-        self.deps = deps
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        keys: Keys,
+        rollouts: Rollouts,
+        controller: CanaryController | None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = keys
         self.rollouts = rollouts
         self.controller = controller
 
     async def status(self) -> dict[str, Any]:
-        data = await records.read_status(self.deps.redis, self.deps.keys, self.deps.settings.group_names)
+        data = await records.read_status(self.redis, self.keys, self.settings.group_names)
         data["this_process"] = {
             "identity": self.controller.lock.identity if self.controller else None,
             "leader": bool(self.controller and self.controller.is_leader),
@@ -35,33 +51,50 @@ class CanaryService:
         return data
 
 
-def build(deps: Deps) -> Capability:
-    canary = deps.settings.canary
-    rollouts = Rollouts(deps.redis, deps.keys)
+@dataclass
+class Canary:
+    """The canary's parts: ``recorders`` go to the request path, ``components`` to the lifespan
+    (in start order); both are empty when ``canary.enabled`` is off (rollouts still answer)."""
+
+    service: CanaryService
+    recorders: list[Recorder] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
+
+    def admin_routes(self) -> list[Route]:
+        return admin_routes(self.service)
+
+
+def build(
+    settings: Settings,
+    metrics: Metrics,
+    redis: aioredis.Redis,
+    keys: Keys,
+    control: ControlClient,
+    rollouts: Rollouts,
+    shadow_totals: ShadowTotals,
+    parity_behind: ParityBehind,
+) -> Canary:
+    canary = settings.canary
     if not canary.enabled:
-        service = CanaryService(deps, rollouts, None)
-        return Capability(
-            "canary", admin_routes=lambda ctx: admin_routes(service), services={"canary": service}
-        )
+        return Canary(CanaryService(settings, redis, keys, rollouts, None))
     recorder = WindowRecorder(canary.count_4xx_as_errors)
-    flusher = WindowFlusher(recorder, deps.redis, deps.keys, canary)
-    notifier = build_notifier(canary, deps.metrics)
-    controller = CanaryController(deps.settings, deps.redis, deps.keys, deps.control, deps.metrics, rollouts)
-    courier = Courier(deps.redis, deps.keys, notifier, canary, deps.metrics, lambda: controller.is_leader)
-    service = CanaryService(deps, rollouts, controller)
-    components: list[Component] = [notifier, flusher, controller, courier]  # type: ignore[list-item]
-    return Capability(
-        "canary",
+    flusher = WindowFlusher(recorder, redis, keys, canary)
+    notifier = build_notifier(canary, metrics)
+    controller = CanaryController(
+        settings, redis, keys, control, metrics, rollouts,
+        shadow_totals=shadow_totals, parity_behind=parity_behind,
+    )  # fmt: skip
+    courier = Courier(redis, keys, notifier, canary, metrics, lambda: controller.is_leader)
+    return Canary(
+        CanaryService(settings, redis, keys, rollouts, controller),
         recorders=[recorder],
-        components=components,
-        admin_routes=lambda ctx: admin_routes(service),
-        services={"canary": service},
+        components=[notifier, flusher, controller, courier],
     )
 
 
 def admin_routes(service: CanaryService) -> list[Route]:
     """``/canary/status`` and ``/rollout/...``; the prefix and the write-token guard come from admin/app."""
-    settings = service.deps.settings
+    settings = service.settings
 
     async def body_of(request: Request) -> dict[str, Any]:
         raw = await request.body()

@@ -165,10 +165,10 @@ class Rollouts:
         self.race_hook = race_hook
 
     def key(self, group: str) -> str:
-        return self.keys.under("rollout", group)
+        return self.keys.rollout(group)
 
     def log_key(self, group: str) -> str:
-        return self.keys.under("rollout", group, "log")
+        return self.keys.rollout_log(group)
 
     async def get(self, group: str) -> RolloutState | None:
         raw = await self.redis.get(self.key(group))

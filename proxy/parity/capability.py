@@ -2,7 +2,7 @@
 request path (the control store's poll), becomes gauges the dashboard shows.
 
 Why the proxies and not the `strangler parity` command: the command runs now and then, from
-anywhere; Prometheus scrapes the proxies. Imports only ``control/`` and ``capability``.
+anywhere; Prometheus scrapes the proxies. Imports only ``control/`` and ``metrics``.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.capability import Capability, Deps
+from proxy.control.snapshot import SectionParser
+from proxy.metrics import Metrics
 
 SECTION = "parity:last"  # the hash `strangler parity` writes (proxy/parity/store.py: parity_key)
 MAX_TABLES = 100  # label values come from the operator's parity configs: bounded all the same
 
 
-def build(deps: Deps) -> Capability:
-    metrics = deps.metrics
+def sections(metrics: Metrics) -> dict[str, SectionParser]:
+    """The snapshot section of the last parity results; parsing it updates the gauges."""
 
     def parse(raw: Mapping[str, str], previous: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
         """``{table: {"status", "differences"}}``; a malformed entry is skipped, reported once."""
@@ -37,4 +38,4 @@ def build(deps: Deps) -> Capability:
             metrics.parity_results(results)
         return results, problems
 
-    return Capability(name="parity", sections={SECTION: parse})
+    return {SECTION: parse}

@@ -1,4 +1,4 @@
-"""Wires shadow traffic into the proxy: sections, the mirror, its workers, admin routes, services.
+"""Wires shadow traffic into the proxy: sections, the mirror, its workers, the report, admin routes.
 
 Admin routes (under the admin prefix; non-GET routes need the admin token):
 ``GET /diffs`` (``?endpoint=E`` for one endpoint), ``POST /diffs/reset``, ``GET /shadow``,
@@ -8,15 +8,19 @@ Admin routes (under the admin prefix; non-GET routes need the admin token):
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.capability import Capability, Deps
-from proxy.control.client import InvalidValue
-from proxy.settings import ConfigError
+from proxy.control.client import ControlClient, InvalidValue
+from proxy.control.keys import Keys
+from proxy.control.snapshot import SectionParser
+from proxy.control.store import ControlStore
+from proxy.metrics import Metrics
+from proxy.settings import ConfigError, Settings
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.mirror import ShadowMirror
 from proxy.shadow.policy import RULES_SECTION, SECTION, make_policy_parser, make_rules_parser
@@ -27,26 +31,45 @@ SETTABLE = ("enabled", "sample_percentage", "methods", "max_body_bytes", "compar
             "calibration_percentage")  # fmt: skip
 
 
-def build(deps: Deps) -> Capability:
-    settings = deps.settings
+def sections(settings: Settings) -> dict[str, SectionParser]:
+    """The snapshot sections shadow reads (``strangler:shadow``, ``strangler:shadow_rules``);
+    built before the control store, which parses them."""
     try:
-        sections = {SECTION: make_policy_parser(settings), RULES_SECTION: make_rules_parser(settings)}
+        return {SECTION: make_policy_parser(settings), RULES_SECTION: make_rules_parser(settings)}
     except ValueError as exc:
         raise ConfigError(f"invalid shadow configuration: {exc}") from exc
-    report = ReportStore(deps.redis, deps.keys, settings.shadow.max_samples, settings.shadow.noise_threshold)
-    mirror = ShadowMirror(deps, RouteTable(settings.routes), report)
-    control = ShadowControl(deps.control, settings)
-    return Capability(
-        name="shadow",
-        sections=sections,
-        mirror=mirror,
-        components=[mirror],
-        admin_routes=lambda ctx: admin_routes(ctx, report, control, mirror),
-        services={"shadow_report": report, "shadow_control": control},
-    )
 
 
-def admin_routes(ctx: Any, report: ReportStore, control: ShadowControl, mirror: ShadowMirror) -> list[Route]:
+@dataclass
+class Shadow:
+    """The shadow parts: ``mirror`` is the request-path hook and a lifespan component; ``report``
+    is also what the canary's mismatch gate reads (``report.group_totals``)."""
+
+    store: ControlStore
+    report: ReportStore
+    control: ShadowControl
+    mirror: ShadowMirror
+
+    def admin_routes(self) -> list[Route]:
+        return admin_routes(self.store, self.report, self.control, self.mirror)
+
+
+def build(
+    settings: Settings,
+    metrics: Metrics,
+    redis: aioredis.Redis,
+    keys: Keys,
+    control: ControlClient,
+    store: ControlStore,
+) -> Shadow:
+    report = ReportStore(redis, keys, settings.shadow.max_samples, settings.shadow.noise_threshold)
+    mirror = ShadowMirror(settings, metrics, store, RouteTable(settings.routes), report)
+    return Shadow(store, report, ShadowControl(control, settings), mirror)
+
+
+def admin_routes(
+    store: ControlStore, report: ReportStore, control: ShadowControl, mirror: ShadowMirror
+) -> list[Route]:
     from proxy.admin.app import error, json_body
 
     async def get_diffs(request: Request) -> Response:
@@ -68,11 +91,11 @@ def admin_routes(ctx: Any, report: ReportStore, control: ShadowControl, mirror: 
     async def get_shadow(request: Request) -> Response:
         """Shadow settings: stored in Redis, in force on this replica, rejected values, rules."""
         status = await control.status()
-        snapshot = ctx.store.current.section(SECTION)
+        snapshot = store.current.section(SECTION)
         status["in_force"] = (
             {name: gp.summary() for name, gp in snapshot.groups.items()} if snapshot is not None else None
         )
-        rules = ctx.store.current.section(RULES_SECTION)
+        rules = store.current.section(RULES_SECTION)
         in_force = rules.rules if rules is not None else ()
         status["rules_in_force"] = [
             {"kind": r.kind, "endpoint": r.endpoint, "value": r.value, "source": r.source} for r in in_force
