@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from proxy.settings import Settings
 
 
+PARITY_LAST = "parity:last"  # a control hash (``Keys.hash``) that ``strangler parity`` writes
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names; ``split_key`` is kept outside the prefix because users' tooling already sets it."""
@@ -58,7 +61,9 @@ class Keys:
         return f"{self._prefix}groups"
 
     def hash(self, name: str) -> str:
-        """A control hash owned by one capability, e.g. ``strangler:shadow``."""
+        """A control hash the control store reads into the snapshot section ``name``, e.g.
+        ``strangler:shadow``; its owner names it (``shadow``, ``shadow_rules``, ``deprecations``,
+        ``parity:last``)."""
         return f"{self._prefix}{name}"
 
     def under(self, *parts: str) -> str:
@@ -136,8 +141,9 @@ class Keys:
 
     @property
     def parity_last(self) -> str:
-        """The last ``strangler parity`` summary per table (hash: table -> JSON)."""
-        return self.under("parity", "last")
+        """The last ``strangler parity`` summary per table (hash: table -> JSON); also the
+        control store's ``PARITY_LAST`` section, which feeds the parity gauges."""
+        return self.hash(PARITY_LAST)
 
     @property
     def epoch(self) -> str:

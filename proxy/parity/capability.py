@@ -7,15 +7,33 @@ anywhere; Prometheus scrapes the proxies. Imports only ``control/`` and ``metric
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from proxy.control.keys import PARITY_LAST
 from proxy.control.snapshot import SectionParser
 from proxy.metrics import Metrics
 
-SECTION = "parity:last"  # the hash `strangler parity` writes (proxy/parity/store.py: parity_key)
+SECTION = PARITY_LAST  # the hash `strangler parity` writes (proxy/parity/store.py: parity_key)
 MAX_TABLES = 100  # label values come from the operator's parity configs: bounded all the same
+
+
+class _Summary(BaseModel):
+    """The fields of a stored summary the gauges need (``proxy/parity/store.py`` writes more)."""
+
+    status: str
+    missing: int | None = None
+    extra: int | None = None
+    changed: int | None = None
+
+    @property
+    def differences(self) -> int:
+        return (self.missing or 0) + (self.extra or 0) + (self.changed or 0)
+
+
+_SUMMARY: TypeAdapter[_Summary] = TypeAdapter(_Summary)
 
 
 def sections(metrics: Metrics) -> dict[str, SectionParser]:
@@ -27,13 +45,11 @@ def sections(metrics: Metrics) -> dict[str, SectionParser]:
         problems: list[str] = []
         for table, text in sorted(raw.items())[:MAX_TABLES]:
             try:
-                data = json.loads(text)
-                status = str(data["status"])
-                differences = sum(int(data.get(k) or 0) for k in ("missing", "extra", "changed"))
-            except (ValueError, TypeError, KeyError, AttributeError):
+                summary = _SUMMARY.validate_json(text)
+            except ValidationError:
                 problems.append(f"parity result for {table!r} is not a parity summary")
                 continue
-            results[table] = {"status": status, "differences": differences}
+            results[table] = {"status": summary.status, "differences": summary.differences}
         if results != (previous or {}):
             metrics.parity_results(results)
         return results, problems
