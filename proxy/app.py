@@ -14,6 +14,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from proxy.admin import canary as canary_admin
+from proxy.admin import deprecations as deprecations_admin
+from proxy.admin import shadow as shadow_admin
 from proxy.admin.app import AdminContext, AdminOnly, NotServedHere, PrefixMount, build_admin
 from proxy.background import Component
 from proxy.canary import capability as canary
@@ -27,7 +30,6 @@ from proxy.parity import capability as parity
 from proxy.parity.store import tables_behind
 from proxy.settings import Settings
 from proxy.shadow import capability as shadow
-from proxy.traffic import deprecation_capability
 from proxy.traffic.deprecation import SECTION as DEPRECATIONS
 from proxy.traffic.deprecation import DeprecationRules
 from proxy.traffic.forward import ProxyApp, Receive, Scope, Send
@@ -68,9 +70,9 @@ class Strangler:
         }
         self.store = store = ControlStore(settings, redis, metrics, sections)
 
-        self.shadow = shadow.build(settings, metrics, redis, keys, control, store)
+        self.shadow = shadow.build(settings, metrics, control, store)
         self.canary = canary.build(
-            settings, metrics, redis, keys, control, rollouts,
+            settings, metrics, control, rollouts,
             shadow_totals=self.shadow.report.group_totals,
             parity_behind=functools.partial(tables_behind, redis, keys),
         )  # fmt: skip
@@ -83,9 +85,9 @@ class Strangler:
         }
         self.admin_context = AdminContext(settings, store, metrics, redis, control)
         capability_routes = [
-            *self.canary.admin_routes(),
-            *deprecation_capability.admin_routes(deprecations, store, control),
-            *self.shadow.admin_routes(),
+            *canary_admin.routes(self.canary.service),
+            *deprecations_admin.routes(deprecations, store, control),
+            *shadow_admin.routes(store, self.shadow.report, self.shadow.control, self.shadow.mirror),
         ]
         admin: Any = PrefixMount(settings.admin_prefix, build_admin(self.admin_context, capability_routes))
         # with admin_port the admin API is served only there (server.py runs a second server)

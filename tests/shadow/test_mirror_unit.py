@@ -34,8 +34,8 @@ def build(redis_url: str, raw: dict[str, str], **shadow: object) -> tuple[Shadow
     parsers = capability.sections(settings)
     assert set(parsers) == {SECTION, RULES_SECTION}
     store = ControlStore(settings, client, metrics, parsers)
-    parts = capability.build(settings, metrics, client, keys, ControlClient(client, keys), store)
-    assert isinstance(parts.mirror, ShadowMirror) and parts.admin_routes()
+    parts = capability.build(settings, metrics, ControlClient(client, keys), store)
+    assert isinstance(parts.mirror, ShadowMirror)
     sections = {name: parser(raw, None)[0] for name, parser in parsers.items()}
     return parts.mirror, Snapshot(0.0, sections=sections), metrics
 

@@ -1,7 +1,8 @@
-"""The deprecation admin endpoints (the hook and its Redis section are ``DeprecationRules``).
+"""The deprecation admin routes: ``GET /deprecations``, ``PUT``/``DELETE /deprecations/{name}``.
 
-The admin routes are plain Starlette handlers built here (not in ``admin/``) so that ``traffic/``
-never imports ``admin/``; the admin app guards them (writes need the token) like its own routes.
+The hook and its Redis section are ``traffic.deprecation.DeprecationRules``; these routes live in
+``admin/`` so that ``traffic/`` never imports Starlette. The admin app guards them (writes need the
+token) like its own routes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.admin.app import error
 from proxy.control.client import ControlClient
 from proxy.control.store import ControlStore
 from proxy.traffic.deprecation import SECTION, DeprecationRules, InvalidOverride, parse_override
@@ -21,11 +23,7 @@ from proxy.traffic.deprecation import SECTION, DeprecationRules, InvalidOverride
 log = logging.getLogger("strangler.deprecation")
 
 
-def _error(status: int, message: str, **details: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **details}, status_code=status)
-
-
-def admin_routes(rules: DeprecationRules, store: ControlStore, control: ControlClient) -> list[Route]:
+def routes(rules: DeprecationRules, store: ControlStore, control: ControlClient) -> list[Route]:
     """GET /deprecations, PUT/DELETE /deprecations/{name}."""
 
     def listing() -> dict[str, Any]:
@@ -45,15 +43,15 @@ def admin_routes(rules: DeprecationRules, store: ControlStore, control: ControlC
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
-            return _error(400, "body must be a JSON object", example={"phase": "gone"})
+            return error(400, "body must be a JSON object", example={"phase": "gone"})
         if not isinstance(body, dict) or not body:
-            return _error(400, "body must be a non-empty JSON object", example={"phase": "gone"})
+            return error(400, "body must be a non-empty JSON object", example={"phase": "gone"})
         raw = body["phase"] if set(body) == {"phase"} and isinstance(body["phase"], str) else None
         raw = raw if raw is not None else orjson.dumps(body).decode()
         try:
             parse_override(name, raw, rules.configured)
         except InvalidOverride as exc:
-            return _error(422, "invalid deprecation override", detail=str(exc))
+            return error(422, "invalid deprecation override", detail=str(exc))
         await control.set_hash_fields(SECTION, {name: raw})
         await store.refresh()
         log.info("deprecation rule %s overridden through the admin API: %s", name, raw)
@@ -66,7 +64,7 @@ def admin_routes(rules: DeprecationRules, store: ControlStore, control: ControlC
         name = request.path_params["name"]
         current = await control.get_hash(SECTION)
         if name not in current:
-            return _error(404, "no live override for this rule", name=name)
+            return error(404, "no live override for this rule", name=name)
         await control.set_hash_fields(SECTION, {name: None})
         await store.refresh()
         log.info("deprecation override for %s removed through the admin API", name)
