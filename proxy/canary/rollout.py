@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import WatchError
 
 from proxy.canary import events, records
@@ -88,8 +88,13 @@ class RolloutState:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> RolloutState:
-        """Raises ValueError (pydantic's, naming the bad field) for a value that is not a rollout."""
-        return _STATE.validate_json(raw)  # ``percentage`` (derived, in as_dict) is ignored
+        """Raises ValueError, one line naming the bad field, for a value that is not a rollout."""
+        try:
+            return _STATE.validate_json(raw)  # ``percentage`` (derived, in as_dict) is ignored
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(part) for part in err["loc"]) or "value"
+            raise ValueError(f"rollout state in Redis is not valid: {where}: {err['msg']}") from None
 
 
 _STATE: TypeAdapter[RolloutState] = TypeAdapter(RolloutState)
