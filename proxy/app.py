@@ -10,40 +10,32 @@ import contextlib
 import functools
 import gc
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from proxy.admin import canary as canary_admin
+from proxy.admin import deprecations as deprecations_admin
+from proxy.admin import shadow as shadow_admin
 from proxy.admin.app import AdminContext, AdminOnly, NotServedHere, PrefixMount, build_admin
-from proxy.canary import capability as canary_capability
+from proxy.background import Component
+from proxy.canary import capability as canary
 from proxy.canary.rollout import Rollouts
-from proxy.capability import Capability, Component, Deps
 from proxy.control.client import ControlClient
 from proxy.control.connect import connect
 from proxy.control.keys import Keys
 from proxy.control.store import ControlStore
 from proxy.metrics import Metrics
-from proxy.parity import capability as parity_capability
+from proxy.parity import capability as parity
+from proxy.parity.store import tables_behind
 from proxy.settings import Settings
-from proxy.shadow import capability as shadow_capability
-from proxy.traffic import deprecation_capability
+from proxy.shadow import capability as shadow
+from proxy.traffic.deprecation import SECTION as DEPRECATIONS
+from proxy.traffic.deprecation import DeprecationRules
 from proxy.traffic.forward import ProxyApp, Receive, Scope, Send
 from proxy.traffic.upstream import Upstream
 
 log = logging.getLogger("strangler")
-
-CapabilityBuilder = Callable[[Deps], Capability]
-
-
-def capability_builders() -> list[CapabilityBuilder]:
-    """The capabilities wired into the proxy, in start order."""
-    builders: list[CapabilityBuilder] = []
-    builders.append(canary_capability.build)
-    builders.append(deprecation_capability.build)
-    builders.append(shadow_capability.build)
-    builders.append(parity_capability.build)
-    return builders
 
 
 def redis_client(settings: Settings) -> aioredis.Redis:
@@ -56,59 +48,64 @@ def redis_client(settings: Settings) -> aioredis.Redis:
 
 
 class Strangler:
-    """The ASGI application: lifespan + admin + proxy."""
+    """The ASGI application: lifespan + admin + proxy.
 
-    def __init__(
-        self,
-        settings: Settings,
-        metrics: Metrics | None = None,
-        builders: list[CapabilityBuilder] | None = None,
-    ) -> None:
+    Built in dependency order: the snapshot's section parsers, then the control store that parses
+    them, then each capability's parts with the store in hand, then the admin API and the proxy.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
-        self.redis = redis_client(settings)
-        self.keys = Keys.for_settings(settings)
-        self.control = ControlClient(self.redis, self.keys, Rollouts(self.redis, self.keys).manual_split)
-        deps = Deps(settings, self.metrics, self.redis, self.keys, self.control)
-        self.capabilities = [
-            build(deps) for build in (builders if builders is not None else capability_builders())
-        ]
-        sections = {name: parser for cap in self.capabilities for name, parser in cap.sections.items()}
-        self.store = ControlStore(settings, self.redis, self.metrics, sections)
-        deps.store = self.store
+        self.metrics = metrics = metrics or Metrics()
+        self.redis = redis = redis_client(settings)
+        self.keys = keys = Keys.for_settings(settings)
+        rollouts = Rollouts(redis, keys)
+        self.control = control = ControlClient(redis, keys, rollouts.manual_split)
+
+        deprecations = DeprecationRules(settings.deprecations, metrics)
+        sections = {
+            **shadow.sections(settings),
+            DEPRECATIONS: deprecations.parse,
+            **parity.sections(metrics),
+        }
+        self.store = store = ControlStore(settings, redis, metrics, sections)
+
+        self.shadow = shadow.build(settings, metrics, control, store)
+        self.canary = canary.build(
+            settings, metrics, control, rollouts,
+            shadow_totals=self.shadow.report.group_totals,
+            parity_behind=functools.partial(tables_behind, redis, keys),
+        )  # fmt: skip
+
         self.upstreams = {
             version: Upstream(
-                version, url, settings, on_drop=functools.partial(self.metrics.upstream_error, version)
+                version, url, settings, on_drop=functools.partial(metrics.upstream_error, version)
             )
             for version, url in (("v1", settings.v1_url), ("v2", settings.v2_url))
         }
-        services: dict[str, Any] = {}
-        for cap in self.capabilities:
-            services.update(cap.services)
-        self.admin_context = AdminContext(
-            settings, self.store, self.metrics, self.redis, self.control, services
-        )
-        extra_routes = [
-            r for cap in self.capabilities if cap.admin_routes for r in cap.admin_routes(self.admin_context)
+        self.admin_context = AdminContext(settings, store, metrics, redis, control)
+        capability_routes = [
+            *canary_admin.routes(self.canary.service),
+            *deprecations_admin.routes(deprecations, store, control),
+            *shadow_admin.routes(store, self.shadow.report, self.shadow.control, self.shadow.mirror),
         ]
-        admin: Any = PrefixMount(settings.admin_prefix, build_admin(self.admin_context, extra_routes))
+        admin: Any = PrefixMount(settings.admin_prefix, build_admin(self.admin_context, capability_routes))
         # with admin_port the admin API is served only there (server.py runs a second server)
         self.admin_app: Any = None
         if settings.admin_port is not None:
             self.admin_app, admin = AdminOnly(settings.admin_prefix, admin), NotServedHere()
-        mirror = next((cap.mirror for cap in self.capabilities if cap.mirror is not None), None)
-        deprecations = next((cap.deprecations for cap in self.capabilities if cap.deprecations), None)
         self.proxy = ProxyApp(
             settings,
-            self.store,
+            store,
             self.upstreams,
-            self.metrics,
+            metrics,
             admin,
-            recorders=[rec for cap in self.capabilities for rec in cap.recorders],
-            mirror=mirror,
+            recorders=self.canary.recorders,
+            mirror=self.shadow.mirror,
             deprecations=deprecations,
         )
-        self._components: list[Component] = [c for cap in self.capabilities for c in cap.components]
+        # started in this order, stopped in reverse
+        self._components: list[Component] = [*self.canary.components, self.shadow.mirror]
         self._started: list[Component] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -11,9 +11,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("strangler")
+
+
+class Component(Protocol):
+    """A background service the lifespan opens and closes (in reverse order)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:

@@ -6,14 +6,25 @@ mistake is one clear ``ConfigError`` at start-up instead of a surprise on the re
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    HttpUrl,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +39,41 @@ DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "cookie", "query")
 
 class ConfigError(Exception):
     """Raised once at start-up with every problem in the configuration, in plain words."""
+
+
+Percentage = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+"""A v2 share: a finite number in [0, 100] (config, Redis values and the admin API alike)."""
+
+_HTTP_URL: TypeAdapter[HttpUrl] = TypeAdapter(HttpUrl)
+
+
+def http_url(value: str, problem: str) -> HttpUrl:
+    """``value`` parsed as an http(s) URL with a host (pydantic's URL rules: valid host, port in
+    range); ``problem`` is the whole error message, so the caller's wording reaches the user."""
+    if not value.startswith(("http://", "https://")):
+        raise ValueError(problem)
+    try:
+        return _HTTP_URL.validate_python(value)
+    except ValidationError as exc:
+        raise ValueError(f"{problem} ({exc.errors()[0]['msg']})") from None
+
+
+def check_steps(steps: Sequence[float]) -> list[float]:
+    """The rollout step ladder rule, the one place it is written (settings and live rollouts):
+    finite, strictly increasing, above 0, ending at 100. Raises ValueError saying which."""
+    ladder = list(steps)
+    if not ladder:
+        raise ValueError("rollout steps must not be empty")
+    if not all(math.isfinite(step) for step in ladder):
+        raise ValueError(f"rollout steps must be finite numbers: {ladder}")
+    if any(b <= a for a, b in zip(ladder, ladder[1:], strict=False)):
+        raise ValueError(f"rollout steps must increase strictly: {ladder}")
+    if ladder[0] <= 0 or ladder[-1] != 100:
+        raise ValueError(f"rollout steps must be above 0 and end at 100: {ladder}")
+    return ladder
+
+
+StepLadder = Annotated[list[float], AfterValidator(check_steps)]
 
 
 class RouteGroup(BaseModel):
@@ -157,8 +203,7 @@ class NotifierTarget(BaseModel):
                 self.url = "https://events.pagerduty.com/v2/enqueue"
         elif not self.url:
             raise ValueError(f"a {self.kind} notifier needs url")
-        if not re.match(r"^https?://", self.url):
-            raise ValueError(f"notifier url {self.url!r} must start with http:// or https://")
+        http_url(self.url, f"notifier url {self.url!r} must be an http:// or https:// URL")
         return self
 
 
@@ -173,7 +218,7 @@ class CanarySettings(BaseModel):
     count_4xx_as_errors: bool = False
     leader_lock_ttl_seconds: float = Field(default=15.0, gt=0)
     insufficient_data_alert_seconds: float = Field(default=600.0, gt=0)
-    steps: list[float] = Field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 100.0])
+    steps: StepLadder = Field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 100.0])
     step_interval_seconds: float = Field(default=300.0, gt=0)
     thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds)
     group_thresholds: dict[str, CanaryThresholds] = Field(default_factory=dict)
@@ -183,17 +228,6 @@ class CanarySettings(BaseModel):
     notify_retries: int = Field(default=3, ge=0)
     notify_backoff_seconds: float = Field(default=1.0, gt=0)
     notify_timeout_seconds: float = Field(default=5.0, gt=0)
-
-    @field_validator("steps")
-    @classmethod
-    def _ladder_is_sane(cls, value: list[float]) -> list[float]:
-        if not value:
-            raise ValueError("rollout steps must not be empty")
-        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
-            raise ValueError(f"rollout steps must increase strictly: {value}")
-        if value[0] <= 0 or value[-1] != 100:
-            raise ValueError(f"rollout steps must be above 0 and end at 100: {value}")
-        return value
 
 
 class DeprecationRule(BaseModel):
@@ -366,7 +400,7 @@ class Settings(BaseSettings):
     embedded_redis_port: int = Field(default=6390, ge=0, le=65535)
     split_key: str = "feature:v2_traffic_percentage"
     key_prefix: str = "strangler:"
-    default_percentage: float = Field(default=0.0, ge=0, le=100)
+    default_percentage: Percentage = 0.0
     redis_down_policy: Literal["keep_last", "all_v1"] = "keep_last"
     poll_interval_seconds: float = Field(default=0.5, gt=0, le=1.0)
     redis_timeout_seconds: float = Field(default=0.5, gt=0)
@@ -427,8 +461,11 @@ class Settings(BaseSettings):
     @field_validator("v1_url", "v2_url")
     @classmethod
     def _upstream_is_http(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/?#\s]+/?$|^https?://[^?#\s]+$", value):
-            raise ValueError(f"upstream URL {value!r} must look like http://host:port[/base]")
+        """A base URL only: the request's own path and query are appended to it."""
+        problem = f"upstream URL {value!r} must look like http://host:port[/base]"
+        if not re.match(r"^https?://[^?#\s]+$", value):
+            raise ValueError(problem)
+        http_url(value, problem)  # and a valid host, a port in range
         return value.rstrip("/")
 
     @field_validator("redis_url")

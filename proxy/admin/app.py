@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -44,7 +44,6 @@ class AdminContext:
     metrics: Metrics
     redis: aioredis.Redis
     control: ControlClient
-    extra: dict[str, Any] = field(default_factory=dict)  # capability services (shadow report, rollout)
 
 
 def error(status: int, message: str, **details: Any) -> JSONResponse:

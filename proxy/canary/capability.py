@@ -1,33 +1,46 @@
 """Wires the canary capability: the window recorder on the hot path, the flusher, the leader loop,
-the notifier, the admin routes and the ``canary`` service."""
+the notifier, the courier, and the service its admin routes (``proxy/admin/canary.py``) call."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+import redis.asyncio as aioredis
 
+from proxy.background import Component
 from proxy.canary import records
-from proxy.canary.controller import CanaryController
+from proxy.canary.controller import CanaryController, ParityBehind, ShadowTotals
 from proxy.canary.notify import build_notifier
 from proxy.canary.notify.courier import Courier
-from proxy.canary.rollout import RolloutError, Rollouts, check_steps, parse_duration
+from proxy.canary.rollout import Rollouts
 from proxy.canary.windows import WindowFlusher, WindowRecorder
-from proxy.capability import Capability, Component, Deps
+from proxy.control.client import ControlClient
+from proxy.control.keys import Keys
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.traffic.hooks import Recorder
 
 
 class CanaryService:
-    """What the admin API (and anything else in-process) may ask of the canary capability."""
+    """What the admin API asks of the canary capability (status; rollouts through ``rollouts``)."""
 
-    def __init__(self, deps: Deps, rollouts: Rollouts, controller: CanaryController | None) -> None:
-        self.deps = deps
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        keys: Keys,
+        rollouts: Rollouts,
+        controller: CanaryController | None,
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = keys
         self.rollouts = rollouts
         self.controller = controller
 
     async def status(self) -> dict[str, Any]:
-        data = await records.read_status(self.deps.redis, self.deps.keys, self.deps.settings.group_names)
+        data = await records.read_status(self.redis, self.keys, self.settings.group_names)
         data["this_process"] = {
             "identity": self.controller.lock.identity if self.controller else None,
             "leader": bool(self.controller and self.controller.is_leader),
@@ -35,96 +48,40 @@ class CanaryService:
         return data
 
 
-def build(deps: Deps) -> Capability:
-    canary = deps.settings.canary
-    rollouts = Rollouts(deps.redis, deps.keys)
+@dataclass
+class Canary:
+    """The canary's parts: ``recorders`` go to the request path, ``components`` to the lifespan
+    (in start order); both are empty when ``canary.enabled`` is off (rollouts still answer)."""
+
+    service: CanaryService
+    recorders: list[Recorder] = field(default_factory=list)
+    components: list[Component] = field(default_factory=list)
+
+
+def build(
+    settings: Settings,
+    metrics: Metrics,
+    control: ControlClient,
+    rollouts: Rollouts,
+    shadow_totals: ShadowTotals,
+    parity_behind: ParityBehind,
+) -> Canary:
+    """``control`` brings the Redis client and key names; the two readers are the shadow report's
+    and parity's (their owners provide them: canary never reads their layout)."""
+    canary = settings.canary
+    redis, keys = control.redis, control.keys
     if not canary.enabled:
-        service = CanaryService(deps, rollouts, None)
-        return Capability(
-            "canary", admin_routes=lambda ctx: admin_routes(service), services={"canary": service}
-        )
+        return Canary(CanaryService(settings, redis, keys, rollouts, None))
     recorder = WindowRecorder(canary.count_4xx_as_errors)
-    flusher = WindowFlusher(recorder, deps.redis, deps.keys, canary)
-    notifier = build_notifier(canary, deps.metrics)
-    controller = CanaryController(deps.settings, deps.redis, deps.keys, deps.control, deps.metrics, rollouts)
-    courier = Courier(deps.redis, deps.keys, notifier, canary, deps.metrics, lambda: controller.is_leader)
-    service = CanaryService(deps, rollouts, controller)
-    components: list[Component] = [notifier, flusher, controller, courier]  # type: ignore[list-item]
-    return Capability(
-        "canary",
+    flusher = WindowFlusher(recorder, redis, keys, canary)
+    notifier = build_notifier(canary, metrics)
+    controller = CanaryController(
+        settings, redis, keys, control, metrics, rollouts,
+        shadow_totals=shadow_totals, parity_behind=parity_behind,
+    )  # fmt: skip
+    courier = Courier(redis, keys, notifier, canary, metrics, lambda: controller.is_leader)
+    return Canary(
+        CanaryService(settings, redis, keys, rollouts, controller),
         recorders=[recorder],
-        components=components,
-        admin_routes=lambda ctx: admin_routes(service),
-        services={"canary": service},
+        components=[notifier, flusher, controller, courier],
     )
-
-
-def admin_routes(service: CanaryService) -> list[Route]:
-    """``/canary/status`` and ``/rollout/...``; the prefix and the write-token guard come from admin/app."""
-    settings = service.deps.settings
-
-    async def body_of(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        if not raw:
-            return {}
-        import orjson
-
-        try:
-            data = orjson.loads(raw)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise RolloutError("body must be a JSON object")
-        return data
-
-    def group_of(data: dict[str, Any], request: Request) -> str:
-        group = data.get("group") or request.query_params.get("group") or "default"
-        if group not in settings.group_names:
-            raise LookupError(group)
-        return str(group)
-
-    def handler(action: str) -> Any:
-        async def handle(request: Request) -> Response:
-            try:
-                data = await body_of(request)
-                group = group_of(data, request)
-                who = f"admin api ({request.client.host if request.client else '?'})"
-                if action == "start":
-                    steps = data.get("steps") or settings.canary.steps
-                    if isinstance(steps, str):
-                        steps = [float(s) for s in steps.split(",") if s.strip()]
-                    steps = [float(s) for s in steps]
-                    check_steps(steps)
-                    raw_interval = data.get("interval", settings.canary.step_interval_seconds)
-                    interval = parse_duration(str(raw_interval))
-                    state = await service.rollouts.start(group, steps, interval, who)
-                elif action == "pause":
-                    state = await service.rollouts.pause(group, who)
-                elif action == "resume":
-                    state = await service.rollouts.resume(group, who)
-                elif action == "abort":
-                    state = await service.rollouts.abort(group, who)  # the leader counts it
-                elif action == "promote":
-                    state = await service.rollouts.promote(group, who, full=bool(data.get("full")))
-                else:
-                    found = await service.rollouts.get(group)
-                    if found is None:
-                        return JSONResponse({"error": "no rollout", "group": group}, status_code=404)
-                    state = found
-            except LookupError as exc:
-                return JSONResponse({"error": "unknown group", "group": str(exc)}, status_code=404)
-            except (RolloutError, ValueError, TypeError) as exc:
-                return JSONResponse({"error": "rejected", "detail": str(exc)}, status_code=409)
-            return JSONResponse(state.as_dict())
-
-        return handle
-
-    async def status(request: Request) -> Response:
-        return JSONResponse(await service.status())
-
-    return [
-        Route("/canary/status", status, methods=["GET"]),
-        Route("/rollout", handler("get"), methods=["GET"]),
-        *(Route(f"/rollout/{action}", handler(action), methods=["POST"])
-          for action in ("start", "pause", "resume", "abort", "promote")),
-    ]  # fmt: skip

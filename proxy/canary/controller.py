@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -41,6 +41,11 @@ from proxy.settings import Settings
 
 log = logging.getLogger("strangler.canary")
 
+ShadowTotals = Callable[[], Awaitable[Mapping[str, tuple[int, int]]]]
+"""Per route group, ``(compared, mismatched)`` from the shadow diff report; empty when none."""
+ParityBehind = Callable[[Sequence[str]], Awaitable[list[str]]]
+"""Of the given tables, those whose last parity result is not ``equal`` (or that have none)."""
+
 
 class CanaryController(BackgroundLoop):
     name = "strangler-canary-controller"
@@ -53,6 +58,9 @@ class CanaryController(BackgroundLoop):
         control: ControlClient,
         metrics: Metrics,
         rollouts: Rollouts | None = None,
+        *,
+        shadow_totals: ShadowTotals,
+        parity_behind: ParityBehind,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         identity: str | None = None,
@@ -66,6 +74,9 @@ class CanaryController(BackgroundLoop):
         self.control = control
         self.metrics = metrics
         self.rollouts = rollouts or Rollouts(redis, keys, wall)
+        # the shadow report and parity results are read through their owners (passed in by app.py)
+        self.shadow_totals = shadow_totals
+        self.parity_behind = parity_behind
         self.clock = clock
         self.wall = wall
         self.lock = LeaderLock(redis, records.leader_key(keys), self.canary.leader_lock_ttl_seconds, identity)
@@ -300,51 +311,20 @@ class CanaryController(BackgroundLoop):
             )  # fmt: skip
 
     async def _parity_hold(self, rollout: RolloutState | None) -> list[str]:
-        """Tables of ``canary.parity_tables`` whose last ``strangler parity`` result (hash
-        ``<prefix>parity:last``, written by ``proxy/parity``) is not ``equal``, or that were never
-        checked. The rollout holds (no next step) but is not rolled back: the data is behind,
-        not v2's answers."""
+        """Tables of ``canary.parity_tables`` whose last ``strangler parity`` result is not
+        ``equal``, or that were never checked (read through ``parity_behind``, owned by
+        ``proxy/parity``). The rollout holds (no next step) but is not rolled back: the data is
+        behind, not v2's answers."""
         tables = self.canary.parity_tables
         if not tables or rollout is None or rollout.state != "progressing":
             return []
-        raw = await self.redis.hmget(self.keys.under("parity", "last"), tables)  # type: ignore[misc]
-        held = []
-        for table, value in zip(tables, raw, strict=True):
-            try:
-                status = json.loads(value).get("status") if value else None
-            except (ValueError, AttributeError):
-                status = None
-            if status != "equal":
-                held.append(table)
-        return held
+        return await self.parity_behind(tables)
 
     async def _shadow(self) -> dict[str, ShadowFigures]:
-        """Per-group totals of the shadow diff report, read from Redis only if it exists.
-
-        The report (owned by ``proxy/shadow``) keeps, per endpoint, a hash
-        ``<prefix>diffs:counts:<endpoint>`` with ``compared``, ``mismatched`` and ``group``, listed in
-        the set ``<prefix>diffs:endpoints``. It is cumulative (until ``strangler diffs --reset``), not
-        windowed: the gate answers "is v2 still answering differently", not "since when".
-        """
-        endpoints = [
-            e.decode() if isinstance(e, bytes) else str(e)
-            for e in await self.redis.smembers(self.keys.under("diffs", "endpoints"))
-        ]
-        if not endpoints:
-            return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for endpoint in endpoints:
-                pipe.hmget(self.keys.under("diffs", "counts", endpoint), "compared", "mismatched", "group")
-            rows = await pipe.execute()
-        totals: dict[str, list[int]] = {}
-        for compared, mismatched, group in rows:
-            try:
-                name = group.decode() if isinstance(group, bytes) else (group or "default")
-                pair = totals.setdefault(name, [0, 0])
-                pair[0] += int(compared or 0)
-                pair[1] += int(mismatched or 0)
-            except (TypeError, ValueError):
-                continue
+        """Per-group totals of the shadow diff report (read through ``shadow_totals``, owned by
+        ``proxy/shadow``). The report is cumulative (until ``strangler diffs --reset``), not
+        windowed: the gate answers "is v2 still answering differently", not "since when"."""
+        totals = await self.shadow_totals()
         return {group: ShadowFigures(c, m) for group, (c, m) in totals.items()}
 
     # --- rollback -----------------------------------------------------------------------------

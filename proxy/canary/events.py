@@ -77,11 +77,11 @@ def make(kind: str, group: str, message: str, by: str, **fields: Any) -> Event:
 
 
 def alerts_key(keys: Keys) -> str:
-    return keys.under("canary", "alerts")
+    return keys.alerts
 
 
 def due_key(keys: Keys) -> str:
-    return keys.under("canary", "alerts", "due")
+    return keys.alerts_due
 
 
 @dataclass(frozen=True)

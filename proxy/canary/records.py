@@ -24,23 +24,23 @@ DECISIONS_LIMIT = 100
 
 
 def verdict_key(keys: Keys, group: str) -> str:
-    return keys.under("canary", "verdict", group)
+    return keys.canary_verdict(group)
 
 
 def decision_key(keys: Keys, group: str) -> str:
-    return keys.under("canary", "decision", group)
+    return keys.canary_decision(group)
 
 
 def decisions_key(keys: Keys) -> str:
-    return keys.under("canary", "decisions")
+    return keys.canary_decisions
 
 
 def leader_key(keys: Keys) -> str:
-    return keys.under("canary", "leader")
+    return keys.canary_leader
 
 
 def since_key(keys: Keys, group: str) -> str:
-    return keys.under("canary", "since", group)
+    return keys.canary_since(group)
 
 
 def lost_key(keys: Keys) -> str:
@@ -69,7 +69,7 @@ async def read_status(redis: aioredis.Redis, keys: Keys, groups: list[str]) -> d
     from proxy.canary.rollout import RolloutState  # rollout imports this module
 
     columns = [
-        [keys.split(g) for g in groups], [keys.under("rollout", g) for g in groups],
+        [keys.split(g) for g in groups], [keys.rollout(g) for g in groups],
         [verdict_key(keys, g) for g in groups], [decision_key(keys, g) for g in groups],
     ]  # fmt: skip
     async with redis.pipeline(transaction=False) as pipe:

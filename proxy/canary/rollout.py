@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from pydantic import TypeAdapter, ValidationError
 from redis.exceptions import WatchError
 
 from proxy.canary import events, records
@@ -33,6 +34,7 @@ from proxy.canary.events import Event
 from proxy.canary.leader import LeaderToken
 from proxy.control.keys import Keys
 from proxy.control.snapshot import as_text
+from proxy.settings import check_steps as ladder_rule
 
 PROGRESSING, PAUSED, COMPLETED, ROLLED_BACK = "progressing", "paused", "completed", "rolled_back"
 ACTIVE = (PROGRESSING, PAUSED)
@@ -86,9 +88,16 @@ class RolloutState:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> RolloutState:
-        data = json.loads(raw)
-        data.pop("percentage", None)
-        return cls(**data)
+        """Raises ValueError, one line naming the bad field, for a value that is not a rollout."""
+        try:
+            return _STATE.validate_json(raw)  # ``percentage`` (derived, in as_dict) is ignored
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(part) for part in err["loc"]) or "value"
+            raise ValueError(f"rollout state in Redis is not valid: {where}: {err['msg']}") from None
+
+
+_STATE: TypeAdapter[RolloutState] = TypeAdapter(RolloutState)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,7 @@ Change = Callable[[Facts], "tuple[RolloutState | None, Event | None, dict[str, A
 
 
 def parse_steps(text: str) -> list[float]:
-    """``1,5,10,...,100``: strictly increasing, above 0, ending at 100 (same rule as settings)."""
+    """``1,5,10,...,100``: strictly increasing, above 0, ending at 100 (the settings' rule)."""
     try:
         steps = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
@@ -122,12 +131,11 @@ def parse_steps(text: str) -> list[float]:
 
 
 def check_steps(steps: list[float]) -> None:
-    if not steps:
-        raise RolloutError("rollout steps must not be empty")
-    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
-        raise RolloutError(f"rollout steps must increase strictly: {steps}")
-    if steps[0] <= 0 or steps[-1] != 100:
-        raise RolloutError(f"rollout steps must be above 0 and end at 100: {steps}")
+    """The settings' ladder rule (``proxy.settings.check_steps``), as a ``RolloutError``."""
+    try:
+        ladder_rule(steps)
+    except ValueError as exc:
+        raise RolloutError(str(exc)) from None
 
 
 def parse_duration(text: str) -> float:
@@ -165,10 +173,10 @@ class Rollouts:
         self.race_hook = race_hook
 
     def key(self, group: str) -> str:
-        return self.keys.under("rollout", group)
+        return self.keys.rollout(group)
 
     def log_key(self, group: str) -> str:
-        return self.keys.under("rollout", group, "log")
+        return self.keys.rollout_log(group)
 
     async def get(self, group: str) -> RolloutState | None:
         raw = await self.redis.get(self.key(group))

@@ -73,7 +73,7 @@ class WindowRecorder:
 
 
 def window_key(keys: Keys, group: str, version: str, second: int) -> str:
-    return keys.under("win", group, version, str(second))
+    return keys.window(group, version, second)
 
 
 class WindowFlusher(BackgroundLoop):

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from proxy.settings import Settings
 
 
+PARITY_LAST = "parity:last"  # a control hash (``Keys.hash``) that ``strangler parity`` writes
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names; ``split_key`` is kept outside the prefix because users' tooling already sets it."""
@@ -58,12 +61,89 @@ class Keys:
         return f"{self._prefix}groups"
 
     def hash(self, name: str) -> str:
-        """A control hash owned by one capability, e.g. ``strangler:shadow``."""
+        """A control hash the control store reads into the snapshot section ``name``, e.g.
+        ``strangler:shadow``; its owner names it (``shadow``, ``shadow_rules``, ``deprecations``,
+        ``parity:last``)."""
         return f"{self._prefix}{name}"
 
     def under(self, *parts: str) -> str:
-        """Any other key under the prefix, e.g. ``strangler:rollout:default``."""
+        """A key under the prefix; only the named keys below call it, so the layout stays here."""
         return self._prefix + ":".join(parts)
+
+    # --- canary (proxy/canary) ----------------------------------------------------------------
+
+    def canary_verdict(self, group: str) -> str:
+        """The group's last check (JSON), with its failure streak, so a new leader carries on."""
+        return self.under("canary", "verdict", group)
+
+    def canary_decision(self, group: str) -> str:
+        """The group's last rollback decision (JSON)."""
+        return self.under("canary", "decision", group)
+
+    @property
+    def canary_decisions(self) -> str:
+        """The last decisions, newest first (list)."""
+        return self.under("canary", "decisions")
+
+    @property
+    def canary_leader(self) -> str:
+        """The leader lock (holder identity, with expiry)."""
+        return self.under("canary", "leader")
+
+    def canary_since(self, group: str) -> str:
+        """When the group's canary history last started afresh (a new rollout, a split by hand)."""
+        return self.under("canary", "since", group)
+
+    @property
+    def alerts(self) -> str:
+        """The alert outbox (hash: event id -> JSON)."""
+        return self.under("canary", "alerts")
+
+    @property
+    def alerts_due(self) -> str:
+        """When each queued alert is next due (sorted set)."""
+        return self.under("canary", "alerts", "due")
+
+    def window(self, group: str, version: str, second: int) -> str:
+        """One second of one replica-summed (group, version) window (hash of counters)."""
+        return self.under("win", group, version, str(second))
+
+    def rollout(self, group: str) -> str:
+        """The group's rollout state machine (JSON)."""
+        return self.under("rollout", group)
+
+    def rollout_log(self, group: str) -> str:
+        """The group's rollout transitions, newest first (list)."""
+        return self.under("rollout", group, "log")
+
+    # --- shadow diff report (proxy/shadow/report.py) ------------------------------------------
+
+    def diffs(self, kind: str, endpoint: str | None = None) -> str:
+        """A diff report key: ``endpoints`` and ``groups`` alone, or ``counts``, ``fields``,
+        ``suppressed``, ``samples`` of one endpoint; ``*`` matches them all (for SCAN)."""
+        return self.under("diffs", kind) if endpoint is None else self.under("diffs", kind, endpoint)
+
+    @property
+    def diffs_epoch(self) -> str:
+        """Incremented by every report reset, so every replica sees it."""
+        return self.under("diffs_epoch")
+
+    def noise(self, endpoint: str | None = None) -> str:
+        """The endpoints with learnt noise (set), or one endpoint's noise counts (hash)."""
+        return self.under("noise", "endpoints") if endpoint is None else self.under("noise", "seen", endpoint)
+
+    @property
+    def noise_pattern(self) -> str:
+        """Every learnt-noise key (for SCAN)."""
+        return self.under("noise", "*")
+
+    # --- parity (proxy/parity) ----------------------------------------------------------------
+
+    @property
+    def parity_last(self) -> str:
+        """The last ``strangler parity`` summary per table (hash: table -> JSON); also the
+        control store's ``PARITY_LAST`` section, which feeds the parity gauges."""
+        return self.hash(PARITY_LAST)
 
     @property
     def epoch(self) -> str:

@@ -6,10 +6,13 @@ rejected values out. A rejected value never replaces the last good one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from proxy.settings import Percentage
 
 # A section parser turns one Redis hash (field -> raw string) into a typed value. It receives the
 # previous parsed value so it can keep the last good one for fields it rejects, and returns the
@@ -53,15 +56,18 @@ def as_text(value: Any) -> str | None:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+_PERCENTAGE: TypeAdapter[float] = TypeAdapter(Percentage)
+
+
 def parse_percentage(raw: str | bytes | None) -> float | None:
     """A percentage from Redis: a finite number in [0, 100]; raises ValueError otherwise."""
     text = as_text(raw)
     if text is None:
         return None
-    value = float(text.strip())  # ValueError for 'abc'
-    if not math.isfinite(value) or value < 0 or value > 100:
-        raise ValueError(f"{text!r} is not a percentage in [0, 100]")
-    return value
+    try:
+        return _PERCENTAGE.validate_python(text)
+    except ValidationError:
+        raise ValueError(f"{text!r} is not a percentage in [0, 100]") from None
 
 
 def build_split(

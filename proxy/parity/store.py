@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -41,7 +42,7 @@ def redact(text: str | None) -> str | None:
 
 
 def parity_key(keys: Keys) -> str:
-    return keys.under("parity", "last")
+    return keys.parity_last
 
 
 def summary(result: TableResult, kind: str) -> dict[str, Any]:
@@ -93,6 +94,12 @@ async def read_last_results(redis: aioredis.Redis, keys: Keys) -> dict[str, dict
         if isinstance(data, dict):
             found[name] = data
     return dict(sorted(found.items()))
+
+
+async def tables_behind(redis: aioredis.Redis, keys: Keys, tables: Sequence[str]) -> list[str]:
+    """The rollout gate's read (app.py hands it to the canary controller, which never learns the
+    layout): the given tables whose last result is not ``equal``, or that were never checked."""
+    return out_of_parity(await read_last_results(redis, keys), list(tables))
 
 
 def out_of_parity(last: dict[str, dict[str, Any]], tables: list[str]) -> list[str]:

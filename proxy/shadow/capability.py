@@ -1,122 +1,44 @@
-"""Wires shadow traffic into the proxy: sections, the mirror, its workers, admin routes, services.
-
-Admin routes (under the admin prefix; non-GET routes need the admin token):
-``GET /diffs`` (``?endpoint=E`` for one endpoint), ``POST /diffs/reset``, ``GET /shadow``,
-``PUT /shadow`` (``{"enabled": true, "sample_percentage": 5, "group": "orders", ...}``),
-``PUT /shadow/rules`` and ``DELETE /shadow/rules`` (``{"kind", "endpoint", "value"}``).
-"""
+"""Wires shadow traffic into the proxy: its snapshot sections, the mirror and its workers, the
+report, and the live-settings control its admin routes (``proxy/admin/shadow.py``) use."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-
-from proxy.capability import Capability, Deps
-from proxy.control.client import InvalidValue
-from proxy.settings import ConfigError
+from proxy.control.client import ControlClient
+from proxy.control.snapshot import SectionParser
+from proxy.control.store import ControlStore
+from proxy.metrics import Metrics
+from proxy.settings import ConfigError, Settings
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.mirror import ShadowMirror
 from proxy.shadow.policy import RULES_SECTION, SECTION, make_policy_parser, make_rules_parser
 from proxy.shadow.report import ReportStore
 from proxy.traffic.routing import RouteTable
 
-SETTABLE = ("enabled", "sample_percentage", "methods", "max_body_bytes", "compare_max_bytes",
-            "calibration_percentage")  # fmt: skip
 
-
-def build(deps: Deps) -> Capability:
-    settings = deps.settings
+def sections(settings: Settings) -> dict[str, SectionParser]:
+    """The snapshot sections shadow reads (``strangler:shadow``, ``strangler:shadow_rules``);
+    built before the control store, which parses them."""
     try:
-        sections = {SECTION: make_policy_parser(settings), RULES_SECTION: make_rules_parser(settings)}
+        return {SECTION: make_policy_parser(settings), RULES_SECTION: make_rules_parser(settings)}
     except ValueError as exc:
         raise ConfigError(f"invalid shadow configuration: {exc}") from exc
-    report = ReportStore(deps.redis, deps.keys, settings.shadow.max_samples, settings.shadow.noise_threshold)
-    mirror = ShadowMirror(deps, RouteTable(settings.routes), report)
-    control = ShadowControl(deps.control, settings)
-    return Capability(
-        name="shadow",
-        sections=sections,
-        mirror=mirror,
-        components=[mirror],
-        admin_routes=lambda ctx: admin_routes(ctx, report, control, mirror),
-        services={"shadow_report": report, "shadow_control": control},
-    )
 
 
-def admin_routes(ctx: Any, report: ReportStore, control: ShadowControl, mirror: ShadowMirror) -> list[Route]:
-    from proxy.admin.app import error, json_body
+@dataclass
+class Shadow:
+    """The shadow parts: ``mirror`` is the request-path hook and a lifespan component; ``report``
+    is also what the canary's mismatch gate reads (``report.group_totals``)."""
 
-    async def get_diffs(request: Request) -> Response:
-        """Shadow diff report: endpoints worst first (?endpoint=E: fields and samples of one)."""
-        endpoint = request.query_params.get("endpoint")
-        if endpoint:
-            detail = await report.endpoint(endpoint)
-            if detail is None:
-                return error(404, "unknown endpoint", endpoint=endpoint)
-            return JSONResponse(detail)
-        return JSONResponse(await report.summary())
+    report: ReportStore
+    control: ShadowControl
+    mirror: ShadowMirror
 
-    async def reset_diffs(request: Request) -> Response:
-        """Clear the diff report for all replicas ({"forget_noise": true} clears learnt noise too)."""
-        body = await json_body(request, allow_empty=True)
-        deleted = await report.reset(forget_noise=bool(body.get("forget_noise")))
-        return JSONResponse({"reset": True, "keys_deleted": deleted})
 
-    async def get_shadow(request: Request) -> Response:
-        """Shadow settings: stored in Redis, in force on this replica, rejected values, rules."""
-        status = await control.status()
-        snapshot = ctx.store.current.section(SECTION)
-        status["in_force"] = (
-            {name: gp.summary() for name, gp in snapshot.groups.items()} if snapshot is not None else None
-        )
-        rules = ctx.store.current.section(RULES_SECTION)
-        in_force = rules.rules if rules is not None else ()
-        status["rules_in_force"] = [
-            {"kind": r.kind, "endpoint": r.endpoint, "value": r.value, "source": r.source} for r in in_force
-        ]
-        status["queue_depth"] = mirror.queue_depth
-        status["buffered_bytes"] = mirror.buffered_bytes
-        status["report_epoch"] = mirror.epoch
-        status["noise_in_force"] = mirror.noise_counts()
-        return JSONResponse(status)
-
-    async def put_shadow(request: Request) -> Response:
-        """Change shadow settings live (fields as in strangler:shadow; "group" for one group)."""
-        body = await json_body(request)
-        group = body.pop("group", None)
-        unknown = set(body) - set(SETTABLE)
-        if unknown:
-            return error(422, "unknown fields", fields=sorted(unknown), settable=list(SETTABLE))
-        try:
-            written = await control.set(body, group)
-        except InvalidValue as exc:
-            return error(422, "invalid shadow setting", detail=str(exc))
-        return JSONResponse({"written": written})
-
-    async def change_rule(request: Request) -> Response:
-        """Add (PUT) or remove (DELETE) an ignore rule {"kind", "endpoint", "value"}."""
-        body = await json_body(request)
-        args = (str(body.get("kind", "")), body.get("endpoint"), body.get("value"))
-        try:
-            if request.method == "DELETE":
-                removed = await control.remove_rule(*args)
-                return JSONResponse({"removed": removed}, status_code=200 if removed else 404)
-            return JSONResponse({"added": await control.add_rule(*args)})
-        except InvalidValue as exc:
-            return error(422, "invalid rule", detail=str(exc))
-
-    async def get_rules(request: Request) -> Response:
-        """Ignore rules: from the config file and from Redis."""
-        return JSONResponse({"rules": await control.rules()})
-
-    return [
-        Route("/diffs", get_diffs, methods=["GET"]),
-        Route("/diffs/reset", reset_diffs, methods=["POST"]),
-        Route("/shadow", get_shadow, methods=["GET"]),
-        Route("/shadow", put_shadow, methods=["PUT"]),
-        Route("/shadow/rules", get_rules, methods=["GET"]),
-        Route("/shadow/rules", change_rule, methods=["PUT", "DELETE"]),
-    ]
+def build(settings: Settings, metrics: Metrics, control: ControlClient, store: ControlStore) -> Shadow:
+    """``control`` brings the Redis client and key names; ``store`` the snapshot the workers read."""
+    shadow = settings.shadow
+    report = ReportStore(control.redis, control.keys, shadow.max_samples, shadow.noise_threshold)
+    mirror = ShadowMirror(settings, metrics, store, RouteTable(settings.routes), report)
+    return Shadow(report, ShadowControl(control, settings), mirror)

@@ -30,9 +30,11 @@ from typing import Any
 import orjson
 
 from proxy.background import cancel_and_wait
-from proxy.capability import Deps
 from proxy.control.snapshot import Snapshot
+from proxy.control.store import ControlStore
 from proxy.edge.errors import UpstreamError
+from proxy.metrics import Metrics
+from proxy.settings import Settings
 from proxy.shadow.compare import Answer, Options, Outcome, compare, learn
 from proxy.shadow.endpoints import EndpointNamer
 from proxy.shadow.policy import (
@@ -123,10 +125,18 @@ def _truncate(body: bytes | None, limit: int) -> str | None:
 class ShadowMirror:
     """Implements ``proxy.traffic.hooks.Mirror`` and is a lifespan Component (start/stop)."""
 
-    def __init__(self, deps: Deps, routes: RouteTable, report: ReportStore) -> None:
-        self._deps = deps
-        self._config = deps.settings.shadow
-        self._metrics = deps.metrics
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        store: ControlStore,
+        routes: RouteTable,
+        report: ReportStore,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._config = settings.shadow
+        self._metrics = metrics
         self._report = report
         self._namer = EndpointNamer(routes, self._config.max_endpoints, self._config.endpoint_patterns)
         self._queue: asyncio.Queue[_Job] | None = None
@@ -147,7 +157,7 @@ class ShadowMirror:
         self._reported_errors: set[str] = set()
         self._timeout = self._config.timeout_seconds  # per mirrored request, whole
         # metric children resolved once for the closed label sets
-        groups = deps.settings.group_names
+        groups = settings.group_names
         self._outcome_children = {
             (g, o): (self._metrics.shadow_requests.labels(g, o), f"{g}:{o}") for g in groups for o in OUTCOMES
         }
@@ -205,7 +215,7 @@ class ShadowMirror:
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        settings = self._deps.settings
+        settings = self._settings
         size, timeout = self._config.concurrency, self._config.timeout_seconds
         self._v2 = Upstream("v2", settings.v2_url, settings, pool_size=size, read_timeout=timeout)
         self._v1 = Upstream("v1", settings.v1_url, settings, pool_size=size, read_timeout=timeout)
@@ -350,8 +360,7 @@ class ShadowMirror:
         v1b = None
         if isinstance(second, Fetched) and second.body is not None and not second.over_budget:
             v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
-        snapshot = self._deps.store.current if self._deps.store is not None else None
-        rules_set = snapshot.sections.get(RULES_SECTION) if snapshot is not None else None
+        rules_set = self._store.current.sections.get(RULES_SECTION)
         rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
         options = self._options_for(plan.max_compare)
         loop = asyncio.get_running_loop()
@@ -548,7 +557,7 @@ class ShadowMirror:
 
     async def _flusher(self) -> None:
         interval = self._config.flush_interval_seconds
-        refresh = self._deps.settings.poll_interval_seconds
+        refresh = self._settings.poll_interval_seconds
         last_read = 0.0
         while True:
             await asyncio.sleep(min(interval, refresh))

@@ -59,10 +59,7 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_pct(text: str) -> float:
-    try:
-        value = parse_percentage(text)
-    except ValueError as exc:
-        raise ValueError(f"{text!r} is not a percentage in [0, 100]") from exc
+    value = parse_percentage(text)  # ValueError: "'x' is not a percentage in [0, 100]"
     assert value is not None
     return value
 

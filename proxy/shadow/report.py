@@ -91,19 +91,15 @@ class ReportStore:
         self.noise_threshold = noise_threshold
 
     # key names ---------------------------------------------------------------------------------
-    def key(self, *parts: str) -> str:
-        return self.keys.under("diffs", *parts)
+    def key(self, kind: str, endpoint: str | None = None) -> str:
+        return self.keys.diffs(kind, endpoint)
 
     def noise_key(self, endpoint: str | None = None) -> str:
-        return (
-            self.keys.under("noise", "seen", endpoint)
-            if endpoint is not None
-            else self.keys.under("noise", "endpoints")
-        )
+        return self.keys.noise(endpoint)
 
     @property
     def epoch_key(self) -> str:
-        return self.keys.under("diffs_epoch")
+        return self.keys.diffs_epoch
 
     # writing -----------------------------------------------------------------------------------
     async def write(self, batch: ReportBatch) -> None:
@@ -185,6 +181,27 @@ class ReportStore:
             groups.setdefault(group, {o: 0 for o in OUTCOMES})[outcome] = int(value)
         return {"endpoints": rows, "groups": groups}
 
+    async def group_totals(self) -> dict[str, tuple[int, int]]:
+        """Per route group, ``(compared, mismatched)`` summed over its endpoints: what the canary's
+        shadow-mismatch gate reads (app.py hands it this method, so canary never learns the layout).
+        A malformed count is skipped, never raised."""
+        endpoints = [_text(e) for e in await self.redis.smembers(self.key("endpoints"))]
+        if not endpoints:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint in endpoints:
+                pipe.hmget(self.key("counts", endpoint), "compared", "mismatched", "group")
+            rows = await pipe.execute()
+        totals: dict[str, tuple[int, int]] = {}
+        for compared, mismatched, group in rows:
+            try:
+                name = _text(group) or "default"
+                seen, differed = totals.get(name, (0, 0))
+                totals[name] = (seen + int(compared or 0), differed + int(mismatched or 0))
+            except (TypeError, ValueError):
+                continue
+        return totals
+
     async def endpoint(self, endpoint: str) -> dict[str, Any] | None:
         """One endpoint: counts, differing fields, suppressed noise, learnt noise and samples."""
         import orjson
@@ -219,7 +236,7 @@ class ReportStore:
         number of keys deleted."""
         patterns = [self.key("*")]
         if forget_noise:
-            patterns.append(self.keys.under("noise", "*"))
+            patterns.append(self.keys.noise_pattern)
         deleted = 0
         for pattern in patterns:
             batch: list[Any] = []

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
@@ -27,6 +28,14 @@ from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+
+
+async def no_shadow_report() -> dict[str, tuple[int, int]]:
+    return {}
+
+
+async def no_parity_gate(tables: Sequence[str]) -> list[str]:
+    return []
 
 
 async def main(url: str, prefix: str, action: str, stop: bool) -> dict[str, object]:
@@ -44,7 +53,7 @@ async def main(url: str, prefix: str, action: str, stop: bool) -> dict[str, obje
     rollouts = Rollouts(redis, keys, race_hook=hook)
     controller = CanaryController(
         settings, redis, keys, ControlClient(redis, keys, rollouts.manual_split), Metrics(), rollouts,
-        identity=f"fenced-{os.getpid()}",
+        identity=f"fenced-{os.getpid()}", shadow_totals=no_shadow_report, parity_behind=no_parity_gate,
     )  # fmt: skip
     assert await controller.keep_lock(), "the test left the lock taken"
     token = controller.leader_token()

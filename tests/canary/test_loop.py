@@ -4,6 +4,7 @@ takes milliseconds. Traffic is fed through the real recorder and flusher."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,9 @@ from proxy.canary.windows import WindowFlusher, WindowRecorder, read_windows
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.metrics import Metrics
+from proxy.parity.store import tables_behind
 from proxy.settings import Settings
+from proxy.shadow.report import ReportStore
 
 LADDER = [1, 5, 10, 25, 50, 75, 90, 95, 100]
 
@@ -87,6 +90,8 @@ class Rig:
         self.controller = CanaryController(
             self.settings, self.redis, self.keys, self.control, self.metrics,
             self.rollouts, clock=self.clock, wall=self.clock, identity=identity,
+            shadow_totals=ReportStore(self.redis, self.keys).group_totals,
+            parity_behind=functools.partial(tables_behind, self.redis, self.keys),
         )  # fmt: skip
         self.courier = Courier(
             self.redis, self.keys, self.notifier, self.settings.canary, self.metrics,

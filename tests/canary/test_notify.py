@@ -16,7 +16,7 @@ from proxy.canary.notify.courier import Courier
 from proxy.canary.notify.dispatch import Dispatcher
 from proxy.control.keys import Keys
 from proxy.metrics import Metrics
-from proxy.settings import CanarySettings, ConfigError, NotifierTarget
+from proxy.settings import CanarySettings, ConfigError, NotifierTarget, load_settings
 from tests.canary.helpers import Receiver, refused_url
 
 
@@ -217,7 +217,8 @@ def test_factory_and_settings_reject_incomplete_targets() -> None:
     with pytest.raises(ValueError):
         NotifierTarget(kind="teams", url="http://x")  # type: ignore[arg-type]
     assert NotifierTarget(kind="pagerduty", routing_key="k").url == "https://events.pagerduty.com/v2/enqueue"
-    broken = CanarySettings()
-    broken.notifiers = [NotifierTarget.model_construct(kind="teams", url="http://x", min_severity="info")]
-    with pytest.raises(ConfigError, match="unknown notifier kind"):
-        build_notifier(broken, Metrics())
+    teams = {"notifiers": [{"kind": "teams", "url": "http://x"}]}
+    with pytest.raises(ConfigError, match=r"canary\.notifiers\.0\.kind: Input should be 'slack'"):
+        load_settings(canary=teams)
+    with pytest.raises(ValueError, match="must be an http:// or https:// URL"):
+        NotifierTarget(kind="webhook", url="http://bad host/")

@@ -8,10 +8,10 @@ import time
 import orjson
 import redis.asyncio as aioredis
 
-from proxy.capability import Deps
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.control.snapshot import Snapshot
+from proxy.control.store import ControlStore
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.shadow import capability
@@ -31,11 +31,13 @@ def build(redis_url: str, raw: dict[str, str], **shadow: object) -> tuple[Shadow
     metrics = Metrics()
     client = aioredis.Redis.from_url(redis_url)
     keys = Keys()
-    cap = capability.build(Deps(settings, metrics, client, keys, ControlClient(client, keys)))
-    assert set(cap.sections) == {SECTION, RULES_SECTION} and isinstance(cap.mirror, ShadowMirror)
-    assert cap.admin_routes is not None and cap.components == [cap.mirror]
-    sections = {name: parser(raw, None)[0] for name, parser in cap.sections.items()}
-    return cap.mirror, Snapshot(0.0, sections=sections), metrics
+    parsers = capability.sections(settings)
+    assert set(parsers) == {SECTION, RULES_SECTION}
+    store = ControlStore(settings, client, metrics, parsers)
+    parts = capability.build(settings, metrics, ControlClient(client, keys), store)
+    assert isinstance(parts.mirror, ShadowMirror)
+    sections = {name: parser(raw, None)[0] for name, parser in parsers.items()}
+    return parts.mirror, Snapshot(0.0, sections=sections), metrics
 
 
 def count(metrics: Metrics, **labels: str) -> float:

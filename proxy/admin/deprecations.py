@@ -1,7 +1,8 @@
-"""Wires deprecation into the proxy: the hook, the Redis section and its admin endpoints.
+"""The deprecation admin routes: ``GET /deprecations``, ``PUT``/``DELETE /deprecations/{name}``.
 
-The admin routes are plain Starlette handlers built here (not in ``admin/``) so that ``traffic/``
-never imports ``admin/``; the admin app guards them (writes need the token) like its own routes.
+The hook and its Redis section are ``traffic.deprecation.DeprecationRules``; these routes live in
+``admin/`` so that ``traffic/`` never imports Starlette. The admin app guards them (writes need the
+token) like its own routes.
 """
 
 from __future__ import annotations
@@ -14,34 +15,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.capability import Capability, Deps
+from proxy.admin.app import error
+from proxy.control.client import ControlClient
+from proxy.control.store import ControlStore
 from proxy.traffic.deprecation import SECTION, DeprecationRules, InvalidOverride, parse_override
 
 log = logging.getLogger("strangler.deprecation")
 
 
-def build(deps: Deps) -> Capability:
-    rules = DeprecationRules(deps.settings.deprecations, deps.metrics)
-    return Capability(
-        name="deprecation",
-        sections={SECTION: rules.parse},
-        deprecations=rules,
-        admin_routes=lambda ctx: admin_routes(ctx, rules),
-        services={"deprecations": rules},
-    )
-
-
-def _error(status: int, message: str, **details: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **details}, status_code=status)
-
-
-def admin_routes(ctx: Any, rules: DeprecationRules) -> list[Route]:
-    """GET /deprecations, PUT/DELETE /deprecations/{name} (ctx is the admin's AdminContext)."""
+def routes(rules: DeprecationRules, store: ControlStore, control: ControlClient) -> list[Route]:
+    """GET /deprecations, PUT/DELETE /deprecations/{name}."""
 
     def listing() -> dict[str, Any]:
         return {
-            "rules": rules.describe(ctx.store.current.section(SECTION)),
-            "redis_key": ctx.control.keys.hash(SECTION),
+            "rules": rules.describe(store.current.section(SECTION)),
+            "redis_key": control.keys.hash(SECTION),
             "counts_scope": "this proxy process (all its workers); fleet totals are in Prometheus",
         }
 
@@ -55,17 +43,17 @@ def admin_routes(ctx: Any, rules: DeprecationRules) -> list[Route]:
         try:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
-            return _error(400, "body must be a JSON object", example={"phase": "gone"})
+            return error(400, "body must be a JSON object", example={"phase": "gone"})
         if not isinstance(body, dict) or not body:
-            return _error(400, "body must be a non-empty JSON object", example={"phase": "gone"})
+            return error(400, "body must be a non-empty JSON object", example={"phase": "gone"})
         raw = body["phase"] if set(body) == {"phase"} and isinstance(body["phase"], str) else None
         raw = raw if raw is not None else orjson.dumps(body).decode()
         try:
             parse_override(name, raw, rules.configured)
         except InvalidOverride as exc:
-            return _error(422, "invalid deprecation override", detail=str(exc))
-        await ctx.control.set_hash_fields(SECTION, {name: raw})
-        await ctx.store.refresh()
+            return error(422, "invalid deprecation override", detail=str(exc))
+        await control.set_hash_fields(SECTION, {name: raw})
+        await store.refresh()
         log.info("deprecation rule %s overridden through the admin API: %s", name, raw)
         return JSONResponse(
             {"name": name, "override": raw, "rules": listing()["rules"]},
@@ -74,11 +62,11 @@ def admin_routes(ctx: Any, rules: DeprecationRules) -> list[Route]:
     async def delete_rule(request: Request) -> Response:
         """Drop a rule's live override (a configured rule goes back to its config values)."""
         name = request.path_params["name"]
-        current = await ctx.control.get_hash(SECTION)
+        current = await control.get_hash(SECTION)
         if name not in current:
-            return _error(404, "no live override for this rule", name=name)
-        await ctx.control.set_hash_fields(SECTION, {name: None})
-        await ctx.store.refresh()
+            return error(404, "no live override for this rule", name=name)
+        await control.set_hash_fields(SECTION, {name: None})
+        await store.refresh()
         log.info("deprecation override for %s removed through the admin API", name)
         return JSONResponse({"name": name, "override": None, "rules": listing()["rules"]})
 

@@ -1,0 +1,83 @@
+"""The canary's admin routes: ``GET /canary/status``, ``GET /rollout`` and ``POST /rollout/<action>``
+(start, pause, resume, abort, promote). The prefix and the write-token guard come from admin/app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.canary.capability import CanaryService
+from proxy.canary.rollout import RolloutError, check_steps, parse_duration
+
+
+def routes(service: CanaryService) -> list[Route]:
+    settings = service.settings
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw:
+            return {}
+        import orjson
+
+        try:
+            data = orjson.loads(raw)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise RolloutError("body must be a JSON object")
+        return data
+
+    def group_of(data: dict[str, Any], request: Request) -> str:
+        group = data.get("group") or request.query_params.get("group") or "default"
+        if group not in settings.group_names:
+            raise LookupError(group)
+        return str(group)
+
+    def handler(action: str) -> Any:
+        async def handle(request: Request) -> Response:
+            try:
+                data = await body_of(request)
+                group = group_of(data, request)
+                who = f"admin api ({request.client.host if request.client else '?'})"
+                if action == "start":
+                    steps = data.get("steps") or settings.canary.steps
+                    if isinstance(steps, str):
+                        steps = [float(s) for s in steps.split(",") if s.strip()]
+                    steps = [float(s) for s in steps]
+                    check_steps(steps)
+                    raw_interval = data.get("interval", settings.canary.step_interval_seconds)
+                    interval = parse_duration(str(raw_interval))
+                    state = await service.rollouts.start(group, steps, interval, who)
+                elif action == "pause":
+                    state = await service.rollouts.pause(group, who)
+                elif action == "resume":
+                    state = await service.rollouts.resume(group, who)
+                elif action == "abort":
+                    state = await service.rollouts.abort(group, who)  # the leader counts it
+                elif action == "promote":
+                    state = await service.rollouts.promote(group, who, full=bool(data.get("full")))
+                else:
+                    found = await service.rollouts.get(group)
+                    if found is None:
+                        return JSONResponse({"error": "no rollout", "group": group}, status_code=404)
+                    state = found
+            except LookupError as exc:
+                return JSONResponse({"error": "unknown group", "group": str(exc)}, status_code=404)
+            except (RolloutError, ValueError, TypeError) as exc:
+                return JSONResponse({"error": "rejected", "detail": str(exc)}, status_code=409)
+            return JSONResponse(state.as_dict())
+
+        return handle
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(await service.status())
+
+    return [
+        Route("/canary/status", status, methods=["GET"]),
+        Route("/rollout", handler("get"), methods=["GET"]),
+        *(Route(f"/rollout/{action}", handler(action), methods=["POST"])
+          for action in ("start", "pause", "resume", "abort", "promote")),
+    ]  # fmt: skip
