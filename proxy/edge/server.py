@@ -32,8 +32,8 @@ from websockets.protocol import OPEN
 from websockets.server import ServerProtocol as WsServerProtocol
 from websockets.typing import Subprotocol
 
+from proxy.edge.asgi import ASGIApp, ClientGone, Message
 from proxy.edge.websocket import FrameSocket, quiet_log
-from proxy.traffic.exchange import ASGIApp, ClientGone, Message
 
 log = logging.getLogger("strangler")
 

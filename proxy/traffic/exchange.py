@@ -7,20 +7,13 @@ server). The core (``proxy/traffic/forward.py``) is written once against this in
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Protocol
+from typing import Protocol
 
 from websockets.frames import Close, Frame, Opcode
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+from proxy.edge.asgi import ASGIApp, ClientGone, Message, Receive, Scope, Send
 
-
-class ClientGone(Exception):
-    """The client disconnected (while we read its body, or before its answer was complete)."""
+__all__ = ["ASGIApp", "ClientGone", "Message", "Receive", "Scope", "Send"]
 
 
 class ClientExchange(Protocol):
