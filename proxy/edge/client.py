@@ -23,6 +23,7 @@ import asyncio
 import collections
 import errno
 import os
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from proxy.edge.errors import (
 
 Headers = Sequence[tuple[bytes, bytes]]
 READ_HIGH_WATER = 256 * 1024  # response bytes buffered before we stop reading the backend
-_BAD_IN_TARGET = (b" ", b"\r", b"\n", b"\t", b"#", b"\x00")
+_BAD_IN_TARGET = re.compile(rb"[ \r\n\t#\x00]")  # one C scan, not six
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +86,7 @@ def request_head(
     """The request head: the configured origin's path + the request target as a path component.
 
     ``target`` must be origin-form (``/path?query``); anything else raises ``ValueError``."""
-    if not target.startswith(b"/") or any(bad in target for bad in _BAD_IN_TARGET):
+    if not target.startswith(b"/") or _BAD_IN_TARGET.search(target):
         raise ValueError("request target must be origin-form: /path[?query]")
     parts = [method, b" ", origin.base_path, target, b" HTTP/1.1\r\n"]
     if add_host:

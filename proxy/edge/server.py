@@ -659,7 +659,9 @@ class ServerProtocol(asyncio.Protocol):
             parsed = httptools.parse_url(self._url)
             raw_path: bytes = parsed.path or b""
             query: bytes = parsed.query or b""
-            path = unquote(raw_path.decode("ascii"))
+            path = raw_path.decode("ascii")
+            if "%" in path:
+                path = unquote(path)
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):
             raise self._stop(400, "malformed", "invalid request target") from None
         self._in_head = False

@@ -878,9 +878,9 @@ def _buffered(xc: _Exchange, response: UpstreamResponse) -> bool:
 
 def _request_ids() -> Iterator[bytes]:
     """Unique 32-hex-digit ids without a syscall per request: a random process prefix + a counter."""
-    prefix = os.urandom(8).hex()
+    prefix = os.urandom(8).hex().encode()
     for n in itertools.count():
-        yield b"%s%016x" % (prefix.encode(), n)
+        yield b"%s%016x" % (prefix, n)
 
 
 def _started(body: _Body | None) -> bool:
