@@ -11,8 +11,8 @@ from starlette.routing import Route
 
 from proxy.canary import records
 from proxy.canary.controller import CanaryController
-from proxy.canary.notify import build_notifier
 from proxy.canary.notify.courier import Courier
+from proxy.canary.notify.factory import build_notifier
 from proxy.canary.rollout import RolloutError, Rollouts, check_steps, parse_duration
 from proxy.canary.windows import WindowFlusher, WindowRecorder
 from proxy.capability import Capability, Component, Deps

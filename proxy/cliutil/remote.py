@@ -18,6 +18,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from proxy.settings import read_admin_token
+
 DEFAULT_PREFIX = "/_strangler"
 
 
@@ -46,9 +48,7 @@ class AdminClient:
         self.url = base_url(url, prefix)
         if token is None:
             # the token `strangler serve` generated for this directory, if it did
-            from proxy.admin.token import read_token
-
-            token = read_token()
+            token = read_admin_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client = httpx.Client(headers=headers, timeout=timeout)
 
