@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.support import RedisServer, free_port
+from tests.clirun import strangler
+from tests.support import ROOT, RedisServer, free_port
 
 
-def strangler(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args], capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+def test_the_console_script_runs_the_same_app(redis_url: str) -> None:
+    """The one real process here: the installed ``strangler`` script parses, exits 2 and prints one
+    error line; every other test runs the same app in-process (tests/clirun.py)."""
+    script = Path(sys.executable).with_name("strangler")  # [project.scripts], installed by scripts/test
+    assert script.exists(), script
+    result = subprocess.run(
+        [str(script), "set", "abc", "--redis-url", redis_url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
     )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: 'abc' is not a percentage between 0 and 100"]
 
 
 def test_set_status_rollback_against_redis(redis_server: RedisServer, redis_url: str) -> None:

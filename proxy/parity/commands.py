@@ -16,7 +16,6 @@ import typer
 from rich.markup import escape
 
 from proxy.cliutil import EXIT_USAGE, console, err, fail, settings_from
-from proxy.parity.config import ParityConfigError, load_config, parse_duration
 from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
 
 parity_app = typer.Typer(
@@ -146,6 +145,7 @@ def parity_sql(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from proxy.parity.checkpoint import Checkpoint, CheckpointError, fingerprint
+    from proxy.parity.config import ParityConfigError, load_config, parse_duration
 
     try:
         from proxy.parity.runner import Runner, RunOptions
