@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -93,20 +94,14 @@ def set_phase(
 ) -> None:
     """Force a rule's phase live on every replica ("auto" follows the sunset date again)."""
     settings = settings_from(config, redis_url=redis_url)
-    if url:
-        try:
-            with AdminClient(url, token, settings.admin_prefix) as client:
-                client.override_deprecation(name, {"phase": phase})
-        except AdminError as exc:
-            fail(str(exc))
-    else:
-        from proxy.traffic.deprecation import SECTION, InvalidOverride, parse_override
+    if not url:
+        from proxy.traffic.deprecation import InvalidOverride, parse_override
 
         try:
             parse_override(name, phase, {rule.name: rule for rule in settings.deprecations})
         except InvalidOverride as exc:
             fail(str(exc), EXIT_USAGE)
-        with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: phase}))
+    _override(settings, url, token, lambda c: c.override_deprecation(name, {"phase": phase}), {name: phase})
     console.print(f"deprecation rule [bold]{name}[/bold]: phase [bold]{phase}[/bold]")
 
 
@@ -120,17 +115,29 @@ def clear(
 ) -> None:
     """Drop a rule's live override (back to its configured values)."""
     settings = settings_from(config, redis_url=redis_url)
+    _override(settings, url, token, lambda c: c.clear_deprecation(name), {name: None})
+    console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
+
+
+def _override(
+    settings: Settings,
+    url: str | None,
+    token: str | None,
+    remote: Callable[[AdminClient], Any],
+    fields: dict[str, str | None],
+) -> None:
+    """A live override: through the proxy named by ``--url`` (any refusal exits 1), else written to
+    Redis, where every replica picks it up."""
     if url:
         try:
             with AdminClient(url, token, settings.admin_prefix) as client:
-                client.clear_deprecation(name)
+                remote(client)
         except AdminError as exc:
             fail(str(exc))
-    else:
-        from proxy.traffic.deprecation import SECTION
+        return
+    from proxy.traffic.deprecation import SECTION
 
-        with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: None}))
-    console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
+    with_control(settings, lambda c: c.set_hash_fields(SECTION, fields))
 
 
 def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:

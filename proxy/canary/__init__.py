@@ -1,6 +1,7 @@
 """Canary: per-version windows, the health verdict, automatic rollback, the rollout ladder and alerts.
 
-May import ``proxy.control``, ``proxy.settings``, ``proxy.metrics`` and ``proxy.capability``; never
-``proxy.traffic`` internals (it plugs into the hot path only through the ``Recorder`` protocol) and
-never another capability (the shadow report is read from Redis, when present).
+May import ``proxy.control``, ``proxy.settings``, ``proxy.metrics``, ``proxy.capability`` and (for
+its commands) ``proxy.cliutil``; never ``proxy.traffic`` internals (it plugs into the hot path only
+through the ``Recorder`` protocol) and never another capability (the shadow report is read from
+Redis, when present).
 """
