@@ -83,3 +83,26 @@ def test_status_shows_the_running_proxys_snapshot_age(proxy: object, redis_url: 
     assert 0 <= view["snapshot_age_seconds"] < 5
     table = strangler("status", "--config", str(config))
     assert "Redis reachable, snapshot age" in table.stdout
+
+
+def test_deprecation_overrides_through_redis(
+    redis_server: RedisServer, redis_url: str, tmp_path: Path
+) -> None:
+    """Without --url, `deprecations phase` checks the value against the config, then writes Redis."""
+    import yaml
+
+    rule = {"name": "old-orders", "pattern": "/orders/**", "deprecated_at": "2025-01-01",
+            "sunset_at": "2099-01-01"}  # fmt: skip
+    config = tmp_path / "deprecations.yaml"
+    config.write_text(yaml.safe_dump({"redis_url": redis_url, "deprecations": [rule]}))
+    r = redis_server.client()
+    bad = strangler("deprecations", "phase", "old-orders", "sideways", "--config", str(config))
+    assert bad.returncode == 2 and "error:" in bad.stderr
+    assert r.hget("strangler:deprecations", "old-orders") is None
+    done = strangler("deprecations", "phase", "old-orders", "gone", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "deprecation rule old-orders: phase gone" in done.stdout
+    assert r.hget("strangler:deprecations", "old-orders") == "gone"
+    cleared = strangler("deprecations", "clear", "old-orders", "--config", str(config))
+    assert cleared.returncode == 0 and "live override removed" in cleared.stdout
+    assert r.hget("strangler:deprecations", "old-orders") is None
