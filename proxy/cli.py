@@ -1,41 +1,65 @@
 """The ``strangler`` command: thin. It parses, calls the capabilities, and prints.
 
+The root of the command tree, like uvicorn's ``main.py``: the split commands live here, each
+capability's commands live in ``proxy/<capability>/commands.py`` and are added below by name, and
+what they all share (options, exit codes, ``fail``, settings and Redis helpers) is the leaf
+``proxy.cliutil``. Nothing registers itself by being imported.
+
 Errors leave through one place: ``fail`` prints one line on stderr (markup in the message is
-escaped, never interpreted) and exits with one of the codes below; ``StranglerGroup`` turns the
+escaped, never interpreted) and exits with one of the exit codes; ``StranglerGroup`` turns the
 errors our layers raise (unreachable Redis or admin API, refused values, bad config) into such a
 line instead of a traceback, whatever command raised them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
 from redis.exceptions import RedisError
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from proxy.admin.commands import AdminTokenOpt, AdminUrlOpt
-from proxy.admin.remote import AdminError
-from proxy.canary.rollout import Rollouts
+from proxy.admin.commands import (
+    default_admin_url,
+    deprecations_app,
+    remote_rollback,
+    remote_set,
+    remote_status,
+)
+from proxy.canary.commands import canary_status, rollout_app, rollout_writer, verified_set
+from proxy.cliutil import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    AdminTokenOpt,
+    AdminUrlOpt,
+    ConfigOpt,
+    GroupOpt,
+    JsonOpt,
+    RedisOpt,
+    check_group,
+    console,
+    fail,
+    print_rollback,
+    resolve_redis_url,
+    settings_from,
+    with_control,
+    with_registered_groups,
+)
+from proxy.cliutil.remote import AdminError
 from proxy.control.client import ControlClient, InvalidValue
-from proxy.control.connect import connect, describe
-from proxy.control.embedded import EmbeddedRedisError, read_url
-from proxy.control.keys import Keys
+from proxy.control.embedded import EmbeddedRedisError
 from proxy.control.snapshot import parse_percentage
-from proxy.settings import ConfigError, RouteGroup, Settings, load_settings
-
-# Exit codes, the same for every command (README "Operate").
-EXIT_FAILED = 1  # the action failed or did not hold: unreachable, checks failed, rolled back, timed out
-EXIT_USAGE = 2  # bad input or a refused request: value, group, config, transition not allowed now
-EXIT_INTERRUPTED = 130
+from proxy.demo.commands import demo
+from proxy.parity.commands import parity_app
+from proxy.parity.store import read_last_results
+from proxy.settings import ConfigError, Settings
+from proxy.shadow.commands import diffs, shadow_app
+from proxy.soak import soak
 
 
 class StranglerGroup(TyperGroup):
@@ -61,22 +85,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
 )
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
-T = TypeVar("T")
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
-GroupOpt = Annotated[
-    str | None, typer.Option("--group", "-g", help="Route group (default: the global split).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """The one way a command reports an error: one line on stderr, then the exit code."""
-    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _version(value: bool) -> None:
@@ -94,68 +102,6 @@ def root(
     ] = False,
 ) -> None:
     """Strangler: migrate from v1 to v2 safely."""
-
-
-def settings_from(config: Path | None, **overrides: Any) -> Settings:
-    try:
-        return load_settings(config, **overrides)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
-def resolve_redis_url(settings: Settings) -> str:
-    if settings.redis_url:
-        return settings.redis_url
-    url = read_url(settings.embedded_redis_dir)
-    if url is None:
-        fail(
-            "no Redis to talk to: start `strangler serve` (embedded Redis) or pass --redis-url / "
-            "STRANGLER_REDIS_URL"
-        )
-    assert url is not None
-    return url
-
-
-def with_control(settings: Settings, action: Callable[[ControlClient], Awaitable[T]]) -> T:
-    """Run one async action against Redis with a clear message when it is unreachable."""
-    url = resolve_redis_url(settings)
-
-    async def go() -> T:
-        redis = connect(url, 2)
-        try:
-            keys = Keys.for_settings(settings)
-            return await action(ControlClient(redis, keys, Rollouts(redis, keys).manual_split))
-        finally:
-            await redis.aclose()
-
-    try:
-        return asyncio.run(go())
-    except (RedisError, OSError) as exc:
-        fail(f"Redis at {describe(url)} is unreachable: {exc}")
-
-
-def with_registered_groups(settings: Settings) -> Settings:
-    """The settings plus the route groups running proxies registered in Redis (``strangler:groups``),
-    so a command works with every group a proxy serves, not only those in this CLI's config."""
-    registered = with_control(settings, lambda c: c.registered_groups())
-    extra = [
-        RouteGroup(name=name, patterns=[str(p) for p in info.get("patterns") or ["/**"]])
-        for name, info in sorted(registered.items())
-        if name not in settings.group_names and name != "default"
-    ]
-    if not extra:
-        return settings
-    return settings.model_copy(update={"routes": [*settings.routes, *extra]})
-
-
-def check_group(settings: Settings, group: str | None) -> str:
-    """The group name to act on; unknown to both the config and Redis: exit code 2."""
-    name = group or "default"
-    if name not in settings.group_names:
-        settings = with_registered_groups(settings)
-    if name not in settings.group_names:
-        fail(f"unknown group {name!r}; known groups: {', '.join(settings.group_names)}", EXIT_USAGE)
-    return name
 
 
 @app.command()
@@ -195,8 +141,6 @@ def status(
 ) -> None:
     """Split per group: stored in Redis and served by the proxies (a running proxy's view with --url)."""
     if url:
-        from proxy.admin.commands import remote_status
-
         return remote_status(url, token, as_json)
     settings = with_registered_groups(settings_from(config, redis_url=redis_url))
     groups = settings.group_names
@@ -204,11 +148,7 @@ def status(
     async def read(control: ControlClient) -> dict[str, Any]:
         raw = await control.get_split(groups)
         registered = await control.registered_groups()
-        from proxy.canary.commands import canary_status
-
         canary = await canary_status(control, groups)
-        from proxy.parity.store import read_last_results
-
         parity = await read_last_results(control.redis, control.keys)
         return {"groups": raw, "registered": registered, "canary": canary, "parity": parity}
 
@@ -326,17 +266,13 @@ def set_split(
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
     if verify is not None:
-        from proxy.canary.commands import verified_set
-
         verified_set(config, redis_url, url, token, group, percentage, verify)
         return
     if url:
-        from proxy.admin.commands import remote_set
-
         return remote_set(url, token, percentage, group)
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
-    value = with_control(settings, lambda c: c.set_split(percentage, name))
+    value = with_control(settings, lambda c: c.set_split(percentage, name), rollout_writer)
     console.print(f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold]")
 
 
@@ -350,8 +286,6 @@ def rollback(
 ) -> None:
     """Send everyone back to v1 at once: without --group, the global split and every group."""
     if url:
-        from proxy.admin.commands import remote_rollback
-
         return remote_rollback(url, token, group)
     settings = settings_from(config, redis_url=redis_url)
     known: list[str] = []
@@ -359,14 +293,7 @@ def rollback(
         check_group(settings, group)
     else:
         known = with_registered_groups(settings).group_names
-    print_rollback(with_control(settings, lambda c: c.rollback(group, known)))
-
-
-def print_rollback(changed: dict[str, str | None]) -> None:
-    """One line per group rolled back, with the value it had."""
-    for name, before in changed.items():
-        was = "unset" if before is None else f"{before}%"
-        console.print(f"[yellow]rolled back[/yellow] {name}: v2 share {escape(was)} -> 0%")
+    print_rollback(with_control(settings, lambda c: c.rollback(group, known), rollout_writer))
 
 
 @app.command()
@@ -430,8 +357,6 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
     """Redis health and snapshot age as the proxy configured here sees them, if it answers."""
     import httpx
 
-    from proxy.admin.commands import default_admin_url
-
     url = default_admin_url(settings)
     headers = {"Authorization": f"Bearer {token}"} if (token := settings.admin_token_value()) else {}
     try:
@@ -448,31 +373,14 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
     }
 
 
-def register_capability_commands() -> None:
-    """Each capability keeps its commands in ``proxy/<capability>/commands.py`` with a
-    ``register(app)`` function; add one import line here per capability."""
-    modules: list[Any] = []
-    from proxy.admin import commands as admin_commands
-    from proxy.demo import commands as demo_commands
-
-    modules += [admin_commands, demo_commands]
-    from proxy.canary import commands as canary_commands
-
-    modules.append(canary_commands)
-    from proxy.shadow import commands as shadow_commands
-
-    modules.append(shadow_commands)
-    from proxy.parity import commands as parity_commands
-
-    modules.append(parity_commands)
-    from proxy import soak as soak_commands
-
-    modules.append(soak_commands)
-    for module in modules:
-        module.register(app)
-
-
-register_capability_commands()
+# Commands defined in the capabilities, added here (their order is the order `strangler -h` shows).
+app.command()(demo)
+app.command("diffs")(diffs)
+app.command()(soak)
+app.add_typer(deprecations_app, name="deprecations")
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(shadow_app, name="shadow")
+app.add_typer(parity_app, name="parity")
 
 
 def main() -> None:

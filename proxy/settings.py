@@ -548,6 +548,16 @@ class Settings(BaseSettings):
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("strangler_config_file", default=None)
 
 
+def read_admin_token(path: Path = Path(".strangler/admin-token")) -> str | None:
+    """The token in an ``admin_token_file`` (``strangler serve`` writes it), or None. Here, beside the
+    setting, because the server and the local CLI both read it and neither may import the other."""
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        return None
+    return token or None
+
+
 @contextmanager
 def _yaml_source(path: Path | None) -> Iterator[None]:
     token = _CONFIG_FILE.set(path)

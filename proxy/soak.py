@@ -365,26 +365,24 @@ def run_soak(
     return report
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def soak(
-        seconds: Annotated[float, typer.Option("--seconds", help="How long to hold the rate.")] = 60,
-        rate: Annotated[float, typer.Option("--rate", help="Requests per second (open loop).")] = 500,
-        interval: Annotated[float | None, typer.Option(help="Seconds per report line.")] = None,
-        target: Annotated[str | None, typer.Option(help="Soak this running proxy instead.")] = None,
-        pid: Annotated[int | None, typer.Option(help="With --target: the proxy's pid, for RSS.")] = None,
-        split: Annotated[float, typer.Option(help="v2 share while soaking (mirroring covers v1).")] = 0.0,
-        as_json: Annotated[bool, typer.Option("--json", help="Final report as JSON.")] = False,
-        mirror: Annotated[bool, typer.Option(help="Mirror GET/POST to v2 (the started stack only).")] = True,
-    ) -> None:
-        """Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time."""
-        report = run_soak(seconds, rate, interval, target, pid, split, mirror=mirror)
-        summary = report.as_dict()
-        if as_json:
-            print(json.dumps(summary))
-        else:
-            print("soak summary:")
-            for key, value in summary.items():
-                print(f"  {key}: {value}")
-        if report.errors:
-            raise typer.Exit(1)
+def soak(
+    seconds: Annotated[float, typer.Option("--seconds", help="How long to hold the rate.")] = 60,
+    rate: Annotated[float, typer.Option("--rate", help="Requests per second (open loop).")] = 500,
+    interval: Annotated[float | None, typer.Option(help="Seconds per report line.")] = None,
+    target: Annotated[str | None, typer.Option(help="Soak this running proxy instead.")] = None,
+    pid: Annotated[int | None, typer.Option(help="With --target: the proxy's pid, for RSS.")] = None,
+    split: Annotated[float, typer.Option(help="v2 share while soaking (mirroring covers v1).")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Final report as JSON.")] = False,
+    mirror: Annotated[bool, typer.Option(help="Mirror GET/POST to v2 (the started stack only).")] = True,
+) -> None:
+    """Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time."""
+    report = run_soak(seconds, rate, interval, target, pid, split, mirror=mirror)
+    summary = report.as_dict()
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print("soak summary:")
+        for key, value in summary.items():
+            print(f"  {key}: {value}")
+    if report.errors:
+        raise typer.Exit(1)

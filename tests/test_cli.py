@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.support import RedisServer, free_port
+from tests.clirun import strangler
+from tests.support import ROOT, RedisServer, free_port
 
 
-def strangler(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args], capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+def test_the_console_script_runs_the_same_app(redis_url: str) -> None:
+    """The one real process here: the installed ``strangler`` script parses, exits 2 and prints one
+    error line; every other test runs the same app in-process (tests/clirun.py)."""
+    script = Path(sys.executable).with_name("strangler")  # [project.scripts], installed by scripts/test
+    assert script.exists(), script
+    result = subprocess.run(
+        [str(script), "set", "abc", "--redis-url", redis_url],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
     )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: 'abc' is not a percentage between 0 and 100"]
 
 
 def test_set_status_rollback_against_redis(redis_server: RedisServer, redis_url: str) -> None:
@@ -75,3 +83,26 @@ def test_status_shows_the_running_proxys_snapshot_age(proxy: object, redis_url: 
     assert 0 <= view["snapshot_age_seconds"] < 5
     table = strangler("status", "--config", str(config))
     assert "Redis reachable, snapshot age" in table.stdout
+
+
+def test_deprecation_overrides_through_redis(
+    redis_server: RedisServer, redis_url: str, tmp_path: Path
+) -> None:
+    """Without --url, `deprecations phase` checks the value against the config, then writes Redis."""
+    import yaml
+
+    rule = {"name": "old-orders", "pattern": "/orders/**", "deprecated_at": "2025-01-01",
+            "sunset_at": "2099-01-01"}  # fmt: skip
+    config = tmp_path / "deprecations.yaml"
+    config.write_text(yaml.safe_dump({"redis_url": redis_url, "deprecations": [rule]}))
+    r = redis_server.client()
+    bad = strangler("deprecations", "phase", "old-orders", "sideways", "--config", str(config))
+    assert bad.returncode == 2 and "error:" in bad.stderr
+    assert r.hget("strangler:deprecations", "old-orders") is None
+    done = strangler("deprecations", "phase", "old-orders", "gone", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert "deprecation rule old-orders: phase gone" in done.stdout
+    assert r.hget("strangler:deprecations", "old-orders") == "gone"
+    cleared = strangler("deprecations", "clear", "old-orders", "--config", str(config))
+    assert cleared.returncode == 0 and "live override removed" in cleared.stdout
+    assert r.hget("strangler:deprecations", "old-orders") is None

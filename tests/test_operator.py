@@ -1,6 +1,7 @@
-"""Issue 11, operator trust: each control run as a user runs it (the real ``strangler`` command in a
-subprocess) against a real Redis and a real proxy, asserting what happened to traffic, to Redis,
-the exit code and the one-line output."""
+"""Issue 11, operator trust: each control run as a user runs it (the real ``strangler`` app, in-process
+through tests/clirun.py; ``serve``, ``demo`` and ``soak``, which start processes, as subprocesses)
+against a real Redis and a real proxy, asserting what happened to traffic, to Redis, the exit code
+and the one-line output."""
 
 from __future__ import annotations
 
@@ -21,26 +22,28 @@ import httpx
 import pytest
 import redis
 
+from tests.clirun import Ran, strangler
 from tests.support import ROOT, Backend, ProxyProcess, RedisServer, free_port, versions_by_user, wait_until
 
 TOKEN = "operator-test-token-0123456789"
 TASKS = [{"name": "tasks", "patterns": ["/tasks", "/tasks/**"]}]
 
 
-def strangler(
-    *args: str, env: dict[str, str] | None = None, columns: int = 200, timeout: float = 60
+def strangler_process(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """The CLI as a user runs it: no STRANGLER_* from the test runner's environment."""
+    """The console script in its own process, for commands that start processes themselves: no
+    STRANGLER_* from the test runner's environment."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
     clean.update(env or {})
-    clean["COLUMNS"] = str(columns)
+    clean["COLUMNS"] = "200"
     return subprocess.run(
         [sys.executable, "-m", "proxy.cli", *args],
         cwd=ROOT, env=clean, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+def one_error_line(result: Ran | subprocess.CompletedProcess[str]) -> str:
     """The error output is exactly one line starting with 'error:', never a traceback."""
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -147,7 +150,7 @@ def test_soak_ignores_an_exported_redis_url(redis_server: RedisServer, redis_url
     live.hset("strangler:shadow", "sample_percentage", "3")
     before = sorted(live.keys("*"))
 
-    result = strangler(
+    result = strangler_process(
         "soak",
         "--seconds",
         "2",
@@ -362,7 +365,7 @@ def test_demo_on_busy_ports_takes_free_ones_and_says_so(tmp_path: Path, held_por
         other.bind(("127.0.0.1", 0))
         other.listen()
         proxy_port = int(other.getsockname()[1])
-        result = strangler(
+        result = strangler_process(
             "demo", "--port", str(proxy_port), "--v1-port", str(held_port), "--v2-port", "0",
             "--rate", "5", "--duration", "3", timeout=90,
         )  # fmt: skip

@@ -12,31 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
-from types import ModuleType
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 from redis.exceptions import RedisError
 
-from proxy.admin.remote import AdminClient, AdminError, deprecation_table
+from proxy.cliutil import (
+    EXIT_USAGE,
+    AdminTokenOpt,
+    AdminUrlOpt,
+    ConfigOpt,
+    JsonOpt,
+    RedisOpt,
+    console,
+    err,
+    fail,
+    print_rollback,
+    settings_from,
+    with_control,
+)
+from proxy.cliutil.remote import AdminClient, AdminError, deprecation_table
 from proxy.control.client import ControlClient
 from proxy.control.connect import connect
 from proxy.control.keys import Keys
 from proxy.settings import Settings
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-AdminUrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="STRANGLER_ADMIN_URL", help="Admin API of a running proxy (default: from the config)."
-    ),
-]
-AdminTokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
-]
+deprecations_app = typer.Typer(
+    help="Deprecated endpoints: rules, phases and who still calls them.", invoke_without_command=True
+)
 
 
 def default_admin_url(settings: Settings) -> str:
@@ -46,103 +50,94 @@ def default_admin_url(settings: Settings) -> str:
     return f"http://{host}:{port}{settings.admin_prefix}"
 
 
-def _cli() -> ModuleType:
-    """The CLI's helpers (fail, settings_from, with_control), imported when a command runs:
-    importing ``proxy.cli`` while it registers its commands would be circular."""
-    from proxy import cli
+@deprecations_app.callback()
+def listing(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: AdminUrlOpt = None,
+    token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List rules and hit counts (from the proxy's admin API; rules only from Redis otherwise)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = settings_from(config, redis_url=redis_url)
+    target = url or default_admin_url(settings)
+    try:
+        with AdminClient(target, token or settings.admin_token_value(), settings.admin_prefix) as client:
+            data = client.deprecations()
+        source = f"admin API {client.url}"
+    except AdminError as exc:
+        if url:  # the user named a proxy: say it failed rather than fall back quietly
+            fail(str(exc))
+        err.print(f"[yellow]note:[/yellow] {exc}; listing rules from the config and Redis, no counts")
+        data = {"rules": _rules_from_redis(settings)}
+        source = "config + Redis (no proxy reachable: no counts)"
+    if as_json:
+        print(json.dumps({"source": source, **data}))
+        return
+    if not data["rules"]:
+        console.print("no deprecation rules configured")
+        return
+    console.print(deprecation_table(data["rules"], f"Deprecations ({source})"))
 
-    return cli
 
+@deprecations_app.command("phase")
+def set_phase(
+    name: Annotated[str, typer.Argument(help="Rule name.")],
+    phase: Annotated[str, typer.Argument(help="auto | warn | gone | off")],
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: AdminUrlOpt = None,
+    token: AdminTokenOpt = None,
+) -> None:
+    """Force a rule's phase live on every replica ("auto" follows the sunset date again)."""
+    settings = settings_from(config, redis_url=redis_url)
+    if not url:
+        from proxy.traffic.deprecation import InvalidOverride, parse_override
 
-def register(app: typer.Typer) -> None:
-    deprecations = typer.Typer(
-        help="Deprecated endpoints: rules, phases and who still calls them.", invoke_without_command=True
-    )
-    app.add_typer(deprecations, name="deprecations")
-
-    @deprecations.callback()
-    def listing(
-        ctx: typer.Context,
-        config: ConfigOpt = None,
-        redis_url: RedisOpt = None,
-        url: AdminUrlOpt = None,
-        token: AdminTokenOpt = None,
-        as_json: JsonOpt = False,
-    ) -> None:
-        """List rules and hit counts (from the proxy's admin API; rules only from Redis otherwise)."""
-        if ctx.invoked_subcommand is not None:
-            return
-        cli = _cli()
-        settings = cli.settings_from(config, redis_url=redis_url)
-        target = url or default_admin_url(settings)
         try:
-            with AdminClient(target, token or settings.admin_token_value(), settings.admin_prefix) as client:
-                data = client.deprecations()
-            source = f"admin API {client.url}"
+            parse_override(name, phase, {rule.name: rule for rule in settings.deprecations})
+        except InvalidOverride as exc:
+            fail(str(exc), EXIT_USAGE)
+    _override(settings, url, token, lambda c: c.override_deprecation(name, {"phase": phase}), {name: phase})
+    console.print(f"deprecation rule [bold]{name}[/bold]: phase [bold]{phase}[/bold]")
+
+
+@deprecations_app.command("clear")
+def clear(
+    name: Annotated[str, typer.Argument(help="Rule name.")],
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: AdminUrlOpt = None,
+    token: AdminTokenOpt = None,
+) -> None:
+    """Drop a rule's live override (back to its configured values)."""
+    settings = settings_from(config, redis_url=redis_url)
+    _override(settings, url, token, lambda c: c.clear_deprecation(name), {name: None})
+    console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
+
+
+def _override(
+    settings: Settings,
+    url: str | None,
+    token: str | None,
+    remote: Callable[[AdminClient], Any],
+    fields: dict[str, str | None],
+) -> None:
+    """A live override: through the proxy named by ``--url`` (any refusal exits 1), else written to
+    Redis, where every replica picks it up."""
+    if url:
+        try:
+            with AdminClient(url, token, settings.admin_prefix) as client:
+                remote(client)
         except AdminError as exc:
-            if url:  # the user named a proxy: say it failed rather than fall back quietly
-                cli.fail(str(exc))
-            cli.err.print(f"[yellow]note:[/yellow] {exc}; listing rules from the config and Redis, no counts")
-            data = {"rules": _rules_from_redis(settings)}
-            source = "config + Redis (no proxy reachable: no counts)"
-        if as_json:
-            print(json.dumps({"source": source, **data}))
-            return
-        if not data["rules"]:
-            cli.console.print("no deprecation rules configured")
-            return
-        cli.console.print(deprecation_table(data["rules"], f"Deprecations ({source})"))
+            fail(str(exc))
+        return
+    from proxy.traffic.deprecation import SECTION
 
-    @deprecations.command("phase")
-    def set_phase(
-        name: Annotated[str, typer.Argument(help="Rule name.")],
-        phase: Annotated[str, typer.Argument(help="auto | warn | gone | off")],
-        config: ConfigOpt = None,
-        redis_url: RedisOpt = None,
-        url: AdminUrlOpt = None,
-        token: AdminTokenOpt = None,
-    ) -> None:
-        """Force a rule's phase live on every replica ("auto" follows the sunset date again)."""
-        cli = _cli()
-        settings = cli.settings_from(config, redis_url=redis_url)
-        if url:
-            try:
-                with AdminClient(url, token, settings.admin_prefix) as client:
-                    client.override_deprecation(name, {"phase": phase})
-            except AdminError as exc:
-                cli.fail(str(exc))
-        else:
-            from proxy.traffic.deprecation import SECTION, InvalidOverride, parse_override
-
-            try:
-                parse_override(name, phase, {rule.name: rule for rule in settings.deprecations})
-            except InvalidOverride as exc:
-                cli.fail(str(exc), 2)
-            cli.with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: phase}))
-        cli.console.print(f"deprecation rule [bold]{name}[/bold]: phase [bold]{phase}[/bold]")
-
-    @deprecations.command("clear")
-    def clear(
-        name: Annotated[str, typer.Argument(help="Rule name.")],
-        config: ConfigOpt = None,
-        redis_url: RedisOpt = None,
-        url: AdminUrlOpt = None,
-        token: AdminTokenOpt = None,
-    ) -> None:
-        """Drop a rule's live override (back to its configured values)."""
-        cli = _cli()
-        settings = cli.settings_from(config, redis_url=redis_url)
-        if url:
-            try:
-                with AdminClient(url, token, settings.admin_prefix) as client:
-                    client.clear_deprecation(name)
-            except AdminError as exc:
-                cli.fail(str(exc))
-        else:
-            from proxy.traffic.deprecation import SECTION
-
-            cli.with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: None}))
-        cli.console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
+    with_control(settings, lambda c: c.set_hash_fields(SECTION, fields))
 
 
 def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
@@ -183,27 +178,26 @@ def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
 
 
 def remote_status(url: str, token: str | None, as_json: bool) -> None:
-    from proxy.admin.remote import print_status
+    from proxy.cliutil.remote import print_status
 
     with AdminClient(url, token) as client:
-        print_status(client, _cli().console, as_json)
+        print_status(client, console, as_json)
 
 
 def remote_set(url: str, token: str | None, percentage: str, group: str | None) -> None:
     with AdminClient(url, token) as client:
         data = client.set_split(percentage, group)
     group_name, value = data["group"], data["percentage"]
-    _cli().console.print(f"v2 share for [bold]{group_name}[/bold] set to [bold]{value:g}%[/bold]")
+    console.print(f"v2 share for [bold]{group_name}[/bold] set to [bold]{value:g}%[/bold]")
 
 
 def remote_rollback(url: str, token: str | None, group: str | None) -> None:
     with AdminClient(url, token) as client:
         data = client.rollback(group)
-    cli = _cli()
     if data.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
-        cli.console.print(
+        console.print(
             f"[yellow]rollback of {data['group']} accepted[/yellow]: 0% on that proxy now; "
             "Redis is unreachable, every proxy follows when it is written"
         )
         return
-    cli.print_rollback(data.get("changed") or {data["group"]: None})
+    print_rollback(data.get("changed") or {data["group"]: None})

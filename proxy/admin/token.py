@@ -10,21 +10,10 @@ from __future__ import annotations
 
 import os
 import secrets
-from pathlib import Path
 
 from pydantic import SecretStr
 
-from proxy.settings import Settings
-
-DEFAULT_TOKEN_FILE = Path(".strangler/admin-token")
-
-
-def read_token(path: Path = DEFAULT_TOKEN_FILE) -> str | None:
-    try:
-        token = path.read_text().strip()
-    except OSError:
-        return None
-    return token or None
+from proxy.settings import Settings, read_admin_token
 
 
 def ensure_admin_token(settings: Settings) -> Settings:
@@ -32,7 +21,7 @@ def ensure_admin_token(settings: Settings) -> Settings:
     if settings.admin_token is not None:
         return settings
     path = settings.admin_token_file
-    token = read_token(path)
+    token = read_admin_token(path)
     if token is None:
         token = secrets.token_urlsafe(32)
         path.parent.mkdir(parents=True, exist_ok=True)

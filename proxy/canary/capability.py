@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from proxy.background import Component
 from proxy.canary import records
 from proxy.canary.controller import CanaryController, ParityBehind, ShadowTotals
-from proxy.canary.notify import build_notifier
 from proxy.canary.notify.courier import Courier
+from proxy.canary.notify.factory import build_notifier
 from proxy.canary.rollout import Rollouts
 from proxy.canary.windows import WindowFlusher, WindowRecorder
 from proxy.control.client import ControlClient

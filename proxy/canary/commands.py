@@ -2,8 +2,8 @@
 
 Thin like the rest of the CLI: it talks to Redis through the same ``Rollouts`` object the leader
 uses, so a transition made here is the same transaction (state + split + log + alert outbox).
-``proxy.cli`` is imported inside the commands, not at import time, because ``proxy.cli`` imports
-this module while it is itself being loaded (and again as ``__main__`` under ``python -m``).
+``proxy/cli.py`` adds ``rollout_app`` to the root; the shared options and helpers come from the
+leaf ``proxy.cliutil``.
 """
 
 from __future__ import annotations
@@ -15,23 +15,34 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 import typer
 
 from proxy.canary import records
 from proxy.canary.rollout import COMPLETED, ROLLED_BACK, RolloutError, Rollouts, parse_duration, parse_steps
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
-GroupOpt = Annotated[
-    str | None, typer.Option("--group", "-g", help="Route group (default: the global split).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+from proxy.cliutil import (
+    EXIT_USAGE,
+    AdminTokenOpt,
+    ConfigOpt,
+    GroupOpt,
+    JsonOpt,
+    RedisOpt,
+    RemoteUrlOpt,
+    check_group,
+    console,
+    fail,
+    settings_from,
+    with_control,
+)
+from proxy.control.client import SplitWriter
+from proxy.control.keys import Keys
 
 rollout_app = typer.Typer(no_args_is_help=True, help="Progressive rollout: step v2 up while the checks pass.")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(rollout_app, name="rollout")
+def rollout_writer(redis: aioredis.Redis, keys: Keys) -> SplitWriter:
+    """The split writer for commands that set a share by hand: through the rollout's transaction."""
+    return Rollouts(redis, keys).manual_split
 
 
 def who() -> str:
@@ -40,17 +51,6 @@ def who() -> str:
     except Exception:  # noqa: BLE001 - no user name in some containers
         user = "?"
     return f"cli {user}@{socket.gethostname()}"
-
-
-UrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="STRANGLER_ADMIN_URL", help="Admin API of a running proxy (instead of Redis)."
-    ),
-]
-TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
-]
 
 
 def _transition(
@@ -63,34 +63,30 @@ def _transition(
     remote: tuple[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """Run one Rollouts call (Redis) or its admin API twin (``--url``); refused: exit code 2."""
-    from proxy import cli
-
     if url:
-        from proxy.admin.remote import AdminClient
+        from proxy.cliutil.remote import AdminClient
 
         with AdminClient(url, token) as client:
             return client.rollout(remote[0], group, remote[1])
-    settings = cli.settings_from(config, redis_url=redis_url)
-    name = cli.check_group(settings, group)
+    settings = settings_from(config, redis_url=redis_url)
+    name = check_group(settings, group)
 
     async def go(control: Any) -> dict[str, Any]:
         state = await action(Rollouts(control.redis, control.keys), name, settings)
         return dict(state.as_dict())
 
     try:
-        return cli.with_control(settings, go)
+        return with_control(settings, go)
     except RolloutError as exc:
-        cli.fail(str(exc), cli.EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
 
 
 def _print_state(state: dict[str, Any], as_json: bool) -> None:
-    from proxy import cli
-
     if as_json:
         print(json.dumps(state, default=str))
         return
     steps = ", ".join(f"{s:g}" for s in state["steps"])
-    cli.console.print(
+    console.print(
         f"rollout [bold]{state['group']}[/bold]: {state['state']} at [bold]{state['percentage']:g}%[/bold] "
         f"(step {state['index'] + 1}/{len(state['steps'])}: {steps}; hold {state['interval_seconds']:g}s)"
     )
@@ -103,8 +99,8 @@ def start(
     interval: Annotated[str | None, typer.Option(help="Hold per step, e.g. 30s, 5m.")] = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start at the first step; the leader advances while the checks pass."""
@@ -123,8 +119,8 @@ def pause(
     group: GroupOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Hold at the current step (checks and automatic rollback keep running)."""
@@ -139,8 +135,8 @@ def resume(
     group: GroupOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Carry on; the current step is held for a full interval again."""
@@ -153,8 +149,8 @@ def abort(
     group: GroupOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Roll back to 0% now and stop the rollout."""
@@ -168,8 +164,8 @@ def promote(
     full: Annotated[bool, typer.Option("--full", help="Straight to 100%.")] = False,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Go to the next step now (with --full: to 100%), without waiting for the hold."""
@@ -182,10 +178,8 @@ def _status_reader(
     config: Path | None, redis_url: str | None, url: str | None, token: str | None, group: str | None
 ) -> tuple[str, Any]:
     """The group name and a function returning ``records.read_status`` for it, from Redis or the API."""
-    from proxy import cli
-
     if url:
-        from proxy.admin.remote import AdminClient
+        from proxy.cliutil.remote import AdminClient
 
         name = group or "default"
 
@@ -193,13 +187,16 @@ def _status_reader(
             with AdminClient(url, token) as client:
                 data = client.canary_status()
             if name not in data.get("groups", {}):
-                cli.fail(f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}", 2)
+                fail(
+                    f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}",
+                    EXIT_USAGE,
+                )
             return {"leader": data.get("leader"), "groups": {name: data["groups"][name]}}
 
         return name, remote
-    settings = cli.settings_from(config, redis_url=redis_url)
-    name = cli.check_group(settings, group)
-    return name, lambda: cli.with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
+    settings = settings_from(config, redis_url=redis_url)
+    name = check_group(settings, group)
+    return name, lambda: with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
 
 
 @rollout_app.command("status")
@@ -207,13 +204,11 @@ def status(
     group: GroupOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The rollout, the last check and the last decision for a group."""
-    from proxy import cli
-
     name, read = _status_reader(config, redis_url, url, token, group)
     data = read()
     entry = data["groups"][name]
@@ -221,9 +216,9 @@ def status(
         print(json.dumps({"group": name, "leader": data["leader"], **entry}, default=str))
         return
     summary = summarize(entry)
-    cli.console.print(f"group [bold]{name}[/bold] (leader: {data['leader'] or 'none'})")
+    console.print(f"group [bold]{name}[/bold] (leader: {data['leader'] or 'none'})")
     for label in ("rollout", "verdict", "decision"):
-        cli.console.print(f"  {label}: {summary[label]}", markup=False)
+        console.print(f"  {label}: {summary[label]}", markup=False)
 
 
 def watch_line(rollout: dict[str, Any], width: int = 20) -> str:
@@ -256,44 +251,42 @@ def watch(
     timeout: Annotated[str | None, typer.Option(help="Give up after this long (e.g. 10m); exit 1.")] = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
 ) -> None:
     """Follow a rollout, one line per change, until it completes (exit 0), is rolled back or the
     timeout passes (exit 1)."""
-    from proxy import cli
-
     limit = None
     if timeout:
         try:
             limit = parse_duration(timeout)
         except RolloutError as exc:
-            cli.fail(str(exc), cli.EXIT_USAGE)
+            fail(str(exc), EXIT_USAGE)
     name, read = _status_reader(config, redis_url, url, token, group)
     started = time.monotonic()
     last: tuple[str, str] = ("", "")
-    cli.console.print(f"watching the rollout of {name} (Ctrl-C stops watching, not the rollout)")
+    console.print(f"watching the rollout of {name} (Ctrl-C stops watching, not the rollout)")
     while True:
         entry = read()["groups"][name]
         rollout = entry["rollout"]
         if rollout is None:
-            cli.fail(f"no rollout for {name} (start one: strangler rollout start --group {name})")
+            fail(f"no rollout for {name} (start one: strangler rollout start --group {name})")
         verdict = entry.get("verdict")
         lines = (watch_line(rollout), check_line(verdict) if verdict else "")
         stamp = time.strftime("%H:%M:%S")
         if lines[0] != last[0]:
-            cli.console.print(f"{stamp} {lines[0]}", markup=False, soft_wrap=True)
+            console.print(f"{stamp} {lines[0]}", markup=False, soft_wrap=True)
         if lines[1] and lines[1] != last[1]:
-            cli.console.print(f"{stamp}   {lines[1]}", markup=False, soft_wrap=True)
+            console.print(f"{stamp}   {lines[1]}", markup=False, soft_wrap=True)
         last = lines
         if rollout["state"] == COMPLETED:
-            cli.console.print(f"rollout of {name}: completed at {rollout['percentage']:g}%")
+            console.print(f"rollout of {name}: completed at {rollout['percentage']:g}%")
             return
         if rollout["state"] == ROLLED_BACK:
-            cli.fail(f"rollout of {name}: rolled back to 0%")
+            fail(f"rollout of {name}: rolled back to 0%")
         if limit is not None and time.monotonic() - started > limit:
             where = f"{rollout['state']} at {rollout['percentage']:g}%"
-            cli.fail(f"rollout of {name}: timed out after {timeout}, still {where}")
+            fail(f"rollout of {name}: timed out after {timeout}, still {where}")
         time.sleep(0.5)
 
 
@@ -367,9 +360,7 @@ class _SplitOps:
 
 class _RedisOps(_SplitOps):
     def __init__(self, settings: Any, group: str) -> None:
-        from proxy import cli
-
-        self.run = lambda action: cli.with_control(settings, action)
+        self.run = lambda action: with_control(settings, action, rollout_writer)
         self.group = group
 
     def before(self) -> str | None:
@@ -395,7 +386,7 @@ class _RedisOps(_SplitOps):
 
 class _AdminOps(_SplitOps):
     def __init__(self, url: str, token: str | None, group: str) -> None:
-        from proxy.admin.remote import AdminClient
+        from proxy.cliutil.remote import AdminClient
 
         self.client = AdminClient(url, token)
         self.group = group
@@ -403,10 +394,8 @@ class _AdminOps(_SplitOps):
     def before(self) -> str | None:
         info = self.client.status().get("groups", {}).get(self.group)
         if info is None:
-            from proxy import cli
-
             served = ", ".join(self.client.status()["groups"])
-            cli.fail(f"unknown group {self.group!r}; the proxy serves: {served}", cli.EXIT_USAGE)
+            fail(f"unknown group {self.group!r}; the proxy serves: {served}", EXIT_USAGE)
         return f"{info['percentage']:g}"
 
     def set(self, percentage: str) -> float:
@@ -437,23 +426,21 @@ def verified_set(
     (exit 1, the new value stays). Over ``--url`` the previous value restored is the share that
     was in force (the admin API sets, it does not delete a group's key).
     """
-    from proxy import cli
-
     try:
         hold = parse_duration(duration)
     except RolloutError as exc:
-        cli.fail(str(exc), cli.EXIT_USAGE)
+        fail(str(exc), EXIT_USAGE)
     ops: _SplitOps
     if url:
         name = group or "default"
         ops = _AdminOps(url, token, name)
     else:
-        settings = cli.settings_from(config, redis_url=redis_url)
-        name = cli.check_group(settings, group)
+        settings = settings_from(config, redis_url=redis_url)
+        name = check_group(settings, group)
         ops = _RedisOps(settings, name)
     before = ops.before()
     value = ops.set(percentage)
-    cli.console.print(
+    console.print(
         f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold] (was {before or 'unset'}); "
         f"verifying for {hold:g}s"
     )
@@ -465,26 +452,24 @@ def verified_set(
         if decision and float(decision.get("at", 0)) > started:
             ops.restore(before)
             why = decision.get("reason", "")
-            cli.fail(f"the canary rolled {name} back ({why}); restored to {before or 'unset'}")
+            fail(f"the canary rolled {name} back ({why}); restored to {before or 'unset'}")
         if verdict and float(verdict.get("at", 0)) > started and verdict.get("at") != seen_at:
             seen_at = verdict.get("at")
             statuses.append(str(verdict.get("status")))
-            cli.console.print(f"  {check_line(verdict)}", markup=False)
+            console.print(f"  {check_line(verdict)}", markup=False)
             if verdict.get("status") == "fail":
                 ops.restore(before)
-                cli.fail(
-                    f"checks failed ({verdict.get('reason', '')}); {name} restored to {before or 'unset'}"
-                )
+                fail(f"checks failed ({verdict.get('reason', '')}); {name} restored to {before or 'unset'}")
         time.sleep(0.25)
     if "pass" in statuses:
-        cli.console.print(f"[green]verified[/green]: {name} stays at {value:g}% ({len(statuses)} checks)")
+        console.print(f"[green]verified[/green]: {name} stays at {value:g}% ({len(statuses)} checks)")
         return
     stays = f"{name} stays at {value:g}%"
     if statuses and set(statuses) == {"insufficient_data"}:
-        cli.fail(f"not verified: insufficient data ({len(statuses)} checks, too few requests); {stays}")
+        fail(f"not verified: insufficient data ({len(statuses)} checks, too few requests); {stays}")
     if statuses:
-        cli.fail(f"not verified: checks said {', '.join(sorted(set(statuses)))}; {stays}")
-    cli.fail(f"not verified: no check ran in {hold:g}s (is a proxy running, canary on?); {stays}")
+        fail(f"not verified: checks said {', '.join(sorted(set(statuses)))}; {stays}")
+    fail(f"not verified: no check ran in {hold:g}s (is a proxy running, canary on?); {stays}")
 
 
 async def _restore(control: Any, group: str, before: str | None) -> None:

@@ -10,18 +10,13 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from proxy.parity.config import ParityConfigError, load_config, parse_duration
+from proxy.cliutil import EXIT_USAGE, console, err, fail, settings_from
 from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
-
-console = Console()
-err = Console(stderr=True)
 
 parity_app = typer.Typer(
     no_args_is_help=True, help="Prove the new data store holds the same data as the old one (SQL, HTTP)."
@@ -44,23 +39,18 @@ SettingsOpt = Annotated[
 NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Do not store the result in Redis.")]
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(parity_app, name="parity")
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(2)
+def _fail(message: str) -> NoReturn:
+    """Exit code 2, whatever went wrong: 1 means "different" here."""
+    fail(message, EXIT_USAGE)
 
 
 def _keys_and_url(
     settings_path: Path | None, redis_url: str | None, required: bool
 ) -> tuple[Any, str | None]:
-    from proxy import cli  # late: proxy.cli imports this module while it is being built
     from proxy.control.embedded import read_url
     from proxy.control.keys import Keys
 
-    settings = cli.settings_from(settings_path, redis_url=redis_url)
+    settings = settings_from(settings_path, redis_url=redis_url)
     keys = Keys.for_settings(settings)
     url = settings.redis_url or read_url(settings.embedded_redis_dir)
     if url is None and required:
@@ -101,7 +91,6 @@ def _guarded(run: Callable[[], list[TableResult]]) -> list[TableResult]:
         raise
     except Exception as exc:  # noqa: BLE001 - the exit-code contract's boundary
         _fail(f"parity stopped: {type(exc).__name__}: {exc}")
-        raise  # unreachable
 
 
 def _finish(
@@ -153,7 +142,10 @@ def parity_sql(
     no_store: NoStoreOpt = False,
 ) -> None:
     """Compare tables of two databases: counts, segment checksums, then only the differing rows."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from proxy.parity.checkpoint import Checkpoint, CheckpointError, fingerprint
+    from proxy.parity.config import ParityConfigError, load_config, parse_duration
 
     try:
         from proxy.parity.runner import Runner, RunOptions
@@ -162,7 +154,6 @@ def parity_sql(
             f"strangler parity sql needs SQLAlchemy 2 ({exc.name} is missing): "
             "pip install 'strangler[parity]'"
         )
-        return
 
     try:
         overrides: dict[str, Any] = {"max_qps": max_qps}
@@ -178,7 +169,6 @@ def parity_sql(
         state = Checkpoint(checkpoint, fingerprint(parsed), resume)
     except (ParityConfigError, CheckpointError, ValueError) as exc:
         _fail(str(exc))
-        return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err, transient=True,
@@ -266,7 +256,6 @@ def parity_http(
         )  # fmt: skip
     except (ValueError, re.error) as exc:
         _fail(str(exc))
-        return
     if shadow_rules:
         options.shadow_rules = _shadow_rules(settings, redis_url)
     with err.status("walking v1 and v2") as status:
@@ -285,13 +274,12 @@ def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[An
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
-    from proxy import cli
     from proxy.control.client import ControlClient
     from proxy.shadow.policy import RULES_SECTION, make_rules_parser
 
     keys, url = _keys_and_url(settings_path, redis_url, required=True)
     assert url is not None
-    settings = cli.settings_from(settings_path, redis_url=redis_url)
+    settings = settings_from(settings_path, redis_url=redis_url)
 
     async def go() -> dict[str, str]:
         client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
@@ -304,7 +292,6 @@ def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[An
         raw = asyncio.run(go())
     except (RedisError, OSError) as exc:
         _fail(f"cannot read the shadow rules: Redis is unreachable ({exc})")
-        raise  # unreachable
     ruleset, problems = make_rules_parser(settings)(raw, None)
     for problem in problems:
         err.print(f"[yellow]warning:[/yellow] shadow rule skipped: {escape(problem)}")
@@ -334,7 +321,6 @@ def parity_last(redis_url: RedisOpt = None, settings: SettingsOpt = None, as_jso
         last = asyncio.run(go())
     except (RedisError, OSError) as exc:
         _fail(f"Redis is unreachable: {exc}")
-        return
     if as_json:
         print(json.dumps(last))
         return

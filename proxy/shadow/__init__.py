@@ -1,6 +1,6 @@
 """Shadow traffic: mirror v1-served requests to v2, compare the answers, keep a shared diff report.
 
-May import ``proxy.traffic`` (hooks, routing, upstream), ``proxy.control``, ``proxy.settings`` and
-``proxy.metrics``; nothing imports it except the composition root (``app.py``), ``admin/`` (its
-routes) and the CLI.
+May import ``proxy.traffic`` (hooks, routing, upstream), ``proxy.control``, ``proxy.settings``,
+``proxy.metrics`` and (for its commands) ``proxy.cliutil``; nothing imports it except the
+composition root (``app.py``), ``admin/`` (its routes), parity (the diff engine) and the CLI.
 """

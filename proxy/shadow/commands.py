@@ -7,42 +7,35 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from proxy.cliutil import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    AdminTokenOpt,
+    AllGroupsOpt,
+    ConfigOpt,
+    JsonOpt,
+    RedisOpt,
+    RemoteUrlOpt,
+    console,
+    fail,
+    settings_from,
+    with_control,
+    with_registered_groups,
+)
 from proxy.control.client import ControlClient, InvalidValue
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.report import COUNTERS, ReportStore
 
-console = Console()
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
-GroupOpt = Annotated[str | None, typer.Option("--group", "-g", help="Route group (default: all groups).")]
 EndpointOpt = Annotated[
     str | None, typer.Option("--endpoint", "-e", help="Endpoint, e.g. 'GET /users/{id}' (default: all).")
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-UrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--url", envvar="STRANGLER_ADMIN_URL", help="Admin API of a running proxy (instead of Redis)."
-    ),
-]
-TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
 ]
 
 shadow_app = typer.Typer(no_args_is_help=True, help="Mirror requests to v2 and compare (shadow traffic).")
 ignore_app = typer.Typer(no_args_is_help=True, help="Ignore rules for comparisons (live, in Redis).")
 shadow_app.add_typer(ignore_app, name="ignore")
-
-
-def _cli() -> Any:
-    from proxy import cli  # late: proxy.cli imports this module while it is being built
-
-    return cli
 
 
 def _run(
@@ -56,13 +49,12 @@ def _run(
     """Run ``action(ShadowControl, ReportStore)`` against Redis, or ``remote(AdminClient)`` with
     ``--url``; InvalidValue -> exit code 2. Groups registered in Redis by running proxies count
     as known groups, so a group missing from this CLI's config still works."""
-    cli = _cli()
     if url:
-        from proxy.admin.remote import AdminClient
+        from proxy.cliutil.remote import AdminClient
 
         with AdminClient(url, token) as client:
             return remote(client)
-    settings = cli.with_registered_groups(cli.settings_from(config, redis_url=redis_url))
+    settings = with_registered_groups(settings_from(config, redis_url=redis_url))
 
     async def go(control: ControlClient) -> Any:
         shadow = ShadowControl(control, settings)
@@ -72,18 +64,18 @@ def _run(
         return await action(shadow, report)
 
     try:
-        return cli.with_control(settings, go)
+        return with_control(settings, go)
     except InvalidValue as exc:
-        cli.fail(str(exc), 2)
+        fail(str(exc), EXIT_USAGE)
 
 
 @shadow_app.command("on")
 def shadow_on(
-    group: GroupOpt = None,
+    group: AllGroupsOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
 ) -> None:
     """Start mirroring (globally, or for one group while the global switch is on)."""
 
@@ -106,11 +98,11 @@ def shadow_on(
 
 @shadow_app.command("off")
 def shadow_off(
-    group: GroupOpt = None,
+    group: AllGroupsOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
 ) -> None:
     """Stop mirroring. Without --group this is the kill switch: no group mirrors anything."""
     off = {"enabled": False}
@@ -126,11 +118,11 @@ def shadow_set(
     compare_max: Annotated[str | None, typer.Option("--compare-max", help="Largest body compared.")] = None,
     calibration: Annotated[str | None, typer.Option("--calibration", help="Percentage calibrated.")] = None,
     reset: Annotated[bool, typer.Option("--reset", help="Forget the live values: back to config.")] = False,
-    group: GroupOpt = None,
+    group: AllGroupsOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
 ) -> None:
     """Change shadow settings on every running proxy, live."""
     values: dict[str, Any] = {
@@ -146,7 +138,7 @@ def shadow_set(
         if group is None:
             values.update(compare_max_bytes=None, calibration_percentage=None)
     if not values:
-        _cli().fail("nothing to set: give --sample, --methods, --max-body, --compare-max or --calibration", 2)
+        fail("nothing to set: give --sample, --methods, --max-body, --compare-max or --calibration", 2)
     written = _run(
         config,
         redis_url,
@@ -163,8 +155,8 @@ def shadow_set(
 def shadow_status(
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Effective shadow settings per group, rejected values and ignore rules."""
@@ -203,7 +195,7 @@ def _rule_args(path: str | None, regex: str | None, order: bool, tolerance: str 
     if order:
         given.append(("ignore_order", ""))
     if len(given) != 1:
-        _cli().fail("give exactly one of --path, --regex, --order, --tolerance", 2)
+        fail("give exactly one of --path, --regex, --order, --tolerance", EXIT_USAGE)
     return given[0]
 
 
@@ -222,8 +214,8 @@ def ignore_add(
     endpoint: EndpointOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
 ) -> None:
     """Add an ignore rule; every proxy applies it to the next comparison."""
     kind, value = _rule_args(path, regex, order, tolerance)
@@ -247,14 +239,14 @@ def ignore_remove(
     endpoint: EndpointOpt = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
 ) -> None:
     """Remove an ignore rule added earlier (config-file rules stay)."""
     kind, value = _rule_args(path, regex, order, tolerance)
 
     def remote(client: Any) -> bool:
-        from proxy.admin.remote import AdminError
+        from proxy.cliutil.remote import AdminError
 
         try:
             return bool(client.change_rule("DELETE", kind, endpoint, value)["removed"])
@@ -265,7 +257,7 @@ def ignore_remove(
 
     removed = _run(config, redis_url, lambda s, r: s.remove_rule(kind, endpoint, value), remote, url, token)
     if not removed:
-        _cli().fail("no such rule in Redis (see `strangler shadow ignore list`)", 1)
+        fail("no such rule in Redis (see `strangler shadow ignore list`)", EXIT_FAILED)
     console.print("removed")
 
 
@@ -273,8 +265,8 @@ def ignore_remove(
 def ignore_list(
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ignore rules in force: from the config file and from Redis."""
@@ -295,8 +287,8 @@ def diffs(
     forget_noise: Annotated[bool, typer.Option("--forget-noise", help="With --reset: noise too.")] = False,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
-    url: UrlOpt = None,
-    token: TokenOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
 ) -> None:
     """Where v2 answers differ from v1: worst endpoints first, or one endpoint in detail."""
     if reset:
@@ -314,7 +306,7 @@ def diffs(
             console.print(f"diff report cleared ({deleted} keys)")
         return
     if endpoint:
-        from proxy.admin.remote import AdminError
+        from proxy.cliutil.remote import AdminError
 
         def one(client: Any) -> Any:
             try:
@@ -326,7 +318,7 @@ def diffs(
 
         detail = _run(config, redis_url, lambda s, r: r.endpoint(endpoint), one, url, token)
         if detail is None:
-            _cli().fail(f"no endpoint {endpoint!r} in the report (see `strangler diffs`)", 1)
+            fail(f"no endpoint {endpoint!r} in the report (see `strangler diffs`)", EXIT_FAILED)
         if as_json:
             print(json.dumps(detail))
         else:
@@ -402,8 +394,3 @@ def _print_endpoint(detail: dict[str, Any]) -> None:
         )
         for diff in sample["diff"][:10]:
             console.print(f"    {diff['field']}: {diff['v1']} -> {diff['v2']}", markup=False)
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(shadow_app, name="shadow")
-    app.command("diffs")(diffs)

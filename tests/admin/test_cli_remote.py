@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 
-from tests.support import ROOT, Backend, ProxyProcess, RedisServer
+from tests.clirun import strangler
+from tests.support import Backend, ProxyProcess, RedisServer
 
 TOKEN = "cli-token"
 RULE = {
@@ -22,20 +20,6 @@ RULE = {
     "migration_guide": "https://docs.example.com/orders",
     "replacement": "/v2/orders",
 }
-
-
-def strangler(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
-    clean.update(env or {})
-    clean["COLUMNS"] = "200"
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", *args],
-        cwd=ROOT,
-        env=clean,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 @pytest.fixture()

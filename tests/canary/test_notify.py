@@ -11,9 +11,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.canary import events
-from proxy.canary.notify import NopNotifier, build_notifier
+from proxy.canary.notify.base import NopNotifier
 from proxy.canary.notify.courier import Courier
 from proxy.canary.notify.dispatch import Dispatcher
+from proxy.canary.notify.factory import build_notifier
 from proxy.control.keys import Keys
 from proxy.metrics import Metrics
 from proxy.settings import CanarySettings, ConfigError, NotifierTarget, load_settings

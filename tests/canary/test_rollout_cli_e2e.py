@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 
 import redis
 
 from tests.canary.helpers import Blackhole, Traffic, canary, cli, refused_url
-from tests.support import ROOT, Backend, ProxyProcess, wait_until
+from tests.clirun import strangler
+from tests.support import Backend, ProxyProcess, wait_until
 
 LADDER = [1, 5, 10, 25, 50, 75, 90, 95, 100]
 
@@ -76,12 +75,10 @@ def test_rollout_walks_the_ladder_and_cli_controls_it_while_alert_targets_are_do
     assert aborted.exit_code == 0 and "rolled_back" in aborted.output
     assert rollout()["state"] == "rolled_back" and r.get("feature:v2_traffic_percentage") == "0"
 
-    # status shows rollout, last check and last decision; the real command line works too
-    out = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "rollout", "status", "--json", *base],
-        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
-    ).stdout  # fmt: skip
-    status = json.loads(out)
+    # status shows rollout, last check and last decision
+    shown = strangler("rollout", "status", "--json", *base)
+    assert shown.returncode == 0, shown.stderr
+    status = json.loads(shown.stdout)
     assert status["rollout"]["state"] == "rolled_back" and status["leader"]
     assert status["verdict"]["status"] in ("pass", "insufficient_data")
     assert cli("status", *base).exit_code == 0

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 
+from tests.clirun import strangler
 from tests.support import Backend, ProxyProcess, wait_until
 
 
@@ -23,9 +22,7 @@ def test_embedded_redis_prints_its_url_and_keeps_the_split_across_restarts(
             lambda: re.search(r"embedded Redis at (redis://\S+)", proxy.output()), timeout=5
         ).group(1)
         assert (tmp_path / ".strangler/redis/redis.url").read_text().split()[0] == url
-        result = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "set", "100"], cwd=tmp_path, capture_output=True, text=True
-        )
+        result = strangler("set", "100", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=2)
     finally:

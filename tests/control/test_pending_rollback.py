@@ -4,13 +4,11 @@ then follow is shown against Sentinel in test_sentinel.py.)"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import httpx
 
+from tests.clirun import strangler
 from tests.support import Backend, ProxyProcess, RedisServer, wait_until
 
 
@@ -37,10 +35,8 @@ def test_a_rollback_redis_cannot_take_is_served_now_and_written_when_it_returns(
     assert answer.status_code == 202 and answer.json()["pending"] is True, answer.text
     assert served(proxies[0]) == "v1"  # at once, on the proxy that took it
     assert served(proxies[1]) == "v2"  # the other one has not heard of it: Redis is down
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}
-    env.update(STRANGLER_ADMIN_URL=proxies[1].admin, STRANGLER_ADMIN_TOKEN=proxies[1].token, COLUMNS="200")
-    cli = subprocess.run([sys.executable, "-m", "proxy.cli", "rollback"], capture_output=True, text=True,
-                         env=env, timeout=30)  # fmt: skip
+    env = {"STRANGLER_ADMIN_URL": proxies[1].admin, "STRANGLER_ADMIN_TOKEN": proxies[1].token}
+    cli = strangler("rollback", env=env)
     assert cli.returncode == 0, cli.stderr
     assert "accepted" in cli.stdout and "unreachable" in cli.stdout
     assert served(proxies[1]) == "v1"  # the CLI through the admin API: the same, on that proxy

@@ -16,6 +16,7 @@ from proxy.parity.checkpoint import Checkpoint, CheckpointError, fingerprint
 from proxy.parity.config import parse_config
 from proxy.parity.report import TableResult
 from proxy.parity.runner import Runner, RunOptions
+from tests.clirun import strangler
 from tests.parity.conftest import execute, write_config
 
 
@@ -328,8 +329,7 @@ def test_result_is_stored_in_redis_and_alerted(redis_url: str, tmp_path: Path, t
     assert event["kind"] == "parity_different" and event["group"] == table_name
     code, out, _ = parity("last", "--redis-url", redis_url, "--json")
     assert code == 0 and json.loads(out)[table_name]["missing"] == 1
-    status = subprocess.run([sys.executable, "-m", "proxy.cli", "status", "--redis-url", redis_url, "--json"],
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    status = strangler("status", "--redis-url", redis_url, "--json")
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["parity"][table_name]["status"] == "different"
 

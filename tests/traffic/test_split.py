@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable
 
 import httpx
 
+from tests.clirun import strangler
 from tests.support import ProxyProcess, RedisServer, wait_until
 from tests.support import versions_by_user as versions
 
@@ -87,20 +86,12 @@ def test_redis_cli_set_is_picked_up_within_a_poll(
 
 def test_strangler_set_is_picked_up_at_once(start_proxy: Callable[..., ProxyProcess], redis_url: str) -> None:
     proxy = start_proxy(poll_interval_seconds=1.0)
-    subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "set", "100", "--redis-url", redis_url],
-        check=True,
-        capture_output=True,
-    )
+    assert strangler("set", "100", "--redis-url", redis_url).returncode == 0
     # the CLI publishes the change; the proxy refreshes on the message instead of waiting for the poll
     wait_until(
         lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v2", timeout=0.2, interval=0.01
     )
-    subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "rollback", "--redis-url", redis_url],
-        check=True,
-        capture_output=True,
-    )
+    assert strangler("rollback", "--redis-url", redis_url).returncode == 0
     wait_until(
         lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=0.2, interval=0.01
     )

@@ -1,7 +1,8 @@
-"""Alerts: a tiny ``Notifier`` interface, a do-nothing default, a factory from settings, and the
-courier that delivers the durable outbox."""
+"""Alerts: a tiny ``Notifier`` interface and a do-nothing default (``base``), a factory from
+settings (``factory``), the targets' formats and delivery (``formats``, ``dispatch``) and the courier
+that delivers the durable outbox (``courier``).
 
-from proxy.canary.notify.base import NopNotifier, Notifier
-from proxy.canary.notify.factory import build_notifier
-
-__all__ = ["Notifier", "NopNotifier", "build_notifier"]
+Import from the submodules: this package's init imports nothing, so a submodule importing a sibling
+never runs the init that imports it back (the old re-exports made ``dispatch`` -> package init ->
+``factory`` -> ``dispatch`` a cycle).
+"""

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import httpx
 from rich.console import Console
 from rich.table import Table
+
+from proxy.settings import read_admin_token
+
+if TYPE_CHECKING:
+    import httpx  # imported when a client is made: `strangler --help` and Redis commands skip it
 
 DEFAULT_PREFIX = "/_strangler"
 
@@ -46,11 +50,11 @@ class AdminClient:
         self.url = base_url(url, prefix)
         if token is None:
             # the token `strangler serve` generated for this directory, if it did
-            from proxy.admin.token import read_token
-
-            token = read_token()
+            token = read_admin_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.Client(headers=headers, timeout=timeout)
+        import httpx
+
+        self._client: httpx.Client = httpx.Client(headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self._client.close()
@@ -64,6 +68,8 @@ class AdminClient:
     def request(
         self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
     ) -> Any:
+        import httpx
+
         try:
             response = self._client.request(method, self.url + path, json=body, params=params)
         except httpx.HTTPError as exc:

@@ -1,0 +1,141 @@
+"""What every ``strangler`` command shares: the option aliases, the exit codes, the consoles and the
+helpers that load settings, reach Redis and report an error.
+
+A leaf on purpose: it imports ``proxy.settings`` and ``proxy.control`` only, never a capability and
+never ``proxy.cli``, so each ``proxy/<capability>/commands.py`` imports it at the top and the root
+(``proxy/cli.py``) adds their apps explicitly, with no import cycle and no registration by import.
+``remote.py`` beside it is the admin API client the ``--url`` forms use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import redis.asyncio as aioredis
+import typer
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.markup import escape
+
+from proxy.control.client import ControlClient, SplitWriter
+from proxy.control.connect import connect, describe
+from proxy.control.embedded import read_url
+from proxy.control.keys import Keys
+from proxy.settings import ConfigError, RouteGroup, Settings, load_settings
+
+# Exit codes, the same for every command (README "Operate").
+EXIT_FAILED = 1  # the action failed or did not hold: unreachable, checks failed, rolled back, timed out
+EXIT_USAGE = 2  # bad input or a refused request: value, group, config, transition not allowed now
+EXIT_INTERRUPTED = 130
+
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+# --- options shared by the commands (one definition each; the help text is part of the CLI) -------
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
+RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
+GroupOpt = Annotated[
+    str | None, typer.Option("--group", "-g", help="Route group (default: the global split).")
+]
+AllGroupsOpt = Annotated[str | None, typer.Option("--group", "-g", help="Route group (default: all groups).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _admin_url(help: str) -> Any:
+    return typer.Option("--url", envvar="STRANGLER_ADMIN_URL", help=help)
+
+
+# --url on the commands that read a proxy's config otherwise, and on those that talk to Redis otherwise
+AdminUrlOpt = Annotated[str | None, _admin_url("Admin API of a running proxy (default: from the config).")]
+RemoteUrlOpt = Annotated[str | None, _admin_url("Admin API of a running proxy (instead of Redis).")]
+AdminTokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
+]
+
+# How a command that writes the split builds its writer (``Rollouts(...).manual_split``), passed in
+# by the caller so this module never imports the canary.
+WriterFactory = Callable[[aioredis.Redis, Keys], SplitWriter]
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """The one way a command reports an error: one line on stderr, then the exit code."""
+    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings_from(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def resolve_redis_url(settings: Settings) -> str:
+    if settings.redis_url:
+        return settings.redis_url
+    url = read_url(settings.embedded_redis_dir)
+    if url is None:
+        fail(
+            "no Redis to talk to: start `strangler serve` (embedded Redis) or pass --redis-url / "
+            "STRANGLER_REDIS_URL"
+        )
+    return url
+
+
+def with_control(
+    settings: Settings,
+    action: Callable[[ControlClient], Awaitable[T]],
+    writer: WriterFactory | None = None,
+) -> T:
+    """Run one async action against Redis with a clear message when it is unreachable. Commands that
+    write the split pass ``writer``, so a share set by hand goes through the rollout's transaction."""
+    url = resolve_redis_url(settings)
+
+    async def go() -> T:
+        redis = connect(url, 2)
+        try:
+            keys = Keys.for_settings(settings)
+            return await action(ControlClient(redis, keys, writer(redis, keys) if writer else None))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (RedisError, OSError) as exc:
+        fail(f"Redis at {describe(url)} is unreachable: {exc}")
+
+
+def with_registered_groups(settings: Settings) -> Settings:
+    """The settings plus the route groups running proxies registered in Redis (``strangler:groups``),
+    so a command works with every group a proxy serves, not only those in this CLI's config."""
+    registered = with_control(settings, lambda c: c.registered_groups())
+    extra = [
+        RouteGroup(name=name, patterns=[str(p) for p in info.get("patterns") or ["/**"]])
+        for name, info in sorted(registered.items())
+        if name not in settings.group_names and name != "default"
+    ]
+    if not extra:
+        return settings
+    return settings.model_copy(update={"routes": [*settings.routes, *extra]})
+
+
+def check_group(settings: Settings, group: str | None) -> str:
+    """The group name to act on; unknown to both the config and Redis: exit code 2."""
+    name = group or "default"
+    if name not in settings.group_names:
+        settings = with_registered_groups(settings)
+    if name not in settings.group_names:
+        fail(f"unknown group {name!r}; known groups: {', '.join(settings.group_names)}", EXIT_USAGE)
+    return name
+
+
+def print_rollback(changed: dict[str, str | None]) -> None:
+    """One line per group rolled back, with the value it had."""
+    for name, before in changed.items():
+        was = "unset" if before is None else f"{before}%"
+        console.print(f"[yellow]rolled back[/yellow] {name}: v2 share {escape(was)} -> 0%")

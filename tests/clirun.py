@@ -1,0 +1,48 @@
+"""``strangler ARGS`` in-process: the real typer app under typer's ``CliRunner``, without the 0.4 s
+interpreter start-up and import of a subprocess.
+
+For tests where no process boundary is under test: exit codes, stdout and stderr are the same as
+the console script's (``StranglerGroup`` turns our errors into one line and a code inside the
+app). A crash is not an exit code here: an exception the app did not turn into one is re-raised,
+so it fails the test as a traceback on stderr would. Tests of the console script itself, of
+signals, ``serve`` and ``demo`` keep real subprocesses.
+
+Output width comes from ``COLUMNS`` at each call, as for the console script, provided the
+consoles in ``proxy.cliutil`` were created without ``COLUMNS`` set (true under pytest unless it is
+exported to the test run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from proxy.cli import app
+from tests.support import ROOT
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What a finished ``strangler`` run left: the fields of ``subprocess.CompletedProcess`` the
+    tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def strangler(*args: str, env: dict[str, str] | None = None, columns: int = 200, cwd: Path = ROOT) -> Ran:
+    """Run the command as a user would: no STRANGLER_* from the test runner's environment, only
+    ``env``; in ``cwd`` (where the token and embedded-Redis files of a local serve are looked up)."""
+    scrubbed: dict[str, str | None] = {k: None for k in os.environ if k.startswith("STRANGLER_")}
+    scrubbed.update(env or {})
+    scrubbed["COLUMNS"] = str(columns)
+    with contextlib.chdir(cwd):
+        result = CliRunner().invoke(app, list(args), env=scrubbed, prog_name="strangler")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Ran(result.exit_code, result.stdout, result.stderr)
