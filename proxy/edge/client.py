@@ -222,7 +222,7 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "response", "reused", "busy", "closed", "idle_since",
                  "_head_future", "_status", "_headers", "_interim", "_head_only", "_keep", "_got_bytes",
                  "_write_paused", "_drain", "_read_paused", "_timer", "_last_read", "_read_timeout",
-                 "counted_out", "_sink", "_sink_reads", "_finished")  # fmt: skip
+                 "counted_out", "_sink", "_sink_reads", "_finished", "_timer_due")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -244,6 +244,7 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._read_paused = False
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
         self._last_read = 0.0
         self._read_timeout = pool.limits.read_timeout
         self.counted_out = False  # its pool slot has been given back
@@ -368,7 +369,7 @@ class _Connection(asyncio.Protocol):
         self._end_exchange(reusable=self._keep)
 
     def _end_exchange(self, reusable: bool) -> None:
-        self._cancel_timer()
+        # the read timer stays: when it fires on an idle connection it stops (see _arm)
         self.busy = False
         self._head_future = None
         if self._read_paused and self.transport is not None and not self.closed:
@@ -433,13 +434,11 @@ class _Connection(asyncio.Protocol):
         self._interim = False
         self._head_only = head_only
         self._keep = True
-        self._read_timeout = read_timeout
         future: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._head_future = future
         transport = self.transport
         assert transport is not None
-        self._last_read = loop.time()
-        self._timer = loop.call_later(read_timeout, self._check_timeout)
+        self._arm(loop, read_timeout)
         writer: asyncio.Task[None] | None = None
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)  # one write per request
@@ -485,9 +484,7 @@ class _Connection(asyncio.Protocol):
         self._interim = False
         self._head_only = head_only
         self._keep = True
-        self._read_timeout = read_timeout
-        self._last_read = loop.time()
-        self._timer = loop.call_later(read_timeout, self._check_timeout)
+        self._arm(loop, read_timeout)
         transport = self.transport
         assert transport is not None
         transport.write(head)
@@ -510,7 +507,23 @@ class _Connection(asyncio.Protocol):
         if chunked and not self.closed:
             transport.write(b"0\r\n\r\n")
 
-    # --- read timeout: one timer per exchange, re-armed for the remainder ----------------------------
+    # --- read timeout: one timer per connection, re-armed for the remainder --------------------------
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        """Start the read deadline of an exchange. A timer already due no later than this deadline
+        is kept: when it fires it re-arms for what is left. So a busy connection creates a timer
+        about once per read timeout, not once per request."""
+        self._read_timeout = read_timeout
+        now = loop.time()
+        self._last_read = now
+        due = now + read_timeout
+        timer = self._timer
+        if timer is not None:
+            if self._timer_due <= due:
+                return
+            timer.cancel()
+        self._timer = loop.call_later(read_timeout, self._check_timeout)
+        self._timer_due = due
 
     def _check_timeout(self) -> None:
         self._timer = None
@@ -522,6 +535,7 @@ class _Connection(asyncio.Protocol):
         idle = now - self._last_read
         if idle < self._read_timeout:
             self._timer = self.pool.loop.call_later(self._read_timeout - idle, self._check_timeout)
+            self._timer_due = now + self._read_timeout - idle
             return
         if self.response is None:
             self._fail_exchange(UpstreamTimeout(self.pool.version, "read timeout"))
