@@ -473,7 +473,7 @@ class Settings(BaseSettings):
     def _redis_url_shape(cls, value: str | None) -> str | None:
         """Sentinel and Cluster URLs are checked here so a typo is a config error, not a crash."""
         if value:
-            from proxy.control.connect import check  # a leaf module: imports nothing of ours
+            from proxy.redis_url import check  # a leaf module: imports nothing of ours
 
             check(value)
         return value

@@ -21,9 +21,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from proxy.control.client import ControlClient, SplitWriter
-from proxy.control.connect import connect, describe
+from proxy.control.connect import connect
 from proxy.control.embedded import read_url
 from proxy.control.keys import Keys
+from proxy.redis_url import describe
 from proxy.settings import ConfigError, RouteGroup, Settings, load_settings
 
 # Exit codes, the same for every command (README "Operate").

@@ -9,70 +9,18 @@
 - ``redis+cluster://host:port[,host:port]``: ``RedisCluster``. Our multi-key operations stay in one
   slot because :func:`cluster_keys` puts every control key under one hash tag.
 
-Bad URLs raise ``ValueError`` with one line saying what is expected (settings turns it into a
-config error). Passwords never appear in messages.
+The URL grammar and its parser are in ``proxy/redis_url.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 
-SENTINEL, CLUSTER, PLAIN = "redis+sentinel", "redis+cluster", "plain"
-SENTINEL_FORM = "redis+sentinel://[user:pass@]host:26379[,host:port...]/<db>/<master-name>"
-CLUSTER_FORM = "redis+cluster://[user:pass@]host:port[,host:port...]"
-
-
-@dataclass(frozen=True)
-class Target:
-    kind: str
-    nodes: list[tuple[str, int]] = field(default_factory=list)
-    db: int = 0
-    master: str = ""
-    username: str | None = None
-    password: str | None = None
-    sentinel_password: str | None = None
-
-
-def parse(url: str) -> Target:
-    """Which kind of Redis ``url`` names, and its parts (plain URLs are left to redis-py)."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in (SENTINEL, CLUSTER):
-        return Target(PLAIN)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    username = password = None
-    if "@" in netloc:
-        creds, netloc = netloc.rsplit("@", 1)
-        user, _, secret = creds.partition(":")
-        username, password = (unquote(user) or None), (unquote(secret) or None)
-    form = SENTINEL_FORM if scheme == SENTINEL else CLUSTER_FORM
-    nodes = []
-    for item in netloc.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"redis_url: {item.strip() or '(empty)'!r} is not host:port; expected {form}")
-        nodes.append((host.strip("[]"), int(port)))
-    query = parse_qs(parts.query)
-    if scheme == CLUSTER:
-        if parts.path.strip("/"):
-            raise ValueError(f"redis_url: a cluster has no database or master name; expected {form}")
-        return Target(CLUSTER, nodes, username=username, password=password)
-    path = [p for p in parts.path.split("/") if p]
-    if len(path) != 2 or not path[0].isdigit():
-        raise ValueError(f"redis_url: give the database and the master name; expected {form}")
-    sentinel_password = (query.get("sentinel_password") or [""])[0] or None
-    return Target(SENTINEL, nodes, int(path[0]), unquote(path[1]), username, password, sentinel_password)
-
-
-def check(url: str) -> None:
-    """Validate at settings load: raises ValueError for a malformed Sentinel/Cluster URL."""
-    parse(url)
+from proxy.redis_url import CLUSTER, SENTINEL, parse
 
 
 def connect(url: str, timeout: float, **options: Any) -> aioredis.Redis:
@@ -96,21 +44,3 @@ def connect(url: str, timeout: float, **options: Any) -> aioredis.Redis:
         )  # fmt: skip
         return cast(aioredis.Redis, cluster)  # the commands we use have the same signatures
     return aioredis.Redis.from_url(url, **common)
-
-
-def is_cluster(url: str | None) -> bool:
-    return bool(url) and parse(url or "").kind == CLUSTER
-
-
-def describe(url: str) -> str:
-    """The URL without credentials, for logs and messages."""
-    target = parse(url)
-    if target.kind == PLAIN:
-        parts = urlsplit(url)
-        if not parts.hostname:  # unix:///path/to/socket
-            return f"{parts.scheme}://{parts.path}"
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
-    nodes = ",".join(f"{h}:{p}" for h, p in target.nodes)
-    tail = f"/{target.db}/{target.master}" if target.kind == SENTINEL else ""
-    return f"{target.kind}://{nodes}{tail}"

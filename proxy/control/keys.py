@@ -31,7 +31,7 @@ class Keys:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> Keys:
-        from proxy.control.connect import is_cluster
+        from proxy.redis_url import is_cluster
 
         return cls(settings.split_key, settings.key_prefix, is_cluster(settings.redis_url))
 

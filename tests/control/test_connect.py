@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.control.connect import CLUSTER, PLAIN, SENTINEL, describe, parse
+from proxy.redis_url import CLUSTER, PLAIN, SENTINEL, describe, parse
 from proxy.settings import Settings
 
 
