@@ -235,59 +235,8 @@ class ProxyApp:
             return self._gone(ex, deprecation, method, started)
         group = self._routes.group_for(norm)
 
-        # one pass over the headers: pick out what we need, build what goes upstream
-        forced: bytes | None = None
-        user_key: bytes | None = None
-        cookie: bytes | None = None
-        host: bytes | None = None
-        xff: bytes | None = None
-        request_id: bytes | None = None
-        content_length: int | None = None
-        override: bytes | None = None
-        has_body = False
-        connection_named: set[bytes] = set()
-        picked: dict[bytes, bytes] | None = {} if self._wanted else None
-        out: list[tuple[bytes, bytes]] = []
-        for name, value in ex.headers:
-            if name == self._user_header:
-                user_key = value
-            elif name == b"cookie":
-                cookie = value if cookie is None else cookie + b"; " + value
-            elif name == b"host":
-                host = value
-                if not self._preserve_host:
-                    continue
-            elif name == self._force:
-                forced = value
-                continue
-            elif name == b"content-length":
-                has_body = True
-                content_length = int(value) if value.isdigit() else None
-                continue  # sent upstream as the canonical number by the edge client
-            elif name == b"transfer-encoding":
-                has_body = True
-                continue
-            elif name.startswith(MARKER_PREFIX):
-                continue
-            elif name in METHOD_OVERRIDES:
-                override = value
-            elif name == b"connection":
-                connection_named.update(part.strip().lower() for part in value.split(b","))
-                continue
-            elif picked is not None and name in self._wanted:
-                picked[name] = value  # read by the decision (match rules, JWT), still forwarded
-            if name in PROXY_SET:
-                if name == b"x-forwarded-for":
-                    xff = value if xff is None else xff + b", " + value
-                elif name == b"x-request-id" and 0 < len(value) <= 200:
-                    request_id = value
-                continue
-            if name in HOP_BY_HOP:
-                continue
-            out.append((name, value))
-        if connection_named:
-            drop = connection_named - PROTECTED
-            out = [(name, value) for name, value in out if name not in drop]
+        (out, forced, user_key, cookie, host, xff, request_id, content_length, override, has_body, picked,
+         _) = self._scan_headers(ex.headers, websocket=False)  # fmt: skip
         if content_length == 0:
             has_body = False
         query = ex.query
@@ -320,6 +269,71 @@ class ProxyApp:
         if set_cookies is not None:
             xc.extra_headers.extend((b"set-cookie", value) for value in set_cookies)
         return xc
+
+    def _scan_headers(self, headers: Sequence[tuple[bytes, bytes]], websocket: bool) -> tuple[Any, ...]:
+        """One pass over the client's headers: what the decision needs, and what goes upstream
+        (hop-by-hop, Connection-named, the proxy's own and, for an upgrade, the per-hop
+        Sec-WebSocket-* headers dropped). Shared by HTTP and WebSocket upgrades."""
+        forced: bytes | None = None
+        user_key: bytes | None = None
+        cookie: bytes | None = None
+        host: bytes | None = None
+        xff: bytes | None = None
+        request_id: bytes | None = None
+        content_length: int | None = None
+        override: bytes | None = None
+        has_body = False
+        offered: list[str] = []
+        connection_named: set[bytes] = set()
+        picked: dict[bytes, bytes] | None = {} if self._wanted else None
+        out: list[tuple[bytes, bytes]] = []
+        for name, value in headers:
+            if name == self._user_header:
+                user_key = value
+            elif name == b"cookie":
+                cookie = value if cookie is None else cookie + b"; " + value
+            elif name == b"host":
+                host = value
+                if not self._preserve_host:
+                    continue
+            elif name == self._force:
+                forced = value
+                continue
+            elif name == b"content-length":
+                has_body = True
+                content_length = int(value) if value.isdigit() else None
+                continue  # sent upstream as the canonical number by the edge client
+            elif name == b"transfer-encoding":
+                has_body = True
+                continue
+            elif name.startswith(MARKER_PREFIX):
+                continue
+            elif websocket and name.startswith(b"sec-websocket-"):
+                # key/version/accept are per hop; extensions are never negotiated
+                if name == b"sec-websocket-protocol":
+                    offered.extend(p.strip() for p in value.decode("latin-1").split(",") if p.strip())
+                continue
+            elif name in METHOD_OVERRIDES:
+                override = value
+            elif name == b"connection":
+                connection_named.update(part.strip().lower() for part in value.split(b","))
+                continue
+            elif picked is not None and name in self._wanted:
+                picked[name] = value  # read by the decision (match rules, JWT), still forwarded
+            if name in PROXY_SET:
+                if name == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif name == b"x-request-id" and 0 < len(value) <= 200:
+                    request_id = value
+                continue
+            if name in HOP_BY_HOP:
+                continue
+            out.append((name, value))
+        if connection_named:
+            drop = connection_named - PROTECTED
+            out = [(name, value) for name, value in out if name not in drop]
+        return (out, forced, user_key, cookie, host, xff, request_id, content_length, override, has_body,
+                picked, offered)  # fmt: skip
 
     async def _gone(self, ex: ClientExchange, deprecation: Any, method: str, started: float) -> None:
         await self._answer(ex, 410, deprecation.gone_body, deprecation.headers)
@@ -436,55 +450,12 @@ class ProxyApp:
         snapshot = self._store.current
         deprecation = self._deprecations.check("GET", norm, snapshot)
         if deprecation is not None and deprecation.gone_body is not None:
-            await self._answer(ex, 410, deprecation.gone_body, deprecation.headers)
-            self._metrics.request_done("deprecated", "proxy", "GET", 410, time.perf_counter() - started)
+            await self._gone(ex, deprecation, "GET", started)
             return
         group = self._routes.group_for(norm)
-
-        forced: bytes | None = None
-        user_key: bytes | None = None
-        cookie: bytes | None = None
-        host: bytes | None = None
-        xff: bytes | None = None
-        request_id: bytes | None = None
-        offered: list[str] = []
-        connection_named: set[bytes] = set()
-        picked: dict[bytes, bytes] = {}
-        out: list[tuple[bytes, bytes]] = []
-        for name, value in ex.headers:
-            if name == self._user_header:
-                user_key = value
-            elif name == b"cookie":
-                cookie = value if cookie is None else cookie + b"; " + value
-            elif name == b"host":
-                host = value
-                if not self._preserve_host:
-                    continue
-            elif name == self._force:
-                forced = value
-                continue
-            elif name == b"sec-websocket-protocol":
-                offered.extend(p.strip() for p in value.decode("latin-1").split(",") if p.strip())
-                continue
-            elif name.startswith(b"sec-websocket-") or name.startswith(MARKER_PREFIX):
-                continue  # key/version/accept are per hop; extensions are never negotiated
-            elif name == b"connection":
-                connection_named.update(part.strip().lower() for part in value.split(b","))
-                continue
-            elif name in self._wanted:
-                picked[name] = value
-            elif name in PROXY_SET:
-                if name == b"x-forwarded-for":
-                    xff = value if xff is None else xff + b", " + value
-                elif name == b"x-request-id" and 0 < len(value) <= 200:
-                    request_id = value
-                continue
-            if name in HOP_BY_HOP or name == b"content-length":
-                continue
-            out.append((name, value))
-        if connection_named:
-            drop = connection_named - PROTECTED
-            out = [(name, value) for name, value in out if name not in drop]
+        out, forced, user_key, cookie, host, xff, request_id, *_, picked, offered = self._scan_headers(
+            ex.headers, websocket=True
+        )
         try:
             version, bucket, set_cookies = self._decider.choose(
                 snapshot, group, forced, user_key, cookie, ex.query, ex.client_host, picked, websocket=True
