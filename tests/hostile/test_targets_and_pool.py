@@ -17,7 +17,7 @@ import pytest
 
 from tests.hostile.rawhttp import exchange
 from tests.hostile.recorder import RecordingServer
-from tests.support import ProxyProcess, RedisServer, free_port
+from tests.support import ProxyProcess, RedisServer, free_port, wait_until
 
 H = b"Host: app.test\r\n"
 CLOSE = b"Connection: close\r\n"
@@ -155,7 +155,8 @@ class ScriptedBackend:
     """A raw keep-alive backend: answers ``T=<target>``; ``/poison`` writes a second, unrequested
     answer 0.3 s after the first; ``/switch`` answers 101 to a plain request; after ``/drop-next``
     the next request on that connection is read, then the connection closes with no answer (the
-    keep-alive race: a backend closing an idle connection just as the proxy reuses it)."""
+    keep-alive race: a backend closing an idle connection just as the proxy reuses it); ``/slow``
+    answers after 0.3 s."""
 
     def __init__(self) -> None:
         self._sock = socket.socket()
@@ -164,6 +165,7 @@ class ScriptedBackend:
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
         self.connections = 0
+        self.seen: list[bytes] = []  # request targets, in the order they arrived
         self._closing = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -195,6 +197,7 @@ class ScriptedBackend:
                     buffer += data
                 head, _, buffer = buffer.partition(b"\r\n\r\n")
                 target = head.split(b" ")[1]
+                self.seen.append(target)
                 if drop_next:
                     return  # read, never answered: the connection closes
                 drop_next = target == b"/drop-next"
@@ -207,6 +210,8 @@ class ScriptedBackend:
                             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\nRAW"
                         )
                         continue
+                    if target == b"/slow":
+                        time.sleep(0.3)
                     body = b"T=" + target
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                     if target == b"/poison":
@@ -258,6 +263,32 @@ def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_new_o
         reply = client.get(proxy.url + "/after-race")
     assert (reply.status_code, reply.text) == (200, "T=/after-race")
     assert backend.connections == 2
+    assert proxy.metric("http_errors_total", version="v1") == 0
+
+
+def test_a_client_gone_before_its_answer_leaves_nothing_for_the_next_client(
+    scripted: tuple[ScriptedBackend, ProxyProcess],
+) -> None:
+    """The answer to a client that left while the fast path waited for the backend is read in
+    full and dropped; the connection goes back to the pool clean, so the next clients get their
+    own answers on it."""
+    backend, proxy = scripted
+    gone_before = proxy.metric("strangler_client_disconnects_total", version="v1", stage="response")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /warm HTTP/1.1\r\n" + H + b"\r\n")
+        assert b"T=/warm" in sock.recv(65536)  # a warm pooled connection: the next request is taken at once
+        sock.sendall(b"GET /slow HTTP/1.1\r\n" + H + b"\r\n")
+        wait_until(lambda: b"/slow" in backend.seen, timeout=5)
+    # the client is gone; the backend answers 0.3 s later
+    wait_until(
+        lambda: proxy.metric("strangler_client_disconnects_total", version="v1", stage="response")
+        == gone_before + 1,
+        timeout=5,
+    )
+    with httpx.Client(timeout=5) as client:
+        for i in range(5):
+            assert client.get(proxy.url + f"/next-{i}").text == f"T=/next-{i}"
+    assert backend.connections == 1  # the connection that carried /slow was reused, clean
     assert proxy.metric("http_errors_total", version="v1") == 0
 
 
