@@ -1,13 +1,22 @@
-"""Real processes for tests: redis-server, backends and the proxy, each on a free 127.0.0.1 port."""
+"""Real servers for tests: redis-server, backends and the proxy, each on a free 127.0.0.1 port.
+
+The proxy runs as ``strangler serve`` in its own process (:class:`ProxyProcess`) where a test kills,
+signals or measures that process, and otherwise as the same ``serve()`` on its own event loop in a
+thread of the test process (:class:`ProxyThread`): the same server, sockets and Redis, without a
+second of interpreter start-up per proxy.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,6 +249,149 @@ class ProxyProcess:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class _ThreadLog(logging.Handler):
+    """Records logged on one thread (the proxy's event loop), formatted as ``strangler serve`` would."""
+
+    def __init__(self, thread_id: int, level: int) -> None:
+        super().__init__(level)
+        self.thread_id = thread_id
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.thread_id
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class ProxyThread(ProxyProcess):
+    """The proxy's own ``serve(settings, app)`` on a uvloop event loop in a thread of the test process
+    (as httpx's ``serve_in_thread``), stopped at teardown like Ctrl-C stops ``strangler serve``.
+
+    Settings go through the same YAML file and loader as the process; the admin token is generated
+    into ``workdir/.strangler`` as ``strangler serve`` does in its working directory. What only a
+    process has (``kill``, signals, memory, the embedded Redis, workers) is refused with a clear
+    error: ask the factory for ``process=True`` there.
+    """
+
+    def __init__(self, workdir: Path, settings: dict[str, Any]) -> None:
+        super().__init__(workdir, settings)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._group: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._log_handler: _ThreadLog | None = None
+
+    def start(self, wait: bool = True) -> ProxyThread:
+        from proxy.admin.token import ensure_admin_token
+        from proxy.server import raise_open_file_limit
+        from proxy.settings import load_settings
+
+        assert self.settings.get("redis_url"), "a proxy in a thread needs redis_url (no embedded Redis)"
+        assert self.settings.get("workers", 1) == 1, "workers > 1 need a process"
+        leaked = [k for k in os.environ if k.startswith("STRANGLER_")]
+        assert not leaked, f"STRANGLER_* in the test environment would configure the proxy: {leaked}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / f"strangler-{self.port}.yaml"
+        config.write_text(yaml.safe_dump(self.settings))
+        settings = load_settings(config)
+        token_file = self.workdir / ".strangler" / "admin-token"
+        settings = ensure_admin_token(settings.model_copy(update={"admin_token_file": token_file}))
+        raise_open_file_limit()
+        self._thread = threading.Thread(
+            target=self._run, args=(settings,), name=f"strangler-proxy-{self.port}", daemon=True
+        )
+        self._thread.start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def _run(self, settings: Any) -> None:
+        import uvloop
+
+        from proxy.app import create_app
+        from proxy.server import ServerGroup, serve
+
+        level = getattr(logging, settings.log_level.upper())
+        self._log_handler = _ThreadLog(threading.get_ident(), level)
+        root, ours = logging.getLogger(), logging.getLogger("strangler")
+        root.addHandler(self._log_handler)
+        if ours.getEffectiveLevel() > level:  # as configure_logging() does in the process
+            ours.setLevel(level)
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._group = ServerGroup()
+            self._ready.set()
+            await serve(settings, create_app(settings), group=self._group)
+
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_ready/stop in the test thread
+            self._error = exc
+            logging.getLogger("strangler").exception("proxy thread failed")
+        finally:
+            self._ready.set()
+            root.removeHandler(self._log_handler)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def up() -> bool:
+            assert self._thread is not None
+            if not self._thread.is_alive():
+                raise AssertionError(f"proxy stopped early: {self._error!r}\n{self.output()}")
+            return httpx.get(self.admin + "/health", timeout=1).status_code == 200
+
+        wait_until(up, timeout=timeout, message="proxy health")
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def output(self) -> str:
+        return "\n".join(self._log_handler.lines) + "\n" if self._log_handler else ""
+
+    def stop(self) -> None:
+        """As Ctrl-C: stop listening, drain, run the app's shutdown; a second stop forces it."""
+        if self._thread is None:
+            return
+        self._ready.wait(20)
+        if self._loop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                self._loop.call_soon_threadsafe(self._group.stop)
+            self._thread.join(15)
+            if self._thread.is_alive():
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._group.stop)
+                self._thread.join(10)
+        assert not self._thread.is_alive(), f"proxy thread did not stop:\n{self.output()}"
+        self._thread = None
+
+    def kill(self) -> None:
+        raise AssertionError("a proxy in a thread cannot be killed: start it with process=True")
+
+    def rss(self) -> int:
+        raise AssertionError("a proxy in a thread has no memory of its own: start it with process=True")
+
+
+def generation(proxy: ProxyProcess) -> int:
+    """How many control refreshes from Redis the proxy has done (``/status``)."""
+    response = httpx.get(proxy.admin + "/status", headers=proxy.auth, timeout=5)
+    assert response.status_code == 200, response.text
+    return int(response.json()["snapshot_generation"])
+
+
+def wait_refreshed(*proxies: ProxyProcess, timeout: float = 5.0) -> None:
+    """Return once each proxy has finished a control refresh that began after this call, so what
+    was written to Redis before it is in force now, or was rejected. Two refreshes, not one: the
+    one in flight at the call may have read Redis before the write."""
+    for proxy in proxies:
+        start = generation(proxy)
+        wait_until(lambda p=proxy, s=start: generation(p) >= s + 2, timeout=timeout, message="two refreshes")
 
 
 def versions_by_user(proxy: ProxyProcess, users: Any, path: str = "/") -> dict[str, str]:
