@@ -150,7 +150,7 @@ def test_two_proxies_one_leader_both_follow_the_rollback_and_failover(
     v1, v2 = v1v2
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     settings = {"v1_url": v1.url, "v2_url": v2.url, "redis_url": redis_url, "canary": canary()}
-    proxies = [proxy_factory(**settings), proxy_factory(**settings)]
+    proxies = [proxy_factory(process=True, **settings) for _ in range(2)]  # the leader is SIGKILLed
 
     def status(p: ProxyProcess) -> dict[str, Any]:
         return dict(httpx.get(p.admin + "/canary/status", timeout=2).json()["this_process"])
