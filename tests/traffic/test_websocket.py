@@ -98,13 +98,14 @@ def test_split_and_stickiness_across_many_keys_and_headers_passed(
     set_split(redis_server, proxy, ws_proxy.split_key, 30)  # type: ignore[attr-defined]
     http_versions: dict[int, str] = {}
     ws_versions: dict[int, str] = {}
-    for user in range(150):
-        answer = httpx.get(proxy.url + "/echo", headers={"X-User-ID": f"user-{user}"}, timeout=5)
-        http_versions[user] = answer.headers["x-api-version"]
-        # browsers cannot set headers: the key comes from the query parameter here
-        with open_ws(proxy, f"/echo?uid=user-{user}") as ws:
-            ws.send("whoami")
-            ws_versions[user] = ws.recv(timeout=5)  # type: ignore[assignment]
+    with httpx.Client(base_url=proxy.url, timeout=5) as client:
+        for user in range(150):
+            answer = client.get("/echo", headers={"X-User-ID": f"user-{user}"})
+            http_versions[user] = answer.headers["x-api-version"]
+            # browsers cannot set headers: the key comes from the query parameter here
+            with open_ws(proxy, f"/echo?uid=user-{user}") as ws:
+                ws.send("whoami")
+                ws_versions[user] = ws.recv(timeout=5)  # type: ignore[assignment]
     assert ws_versions == http_versions, "a key got a different version over WebSocket than over HTTP"
     share = sum(v == "v2" for v in ws_versions.values()) / len(ws_versions)
     assert 0.15 <= share <= 0.45, share
