@@ -381,9 +381,17 @@ def test_pinned_sessions_survive_a_lower_split_but_not_a_rollback_forced_ones_st
     with contextlib.ExitStack() as stack:
         pinned = stack.enter_context(open_ws(proxy, additional_headers={"Cookie": pin}))
         forced = stack.enter_context(open_ws(proxy, additional_headers={"X-Strangler-Version": "v2"}))
+        keyed = {
+            user: stack.enter_context(open_ws(proxy, additional_headers={"X-User-ID": user}))
+            for user in ("k0", "k1", "k2")
+        }
         set_split(redis_server, proxy, key, 1)
-        time.sleep(1.0)  # well past the grace: a pinned session is not moved by a lower split
-        for ws in (pinned, forced):
+        moved = [ws for user, ws in keyed.items() if http_version(proxy, user) == "v1"]
+        assert moved, "no key moved from 100% to 1%"
+        with pytest.raises(ConnectionClosed) as drained:  # past the grace: the drain has run...
+            moved[0].recv(timeout=5)
+        assert drained.value.rcvd is not None and drained.value.rcvd.code == 1012
+        for ws in (pinned, forced):  # ...and a pinned session is not moved by a lower split
             ws.send("whoami")
             assert ws.recv(timeout=5) == "v2"
         set_split(redis_server, proxy, key, 0)
