@@ -116,6 +116,11 @@ class RedisServer:
                 self.process.wait()
 
 
+# A test's own calls to a backend leave no connection open: tests count the proxy's connections to
+# its backends, and a proxy in a thread shares this process with the test.
+_CLOSE = {"Connection": "close"}
+
+
 class Backend(KeptClient):
     """tests/backends.py in its own process; ``control`` changes its behaviour live."""
 
@@ -143,10 +148,10 @@ class Backend(KeptClient):
         return self
 
     def control(self, **state: Any) -> None:
-        self.http.post(f"{self.url}/__control", json=state).raise_for_status()
+        self.http.post(f"{self.url}/__control", json=state, headers=_CLOSE).raise_for_status()
 
     def log(self, clear: bool = False) -> list[dict[str, Any]]:
-        response = self.http.request("DELETE" if clear else "GET", f"{self.url}/__log")
+        response = self.http.request("DELETE" if clear else "GET", f"{self.url}/__log", headers=_CLOSE)
         return list(response.json())
 
     def stop(self) -> None:

@@ -99,7 +99,8 @@ def test_three_times_slower_v2_is_rolled_back_by_the_latency_check(
         v1_url=v1.url,
         v2_url=v2.url,
         redis_url=redis_url,
-        canary=canary(thresholds={"p95_floor_seconds": 0.05}),
+        # the absolute limit out of reach (a busy machine's stall): only the ratio to v1 can fail
+        canary=canary(thresholds={"p95_floor_seconds": 0.05, "max_p95_seconds": 5.0}),
     )
     r.set("feature:v2_traffic_percentage", "20")
     with Traffic([proxy.url], concurrency=12):
@@ -110,7 +111,7 @@ def test_three_times_slower_v2_is_rolled_back_by_the_latency_check(
         v2.control(delay_ms=150)
         wait_until(lambda: r.get("feature:v2_traffic_percentage") == "0", timeout=20)
     decision = state(r, "strangler:canary:decision:default")
-    assert decision is not None and decision["failed_check"] in ("p95_ratio", "p95")
+    assert decision is not None and decision["failed_check"] == "p95_ratio"
     assert decision["v2"]["p95_seconds"] > decision["v1"]["p95_seconds"]
     assert decision["thresholds"]["max_p95_ratio"] == 1.5
 
