@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -381,21 +382,29 @@ class ProxyThread(ProxyProcess):
         return "\n".join(self._log_handler.lines) + "\n" if self._log_handler else ""
 
     def stop(self) -> None:
-        """As Ctrl-C: stop listening, drain, run the app's shutdown; a second stop forces it."""
+        """As Ctrl-C: stop listening, drain, run the app's shutdown. If that does not finish (where
+        ``strangler serve`` would be SIGKILLed by :meth:`ProxyProcess.stop`), the loop is stopped
+        hard so the proxy cannot outlive its test, and the teardown fails with where it hung."""
         self.close_http()
         if self._thread is None:
             return
         self._ready.wait(20)
+        hung = ""
         if self._loop is not None and self._thread.is_alive():
             with contextlib.suppress(RuntimeError):  # the loop closed in between
                 self._loop.call_soon_threadsafe(self._group.stop)
-            self._thread.join(15)
+            self._thread.join(float(self.settings.get("drain_timeout_seconds", 10)) + 5)
             if self._thread.is_alive():
+                frame = sys._current_frames().get(self._thread.ident or 0)
+                hung = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
                 with contextlib.suppress(RuntimeError):
-                    self._loop.call_soon_threadsafe(self._group.stop)
+                    self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(10)
-        assert not self._thread.is_alive(), f"proxy thread did not stop:\n{self.output()}"
+        alive = self._thread.is_alive()
         self._thread = None
+        if hung or alive:
+            raise AssertionError(f"proxy did not stop (still running: {alive}); it hung in:\n{hung}"
+                                 f"\nlog:\n{self.output()}")  # fmt: skip
 
     def kill(self) -> None:
         raise AssertionError("a proxy in a thread cannot be killed: start it with process=True")
