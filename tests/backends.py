@@ -90,6 +90,9 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def slow(request: web.Request) -> web.Response:
+    # logged on arrival, so a test can tell the request is being held here
+    LOG.append({"version": NAME, "method": request.method, "raw_path": request.raw_path, "headers": []})
+    del LOG[:-500]
     await asyncio.sleep(float(request.query.get("ms", "1000")) / 1000)
     return web.json_response({"version": NAME, "slow": True})
 

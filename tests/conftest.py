@@ -1,7 +1,8 @@
-"""Shared fixtures: a real redis-server per session, real v1/v2 backends, real proxy processes.
+"""Shared fixtures: a real redis-server per session, real v1/v2 backends, real proxies.
 
 Session-scoped processes are shared for speed; tests that break them (kill Redis, stop a backend)
-make their own through the factories below.
+make their own through the factories below. A proxy runs in a thread of the test process unless
+the test needs its process (``process=True``: signals, kill, memory, workers, embedded Redis).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from tests.support import Backend, ProxyProcess, RedisServer
+from tests.support import Backend, ProxyProcess, ProxyThread, RedisServer
 
 hypothesis_settings.register_profile("fast", max_examples=50, deadline=None)
 hypothesis_settings.register_profile("deep", max_examples=2000, deadline=None)
@@ -90,15 +91,23 @@ def backend_factory(workdir: Path) -> Iterator[Callable[[str], Backend]]:
 
 @pytest.fixture()
 def proxy_factory(workdir: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """Start ``strangler serve`` with the given settings (a dict as in the YAML file)."""
+    """Start the proxy with the given settings (a dict as in the YAML file): in a thread, or as
+    ``strangler serve`` with ``process=True`` (also implied by ``env``, ``workers`` > 1 and no
+    ``redis_url``, which only a process has)."""
     made: list[ProxyProcess] = []
 
-    def make(wait: bool = True, env: dict[str, str] | None = None, **settings: Any) -> ProxyProcess:
+    def make(
+        wait: bool = True, env: dict[str, str] | None = None, process: bool = False, **settings: Any
+    ) -> ProxyProcess:
         settings.setdefault("log_level", "warning")
         settings.setdefault("poll_interval_seconds", 0.2)
-        proxy = ProxyProcess(workdir / "proxies", settings, env).start(wait=wait)
-        made.append(proxy)
-        return proxy
+        process = process or bool(env) or settings.get("workers", 1) > 1 or not settings.get("redis_url")
+        if process:
+            proxy: ProxyProcess = ProxyProcess(workdir / "proxies", settings, env)
+        else:
+            proxy = ProxyThread(workdir / "proxies", settings)
+        made.append(proxy)  # stopped at teardown even when the start fails half-way
+        return proxy.start(wait=wait)
 
     yield make
     for proxy in made:

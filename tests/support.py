@@ -1,14 +1,24 @@
-"""Real processes for tests: redis-server, backends and the proxy, each on a free 127.0.0.1 port."""
+"""Real servers for tests: redis-server, backends and the proxy, each on a free 127.0.0.1 port.
+
+The proxy runs as ``strangler serve`` in its own process (:class:`ProxyProcess`) where a test kills,
+signals or measures that process, and otherwise as the same ``serve()`` on its own event loop in a
+thread of the test process (:class:`ProxyThread`): the same server, sockets and Redis, without a
+second of interpreter start-up per proxy.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +32,24 @@ import yaml
 from proxy.control.embedded import find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class KeptClient:
+    """A kept-alive HTTP client for a test's own calls to one server (control, metrics, health):
+    a new ``httpx.Client`` per call costs ~20 ms of TLS context set-up, more than the call."""
+
+    _http: httpx.Client | None = None
+
+    @property
+    def http(self) -> httpx.Client:
+        if self._http is None:
+            self._http = httpx.Client(timeout=5)
+        return self._http
+
+    def close_http(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
@@ -89,7 +117,12 @@ class RedisServer:
                 self.process.wait()
 
 
-class Backend:
+# A test's own calls to a backend leave no connection open: tests count the proxy's connections to
+# its backends, and a proxy in a thread shares this process with the test.
+_CLOSE = {"Connection": "close"}
+
+
+class Backend(KeptClient):
     """tests/backends.py in its own process; ``control`` changes its behaviour live."""
 
     def __init__(self, name: str, workdir: Path, port: int = 0) -> None:
@@ -116,13 +149,14 @@ class Backend:
         return self
 
     def control(self, **state: Any) -> None:
-        httpx.post(f"{self.url}/__control", json=state, timeout=5).raise_for_status()
+        self.http.post(f"{self.url}/__control", json=state, headers=_CLOSE).raise_for_status()
 
     def log(self, clear: bool = False) -> list[dict[str, Any]]:
-        response = httpx.request("DELETE" if clear else "GET", f"{self.url}/__log", timeout=5)
+        response = self.http.request("DELETE" if clear else "GET", f"{self.url}/__log", headers=_CLOSE)
         return list(response.json())
 
     def stop(self) -> None:
+        self.close_http()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
@@ -151,7 +185,7 @@ class Backend:
         self.process.send_signal(signal.SIGCONT)
 
 
-class ProxyProcess:
+class ProxyProcess(KeptClient):
     """``strangler serve`` as a real process, configured through a YAML file and CLI flags."""
 
     def __init__(self, workdir: Path, settings: dict[str, Any], extra_env: dict[str, str] | None = None):
@@ -206,7 +240,7 @@ class ProxyProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise AssertionError(f"proxy exited early:\n{self.output()}")
-            return httpx.get(self.admin + "/health", timeout=1).status_code == 200
+            return self.http.get(self.admin + "/health", timeout=1).status_code == 200
 
         wait_until(up, timeout=timeout, message="proxy health")
 
@@ -214,7 +248,7 @@ class ProxyProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def metrics(self) -> str:
-        return httpx.get(self.admin + "/metrics", timeout=5).text
+        return self.http.get(self.admin + "/metrics").text
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of samples of ``name`` whose labels include ``labels`` (0 when absent)."""
@@ -226,6 +260,7 @@ class ProxyProcess:
         return int(sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]))
 
     def stop(self) -> None:
+        self.close_http()
         if self.process and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -240,6 +275,158 @@ class ProxyProcess:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+class _ThreadLog(logging.Handler):
+    """Records logged on one thread (the proxy's event loop), formatted as ``strangler serve`` would."""
+
+    def __init__(self, thread_id: int, level: int) -> None:
+        super().__init__(level)
+        self.thread_id = thread_id
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.thread_id
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class ProxyThread(ProxyProcess):
+    """The proxy's own ``serve(settings, app)`` on a uvloop event loop in a thread of the test process
+    (as httpx's ``serve_in_thread``), stopped at teardown like Ctrl-C stops ``strangler serve``.
+
+    Settings go through the same YAML file and loader as the process; the admin token is generated
+    into ``workdir/.strangler`` as ``strangler serve`` does in its working directory. What only a
+    process has (``kill``, signals, memory, the embedded Redis, workers) is refused with a clear
+    error: ask the factory for ``process=True`` there.
+    """
+
+    def __init__(self, workdir: Path, settings: dict[str, Any]) -> None:
+        super().__init__(workdir, settings)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._group: Any = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._log_handler: _ThreadLog | None = None
+
+    def start(self, wait: bool = True) -> ProxyThread:
+        from proxy.admin.token import ensure_admin_token
+        from proxy.server import raise_open_file_limit
+        from proxy.settings import load_settings
+
+        assert self.settings.get("redis_url"), "a proxy in a thread needs redis_url (no embedded Redis)"
+        assert self.settings.get("workers", 1) == 1, "workers > 1 need a process"
+        leaked = [k for k in os.environ if k.startswith("STRANGLER_")]
+        assert not leaked, f"STRANGLER_* in the test environment would configure the proxy: {leaked}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / f"strangler-{self.port}.yaml"
+        config.write_text(yaml.safe_dump(self.settings))
+        settings = load_settings(config)
+        token_file = self.workdir / ".strangler" / "admin-token"
+        settings = ensure_admin_token(settings.model_copy(update={"admin_token_file": token_file}))
+        raise_open_file_limit()
+        self._thread = threading.Thread(
+            target=self._run, args=(settings,), name=f"strangler-proxy-{self.port}", daemon=True
+        )
+        self._thread.start()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def _run(self, settings: Any) -> None:
+        import uvloop
+
+        from proxy.app import create_app
+        from proxy.server import ServerGroup, serve
+
+        level = getattr(logging, settings.log_level.upper())
+        self._log_handler = _ThreadLog(threading.get_ident(), level)
+        root, ours = logging.getLogger(), logging.getLogger("strangler")
+        root.addHandler(self._log_handler)
+        if ours.getEffectiveLevel() > level:  # as configure_logging() does in the process
+            ours.setLevel(level)
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._group = ServerGroup()
+            self._ready.set()
+            await serve(settings, create_app(settings), group=self._group)
+
+        try:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported by wait_ready/stop in the test thread
+            self._error = exc
+            logging.getLogger("strangler").exception("proxy thread failed")
+        finally:
+            self._ready.set()
+            root.removeHandler(self._log_handler)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        def up() -> bool:
+            assert self._thread is not None
+            if not self._thread.is_alive():
+                raise AssertionError(f"proxy stopped early: {self._error!r}\n{self.output()}")
+            return self.http.get(self.admin + "/health", timeout=1).status_code == 200
+
+        wait_until(up, timeout=timeout, message="proxy health")
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def output(self) -> str:
+        return "\n".join(self._log_handler.lines) + "\n" if self._log_handler else ""
+
+    def stop(self) -> None:
+        """As Ctrl-C: stop listening, drain, run the app's shutdown. If that does not finish (where
+        ``strangler serve`` would be SIGKILLed by :meth:`ProxyProcess.stop`), the loop is stopped
+        hard so the proxy cannot outlive its test, and the teardown fails with where it hung."""
+        self.close_http()
+        if self._thread is None:
+            return
+        self._ready.wait(20)
+        hung = ""
+        if self._loop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                self._loop.call_soon_threadsafe(self._group.stop)
+            self._thread.join(float(self.settings.get("drain_timeout_seconds", 10)) + 5)
+            if self._thread.is_alive():
+                frame = sys._current_frames().get(self._thread.ident or 0)
+                hung = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+        alive = self._thread.is_alive()
+        self._thread = None
+        if hung or alive:
+            raise AssertionError(f"proxy did not stop (still running: {alive}); it hung in:\n{hung}"
+                                 f"\nlog:\n{self.output()}")  # fmt: skip
+
+    def kill(self) -> None:
+        raise AssertionError("a proxy in a thread cannot be killed: start it with process=True")
+
+    def rss(self) -> int:
+        raise AssertionError("a proxy in a thread has no memory of its own: start it with process=True")
+
+
+def generation(proxy: ProxyProcess) -> int:
+    """How many control refreshes from Redis the proxy has done (``/status``)."""
+    response = proxy.http.get(proxy.admin + "/status", headers=proxy.auth)
+    assert response.status_code == 200, response.text
+    return int(response.json()["snapshot_generation"])
+
+
+def wait_refreshed(*proxies: ProxyProcess, timeout: float = 5.0) -> None:
+    """Return once each proxy has finished a control refresh that began after this call, so what
+    was written to Redis before it is in force now, or was rejected. Two refreshes, not one: the
+    one in flight at the call may have read Redis before the write."""
+    for proxy in proxies:
+        start = generation(proxy)
+        wait_until(lambda p=proxy, s=start: generation(p) >= s + 2, timeout=timeout, message="two refreshes")
 
 
 def versions_by_user(proxy: ProxyProcess, users: Any, path: str = "/") -> dict[str, str]:

@@ -481,6 +481,7 @@ def test_ctrl_c_stops_serve_without_a_false_redis_warning(
 # --- 12. the demo's suggested rollout advances at its default rate --------------------------------
 
 
+@pytest.mark.soak  # waits for the demo's real default step interval (~30 s): the long run
 def test_demo_suggested_rollout_advances_at_the_default_rate(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRANGLER_")}

@@ -232,6 +232,7 @@ def status_payload(ctx: AdminContext) -> dict[str, Any]:
     return {
         "redis_ok": snap.redis_ok,
         "snapshot_age_seconds": ctx.store.age_seconds(),
+        "snapshot_generation": snap.generation,  # +1 per refresh: "has it read Redis since my write?"
         "redis_data_lost_at": ctx.store.state_lost_at,  # this proxy saw Redis lose its data then
         "groups": {
             group: {

@@ -38,7 +38,7 @@ class Snapshot:
     sections: Mapping[str, Any] = field(default_factory=dict)
     redis_ok: bool = False
     loaded_at: float | None = None  # time.monotonic() of the last successful refresh
-    generation: int = 0
+    generation: int = 0  # successful refreshes so far: a reader can wait for one that began later
 
     def percentage(self, group: str) -> float:
         """The group's own split if set, else the global one."""

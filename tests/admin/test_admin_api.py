@@ -12,7 +12,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Backend, ProxyProcess, RedisServer, free_port
+from tests.support import (
+    Backend,
+    ProxyProcess,
+    RedisServer,
+    free_port,
+    generation,
+    wait_refreshed,
+    wait_until,
+)
 
 TOKEN = "s3cret-token-for-tests"
 SPLIT_KEY = "feature:v2_traffic_percentage"
@@ -70,11 +78,26 @@ def test_changes_need_the_token_and_change_nothing_without_it(
     assert httpx.get(admin + "/status").status_code == 200
 
 
+def test_status_generation_counts_refreshes_so_a_writer_can_wait_for_one(
+    token_proxy: ProxyProcess, redis_server: RedisServer
+) -> None:
+    first = generation(token_proxy)
+    assert first >= 1  # the start-up refresh
+    wait_until(lambda: generation(token_proxy) > first, timeout=5, message="the poll refreshes")
+    redis_server.client().set(SPLIT_KEY, "35")  # a plain SET: no change message, only a poll sees it
+    wait_refreshed(token_proxy)
+    assert httpx.get(token_proxy.admin + "/split", timeout=5).json()["default"] == 35.0
+    redis_server.client().set(SPLIT_KEY, "abc")  # rejected: the count still moves, the split does not
+    wait_refreshed(token_proxy)
+    assert httpx.get(token_proxy.admin + "/split", timeout=5).json()["default"] == 35.0
+
+
 def test_without_a_configured_token_one_is_generated_and_loopback_is_not_trusted(
-    proxy: ProxyProcess, redis_server: RedisServer, outsider: httpx.Client
+    start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer, outsider: httpx.Client
 ) -> None:
     """A TLS terminator on the same host makes every client look like 127.0.0.1: no peer address
     may change anything without the token, which `serve` generated for the local CLI."""
+    proxy = start_proxy(process=True)  # `strangler serve` itself: its output must not show the token
     redis = redis_server.client()
     token_file = proxy.workdir / ".strangler" / "admin-token"
     assert token_file.stat().st_mode & 0o777 == 0o600

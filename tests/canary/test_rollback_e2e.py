@@ -99,7 +99,8 @@ def test_three_times_slower_v2_is_rolled_back_by_the_latency_check(
         v1_url=v1.url,
         v2_url=v2.url,
         redis_url=redis_url,
-        canary=canary(thresholds={"p95_floor_seconds": 0.05}),
+        # the absolute limit out of reach (a busy machine's stall): only the ratio to v1 can fail
+        canary=canary(thresholds={"p95_floor_seconds": 0.05, "max_p95_seconds": 5.0}),
     )
     r.set("feature:v2_traffic_percentage", "20")
     with Traffic([proxy.url], concurrency=12):
@@ -110,7 +111,7 @@ def test_three_times_slower_v2_is_rolled_back_by_the_latency_check(
         v2.control(delay_ms=150)
         wait_until(lambda: r.get("feature:v2_traffic_percentage") == "0", timeout=20)
     decision = state(r, "strangler:canary:decision:default")
-    assert decision is not None and decision["failed_check"] in ("p95_ratio", "p95")
+    assert decision is not None and decision["failed_check"] == "p95_ratio"
     assert decision["v2"]["p95_seconds"] > decision["v1"]["p95_seconds"]
     assert decision["thresholds"]["max_p95_ratio"] == 1.5
 
@@ -126,17 +127,15 @@ def test_almost_no_traffic_is_insufficient_data_no_rollback_no_advance(
         cli("rollout", "start", "--steps", "50,100", "--interval", "0.5s", "--redis-url", redis_url).exit_code
         == 0
     )
-    deadline = time.monotonic() + 3.5
-    with httpx.Client() as client:
+    with httpx.Client() as client:  # a trickle (4 requests/s) until four checks have judged it
         n = 0
-        while time.monotonic() < deadline:
+        while proxy.metric("strangler_check_verdicts_total", verdict="insufficient_data") < 4:
+            assert n < 60, "four checks did not come in 15 s"
             n += 1
             client.get(proxy.url + "/t", headers={"X-User-ID": f"few-{n}"})
             time.sleep(0.25)
     verdict = state(r, "strangler:canary:verdict:default")
     assert verdict is not None and verdict["status"] == "insufficient_data", verdict
-    checks = proxy.metric("strangler_check_verdicts_total", verdict="insufficient_data")
-    assert checks >= 4
     assert proxy.metric("strangler_check_verdicts_total", verdict="fail") == 0
     assert r.get("feature:v2_traffic_percentage") == "50"
     rollout = state(r, "strangler:rollout:default")
@@ -150,7 +149,7 @@ def test_two_proxies_one_leader_both_follow_the_rollback_and_failover(
     v1, v2 = v1v2
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     settings = {"v1_url": v1.url, "v2_url": v2.url, "redis_url": redis_url, "canary": canary()}
-    proxies = [proxy_factory(**settings), proxy_factory(**settings)]
+    proxies = [proxy_factory(process=True, **settings) for _ in range(2)]  # the leader is SIGKILLed
 
     def status(p: ProxyProcess) -> dict[str, Any]:
         return dict(httpx.get(p.admin + "/canary/status", timeout=2).json()["this_process"])

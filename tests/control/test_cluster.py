@@ -23,7 +23,7 @@ from proxy.control.keys import Keys
 from tests.ha import ClusterSetup
 from tests.support import Backend, ProxyProcess, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.failover, pytest.mark.slow, pytest.mark.timeout(180)]
 KEYS = Keys(cluster=True)
 OTHER = Keys(prefix="clustertest:", cluster=True)
 

@@ -26,9 +26,11 @@ def test_clients_disconnecting_mid_upload(proxy: ProxyProcess, v1v2: tuple[Backe
                 sock.sendall(b"POST /upload HTTP/1.1\r\n" + HEAD + b"Content-Length: 10000000\r\n\r\n")
                 sock.sendall(b"u" * 1_000_000)
                 time.sleep(0.05)
+        # ordinary traffic runs until the proxy has handled every abandoned upload, then stops
+        wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="request") - before == 5,
+                   timeout=10, message="every abandoned upload counted")  # fmt: skip
+        load.stop()
     assert load.outcomes and load.failures() == []
-    wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="request") - before == 5,
-               timeout=10, message="every abandoned upload counted")  # fmt: skip
     assert proxy.metric("strangler_upstream_errors_total") == errors_before, "not the backend's fault"
     wait_until(lambda: established_to(proxy, v1.port) <= 2, timeout=10, message="upload connections released")
     wait_until(lambda: loop_tasks(proxy) <= tasks_before + 2, timeout=10, message="no task left behind")
@@ -50,9 +52,11 @@ def test_clients_disconnecting_mid_download(proxy: ProxyProcess, v1v2: tuple[Bac
                     chunk = sock.recv(65536)
                     assert chunk, "the proxy closed a healthy download"
                     received += len(chunk)
+        # ordinary traffic runs until the proxy has handled every abandoned download, then stops
+        wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="response") - before == 6,
+                   timeout=15, message="every abandoned download counted")  # fmt: skip
+        load.stop()
     assert load.outcomes and load.failures() == []
-    wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="response") - before == 6,
-               timeout=15, message="every abandoned download counted")  # fmt: skip
     wait_until(
         lambda: established_to(proxy, v1.port) <= 2, timeout=10, message="download connections released"
     )

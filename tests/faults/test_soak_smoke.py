@@ -7,7 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.support import ROOT
+
+pytestmark = pytest.mark.soak
 
 
 def test_soak_command_reports_rate_errors_latency_and_rss() -> None:

@@ -186,6 +186,7 @@ def test_deeply_nested_json_to_a_mirrored_endpoint(
     v2 = RecordingServer(answer=lambda request: b" " + request.body).start()
     try:
         proxy = proxy_factory(
+            process=True,  # a stack overflow would take its process down: not the test run's
             v1_url=v1.url,
             v2_url=v2.url,
             redis_url=redis_url,

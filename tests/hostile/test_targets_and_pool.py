@@ -166,6 +166,7 @@ class ScriptedBackend:
         self.port = self._sock.getsockname()[1]
         self.connections = 0
         self.seen: list[bytes] = []  # request targets, in the order they arrived
+        self.poisoned = threading.Event()  # set once the unrequested answer is written
         self._closing = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -217,6 +218,7 @@ class ScriptedBackend:
                     if target == b"/poison":
                         time.sleep(0.3)
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")
+                        self.poisoned.set()
                 except OSError:
                     return
 
@@ -243,7 +245,7 @@ def test_an_idle_pooled_connection_that_speaks_is_dropped_never_reused(
     backend, proxy = scripted
     with httpx.Client(timeout=5) as client:
         assert client.get(proxy.url + "/poison").text == "T=/poison"
-        time.sleep(0.6)  # the backend has now written an unrequested answer on the idle connection
+        assert backend.poisoned.wait(5)  # an unrequested answer is now on the idle connection
         for i in range(10):
             # new clients each: none may get the stray answer or the one meant for another
             with httpx.Client(timeout=5) as other:
@@ -363,7 +365,8 @@ def test_a_full_pool_is_a_bounded_503_not_a_versions_error(
     holders = [threading.Thread(target=hold) for _ in range(2)]
     for thread in holders:
         thread.start()
-    time.sleep(0.7)  # both holders are waiting on the backend (2 s), holding the pool's 2 connections
+    # both holders are waiting on the backend (2 s), holding the pool's 2 connections
+    wait_until(lambda: len(slow.log()) == 2, timeout=5, message="both holders reached the backend")
     busy = httpx.get(proxy.url + "/x", timeout=5)
     assert busy.status_code == 503
     assert busy.json()["error"] == "upstream busy"

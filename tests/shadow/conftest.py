@@ -79,10 +79,14 @@ def shadow_proxy(
     default_prefix = f"shadowtest{next(_prefixes)}-{os.getpid()}:"
 
     def start(
-        prefix: str | None = None, routes: list[dict[str, Any]] | None = None, **shadow: Any
+        prefix: str | None = None,
+        routes: list[dict[str, Any]] | None = None,
+        process: bool = False,
+        **shadow: Any,
     ) -> ProxyProcess:
         config = {**BASE_SHADOW, "exclude_paths": [], "concurrency": 1, **shadow}
         return proxy_factory(
+            process=process,
             v1_url=v1.url,
             v2_url=v2.url,
             redis_url=redis_url,

@@ -28,9 +28,11 @@ def start_shadow_proxy(
     v2: Backend | str,
     redis_url: str,
     routes: list[dict[str, Any]] | None = None,
+    process: bool = False,
     **shadow: Any,
 ) -> ProxyProcess:
     return proxy_factory(
+        process=process,
         v1_url=v1 if isinstance(v1, str) else v1.url,
         v2_url=v2 if isinstance(v2, str) else v2.url,
         redis_url=redis_url,

@@ -12,7 +12,7 @@ import httpx
 import redis
 
 from tests.shadow.helpers import cli, in_force, row, start_shadow_proxy, wait_row
-from tests.support import Backend, ProxyProcess, wait_until
+from tests.support import Backend, ProxyProcess, wait_refreshed, wait_until
 
 
 def _p50(client: httpx.Client, count: int) -> list[float]:
@@ -34,7 +34,8 @@ def test_slow_v2_mirrored_at_100_percent_leaves_client_p50_within_10_percent(
     v1, v2 = v1v2
     v1.control(delay_ms=20)
     v2.control(delay_ms=300)
-    proxy = start_shadow_proxy(proxy_factory, v1, v2, redis_url, enabled=False)
+    # its own process: the client's timings must not share an interpreter (GIL) with the proxy
+    proxy = start_shadow_proxy(proxy_factory, v1, v2, redis_url, enabled=False, process=True)
     runs: dict[bool, list[float]] = {False: [], True: []}
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         _p50(client, 5)  # warm the connections
@@ -71,7 +72,8 @@ def test_cli_changes_sampling_and_ignore_rules_on_a_running_proxy(
     v1, v2 = v1v2
     v1.control(extra={"price": 10, "updated": 1})
     v2.control(extra={"price": 12, "updated": 1})
-    proxy = start_shadow_proxy(proxy_factory, v1, v2, redis_url)
+    # one mirror worker: mirrored requests are sent in the order they came (a marker proves it)
+    proxy = start_shadow_proxy(proxy_factory, v1, v2, redis_url, concurrency=1)
     endpoint = "GET /api/prices/{id}"
 
     def burst(n: int = 5) -> None:
@@ -86,10 +88,12 @@ def test_cli_changes_sampling_and_ignore_rules_on_a_running_proxy(
     cli(proxy, "shadow", "set", "--sample", "0")
     wait_until(lambda: in_force(proxy)["sample_percentage"] == 0, timeout=5, message="sample 0")
     burst()
-    time.sleep(0.5)  # give a (wrongly) mirrored request the time to show up
-    assert proxy.metric("strangler_shadow_requests_total", outcome="sent") == 5
     cli(proxy, "shadow", "set", "--sample", "100")
     wait_until(lambda: in_force(proxy)["sample_percentage"] == 100, timeout=5, message="sample 100")
+    # a marker mirrored now is sent after anything (wrongly) queued by the burst at 0%
+    assert httpx.get(proxy.url + "/api/marker/1", timeout=10).status_code == 200
+    wait_row(proxy, "GET /api/marker/{id}", compared=1)
+    assert proxy.metric("strangler_shadow_requests_total", outcome="sent") == 6  # 5 + the marker
 
     # an ignore rule for the differing field: later comparisons match
     cli(proxy, "shadow", "ignore", "add", "--path", "root['price']", "--endpoint", endpoint)
@@ -109,7 +113,7 @@ def test_cli_changes_sampling_and_ignore_rules_on_a_running_proxy(
     client.hset("strangler:shadow", "sample_percentage", "abc")
     client.publish("strangler:changes", "shadow")
     client.close()
-    time.sleep(0.5)
+    wait_refreshed(proxy)  # it has read the bad value
     assert in_force(proxy)["sample_percentage"] == 100
     status = json.loads(cli(proxy, "shadow", "status", "--json"))
     assert any("sample_percentage" in problem for problem in status["problems"])

@@ -189,7 +189,9 @@ def test_a_hung_v2_with_1mb_answers_stays_within_the_byte_budget(shadow_proxy: S
     v1.script("/t5/big", any=[{"size": size}])
     v2.script("/t5/big", any=[{"delay": 120, "json": {}}])  # hung
     budget = 16 * MiB
-    proxy = shadow_proxy(concurrency=4, queue_size=1000, timeout_seconds=300, max_buffered_bytes=budget)
+    proxy = shadow_proxy(  # its memory is measured: its own process
+        concurrency=4, queue_size=1000, timeout_seconds=300, max_buffered_bytes=budget, process=True
+    )
     total = 120
     before = proxy.rss()
     with httpx.Client(base_url=proxy.url, timeout=30) as client:

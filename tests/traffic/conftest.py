@@ -1,4 +1,8 @@
-"""A proxy shared by the read-only forwarding tests of this folder (saves a process per test)."""
+"""A proxy shared by the read-only forwarding tests of this folder (saves a start per test).
+
+Its keys live under their own prefix and split key: other tests' splits cannot leak in, so it
+serves the default split (everything to v1) whatever ran before.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Backend, ProxyProcess
+from tests.support import Backend, ProxyThread, RedisServer
 
 
 @pytest.fixture(scope="module")
 def shared_proxy(
-    workdir: Path, backends: tuple[Backend, Backend], redis_server: object
-) -> Iterator[ProxyProcess]:
+    workdir: Path, backends: tuple[Backend, Backend], redis_server: RedisServer
+) -> Iterator[ProxyThread]:
     v1, v2 = backends
-    proxy = ProxyProcess(
-        workdir / "proxies",
-        {"v1_url": v1.url, "v2_url": v2.url, "redis_url": redis_server.url, "log_level": "warning"},  # type: ignore[attr-defined]
-    ).start()
+    settings = {
+        "v1_url": v1.url,
+        "v2_url": v2.url,
+        "redis_url": redis_server.url,
+        "log_level": "warning",
+        "key_prefix": "traffic-shared:",
+        "split_key": "traffic-shared:split",
+    }
+    proxy = ProxyThread(workdir / "proxies", settings).start()
     yield proxy
     proxy.stop()

@@ -7,10 +7,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.support import ProxyProcess
+from tests.support import Backend, ProxyProcess, RedisServer
 
 MB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def shared_proxy(
+    workdir: Path, backends: tuple[Backend, Backend], redis_server: RedisServer
+) -> Iterator[ProxyProcess]:
+    """Its own process, unlike the folder's shared proxy: its peak memory is measured."""
+    v1, v2 = backends
+    settings = {"v1_url": v1.url, "v2_url": v2.url, "redis_url": redis_server.url, "log_level": "warning",
+                "key_prefix": "large-bodies:", "split_key": "large-bodies:split"}  # fmt: skip
+    proxy = ProxyProcess(workdir / "proxies", settings).start()
+    yield proxy
+    proxy.stop()
 
 
 def peak_rss(pid: int) -> int:

@@ -111,7 +111,7 @@ def test_invalid_values_keep_the_last_good_one_and_are_counted(
             lambda b=before: proxy.metric("strangler_invalid_control_values_total", key="split") > b,
             timeout=3,
         )
-        assert {httpx.get(proxy.url + "/").headers["x-api-version"] for _ in range(20)} == {"v2"}
+        assert {proxy.http.get(proxy.url + "/").headers["x-api-version"] for _ in range(20)} == {"v2"}
     assert proxy.output().count("ignored invalid control value") == 4  # once per distinct bad value
     client.set(KEY, "0")
     wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=3)

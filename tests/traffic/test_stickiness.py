@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -31,8 +31,34 @@ def set_split(redis_server: RedisServer, key: str, value: float, *proxies: Proxy
         )  # type: ignore[misc]
 
 
-def get(proxy: ProxyProcess, path: str = "/", **kwargs: Any) -> httpx.Response:
-    response = httpx.get(proxy.url + path, timeout=5, **kwargs)
+_clients: dict[str, httpx.Client] = {}
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    for client in _clients.values():
+        client.close()
+    _clients.clear()
+
+
+def get(
+    proxy: ProxyProcess,
+    path: str = "/",
+    headers: dict[str, str] | None = None,
+    cookies: dict[str, str] | None = None,
+) -> httpx.Response:
+    """One request on a kept-alive connection per proxy (a new client per request costs more than
+    the request). Each request stands alone as from a new browser: the cookies given are sent as a
+    header and whatever the answer sets is not kept."""
+    client = _clients.get(proxy.url)
+    if client is None:
+        client = _clients[proxy.url] = httpx.Client(base_url=proxy.url, timeout=5)
+    sent = dict(headers or {})
+    if cookies:
+        sent["Cookie"] = "; ".join(f"{name}={value}" for name, value in cookies.items())
+    response = client.get(path, headers=sent)
+    client.cookies.clear()
     assert response.status_code == 200, response.text
     return response
 

@@ -134,7 +134,7 @@ def test_tls_termination_and_a_certificate_reload_on_sighup(
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     _write_server_cert(first, cert, key)
     v1, v2 = v1v2
-    proxy = proxy_factory(wait=False, v1_url=v1.url, v2_url=v2.url, redis_url=redis_url,
+    proxy = proxy_factory(wait=False, process=True, v1_url=v1.url, v2_url=v2.url, redis_url=redis_url,
                           tls_cert_file=str(cert), tls_key_file=str(key))  # fmt: skip
     url = f"https://127.0.0.1:{proxy.port}"
 

@@ -98,13 +98,14 @@ def test_split_and_stickiness_across_many_keys_and_headers_passed(
     set_split(redis_server, proxy, ws_proxy.split_key, 30)  # type: ignore[attr-defined]
     http_versions: dict[int, str] = {}
     ws_versions: dict[int, str] = {}
-    for user in range(150):
-        answer = httpx.get(proxy.url + "/echo", headers={"X-User-ID": f"user-{user}"}, timeout=5)
-        http_versions[user] = answer.headers["x-api-version"]
-        # browsers cannot set headers: the key comes from the query parameter here
-        with open_ws(proxy, f"/echo?uid=user-{user}") as ws:
-            ws.send("whoami")
-            ws_versions[user] = ws.recv(timeout=5)  # type: ignore[assignment]
+    with httpx.Client(base_url=proxy.url, timeout=5) as client:
+        for user in range(150):
+            answer = client.get("/echo", headers={"X-User-ID": f"user-{user}"})
+            http_versions[user] = answer.headers["x-api-version"]
+            # browsers cannot set headers: the key comes from the query parameter here
+            with open_ws(proxy, f"/echo?uid=user-{user}") as ws:
+                ws.send("whoami")
+                ws_versions[user] = ws.recv(timeout=5)  # type: ignore[assignment]
     assert ws_versions == http_versions, "a key got a different version over WebSocket than over HTTP"
     share = sum(v == "v2" for v in ws_versions.values()) / len(ws_versions)
     assert 0.15 <= share <= 0.45, share
@@ -233,7 +234,7 @@ def test_rollback_drains_v2_connections_with_1012(
 def test_lower_split_drains_only_moved_connections_after_grace(
     ws_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    proxy = ws_proxy(websocket={"drain_grace_seconds": 1.0})
+    proxy = ws_proxy(websocket={"drain_grace_seconds": 2.0})
     key = ws_proxy.split_key  # type: ignore[attr-defined]
     set_split(redis_server, proxy, key, 60)
     sockets: dict[int, ClientConnection] = {}
@@ -246,13 +247,12 @@ def test_lower_split_drains_only_moved_connections_after_grace(
         else:
             ws.close()
     set_split(redis_server, proxy, key, 20)
+    for ws in sockets.values():  # the proxy serves 20% now; within the grace everyone still talks
+        ws.send("whoami")
+        assert ws.recv(timeout=5) == "v2"
     # who stays is what HTTP now says for the same key (the version header of any answer)
     staying = {u for u in sockets if http_version(proxy, f"u{u}") == "v2"}
     assert staying and staying != set(sockets)
-    time.sleep(0.3)
-    for ws in sockets.values():  # within the grace everyone still talks
-        ws.send("whoami")
-        assert ws.recv(timeout=5) == "v2"
     for user, ws in sockets.items():
         if user in staying:
             continue
@@ -273,7 +273,7 @@ def test_slow_reader_keeps_proxy_memory_bounded(
     ws_proxy: Callable[..., ProxyProcess], ws_backends: tuple[WsBackend, WsBackend]
 ) -> None:
     v1, _ = ws_backends
-    proxy = ws_proxy()
+    proxy = ws_proxy(process=True)  # its memory is measured
     assert proxy.process is not None
     process = psutil.Process(proxy.process.pid)
     count, size = 2000, 64 * 1024  # 125 MiB offered by the backend
@@ -356,7 +356,7 @@ def test_asgi_entry_point_relays_and_refuses_with_the_status(asgi_proxy: str) ->
 
 
 def test_shutdown_tells_websocket_clients_1001(ws_proxy: Callable[..., ProxyProcess]) -> None:
-    proxy = ws_proxy()
+    proxy = ws_proxy(process=True)  # SIGTERM
     with open_ws(proxy) as ws:
         ws.send("a")
         assert ws.recv(timeout=5) == "a"
@@ -381,9 +381,17 @@ def test_pinned_sessions_survive_a_lower_split_but_not_a_rollback_forced_ones_st
     with contextlib.ExitStack() as stack:
         pinned = stack.enter_context(open_ws(proxy, additional_headers={"Cookie": pin}))
         forced = stack.enter_context(open_ws(proxy, additional_headers={"X-Strangler-Version": "v2"}))
+        keyed = {
+            user: stack.enter_context(open_ws(proxy, additional_headers={"X-User-ID": user}))
+            for user in ("k0", "k1", "k2")
+        }
         set_split(redis_server, proxy, key, 1)
-        time.sleep(1.0)  # well past the grace: a pinned session is not moved by a lower split
-        for ws in (pinned, forced):
+        moved = [ws for user, ws in keyed.items() if http_version(proxy, user) == "v1"]
+        assert moved, "no key moved from 100% to 1%"
+        with pytest.raises(ConnectionClosed) as drained:  # past the grace: the drain has run...
+            moved[0].recv(timeout=5)
+        assert drained.value.rcvd is not None and drained.value.rcvd.code == 1012
+        for ws in (pinned, forced):  # ...and a pinned session is not moved by a lower split
             ws.send("whoami")
             assert ws.recv(timeout=5) == "v2"
         set_split(redis_server, proxy, key, 0)
