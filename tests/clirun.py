@@ -7,9 +7,9 @@ app). A crash is not an exit code here: an exception the app did not turn into o
 so it fails the test as a traceback on stderr would. Tests of the console script itself, of
 signals, ``serve`` and ``demo`` keep real subprocesses.
 
-Output width comes from ``COLUMNS`` at each call, as for the console script, provided the
-consoles in ``proxy.cliutil`` were created without ``COLUMNS`` set (true under pytest unless it is
-exported to the test run).
+Output width is ``columns`` at each call: the consoles in ``proxy.cliutil`` are given it for the
+call (they would otherwise keep whatever width they first saw, which differs between a terminal,
+pytest and pytest-xdist workers).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from proxy.cli import app
+from proxy.cliutil import console, err
 from tests.support import ROOT
 
 
@@ -41,8 +42,12 @@ def strangler(*args: str, env: dict[str, str] | None = None, columns: int = 200,
     scrubbed: dict[str, str | None] = {k: None for k in os.environ if k.startswith("STRANGLER_")}
     scrubbed.update(env or {})
     scrubbed["COLUMNS"] = str(columns)
-    with contextlib.chdir(cwd):
-        result = CliRunner().invoke(app, list(args), env=scrubbed, prog_name="strangler")
+    console.width = err.width = columns
+    try:
+        with contextlib.chdir(cwd):
+            result = CliRunner().invoke(app, list(args), env=scrubbed, prog_name="strangler")
+    finally:
+        console.width = err.width = None  # type: ignore[assignment]  # back to "ask the terminal"
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return Ran(result.exit_code, result.stdout, result.stderr)
