@@ -919,6 +919,8 @@ class HttpServer:
             await asyncio.sleep(0.05)
         for conn in list(self.limits.connections):
             if conn.transport is not None:
-                conn.transport.close()
+                # abort, not close: a close waits to flush what a client that stopped reading will
+                # never take, and the shutdown would wait with it
+                conn.transport.abort()
         for server in self.servers:
             await server.wait_closed()

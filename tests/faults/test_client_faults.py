@@ -173,3 +173,21 @@ def test_a_slow_backend_reading_an_upload_is_not_a_stalled_client(
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     finally:
         v1.control(delay_ms=0)
+
+
+def test_stop_ends_after_the_drain_timeout_though_a_client_never_reads(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """A client that asked for a large answer and stopped reading must not hold the shutdown: at
+    the drain deadline its connection is aborted (a close would wait to flush, forever)."""
+    proxy = start_proxy(drain_timeout_seconds=1)
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /stream?bytes=200000000&sized=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        sock.recv(1024)  # the answer has started; from now on nothing is read
+        started = time.monotonic()
+        proxy.stop()  # fails with where it hung if the shutdown does not finish
+        assert time.monotonic() - started < 1 + 3
+    finally:
+        sock.close()
