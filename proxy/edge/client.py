@@ -381,10 +381,14 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
     def _fail_exchange(self, error: UpstreamError) -> None:
+        if self._finished is not None:
+            # the requested answer was complete before the bytes that failed (a second answer in
+            # the same packet): it is still delivered when the packet is done (data_received);
+            # the connection itself is dropped by the caller
+            return
         future = self._head_future
         sink = self._sink
         self._sink = None
-        self._finished = None
         if future is not None and not future.done():
             future.set_exception(error)
         elif sink is not None and self.response is None:

@@ -211,6 +211,10 @@ class ScriptedBackend:
                             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\nRAW"
                         )
                         continue
+                    if target == b"/double":  # a second, unrequested answer in the same packet
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nT=/double"
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")  # fmt: skip
+                        continue
                     if target == b"/slow":
                         time.sleep(0.3)
                     body = b"T=" + target
@@ -266,6 +270,21 @@ def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_new_o
     assert (reply.status_code, reply.text) == (200, "T=/after-race")
     assert backend.connections == 2
     assert proxy.metric("http_errors_total", version="v1") == 0
+
+
+def test_a_second_answer_in_the_same_packet_is_dropped_with_its_connection(
+    scripted: tuple[ScriptedBackend, ProxyProcess],
+) -> None:
+    """On the fast path (a warm connection, no task) the requested answer is delivered and the
+    unrequested one behind it in the same packet drops the connection before it can be reused."""
+    backend, proxy = scripted
+    with httpx.Client(timeout=5) as client:
+        assert client.get(proxy.url + "/warm").text == "T=/warm"
+        reply = client.get(proxy.url + "/double")
+        assert (reply.status_code, reply.text) == (200, "T=/double")
+        for i in range(3):
+            assert client.get(proxy.url + f"/after-{i}").text == f"T=/after-{i}"
+    assert backend.connections == 2  # the connection that carried the stray answer was not reused
 
 
 def test_a_client_gone_before_its_answer_leaves_nothing_for_the_next_client(
