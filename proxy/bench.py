@@ -190,6 +190,22 @@ def run_wrk(url: str, connections: int, seconds: float, threads: int, pin: list[
     return Result(url, rps, pct("50"), pct("99"), errors, int(done.group(1)) if done else 0)
 
 
+async def _one_exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> bytes | None:
+    """Send one request on a keep-alive connection and read its whole answer: the head, or None
+    when the connection failed."""
+    writer.write(request)
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        match = re.search(rb"content-length:\s*(\d+)", head, re.I)
+        if match:
+            await reader.readexactly(int(match.group(1)))
+    except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
+        return None
+    return head
+
+
 def _load_worker(
     host: str, port: int, path: str, conns: int, seconds: float, queue: multiprocessing.Queue
 ) -> None:  # type: ignore[type-arg]
@@ -207,13 +223,8 @@ def _load_worker(
             return
         while time.perf_counter() < deadline:
             start = time.perf_counter()
-            writer.write(request)
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                match = re.search(rb"content-length:\s*(\d+)", head, re.I)
-                if match:
-                    await reader.readexactly(int(match.group(1)))
-            except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
+            head = await _one_exchange(reader, writer, request)
+            if head is None:
                 counts["err"] += 1
                 return
             latencies.append(time.perf_counter() - start)
@@ -248,13 +259,7 @@ def _paced_worker(
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            writer.write(request)
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-                match = re.search(rb"content-length:\s*(\d+)", head, re.I)
-                if match:
-                    await reader.readexactly(int(match.group(1)))
-            except (asyncio.IncompleteReadError, OSError, asyncio.LimitOverrunError):
+            if await _one_exchange(reader, writer, request) is None:
                 errors[0] += 1
                 return
             latencies.append(time.perf_counter() - due)

@@ -397,6 +397,10 @@ class ProxyThread(ProxyProcess):
             if self._thread.is_alive():
                 frame = sys._current_frames().get(self._thread.ident or 0)
                 hung = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+                with contextlib.suppress(Exception):  # diagnostics only: what the loop waits for
+                    for task in asyncio.all_tasks(self._loop):
+                        stack = "".join(traceback.format_list(traceback.extract_stack(task.get_stack()[-1])))
+                        hung += f"\ntask {task.get_name()} {task.get_coro()!r}:\n{stack}"
                 with contextlib.suppress(RuntimeError):
                     self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(10)
