@@ -84,6 +84,7 @@ class Result:
     errors: int
     requests: int = 0
     cpu_us: float | None = None  # the target's CPU time (user + system, all its processes) per request
+    note: str = ""  # shown under the table (how much the mirror really did)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -487,6 +488,10 @@ def bench(
                     if pid and result.requests:
                         result.cpu_us = (cpu_seconds(pid) - before) / result.requests * 1e6
                     runs[name].append(result)
+            if shadow:
+                share = mirror_share(shadow_url)
+                for result in runs["strangler (1 worker, shadow 100%)"]:
+                    result.note = share
             if paced_rate:
                 # added latency at a modest rate (not at saturation): the same targets, one by one
                 for name, url in targets.items():
@@ -637,6 +642,28 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
     raise RuntimeError(f"nothing listening on port {port}")
 
 
+MIRROR_OUTCOME = re.compile(r'^strangler_shadow_requests_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)$', re.M)
+
+
+def mirror_share(proxy_url: str) -> str:
+    """How many of the mirrors asked for were sent and compared: at saturation the bounded mirror
+    queue sheds the rest (counted as dropped), so "shadow 100%" throughput is only comparable
+    together with this share."""
+    outcomes: dict[str, float] = {}
+    try:
+        text = httpx.get(proxy_url + "/_strangler/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return "mirror counts unavailable"
+    for match in MIRROR_OUTCOME.finditer(text):
+        outcomes[match.group(1)] = outcomes.get(match.group(1), 0.0) + float(match.group(2))
+    sent, dropped = outcomes.get("sent", 0.0), outcomes.get("dropped", 0.0)
+    if not sent + dropped:
+        return "no mirrors counted"
+    asked = sent + dropped
+    share = f"{100 * sent / asked:.0f}%"
+    return f"{sent:.0f} of {asked:.0f} mirrors sent and compared ({share}); the queue shed the rest"
+
+
 def medians(runs: dict[str, list[Result]]) -> list[Result]:
     """Per target, the median round (by rate), with the errors of every round."""
     results = []
@@ -645,7 +672,7 @@ def medians(runs: dict[str, list[Result]]) -> list[Result]:
         cpus = sorted(r.cpu_us for r in measured if r.cpu_us is not None)
         results.append(
             Result(name, middle.rps, middle.p50_ms, middle.p99_ms, sum(r.errors for r in measured),
-                   middle.requests, cpus[len(cpus) // 2] if cpus else None)
+                   middle.requests, cpus[len(cpus) // 2] if cpus else None, middle.note)
         )  # fmt: skip
     return results
 
@@ -666,6 +693,7 @@ def render(results: list[Result], connections: int, seconds: float, tool: str, r
             f"{res.name:<48} {res.rps:>10.0f} {res.p50_ms:>8.2f} {res.p99_ms:>8.2f} {res.errors:>7} "
             f"{res.rps / direct:>9.2f}x {vs_ours:>15} {cpu:>11}"
         )
+    lines.extend(f"{res.name}: {res.note}" for res in results if res.note)
     return "\n".join(lines)
 
 
