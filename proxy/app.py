@@ -6,6 +6,7 @@ pools and the capabilities' background components, and closes them in reverse or
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import gc
@@ -148,7 +149,7 @@ class Strangler:
         for upstream in self.upstreams.values():
             await upstream.close()
         with contextlib.suppress(Exception):
-            await self.redis.aclose()
+            await asyncio.wait_for(self.redis.aclose(), 2.0)  # bounded: a stop never hangs on Redis
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

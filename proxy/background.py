@@ -8,7 +8,6 @@ word (a final flush, a lock hand-over) through ``on_stop()``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -24,14 +23,21 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel tasks and wait until each has ended; their own errors were already handled or logged."""
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout: float = 5.0) -> None:
+    """Cancel tasks and wait until each has ended (their own errors were already handled or
+    logged), for at most ``timeout``: a task that ignores its cancellation must not hold a
+    shutdown forever. Such a task is named in the log."""
     pending = list(tasks)
     for task in pending:
         task.cancel()
+    if not pending:
+        return
+    _, stuck = await asyncio.wait(pending, timeout=timeout)
     for task in pending:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning
+    for task in stuck:
+        log.warning("background task %s did not stop within %ss after cancel", task.get_name(), timeout)
 
 
 class BackgroundLoop:

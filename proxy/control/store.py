@@ -331,4 +331,6 @@ class ControlStore:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    # bounded: a connection cut mid-read (we are being cancelled) can leave the close
+                    # waiting on it, and the shutdown with it
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
