@@ -386,31 +386,23 @@ class _Connection(asyncio.Protocol):
             # the same packet): it is still delivered when the packet is done (data_received);
             # the connection itself is dropped by the caller
             return
-        future = self._head_future
-        sink = self._sink
+        future, sink, response = self._head_future, self._sink, self.response
         self._sink = None
-        if future is not None and not future.done():
-            future.set_exception(error)
-        elif sink is not None and self.response is None:
-            if self.busy:
-                self.busy = False
-                self._head_future = None
-            # nothing answered on a reused connection: the backend closed it as we wrote (the
-            # keep-alive race), so the caller may send the request again on a fresh one
-            sink.failed(error, isinstance(error, _NoAnswer) and self.reused)
-            return
-        elif self.response is not None and not self.response.complete:
+        if response is not None and not response.complete:
             reset = error if isinstance(error, UpstreamReset | UpstreamTimeout) else None
-            self.response._finish(reset or UpstreamReset(self.pool.version, "connection lost mid-answer"))
-            if sink is not None:
-                if self.busy:
-                    self.busy = False
-                    self._head_future = None
-                sink.done(self.response)  # it reads the error from buffered()
-                return
+            response._finish(reset or UpstreamReset(self.pool.version, "connection lost mid-answer"))
         if self.busy:
             self.busy = False
             self._head_future = None
+        if future is not None and not future.done():
+            future.set_exception(error)
+        elif sink is not None:
+            if response is not None:
+                sink.done(response)  # cut short: it reads the error from buffered()
+            else:
+                # nothing answered; on a reused connection that is the keep-alive race (the backend
+                # closed it as we wrote), so the caller may send the request again on a fresh one
+                sink.failed(error, isinstance(error, _NoAnswer) and self.reused)
 
     def _unasked_upgrade(self) -> UpstreamError:
         return UpstreamProtocolError(self.pool.version, "backend switched protocols unasked")
