@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -823,8 +822,8 @@ class _FastRelay:
     def done(self, response: UpstreamResponse) -> None:
         try:
             self._app._answer_now(self._ex, response, self._xc)
-        except Exception:  # noqa: BLE001 - a bug costs this request, never the upstream connection
-            self._ex.spawn(_raise(sys.exc_info()[1]))
+        except Exception as exc:  # noqa: BLE001 - a bug costs this request, never the upstream connection
+            self._ex.spawn(_raise(exc))
 
     def failed(self, error: UpstreamError, retryable: bool) -> None:
         if retryable:  # the keep-alive race: nothing was answered; send again on a new connection
@@ -833,10 +832,9 @@ class _FastRelay:
             self._ex.spawn(self._app._after_failure(self._ex, error, self._xc))
 
 
-async def _raise(exc: BaseException | None) -> None:
+async def _raise(exc: Exception) -> None:
     """Hand an error to the server's task wrapper, which logs it and answers 500."""
-    if exc is not None:
-        raise exc
+    raise exc
 
 
 def _buffered(xc: _Exchange, response: UpstreamResponse) -> bool:
