@@ -423,18 +423,10 @@ class _Connection(asyncio.Protocol):
     ) -> UpstreamResponse:
         """Write the request, return the response once its head has arrived."""
         loop = self.pool.loop
-        self.busy = True
-        self._sink = None
-        self.response = None
-        self._got_bytes = False
-        self._interim = False
-        self._head_only = head_only
-        self._keep = True
         future: asyncio.Future[UpstreamResponse] = loop.create_future()
-        self._head_future = future
+        self._begin(head_only, read_timeout, future, None)
         transport = self.transport
         assert transport is not None
-        self._arm(loop, read_timeout)
         writer: asyncio.Task[None] | None = None
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)  # one write per request
@@ -465,22 +457,28 @@ class _Connection(asyncio.Protocol):
                 elif not writer.cancelled():
                     writer.exception()  # retrieved: no "never retrieved" log line
 
-    def send_now(self, head: bytes, head_only: bool, read_timeout: float, sink: ResponseSink) -> None:
-        """Write a request without a body; ``sink`` hears of the answer (see ``ResponseSink``).
-
-        The fast path: no task, no future, no coroutine per request."""
-        loop = self.pool.loop
+    def _begin(
+        self, head_only: bool, read_timeout: float, future: asyncio.Future[UpstreamResponse] | None,
+        sink: ResponseSink | None,
+    ) -> None:  # fmt: skip
+        """A new exchange on this connection: who hears of the answer, and its read deadline."""
         self.busy = True
+        self._head_future = future
         self._sink = sink
         self._sink_reads = False
         self._finished = None
-        self._head_future = None
         self.response = None
         self._got_bytes = False
         self._interim = False
         self._head_only = head_only
         self._keep = True
-        self._arm(loop, read_timeout)
+        self._arm(self.pool.loop, read_timeout)
+
+    def send_now(self, head: bytes, head_only: bool, read_timeout: float, sink: ResponseSink) -> None:
+        """Write a request without a body; ``sink`` hears of the answer (see ``ResponseSink``).
+
+        The fast path: no task, no future, no coroutine per request."""
+        self._begin(head_only, read_timeout, None, sink)
         transport = self.transport
         assert transport is not None
         transport.write(head)
