@@ -31,6 +31,7 @@ from typing import Protocol
 
 import httptools
 
+from proxy.edge.bodyqueue import BodyQueue
 from proxy.edge.errors import (
     UpstreamConnectError,
     UpstreamConnectTimeout,
@@ -118,18 +119,15 @@ class ResponseSink(Protocol):
 class UpstreamResponse:
     """A response whose body is read from the connection as the caller consumes it."""
 
-    __slots__ = ("status", "raw_headers", "content_length", "_chunks", "_buffered", "_done", "_error",
-                 "_waiter", "_conn")  # fmt: skip
+    __slots__ = ("status", "raw_headers", "content_length", "_body", "_done", "_error", "_conn")
 
     def __init__(self, conn: _Connection, status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.raw_headers = raw_headers
         self.content_length: int | None = None
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._body = BodyQueue(READ_HIGH_WATER, self._pause, self._resume)
         self._done = False
         self._error: UpstreamError | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._conn: _Connection | None = conn
 
     def header(self, name: bytes) -> bytes | None:
@@ -146,11 +144,7 @@ class UpstreamResponse:
     # --- fed by the connection -----------------------------------------------------------------
 
     def _feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > READ_HIGH_WATER and self._conn is not None:
-            self._conn.pause_reading()
-        self._wake()
+        self._body.feed(chunk)
 
     def _finish(self, error: UpstreamError | None = None) -> None:
         if self._done:
@@ -158,35 +152,31 @@ class UpstreamResponse:
         self._done = True
         self._error = error
         self._conn = None
-        self._wake()
+        self._body.wake()
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _pause(self) -> None:
+        if self._conn is not None:
+            self._conn.pause_reading()
+
+    def _resume(self) -> None:
+        if self._conn is not None:
+            self._conn.resume_reading()
 
     # --- consumed by the caller ----------------------------------------------------------------
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; raises ``UpstreamReset``/``UpstreamTimeout`` if cut short."""
+        body = self._body
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                conn = self._conn
-                if conn is not None and self._buffered <= READ_HIGH_WATER // 4:
-                    conn.resume_reading()
+            chunk = body.pop()
+            if chunk is not None:
                 yield chunk
                 continue
             if self._done:
                 if self._error is not None:
                     raise self._error
                 return
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await body.wait()
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]
@@ -196,11 +186,7 @@ class UpstreamResponse:
         """The whole body of a complete answer (``done`` of a sink); raises if it was cut short."""
         if self._error is not None:
             raise self._error
-        chunks = self._chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._buffered = 0
-        return body
+        return self._body.take_all()
 
     def close(self) -> None:
         """Stop reading: a connection with an unfinished answer is closed, never pooled."""
@@ -208,8 +194,8 @@ class UpstreamResponse:
         self._conn = None
         if not self._done:
             self._done = True
-            self._chunks.clear()
-            self._wake()  # a reader waiting in chunks() ends now, not at the next (never) byte
+            self._body.clear()
+            self._body.wake()  # a reader waiting in chunks() ends now, not at the next (never) byte
             if conn is not None:
                 conn.abort()
 

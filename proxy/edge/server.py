@@ -33,6 +33,7 @@ from websockets.server import ServerProtocol as WsServerProtocol
 from websockets.typing import Subprotocol
 
 from proxy.edge.asgi import ASGIApp, ClientGone, Message
+from proxy.edge.bodyqueue import BodyQueue
 from proxy.edge.websocket import FrameSocket, quiet_log
 
 log = logging.getLogger("strangler")
@@ -102,9 +103,8 @@ class NativeExchange:
     """One request on one connection, and its answer: the ``ClientExchange`` of our server."""
 
     __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "http_version",
-                 "keep_alive", "expect_continue", "_conn", "_chunks", "_buffered", "_body_done", "_waiter",
-                 "_responded", "_complete", "_chunked", "_no_body", "gone", "upgradable",
-                 "upgrade")  # fmt: skip
+                 "keep_alive", "expect_continue", "_conn", "_body", "_body_done", "_responded", "_complete",
+                 "_chunked", "_no_body", "gone", "upgradable", "upgrade")  # fmt: skip
 
     def __init__(self, conn: ServerProtocol, method: str, raw_path: bytes, path: str, query: bytes,
                  headers: list[tuple[bytes, bytes]], http_version: str, keep_alive: bool,
@@ -120,10 +120,8 @@ class NativeExchange:
         self.http_version = http_version
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._body: BodyQueue | None = None  # made when a body arrives or is waited for
         self._body_done = False
-        self._waiter: asyncio.Future[None] | None = None
         self._responded = False
         self._complete = False
         self._chunked = False
@@ -135,11 +133,10 @@ class NativeExchange:
     # --- fed by the connection -------------------------------------------------------------------
 
     def _feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > BODY_HIGH_WATER:
-            self._conn.pause_reading()
-        self._wake()
+        body = self._body
+        if body is None:
+            body = self._new_body()
+        body.feed(chunk)
 
     def _end_body(self) -> None:
         self._body_done = True
@@ -150,9 +147,13 @@ class NativeExchange:
         self._wake()
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._body is not None:
+            self._body.wake()
+
+    def _new_body(self) -> BodyQueue:
+        conn = self._conn
+        self._body = BodyQueue(BODY_HIGH_WATER, conn.pause_reading, conn.resume_reading)
+        return self._body
 
     @property
     def complete(self) -> bool:
@@ -168,22 +169,19 @@ class NativeExchange:
         if self.expect_continue and not self._responded:
             self.expect_continue = False
             self._conn.write(CONTINUE)
+        body = self._body
         while True:
-            if self._chunks:
-                chunk = self._chunks.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered <= BODY_HIGH_WATER // 4:
-                    self._conn.resume_reading()
-                return chunk, bool(self._chunks) or not self._body_done
+            if body is not None:
+                chunk = body.pop()
+                if chunk is not None:
+                    return chunk, bool(body) or not self._body_done
             if self._body_done:
                 return b"", False
             if self.gone:
                 raise ClientGone()
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            if body is None:
+                body = self._new_body()
+            await body.wait()
 
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
         if self.gone:
@@ -289,7 +287,7 @@ class NativeExchange:
 
         async def receive() -> Message:
             nonlocal body_sent
-            if not body_sent or not self._body_done or self._chunks:
+            if not body_sent or not self._body_done or self._body:
                 try:
                     body, more = await self.read()
                 except ClientGone:
