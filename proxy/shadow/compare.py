@@ -44,7 +44,26 @@ WHOLE = frozenset({"status", "content-type", "body", "body-size"})
 
 _INDEX = re.compile(r"\[\d+\]")
 _EXACT = Context(prec=1_000_000)  # normalize() rounds to the context's precision: never let it
-_ZERO = Decimal(0)
+class JsonNumber(Decimal):
+    """A JSON number: equal to the same number, never to ``true`` or ``false``.
+
+    Python says ``0 == False``, and deepdiff compares lists with ``==`` before walking them, so
+    ``[false]`` against ``[0]`` was a match."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, bool):
+            return False
+        return Decimal.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = Decimal.__hash__
+
+
+_ZERO = JsonNumber(0)
 # a number orjson may not keep exactly: 16+ significant digits, or a 3-digit exponent
 _LOSSY = re.compile(rb"\d(?:\.?\d){15}|[eE][+-]?\d{3}")
 _KINDS = {
@@ -222,7 +241,8 @@ def _exact(body: bytes) -> Any:
 
 
 def _numbers(value: Any, depth: int) -> Any:
-    """Every number as a normalised Decimal (JSON has one number type; bool stays bool).
+    """Every number as a normalised JsonNumber (JSON has one number type; bool stays bool and is
+    never equal to a number).
 
     Returns the converted value, or raises RecursionError when nested deeper than MAX_DEPTH."""
     if depth > MAX_DEPTH:
@@ -242,7 +262,7 @@ def _numbers(value: Any, depth: int) -> Any:
     else:
         return value
     # one spelling per number (1, 1.0 and 1E0 hash alike in ignore_order), -0 is 0, no rounding
-    return number.normalize(_EXACT) if number else _ZERO
+    return JsonNumber(number.normalize(_EXACT)) if number else _ZERO
 
 
 def load_json(body: bytes, exact: bool = False) -> tuple[bool, Any]:
