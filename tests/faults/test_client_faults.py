@@ -29,6 +29,7 @@ def test_clients_disconnecting_mid_upload(proxy: ProxyProcess, v1v2: tuple[Backe
         # ordinary traffic runs until the proxy has handled every abandoned upload, then stops
         wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="request") - before == 5,
                    timeout=10, message="every abandoned upload counted")  # fmt: skip
+        wait_until(lambda: len(load.outcomes) >= 20, timeout=10, message="ordinary traffic ran beside")
         load.stop()
     assert load.outcomes and load.failures() == []
     assert proxy.metric("strangler_upstream_errors_total") == errors_before, "not the backend's fault"
@@ -55,6 +56,7 @@ def test_clients_disconnecting_mid_download(proxy: ProxyProcess, v1v2: tuple[Bac
         # ordinary traffic runs until the proxy has handled every abandoned download, then stops
         wait_until(lambda: proxy.metric("strangler_client_disconnects_total", stage="response") - before == 6,
                    timeout=15, message="every abandoned download counted")  # fmt: skip
+        wait_until(lambda: len(load.outcomes) >= 20, timeout=10, message="ordinary traffic ran beside")
         load.stop()
     assert load.outcomes and load.failures() == []
     wait_until(
