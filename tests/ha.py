@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import redis
 
 from proxy.control.embedded import find_redis_server, free_port
-from tests.support import wait_until
+from tests.support import stop_process, wait_until
 
 MASTER_NAME = "strangler"
 
@@ -61,15 +60,8 @@ class Node:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.alive:
-            assert self.process is not None
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 class SentinelSetup:

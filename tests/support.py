@@ -52,6 +52,20 @@ class KeptClient:
             self._http = None
 
 
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """Stop a child we started: resumed first (a test may have frozen it), asked to terminate,
+    killed if it has not gone within 5 s."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGCONT)
+    process.terminate()
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
     """Poll until ``predicate()`` is truthy; return its value or fail with ``message``."""
     deadline = time.monotonic() + timeout
@@ -107,14 +121,8 @@ class RedisServer:
         self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.thaw()
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 # A test's own calls to a backend leave no connection open: tests count the proxy's connections to
@@ -157,14 +165,8 @@ class Backend(KeptClient):
 
     def stop(self) -> None:
         self.close_http()
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
