@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from typing import Protocol
+
+
+class Reader(Protocol):
+    """The reading side's flow control (our server connection, or an upstream answer)."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 class BodyQueue:
-    __slots__ = ("_chunks", "_buffered", "_waiter", "_high", "_pause", "_resume")
+    __slots__ = ("_chunks", "_buffered", "_waiter", "_high", "_reader")
 
-    def __init__(self, high_water: int, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+    def __init__(self, high_water: int, reader: Reader) -> None:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._high = high_water
-        self._pause = pause
-        self._resume = resume
+        self._reader = reader  # an object, not two bound methods: no allocations per body
 
     def __bool__(self) -> bool:
         """Whether a chunk is waiting."""
@@ -34,7 +41,7 @@ class BodyQueue:
         self._chunks.append(chunk)
         self._buffered += len(chunk)
         if self._buffered > self._high:
-            self._pause()
+            self._reader.pause_reading()
         self.wake()
 
     def wake(self) -> None:
@@ -52,7 +59,7 @@ class BodyQueue:
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if self._buffered <= self._high // 4:
-            self._resume()
+            self._reader.resume_reading()
         return chunk
 
     async def wait(self) -> None:
@@ -62,14 +69,6 @@ class BodyQueue:
             await self._waiter
         finally:
             self._waiter = None
-
-    def take_all(self) -> bytes:
-        """Everything buffered, joined (a body read whole by the reading side)."""
-        chunks = self._chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._buffered = 0
-        return body
 
     def clear(self) -> None:
         self._chunks.clear()

@@ -119,13 +119,14 @@ class ResponseSink(Protocol):
 class UpstreamResponse:
     """A response whose body is read from the connection as the caller consumes it."""
 
-    __slots__ = ("status", "raw_headers", "content_length", "_body", "_done", "_error", "_conn")
+    __slots__ = ("status", "raw_headers", "content_length", "_body", "_parts", "_done", "_error", "_conn")
 
     def __init__(self, conn: _Connection, status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.raw_headers = raw_headers
         self.content_length: int | None = None
-        self._body = BodyQueue(READ_HIGH_WATER, self._pause, self._resume)
+        self._body: BodyQueue | None = None  # made when a caller streams the body (chunks())
+        self._parts: list[bytes] = []  # a small answer the fast path takes whole (buffered())
         self._done = False
         self._error: UpstreamError | None = None
         self._conn: _Connection | None = conn
@@ -144,7 +145,13 @@ class UpstreamResponse:
     # --- fed by the connection -----------------------------------------------------------------
 
     def _feed(self, chunk: bytes) -> None:
-        self._body.feed(chunk)
+        self._queue().feed(chunk)
+
+    def _queue(self) -> BodyQueue:
+        body = self._body
+        if body is None:
+            body = self._body = BodyQueue(READ_HIGH_WATER, self)
+        return body
 
     def _finish(self, error: UpstreamError | None = None) -> None:
         if self._done:
@@ -152,13 +159,14 @@ class UpstreamResponse:
         self._done = True
         self._error = error
         self._conn = None
-        self._body.wake()
+        if self._body is not None:
+            self._body.wake()
 
-    def _pause(self) -> None:
+    def pause_reading(self) -> None:
         if self._conn is not None:
             self._conn.pause_reading()
 
-    def _resume(self) -> None:
+    def resume_reading(self) -> None:
         if self._conn is not None:
             self._conn.resume_reading()
 
@@ -166,7 +174,7 @@ class UpstreamResponse:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; raises ``UpstreamReset``/``UpstreamTimeout`` if cut short."""
-        body = self._body
+        body = self._queue()
         while True:
             chunk = body.pop()
             if chunk is not None:
@@ -186,7 +194,8 @@ class UpstreamResponse:
         """The whole body of a complete answer (``done`` of a sink); raises if it was cut short."""
         if self._error is not None:
             raise self._error
-        return self._body.take_all()
+        parts = self._parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
         """Stop reading: a connection with an unfinished answer is closed, never pooled."""
@@ -194,8 +203,10 @@ class UpstreamResponse:
         self._conn = None
         if not self._done:
             self._done = True
-            self._body.clear()
-            self._body.wake()  # a reader waiting in chunks() ends now, not at the next (never) byte
+            self._parts.clear()
+            if self._body is not None:
+                self._body.clear()
+                self._body.wake()  # a reader waiting in chunks() ends now, not at the next (never) byte
             if conn is not None:
                 conn.abort()
 
@@ -335,7 +346,10 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self.response
         if response is not None and not response.complete:
-            response._feed(body)
+            if self._sink_reads:
+                response._parts.append(body)  # small (it chose to be told done): no flow control
+            else:
+                response._feed(body)
 
     def on_message_complete(self) -> None:
         if self._interim:

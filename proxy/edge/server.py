@@ -151,8 +151,7 @@ class NativeExchange:
             self._body.wake()
 
     def _new_body(self) -> BodyQueue:
-        conn = self._conn
-        self._body = BodyQueue(BODY_HIGH_WATER, conn.pause_reading, conn.resume_reading)
+        self._body = BodyQueue(BODY_HIGH_WATER, self._conn)
         return self._body
 
     @property
