@@ -140,7 +140,67 @@ def _backend_main(port: int, version: bytes) -> None:
     uvloop.run(serve())
 
 
-def start_backend(version: str) -> tuple[Any, str]:
+# ~300 bytes of JSON, as in the issue's layout (the Python backend keeps its small answer)
+NGINX_BODY = (
+    '{"id":42,"version":"vX","name":"Widget","price":{"amount":1999,"currency":"EUR"},'
+    '"tags":["blue","round","small"],"stock":{"warehouse":"north","count":17},'
+    '"updated":"2026-11-27T10:00:00Z","links":{"self":"/items/42","owner":"/users/7"},'
+    '"description":"A small round blue widget, sold by the piece."}'
+)
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (str(p) for p in (Path("/usr/sbin/nginx"), Path("/usr/local/sbin/nginx")) if p.exists()), None
+    )
+
+
+def nginx_config(port: int, version: str, workdir: Path) -> str:
+    """One nginx worker answering a fixed JSON from memory, keep-alive without a request cap."""
+    body = NGINX_BODY.replace("vX", version).replace("'", "")
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {workdir}/nginx-{port}.pid;
+error_log {workdir}/nginx-{port}.log error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}; proxy_temp_path {workdir}; fastcgi_temp_path {workdir};
+    uwsgi_temp_path {workdir}; scgi_temp_path {workdir};
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        default_type application/json;
+        location / {{ return 200 '{body}'; }}
+    }}
+}}
+"""
+
+
+def start_nginx_backend(version: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    binary = nginx_binary()
+    if binary is None:
+        raise RuntimeError("nginx not found (apt install nginx-light), or use --backend python")
+    port = free_port()
+    config = workdir / f"nginx-{port}.conf"
+    config.write_text(nginx_config(port, version, workdir))
+    proc = subprocess.Popen(
+        [binary, "-p", str(workdir), "-c", str(config), "-e", str(workdir / f"nginx-{port}.err")],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/")
+    return proc, url
+
+
+def start_backend(version: str, kind: str = "python", workdir: Path | None = None) -> tuple[Any, str]:
+    """A backend fast enough that the proxy is what gets measured: nginx (the issue's layout) or
+    our small httptools server (no nginx needed)."""
+    if kind == "nginx":
+        assert workdir is not None
+        return start_nginx_backend(version, workdir)
     port = free_port()
     proc = multiprocessing.get_context("spawn").Process(
         target=_backend_main, args=(port, version.encode()), daemon=True
@@ -417,6 +477,7 @@ def bench(
     shadow: bool = False,
     paced_rate: float = 1000.0,
     paced: list[Result] | None = None,
+    backend: str = "python",
 ) -> list[Result]:
     """Every target runs side by side; measurements alternate over ``rounds`` and the median
     round counts, so a noisy moment on a shared 2-core machine cannot decide a ratio alone."""
@@ -439,12 +500,12 @@ def bench(
         embedded = EmbeddedRedis(Path(tmp) / "redis")
         redis_url = embedded.start()
         try:
-            b1, v1 = start_backend("v1")
-            b2, v2 = start_backend("v2")
+            b1, v1 = start_backend("v1", backend, Path(tmp))
+            b2, v2 = start_backend("v2", backend, Path(tmp))
             procs += [b1, b2]
             if pin:  # backends and proxies share CPU 0, the load generator has CPU 1 (issue layout)
-                for backend in (b1, b2):
-                    os.sched_setaffinity(backend.pid, {0})
+                for server in (b1, b2):
+                    os.sched_setaffinity(server.pid, {0})
             targets = {"direct (backend v1)": v1 + "/"}
             pids["direct (backend v1)"] = b1.pid  # type: ignore[assignment]
             proxy_proc, proxy_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp))

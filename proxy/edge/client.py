@@ -41,6 +41,7 @@ from proxy.edge.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from proxy.edge.headers import HOP_BY_HOP, end_to_end
 
 Headers = Sequence[tuple[bytes, bytes]]
 READ_HIGH_WATER = 256 * 1024  # response bytes buffered before we stop reading the backend
@@ -119,12 +120,17 @@ class ResponseSink(Protocol):
 class UpstreamResponse:
     """A response whose body is read from the connection as the caller consumes it."""
 
-    __slots__ = ("status", "raw_headers", "content_length", "_body", "_parts", "_done", "_error", "_conn")
+    __slots__ = ("status", "raw_headers", "headers", "content_length", "_body", "_parts", "_done", "_error",
+                 "_conn")  # fmt: skip
 
-    def __init__(self, conn: _Connection, status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, conn: _Connection, status: int, raw_headers: list[tuple[bytes, bytes]],
+        headers: list[tuple[bytes, bytes]] | None = None, content_length: int | None = None,
+    ) -> None:  # fmt: skip
         self.status = status
-        self.raw_headers = raw_headers
-        self.content_length: int | None = None
+        self.raw_headers = raw_headers  # as received, names lower-case
+        self.headers = raw_headers if headers is None else headers  # end-to-end: what a proxy relays
+        self.content_length = content_length
         self._body: BodyQueue | None = None  # made when a caller streams the body (chunks())
         self._parts: list[bytes] = []  # a small answer the fast path takes whole (buffered())
         self._done = False
@@ -134,7 +140,7 @@ class UpstreamResponse:
     def header(self, name: bytes) -> bytes | None:
         """First value of a header (``name`` lower-case)."""
         for key, value in self.raw_headers:
-            if key.lower() == name:
+            if key == name:
                 return value
         return None
 
@@ -219,7 +225,8 @@ class _Connection(asyncio.Protocol):
     __slots__ = ("pool", "transport", "parser", "response", "reused", "busy", "closed", "idle_since",
                  "_head_future", "_status", "_headers", "_interim", "_head_only", "_keep", "_got_bytes",
                  "_write_paused", "_drain", "_read_paused", "_timer", "_last_read", "_read_timeout",
-                 "counted_out", "_sink", "_sink_reads", "_finished", "_timer_due")  # fmt: skip
+                 "counted_out", "_sink", "_sink_reads", "_finished", "_timer_due", "_strip_seen",
+                 "_length")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -233,6 +240,8 @@ class _Connection(asyncio.Protocol):
         self._head_future: asyncio.Future[UpstreamResponse] | None = None
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
+        self._strip_seen = False  # the answer has a header the pool strips (hop-by-hop...)
+        self._length: int | None = None  # its Content-Length (llhttp checked repeats agree)
         self._interim = False
         self._head_only = False
         self._keep = True
@@ -313,9 +322,17 @@ class _Connection(asyncio.Protocol):
             # a second answer with no request outstanding: the backend is out of step
             raise _Unrequested()
         self._headers = []
+        self._strip_seen = False
+        self._length = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        lower = name.lower()
+        self._headers.append((lower, value))
+        if lower in self.pool.watched:  # a header to strip, or Content-Length: rare but for one
+            if lower == b"content-length":
+                self._length = int(value) if value.isdigit() else None
+            else:
+                self._strip_seen = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -326,10 +343,10 @@ class _Connection(asyncio.Protocol):
             self._interim = True  # 100 Continue, 103 Early Hints: not the answer
             return
         self._keep = self.parser.should_keep_alive()
-        response = self.response = UpstreamResponse(self, status, self._headers)
-        length = response.header(b"content-length")
-        if length is not None and length.isdigit():
-            response.content_length = int(length)
+        raw = self._headers
+        response = self.response = UpstreamResponse(
+            self, status, raw, end_to_end(raw, self.pool.strip) if self._strip_seen else raw, self._length
+        )
         future = self._head_future
         if future is not None and not future.done():
             future.set_result(response)
@@ -588,8 +605,13 @@ class UpstreamPool:
         limits: PoolLimits,
         ssl_context: ssl.SSLContext | None = None,
         on_drop: Callable[[str], None] | None = None,
+        strip: frozenset[bytes] = HOP_BY_HOP,
     ) -> None:
         self.version = version
+        # response headers never relayed (``UpstreamResponse.headers`` lacks them): hop-by-hop ones,
+        # those named in Connection, and any the owner adds (a header it sets itself)
+        self.strip = strip | HOP_BY_HOP
+        self.watched = self.strip | {b"content-length"}
         self.origin = origin
         self.limits = limits
         self._ssl = ssl_context if origin.scheme == "https" else None

@@ -40,6 +40,8 @@ log = logging.getLogger("strangler")
 
 _HOST_OK = re.compile(rb"^[A-Za-z0-9.\-_~!$&'()*+,;=:\[\]%]*$")
 _OWS = b" \t"
+_URL_SPECIAL = re.compile(rb"[?#]")  # a target with a query or fragment goes through parse_url
+_FRAMING_HEADERS = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})
 STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 NO_BODY_STATUS = frozenset({204, 304})
 BODY_HIGH_WATER = 256 * 1024  # request bytes buffered before we stop reading the client
@@ -607,15 +609,19 @@ class ServerProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         value = value.strip(_OWS)  # OWS is not part of a field value (RFC 9110 5.5)
-        limits = self._limits
         count = self._header_count = self._header_count + 1
         size = self._header_bytes = self._header_bytes + len(name) + len(value) + 4
+        limits = self._limits
         if count > limits.max_headers:
             raise self._stop(431, "too_many_headers", "too many request headers")
         if size > limits.max_header_bytes:
             raise self._stop(431, "headers_too_large", "request headers over the limit")
         lower = name.lower()
         self._headers.append((lower, value))
+        if lower in _FRAMING_HEADERS:  # most headers are none of these: one set lookup for them
+            self._framing_header(lower, value)
+
+    def _framing_header(self, lower: bytes, value: bytes) -> None:
         if lower == b"host":
             self._hosts += 1
             if self._hosts > 1:
@@ -628,7 +634,7 @@ class ServerProtocol(asyncio.Protocol):
                 raise self._stop(400, "bad_framing", "Transfer-Encoding must be one 'chunked'")
         elif lower == b"content-length":
             self._content_length = int(value) if value.isdigit() else -1  # llhttp checked the syntax
-        elif lower == b"expect" and value.lower() == b"100-continue":
+        elif value.lower() == b"100-continue":  # expect
             self._expect = True
 
     def on_headers_complete(self) -> None:
@@ -645,17 +651,22 @@ class ServerProtocol(asyncio.Protocol):
         if method == b"CONNECT":
             raise self._stop(400, "connect_refused", "CONNECT is not served: this is not a forward proxy")
         has_body = self._codings > 0 or self._content_length > 0
-        if has_body and parser.should_upgrade():
+        upgrade = parser.should_upgrade()
+        if has_body and upgrade:
             # llhttp stops at an upgrade without reading the body: whatever follows could be a
             # request hidden from us (h2c smuggling)
             raise self._stop(400, "bad_upgrade", "an upgrade request must not carry a body")
         max_body = self._limits.max_body
         if max_body and self._content_length > max_body:
             raise self._stop(413, "body_too_large", "request body over the limit")
+        url = self._url
         try:
-            parsed = httptools.parse_url(self._url)
-            raw_path: bytes = parsed.path or b""
-            query: bytes = parsed.query or b""
+            if url[:1] == b"/" and not _URL_SPECIAL.search(url):
+                raw_path, query = url, b""  # a plain path (most requests): nothing to split
+            else:
+                parsed = httptools.parse_url(url)
+                raw_path = parsed.path or b""
+                query = parsed.query or b""
             path = raw_path.decode("ascii")
             if "%" in path:
                 path = unquote(path)
@@ -665,9 +676,9 @@ class ServerProtocol(asyncio.Protocol):
         self._head_bytes = 0
         ex = NativeExchange(
             self, method.decode("ascii"), raw_path, path, query, self._headers, version,
-            parser.should_keep_alive() and not parser.should_upgrade(), self._expect,
+            parser.should_keep_alive() and not upgrade, self._expect,
         )  # fmt: skip
-        ex.upgrade = parser.should_upgrade()
+        ex.upgrade = upgrade
         if not has_body:
             ex._body_done = True
         else:

@@ -25,6 +25,7 @@ AFFINITY_ATTRIBUTES = b"; Path=/; HttpOnly; SameSite=Lax"
 MAX_TOKEN = 8192  # a bearer token longer than this is not read for a key
 NO_BUCKET = -1  # placed by the force header or a match rule, not by the split: stays put
 PINNED = -2  # placed by a session pin: only a rollback moves it
+_random = random.random
 
 Rule = tuple[str, bytes, bytes | None, str]  # (header|cookie|query, name, value or None = any, version)
 
@@ -150,7 +151,7 @@ class Decider:
         if user_key is not None:
             bucket = split.bucket(self.salt, group, user_key)
         else:
-            bucket = random.randrange(split.BUCKETS)
+            bucket = int(_random() * split.BUCKETS)  # C-level: randrange is a Python call chain
         if percentage <= 0:
             version = "v1"
         else:

@@ -19,6 +19,8 @@ from proxy.edge.errors import (
 )
 from proxy.settings import Settings
 
+VERSION_HEADER = b"x-api-version"  # which version answered: set by the proxy, a backend's copy dropped
+
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
     """Verification (SNI, hostname, chain) against the system store or the configured CA bundle;
@@ -52,8 +54,9 @@ class Upstream:
             pool_timeout=settings.pool_timeout_seconds,
         )
         self.pool = UpstreamPool(
-            version, origin, limits, tls_context(settings) if origin.scheme == "https" else None, on_drop
-        )
+            version, origin, limits, tls_context(settings) if origin.scheme == "https" else None, on_drop,
+            strip=frozenset({VERSION_HEADER}),
+        )  # fmt: skip
 
     async def start(self) -> None:
         """Connections are opened on demand; nothing to do before the first request."""
