@@ -2,6 +2,22 @@
 # Configure with STRANGLER_* environment variables (nested: STRANGLER_SHADOW__ENABLED=true) or a
 # YAML file: docker run -v $PWD/strangler.yaml:/config/strangler.yaml IMAGE serve -c /config/strangler.yaml
 # Built and run by tests/deploy/test_container.py (podman build --format docker keeps the HEALTHCHECK).
+# Stage 1: the wheel, with the request path compiled by mypyc (setup.py). The C compiler lives only
+# here; without one (apt unreachable) the same code is built uncompiled and the image still works.
+FROM docker.io/library/python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN (apt-get update -qq \
+     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+     && { python3 -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+          || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-dev >/dev/null; }) \
+    || echo "strangler image: no C compiler, the request path runs uncompiled"
+COPY constraints.txt /src/
+RUN python3 -m pip install -q -c /src/constraints.txt setuptools wheel mypy
+COPY pyproject.toml setup.py README.md /src/
+COPY proxy /src/proxy
+RUN python3 -m pip wheel -q --no-deps --no-build-isolation -w /wheels /src
+
+# Stage 2: the image.
 FROM docker.io/library/python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -13,15 +29,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # change to the code does not reinstall them. The user has no home; /data is its writable directory.
 COPY pyproject.toml constraints.txt /tmp/deps/
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']['dependencies']))" >/tmp/deps/requirements.txt \
-    && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt setuptools wheel \
+    && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt \
     && rm -rf /tmp/deps \
     && useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin strangler \
     && mkdir /data && chown 10001:0 /data && chmod 0770 /data
 
-# Layer 2: the project itself, built outside the final tree (no build/ or egg-info left behind).
-COPY pyproject.toml README.md /tmp/src/
-COPY proxy /tmp/src/proxy
-RUN pip install --no-deps --no-build-isolation /tmp/src && rm -rf /tmp/src
+# Layer 2: the project itself, the wheel from stage 1 (no build tree or compiler in the image).
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 USER 10001
 ENV STRANGLER_HOST=0.0.0.0 \

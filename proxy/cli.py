@@ -359,7 +359,10 @@ def bench(
         paced: list[Any] = []
         results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
                             workers=workers, shadow=shadow, paced=paced, backend=backend)  # fmt: skip
+        import proxy
+
         tool = "wrk" if use_wrk else "built-in generator"
+        print(f"strangler build: {proxy.build()}")
         print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
         print(render_paced(paced, 1000.0, seconds))
     if websocket:

@@ -27,7 +27,7 @@ import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -44,8 +44,8 @@ from proxy.edge.errors import (
 from proxy.edge.headers import HOP_BY_HOP, end_to_end
 
 Headers = Sequence[tuple[bytes, bytes]]
-READ_HIGH_WATER = 256 * 1024  # response bytes buffered before we stop reading the backend
-_BAD_IN_TARGET = re.compile(rb"[ \r\n\t#\x00]")  # one C scan, not six
+READ_HIGH_WATER: Final = 256 * 1024  # response bytes buffered before we stop reading the backend
+_BAD_IN_TARGET: Final = re.compile(rb"[ \r\n\t#\x00]")  # one C scan, not six
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,19 +178,9 @@ class UpstreamResponse:
 
     # --- consumed by the caller ----------------------------------------------------------------
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """Body chunks as they arrive; raises ``UpstreamReset``/``UpstreamTimeout`` if cut short."""
-        body = self._queue()
-        while True:
-            chunk = body.pop()
-            if chunk is not None:
-                yield chunk
-                continue
-            if self._done:
-                if self._error is not None:
-                    raise self._error
-                return
-            await body.wait()
+        return _Chunks(self, self._queue())
 
     async def read(self) -> bytes:
         parts = [chunk async for chunk in self.chunks()]
@@ -216,7 +206,36 @@ class UpstreamResponse:
             if conn is not None:
                 conn.abort()
 
-    release = close  # after a complete answer both are no-ops
+    def release(self) -> None:
+        """After a complete answer a no-op, like ``close``."""
+        self.close()
+
+
+class _Chunks:
+    """``UpstreamResponse.chunks()``: an async iterator class, not an async generator, so the
+    module compiles with mypyc (which has no async generators)."""
+
+    __slots__ = ("_response", "_body")
+
+    def __init__(self, response: UpstreamResponse, body: BodyQueue) -> None:
+        self._response = response
+        self._body = body
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body = self._body
+        response = self._response
+        while True:
+            chunk = body.pop()
+            if chunk is not None:
+                return chunk
+            if response._done:
+                if response._error is not None:
+                    raise response._error
+                raise StopAsyncIteration
+            await body.wait()
 
 
 class _Connection(asyncio.Protocol):

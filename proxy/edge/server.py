@@ -21,7 +21,7 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 import httptools
@@ -38,16 +38,16 @@ from proxy.edge.websocket import FrameSocket, quiet_log
 
 log = logging.getLogger("strangler")
 
-_HOST_OK = re.compile(rb"^[A-Za-z0-9.\-_~!$&'()*+,;=:\[\]%]*$")
-_OWS = b" \t"
-_URL_SPECIAL = re.compile(rb"[?#]")  # a target with a query or fragment goes through parse_url
-_FRAMING_HEADERS = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})
-STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
-NO_BODY_STATUS = frozenset({204, 304})
-BODY_HIGH_WATER = 256 * 1024  # request bytes buffered before we stop reading the client
-WS_EARLY_BYTES = 64 * 1024  # bytes a client may send after its upgrade request before we stop reading
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-OVER_CAPACITY = (
+_HOST_OK: Final = re.compile(rb"^[A-Za-z0-9.\-_~!$&'()*+,;=:\[\]%]*$")
+_OWS: Final = b" \t"
+_URL_SPECIAL: Final = re.compile(rb"[?#]")  # a target with a query or fragment goes through parse_url
+_FRAMING_HEADERS: Final = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})
+STATUS_LINES: Final = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
+NO_BODY_STATUS: Final = frozenset({204, 304})
+BODY_HIGH_WATER: Final = 256 * 1024  # request bytes buffered before we stop reading the client
+WS_EARLY_BYTES: Final = 64 * 1024  # bytes a client may send after its upgrade request before we stop reading
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+OVER_CAPACITY: Final = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 74\r\n"
     b'connection: close\r\n\r\n{"error":"over capacity","detail":"too many connections, try again later"}'
 )
@@ -664,7 +664,9 @@ class ServerProtocol(asyncio.Protocol):
             if url[:1] == b"/" and not _URL_SPECIAL.search(url):
                 raw_path, query = url, b""  # a plain path (most requests): nothing to split
             else:
-                parsed = httptools.parse_url(url)
+                # Any: its parts are None when absent, whatever the stubs say (compiled code
+                # checks declared types)
+                parsed: Any = httptools.parse_url(url)
                 raw_path = parsed.path or b""
                 query = parsed.query or b""
             path = raw_path.decode("ascii")

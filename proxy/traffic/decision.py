@@ -14,6 +14,7 @@ import binascii
 import os
 import random
 from hashlib import blake2b
+from typing import Final
 
 import orjson
 
@@ -21,10 +22,10 @@ from proxy.control.snapshot import Snapshot
 from proxy.settings import Settings
 from proxy.traffic import split
 
-AFFINITY_ATTRIBUTES = b"; Path=/; HttpOnly; SameSite=Lax"
-MAX_TOKEN = 8192  # a bearer token longer than this is not read for a key
-NO_BUCKET = -1  # placed by the force header or a match rule, not by the split: stays put
-PINNED = -2  # placed by a session pin: only a rollback moves it
+AFFINITY_ATTRIBUTES: Final = b"; Path=/; HttpOnly; SameSite=Lax"
+MAX_TOKEN: Final = 8192  # a bearer token longer than this is not read for a key
+NO_BUCKET: Final = -1  # placed by the force header or a match rule, not by the split: stays put
+PINNED: Final = -2  # placed by a session pin: only a rollback moves it
 _random = random.random
 
 Rule = tuple[str, bytes, bytes | None, str]  # (header|cookie|query, name, value or None = any, version)

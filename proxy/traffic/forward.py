@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -54,25 +54,25 @@ if TYPE_CHECKING:
     from proxy.edge.server import NativeExchange
 
 # headers the proxy sets itself: the client's copies are replaced (X-Forwarded-For is appended to)
-PROXY_SET = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"x-request-id"})
-SMALL_BODY = 64 * 1024
+PROXY_SET: Final = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"x-request-id"})
+SMALL_BODY: Final = 64 * 1024
 # a client cannot forge the proxy's own markers (shadow, calibration, ...) towards the backends
-MARKER_PREFIX = b"x-strangler-"
+MARKER_PREFIX: Final = b"x-strangler-"
 # a request that says it is another method counts as that method for mirroring and calibration
-METHOD_OVERRIDES = frozenset({b"x-http-method-override", b"x-method-override"})
-ALLOW_ALL = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
-JSON_HEADERS = [(b"content-type", b"application/json")]
+METHOD_OVERRIDES: Final = frozenset({b"x-http-method-override", b"x-method-override"})
+ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 # response headers never relayed: hop-by-hop, and our own version header (a backend's copy is dropped)
-RESPONSE_STRIP = HOP_BY_HOP | {VERSION_HEADER}
-VERSION_VALUE = {"v1": b"v1", "v2": b"v2"}
+RESPONSE_STRIP: Final = HOP_BY_HOP | {VERSION_HEADER}
+VERSION_VALUE: Final = {"v1": b"v1", "v2": b"v2"}
 
 
 class BodyTooSlow(Exception):
     """A streamed request body arrived below the minimum rate: the client, not the backend, is at fault."""
 
 
-METHOD_BYTES = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
-FAILURE_LABELS = {502: "upstream unavailable", 503: "upstream busy", 504: "upstream timeout"}
+METHOD_BYTES: Final = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+FAILURE_LABELS: Final = {502: "upstream unavailable", 503: "upstream busy", 504: "upstream timeout"}
 
 
 class ProxyApp:
@@ -754,28 +754,9 @@ class _Body:
             return self._first or b""
         return self._rest()
 
-    async def _rest(self) -> AsyncIterator[bytes]:
+    def _rest(self) -> AsyncIterator[bytes]:
         self.started = True
-        policy = self._policy
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        sent = 0
-        if self._first:
-            sent = len(self._first)
-            yield self._first
-        while True:
-            chunk, more = await self._next()
-            if chunk:
-                self._keep(chunk)
-                sent += len(chunk)
-                yield chunk
-            if not more:
-                self.done = True
-                return
-            if policy.min_rate:
-                elapsed = loop.time() - began
-                if elapsed > policy.grace and sent < policy.min_rate * elapsed:
-                    raise BodyTooSlow()
+        return _BodyRest(self)
 
     async def _next(self) -> tuple[bytes, bool]:
         try:
@@ -791,6 +772,47 @@ class _Body:
                 self.captured = b""
             else:
                 self.captured += chunk
+
+
+class _BodyRest:
+    """The rest of a large request body, streamed up at no less than the minimum rate (an async
+    iterator class, not an async generator, so the module compiles with mypyc)."""
+
+    __slots__ = ("_body", "_loop", "_began", "_sent", "_first")
+
+    def __init__(self, body: _Body) -> None:
+        self._body = body
+        self._loop = asyncio.get_running_loop()
+        self._began = self._loop.time()
+        self._first = body._first
+        self._sent = 0
+
+    def __aiter__(self) -> _BodyRest:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body = self._body
+        first = self._first
+        if first:
+            self._first = None
+            self._sent = len(first)
+            return first
+        while not body.done:
+            chunk, more = await body._next()
+            if not more:
+                body.done = True
+            if chunk:
+                body._keep(chunk)
+                self._sent += len(chunk)
+            if more:
+                policy = body._policy
+                if policy.min_rate:
+                    elapsed = self._loop.time() - self._began
+                    if elapsed > policy.grace and self._sent < policy.min_rate * elapsed:
+                        raise BodyTooSlow()
+            if chunk:
+                return chunk
+        raise StopAsyncIteration
 
 
 class _FastRelay:

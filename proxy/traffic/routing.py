@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Final
 
 from proxy.settings import ConfigError, RouteGroup
 
-DEFAULT_GROUP = "default"
+DEFAULT_GROUP: Final = "default"
 
 
 def compile_pattern(pattern: str) -> re.Pattern[str]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import random
 from hashlib import blake2b
+from typing import Final
 
-BUCKETS = 10_000
+BUCKETS: Final = 10_000
 
 
 def bucket(salt: bytes, group: str, user_key: bytes) -> int:

@@ -107,6 +107,15 @@ def test_the_image_healthcheck_passes_and_runs_as_non_root(stack: dict[str, str]
     assert leftovers.stdout.strip() == ""  # no build tree, no egg-info in the image
 
 
+def test_the_image_runs_the_compiled_request_path(stack: dict[str, str]) -> None:
+    """The wheel stage compiles with mypyc (setup.py); the image has no compiler of its own."""
+    podman, name = stack["podman"], stack["proxy"]
+    build = run(podman, "exec", name, "python", "-c", "import proxy; print(proxy.build())").stdout.strip()
+    assert build == "compiled (mypyc)"
+    compiler = run(podman, "exec", name, "sh", "-c", "command -v gcc cc || true").stdout.strip()
+    assert compiler == ""
+
+
 def test_stop_is_clean_and_quick(stack: dict[str, str]) -> None:
     podman, name = stack["podman"], stack["proxy"]
     started = time.monotonic()
