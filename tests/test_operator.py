@@ -198,7 +198,7 @@ def test_error_paths_print_one_line_and_exit_with_consistent_codes(
     missing_peer = _a_missing_bench_peer()
     if missing_peer is not None:  # with the bench extra installed, both peers are there
         bench = ["bench", "--peer", missing_peer, "--seconds", "1"]
-        cases.append((bench, {}, 1, "pip install -e '.[bench]'"))
+        cases.append((bench, {}, 1, "pip install '.[bench]'"))
     for args, env, code, text in cases:
         result = strangler(*args, env=env)
         line = one_error_line(result)
