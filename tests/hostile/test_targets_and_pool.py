@@ -151,12 +151,21 @@ CLTE_ANSWER = (
 )
 
 
+# a backend trying to pass its own hop-by-hop headers, an internal address and a forged version on
+HOP_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: keep-alive, X-Backend-Hop\r\n"
+    b"X-Backend-Hop: internal-10.0.0.7\r\nKeep-Alive: timeout=5, max=100\r\nX-Api-Version: v9\r\n"
+    b"Proxy-Authenticate: Basic\r\nTrailer: X-Checksum\r\nX-Kept: yes\r\nX-Kept: twice\r\n"
+)
+HOP_BODIES = {b"/hop": b"h" * 300, b"/hop-large": b"H" * 200_000}  # the fast path, the streamed one
+
+
 class ScriptedBackend:
     """A raw keep-alive backend: answers ``T=<target>``; ``/poison`` writes a second, unrequested
     answer 0.3 s after the first; ``/switch`` answers 101 to a plain request; after ``/drop-next``
     the next request on that connection is read, then the connection closes with no answer (the
     keep-alive race: a backend closing an idle connection just as the proxy reuses it); ``/slow``
-    answers after 0.3 s."""
+    answers after 0.3 s; ``/hop`` and ``/hop-large`` answer with ``HOP_HEAD``."""
 
     def __init__(self) -> None:
         self._sock = socket.socket()
@@ -215,6 +224,10 @@ class ScriptedBackend:
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nT=/double"
                                      b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")  # fmt: skip
                         continue
+                    if target in HOP_BODIES:
+                        hop = HOP_BODIES[target]
+                        conn.sendall(HOP_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(hop), hop))
+                        continue
                     if target == b"/slow":
                         time.sleep(0.3)
                     body = b"T=" + target
@@ -255,6 +268,27 @@ def test_an_idle_pooled_connection_that_speaks_is_dropped_never_reused(
             with httpx.Client(timeout=5) as other:
                 assert other.get(proxy.url + f"/after-{i}").text == f"T=/after-{i}"
     assert proxy.metric("strangler_upstream_errors_total", version="v1", kind="idle_readable") >= 1
+
+
+@pytest.mark.parametrize("target", list(HOP_BODIES))
+def test_only_end_to_end_headers_of_an_answer_reach_the_client(
+    scripted: tuple[ScriptedBackend, ProxyProcess], target: bytes
+) -> None:
+    """Hop-by-hop headers (RFC 9110 7.6.1), those the backend names in Connection and a forged
+    X-Api-Version stop at the proxy (the edge client strips them while parsing)."""
+    _, proxy = scripted
+    request = b"GET " + target + b" HTTP/1.1\r\n" + H + b"\r\n"
+    for _ in range(3):  # the first opens the upstream connection; the others reuse it
+        reply = exchange(proxy.port, request + request, timeout=10)  # two pipelined: both framed right
+        assert reply.status == 200, reply.raw[:400]
+        head = reply.raw.partition(b"\r\n\r\n")[0].lower()
+        for gone in (b"x-backend-hop", b"keep-alive:", b"proxy-authenticate", b"trailer:", b"v9",
+                     b"internal-10.0.0.7"):  # fmt: skip
+            assert gone not in head, head
+        assert head.count(b"\r\nx-api-version: v1") == 1
+        assert head.count(b"\r\nx-kept: ") == 2  # repeats kept, in order
+        assert b"\r\ncontent-type: application/json" in head
+        assert reply.body.startswith(HOP_BODIES[target])
 
 
 def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_new_one(
