@@ -26,6 +26,8 @@ from typing import Any
 
 import orjson
 from deepdiff import DeepDiff
+from deepdiff.helper import notpresent
+from deepdiff.model import DictRelationship
 
 from proxy.shadow.policy import EndpointRules
 
@@ -44,6 +46,8 @@ WHOLE = frozenset({"status", "content-type", "body", "body-size"})
 
 _INDEX = re.compile(r"\[\d+\]")
 _EXACT = Context(prec=1_000_000)  # normalize() rounds to the context's precision: never let it
+
+
 class JsonNumber(Decimal):
     """A JSON number: equal to the same number, never to ``true`` or ``false``.
 
@@ -78,12 +82,15 @@ _KINDS = {
     "attribute_removed": "removed",
 }
 ITEM_KINDS = frozenset({"item-added", "item-removed", "repeated"})
+_DEEPDIFF_ARGS = inspect.signature(DeepDiff.__init__).parameters
 # newer deepdiff reports a whole dict as changed when most keys differ; we always want fields
-_EXTRA: dict[str, Any] = (
-    {"threshold_to_diff_deeper": 0}
-    if "threshold_to_diff_deeper" in inspect.signature(DeepDiff.__init__).parameters
-    else {}
-)
+_EXTRA: dict[str, Any] = {}
+if "threshold_to_diff_deeper" in _DEEPDIFF_ARGS:
+    _EXTRA["threshold_to_diff_deeper"] = 0
+if "multiprocessing_workers" in _DEEPDIFF_ARGS:
+    # left unset, deepdiff asks os.cpu_count() per diff: glibc reads /sys/devices/system/cpu/online
+    # (three syscalls per comparison); it never forks for us anyway (multiprocessing is off)
+    _EXTRA["multiprocessing_workers"] = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +301,100 @@ def _shape(value: Any) -> Any:
     return "z" if value is None else type(value).__name__
 
 
+def _report_order() -> tuple[str, ...]:
+    """The order in which this process's deepdiff lists report types (a set in deepdiff, so it
+    follows string hashing): the quick walk lists its findings in the same order."""
+    tree = DeepDiff(
+        {"a": 1, "b": 1, "c": 1}, {"a": 2, "b": "1", "d": 1}, view="tree", log_frequency_in_sec=0, **_EXTRA
+    ).tree
+    return tuple(name for name, levels in tree.items() if levels)
+
+
+_QUICK_KINDS = ("values_changed", "type_changes", "dictionary_item_added", "dictionary_item_removed")
+# the quick walk needs deepdiff to diff every dict field by field (threshold_to_diff_deeper)
+_ORDER = _report_order() if "threshold_to_diff_deeper" in _EXTRA else ()
+if not set(_QUICK_KINDS) <= set(_ORDER):  # a deepdiff we do not know: always ask it
+    _ORDER = ()
+_KEY_PATHS: dict[str, str | None] = {}
+_KEY_PATHS_MAX = 10_000  # keys come from traffic: the cache stays bounded
+
+
+def _key_path(key: str) -> str | None:
+    """``['key']`` as deepdiff spells a dict key in a path (its own code, cached)."""
+    if key in _KEY_PATHS:
+        return _KEY_PATHS[key]
+    spelt = DictRelationship(None, None, key).get_param_repr()
+    if len(_KEY_PATHS) < _KEY_PATHS_MAX:
+        _KEY_PATHS[key] = spelt
+    return spelt
+
+
+def _walk(t1: Any, t2: Any, path: str, found: dict[str, list[tuple[str, Any, Any]]]) -> bool:
+    """deepdiff's dict and scalar rules (see ``quick_differences``); False when a list differs."""
+    if t1 is t2:
+        return True
+    if type(t1) is not type(t2):
+        found["type_changes"].append((path, t1, t2))
+        return True
+    if type(t1) is dict:
+        for key in t2:  # added keys in v2's order, removed in v1's, then the common ones in v2's
+            if key not in t1:
+                step = _key_path(key)
+                if step is None:
+                    return False
+                found["dictionary_item_added"].append((path + step, notpresent, t2[key]))
+        for key in t1:
+            if key not in t2:
+                step = _key_path(key)
+                if step is None:
+                    return False
+                found["dictionary_item_removed"].append((path + step, t1[key], notpresent))
+        for key in t2:
+            if key in t1:
+                step = _key_path(key)
+                if step is None or not _walk(t1[key], t2[key], path + step, found):
+                    return False
+        return True
+    if type(t1) is list:
+        return bool(t1 == t2)  # an equal list reports nothing; how deepdiff aligns others is its own
+    if t1 != t2:
+        found["values_changed"].append((path, t1, t2))
+    return True
+
+
+def quick_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference] | None:
+    """What ``_json_differences`` would report, without deepdiff, or None when only deepdiff can
+    tell (a list differs, or a rule applies).
+
+    deepdiff costs tens of microseconds even for two tiny documents; equal documents and documents
+    whose differences are in objects and scalars (the common migration diff: a field renamed,
+    added or changed) are walked here with deepdiff's own rules: a type change is reported as
+    such (``true`` is not ``1``), keys added then removed then common ones walked, report types in
+    deepdiff's order, paths spelt by deepdiff. A property test holds the two to the same output."""
+    if left == right:  # JsonNumber keeps 0 != false, so equal values report nothing in deepdiff too
+        return []
+    if not _ORDER or rules.ignore_order or rules.exclude_paths or rules.exclude_regexes or rules.tolerance:
+        return None
+    found: dict[str, list[tuple[str, Any, Any]]] = {kind: [] for kind in _QUICK_KINDS}
+    if not _walk(left, right, "root", found):
+        return None
+    out: list[Difference] = []
+    for report_type in _ORDER:
+        kind = _KINDS.get(report_type, report_type)
+        for path, t1, t2 in found.get(report_type, ()):
+            out.append(Difference(normalise_path(path), kind, _short(t1), _short(t2)))
+    return out
+
+
 def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference]:
+    quick = quick_differences(left, right, rules)
+    if quick is not None:
+        return quick
+    return deep_differences(left, right, rules)
+
+
+def deep_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference]:
+    """The differences deepdiff finds (what the product reports; ``quick_differences`` agrees)."""
     diff = DeepDiff(
         left,
         right,
