@@ -1,4 +1,5 @@
-"""Comparing two answers: pure functions, run in a worker thread, never on the event loop.
+"""Comparing two answers: pure functions. ``quick_compare`` is cheap and bounded (small bodies,
+no deepdiff) and runs on the event loop; anything else goes through ``compare`` in a thread.
 
 Status, Content-Type, a few semantic headers and the body are compared. Bodies are decoded first
 (gzip, deflate, br; never past ``compare_max_bytes`` of decoded size) and a UTF-8 BOM is dropped.
@@ -38,6 +39,9 @@ except ImportError:  # pragma: no cover - brotli is a declared dependency
 
 MAX_DEPTH = 100  # deepdiff recurses per level; far below Python's recursion limit
 MAX_REPORTED = 50  # differences kept per comparison for samples
+# JSON bodies up to this size (both together) may be compared on the event loop: parsing them and
+# the quick walk take tens of microseconds; anything larger, or needing deepdiff, goes to a thread
+QUICK_MAX_BYTES = 8 * 1024
 VALUE_CHARS = 200
 DEFAULT_HEADERS = ("location", "content-encoding", "cache-control")
 BOM = b"\xef\xbb\xbf"
@@ -337,20 +341,22 @@ def _walk(t1: Any, t2: Any, path: str, found: dict[str, list[tuple[str, Any, Any
         found["type_changes"].append((path, t1, t2))
         return True
     if type(t1) is dict:
-        for key in t2:  # added keys in v2's order, removed in v1's, then the common ones in v2's
-            if key not in t1:
+        # added keys in v2's order, removed in v1's, then the common ones in v2's; deepdiff skips
+        # keys starting with "__" (its ignore_private_variables, on by default), and so do we
+        for key in t2:
+            if key not in t1 and not key.startswith("__"):
                 step = _key_path(key)
                 if step is None:
                     return False
                 found["dictionary_item_added"].append((path + step, notpresent, t2[key]))
         for key in t1:
-            if key not in t2:
+            if key not in t2 and not key.startswith("__"):
                 step = _key_path(key)
                 if step is None:
                     return False
                 found["dictionary_item_removed"].append((path + step, t1[key], notpresent))
         for key in t2:
-            if key in t1:
+            if key in t1 and not key.startswith("__"):
                 step = _key_path(key)
                 if step is None or not _walk(t1[key], t2[key], path + step, found):
                     return False
@@ -386,10 +392,16 @@ def quick_differences(left: Any, right: Any, rules: EndpointRules) -> list[Diffe
     return out
 
 
-def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference]:
+class _NeedsThread(Exception):
+    """Raised by a quick comparison that only deepdiff, a decoder or a large parse can finish."""
+
+
+def _json_differences(left: Any, right: Any, rules: EndpointRules, deep: bool = True) -> list[Difference]:
     quick = quick_differences(left, right, rules)
     if quick is not None:
         return quick
+    if not deep:
+        raise _NeedsThread
     return deep_differences(left, right, rules)
 
 
@@ -429,12 +441,14 @@ def deep_differences(left: Any, right: Any, rules: EndpointRules) -> list[Differ
 # --- answers --------------------------------------------------------------------------------------
 
 
-def _prepare(answer: Answer, limit: int) -> bytes | None:
+def _prepare(answer: Answer, limit: int, deep: bool = True) -> bytes | None:
     """The body to compare: decoded, BOM dropped; None when over the limit (or not captured)."""
     if answer.body is None:
         return None
     body = answer.body
     if answer.encoding:
+        if not deep and answer.encoding.strip().lower() != "identity":
+            raise _NeedsThread
         try:
             body = decode_body(body, answer.encoding, limit)
         except TooLarge:
@@ -445,11 +459,11 @@ def _prepare(answer: Answer, limit: int) -> bytes | None:
 
 
 def _body_differences(
-    a: Answer, b: Answer, rules: EndpointRules, options: Options
+    a: Answer, b: Answer, rules: EndpointRules, options: Options, deep: bool = True
 ) -> list[Difference] | None:
     """Body differences, or None when the body could not be compared (over the limit)."""
-    left = _prepare(a, options.max_bytes)
-    right = _prepare(b, options.max_bytes)
+    left = _prepare(a, options.max_bytes, deep)
+    right = _prepare(b, options.max_bytes, deep)
     if left is None or right is None:
         # one side over the limit, the other far under it: that is a difference, not a skip
         small = left if left is not None else right
@@ -462,12 +476,14 @@ def _body_differences(
     if left == right:
         return []  # the same bytes (the usual case in a migration): nothing to parse or diff
     if _is_json(a.content_type) and _is_json(b.content_type):
+        if not deep and len(left) + len(right) > QUICK_MAX_BYTES:
+            raise _NeedsThread
         exact = needs_exact(left) or needs_exact(right)
         ok_a, parsed_a = load_json(left, exact)
         ok_b, parsed_b = load_json(right, exact)
         if ok_a and ok_b:
             try:
-                return _json_differences(parsed_a, parsed_b, rules)
+                return _json_differences(parsed_a, parsed_b, rules, deep)
             except RecursionError:
                 pass
     return [Difference("body", "changed", f"{len(left)} bytes", f"{len(right)} bytes")]
@@ -511,10 +527,11 @@ def _header_differences(a: Answer, b: Answer, options: Options) -> list[Differen
 
 
 def differences(
-    a: Answer, b: Answer, rules: EndpointRules, options: Options | None = None
+    a: Answer, b: Answer, rules: EndpointRules, options: Options | None = None, deep: bool = True
 ) -> tuple[list[Difference], bool]:
     """Every difference between two answers (v1 first), rules applied; and whether bodies were
-    compared (False: one was over the limit)."""
+    compared (False: one was over the limit). ``deep=False`` raises ``_NeedsThread`` instead of
+    decoding, parsing a large body or running deepdiff."""
     options = options or Options()
     found: list[Difference] = []
     if a.status != b.status:
@@ -522,7 +539,7 @@ def differences(
     if media_type(a.content_type) != media_type(b.content_type):
         found.append(Difference("content-type", "changed", a.content_type, b.content_type))
     found.extend(_header_differences(a, b, options))
-    body = _body_differences(a, b, rules, options)
+    body = _body_differences(a, b, rules, options, deep)
     if body is not None:
         found.extend(body)
     return found, body is not None
@@ -585,6 +602,23 @@ def compare(
 ) -> Outcome:
     """v1 answer ``a`` against v2 answer ``b``."""
     found, compared = differences(a, b, rules, options)
+    return classify(found, noisy, compared)
+
+
+def quick_compare(
+    a: Answer,
+    b: Answer,
+    rules: EndpointRules,
+    noisy: frozenset[str] | set[str],
+    options: Options | None = None,
+) -> Outcome | None:
+    """``compare`` when it is cheap enough for the event loop, else None (then ``compare`` runs in
+    the compare thread): the same bytes, or JSON bodies of at most ``QUICK_MAX_BYTES`` together
+    whose differences ``quick_differences`` can tell. No decoding, no deepdiff. Same outcome."""
+    try:
+        found, compared = differences(a, b, rules, options, deep=False)
+    except _NeedsThread:
+        return None
     return classify(found, noisy, compared)
 
 

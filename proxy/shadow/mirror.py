@@ -2,7 +2,8 @@
 
 Hot path (``plan``, ``submit``, ``abandon``): a dict lookup in the snapshot, a random number, a
 method check, a size check, a byte-budget check, ``put_nowait`` on a bounded queue. No Redis, no
-awaits, no logging.
+awaits, no logging. A request planned while the queue is full is shed in ``plan`` already, so the
+primary captures and builds nothing for it (at saturation most requests are shed: it must be cheap).
 
 Memory is bounded in bytes, not only in requests: bodies held by queued jobs and answers being read
 by workers count against ``max_buffered_bytes``. A job is admitted while held bytes stay under half
@@ -10,10 +11,17 @@ the budget (the other half is for answers being read); an answer that cannot be 
 budget is not compared (``skipped``).
 
 Workers (``settings.shadow.concurrency`` tasks) take a request off the queue, send it to v2 with
-their own pools of the edge client (and, for a calibration sample, to v1 a second time), compare in a small
-thread pool whose CPU share is capped, and add the result to an in-memory batch that a flusher
-writes to Redis with one pipeline per interval. Nothing here can fail or delay the primary answer:
-the client already has it when ``submit`` is called.
+their own pools of the edge client (and, for a calibration sample, to v1 a second time), compare,
+and add the result to an in-memory batch that a flusher writes to Redis with one pipeline per
+interval. Nothing here can fail or delay the primary answer: the client already has it when
+``submit`` is called.
+
+Cost (issue 10): a request without a body is sent on a warm connection with the client's no-task
+API (``send_now`` and a ``ResponseSink``); small answers are compared on the loop
+(``quick_compare``: no thread hand-off, no GIL convoy with the loop) and only deepdiff's cases go
+to the paced compare thread. Each mirrored request's own loop time is measured, and workers start
+requests no closer than that average over ``compare_cpu_share``: under load the mirror keeps to
+about that share of the loop and the queue sheds the rest.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ import orjson
 from proxy.background import cancel_and_wait
 from proxy.control.snapshot import Snapshot
 from proxy.control.store import ControlStore
+from proxy.edge.client import UpstreamResponse
 from proxy.edge.errors import UpstreamError
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.shadow.compare import Answer, Options, Outcome, compare, learn
+from proxy.shadow.compare import Answer, Options, Outcome, compare, learn, quick_compare
 from proxy.shadow.endpoints import EndpointNamer
 from proxy.shadow.policy import (
     RULES_SECTION,
@@ -52,6 +61,7 @@ from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import Upstream, translate
 
 log = logging.getLogger("strangler.shadow")
+_FIRST_COST = 50e-6  # seconds; a guess until the first mirrored requests are measured
 
 SHADOW_HEADER = (b"x-strangler-shadow", b"1")
 CALIBRATION_HEADER = (b"x-strangler-calibration", b"1")
@@ -83,8 +93,69 @@ class _Job:
     size: int  # bytes held against the budget while queued and handled
 
 
-class _OverBudget(Exception):
-    pass
+class _Retry(Exception):
+    """A warm connection the backend had closed (keep-alive race): nothing was sent; send again."""
+
+
+# an answer up to this size (and within the byte budget) is buffered whole by the connection and
+# handed over in one piece; a larger or unsized one is read chunk by chunk by the worker
+BUFFERED_ANSWER = 64 * 1024
+
+
+class _Sink:
+    """The ``ResponseSink`` of a mirrored request sent on a warm pooled connection (no task, no
+    coroutine in the client): the worker waits on ``future`` for the answer.
+
+    The budget bytes of a buffered answer are reserved when its head arrives, before the body
+    does; ``reserved`` says how many, and the worker that owns the sink gives them back."""
+
+    __slots__ = ("future", "conn", "reserved", "_mirror", "_limit")
+
+    def __init__(
+        self, mirror: ShadowMirror, future: asyncio.Future[UpstreamResponse], conn: Any, limit: int
+    ) -> None:
+        self.future = future
+        self.conn = conn
+        self.reserved = 0
+        self._mirror = mirror
+        self._limit = limit
+
+    def head(self, response: UpstreamResponse) -> bool:
+        future = self.future
+        if future.done():  # the worker gave up (timeout, stop): it drops the connection
+            return True
+        length = response.content_length
+        mirror = self._mirror
+        if length is not None and length <= self._limit and mirror._buffered + length <= mirror._budget:
+            mirror._buffered += length
+            self.reserved = length
+            return True
+        future.set_result(response)  # the worker reads the body through chunks()
+        return False
+
+    def done(self, response: UpstreamResponse) -> None:
+        if not self.future.done():
+            self.future.set_result(response)
+
+    def failed(self, error: UpstreamError, retryable: bool) -> None:
+        if not self.future.done():
+            self.future.set_exception(_Retry() if retryable else error)
+
+
+class _Meter:
+    """The event-loop time one mirrored request takes in its own code (stopped around awaits)."""
+
+    __slots__ = ("spent", "_mark")
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self._mark = time.perf_counter()
+
+    def stop(self) -> None:
+        self.spent += time.perf_counter() - self._mark
+
+    def start(self) -> None:
+        self._mark = time.perf_counter()
 
 
 def _answer_headers(
@@ -156,6 +227,10 @@ class ShadowMirror:
         self._v2: Upstream | None = None
         self._reported_errors: set[str] = set()
         self._timeout = self._config.timeout_seconds  # per mirrored request, whole
+        # pacing: mirrored requests start no closer than (their average own loop time / share)
+        self._share = self._config.compare_cpu_share
+        self._next_start = 0.0  # perf_counter() time before which no mirrored request starts
+        self._cost = _FIRST_COST  # moving average of a mirrored request's own event-loop time
         # metric children resolved once for the closed label sets
         groups = settings.group_names
         self._outcome_children = {
@@ -183,19 +258,20 @@ class ShadowMirror:
         if content_length is not None and content_length > plan.body_limit:
             self._count(group, "skipped_size")
             return None
+        queue = self._queue
+        if queue is not None and (queue.full() or self._buffered > self._admit_limit):
+            # shed now: the primary then captures nothing and builds nothing for the mirror
+            self._count(group, "dropped")
+            return None
         return plan
 
     def submit(self, plan: Any, request: MirrorRequest, primary: PrimaryResult) -> None:
         queue = self._queue
         size = len(request.body) + (len(primary.body) if primary.body is not None else 0)
-        if queue is None or self._buffered + size > self._admit_limit:
+        if queue is None or self._buffered + size > self._admit_limit or queue.full():
             self._count(plan.group, "dropped")
             return
-        try:
-            queue.put_nowait(_Job(plan, request, primary, size))
-        except asyncio.QueueFull:
-            self._count(plan.group, "dropped")
-            return
+        queue.put_nowait(_Job(plan, request, primary, size))
         self._buffered += size
 
     def abandon(self, plan: Any, reason: str) -> None:
@@ -264,6 +340,9 @@ class ShadowMirror:
         while True:
             job = await queue.get()
             try:
+                delay = self._pace()
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 await self.handle(job.plan, job.request, job.primary)
             except asyncio.CancelledError:
                 raise
@@ -272,6 +351,21 @@ class ShadowMirror:
             finally:
                 self._buffered -= job.size
                 queue.task_done()
+
+    def _pace(self) -> float:
+        """Seconds this worker waits before starting its request. Starts are spaced by the
+        average event-loop time of a mirrored request over ``compare_cpu_share``, so under load
+        the mirror's own work on the loop stays near that share and the queue sheds the rest;
+        idle time earns no credit (no bursts after a quiet spell)."""
+        if self._share >= 1.0:
+            return 0.0
+        now = time.perf_counter()
+        start = self._next_start if self._next_start > now else now
+        self._next_start = start + self._cost / self._share
+        return start - now
+
+    def _measured(self, meter: _Meter) -> None:
+        self._cost += (meter.spent - self._cost) * 0.05
 
     def noise_counts(self) -> dict[str, int]:
         """Endpoint -> fields this replica treats as noise now (for GET /shadow)."""
@@ -300,6 +394,7 @@ class ShadowMirror:
 
     async def handle(self, plan: GroupPolicy, request: MirrorRequest, primary: PrimaryResult) -> None:
         """Mirror one request, compare, and record the result in the batch."""
+        meter = _Meter()
         group = plan.group
         claimed = override_method(request.headers, request.raw_target)
         endpoint = self._namer.name(claimed or request.method, request.path)
@@ -315,18 +410,40 @@ class ShadowMirror:
         body = request.body or None
         assert self._v2 is not None and self._v1 is not None
         self._count(group, "sent")
-        fetches = [self._fetch(self._v2, request, headers, body, plan.max_compare)]
+        limit = plan.max_compare
+        results: list[Fetched | BaseException]
         if calibrate:
-            fetches.append(
-                self._fetch(self._v1, request, [*headers, CALIBRATION_HEADER], body, plan.max_compare)
+            v1_headers = [*headers, CALIBRATION_HEADER]
+            meter.stop()
+            sinks = (
+                self._send_now(self._v2, request, headers, body, limit),
+                self._send_now(self._v1, request, v1_headers, body, limit),
             )
-        results = await asyncio.gather(*fetches, return_exceptions=True)
+            results = list(
+                await asyncio.gather(
+                    self._fetch(self._v2, request, headers, body, limit, sinks[0]),
+                    self._fetch(self._v1, request, v1_headers, body, limit, sinks[1]),
+                    return_exceptions=True,
+                )
+            )
+        else:
+            sink = self._send_now(self._v2, request, headers, body, limit)
+            meter.stop()
+            try:
+                results = [await self._fetch(self._v2, request, headers, body, limit, sink)]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported as the mirror's error below
+                results = [exc]
+        meter.start()
         try:
-            await self._settle(plan, endpoint, request, primary, results)
+            await self._settle(plan, endpoint, request, primary, results, meter)
         finally:
             for result in results:
                 if isinstance(result, Fetched):
                     self._buffered -= result.reserved
+            meter.stop()
+            self._measured(meter)
 
     async def _settle(
         self,
@@ -335,6 +452,7 @@ class ShadowMirror:
         request: MirrorRequest,
         primary: PrimaryResult,
         results: list[Fetched | BaseException],
+        meter: _Meter,
     ) -> None:
         group = plan.group
         shadow = results[0]
@@ -367,7 +485,9 @@ class ShadowMirror:
         assert self._executor is not None
         learnt = set()
         if v1b is not None:
+            meter.stop()
             learnt = await loop.run_in_executor(self._executor, self._paced, learn, v1, v1b, rules, options)
+            meter.start()
             if learnt:
                 seen = self._noise.setdefault(endpoint, {})
                 for name in learnt:
@@ -377,9 +497,16 @@ class ShadowMirror:
             # answers compared while the first calibration is in flight do not miss the noise
             self._calibrated[endpoint] = self._calibrated.get(endpoint, 0) + 1
         noisy = self.noisy(endpoint)
-        outcome = await loop.run_in_executor(
-            self._executor, self._paced, compare, v1, v2, rules, noisy, options
-        )
+        # small answers are compared here, on the loop (no thread hand-off, no GIL convoy with
+        # the loop); large ones or ones that need deepdiff in the paced compare thread
+        outcome = quick_compare(v1, v2, rules, noisy, options)
+        if outcome is None:
+            meter.stop()
+            outcome = await loop.run_in_executor(
+                self._executor, self._paced, compare, v1, v2, rules, noisy, options
+            )
+            meter.start()
+        assert outcome is not None
         self._record(endpoint, group, outcome, request, primary, shadow)
 
     def _paced(self, func: Any, *args: Any) -> Any:
@@ -391,6 +518,29 @@ class ShadowMirror:
             time.sleep((time.perf_counter() - started) * (1.0 / share - 1.0))
         return result
 
+    def _send_now(
+        self, upstream: Upstream, request: MirrorRequest, headers: list[tuple[bytes, bytes]],
+        body: bytes | None, limit: int,
+    ) -> _Sink | None:  # fmt: skip
+        """Send a request without a body on a warm pooled connection, now (the client's no-task
+        path); None when there is none free (or a body to send): ``_fetch`` uses the pool's
+        coroutine path then. A head the client refuses is refused there again, and reported."""
+        if body is not None:
+            return None
+        pool = upstream.pool
+        method = request.method.encode("latin-1")
+        add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
+        try:
+            head = pool.head_for(method, request.raw_target, headers, add_host, b"")
+        except UpstreamError:
+            return None
+        conn = pool.take_idle()
+        if conn is None:
+            return None
+        sink = _Sink(self, pool.loop.create_future(), conn, min(limit, BUFFERED_ANSWER))
+        conn.send_now(head, method == b"HEAD", pool.limits.read_timeout, sink)
+        return sink
+
     async def _fetch(
         self,
         upstream: Upstream,
@@ -398,6 +548,7 @@ class ShadowMirror:
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
         limit: int,
+        sink: _Sink | None = None,
     ) -> Fetched:
         started = time.perf_counter()
         data = bytearray()
@@ -405,40 +556,70 @@ class ShadowMirror:
         reserved = 0
         try:
             async with asyncio.timeout(self._timeout):
-                method = request.method.encode("latin-1")
-                add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
-                response = await upstream.send(method, request.raw_target, headers, body, add_host=add_host)
-                try:
-                    async for chunk in response.chunks():
-                        if len(data) + len(chunk) > limit:
-                            over = True
-                            break
-                        if self._buffered + len(chunk) > self._budget:
-                            over_budget = True
-                            break
-                        self._buffered += len(chunk)
-                        reserved += len(chunk)
-                        data += chunk
-                finally:
-                    response.close()  # a no-op after a complete answer; else the connection is dropped
+                response = None
+                if sink is not None:
+                    try:
+                        response = await sink.future
+                    except _Retry:
+                        response = None
+                    except BaseException:
+                        sink.future.cancel()  # a late head or answer is ignored, never reserved
+                        sink.conn.abort()  # the exchange is unfinished: the connection is dropped
+                        raise
+                    finally:
+                        reserved, sink.reserved = sink.reserved, 0
+                if response is None:
+                    method = request.method.encode("latin-1")
+                    add_host = not any(name == b"host" for name, _ in headers)
+                    response = await upstream.send(
+                        method, request.raw_target, headers, body, add_host=add_host
+                    )
+                if reserved:  # buffered whole by the connection, its bytes reserved at its head
+                    data += response.buffered()
+                    if len(data) > limit:
+                        over = True
+                else:
+                    try:
+                        async for chunk in response.chunks():
+                            if len(data) + len(chunk) > limit:
+                                over = True
+                                break
+                            if self._buffered + len(chunk) > self._budget:
+                                over_budget = True
+                                break
+                            self._buffered += len(chunk)
+                            reserved += len(chunk)
+                            data += chunk
+                    finally:
+                        response.close()  # a no-op after a complete answer; else the connection is dropped
         except Exception as exc:
             self._buffered -= reserved
             raise translate(upstream.version, exc) from exc
+        except BaseException:
+            self._buffered -= reserved
+            raise
         if over or over_budget:
             self._buffered -= reserved
             reserved = 0
         wanted = self._wanted_headers
+        content_type = encoding = b""
+        picked = []
+        for name, value in response.raw_headers:
+            lower = name.lower()
+            if lower == b"content-type":
+                content_type = content_type or value
+            elif lower == b"content-encoding":
+                encoding = encoding or value
+            text = lower.decode("latin-1")
+            if text in wanted:
+                picked.append((text, value.decode("latin-1")))
         return Fetched(
             status=response.status,
-            content_type=(response.header(b"content-type") or b"").decode("latin-1"),
+            content_type=content_type.decode("latin-1"),
             body=None if over or over_budget else bytes(data),
             seconds=time.perf_counter() - started,
-            headers=tuple(
-                (name.decode("latin-1").lower(), value.decode("latin-1"))
-                for name, value in response.raw_headers
-                if name.decode("latin-1").lower() in wanted
-            ),
-            encoding=(response.header(b"content-encoding") or b"").decode("latin-1"),
+            headers=tuple(picked),
+            encoding=encoding.decode("latin-1"),
             reserved=reserved,
             over_budget=over_budget,
         )

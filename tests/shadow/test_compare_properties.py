@@ -17,13 +17,16 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from proxy.shadow.compare import (
+    QUICK_MAX_BYTES,
     Answer,
     EndpointRules,
+    Outcome,
     _numbers,
     _shape,
     compare,
     deep_differences,
     length_name,
+    quick_compare,
     quick_differences,
 )
 
@@ -296,3 +299,41 @@ def test_rules_leave_the_diff_to_deepdiff() -> None:
         EndpointRules(tolerance=2.0),
     ):
         assert quick_differences(left, right, rules) is None
+
+
+@given(doc=st.dictionaries(any_keys, quick_values, max_size=5), data=st.data())
+def test_a_quick_comparison_on_the_loop_has_the_outcome_of_the_full_one(
+    doc: dict[str, Any], data: st.DataObject
+) -> None:
+    """What the event loop decides is what the compare thread would have decided; it declines
+    (None) rather than decode, parse a large body or run deepdiff."""
+    new = json.loads(json.dumps(doc))
+    for _ in range(data.draw(st.integers(0, 3))):
+        mutated = mutate(new, data.draw(st.sampled_from(MUTATIONS)), data)
+        if mutated is not None:
+            new = mutated[0]
+    left = Answer(200, JSON, dump(doc))
+    right = Answer(
+        data.draw(st.sampled_from([200, 200, 404])), data.draw(st.sampled_from([JSON, JSON, "text/plain"])),
+        dump(new), encoding=data.draw(st.sampled_from(["", "", "identity", "gzip"])),
+    )  # fmt: skip
+    noisy = set(data.draw(st.lists(st.sampled_from(sorted(all_noise(doc) | {"root"})), max_size=3)))
+    quick = quick_compare(left, right, EndpointRules(), noisy)
+    if quick is not None:
+        assert quick == compare(left, right, EndpointRules(), noisy)
+    if right.encoding == "gzip" and left.body != right.body:
+        assert quick is None
+
+
+def test_a_quick_comparison_declines_large_bodies_and_lists_deepdiff_must_align() -> None:
+    big = dump({"pad": "x" * QUICK_MAX_BYTES})
+    assert quick_compare(answer(big), answer(big), EndpointRules(), set()) == Outcome("match")
+    assert quick_compare(answer(big), answer(big[:-3] + b'y"}'), EndpointRules(), set()) is None
+    assert quick_compare(answer(b"[1, 2]"), answer(b"[1, 3]"), EndpointRules(), set()) is None
+    outcome = quick_compare(
+        answer(b'{"a": [1], "b": 1}'), answer(b'{"b": 2, "a": [1.0]}'), EndpointRules(), set()
+    )
+    assert outcome == compare(
+        answer(b'{"a": [1], "b": 1}'), answer(b'{"b": 2, "a": [1.0]}'), EndpointRules(), set()
+    )
+    assert outcome is not None and outcome.mismatched == ["root['b']"]
