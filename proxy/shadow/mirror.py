@@ -1,27 +1,30 @@
 """The Mirror: a per-request decision on the hot path, and workers that do everything else.
 
 Hot path (``plan``, ``submit``, ``abandon``): a dict lookup in the snapshot, a random number, a
-method check, a size check, a byte-budget check, ``put_nowait`` on a bounded queue. No Redis, no
-awaits, no logging. A request planned while the queue is full is shed in ``plan`` already, so the
-primary captures and builds nothing for it (at saturation most requests are shed: it must be cheap).
+method check, a size check, a byte-budget check, an append to a bounded queue (and, when the
+dispatcher is idle, one ``call_soon`` to wake it). No Redis, no awaits, no logging. A request
+planned while the queue is full is shed in ``plan`` already, so the primary captures and builds
+nothing for it (at saturation most requests are shed: that must be cheap).
 
 Memory is bounded in bytes, not only in requests: bodies held by queued jobs and answers being read
 by workers count against ``max_buffered_bytes``. A job is admitted while held bytes stay under half
 the budget (the other half is for answers being read); an answer that cannot be read within the
 budget is not compared (``skipped``).
 
-Workers (``settings.shadow.concurrency`` tasks) take a request off the queue, send it to v2 with
-their own pools of the edge client (and, for a calibration sample, to v1 a second time), compare,
-and add the result to an in-memory batch that a flusher writes to Redis with one pipeline per
-interval. Nothing here can fail or delay the primary answer: the client already has it when
-``submit`` is called.
+A dispatcher (``_pump``) starts queued requests while fewer than ``settings.shadow.concurrency``
+are in flight: a request without a body goes out on a warm v2 connection with the client's
+no-task API (``send_now`` and a ``ResponseSink``, as the primary's fast path does); its answer,
+when small, is buffered whole by the connection and compared in the connection's callback
+(``quick_compare``: no task, no future, no thread hand-off, no GIL convoy with the loop). Anything
+else continues in a task: no warm connection, a body, a calibration sample (v1 asked a second
+time), a large answer read chunk by chunk, a comparison only deepdiff can make (in a small thread
+pool whose CPU share is capped). Results go to an in-memory batch that a flusher writes to Redis
+with one pipeline per interval. Nothing here can fail or delay the primary answer: the client
+already has it when ``submit`` is called.
 
-Cost (issue 10): a request without a body is sent on a warm connection with the client's no-task
-API (``send_now`` and a ``ResponseSink``); small answers are compared on the loop
-(``quick_compare``: no thread hand-off, no GIL convoy with the loop) and only deepdiff's cases go
-to the paced compare thread. Each mirrored request's own loop time is measured, and workers start
-requests no closer than that average over ``compare_cpu_share``: under load the mirror keeps to
-about that share of the loop and the queue sheds the rest.
+Each mirrored request's own event-loop time is measured, and requests start no closer than that
+average over ``compare_cpu_share``: under load the mirror keeps to about that share of the loop
+and the queue sheds the rest (issue 10: the primary keeps its throughput).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -93,57 +98,57 @@ class _Job:
     size: int  # bytes held against the budget while queued and handled
 
 
-class _Retry(Exception):
-    """A warm connection the backend had closed (keep-alive race): nothing was sent; send again."""
-
-
 # an answer up to this size (and within the byte budget) is buffered whole by the connection and
-# handed over in one piece; a larger or unsized one is read chunk by chunk by the worker
+# handed over in one piece; a larger or unsized one is read chunk by chunk by a task
 BUFFERED_ANSWER = 64 * 1024
+# pacing starts requests in small batches at most this far apart, catching up the slots due: loop
+# timers have a millisecond grain, and a backend woken once for a few requests costs a co-located
+# proxy less CPU than one woken per request
+_PACE_SLACK = 0.005
 
 
-class _Sink:
-    """The ``ResponseSink`` of a mirrored request sent on a warm pooled connection (no task, no
-    coroutine in the client): the worker waits on ``future`` for the answer.
+class _JobSink:
+    """The ``ResponseSink`` of a mirrored request sent on a warm pooled connection: no task, no
+    future, no coroutine per request (the primary's fast path does the same). A small answer is
+    buffered whole by the connection, its bytes reserved in the budget when its head arrives, and
+    settled in ``done``; a large or unsized one, a keep-alive race or a comparison that needs the
+    thread continue in a task."""
 
-    The budget bytes of a buffered answer are reserved when its head arrives, before the body
-    does; ``reserved`` says how many, and the worker that owns the sink gives them back."""
+    __slots__ = ("mirror", "job", "endpoint", "limit", "started", "meter", "reserved")
 
-    __slots__ = ("future", "conn", "reserved", "_mirror", "_limit")
-
-    def __init__(
-        self, mirror: ShadowMirror, future: asyncio.Future[UpstreamResponse], conn: Any, limit: int
-    ) -> None:
-        self.future = future
-        self.conn = conn
+    def __init__(self, mirror: ShadowMirror, job: _Job, endpoint: str, limit: int, meter: _Meter) -> None:
+        self.mirror = mirror
+        self.job = job
+        self.endpoint = endpoint
+        self.limit = limit
+        self.started = time.perf_counter()
+        self.meter = meter
         self.reserved = 0
-        self._mirror = mirror
-        self._limit = limit
 
     def head(self, response: UpstreamResponse) -> bool:
-        future = self.future
-        if future.done():  # the worker gave up (timeout, stop): it drops the connection
-            return True
+        mirror = self.mirror
         length = response.content_length
-        mirror = self._mirror
-        if length is not None and length <= self._limit and mirror._buffered + length <= mirror._budget:
+        if length is not None and length <= self.limit and mirror._buffered + length <= mirror._budget:
             mirror._buffered += length
             self.reserved = length
             return True
-        future.set_result(response)  # the worker reads the body through chunks()
+        mirror._spawn(mirror._read_on(self, response))
         return False
 
     def done(self, response: UpstreamResponse) -> None:
-        if not self.future.done():
-            self.future.set_result(response)
+        self.mirror._answered(self, response)
 
     def failed(self, error: UpstreamError, retryable: bool) -> None:
-        if not self.future.done():
-            self.future.set_exception(_Retry() if retryable else error)
+        mirror = self.mirror
+        if retryable:  # the keep-alive race: nothing was answered; send again on a new connection
+            mirror._spawn(mirror._exchange(self.job, self.endpoint, False, self.meter))
+        else:
+            mirror._answered(self, error)
 
 
 class _Meter:
-    """The event-loop time one mirrored request takes in its own code (stopped around awaits)."""
+    """The event-loop time one mirrored request takes in its own code (stopped around awaits and
+    between callbacks). Made running."""
 
     __slots__ = ("spent", "_mark")
 
@@ -152,7 +157,9 @@ class _Meter:
         self._mark = time.perf_counter()
 
     def stop(self) -> None:
-        self.spent += time.perf_counter() - self._mark
+        if self._mark:
+            self.spent += time.perf_counter() - self._mark
+            self._mark = 0.0
 
     def start(self) -> None:
         self._mark = time.perf_counter()
@@ -210,7 +217,13 @@ class ShadowMirror:
         self._metrics = metrics
         self._report = report
         self._namer = EndpointNamer(routes, self._config.max_endpoints, self._config.endpoint_patterns)
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._jobs: deque[_Job] | None = None  # the bounded queue (None: not running)
+        self._queue_size = self._config.queue_size
+        self._concurrency = self._config.concurrency
+        self._inflight = 0  # requests started and not settled (at most ``concurrency``)
+        self._pump_handle: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: set[asyncio.Task[None]] = set()  # requests that continue in a task
         self._batch = ReportBatch()
         # endpoint -> field -> calibrations in which it varied (Redis, all replicas, + ours unflushed)
         self._noise: dict[str, dict[str, int]] = {}
@@ -258,21 +271,24 @@ class ShadowMirror:
         if content_length is not None and content_length > plan.body_limit:
             self._count(group, "skipped_size")
             return None
-        queue = self._queue
-        if queue is not None and (queue.full() or self._buffered > self._admit_limit):
+        jobs = self._jobs
+        if jobs is not None and (len(jobs) >= self._queue_size or self._buffered > self._admit_limit):
             # shed now: the primary then captures nothing and builds nothing for the mirror
             self._count(group, "dropped")
             return None
         return plan
 
     def submit(self, plan: Any, request: MirrorRequest, primary: PrimaryResult) -> None:
-        queue = self._queue
+        jobs = self._jobs
         size = len(request.body) + (len(primary.body) if primary.body is not None else 0)
-        if queue is None or self._buffered + size > self._admit_limit or queue.full():
+        if jobs is None or self._buffered + size > self._admit_limit or len(jobs) >= self._queue_size:
             self._count(plan.group, "dropped")
             return
-        queue.put_nowait(_Job(plan, request, primary, size))
+        jobs.append(_Job(plan, request, primary, size))
         self._buffered += size
+        if self._pump_handle is None and self._inflight < self._concurrency:
+            assert self._loop is not None
+            self._pump_handle = self._loop.call_soon(self._pump)  # after this callback, not in it
 
     def abandon(self, plan: Any, reason: str) -> None:
         if reason == "size":
@@ -300,20 +316,21 @@ class ShadowMirror:
         self._executor = ThreadPoolExecutor(
             max_workers=self._config.compare_workers, thread_name_prefix="strangler-compare"
         )
-        self._queue = asyncio.Queue(maxsize=self._config.queue_size)
+        self._loop = asyncio.get_running_loop()
+        self._jobs = deque()
         # endpoints and noise other replicas (or earlier runs) found; bounded like any control read
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.refresh_shared(), timeout=settings.redis_timeout_seconds * 2)
-        self._tasks = [
-            asyncio.create_task(self._worker(), name=f"strangler-shadow-{i}")
-            for i in range(self._config.concurrency)
-        ]
-        self._tasks.append(asyncio.create_task(self._flusher(), name="strangler-shadow-flush"))
+        self._tasks = [asyncio.create_task(self._flusher(), name="strangler-shadow-flush")]
 
     async def stop(self) -> None:
-        self._queue = None  # new submissions are dropped (counted) while we stop
-        await cancel_and_wait(self._tasks)
+        self._jobs = None  # new submissions are dropped (counted) while we stop
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        await cancel_and_wait([*self._tasks, *self._running])
         self._tasks = []
+        self._running.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), timeout=2)
         for upstream in (self._v2, self._v1):
@@ -327,45 +344,224 @@ class ShadowMirror:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._jobs) if self._jobs is not None else 0
 
     @property
     def buffered_bytes(self) -> int:
         """Body bytes held by queued and in-flight mirrored requests (against max_buffered_bytes)."""
         return self._buffered
 
-    async def _worker(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        while True:
-            job = await queue.get()
-            try:
-                delay = self._pace()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                await self.handle(job.plan, job.request, job.primary)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a shadow bug must never stop the workers
-                self._once(f"worker:{type(exc).__name__}", "shadow worker failed: %r", exc)
-            finally:
-                self._buffered -= job.size
-                queue.task_done()
+    def _pump(self) -> None:
+        """Start queued requests while fewer than ``concurrency`` are in flight and the pace
+        allows; come back on a timer when the pace says wait, or when a request ends."""
+        self._pump_handle = None
+        jobs = self._jobs
+        loop = self._loop
+        if jobs is None or loop is None:
+            return
+        while jobs and self._inflight < self._concurrency:
+            wait = self._slot(time.perf_counter())
+            if wait > 0:
+                self._pump_handle = loop.call_later(max(wait, _PACE_SLACK), self._pump)
+                return
+            job = jobs.popleft()
+            self._inflight += 1
+            self._begin(job)
 
-    def _pace(self) -> float:
-        """Seconds this worker waits before starting its request. Starts are spaced by the
-        average event-loop time of a mirrored request over ``compare_cpu_share``, so under load
-        the mirror's own work on the loop stays near that share and the queue sheds the rest;
-        idle time earns no credit (no bursts after a quiet spell)."""
+    def _slot(self, now: float) -> float:
+        """0 when a request may start now (the slot is taken), else the seconds to wait. Starts are
+        spaced by the average event-loop time of a mirrored request over ``compare_cpu_share``, so
+        under load the mirror's own work on the loop stays near that share and the queue sheds
+        the rest; a quiet spell earns no credit (at most ``_PACE_SLACK`` of lag is caught up)."""
         if self._share >= 1.0:
             return 0.0
-        now = time.perf_counter()
-        start = self._next_start if self._next_start > now else now
-        self._next_start = start + self._cost / self._share
-        return start - now
+        if self._next_start > now:
+            return self._next_start - now
+        self._next_start = max(self._next_start, now - _PACE_SLACK) + self._cost / self._share
+        return 0.0
 
-    def _measured(self, meter: _Meter) -> None:
+    def _end(self, job: _Job, meter: _Meter) -> None:
+        """A request is settled: its bytes and its slot are given back, its cost measured."""
+        self._buffered -= job.size
+        self._inflight -= 1
         self._cost += (meter.spent - self._cost) * 0.05
+        if self._pump_handle is None and self._jobs and self._loop is not None:
+            self._pump_handle = self._loop.call_soon(self._pump)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """The rest of a request in a task (kept, so stop() can cancel it)."""
+        if self._jobs is None or self._loop is None:  # stopping: a late callback starts nothing
+            coro.close()
+            return
+        task = self._loop.create_task(coro)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _begin(self, job: _Job) -> None:
+        """Send one queued request: on a warm v2 connection now, else (no warm connection, a body,
+        a calibration sample) in a task."""
+        meter = _Meter()
+        try:
+            plan, request = job.plan, job.request
+            endpoint, calibrate = self._endpoint(plan, request)
+            self._count(plan.group, "sent")
+            sink = None
+            if not calibrate and not request.body:
+                sink = _JobSink(self, job, endpoint, min(plan.max_compare, BUFFERED_ANSWER), meter)
+                if not self._send_now(self._v2, request, sink):
+                    sink = None
+            if sink is None:
+                self._spawn(self._exchange(job, endpoint, calibrate, meter))
+        except Exception as exc:  # noqa: BLE001 - a shadow bug costs this mirror, never the loop
+            self._once(f"begin:{type(exc).__name__}", "shadow worker failed: %r", exc)
+            meter.stop()
+            self._end(job, meter)
+            return
+        meter.stop()
+
+    def _endpoint(self, plan: GroupPolicy, request: MirrorRequest) -> tuple[str, bool]:
+        """The report's endpoint name, and whether v1 is asked a second time (calibration)."""
+        claimed = override_method(request.headers, request.raw_target)
+        endpoint = self._namer.name(claimed or request.method, request.path)
+        calibrate = (
+            plan.calibration_percentage > 0
+            and is_safe(request.method, request.headers, request.raw_target)
+            and (
+                self._calibrated.get(endpoint, 0) < self._config.calibration_warmup
+                or _random() * 100.0 < plan.calibration_percentage
+            )
+        )
+        return endpoint, calibrate
+
+    def _send_now(self, upstream: Upstream | None, request: MirrorRequest, sink: _JobSink) -> bool:
+        """Write a request without a body on a warm pooled connection (the client's no-task path);
+        False when none is free: the caller uses the pool's coroutine path. A head the client
+        refuses is refused there again, and reported as this mirror's error."""
+        assert upstream is not None
+        pool = upstream.pool
+        headers = mirror_headers(request.headers, SHADOW_HEADER)
+        method = request.method.encode("latin-1")
+        add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
+        try:
+            head = pool.head_for(method, request.raw_target, headers, add_host, b"")
+        except UpstreamError:
+            return False
+        conn = pool.take_idle()
+        if conn is None:
+            return False
+        conn.send_now(head, method == b"HEAD", pool.limits.read_timeout, sink)
+        return True
+
+    def _answered(self, sink: _JobSink, answer: UpstreamResponse | UpstreamError) -> None:
+        """A buffered answer (or the failure) of a request sent with ``_send_now``: compared here
+        when that is cheap (``quick_compare``), else in a task that hands it to the thread."""
+        meter, job = sink.meter, sink.job
+        meter.start()
+        result: Fetched | BaseException
+        if isinstance(answer, UpstreamError):
+            result = answer
+        else:
+            try:
+                result = self._fetched(answer, answer.buffered(), sink.limit, sink.started, sink.reserved)
+            except UpstreamError as exc:  # cut short
+                result = exc
+        if not isinstance(result, Fetched):
+            self._buffered -= sink.reserved
+        sink.reserved = 0
+        try:
+            later = self._settle_now(job.plan, sink.endpoint, job.request, job.primary, result)
+        except Exception as exc:  # noqa: BLE001 - a shadow bug costs this mirror, never the connection
+            self._once(f"settle:{type(exc).__name__}", "shadow worker failed: %r", exc)
+            later = None
+        if later is not None:
+            meter.stop()
+            self._spawn(self._compare_in_thread(job, sink.endpoint, result, later, meter))
+            return
+        if isinstance(result, Fetched):
+            self._buffered -= result.reserved
+        meter.stop()
+        self._end(job, meter)
+
+    async def _read_on(self, sink: _JobSink, response: UpstreamResponse) -> None:
+        """An answer too large (or unsized) to buffer whole, read chunk by chunk in a task."""
+        job, meter = sink.job, sink.meter
+        result: Fetched | BaseException
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await self._read(response, job.plan.max_compare, sink.started)
+        except asyncio.CancelledError:
+            self._end(job, meter)
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as the mirror's error
+            result = translate("v2", exc)
+        await self._finish(job, sink.endpoint, [result], meter)
+
+    async def _exchange(self, job: _Job, endpoint: str, calibrate: bool, meter: _Meter) -> None:
+        """A request through the pool's coroutine path: a new connection, a body, a calibration
+        sample (v1 asked a second time), or a send again after a keep-alive race."""
+        plan, request = job.plan, job.request
+        headers = mirror_headers(request.headers, SHADOW_HEADER)
+        body = request.body or None
+        limit = plan.max_compare
+        results: list[Fetched | BaseException]
+        try:
+            if calibrate:
+                results = list(
+                    await asyncio.gather(
+                        self._fetch(self._v2, request, headers, body, limit),
+                        self._fetch(self._v1, request, [*headers, CALIBRATION_HEADER], body, limit),
+                        return_exceptions=True,
+                    )
+                )
+            else:
+                try:
+                    results = [await self._fetch(self._v2, request, headers, body, limit)]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - reported as the mirror's error below
+                    results = [exc]
+        except asyncio.CancelledError:
+            self._end(job, meter)
+            raise
+        await self._finish(job, endpoint, results, meter)
+
+    async def _finish(
+        self, job: _Job, endpoint: str, results: list[Fetched | BaseException], meter: _Meter
+    ) -> None:
+        meter.start()
+        try:
+            await self._settle(job.plan, endpoint, job.request, job.primary, results, meter)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a shadow bug must never stop the mirror
+            self._once(f"worker:{type(exc).__name__}", "shadow worker failed: %r", exc)
+        finally:
+            for result in results:
+                if isinstance(result, Fetched):
+                    self._buffered -= result.reserved
+            meter.stop()
+            self._end(job, meter)
+
+    async def _compare_in_thread(
+        self, job: _Job, endpoint: str, shadow: Fetched | BaseException, args: tuple[Any, ...], meter: _Meter
+    ) -> None:
+        """``_answered``'s comparison that only deepdiff (or a decoder) can do, in the thread."""
+        try:
+            assert self._executor is not None
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(self._executor, self._paced, compare, *args)
+            meter.start()
+            assert isinstance(shadow, Fetched)
+            self._record(endpoint, job.plan.group, outcome, job.request, job.primary, shadow)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._once(f"worker:{type(exc).__name__}", "shadow worker failed: %r", exc)
+        finally:
+            if isinstance(shadow, Fetched):
+                self._buffered -= shadow.reserved
+            meter.stop()
+            self._end(job, meter)
 
     def noise_counts(self) -> dict[str, int]:
         """Endpoint -> fields this replica treats as noise now (for GET /shadow)."""
@@ -392,58 +588,57 @@ class ShadowMirror:
         threshold = self._config.noise_threshold
         return frozenset(name for name, count in seen.items() if count >= threshold)
 
-    async def handle(self, plan: GroupPolicy, request: MirrorRequest, primary: PrimaryResult) -> None:
-        """Mirror one request, compare, and record the result in the batch."""
-        meter = _Meter()
-        group = plan.group
-        claimed = override_method(request.headers, request.raw_target)
-        endpoint = self._namer.name(claimed or request.method, request.path)
-        calibrate = (
-            plan.calibration_percentage > 0
-            and is_safe(request.method, request.headers, request.raw_target)
-            and (
-                self._calibrated.get(endpoint, 0) < self._config.calibration_warmup
-                or _random() * 100.0 < plan.calibration_percentage
-            )
+    def _settle_error(
+        self,
+        group: str,
+        endpoint: str,
+        request: MirrorRequest,
+        primary: PrimaryResult,
+        failure: BaseException,
+    ) -> None:
+        error = failure if isinstance(failure, UpstreamError) else translate("v2", failure)
+        self._count(group, "error")
+        self._batch.count(endpoint, group, "errors")
+        self._add_sample(
+            endpoint, request, primary, None, "error", [], detail=f"{error.kind}: {error.detail}"
         )
-        headers = mirror_headers(request.headers, SHADOW_HEADER)
-        body = request.body or None
-        assert self._v2 is not None and self._v1 is not None
-        self._count(group, "sent")
-        limit = plan.max_compare
-        results: list[Fetched | BaseException]
-        if calibrate:
-            v1_headers = [*headers, CALIBRATION_HEADER]
-            meter.stop()
-            sinks = (
-                self._send_now(self._v2, request, headers, body, limit),
-                self._send_now(self._v1, request, v1_headers, body, limit),
-            )
-            results = list(
-                await asyncio.gather(
-                    self._fetch(self._v2, request, headers, body, limit, sinks[0]),
-                    self._fetch(self._v1, request, v1_headers, body, limit, sinks[1]),
-                    return_exceptions=True,
-                )
-            )
-        else:
-            sink = self._send_now(self._v2, request, headers, body, limit)
-            meter.stop()
-            try:
-                results = [await self._fetch(self._v2, request, headers, body, limit, sink)]
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reported as the mirror's error below
-                results = [exc]
-        meter.start()
-        try:
-            await self._settle(plan, endpoint, request, primary, results, meter)
-        finally:
-            for result in results:
-                if isinstance(result, Fetched):
-                    self._buffered -= result.reserved
-            meter.stop()
-            self._measured(meter)
+
+    def _answers(
+        self, plan: GroupPolicy, endpoint: str, primary: PrimaryResult, shadow: Fetched
+    ) -> tuple[Answer, Answer, EndpointRules, Options]:
+        content_type, encoding, picked = _answer_headers(primary.headers, self._wanted_headers)
+        v1 = Answer(primary.status, content_type, primary.body, picked, encoding)
+        v2 = Answer(shadow.status, shadow.content_type, shadow.body, shadow.headers, shadow.encoding)
+        rules_set = self._store.current.sections.get(RULES_SECTION)
+        rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
+        return v1, v2, rules, self._options_for(plan.max_compare)
+
+    def _settle_now(
+        self,
+        plan: GroupPolicy,
+        endpoint: str,
+        request: MirrorRequest,
+        primary: PrimaryResult,
+        shadow: Fetched | BaseException,
+    ) -> tuple[Any, ...] | None:
+        """Record the result of a request without calibration, here and now; or return the
+        arguments of ``compare`` when only the thread can finish it."""
+        group = plan.group
+        if not isinstance(shadow, Fetched):
+            self._settle_error(group, endpoint, request, primary, shadow)
+            return None
+        self._delta_children_for(group).observe(shadow.seconds - primary.seconds)
+        if shadow.over_budget:
+            self._result(group, "skipped")
+            self._batch.count(endpoint, group, "skipped")
+            return None
+        v1, v2, rules, options = self._answers(plan, endpoint, primary, shadow)
+        noisy = self.noisy(endpoint)
+        outcome = quick_compare(v1, v2, rules, noisy, options)
+        if outcome is None:
+            return (v1, v2, rules, noisy, options)
+        self._record(endpoint, group, outcome, request, primary, shadow)
+        return None
 
     async def _settle(
         self,
@@ -458,33 +653,19 @@ class ShadowMirror:
         shadow = results[0]
         second = results[1] if len(results) > 1 else None
         # (self._batch is swapped by every flush: never hold it across an await)
-        if isinstance(shadow, BaseException):
-            error = shadow if isinstance(shadow, UpstreamError) else translate("v2", shadow)
-            self._count(group, "error")
-            self._batch.count(endpoint, group, "errors")
-            self._add_sample(
-                endpoint, request, primary, None, "error", [], detail=f"{error.kind}: {error.detail}"
-            )
+        if not isinstance(shadow, Fetched):
+            self._settle_error(group, endpoint, request, primary, shadow)
             return
-        assert isinstance(shadow, Fetched)
         self._delta_children_for(group).observe(shadow.seconds - primary.seconds)
         if shadow.over_budget:
             self._result(group, "skipped")
             self._batch.count(endpoint, group, "skipped")
             return
-        content_type, encoding, picked = _answer_headers(primary.headers, self._wanted_headers)
-        v1 = Answer(primary.status, content_type, primary.body, picked, encoding)
-        v2 = Answer(shadow.status, shadow.content_type, shadow.body, shadow.headers, shadow.encoding)
-        v1b = None
-        if isinstance(second, Fetched) and second.body is not None and not second.over_budget:
-            v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
-        rules_set = self._store.current.sections.get(RULES_SECTION)
-        rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
-        options = self._options_for(plan.max_compare)
+        v1, v2, rules, options = self._answers(plan, endpoint, primary, shadow)
         loop = asyncio.get_running_loop()
         assert self._executor is not None
-        learnt = set()
-        if v1b is not None:
+        if isinstance(second, Fetched) and second.body is not None and not second.over_budget:
+            v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
             meter.stop()
             learnt = await loop.run_in_executor(self._executor, self._paced, learn, v1, v1b, rules, options)
             meter.start()
@@ -518,89 +699,57 @@ class ShadowMirror:
             time.sleep((time.perf_counter() - started) * (1.0 / share - 1.0))
         return result
 
-    def _send_now(
-        self, upstream: Upstream, request: MirrorRequest, headers: list[tuple[bytes, bytes]],
-        body: bytes | None, limit: int,
-    ) -> _Sink | None:  # fmt: skip
-        """Send a request without a body on a warm pooled connection, now (the client's no-task
-        path); None when there is none free (or a body to send): ``_fetch`` uses the pool's
-        coroutine path then. A head the client refuses is refused there again, and reported."""
-        if body is not None:
-            return None
-        pool = upstream.pool
-        method = request.method.encode("latin-1")
-        add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
-        try:
-            head = pool.head_for(method, request.raw_target, headers, add_host, b"")
-        except UpstreamError:
-            return None
-        conn = pool.take_idle()
-        if conn is None:
-            return None
-        sink = _Sink(self, pool.loop.create_future(), conn, min(limit, BUFFERED_ANSWER))
-        conn.send_now(head, method == b"HEAD", pool.limits.read_timeout, sink)
-        return sink
-
     async def _fetch(
         self,
-        upstream: Upstream,
+        upstream: Upstream | None,
         request: MirrorRequest,
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
         limit: int,
-        sink: _Sink | None = None,
     ) -> Fetched:
+        assert upstream is not None
         started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                method = request.method.encode("latin-1")
+                add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
+                response = await upstream.send(method, request.raw_target, headers, body, add_host=add_host)
+                return await self._read(response, limit, started)
+        except Exception as exc:
+            raise translate(upstream.version, exc) from exc
+
+    async def _read(self, response: UpstreamResponse, limit: int, started: float) -> Fetched:
+        """Read an answer within the compare limit and the byte budget (its bytes are reserved as
+        they arrive; given back here on failure, else by whoever settles the result)."""
         data = bytearray()
         over = over_budget = False
         reserved = 0
         try:
-            async with asyncio.timeout(self._timeout):
-                response = None
-                if sink is not None:
-                    try:
-                        response = await sink.future
-                    except _Retry:
-                        response = None
-                    except BaseException:
-                        sink.future.cancel()  # a late head or answer is ignored, never reserved
-                        sink.conn.abort()  # the exchange is unfinished: the connection is dropped
-                        raise
-                    finally:
-                        reserved, sink.reserved = sink.reserved, 0
-                if response is None:
-                    method = request.method.encode("latin-1")
-                    add_host = not any(name == b"host" for name, _ in headers)
-                    response = await upstream.send(
-                        method, request.raw_target, headers, body, add_host=add_host
-                    )
-                if reserved:  # buffered whole by the connection, its bytes reserved at its head
-                    data += response.buffered()
-                    if len(data) > limit:
-                        over = True
-                else:
-                    try:
-                        async for chunk in response.chunks():
-                            if len(data) + len(chunk) > limit:
-                                over = True
-                                break
-                            if self._buffered + len(chunk) > self._budget:
-                                over_budget = True
-                                break
-                            self._buffered += len(chunk)
-                            reserved += len(chunk)
-                            data += chunk
-                    finally:
-                        response.close()  # a no-op after a complete answer; else the connection is dropped
-        except Exception as exc:
-            self._buffered -= reserved
-            raise translate(upstream.version, exc) from exc
+            async for chunk in response.chunks():
+                if len(data) + len(chunk) > limit:
+                    over = True
+                    break
+                if self._buffered + len(chunk) > self._budget:
+                    over_budget = True
+                    break
+                self._buffered += len(chunk)
+                reserved += len(chunk)
+                data += chunk
         except BaseException:
             self._buffered -= reserved
             raise
+        finally:
+            response.close()  # a no-op after a complete answer; else the connection is dropped
         if over or over_budget:
             self._buffered -= reserved
             reserved = 0
+        body = None if over or over_budget else bytes(data)
+        return self._fetched(response, body, limit, started, reserved, over_budget)
+
+    def _fetched(
+        self, response: UpstreamResponse, body: bytes | None, limit: int, started: float, reserved: int,
+        over_budget: bool = False,
+    ) -> Fetched:  # fmt: skip
         wanted = self._wanted_headers
         content_type = encoding = b""
         picked = []
@@ -616,7 +765,7 @@ class ShadowMirror:
         return Fetched(
             status=response.status,
             content_type=content_type.decode("latin-1"),
-            body=None if over or over_budget else bytes(data),
+            body=body if body is None or len(body) <= limit else None,
             seconds=time.perf_counter() - started,
             headers=tuple(picked),
             encoding=encoding.decode("latin-1"),
