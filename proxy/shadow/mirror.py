@@ -136,10 +136,13 @@ class _JobSink:
         return False
 
     def done(self, response: UpstreamResponse) -> None:
-        self.mirror._answered(self, response)
+        if self.mirror._jobs is not None:  # (stopped: the pools closed under it; nothing to report)
+            self.mirror._answered(self, response)
 
     def failed(self, error: UpstreamError, retryable: bool) -> None:
         mirror = self.mirror
+        if mirror._jobs is None:
+            return
         if retryable:  # the keep-alive race: nothing was answered; send again on a new connection
             mirror._spawn(mirror._exchange(self.job, self.endpoint, False, self.meter))
         else:
