@@ -123,7 +123,7 @@ class ShadowSettings(BaseModel):
     # share of the event loop the mirror's own work may use (workers start mirrored requests no
     # closer than their measured average cost / share), and of a core each compare thread may use
     # (it rests elapsed * (1/share - 1) after each compare)
-    compare_cpu_share: float = Field(default=0.12, gt=0, le=1)
+    compare_cpu_share: float = Field(default=0.1, gt=0, le=1)
     # the first N mirrored safe requests per endpoint are calibrated whatever the percentage
     calibration_warmup: int = Field(default=3, ge=0)
     flush_interval_seconds: float = Field(default=0.5, gt=0)
