@@ -151,7 +151,7 @@ class _JobSink:
 
 class _Meter:
     """The event-loop time one mirrored request takes in its own code (stopped around awaits and
-    between callbacks). Made running."""
+    between callbacks); it runs from the moment it is made."""
 
     __slots__ = ("spent", "_mark")
 
