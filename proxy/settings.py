@@ -120,8 +120,10 @@ class ShadowSettings(BaseModel):
     max_samples: int = Field(default=20, ge=0)
     sample_body_bytes: int = Field(default=2048, ge=0)
     compare_workers: int = Field(default=1, ge=1)
-    # share of one core a compare thread may use: it rests (elapsed * (1/share - 1)) after each compare
-    compare_cpu_share: float = Field(default=0.5, gt=0, le=1)
+    # share of the event loop the mirror's own work may use (workers start mirrored requests no
+    # closer than their measured average cost / share), and of a core each compare thread may use
+    # (it rests elapsed * (1/share - 1) after each compare)
+    compare_cpu_share: float = Field(default=0.1, gt=0, le=1)
     # the first N mirrored safe requests per endpoint are calibrated whatever the percentage
     calibration_warmup: int = Field(default=3, ge=0)
     flush_interval_seconds: float = Field(default=0.5, gt=0)

@@ -1,4 +1,5 @@
-"""Comparing two answers: pure functions, run in a worker thread, never on the event loop.
+"""Comparing two answers: pure functions. ``quick_compare`` is cheap and bounded (small bodies,
+no deepdiff) and runs on the event loop; anything else goes through ``compare`` in a thread.
 
 Status, Content-Type, a few semantic headers and the body are compared. Bodies are decoded first
 (gzip, deflate, br; never past ``compare_max_bytes`` of decoded size) and a UTF-8 BOM is dropped.
@@ -26,6 +27,8 @@ from typing import Any
 
 import orjson
 from deepdiff import DeepDiff
+from deepdiff.helper import notpresent
+from deepdiff.model import DictRelationship
 
 from proxy.shadow.policy import EndpointRules
 
@@ -36,6 +39,9 @@ except ImportError:  # pragma: no cover - brotli is a declared dependency
 
 MAX_DEPTH = 100  # deepdiff recurses per level; far below Python's recursion limit
 MAX_REPORTED = 50  # differences kept per comparison for samples
+# JSON bodies up to this size (both together) may be compared on the event loop: parsing them and
+# the quick walk take tens of microseconds; anything larger, or needing deepdiff, goes to a thread
+QUICK_MAX_BYTES = 8 * 1024
 VALUE_CHARS = 200
 DEFAULT_HEADERS = ("location", "content-encoding", "cache-control")
 BOM = b"\xef\xbb\xbf"
@@ -44,6 +50,8 @@ WHOLE = frozenset({"status", "content-type", "body", "body-size"})
 
 _INDEX = re.compile(r"\[\d+\]")
 _EXACT = Context(prec=1_000_000)  # normalize() rounds to the context's precision: never let it
+
+
 class JsonNumber(Decimal):
     """A JSON number: equal to the same number, never to ``true`` or ``false``.
 
@@ -78,12 +86,15 @@ _KINDS = {
     "attribute_removed": "removed",
 }
 ITEM_KINDS = frozenset({"item-added", "item-removed", "repeated"})
+_DEEPDIFF_ARGS = inspect.signature(DeepDiff.__init__).parameters
 # newer deepdiff reports a whole dict as changed when most keys differ; we always want fields
-_EXTRA: dict[str, Any] = (
-    {"threshold_to_diff_deeper": 0}
-    if "threshold_to_diff_deeper" in inspect.signature(DeepDiff.__init__).parameters
-    else {}
-)
+_EXTRA: dict[str, Any] = {}
+if "threshold_to_diff_deeper" in _DEEPDIFF_ARGS:
+    _EXTRA["threshold_to_diff_deeper"] = 0
+if "multiprocessing_workers" in _DEEPDIFF_ARGS:
+    # left unset, deepdiff asks os.cpu_count() per diff: glibc reads /sys/devices/system/cpu/online
+    # (three syscalls per comparison); it never forks for us anyway (multiprocessing is off)
+    _EXTRA["multiprocessing_workers"] = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +305,108 @@ def _shape(value: Any) -> Any:
     return "z" if value is None else type(value).__name__
 
 
-def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference]:
+def _report_order() -> tuple[str, ...]:
+    """The order in which this process's deepdiff lists report types (a set in deepdiff, so it
+    follows string hashing): the quick walk lists its findings in the same order."""
+    tree = DeepDiff(
+        {"a": 1, "b": 1, "c": 1}, {"a": 2, "b": "1", "d": 1}, view="tree", log_frequency_in_sec=0, **_EXTRA
+    ).tree
+    return tuple(name for name, levels in tree.items() if levels)
+
+
+_QUICK_KINDS = ("values_changed", "type_changes", "dictionary_item_added", "dictionary_item_removed")
+# the quick walk needs deepdiff to diff every dict field by field (threshold_to_diff_deeper)
+_ORDER = _report_order() if "threshold_to_diff_deeper" in _EXTRA else ()
+if not set(_QUICK_KINDS) <= set(_ORDER):  # a deepdiff we do not know: always ask it
+    _ORDER = ()
+_KEY_PATHS: dict[str, str | None] = {}
+_KEY_PATHS_MAX = 10_000  # keys come from traffic: the cache stays bounded
+
+
+def _key_path(key: str) -> str | None:
+    """``['key']`` as deepdiff spells a dict key in a path (its own code, cached)."""
+    if key in _KEY_PATHS:
+        return _KEY_PATHS[key]
+    spelt = DictRelationship(None, None, key).get_param_repr()
+    if len(_KEY_PATHS) < _KEY_PATHS_MAX:
+        _KEY_PATHS[key] = spelt
+    return spelt
+
+
+def _walk(t1: Any, t2: Any, path: str, found: dict[str, list[tuple[str, Any, Any]]]) -> bool:
+    """deepdiff's dict and scalar rules (see ``quick_differences``); False when a list differs."""
+    if t1 is t2:
+        return True
+    if type(t1) is not type(t2):
+        found["type_changes"].append((path, t1, t2))
+        return True
+    if type(t1) is dict:
+        # added keys in v2's order, removed in v1's, then the common ones in v2's; deepdiff skips
+        # keys starting with "__" (its ignore_private_variables, on by default), and so do we
+        for key in t2:
+            if key not in t1 and not key.startswith("__"):
+                step = _key_path(key)
+                if step is None:
+                    return False
+                found["dictionary_item_added"].append((path + step, notpresent, t2[key]))
+        for key in t1:
+            if key not in t2 and not key.startswith("__"):
+                step = _key_path(key)
+                if step is None:
+                    return False
+                found["dictionary_item_removed"].append((path + step, t1[key], notpresent))
+        for key in t2:
+            if key in t1 and not key.startswith("__"):
+                step = _key_path(key)
+                if step is None or not _walk(t1[key], t2[key], path + step, found):
+                    return False
+        return True
+    if type(t1) is list:
+        return bool(t1 == t2)  # an equal list reports nothing; how deepdiff aligns others is its own
+    if t1 != t2:
+        found["values_changed"].append((path, t1, t2))
+    return True
+
+
+def quick_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference] | None:
+    """What ``_json_differences`` would report, without deepdiff, or None when only deepdiff can
+    tell (a list differs, or a rule applies).
+
+    deepdiff costs tens of microseconds even for two tiny documents; equal documents and documents
+    whose differences are in objects and scalars (the common migration diff: a field renamed,
+    added or changed) are walked here with deepdiff's own rules: a type change is reported as
+    such (``true`` is not ``1``), keys added then removed then common ones walked, report types in
+    deepdiff's order, paths spelt by deepdiff. A property test holds the two to the same output."""
+    if left == right:  # JsonNumber keeps 0 != false, so equal values report nothing in deepdiff too
+        return []
+    if not _ORDER or rules.ignore_order or rules.exclude_paths or rules.exclude_regexes or rules.tolerance:
+        return None
+    found: dict[str, list[tuple[str, Any, Any]]] = {kind: [] for kind in _QUICK_KINDS}
+    if not _walk(left, right, "root", found):
+        return None
+    out: list[Difference] = []
+    for report_type in _ORDER:
+        kind = _KINDS.get(report_type, report_type)
+        for path, t1, t2 in found.get(report_type, ()):
+            out.append(Difference(normalise_path(path), kind, _short(t1), _short(t2)))
+    return out
+
+
+class _NeedsThread(Exception):
+    """Raised by a quick comparison that only deepdiff, a decoder or a large parse can finish."""
+
+
+def _json_differences(left: Any, right: Any, rules: EndpointRules, deep: bool = True) -> list[Difference]:
+    quick = quick_differences(left, right, rules)
+    if quick is not None:
+        return quick
+    if not deep:
+        raise _NeedsThread
+    return deep_differences(left, right, rules)
+
+
+def deep_differences(left: Any, right: Any, rules: EndpointRules) -> list[Difference]:
+    """The differences deepdiff finds (what the product reports; ``quick_differences`` agrees)."""
     diff = DeepDiff(
         left,
         right,
@@ -329,12 +441,14 @@ def _json_differences(left: Any, right: Any, rules: EndpointRules) -> list[Diffe
 # --- answers --------------------------------------------------------------------------------------
 
 
-def _prepare(answer: Answer, limit: int) -> bytes | None:
+def _prepare(answer: Answer, limit: int, deep: bool = True) -> bytes | None:
     """The body to compare: decoded, BOM dropped; None when over the limit (or not captured)."""
     if answer.body is None:
         return None
     body = answer.body
     if answer.encoding:
+        if not deep and answer.encoding.strip().lower() != "identity":
+            raise _NeedsThread
         try:
             body = decode_body(body, answer.encoding, limit)
         except TooLarge:
@@ -345,11 +459,11 @@ def _prepare(answer: Answer, limit: int) -> bytes | None:
 
 
 def _body_differences(
-    a: Answer, b: Answer, rules: EndpointRules, options: Options
+    a: Answer, b: Answer, rules: EndpointRules, options: Options, deep: bool = True
 ) -> list[Difference] | None:
     """Body differences, or None when the body could not be compared (over the limit)."""
-    left = _prepare(a, options.max_bytes)
-    right = _prepare(b, options.max_bytes)
+    left = _prepare(a, options.max_bytes, deep)
+    right = _prepare(b, options.max_bytes, deep)
     if left is None or right is None:
         # one side over the limit, the other far under it: that is a difference, not a skip
         small = left if left is not None else right
@@ -362,12 +476,14 @@ def _body_differences(
     if left == right:
         return []  # the same bytes (the usual case in a migration): nothing to parse or diff
     if _is_json(a.content_type) and _is_json(b.content_type):
+        if not deep and len(left) + len(right) > QUICK_MAX_BYTES:
+            raise _NeedsThread
         exact = needs_exact(left) or needs_exact(right)
         ok_a, parsed_a = load_json(left, exact)
         ok_b, parsed_b = load_json(right, exact)
         if ok_a and ok_b:
             try:
-                return _json_differences(parsed_a, parsed_b, rules)
+                return _json_differences(parsed_a, parsed_b, rules, deep)
             except RecursionError:
                 pass
     return [Difference("body", "changed", f"{len(left)} bytes", f"{len(right)} bytes")]
@@ -411,10 +527,11 @@ def _header_differences(a: Answer, b: Answer, options: Options) -> list[Differen
 
 
 def differences(
-    a: Answer, b: Answer, rules: EndpointRules, options: Options | None = None
+    a: Answer, b: Answer, rules: EndpointRules, options: Options | None = None, deep: bool = True
 ) -> tuple[list[Difference], bool]:
     """Every difference between two answers (v1 first), rules applied; and whether bodies were
-    compared (False: one was over the limit)."""
+    compared (False: one was over the limit). ``deep=False`` raises ``_NeedsThread`` instead of
+    decoding, parsing a large body or running deepdiff."""
     options = options or Options()
     found: list[Difference] = []
     if a.status != b.status:
@@ -422,7 +539,7 @@ def differences(
     if media_type(a.content_type) != media_type(b.content_type):
         found.append(Difference("content-type", "changed", a.content_type, b.content_type))
     found.extend(_header_differences(a, b, options))
-    body = _body_differences(a, b, rules, options)
+    body = _body_differences(a, b, rules, options, deep)
     if body is not None:
         found.extend(body)
     return found, body is not None
@@ -485,6 +602,23 @@ def compare(
 ) -> Outcome:
     """v1 answer ``a`` against v2 answer ``b``."""
     found, compared = differences(a, b, rules, options)
+    return classify(found, noisy, compared)
+
+
+def quick_compare(
+    a: Answer,
+    b: Answer,
+    rules: EndpointRules,
+    noisy: frozenset[str] | set[str],
+    options: Options | None = None,
+) -> Outcome | None:
+    """``compare`` when it is cheap enough for the event loop, else None (then ``compare`` runs in
+    the compare thread): the same bytes, or JSON bodies of at most ``QUICK_MAX_BYTES`` together
+    whose differences ``quick_differences`` can tell. No decoding, no deepdiff. Same outcome."""
+    try:
+        found, compared = differences(a, b, rules, options, deep=False)
+    except _NeedsThread:
+        return None
     return classify(found, noisy, compared)
 
 

@@ -1,19 +1,30 @@
 """The Mirror: a per-request decision on the hot path, and workers that do everything else.
 
 Hot path (``plan``, ``submit``, ``abandon``): a dict lookup in the snapshot, a random number, a
-method check, a size check, a byte-budget check, ``put_nowait`` on a bounded queue. No Redis, no
-awaits, no logging.
+method check, a size check, a byte-budget check, an append to a bounded queue (and, when the
+dispatcher is idle, one ``call_soon`` to wake it). No Redis, no awaits, no logging. A request
+planned while the queue is full is shed in ``plan`` already, so the primary captures and builds
+nothing for it (at saturation most requests are shed: that must be cheap).
 
 Memory is bounded in bytes, not only in requests: bodies held by queued jobs and answers being read
 by workers count against ``max_buffered_bytes``. A job is admitted while held bytes stay under half
 the budget (the other half is for answers being read); an answer that cannot be read within the
 budget is not compared (``skipped``).
 
-Workers (``settings.shadow.concurrency`` tasks) take a request off the queue, send it to v2 with
-their own pools of the edge client (and, for a calibration sample, to v1 a second time), compare in a small
-thread pool whose CPU share is capped, and add the result to an in-memory batch that a flusher
-writes to Redis with one pipeline per interval. Nothing here can fail or delay the primary answer:
-the client already has it when ``submit`` is called.
+A dispatcher (``_pump``) starts queued requests while fewer than ``settings.shadow.concurrency``
+are in flight: a request without a body goes out on a warm v2 connection with the client's
+no-task API (``send_now`` and a ``ResponseSink``, as the primary's fast path does); its answer,
+when small, is buffered whole by the connection and compared in the connection's callback
+(``quick_compare``: no task, no future, no thread hand-off, no GIL convoy with the loop). Anything
+else continues in a task: no warm connection, a body, a calibration sample (v1 asked a second
+time), a large answer read chunk by chunk, a comparison only deepdiff can make (in a small thread
+pool whose CPU share is capped). Results go to an in-memory batch that a flusher writes to Redis
+with one pipeline per interval. Nothing here can fail or delay the primary answer: the client
+already has it when ``submit`` is called.
+
+Each mirrored request's own event-loop time is measured, and requests start no closer than that
+average over ``compare_cpu_share``: under load the mirror keeps to about that share of the loop
+and the queue sheds the rest (issue 10: the primary keeps its throughput).
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +45,11 @@ import orjson
 from proxy.background import cancel_and_wait
 from proxy.control.snapshot import Snapshot
 from proxy.control.store import ControlStore
+from proxy.edge.client import UpstreamResponse
 from proxy.edge.errors import UpstreamError
 from proxy.metrics import Metrics
 from proxy.settings import Settings
-from proxy.shadow.compare import Answer, Options, Outcome, compare, learn
+from proxy.shadow.compare import Answer, Options, Outcome, compare, learn, quick_compare
 from proxy.shadow.endpoints import EndpointNamer
 from proxy.shadow.policy import (
     RULES_SECTION,
@@ -52,6 +66,7 @@ from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import Upstream, translate
 
 log = logging.getLogger("strangler.shadow")
+_FIRST_COST = 50e-6  # seconds; a guess until the first mirrored requests are measured
 
 SHADOW_HEADER = (b"x-strangler-shadow", b"1")
 CALIBRATION_HEADER = (b"x-strangler-calibration", b"1")
@@ -83,8 +98,74 @@ class _Job:
     size: int  # bytes held against the budget while queued and handled
 
 
-class _OverBudget(Exception):
-    pass
+# an answer up to this size (and within the byte budget) is buffered whole by the connection and
+# handed over in one piece; a larger or unsized one is read chunk by chunk by a task
+BUFFERED_ANSWER = 64 * 1024
+# pacing starts requests in small batches at most this far apart, catching up the slots due: loop
+# timers have a millisecond grain, and a backend woken once for a few requests costs a co-located
+# proxy less CPU than one woken per request
+_PACE_SLACK = 0.005
+
+
+class _JobSink:
+    """The ``ResponseSink`` of a mirrored request sent on a warm pooled connection: no task, no
+    future, no coroutine per request (the primary's fast path does the same). A small answer is
+    buffered whole by the connection, its bytes reserved in the budget when its head arrives, and
+    settled in ``done``; a large or unsized one, a keep-alive race or a comparison that needs the
+    thread continue in a task."""
+
+    __slots__ = ("mirror", "job", "endpoint", "limit", "started", "meter", "reserved")
+
+    def __init__(self, mirror: ShadowMirror, job: _Job, endpoint: str, limit: int, meter: _Meter) -> None:
+        self.mirror = mirror
+        self.job = job
+        self.endpoint = endpoint
+        self.limit = limit
+        self.started = time.perf_counter()
+        self.meter = meter
+        self.reserved = 0
+
+    def head(self, response: UpstreamResponse) -> bool:
+        mirror = self.mirror
+        length = response.content_length
+        if length is not None and length <= self.limit and mirror._buffered + length <= mirror._budget:
+            mirror._buffered += length
+            self.reserved = length
+            return True
+        mirror._spawn(mirror._read_on(self, response))
+        return False
+
+    def done(self, response: UpstreamResponse) -> None:
+        if self.mirror._jobs is not None:  # (stopped: the pools closed under it; nothing to report)
+            self.mirror._answered(self, response)
+
+    def failed(self, error: UpstreamError, retryable: bool) -> None:
+        mirror = self.mirror
+        if mirror._jobs is None:
+            return
+        if retryable:  # the keep-alive race: nothing was answered; send again on a new connection
+            mirror._spawn(mirror._exchange(self.job, self.endpoint, False, self.meter))
+        else:
+            mirror._answered(self, error)
+
+
+class _Meter:
+    """The event-loop time one mirrored request takes in its own code (stopped around awaits and
+    between callbacks); it runs from the moment it is made."""
+
+    __slots__ = ("spent", "_mark")
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self._mark = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._mark:
+            self.spent += time.perf_counter() - self._mark
+            self._mark = 0.0
+
+    def start(self) -> None:
+        self._mark = time.perf_counter()
 
 
 def _answer_headers(
@@ -139,7 +220,13 @@ class ShadowMirror:
         self._metrics = metrics
         self._report = report
         self._namer = EndpointNamer(routes, self._config.max_endpoints, self._config.endpoint_patterns)
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._jobs: deque[_Job] | None = None  # the bounded queue (None: not running)
+        self._queue_size = self._config.queue_size
+        self._concurrency = self._config.concurrency
+        self._inflight = 0  # requests started and not settled (at most ``concurrency``)
+        self._pump_handle: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: set[asyncio.Task[None]] = set()  # requests that continue in a task
         self._batch = ReportBatch()
         # endpoint -> field -> calibrations in which it varied (Redis, all replicas, + ours unflushed)
         self._noise: dict[str, dict[str, int]] = {}
@@ -156,6 +243,10 @@ class ShadowMirror:
         self._v2: Upstream | None = None
         self._reported_errors: set[str] = set()
         self._timeout = self._config.timeout_seconds  # per mirrored request, whole
+        # pacing: mirrored requests start no closer than (their average own loop time / share)
+        self._share = self._config.compare_cpu_share
+        self._next_start = 0.0  # perf_counter() time before which no mirrored request starts
+        self._cost = _FIRST_COST  # moving average of a mirrored request's own event-loop time
         # metric children resolved once for the closed label sets
         groups = settings.group_names
         self._outcome_children = {
@@ -183,20 +274,24 @@ class ShadowMirror:
         if content_length is not None and content_length > plan.body_limit:
             self._count(group, "skipped_size")
             return None
+        jobs = self._jobs
+        if jobs is not None and (len(jobs) >= self._queue_size or self._buffered > self._admit_limit):
+            # shed now: the primary then captures nothing and builds nothing for the mirror
+            self._count(group, "dropped")
+            return None
         return plan
 
     def submit(self, plan: Any, request: MirrorRequest, primary: PrimaryResult) -> None:
-        queue = self._queue
+        jobs = self._jobs
         size = len(request.body) + (len(primary.body) if primary.body is not None else 0)
-        if queue is None or self._buffered + size > self._admit_limit:
+        if jobs is None or self._buffered + size > self._admit_limit or len(jobs) >= self._queue_size:
             self._count(plan.group, "dropped")
             return
-        try:
-            queue.put_nowait(_Job(plan, request, primary, size))
-        except asyncio.QueueFull:
-            self._count(plan.group, "dropped")
-            return
+        jobs.append(_Job(plan, request, primary, size))
         self._buffered += size
+        if self._pump_handle is None and self._inflight < self._concurrency:
+            assert self._loop is not None
+            self._pump_handle = self._loop.call_soon(self._pump)  # after this callback, not in it
 
     def abandon(self, plan: Any, reason: str) -> None:
         if reason == "size":
@@ -224,20 +319,21 @@ class ShadowMirror:
         self._executor = ThreadPoolExecutor(
             max_workers=self._config.compare_workers, thread_name_prefix="strangler-compare"
         )
-        self._queue = asyncio.Queue(maxsize=self._config.queue_size)
+        self._loop = asyncio.get_running_loop()
+        self._jobs = deque()
         # endpoints and noise other replicas (or earlier runs) found; bounded like any control read
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.refresh_shared(), timeout=settings.redis_timeout_seconds * 2)
-        self._tasks = [
-            asyncio.create_task(self._worker(), name=f"strangler-shadow-{i}")
-            for i in range(self._config.concurrency)
-        ]
-        self._tasks.append(asyncio.create_task(self._flusher(), name="strangler-shadow-flush"))
+        self._tasks = [asyncio.create_task(self._flusher(), name="strangler-shadow-flush")]
 
     async def stop(self) -> None:
-        self._queue = None  # new submissions are dropped (counted) while we stop
-        await cancel_and_wait(self._tasks)
+        self._jobs = None  # new submissions are dropped (counted) while we stop
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
+            self._pump_handle = None
+        await cancel_and_wait([*self._tasks, *self._running])
         self._tasks = []
+        self._running.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), timeout=2)
         for upstream in (self._v2, self._v1):
@@ -251,27 +347,224 @@ class ShadowMirror:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        return len(self._jobs) if self._jobs is not None else 0
 
     @property
     def buffered_bytes(self) -> int:
         """Body bytes held by queued and in-flight mirrored requests (against max_buffered_bytes)."""
         return self._buffered
 
-    async def _worker(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        while True:
-            job = await queue.get()
+    def _pump(self) -> None:
+        """Start queued requests while fewer than ``concurrency`` are in flight and the pace
+        allows; come back on a timer when the pace says wait, or when a request ends."""
+        self._pump_handle = None
+        jobs = self._jobs
+        loop = self._loop
+        if jobs is None or loop is None:
+            return
+        while jobs and self._inflight < self._concurrency:
+            wait = self._slot(time.perf_counter())
+            if wait > 0:
+                self._pump_handle = loop.call_later(max(wait, _PACE_SLACK), self._pump)
+                return
+            job = jobs.popleft()
+            self._inflight += 1
+            self._begin(job)
+
+    def _slot(self, now: float) -> float:
+        """0 when a request may start now (the slot is taken), else the seconds to wait. Starts are
+        spaced by the average event-loop time of a mirrored request over ``compare_cpu_share``, so
+        under load the mirror's own work on the loop stays near that share and the queue sheds
+        the rest; a quiet spell earns no credit (at most ``_PACE_SLACK`` of lag is caught up)."""
+        if self._share >= 1.0:
+            return 0.0
+        if self._next_start > now:
+            return self._next_start - now
+        self._next_start = max(self._next_start, now - _PACE_SLACK) + self._cost / self._share
+        return 0.0
+
+    def _end(self, job: _Job, meter: _Meter) -> None:
+        """A request is settled: its bytes and its slot are given back, its cost measured."""
+        self._buffered -= job.size
+        self._inflight -= 1
+        self._cost += (meter.spent - self._cost) * 0.05
+        if self._pump_handle is None and self._jobs and self._loop is not None:
+            self._pump_handle = self._loop.call_soon(self._pump)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """The rest of a request in a task (kept, so stop() can cancel it)."""
+        if self._jobs is None or self._loop is None:  # stopping: a late callback starts nothing
+            coro.close()
+            return
+        task = self._loop.create_task(coro)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _begin(self, job: _Job) -> None:
+        """Send one queued request: on a warm v2 connection now, else (no warm connection, a body,
+        a calibration sample) in a task."""
+        meter = _Meter()
+        try:
+            plan, request = job.plan, job.request
+            endpoint, calibrate = self._endpoint(plan, request)
+            self._count(plan.group, "sent")
+            sink = None
+            if not calibrate and not request.body:
+                sink = _JobSink(self, job, endpoint, min(plan.max_compare, BUFFERED_ANSWER), meter)
+                if not self._send_now(self._v2, request, sink):
+                    sink = None
+            if sink is None:
+                self._spawn(self._exchange(job, endpoint, calibrate, meter))
+        except Exception as exc:  # noqa: BLE001 - a shadow bug costs this mirror, never the loop
+            self._once(f"begin:{type(exc).__name__}", "shadow worker failed: %r", exc)
+            meter.stop()
+            self._end(job, meter)
+            return
+        meter.stop()
+
+    def _endpoint(self, plan: GroupPolicy, request: MirrorRequest) -> tuple[str, bool]:
+        """The report's endpoint name, and whether v1 is asked a second time (calibration)."""
+        claimed = override_method(request.headers, request.raw_target)
+        endpoint = self._namer.name(claimed or request.method, request.path)
+        calibrate = (
+            plan.calibration_percentage > 0
+            and is_safe(request.method, request.headers, request.raw_target)
+            and (
+                self._calibrated.get(endpoint, 0) < self._config.calibration_warmup
+                or _random() * 100.0 < plan.calibration_percentage
+            )
+        )
+        return endpoint, calibrate
+
+    def _send_now(self, upstream: Upstream | None, request: MirrorRequest, sink: _JobSink) -> bool:
+        """Write a request without a body on a warm pooled connection (the client's no-task path);
+        False when none is free: the caller uses the pool's coroutine path. A head the client
+        refuses is refused there again, and reported as this mirror's error."""
+        assert upstream is not None
+        pool = upstream.pool
+        headers = mirror_headers(request.headers, SHADOW_HEADER)
+        method = request.method.encode("latin-1")
+        add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
+        try:
+            head = pool.head_for(method, request.raw_target, headers, add_host, b"")
+        except UpstreamError:
+            return False
+        conn = pool.take_idle()
+        if conn is None:
+            return False
+        conn.send_now(head, method == b"HEAD", pool.limits.read_timeout, sink)
+        return True
+
+    def _answered(self, sink: _JobSink, answer: UpstreamResponse | UpstreamError) -> None:
+        """A buffered answer (or the failure) of a request sent with ``_send_now``: compared here
+        when that is cheap (``quick_compare``), else in a task that hands it to the thread."""
+        meter, job = sink.meter, sink.job
+        meter.start()
+        result: Fetched | BaseException
+        if isinstance(answer, UpstreamError):
+            result = answer
+        else:
             try:
-                await self.handle(job.plan, job.request, job.primary)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a shadow bug must never stop the workers
-                self._once(f"worker:{type(exc).__name__}", "shadow worker failed: %r", exc)
-            finally:
-                self._buffered -= job.size
-                queue.task_done()
+                result = self._fetched(answer, answer.buffered(), sink.limit, sink.started, sink.reserved)
+            except UpstreamError as exc:  # cut short
+                result = exc
+        if not isinstance(result, Fetched):
+            self._buffered -= sink.reserved
+        sink.reserved = 0
+        try:
+            later = self._settle_now(job.plan, sink.endpoint, job.request, job.primary, result)
+        except Exception as exc:  # noqa: BLE001 - a shadow bug costs this mirror, never the connection
+            self._once(f"settle:{type(exc).__name__}", "shadow worker failed: %r", exc)
+            later = None
+        if later is not None:
+            meter.stop()
+            self._spawn(self._compare_in_thread(job, sink.endpoint, result, later, meter))
+            return
+        if isinstance(result, Fetched):
+            self._buffered -= result.reserved
+        meter.stop()
+        self._end(job, meter)
+
+    async def _read_on(self, sink: _JobSink, response: UpstreamResponse) -> None:
+        """An answer too large (or unsized) to buffer whole, read chunk by chunk in a task."""
+        job, meter = sink.job, sink.meter
+        result: Fetched | BaseException
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await self._read(response, job.plan.max_compare, sink.started)
+        except asyncio.CancelledError:
+            self._end(job, meter)
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported as the mirror's error
+            result = translate("v2", exc)
+        await self._finish(job, sink.endpoint, [result], meter)
+
+    async def _exchange(self, job: _Job, endpoint: str, calibrate: bool, meter: _Meter) -> None:
+        """A request through the pool's coroutine path: a new connection, a body, a calibration
+        sample (v1 asked a second time), or a send again after a keep-alive race."""
+        plan, request = job.plan, job.request
+        headers = mirror_headers(request.headers, SHADOW_HEADER)
+        body = request.body or None
+        limit = plan.max_compare
+        results: list[Fetched | BaseException]
+        try:
+            if calibrate:
+                results = list(
+                    await asyncio.gather(
+                        self._fetch(self._v2, request, headers, body, limit),
+                        self._fetch(self._v1, request, [*headers, CALIBRATION_HEADER], body, limit),
+                        return_exceptions=True,
+                    )
+                )
+            else:
+                try:
+                    results = [await self._fetch(self._v2, request, headers, body, limit)]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - reported as the mirror's error below
+                    results = [exc]
+        except asyncio.CancelledError:
+            self._end(job, meter)
+            raise
+        await self._finish(job, endpoint, results, meter)
+
+    async def _finish(
+        self, job: _Job, endpoint: str, results: list[Fetched | BaseException], meter: _Meter
+    ) -> None:
+        meter.start()
+        try:
+            await self._settle(job.plan, endpoint, job.request, job.primary, results, meter)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a shadow bug must never stop the mirror
+            self._once(f"worker:{type(exc).__name__}", "shadow worker failed: %r", exc)
+        finally:
+            for result in results:
+                if isinstance(result, Fetched):
+                    self._buffered -= result.reserved
+            meter.stop()
+            self._end(job, meter)
+
+    async def _compare_in_thread(
+        self, job: _Job, endpoint: str, shadow: Fetched | BaseException, args: tuple[Any, ...], meter: _Meter
+    ) -> None:
+        """``_answered``'s comparison that only deepdiff (or a decoder) can do, in the thread."""
+        try:
+            assert self._executor is not None
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(self._executor, self._paced, compare, *args)
+            meter.start()
+            assert isinstance(shadow, Fetched)
+            self._record(endpoint, job.plan.group, outcome, job.request, job.primary, shadow)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._once(f"worker:{type(exc).__name__}", "shadow worker failed: %r", exc)
+        finally:
+            if isinstance(shadow, Fetched):
+                self._buffered -= shadow.reserved
+            meter.stop()
+            self._end(job, meter)
 
     def noise_counts(self) -> dict[str, int]:
         """Endpoint -> fields this replica treats as noise now (for GET /shadow)."""
@@ -298,35 +591,57 @@ class ShadowMirror:
         threshold = self._config.noise_threshold
         return frozenset(name for name, count in seen.items() if count >= threshold)
 
-    async def handle(self, plan: GroupPolicy, request: MirrorRequest, primary: PrimaryResult) -> None:
-        """Mirror one request, compare, and record the result in the batch."""
-        group = plan.group
-        claimed = override_method(request.headers, request.raw_target)
-        endpoint = self._namer.name(claimed or request.method, request.path)
-        calibrate = (
-            plan.calibration_percentage > 0
-            and is_safe(request.method, request.headers, request.raw_target)
-            and (
-                self._calibrated.get(endpoint, 0) < self._config.calibration_warmup
-                or _random() * 100.0 < plan.calibration_percentage
-            )
+    def _settle_error(
+        self,
+        group: str,
+        endpoint: str,
+        request: MirrorRequest,
+        primary: PrimaryResult,
+        failure: BaseException,
+    ) -> None:
+        error = failure if isinstance(failure, UpstreamError) else translate("v2", failure)
+        self._count(group, "error")
+        self._batch.count(endpoint, group, "errors")
+        self._add_sample(
+            endpoint, request, primary, None, "error", [], detail=f"{error.kind}: {error.detail}"
         )
-        headers = mirror_headers(request.headers, SHADOW_HEADER)
-        body = request.body or None
-        assert self._v2 is not None and self._v1 is not None
-        self._count(group, "sent")
-        fetches = [self._fetch(self._v2, request, headers, body, plan.max_compare)]
-        if calibrate:
-            fetches.append(
-                self._fetch(self._v1, request, [*headers, CALIBRATION_HEADER], body, plan.max_compare)
-            )
-        results = await asyncio.gather(*fetches, return_exceptions=True)
-        try:
-            await self._settle(plan, endpoint, request, primary, results)
-        finally:
-            for result in results:
-                if isinstance(result, Fetched):
-                    self._buffered -= result.reserved
+
+    def _answers(
+        self, plan: GroupPolicy, endpoint: str, primary: PrimaryResult, shadow: Fetched
+    ) -> tuple[Answer, Answer, EndpointRules, Options]:
+        content_type, encoding, picked = _answer_headers(primary.headers, self._wanted_headers)
+        v1 = Answer(primary.status, content_type, primary.body, picked, encoding)
+        v2 = Answer(shadow.status, shadow.content_type, shadow.body, shadow.headers, shadow.encoding)
+        rules_set = self._store.current.sections.get(RULES_SECTION)
+        rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
+        return v1, v2, rules, self._options_for(plan.max_compare)
+
+    def _settle_now(
+        self,
+        plan: GroupPolicy,
+        endpoint: str,
+        request: MirrorRequest,
+        primary: PrimaryResult,
+        shadow: Fetched | BaseException,
+    ) -> tuple[Any, ...] | None:
+        """Record the result of a request without calibration, here and now; or return the
+        arguments of ``compare`` when only the thread can finish it."""
+        group = plan.group
+        if not isinstance(shadow, Fetched):
+            self._settle_error(group, endpoint, request, primary, shadow)
+            return None
+        self._delta_children_for(group).observe(shadow.seconds - primary.seconds)
+        if shadow.over_budget:
+            self._result(group, "skipped")
+            self._batch.count(endpoint, group, "skipped")
+            return None
+        v1, v2, rules, options = self._answers(plan, endpoint, primary, shadow)
+        noisy = self.noisy(endpoint)
+        outcome = quick_compare(v1, v2, rules, noisy, options)
+        if outcome is None:
+            return (v1, v2, rules, noisy, options)
+        self._record(endpoint, group, outcome, request, primary, shadow)
+        return None
 
     async def _settle(
         self,
@@ -335,39 +650,28 @@ class ShadowMirror:
         request: MirrorRequest,
         primary: PrimaryResult,
         results: list[Fetched | BaseException],
+        meter: _Meter,
     ) -> None:
         group = plan.group
         shadow = results[0]
         second = results[1] if len(results) > 1 else None
         # (self._batch is swapped by every flush: never hold it across an await)
-        if isinstance(shadow, BaseException):
-            error = shadow if isinstance(shadow, UpstreamError) else translate("v2", shadow)
-            self._count(group, "error")
-            self._batch.count(endpoint, group, "errors")
-            self._add_sample(
-                endpoint, request, primary, None, "error", [], detail=f"{error.kind}: {error.detail}"
-            )
+        if not isinstance(shadow, Fetched):
+            self._settle_error(group, endpoint, request, primary, shadow)
             return
-        assert isinstance(shadow, Fetched)
         self._delta_children_for(group).observe(shadow.seconds - primary.seconds)
         if shadow.over_budget:
             self._result(group, "skipped")
             self._batch.count(endpoint, group, "skipped")
             return
-        content_type, encoding, picked = _answer_headers(primary.headers, self._wanted_headers)
-        v1 = Answer(primary.status, content_type, primary.body, picked, encoding)
-        v2 = Answer(shadow.status, shadow.content_type, shadow.body, shadow.headers, shadow.encoding)
-        v1b = None
-        if isinstance(second, Fetched) and second.body is not None and not second.over_budget:
-            v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
-        rules_set = self._store.current.sections.get(RULES_SECTION)
-        rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
-        options = self._options_for(plan.max_compare)
+        v1, v2, rules, options = self._answers(plan, endpoint, primary, shadow)
         loop = asyncio.get_running_loop()
         assert self._executor is not None
-        learnt = set()
-        if v1b is not None:
+        if isinstance(second, Fetched) and second.body is not None and not second.over_budget:
+            v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
+            meter.stop()
             learnt = await loop.run_in_executor(self._executor, self._paced, learn, v1, v1b, rules, options)
+            meter.start()
             if learnt:
                 seen = self._noise.setdefault(endpoint, {})
                 for name in learnt:
@@ -377,9 +681,16 @@ class ShadowMirror:
             # answers compared while the first calibration is in flight do not miss the noise
             self._calibrated[endpoint] = self._calibrated.get(endpoint, 0) + 1
         noisy = self.noisy(endpoint)
-        outcome = await loop.run_in_executor(
-            self._executor, self._paced, compare, v1, v2, rules, noisy, options
-        )
+        # small answers are compared here, on the loop (no thread hand-off, no GIL convoy with
+        # the loop); large ones or ones that need deepdiff in the paced compare thread
+        outcome = quick_compare(v1, v2, rules, noisy, options)
+        if outcome is None:
+            meter.stop()
+            outcome = await loop.run_in_executor(
+                self._executor, self._paced, compare, v1, v2, rules, noisy, options
+            )
+            meter.start()
+        assert outcome is not None
         self._record(endpoint, group, outcome, request, primary, shadow)
 
     def _paced(self, func: Any, *args: Any) -> Any:
@@ -393,52 +704,74 @@ class ShadowMirror:
 
     async def _fetch(
         self,
-        upstream: Upstream,
+        upstream: Upstream | None,
         request: MirrorRequest,
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
         limit: int,
     ) -> Fetched:
+        assert upstream is not None
         started = time.perf_counter()
-        data = bytearray()
-        over = over_budget = False
-        reserved = 0
         try:
             async with asyncio.timeout(self._timeout):
                 method = request.method.encode("latin-1")
                 add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
                 response = await upstream.send(method, request.raw_target, headers, body, add_host=add_host)
-                try:
-                    async for chunk in response.chunks():
-                        if len(data) + len(chunk) > limit:
-                            over = True
-                            break
-                        if self._buffered + len(chunk) > self._budget:
-                            over_budget = True
-                            break
-                        self._buffered += len(chunk)
-                        reserved += len(chunk)
-                        data += chunk
-                finally:
-                    response.close()  # a no-op after a complete answer; else the connection is dropped
+                return await self._read(response, limit, started)
         except Exception as exc:
-            self._buffered -= reserved
             raise translate(upstream.version, exc) from exc
+
+    async def _read(self, response: UpstreamResponse, limit: int, started: float) -> Fetched:
+        """Read an answer within the compare limit and the byte budget (its bytes are reserved as
+        they arrive; given back here on failure, else by whoever settles the result)."""
+        data = bytearray()
+        over = over_budget = False
+        reserved = 0
+        try:
+            async for chunk in response.chunks():
+                if len(data) + len(chunk) > limit:
+                    over = True
+                    break
+                if self._buffered + len(chunk) > self._budget:
+                    over_budget = True
+                    break
+                self._buffered += len(chunk)
+                reserved += len(chunk)
+                data += chunk
+        except BaseException:
+            self._buffered -= reserved
+            raise
+        finally:
+            response.close()  # a no-op after a complete answer; else the connection is dropped
         if over or over_budget:
             self._buffered -= reserved
             reserved = 0
+        body = None if over or over_budget else bytes(data)
+        return self._fetched(response, body, limit, started, reserved, over_budget)
+
+    def _fetched(
+        self, response: UpstreamResponse, body: bytes | None, limit: int, started: float, reserved: int,
+        over_budget: bool = False,
+    ) -> Fetched:  # fmt: skip
         wanted = self._wanted_headers
+        content_type = encoding = b""
+        picked = []
+        for name, value in response.raw_headers:
+            lower = name.lower()
+            if lower == b"content-type":
+                content_type = content_type or value
+            elif lower == b"content-encoding":
+                encoding = encoding or value
+            text = lower.decode("latin-1")
+            if text in wanted:
+                picked.append((text, value.decode("latin-1")))
         return Fetched(
             status=response.status,
-            content_type=(response.header(b"content-type") or b"").decode("latin-1"),
-            body=None if over or over_budget else bytes(data),
+            content_type=content_type.decode("latin-1"),
+            body=body if body is None or len(body) <= limit else None,
             seconds=time.perf_counter() - started,
-            headers=tuple(
-                (name.decode("latin-1").lower(), value.decode("latin-1"))
-                for name, value in response.raw_headers
-                if name.decode("latin-1").lower() in wanted
-            ),
-            encoding=(response.header(b"content-encoding") or b"").decode("latin-1"),
+            headers=tuple(picked),
+            encoding=encoding.decode("latin-1"),
             reserved=reserved,
             over_budget=over_budget,
         )

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import Any
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from proxy.shadow.compare import Answer, EndpointRules, _numbers, _shape, compare, length_name
+from proxy.shadow.compare import (
+    QUICK_MAX_BYTES,
+    Answer,
+    EndpointRules,
+    Outcome,
+    _numbers,
+    _shape,
+    compare,
+    deep_differences,
+    length_name,
+    quick_compare,
+    quick_differences,
+)
 
 JSON = "application/json"
 Path = tuple[str | int, ...]
@@ -218,3 +231,109 @@ def test_noise_never_turns_a_type_change_or_removal_into_a_match(
     outcome = compare(answer(dump(doc)), answer(dump(new)), EndpointRules(ignore_order=order), noisy)
     assert outcome.result == "mismatch", (kind, path, outcome)
     assert any(related(f, field(path)) for f in outcome.mismatched), (path, outcome)
+
+
+# --- the quick walk agrees with deepdiff ----------------------------------------------------------
+
+any_keys = keys | st.text(max_size=5)  # quotes, backslashes, the empty key: deepdiff spells the path
+quick_values = st.recursive(
+    scalars,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(any_keys, children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(doc=st.dictionaries(any_keys, quick_values, max_size=5), data=st.data())
+def test_the_quick_walk_reports_exactly_what_deepdiff_reports(
+    doc: dict[str, Any], data: st.DataObject
+) -> None:
+    """Same differences, same order, same paths and values, whenever the walk answers at all;
+    and the walk answers for every change that touches no list (the cost saved per comparison)."""
+    new = json.loads(json.dumps(doc))
+    for _ in range(data.draw(st.integers(0, 4))):
+        mutated = mutate(new, data.draw(st.sampled_from(MUTATIONS)), data)
+        if mutated is not None:
+            new = mutated[0]
+    if data.draw(st.booleans()):  # and unrelated documents, roots of other types included
+        new = data.draw(quick_values)
+    left, right = _numbers(doc, 1), _numbers(new, 1)
+    quick = quick_differences(left, right, EndpointRules())
+    deep = deep_differences(left, right, EndpointRules())
+    if quick is not None:
+        assert quick == deep
+    if not any(isinstance(v, list) for v in walk_values(doc)) and not isinstance(new, list):
+        if not any(isinstance(v, list) for v in walk_values(new)):
+            assert quick is not None
+
+
+def walk_values(value: Any) -> list[Any]:
+    found = [value]
+    if isinstance(value, dict):
+        for v in value.values():
+            found.extend(walk_values(v))
+    elif isinstance(value, list):
+        for v in value:
+            found.extend(walk_values(v))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("left", "right"),
+    [([False], [0]), ({"a": [0]}, {"a": [False]}), ({"a": 0}, {"a": False}), ({"a": None}, {"a": 0})],
+)
+def test_the_quick_walk_never_equates_a_boolean_with_a_number(left: Any, right: Any) -> None:
+    quick = quick_differences(_numbers(left, 1), _numbers(right, 1), EndpointRules())
+    assert quick != []
+    outcome = compare(answer(dump(left)), answer(dump(right)), EndpointRules(), set())
+    assert outcome.result == "mismatch"
+
+
+def test_rules_leave_the_diff_to_deepdiff() -> None:
+    left, right = _numbers({"a": 1, "b": 2}, 1), _numbers({"a": 1, "b": 3}, 1)
+    assert quick_differences(left, right, EndpointRules()) == deep_differences(left, right, EndpointRules())
+    assert quick_differences(left, left, EndpointRules(exclude_paths=("root['b']",))) == []
+    for rules in (
+        EndpointRules(ignore_order=True),
+        EndpointRules(exclude_paths=("root['b']",)),
+        EndpointRules(exclude_regexes=(re.compile("b"),)),
+        EndpointRules(tolerance=2.0),
+    ):
+        assert quick_differences(left, right, rules) is None
+
+
+@given(doc=st.dictionaries(any_keys, quick_values, max_size=5), data=st.data())
+def test_a_quick_comparison_on_the_loop_has_the_outcome_of_the_full_one(
+    doc: dict[str, Any], data: st.DataObject
+) -> None:
+    """What the event loop decides is what the compare thread would have decided; it declines
+    (None) rather than decode, parse a large body or run deepdiff."""
+    new = json.loads(json.dumps(doc))
+    for _ in range(data.draw(st.integers(0, 3))):
+        mutated = mutate(new, data.draw(st.sampled_from(MUTATIONS)), data)
+        if mutated is not None:
+            new = mutated[0]
+    left = Answer(200, JSON, dump(doc))
+    right = Answer(
+        data.draw(st.sampled_from([200, 200, 404])), data.draw(st.sampled_from([JSON, JSON, "text/plain"])),
+        dump(new), encoding=data.draw(st.sampled_from(["", "", "identity", "gzip"])),
+    )  # fmt: skip
+    noisy = set(data.draw(st.lists(st.sampled_from(sorted(all_noise(doc) | {"root"})), max_size=3)))
+    quick = quick_compare(left, right, EndpointRules(), noisy)
+    if quick is not None:
+        assert quick == compare(left, right, EndpointRules(), noisy)
+    if right.encoding == "gzip" and left.body != right.body:
+        assert quick is None
+
+
+def test_a_quick_comparison_declines_large_bodies_and_lists_deepdiff_must_align() -> None:
+    big = dump({"pad": "x" * QUICK_MAX_BYTES})
+    assert quick_compare(answer(big), answer(big), EndpointRules(), set()) == Outcome("match")
+    assert quick_compare(answer(big), answer(big[:-3] + b'y"}'), EndpointRules(), set()) is None
+    assert quick_compare(answer(b"[1, 2]"), answer(b"[1, 3]"), EndpointRules(), set()) is None
+    outcome = quick_compare(
+        answer(b'{"a": [1], "b": 1}'), answer(b'{"b": 2, "a": [1.0]}'), EndpointRules(), set()
+    )
+    assert outcome == compare(
+        answer(b'{"a": [1], "b": 1}'), answer(b'{"b": 2, "a": [1.0]}'), EndpointRules(), set()
+    )
+    assert outcome is not None and outcome.mismatched == ["root['b']"]

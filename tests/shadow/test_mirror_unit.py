@@ -75,17 +75,22 @@ def test_submit_never_blocks_and_counts_drops(redis_url: str) -> None:
     primary = PrimaryResult(200, [], b"{}", 0.01)
 
     async def go() -> None:
-        mirror.submit(mirror.plan("default", "GET", None, snapshot), request, primary)
+        mirror.submit(mirror.plan("default", "GET", None, snapshot), request, primary)  # not started
+        plan = mirror.plan
         await mirror.start()
         try:
-            # the workers are not scheduled in between: the queue takes two, the rest are dropped
-            for _ in range(5):
-                mirror.submit(mirror.plan("default", "GET", None, snapshot), request, primary)
+            # planned while the queue had room, submitted when it had none: dropped at submit
+            early = [plan("default", "GET", None, snapshot) for _ in range(3)]
+            for planned in early:
+                mirror.submit(planned, request, primary)
+            # the workers are not scheduled in between: the queue is full, so the next requests
+            # are shed when planned (the primary then captures nothing for the mirror)
+            assert [plan("default", "GET", None, snapshot) for _ in range(2)] == [None, None]
         finally:
             await mirror.stop()
 
     asyncio.run(go())
-    assert count(metrics, outcome="dropped") == 1 + 3
+    assert count(metrics, outcome="dropped") == 1 + 1 + 2
 
 
 def test_comparing_rests_so_its_cpu_share_stays_bounded(redis_url: str) -> None:
@@ -98,3 +103,22 @@ def test_comparing_rests_so_its_cpu_share_stays_bounded(redis_url: str) -> None:
     wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
     assert outcome.result == "mismatch"
     assert cpu <= 0.25 * wall + 0.01
+
+
+def test_mirrored_requests_start_spaced_by_their_cost_over_the_share(redis_url: str) -> None:
+    """The loop-side cap: at saturation the mirror's own event-loop time stays near the share."""
+    mirror, _, _ = build(redis_url, {}, compare_cpu_share=0.25)
+    mirror._cost = 0.01  # seconds of event-loop time per mirrored request (measured in use)
+    # at t=100 s one may start; the next 40 ms (10 ms / 0.25) after it, less the 5 ms of lag
+    # that may be caught up (starts come in small batches: loop timers have a millisecond grain)
+    assert mirror._slot(100.0) == 0.0
+    assert round(mirror._slot(100.0), 6) == 0.035
+    assert round(mirror._slot(100.03), 6) == 0.005
+    assert mirror._slot(100.036) == 0.0
+    assert round(mirror._slot(100.036), 6) == 0.039
+    # ten quiet seconds earn no burst
+    assert mirror._slot(110.0) == 0.0
+    assert round(mirror._slot(110.0), 6) == 0.035
+    unpaced, _, _ = build(redis_url, {}, compare_cpu_share=1.0)
+    unpaced._cost = 0.01
+    assert [unpaced._slot(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
