@@ -30,6 +30,10 @@ COMPILED = [
     "proxy/traffic/paths.py",
     "proxy/traffic/routing.py",
     "proxy/traffic/split.py",
+    "proxy/traffic/deprecation.py",
+    "proxy/control/snapshot.py",
+    "proxy/metrics.py",  # the per-request tallies
+    "proxy/canary/windows.py",  # the canary's per-request recorder
 ]
 
 

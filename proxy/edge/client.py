@@ -41,7 +41,7 @@ from proxy.edge.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from proxy.edge.headers import HOP_BY_HOP, end_to_end
+from proxy.edge.headers import HOP_BY_HOP, PLAIN_CONNECTION, end_to_end
 
 Headers = Sequence[tuple[bytes, bytes]]
 READ_HIGH_WATER: Final = 256 * 1024  # response bytes buffered before we stop reading the backend
@@ -245,7 +245,7 @@ class _Connection(asyncio.Protocol):
                  "_head_future", "_status", "_headers", "_interim", "_head_only", "_keep", "_got_bytes",
                  "_write_paused", "_drain", "_read_paused", "_timer", "_last_read", "_read_timeout",
                  "counted_out", "_sink", "_sink_reads", "_finished", "_timer_due", "_strip_seen",
-                 "_length")  # fmt: skip
+                 "_length", "_plain_at")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -260,6 +260,7 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._strip_seen = False  # the answer has a header the pool strips (hop-by-hop...)
+        self._plain_at = -1  # where its one plain "Connection: keep-alive|close" is, if any
         self._length: int | None = None  # its Content-Length (llhttp checked repeats agree)
         self._interim = False
         self._head_only = False
@@ -342,16 +343,20 @@ class _Connection(asyncio.Protocol):
             raise _Unrequested()
         self._headers = []
         self._strip_seen = False
+        self._plain_at = -1
         self._length = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        self._headers.append((lower, value))
-        if lower in self.pool.watched:  # a header to strip, or Content-Length: rare but for one
+        headers = self._headers
+        if lower in self.pool.watched:  # a header to strip, or Content-Length
             if lower == b"content-length":
                 self._length = int(value) if value.isdigit() else None
+            elif lower == b"connection" and value.lower() in PLAIN_CONNECTION and self._plain_at < 0:
+                self._plain_at = len(headers)  # "keep-alive"/"close" names nothing: cut by position
             else:
                 self._strip_seen = True
+        headers.append((lower, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -363,9 +368,14 @@ class _Connection(asyncio.Protocol):
             return
         self._keep = self.parser.should_keep_alive()
         raw = self._headers
-        response = self.response = UpstreamResponse(
-            self, status, raw, end_to_end(raw, self.pool.strip) if self._strip_seen else raw, self._length
-        )
+        if self._strip_seen:
+            relayed = end_to_end(raw, self.pool.strip)
+        elif self._plain_at >= 0:  # only a plain Connection header to drop (nginx always sends one)
+            at = self._plain_at
+            relayed = raw[:at] + raw[at + 1 :]
+        else:
+            relayed = raw
+        response = self.response = UpstreamResponse(self, status, raw, relayed, self._length)
         future = self._head_future
         if future is not None and not future.done():
             future.set_result(response)

@@ -409,6 +409,7 @@ class ServerProtocol(asyncio.Protocol):
         self._refusal: Refused | None = None
         # WebSocket: bytes after an upgrade request, held until the relay accepts; then the socket
         self._ws_early: bytearray | None = None
+        self._host_checked = b""  # the last Host value found valid on this connection
         self._ws: FrameSocket | None = None
         # request being parsed
         self._headers: list[tuple[bytes, bytes]] = []
@@ -626,8 +627,10 @@ class ServerProtocol(asyncio.Protocol):
             self._hosts += 1
             if self._hosts > 1:
                 raise self._stop(400, "bad_host", "more than one Host header")
-            if not _HOST_OK.match(value):
-                raise self._stop(400, "bad_host", "invalid Host header")
+            if value != self._host_checked:  # a keep-alive client repeats its Host: checked once
+                if not _HOST_OK.match(value):
+                    raise self._stop(400, "bad_host", "invalid Host header")
+                self._host_checked = value
         elif lower == b"transfer-encoding":
             self._codings += 1
             if self._codings > 1 or value.lower() != b"chunked":
