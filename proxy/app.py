@@ -19,7 +19,7 @@ from proxy.admin import canary as canary_admin
 from proxy.admin import deprecations as deprecations_admin
 from proxy.admin import shadow as shadow_admin
 from proxy.admin.app import AdminContext, AdminOnly, NotServedHere, PrefixMount, build_admin
-from proxy.background import Component
+from proxy.background import Component, cancel_and_wait
 from proxy.canary import capability as canary
 from proxy.canary.rollout import Rollouts
 from proxy.control.client import ControlClient
@@ -108,6 +108,7 @@ class Strangler:
         # started in this order, stopped in reverse
         self._components: list[Component] = [*self.canary.components, self.shadow.mirror]
         self._started: list[Component] = []
+        self._tally_flusher: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -122,6 +123,8 @@ class Strangler:
         for component in self._components:
             await component.start()
             self._started.append(component)
+        if self.metrics.multiprocess:  # each worker's request metrics, for the others' scrapes
+            self._tally_flusher = asyncio.create_task(self.metrics.run_tally_flusher())
         # Everything loaded so far (modules, settings, compiled rules) lives as long as the process:
         # move it out of the collector's reach so full collections stay short (tail latency).
         gc.collect()
@@ -141,6 +144,9 @@ class Strangler:
             log.warning("no admin token: the admin API accepts no changes (strangler serve generates one)")
 
     async def shutdown(self) -> None:
+        if self._tally_flusher is not None:
+            await cancel_and_wait([self._tally_flusher])  # it flushes once more as it stops
+            self._tally_flusher = None
         for component in reversed(self._started):
             with contextlib.suppress(Exception):
                 await component.stop()

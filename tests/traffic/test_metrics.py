@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 
+from proxy.metrics import Metrics
 from tests.support import ProxyProcess, RedisServer, metric_value, wait_until
 
 
@@ -61,7 +65,36 @@ def test_metrics_names_labels_and_values(
 
 
 def test_metrics_add_up_across_workers(start_proxy: Callable[..., ProxyProcess]) -> None:
+    """Each worker keeps its request metrics as plain tallies and writes them to a file of its own
+    every 0.5 s; a scrape sums every worker's, so the other worker's share may lag that long."""
     proxy = start_proxy(workers=2)
     # new connections per request so both workers take a share
     send_known_traffic(proxy)
-    check_values(proxy.metrics())
+
+    def adds_up() -> bool:
+        check_values(proxy.metrics())
+        return True
+
+    wait_until(adds_up, timeout=5, message="both workers' request metrics in one scrape")
+
+
+def test_a_scrape_sums_every_workers_tally_file_and_skips_a_broken_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What one worker's scrape reads: its own tallies live, the others' last files (a worker that
+    died keeps its counts), and a file it cannot read is skipped, never a failed scrape."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    other, this = Metrics(), Metrics()
+    for _ in range(4):
+        other.request_done("default", "v2", "GET", 500, 0.02)
+    other.flush_tallies()
+    # as written by a worker that has since died (another pid than this scraping one)
+    (tmp_path / f"strangler_tallies_{os.getpid()}.json").rename(tmp_path / "strangler_tallies_1.json")
+    (tmp_path / "strangler_tallies_2.json").write_text("[[1, 2")  # cut short
+    (tmp_path / "strangler_tallies_3.json").write_text('[["default", "v1", "GET", 200, 1]]')  # bad width
+    this.request_done("default", "v1", "GET", 200, 0.001)
+    text = this.render().decode()
+    assert metric_value(text, "http_requests_total", version="v2", method="GET", code="500") == 4
+    assert metric_value(text, "http_requests_total", version="v1", method="GET", code="200") == 1
+    assert metric_value(text, "http_errors_total", version="v2") == 4
+    assert metric_value(text, "http_request_duration_seconds_count", version="v1") == 1
