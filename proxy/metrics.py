@@ -162,6 +162,7 @@ class Metrics:
         # names fixed by issue 2: users' dashboards query these: plain tallies exported at scrape
         # time (RequestTallies); with several workers, summed from every worker's tally file.
         self._tallies = RequestTallies()
+        self._flushed = ""  # the tallies as last written to this worker's file
         if not self.multiprocess:
             reg.register(self._tallies)  # type: ignore[arg-type]
         self.split_percentage = Gauge(
@@ -406,10 +407,14 @@ class Metrics:
         directory = multiprocess_dir()
         if directory is None:
             return
+        dumped = self._tallies.dump()
+        if dumped == self._flushed:
+            return  # nothing answered since the last write: an idle worker writes nothing
         target = Path(directory) / f"{TALLY_FILE_PREFIX}{os.getpid()}.json"
         temp = target.with_suffix(".tmp")
-        temp.write_text(self._tallies.dump())
+        temp.write_text(dumped)
         os.replace(temp, target)
+        self._flushed = dumped
 
     async def run_tally_flusher(self, interval: float = TALLY_FLUSH_SECONDS) -> None:
         """With several workers: flush every ``interval`` until cancelled, then once more."""
