@@ -58,6 +58,11 @@ DURATION_HELP = "Time to the end of the answer, per version."
 GROUP_HELP = "Requests routed, per route group and version."
 
 
+def _new_row() -> list[Any]:
+    """count, seconds, then one count per latency bucket and one over the last."""
+    return [0, 0.0] + [0] * (len(LATENCY_BUCKETS) + 1)
+
+
 class RequestTallies:
     """The per-request metrics in plain lists, exported by ``collect`` when Prometheus scrapes.
 
@@ -74,7 +79,7 @@ class RequestTallies:
         key = (group, version, method, status)
         row = self.rows.get(key)
         if row is None:
-            row = self.rows[key] = [0, 0.0] + [0] * (len(LATENCY_BUCKETS) + 1)
+            row = self.rows[key] = _new_row()
         row[0] += 1
         row[1] += seconds
         row[2 + bisect_left(LATENCY_BUCKETS, seconds)] += 1  # "le": the first bound >= seconds
@@ -93,7 +98,7 @@ class RequestTallies:
                 continue  # a file from another bucket layout: skipped, never a failed scrape
             row = self.rows.get(key)
             if row is None:
-                row = self.rows[key] = [0, 0.0] + [0] * (len(LATENCY_BUCKETS) + 1)
+                row = self.rows[key] = _new_row()
             for index, value in enumerate(values):
                 row[index] += value
 
@@ -391,7 +396,7 @@ class Metrics:
         """This worker's tallies, live, plus every other worker's last flushed file (a worker that
         died keeps its counts there, so counters never go back)."""
         total = RequestTallies()
-        total.merge(self._tallies.dump())
+        total.rows = {key: list(row) for key, row in self._tallies.rows.items()}
         directory = multiprocess_dir()
         mine = f"{TALLY_FILE_PREFIX}{os.getpid()}.json"
         if directory is not None:

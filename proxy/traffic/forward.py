@@ -47,7 +47,7 @@ from proxy.traffic.hooks import (
 )
 from proxy.traffic.paths import is_canonical, normalise
 from proxy.traffic.routing import RouteTable
-from proxy.traffic.upstream import VERSION_HEADER, Upstream, translate
+from proxy.traffic.upstream import RESPONSE_STRIP, VERSION_HEADER, Upstream, translate
 from proxy.traffic.websocket import Registry, Session, WsPolicy, relay
 
 if TYPE_CHECKING:
@@ -62,8 +62,6 @@ MARKER_PREFIX: Final = b"x-strangler-"
 METHOD_OVERRIDES: Final = frozenset({b"x-http-method-override", b"x-method-override"})
 ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 JSON_HEADERS: Final = [(b"content-type", b"application/json")]
-# response headers never relayed: hop-by-hop, and our own version header (a backend's copy is dropped)
-RESPONSE_STRIP: Final = HOP_BY_HOP | {VERSION_HEADER}
 VERSION_VALUE: Final = {"v1": b"v1", "v2": b"v2"}
 
 

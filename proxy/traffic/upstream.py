@@ -17,9 +17,12 @@ from proxy.edge.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from proxy.edge.headers import HOP_BY_HOP
 from proxy.settings import Settings
 
 VERSION_HEADER = b"x-api-version"  # which version answered: set by the proxy, a backend's copy dropped
+# response headers never relayed: hop-by-hop ones, and our own version header
+RESPONSE_STRIP = HOP_BY_HOP | {VERSION_HEADER}
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -55,7 +58,7 @@ class Upstream:
         )
         self.pool = UpstreamPool(
             version, origin, limits, tls_context(settings) if origin.scheme == "https" else None, on_drop,
-            strip=frozenset({VERSION_HEADER}),
+            strip=RESPONSE_STRIP,
         )  # fmt: skip
 
     async def start(self) -> None:

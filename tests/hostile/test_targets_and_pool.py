@@ -158,6 +158,12 @@ HOP_HEAD = (
     b"Proxy-Authenticate: Basic\r\nTrailer: X-Checksum\r\nX-Kept: yes\r\nX-Kept: twice\r\n"
 )
 HOP_BODIES = {b"/hop": b"h" * 300, b"/hop-large": b"H" * 200_000}  # the fast path, the streamed one
+# a plain "Connection: keep-alive" first (the one the edge cuts by position), then a second
+# Connection header naming a header that carries a secret: it must go too
+SPLIT_HOP_HEAD = (
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Type: text/plain\r\n"
+    b"Connection: X-Internal-Token\r\nX-Internal-Token: secret-0123\r\nContent-Length: 5\r\n\r\nsplit"
+)
 
 
 class ScriptedBackend:
@@ -165,7 +171,8 @@ class ScriptedBackend:
     answer 0.3 s after the first; ``/switch`` answers 101 to a plain request; after ``/drop-next``
     the next request on that connection is read, then the connection closes with no answer (the
     keep-alive race: a backend closing an idle connection just as the proxy reuses it); ``/slow``
-    answers after 0.3 s; ``/hop`` and ``/hop-large`` answer with ``HOP_HEAD``."""
+    answers after 0.3 s; ``/hop`` and ``/hop-large`` answer with ``HOP_HEAD``, ``/hop-split`` with
+    ``SPLIT_HOP_HEAD``."""
 
     def __init__(self) -> None:
         self._sock = socket.socket()
@@ -223,6 +230,9 @@ class ScriptedBackend:
                     if target == b"/double":  # a second, unrequested answer in the same packet
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nT=/double"
                                      b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")  # fmt: skip
+                        continue
+                    if target == b"/hop-split":
+                        conn.sendall(SPLIT_HOP_HEAD)
                         continue
                     if target in HOP_BODIES:
                         hop = HOP_BODIES[target]
@@ -289,6 +299,21 @@ def test_only_end_to_end_headers_of_an_answer_reach_the_client(
         assert head.count(b"\r\nx-kept: ") == 2  # repeats kept, in order
         assert b"\r\ncontent-type: application/json" in head
         assert reply.body.startswith(HOP_BODIES[target])
+
+
+def test_a_second_connection_header_still_drops_the_header_it_names(
+    scripted: tuple[ScriptedBackend, ProxyProcess],
+) -> None:
+    """The edge cuts a lone plain Connection header by its position; a second Connection header
+    naming another one must still send the answer through the full hop-by-hop pass."""
+    _, proxy = scripted
+    request = b"GET /hop-split HTTP/1.1\r\n" + H + b"\r\n"
+    for _ in range(2):  # a new upstream connection, then a reused one
+        reply = exchange(proxy.port, request, timeout=10)
+        assert (reply.status, reply.body) == (200, b"split"), reply.raw[:400]
+        head = reply.raw.partition(b"\r\n\r\n")[0].lower()
+        assert b"x-internal-token" not in head and b"secret-0123" not in head, head
+        assert b"\r\ncontent-type: text/plain" in head
 
 
 def test_a_reused_connection_closed_without_an_answer_is_retried_once_on_a_new_one(
