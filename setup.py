@@ -25,6 +25,7 @@ COMPILED = [
     "proxy/edge/client.py",
     "proxy/edge/headers.py",
     "proxy/edge/server.py",
+    "proxy/edge/writebatch.py",
     "proxy/traffic/decision.py",
     "proxy/traffic/forward.py",
     "proxy/traffic/paths.py",

@@ -42,6 +42,7 @@ from proxy.edge.errors import (
     UpstreamTimeout,
 )
 from proxy.edge.headers import HOP_BY_HOP, PLAIN_CONNECTION, end_to_end
+from proxy.edge.writebatch import WriteBatch
 
 Headers = Sequence[tuple[bytes, bytes]]
 READ_HIGH_WATER: Final = 256 * 1024  # response bytes buffered before we stop reading the backend
@@ -527,7 +528,7 @@ class _Connection(asyncio.Protocol):
         self._begin(head_only, read_timeout, None, sink)
         transport = self.transport
         assert transport is not None
-        transport.write(head)
+        self.pool.writes.write(transport, head)  # with the other requests of this loop pass
 
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         transport = self.transport
@@ -637,6 +638,9 @@ class UpstreamPool:
         strip: frozenset[bytes] = HOP_BY_HOP,
     ) -> None:
         self.version = version
+        # this origin's requests of one loop pass go out together (proxy.edge.writebatch); a batch
+        # of its own, not shared with the other origin: interleaved, each backend was woken more
+        self.writes = WriteBatch()
         # response headers never relayed (``UpstreamResponse.headers`` lacks them): hop-by-hop ones,
         # those named in Connection, and any the owner adds (a header it sets itself)
         self.strip = strip | HOP_BY_HOP

@@ -35,6 +35,7 @@ from websockets.typing import Subprotocol
 from proxy.edge.asgi import ASGIApp, ClientGone, Message
 from proxy.edge.bodyqueue import BodyQueue
 from proxy.edge.websocket import FrameSocket, quiet_log
+from proxy.edge.writebatch import WriteBatch
 
 log = logging.getLogger("strangler")
 
@@ -354,6 +355,7 @@ class NativeWebSocket:
         transport = self._conn.transport
         if self._ex.gone or transport is None or transport.is_closing():
             raise ClientGone()
+        self._conn._writes.flush()  # from here on the frame socket writes to the transport itself
         transport.write(response.serialize())
         self._ex._responded = True
         # the frames get a protocol of their own that starts OPEN: the handshake was parsed by us
@@ -389,9 +391,11 @@ class ServerProtocol(asyncio.Protocol):
     """One client connection."""
 
     def __init__(
-        self, handler: Handler, limits: ServerLimits, scheme: str = "http", fast: FastHandler | None = None
-    ) -> None:
+        self, handler: Handler, limits: ServerLimits, scheme: str = "http", fast: FastHandler | None = None,
+        writes: WriteBatch | None = None,
+    ) -> None:  # fmt: skip
         self._handler = handler
+        self._writes = writes if writes is not None else WriteBatch()
         self._fast = fast
         self._limits = limits
         self.scheme = scheme
@@ -458,8 +462,7 @@ class ServerProtocol(asyncio.Protocol):
                 self._limits.count("idle_closed")
                 conn._refused = True
                 conn._limits.connections.pop(conn, None)
-                if conn.transport is not None:
-                    conn.transport.close()
+                conn._close()
                 return True
         return False
 
@@ -546,7 +549,7 @@ class ServerProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(data)
+            self._writes.write(transport, data)  # at the end of this loop pass, in order
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -780,6 +783,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self._writes.flush()  # what this connection queued goes before the close
             self.transport.close()
 
     # --- refusing ----------------------------------------------------------------------------------
@@ -811,6 +815,7 @@ class ServerProtocol(asyncio.Protocol):
             last = self._queue[-1] if self._queue else active
             last.keep_alive = False  # answered, then the connection closes
             return
+        self._writes.flush()  # answers queued before this refusal go first
         if refused is None or not refused._responded:
             reason = refusal.reason.replace("_", " ").encode()
             body = b'{"error":"%s","detail":"%s"}' % (reason, refusal.detail.encode())
@@ -838,14 +843,14 @@ class ServerProtocol(asyncio.Protocol):
                 else:  # a connection that never sent a byte of this request: just close it
                     limits.count("header_timeout")
                     self._refused = True
-                    transport.close()
+                    self._close()
                 return
             self._timer = self.loop.call_later(limits.header_timeout - waited, self._check_deadlines)
         elif self._idle_since is not None:
             waited = now - self._idle_since
             if waited >= limits.keepalive_timeout:
                 self._refused = True
-                transport.close()
+                self._close()
                 return
             self._timer = self.loop.call_later(limits.keepalive_timeout - waited, self._check_deadlines)
         # otherwise a request is being answered: re-armed when the connection is idle again
@@ -890,6 +895,7 @@ class HttpServer:
     ) -> None:  # fmt: skip
         self._handler = handler
         self._fast = fast
+        self._writes = WriteBatch()  # its clients' answers of one loop pass go out together
         self.limits = limits
         self.tls = tls  # TLS termination: handshakes use whatever certificate the context holds now
         self.servers: list[asyncio.Server] = []
@@ -897,7 +903,7 @@ class HttpServer:
 
     def protocol(self) -> ServerProtocol:
         scheme = "https" if self.tls is not None else "http"
-        return ServerProtocol(self._handler, self.limits, scheme, self._fast)
+        return ServerProtocol(self._handler, self.limits, scheme, self._fast, self._writes)
 
     async def listen(self, host: str, port: int, sock: Any = None, backlog: int = 2048) -> asyncio.Server:
         loop = asyncio.get_running_loop()
