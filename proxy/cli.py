@@ -364,7 +364,7 @@ def bench(
         tool = "wrk" if use_wrk else "built-in generator"
         print(f"strangler build: {proxy.build()}")
         print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
-        print(render_paced(paced, 1000.0, seconds))
+        print(render_paced(paced, 1000.0, seconds, rounds))
     if websocket:
         from proxy.bench import bench_websocket, render_websocket
 
