@@ -320,8 +320,10 @@ def bench(
     http: Annotated[bool, typer.Option("--http/--no-http", help="Measure HTTP requests/s.")] = True,
     backend: Annotated[
         str,
-        typer.Option(help="Backends: 'nginx' (300-byte JSON, the issue's layout), 'python' (our small "
-                     "httptools server), or 'auto' (nginx when installed)."),
+        typer.Option(
+            help="Backends: 'nginx' (300-byte JSON, the issue's layout), 'python' (our small "
+            "httptools server), or 'auto' (nginx when installed)."
+        ),
     ] = "auto",
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""

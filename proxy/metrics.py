@@ -296,7 +296,6 @@ class Metrics:
             )  # fmt: skip
             self.loop_tasks.set_function(_count_loop_tasks)
 
-
     # --- request path -------------------------------------------------------------------------
 
     def request_done(self, group: str, version: str, method: str, status: int, seconds: float) -> None:

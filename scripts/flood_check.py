@@ -79,8 +79,10 @@ def main() -> None:
                 times.append((time.perf_counter() - started) * 1000)
             times.sort()
             held_text = f"{args.connections} connections held (nofile {limit or 'as is'})"
-            print(f"{args.mode}: {held_text}; 20 GETs on new connections: statuses {sorted(set(codes))}, "
-                  f"median {times[10]:.2f} ms, max {times[-1]:.2f} ms")
+            print(
+                f"{args.mode}: {held_text}; 20 GETs on new connections: statuses {sorted(set(codes))}, "
+                f"median {times[10]:.2f} ms, max {times[-1]:.2f} ms"
+            )
             metrics = httpx.get(url + "/_strangler/metrics", timeout=5).text
             for line in metrics.splitlines():
                 if line.startswith("strangler_rejected_requests_total{"):

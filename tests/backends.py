@@ -76,8 +76,14 @@ async def default(request: web.Request) -> web.StreamResponse:
         return failed
     if request.can_read_body:
         await request.read()
-    LOG.append({"version": NAME, "method": request.method, "raw_path": request.raw_path, "headers":
-                [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers]})
+    LOG.append(
+        {
+            "version": NAME,
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+        }
+    )
     del LOG[:-500]
     return _json({"version": NAME, "path": request.path, "method": request.method})
 

@@ -34,7 +34,7 @@ class Node:
     def start(self) -> Node:
         self.dir.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "redis.conf"
-        base = [f"port {self.port}", "bind 127.0.0.1", f'dir "{self.dir}"', "save \"\"", "appendonly no"]
+        base = [f"port {self.port}", "bind 127.0.0.1", f'dir "{self.dir}"', 'save ""', "appendonly no"]
         if self.sentinel:
             base = [f"port {self.port}", "bind 127.0.0.1", f'dir "{self.dir}"']
         conf.write_text("\n".join(base + self.lines) + "\n")
@@ -94,6 +94,7 @@ class SentinelSetup:
                 f"sentinel parallel-syncs {MASTER_NAME} 1",
             ], sentinel=True)  # fmt: skip
             self.sentinels.append(node.start())
+
         # every sentinel knows the replica and the other sentinels before a test kills anything
         def ready() -> bool:
             for s in self.sentinels:

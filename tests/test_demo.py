@@ -44,6 +44,7 @@ def test_demo_runs_serves_both_versions_and_reports_the_seeded_difference(tmp_pa
         wait_until(
             lambda: httpx.get(admin + "/health", timeout=1).status_code == 200, timeout=30, message="demo up"
         )
+
         # the banner is printed once the proxy is up, a moment after /health first answers
         def banner() -> str:
             text = log.read_text()

@@ -209,9 +209,11 @@ class Rollouts:
     async def pause(self, group: str, by: str) -> RolloutState:
         def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
             state = _require(f.current, group, PROGRESSING)
-            return replace(state, state=PAUSED), events.make(
-                "paused", group, f"rollout of {group} paused at {state.percentage:g}%", by
-            ), {}
+            return (
+                replace(state, state=PAUSED),
+                events.make("paused", group, f"rollout of {group} paused at {state.percentage:g}%", by),
+                {},
+            )
 
         return await self._required(group, "pause", go, by)
 
@@ -236,9 +238,11 @@ class Rollouts:
                 state, state=PROGRESSING, index=index, override=None, step_started_at=f.now,
                 hold_id=state.hold_id + 1,
             )  # fmt: skip
-            return new, events.make(
-                "resumed", group, f"rollout of {group} resumed at {new.percentage:g}%", by
-            ), {}
+            return (
+                new,
+                events.make("resumed", group, f"rollout of {group} resumed at {new.percentage:g}%", by),
+                {},
+            )
 
         return await self._required(group, "resume", go, by)
 
@@ -315,9 +319,7 @@ class Rollouts:
 
         return await self._transition(group, "advance", go, by, figures=figures, leader=leader)
 
-    async def pause_overridden(
-        self, group: str, expect_seq: int, leader: LeaderToken
-    ) -> RolloutState | None:
+    async def pause_overridden(self, group: str, expect_seq: int, leader: LeaderToken) -> RolloutState | None:
         """The split was changed outside our tools (``redis-cli SET``): pause at that share."""
 
         def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]] | None:

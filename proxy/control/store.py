@@ -267,14 +267,18 @@ class ControlStore:
         """Serve on the last good snapshot (or all-v1 by policy); log the transition once."""
         good = self._last_good
         all_v1 = self._settings.redis_down_policy == "all_v1"
-        self.current = self._with_holds(Snapshot(
-            global_percentage=0.0 if all_v1 else good.global_percentage,
-            group_percentages={group: 0.0 for group in self._groups} if all_v1 else good.group_percentages,
-            sections=good.sections,
-            redis_ok=False,
-            loaded_at=good.loaded_at,
-            generation=good.generation,
-        ))
+        self.current = self._with_holds(
+            Snapshot(
+                global_percentage=0.0 if all_v1 else good.global_percentage,
+                group_percentages={group: 0.0 for group in self._groups}
+                if all_v1
+                else good.group_percentages,
+                sections=good.sections,
+                redis_ok=False,
+                loaded_at=good.loaded_at,
+                generation=good.generation,
+            )
+        )
         self._metrics.control_redis_error()
         if self._stopping:  # shutting down: Redis going away now is expected, not news
             return

@@ -465,7 +465,11 @@ class _Connection(asyncio.Protocol):
         return _NoAnswer(self.pool.version, "backend closed the connection without an answer")
 
     async def exchange(
-        self, head: bytes, body: bytes | AsyncIterator[bytes] | None, chunked: bool, head_only: bool,
+        self,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        chunked: bool,
+        head_only: bool,
         read_timeout: float,
     ) -> UpstreamResponse:
         """Write the request, return the response once its head has arrived."""

@@ -189,7 +189,11 @@ class ProxyApp:
         return norm
 
     def _add_forwarded(
-        self, out: list[tuple[bytes, bytes]], ex: ClientExchange, xff: bytes | None, host: bytes | None,
+        self,
+        out: list[tuple[bytes, bytes]],
+        ex: ClientExchange,
+        xff: bytes | None,
+        host: bytes | None,
         request_id: bytes | None,
     ) -> bytes:
         """The headers the proxy sets itself (the client's X-Forwarded-For is appended to, never

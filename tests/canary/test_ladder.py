@@ -54,7 +54,9 @@ def test_a_stored_rollout_state_reads_back_equal() -> None:
     assert RolloutState.from_json(json.dumps(state.as_dict())) == state
 
 
-@pytest.mark.parametrize("url", ["http://host:99999", "http://bad host", "http://h/?q=1", "ftp://h", "HTTP://h"])
+@pytest.mark.parametrize(
+    "url", ["http://host:99999", "http://bad host", "http://h/?q=1", "ftp://h", "HTTP://h"]
+)
 def test_upstream_urls_must_be_http_base_urls(url: str) -> None:
     with pytest.raises(ValidationError, match="must look like http://host:port"):
         Settings(v1_url=url)

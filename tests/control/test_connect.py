@@ -9,7 +9,9 @@ from proxy.settings import Settings
 
 
 def test_sentinel_url_gives_nodes_db_master_and_credentials() -> None:
-    target = parse("redis+sentinel://app:s%40cret@10.0.0.1:26379,sentinel-b:26380/2/mymaster?sentinel_password=x")
+    target = parse(
+        "redis+sentinel://app:s%40cret@10.0.0.1:26379,sentinel-b:26380/2/mymaster?sentinel_password=x"
+    )
     assert target.kind == SENTINEL
     assert target.nodes == [("10.0.0.1", 26379), ("sentinel-b", 26380)]
     assert (target.db, target.master, target.username, target.password) == (2, "mymaster", "app", "s@cret")

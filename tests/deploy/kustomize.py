@@ -53,8 +53,10 @@ def merge(base: Any, change: Any) -> Any:
         for key, value in change.items():
             out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
         return out
-    if isinstance(base, list) and isinstance(change, list) and all(
-        isinstance(item, dict) and "name" in item for item in base + change
+    if (
+        isinstance(base, list)
+        and isinstance(change, list)
+        and all(isinstance(item, dict) and "name" in item for item in base + change)
     ):
         out = [copy.deepcopy(item) for item in base]
         added = []

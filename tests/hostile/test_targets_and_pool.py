@@ -223,9 +223,7 @@ class ScriptedBackend:
                         conn.sendall(CLTE_ANSWER)
                         continue
                     if target == b"/switch":
-                        conn.sendall(
-                            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\nRAW"
-                        )
+                        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\n\r\nRAW")
                         continue
                     if target == b"/double":  # a second, unrequested answer in the same packet
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nT=/double"
@@ -361,8 +359,10 @@ def test_a_client_gone_before_its_answer_leaves_nothing_for_the_next_client(
         wait_until(lambda: b"/slow" in backend.seen, timeout=5)
     # the client is gone; the backend answers 0.3 s later
     wait_until(
-        lambda: proxy.metric("strangler_client_disconnects_total", version="v1", stage="response")
-        == gone_before + 1,
+        lambda: (
+            proxy.metric("strangler_client_disconnects_total", version="v1", stage="response")
+            == gone_before + 1
+        ),
         timeout=5,
     )
     with httpx.Client(timeout=5) as client:
@@ -463,10 +463,16 @@ def test_a_streamed_upload_below_the_minimum_rate_gets_408(
     backend = RecordingServer().start()
     try:
         limits = {
-            "body_buffer_bytes": 1024, "min_body_rate_bytes_per_second": 1000, "body_rate_grace_seconds": 0.5
+            "body_buffer_bytes": 1024,
+            "min_body_rate_bytes_per_second": 1000,
+            "body_rate_grace_seconds": 0.5,
         }
         proxy = proxy_factory(
-            v1_url=backend.url, v2_url=backend.url, redis_url=redis_url, split_key="r:split", key_prefix="r:",
+            v1_url=backend.url,
+            v2_url=backend.url,
+            redis_url=redis_url,
+            split_key="r:split",
+            key_prefix="r:",
             limits=limits,
         )
         with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
@@ -500,7 +506,11 @@ def test_an_idle_connection_flood_does_not_lock_out_a_normal_client(
     flood: list[socket.socket] = []
     try:
         proxy = proxy_factory(
-            v1_url=backend.url, v2_url=backend.url, redis_url=redis_url, split_key="c:split", key_prefix="c:",
+            v1_url=backend.url,
+            v2_url=backend.url,
+            redis_url=redis_url,
+            split_key="c:split",
+            key_prefix="c:",
             limits={"max_connections": 50},
         )
         for _ in range(200):
