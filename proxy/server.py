@@ -178,6 +178,7 @@ def limits_for(settings: Settings, count: Any) -> ServerLimits:
         body_timeout_seconds=limits.body_timeout_seconds,
         keepalive_timeout_seconds=limits.keepalive_timeout_seconds,
         max_connections=connection_cap(limits.max_connections),
+        max_pipelined_requests=limits.max_pipelined_requests,
         count=count,
     )
 

@@ -328,6 +328,9 @@ class LimitSettings(BaseModel):
     # client connections held at once; over it, idle connections are closed first, then new ones
     # refused. Also capped below the process's open-file limit (raised to the hard limit at start)
     max_connections: int = Field(default=4096, ge=1)
+    # requests a client may send ahead of their answers on one connection (pipelining); over it,
+    # those already received are answered, then the connection closes (too_many_pipelined)
+    max_pipelined_requests: int = Field(default=64, ge=1)
 
 
 class MatchRule(BaseModel):

@@ -62,7 +62,8 @@ class ServerLimits:
     """Limits resolved once per server, the refusal counter and the open connections."""
 
     __slots__ = ("max_line", "max_header_bytes", "max_headers", "max_head", "max_body", "header_timeout",
-                 "body_timeout", "keepalive_timeout", "max_connections", "count", "connections")  # fmt: skip
+                 "body_timeout", "keepalive_timeout", "max_connections", "max_pipelined", "count",
+                 "connections")  # fmt: skip
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class ServerLimits:
         body_timeout_seconds: float = 60.0,
         keepalive_timeout_seconds: float = 5.0,
         max_connections: int = 4096,
+        max_pipelined_requests: int = 64,
         count: Callable[[str], None] | None = None,
     ) -> None:
         self.max_line = max_request_line_bytes
@@ -87,6 +89,8 @@ class ServerLimits:
         self.body_timeout = body_timeout_seconds
         self.keepalive_timeout = keepalive_timeout_seconds
         self.max_connections = max_connections
+        # requests parsed ahead of their answers on one connection (llhttp parses all it is fed)
+        self.max_pipelined = max_pipelined_requests
         self.count: Callable[[str], None] = count or (lambda reason: None)
         # every open connection, oldest first: idle ones are closed first at the cap
         self.connections: dict[ServerProtocol, None] = {}
@@ -563,6 +567,8 @@ class ServerProtocol(asyncio.Protocol):
         drain = self._drain
         if drain is not None and not drain.done():
             drain.set_result(None)
+        if self._active is None and self._ws is None:
+            self._continue()  # requests held while the client was not reading its answers
 
     async def drain(self) -> None:
         if self.write_paused and not self.lost.done():
@@ -693,11 +699,16 @@ class ServerProtocol(asyncio.Protocol):
             self._parsing = ex
             self._last_body = self.loop.time()
             self._body_timer = self.loop.call_later(self._limits.body_timeout, self._check_body)
-        if self._active is None:
+        if self._active is None and not self._queue and not self.write_paused:
             self._start(ex)
         else:
-            self._queue.append(ex)  # pipelined: answered in order
+            # pipelined (or held while the client leaves its answers unread): answered in order
+            if len(self._queue) >= self._limits.max_pipelined:
+                raise self._stop(400, "too_many_pipelined", "too many requests sent ahead of their answers")
+            self._queue.append(ex)
             self.pause_reading()
+            if self._active is None:
+                self._continue()  # held, not pipelined: the keep-alive deadline runs meanwhile
 
     def on_body(self, body: bytes) -> None:
         self._last_body = self.loop.time()
@@ -772,12 +783,28 @@ class ServerProtocol(asyncio.Protocol):
         if not ex.keep_alive or not ex.body_done or self._refused and not self._queue:
             self._close()
             return
-        if self._queue:
+        self._continue()
+
+    def _continue(self) -> None:
+        """Between answers: the next pipelined request, or read the next one. Held while the
+        client leaves its answers unread (our write buffer over its high-water mark), or a client
+        that sends requests and never reads would make us buffer answers without end;
+        ``resume_writing`` comes back here. Held or idle, ``keepalive_timeout`` closes it."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._active is not None:
+            return
+        if self._queue and not self.write_paused:
             self._start(self._queue.popleft())
             self.resume_reading()
             return
         self._idle_since = self.loop.time()
-        self.resume_reading()
+        if self.write_paused:
+            self.pause_reading()
+            if self._timer is not None:  # the deadline counts from now: a pending timer may be due later
+                self._timer.cancel()
+                self._timer = None
+        else:
+            self.resume_reading()
         if self._timer is None:
             self._timer = self.loop.call_later(self._limits.keepalive_timeout, self._check_deadlines)
 
@@ -850,7 +877,13 @@ class ServerProtocol(asyncio.Protocol):
             waited = now - self._idle_since
             if waited >= limits.keepalive_timeout:
                 self._refused = True
-                self._close()
+                if self.write_paused:
+                    # a client that does not read its answers: a close would wait to flush them
+                    # to it for ever, holding the buffer; drop them with the connection
+                    limits.count("answers_unread")
+                    transport.abort()
+                else:
+                    self._close()
                 return
             self._timer = self.loop.call_later(limits.keepalive_timeout - waited, self._check_deadlines)
         # otherwise a request is being answered: re-armed when the connection is idle again

@@ -525,6 +525,91 @@ def test_an_idle_connection_flood_does_not_lock_out_a_normal_client(
         backend.stop()
 
 
+def _until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_requests_pipelined_past_the_cap_are_answered_up_to_it_then_the_connection_closes(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> None:
+    """llhttp parses all it is fed, so a client could queue thousands of requests in one packet;
+    past ``max_pipelined_requests`` the proxy stops: those received are answered in order, then
+    the connection closes (a pipelining client sends the rest again, RFC 9112 9.3.2)."""
+    backend = RecordingServer().start()
+    try:
+        proxy = proxy_factory(
+            v1_url=backend.url,
+            v2_url=backend.url,
+            redis_url=redis_url,
+            split_key="q:split",
+            key_prefix="q:",
+            limits={"max_pipelined_requests": 8},
+        )
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"".join(b"GET /p%d HTTP/1.1\r\n" % i + H + b"\r\n" for i in range(50)))
+            raw = _until_closed(sock)
+        assert raw.count(b"HTTP/1.1 200 ") == 9, raw[:300]  # the one in progress and 8 queued
+        assert [r.target for r in backend.requests] == [b"/p%d" % i for i in range(9)]
+        assert proxy.metric("strangler_rejected_requests_total", reason="too_many_pipelined") == 1
+    finally:
+        backend.stop()
+
+
+def test_a_client_that_never_reads_its_answers_cannot_grow_the_proxy(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> None:
+    """Requests sent one after another (never more than the pipelining cap ahead), answers never
+    read: once our write buffer to the client is full the proxy serves it nothing more and reads
+    nothing more; after ``keepalive_timeout_seconds`` of that the connection is dropped (a close
+    would wait for ever to flush answers nobody reads). Other clients are served throughout."""
+    backend = RecordingServer(answer=lambda request: b"x" * 8192).start()
+    try:
+        proxy = proxy_factory(
+            process=True,  # its RSS is measured
+            v1_url=backend.url,
+            v2_url=backend.url,
+            redis_url=redis_url,
+            split_key="u:split",
+            key_prefix="u:",
+            limits={"keepalive_timeout_seconds": 1.0},
+        )
+        before = proxy.rss()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", proxy.port))
+        sock.setblocking(False)
+        requests = b"GET /unread HTTP/1.1\r\n" + H + b"\r\n"
+        sent, dropped, started = 0, False, time.monotonic()
+        try:
+            while time.monotonic() - started < 15:
+                try:
+                    sent += sock.send(requests * 4)
+                except BlockingIOError:
+                    pass
+                except (ConnectionResetError, BrokenPipeError):
+                    dropped = True
+                    break
+                time.sleep(0.005)
+            grown = proxy.rss() - before
+        finally:
+            sock.close()
+        assert dropped, f"the proxy kept the connection for 15 s ({sent} bytes of requests taken)"
+        assert grown < 20 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
+        assert proxy.metric("strangler_rejected_requests_total", reason="answers_unread") == 1
+        assert httpx.get(proxy.url + "/after", timeout=5).status_code == 200
+    finally:
+        backend.stop()
+
+
 def test_a_backend_answer_with_two_framings_is_a_502_and_smuggles_nothing(
     scripted: tuple[ScriptedBackend, ProxyProcess],
 ) -> None:
