@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -252,14 +253,22 @@ class ScriptedBackend:
         self._sock.close()
 
 
+def one_backend_proxy(
+    proxy_factory: Callable[..., ProxyProcess], backend_url: str, redis_url: str, prefix: str, **settings: Any
+) -> ProxyProcess:
+    """A proxy whose two versions are one test backend, with Redis keys of its own."""
+    return proxy_factory(
+        v1_url=backend_url, v2_url=backend_url, redis_url=redis_url, split_key=prefix + "split",
+        key_prefix=prefix, **settings,
+    )  # fmt: skip
+
+
 @pytest.fixture()
 def scripted(
     proxy_factory: Callable[..., ProxyProcess], redis_url: str
 ) -> Iterator[tuple[ScriptedBackend, ProxyProcess]]:
     backend = ScriptedBackend()
-    proxy = proxy_factory(
-        v1_url=backend.url, v2_url=backend.url, redis_url=redis_url, split_key="sc:split", key_prefix="sc:"
-    )
+    proxy = one_backend_proxy(proxy_factory, backend.url, redis_url, "sc:")
     yield backend, proxy
     backend.stop()
 
@@ -467,14 +476,7 @@ def test_a_streamed_upload_below_the_minimum_rate_gets_408(
             "min_body_rate_bytes_per_second": 1000,
             "body_rate_grace_seconds": 0.5,
         }
-        proxy = proxy_factory(
-            v1_url=backend.url,
-            v2_url=backend.url,
-            redis_url=redis_url,
-            split_key="r:split",
-            key_prefix="r:",
-            limits=limits,
-        )
+        proxy = one_backend_proxy(proxy_factory, backend.url, redis_url, "r:", limits=limits)
         with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
             sock.settimeout(5)
             sock.sendall(b"POST /up HTTP/1.1\r\n" + H + b"Content-Length: 100000\r\n\r\n" + b"x" * 2000)
@@ -505,14 +507,7 @@ def test_an_idle_connection_flood_does_not_lock_out_a_normal_client(
     backend = RecordingServer().start()
     flood: list[socket.socket] = []
     try:
-        proxy = proxy_factory(
-            v1_url=backend.url,
-            v2_url=backend.url,
-            redis_url=redis_url,
-            split_key="c:split",
-            key_prefix="c:",
-            limits={"max_connections": 50},
-        )
+        proxy = one_backend_proxy(proxy_factory, backend.url, redis_url, "c:", limits={"max_connections": 50})
         for _ in range(200):
             flood.append(socket.create_connection(("127.0.0.1", proxy.port)))
         reply = exchange(proxy.port, b"GET /normal HTTP/1.1\r\n" + H + CLOSE + b"\r\n", timeout=5)
@@ -545,13 +540,8 @@ def test_requests_pipelined_past_the_cap_are_answered_up_to_it_then_the_connecti
     the connection closes (a pipelining client sends the rest again, RFC 9112 9.3.2)."""
     backend = RecordingServer().start()
     try:
-        proxy = proxy_factory(
-            v1_url=backend.url,
-            v2_url=backend.url,
-            redis_url=redis_url,
-            split_key="q:split",
-            key_prefix="q:",
-            limits={"max_pipelined_requests": 8},
+        proxy = one_backend_proxy(
+            proxy_factory, backend.url, redis_url, "q:", limits={"max_pipelined_requests": 8}
         )
         with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
             sock.settimeout(5)
@@ -573,15 +563,9 @@ def test_a_client_that_never_reads_its_answers_cannot_grow_the_proxy(
     would wait for ever to flush answers nobody reads). Other clients are served throughout."""
     backend = RecordingServer(answer=lambda request: b"x" * 8192).start()
     try:
-        proxy = proxy_factory(
-            process=True,  # its RSS is measured
-            v1_url=backend.url,
-            v2_url=backend.url,
-            redis_url=redis_url,
-            split_key="u:split",
-            key_prefix="u:",
-            limits={"keepalive_timeout_seconds": 1.0},
-        )
+        limits = {"keepalive_timeout_seconds": 1.0}
+        # a process: its RSS is measured
+        proxy = one_backend_proxy(proxy_factory, backend.url, redis_url, "u:", process=True, limits=limits)
         before = proxy.rss()
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
