@@ -91,6 +91,9 @@ _DEEPDIFF_ARGS = inspect.signature(DeepDiff.__init__).parameters
 _EXTRA: dict[str, Any] = {}
 if "threshold_to_diff_deeper" in _DEEPDIFF_ARGS:
     _EXTRA["threshold_to_diff_deeper"] = 0
+# on by default, deepdiff skips dict keys starting with "__" (meant for Python objects' private
+# attributes); in a JSON answer "__typename" (GraphQL) or "__v" (Mongoose) is data like any other
+_EXTRA["ignore_private_variables"] = False
 if "multiprocessing_workers" in _DEEPDIFF_ARGS:
     # left unset, deepdiff asks os.cpu_count() per diff: glibc reads /sys/devices/system/cpu/online
     # (three syscalls per comparison); it never forks for us anyway (multiprocessing is off)
@@ -341,22 +344,21 @@ def _walk(t1: Any, t2: Any, path: str, found: dict[str, list[tuple[str, Any, Any
         found["type_changes"].append((path, t1, t2))
         return True
     if type(t1) is dict:
-        # added keys in v2's order, removed in v1's, then the common ones in v2's; deepdiff skips
-        # keys starting with "__" (its ignore_private_variables, on by default), and so do we
+        # added keys in v2's order, removed in v1's, then the common ones in v2's (as deepdiff)
         for key in t2:
-            if key not in t1 and not key.startswith("__"):
+            if key not in t1:
                 step = _key_path(key)
                 if step is None:
                     return False
                 found["dictionary_item_added"].append((path + step, notpresent, t2[key]))
         for key in t1:
-            if key not in t2 and not key.startswith("__"):
+            if key not in t2:
                 step = _key_path(key)
                 if step is None:
                     return False
                 found["dictionary_item_removed"].append((path + step, t1[key], notpresent))
         for key in t2:
-            if key in t1 and not key.startswith("__"):
+            if key in t1:
                 step = _key_path(key)
                 if step is None or not _walk(t1[key], t2[key], path + step, found):
                     return False

@@ -53,6 +53,10 @@ def test_identical_json_matches_whatever_the_key_order_or_spacing() -> None:
         ({"a": {"b": {"c": 1}}}, {"a": {"b": {"c": 2}}}, ["root['a']['b']['c']"]),
         # many keys differ: still reported field by field, not as one replaced object
         ({"a": 1, "b": 2, "c": 3}, {"a": 9, "b": 8, "c": 3}, ["root['a']", "root['b']"]),
+        # keys deepdiff would take for private attributes are data in JSON (GraphQL, Mongoose)
+        ({"__typename": "User", "id": 1}, {"__typename": "Admin", "id": 1}, ["root['__typename']"]),
+        ({"__v": 0}, {}, ["root['__v']"]),
+        ({"a": [{"__id": 1}]}, {"a": [{"__id": 2}]}, ["root['a'][*]['__id']"]),
     ],
 )
 def test_json_differences_are_reported_per_field(left: object, right: object, expected: list[str]) -> None:
