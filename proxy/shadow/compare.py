@@ -161,7 +161,15 @@ def media_type(content_type: str) -> str:
 
 
 def _json_default(value: Any) -> Any:
+    """A number inside a sampled object or list is shown as a JSON number, not a string: an int
+    when it is whole and fits, a float when that float is exactly it; only a number neither can
+    hold (a huge or very precise one) is shown as its exact text, quoted."""
     if isinstance(value, Decimal):
+        if value == value.to_integral_value() and -(2**63) <= value < 2**64:
+            return int(value)
+        as_float = float(value)
+        if Decimal(repr(as_float)) == value:
+            return as_float
         return _number_text(value)
     raise TypeError
 

@@ -63,6 +63,17 @@ def test_json_differences_are_reported_per_field(left: object, right: object, ex
     assert fields(answer(left), answer(right)) == expected
 
 
+def test_numbers_in_sampled_values_are_shown_as_numbers() -> None:
+    """The values a report shows for a changed object keep JSON's numbers (not "1999")."""
+    left = {"price": {"amount": 1999, "rate": 0.25, "tags": [1, 2]}}
+    right = {"price": "free"}
+    (found,) = differences(answer(left), answer(right), EndpointRules())[0]
+    assert orjson.loads(found.v1) == {"amount": 1999, "rate": 0.25, "tags": [1, 2]}
+    huge = b'{"a": {"n": 18446744073709551621}}'
+    (found,) = differences(Answer(200, JSON, huge), answer({"a": 1}), EndpointRules())[0]
+    assert found.v1 == '{"n":"18446744073709551621"}'  # no JSON number type here holds it exactly
+
+
 def test_status_and_content_type_are_compared() -> None:
     assert fields(answer({}, 200), answer({}, 201)) == ["status"]
     assert fields(answer({}, content_type="application/json; charset=utf-8"),
