@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import psutil
 
+from tests.rawserver import RawServer, read_request_head
 from tests.support import ProxyProcess
 
 
@@ -110,43 +111,19 @@ def requests_total(proxy: ProxyProcess, **labels: str) -> float:
     return proxy.metric("http_requests_total", **labels)
 
 
-class RawServer:
-    """Accepts connections and answers every request with fixed bytes (then maybe closes)."""
+class FixedAnswerServer(RawServer):
+    """Answers every request with fixed bytes (then closes, or holds the connection 5 s)."""
 
     def __init__(self, answer: bytes, close: bool = True) -> None:
         self.answer = answer
         self.close = close
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port: int = self.sock.getsockname()[1]
-        self.accepted = 0
-        self._stopping = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._stopping:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         try:
             conn.settimeout(5)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            if read_request_head(conn) is None:
+                return
             conn.sendall(self.answer)
             if not self.close:
                 time.sleep(5)
@@ -154,10 +131,6 @@ class RawServer:
             pass
         finally:
             conn.close()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self.sock.close()
 
 
 def loop_tasks(proxy: ProxyProcess) -> float:

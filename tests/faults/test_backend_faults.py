@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.load import Load, RawServer, established_to, loop_tasks, requests_total
+from tests.faults.load import FixedAnswerServer, Load, established_to, loop_tasks, requests_total
 from tests.hostile.rawhttp import exchange
 from tests.support import Backend, ProxyProcess, RedisServer, wait_until
 
@@ -101,9 +101,9 @@ BAD_ANSWERS = {
 @pytest.fixture(scope="module")
 def bad_v2(
     backends: tuple[Backend, Backend], redis_server: RedisServer, workdir: Path
-) -> Iterator[tuple[ProxyProcess, RawServer]]:
+) -> Iterator[tuple[ProxyProcess, FixedAnswerServer]]:
     """One proxy whose v2 is a raw server; each case swaps the bytes it answers with."""
-    bad = RawServer(b"")
+    bad = FixedAnswerServer(b"")
     settings = {
         "v1_url": backends[0].url,
         "v2_url": bad.url,
@@ -119,7 +119,9 @@ def bad_v2(
 
 
 @pytest.mark.parametrize("case", list(BAD_ANSWERS))
-def test_v2_answering_invalid_http_is_a_502(bad_v2: tuple[ProxyProcess, RawServer], case: str) -> None:
+def test_v2_answering_invalid_http_is_a_502(
+    bad_v2: tuple[ProxyProcess, FixedAnswerServer], case: str
+) -> None:
     """Nothing was relayed yet, so the client gets a clean 502 naming v2, counted as such."""
     proxy, bad = bad_v2
     bad.answer = BAD_ANSWERS[case]
@@ -162,7 +164,7 @@ def test_chunked_upstream_cut_mid_body_never_gets_a_final_chunk(
 ) -> None:
     _, v2 = v1v2
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    bad = RawServer(head + (b"10000\r\n" + b"z" * 0x10000 + b"\r\n") * 2)  # 128 KiB, then gone
+    bad = FixedAnswerServer(head + (b"10000\r\n" + b"z" * 0x10000 + b"\r\n") * 2)  # 128 KiB, then gone
     try:
         proxy = proxy_factory(v1_url=bad.url, v2_url=v2.url, redis_url=redis_url)
         reply = exchange(proxy.port, GET % (b"/big", b""), timeout=10)

@@ -18,6 +18,7 @@ import pytest
 
 from tests.hostile.rawhttp import exchange
 from tests.hostile.recorder import RecordingServer
+from tests.rawserver import RawServer, read_request_head
 from tests.support import ProxyProcess, RedisServer, free_port, wait_until
 
 H = b"Host: app.test\r\n"
@@ -167,7 +168,7 @@ SPLIT_HOP_HEAD = (
 )
 
 
-class ScriptedBackend:
+class ScriptedBackend(RawServer):
     """A raw keep-alive backend: answers ``T=<target>``; ``/poison`` writes a second, unrequested
     answer 0.3 s after the first; ``/switch`` answers 101 to a plain request; after ``/drop-next``
     the next request on that connection is read, then the connection closes with no answer (the
@@ -176,44 +177,22 @@ class ScriptedBackend:
     ``SPLIT_HOP_HEAD``."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.port = self._sock.getsockname()[1]
-        self.connections = 0
         self.seen: list[bytes] = []  # request targets, in the order they arrived
         self.poisoned = threading.Event()  # set once the unrequested answer is written
-        self._closing = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._closing:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         buffer = b""
         drop_next = False
         with conn:
             while True:
-                while b"\r\n\r\n" not in buffer:
-                    try:
-                        data = conn.recv(65536)
-                    except OSError:
-                        return
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                try:
+                    got = read_request_head(conn, buffer)
+                except OSError:
+                    return
+                if got is None:
+                    return
+                head, buffer = got
                 target = head.split(b" ")[1]
                 self.seen.append(target)
                 if drop_next:
@@ -247,10 +226,6 @@ class ScriptedBackend:
                         self.poisoned.set()
                 except OSError:
                     return
-
-    def stop(self) -> None:
-        self._closing = True
-        self._sock.close()
 
 
 def one_backend_proxy(

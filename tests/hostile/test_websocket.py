@@ -8,7 +8,6 @@ import hashlib
 import os
 import socket
 import struct
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from tests.hostile.rawhttp import parse
+from tests.rawserver import RawServer, read_request_head
 from tests.support import ProxyProcess, metric_value
 from tests.wsbackend import WsBackend
 
@@ -82,33 +82,20 @@ def close_code(payload: bytes) -> int:
     return int(struct.unpack("!H", payload[:2])[0])
 
 
-class RawUpgradeServer:
+class RawUpgradeServer(RawServer):
     """Answers each upgrade request with ``answer(target, key)`` as raw bytes, then holds the
     connection open until the proxy closes it."""
 
     def __init__(self, answer: Callable[[bytes, bytes], bytes]) -> None:
         self.answer = answer
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
-            raw = b""
-            while b"\r\n\r\n" not in raw:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                raw += chunk
-            lines = raw.split(b"\r\n")
+            got = read_request_head(conn)
+            if got is None:
+                return
+            lines = got[0].split(b"\r\n")
             key = next((line.split(b":", 1)[1].strip() for line in lines
                         if line.lower().startswith(b"sec-websocket-key:")), b"")  # fmt: skip
             conn.sendall(self.answer(lines[0].split(b" ")[1], key))
@@ -118,9 +105,6 @@ class RawUpgradeServer:
                     pass
             except OSError:
                 return
-
-    def stop(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture()

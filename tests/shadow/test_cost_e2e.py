@@ -13,12 +13,12 @@ pool's coroutine path) and the following ones find it warm (the no-task path): b
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
+from tests.rawserver import RawServer, read_request_head
 from tests.shadow.conftest import Scripted
 from tests.shadow.helpers import detail, start_shadow_proxy, wait_row
 from tests.support import ProxyProcess, wait_until
@@ -96,42 +96,25 @@ def test_an_answer_the_budget_cannot_hold_is_skipped_and_its_bytes_are_given_bac
     assert proxy.metric("strangler_shadow_requests_total", outcome="dropped") == 0
 
 
-class OneAnswerPerConnection:
+class OneAnswerPerConnection(RawServer):
     """A v2 that answers the first request on a connection (keep-alive) and closes the
     connection, unanswered, when a second one arrives: the keep-alive race, every time."""
 
     def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
         self.answered = 0
         self.refused = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            if read_request_head(conn) is None:
+                return
             body = b'{"n": 1}'
             conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
                          % (len(body), body))  # fmt: skip
             self.answered += 1
             if conn.recv(65536):
                 self.refused += 1  # the second request: closed without an answer
-
-    def close(self) -> None:
-        self.server.close()
 
 
 def test_a_warm_connection_closed_under_the_request_is_sent_again_not_an_error(
@@ -141,9 +124,7 @@ def test_a_warm_connection_closed_under_the_request_is_sent_again_not_an_error(
     v1.script("/c/race", any=[{"json": {"n": 1}}])
     v2 = OneAnswerPerConnection()
     try:
-        proxy = start_shadow_proxy(
-            proxy_factory, v1, f"http://127.0.0.1:{v2.port}", redis_url, concurrency=1, exclude_paths=[]
-        )
+        proxy = start_shadow_proxy(proxy_factory, v1, v2.url, redis_url, concurrency=1, exclude_paths=[])
         send(proxy, "GET", "/c/race", 4)
         assert counts(wait_row(proxy, "GET /c/race", compared=4)) == (4, 4, 0, 0, 0)
         # the first found no warm connection; each later one found the previous connection warm,
@@ -153,4 +134,4 @@ def test_a_warm_connection_closed_under_the_request_is_sent_again_not_an_error(
         assert proxy.metric("strangler_shadow_requests_total", outcome="error") == 0
         wait_until(lambda: held(proxy) == 0, timeout=5, message="the budget is given back")
     finally:
-        v2.close()
+        v2.stop()
