@@ -246,7 +246,7 @@ class _Connection(asyncio.Protocol):
                  "_head_future", "_status", "_headers", "_interim", "_head_only", "_keep", "_got_bytes",
                  "_write_paused", "_drain", "_read_paused", "_timer", "_last_read", "_read_timeout",
                  "counted_out", "_sink", "_sink_reads", "_finished", "_timer_due", "_strip_seen",
-                 "_length", "_plain_at")  # fmt: skip
+                 "_length", "_plain_at", "_queued_in")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -278,6 +278,7 @@ class _Connection(asyncio.Protocol):
         self._sink: ResponseSink | None = None  # the callbacks of a ``send_now`` exchange
         self._sink_reads = False  # the sink wants ``done`` with the body buffered
         self._finished: UpstreamResponse | None = None  # completed in this packet: ``done`` pending
+        self._queued_in = -1  # the write batch's flush count when our request head was queued
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -304,6 +305,14 @@ class _Connection(asyncio.Protocol):
             # an idle pooled connection must stay silent; bytes here would be read as the next
             # client's answer. Drop the connection (nginx: ngx_http_upstream_keepalive_close_handler)
             self.pool.dropped("idle_readable")
+            self.abort()
+            return
+        if self._queued_in == self.pool.writes.flushes:
+            # our request head is still queued (proxy.edge.writebatch): these bytes answer nothing
+            # we sent. Dropped like an idle connection that speaks; the request, never sent, goes
+            # out again on a fresh connection
+            self.pool.dropped("idle_readable")
+            self._fail_exchange(_NoAnswer(self.pool.version, "backend answered before the request was sent"))
             self.abort()
             return
         self._got_bytes = True
@@ -514,6 +523,7 @@ class _Connection(asyncio.Protocol):
     ) -> None:  # fmt: skip
         """A new exchange on this connection: who hears of the answer, and its read deadline."""
         self.busy = True
+        self._queued_in = -1
         self._head_future = future
         self._sink = sink
         self._sink_reads = False
@@ -532,7 +542,9 @@ class _Connection(asyncio.Protocol):
         self._begin(head_only, read_timeout, None, sink)
         transport = self.transport
         assert transport is not None
-        self.pool.writes.write(transport, head)  # with the other requests of this loop pass
+        writes = self.pool.writes
+        if writes.write(transport, head):  # with the other requests of this loop pass
+            self._queued_in = writes.flushes
 
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         transport = self.transport

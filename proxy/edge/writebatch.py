@@ -25,22 +25,27 @@ DIRECT: Final = 16 * 1024  # bytes from which a write goes out at once (after wh
 
 
 class WriteBatch:
-    __slots__ = ("_pending",)
+    __slots__ = ("_pending", "flushes")
 
     def __init__(self) -> None:
         self._pending: list[tuple[asyncio.Transport, bytes]] = []
+        # flushes that wrote something: a write queued at count n has left once it is past n
+        # (the upstream client tells a backend's early bytes from an answer by it)
+        self.flushes = 0
 
-    def write(self, transport: asyncio.Transport, data: bytes) -> None:
-        """Queue ``data`` for the end of this pass; at ``DIRECT`` bytes or more, write it now."""
+    def write(self, transport: asyncio.Transport, data: bytes) -> bool:
+        """Queue ``data`` for the end of this pass (True); at ``DIRECT`` bytes or more, write it
+        now (False)."""
         if len(data) >= DIRECT:
             self.flush()
             if not transport.is_closing():
                 transport.write(data)
-            return
+            return False
         pending = self._pending
         pending.append((transport, data))
         if len(pending) == 1:
             asyncio.get_running_loop().call_soon(self.flush)
+        return True
 
     def flush(self) -> None:
         """Write everything queued (the end of a pass, or before a close or a large write)."""
@@ -48,6 +53,7 @@ class WriteBatch:
         if not pending:
             return
         self._pending = []
+        self.flushes += 1
         for transport, data in pending:
             if transport.is_closing():
                 continue  # closed or aborted since: what it would have said has no reader

@@ -9,6 +9,8 @@ import asyncio
 import socket
 from typing import Any
 
+from proxy.edge.client import Origin, PoolLimits, UpstreamPool, UpstreamResponse
+from proxy.edge.errors import UpstreamError
 from proxy.edge.server import HttpServer, NativeExchange, ServerLimits
 from proxy.edge.writebatch import DIRECT, WriteBatch
 
@@ -121,3 +123,64 @@ def test_a_refusal_comes_after_the_answer_queued_before_it() -> None:
     answer, refusal = reply.split(b"HTTP/1.1 ")[1:]
     assert answer.endswith(b"answer to /a")
     assert refusal.startswith(b"400 ")
+
+
+class _Sink:
+    """What a fast-path caller hears of one ``send_now`` exchange."""
+
+    def __init__(self) -> None:
+        self.answers: list[bytes] = []
+        self.failures: list[tuple[str, bool]] = []
+
+    def head(self, response: UpstreamResponse) -> bool:
+        return True
+
+    def done(self, response: UpstreamResponse) -> None:
+        self.answers.append(response.buffered())
+
+    def failed(self, error: UpstreamError, retryable: bool) -> None:
+        self.failures.append((error.detail, retryable))
+
+
+def test_bytes_a_backend_sends_before_our_request_has_left_are_no_answer() -> None:
+    """A pooled connection is taken and its request head queued for the end of the pass; in the
+    same pass, before the head is written, the backend's bytes arrive (as when both are in one
+    epoll batch). They cannot answer a request the backend has not seen: the connection is
+    dropped, the request is reported as never sent (retryable on a fresh connection), and the
+    backend never receives it."""
+
+    async def main() -> tuple[_Sink, list[bytes], bool]:
+        heads: list[bytes] = []
+
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                heads.append(head.split(b" ")[1])
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+        server = await asyncio.start_server(backend, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool("v1", Origin.parse(f"http://127.0.0.1:{port}"), PoolLimits())
+        try:
+            first = await pool.request(b"GET", b"/warm", [])
+            assert await first.read() == b"ok"
+            conn = pool.take_idle()
+            assert conn is not None
+            sink = _Sink()
+            conn.send_now(pool.head_for(b"GET", b"/second", [], True, b""), False, 5.0, sink)
+            # the loop hands over the backend's early bytes in the pass that queued the head
+            conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nPOISONED")
+            await asyncio.sleep(0.1)
+            return sink, heads, conn.closed
+        finally:
+            await pool.close()
+            server.close()
+
+    sink, heads, closed = asyncio.run(main())
+    assert sink.answers == []
+    assert sink.failures == [("backend answered before the request was sent", True)]
+    assert closed
+    assert heads == [b"/warm"]  # the queued head was dropped with the connection
