@@ -23,6 +23,7 @@ from setuptools.command.build_ext import build_ext
 COMPILED = [
     "proxy/edge/bodyqueue.py",
     "proxy/edge/client.py",
+    "proxy/edge/flow.py",
     "proxy/edge/headers.py",
     "proxy/edge/server.py",
     "proxy/edge/writebatch.py",
