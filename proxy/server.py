@@ -252,7 +252,10 @@ async def serve(settings: Settings, app: Any, group: ServerGroup | None = None, 
     await app.startup()
     metrics = app.metrics
     main = HttpServer(
-        app.proxy.handle, limits_for(settings, metrics.rejected_request), tls, fast=app.proxy.start
+        app.proxy.handle,
+        limits_for(settings, metrics.rejected_request),
+        tls,
+        fast=app.proxy.start if settings.fast_path else None,
     )
     admin_server: HttpServer | None = None
     try:

@@ -430,6 +430,9 @@ class Settings(BaseSettings):
     force_header_enabled: bool = True
 
     # upstream
+    # requests without a body taken synchronously on a warm pooled connection (no task); the same
+    # lifecycle either way: off only to rule the fast path out while diagnosing
+    fast_path: bool = True
     fallback_to_v1: bool = True
     connect_timeout_seconds: float = Field(default=2.0, gt=0)
     read_timeout_seconds: float = Field(default=30.0, gt=0)
