@@ -50,6 +50,7 @@ quiet_log.setLevel(logging.WARNING)
 QUEUE_HIGH_WATER: Final = 256 * 1024
 QUEUE_LOW_WATER: Final = QUEUE_HIGH_WATER // 4
 FRAME_COST: Final = 144  # what a parsed frame costs beyond its payload (measured): empty frames count too
+FEED_SLICE: Final = 16 * 1024  # received bytes parsed at a time (see FrameSocket._parse)
 HANDSHAKE_BODY_LIMIT: Final = 64 * 1024  # an upstream refusal's body passed on to the client, at most
 ABNORMAL: Final = 1006
 
@@ -91,6 +92,7 @@ class FrameSocket:
         self._events: collections.deque[Frame] = collections.deque()
         self._queued = 0  # what the queued frames cost: payload plus FRAME_COST each
         self._answers_held = False  # reading paused until the peer reads our automatic answers
+        self._unparsed = b""  # received, not parsed yet: waits while the queue is full or answers held
         self._waiter: asyncio.Future[None] | None = None
         # the upstream side: set once the peer's answer to our upgrade request has been parsed
         self.handshake: asyncio.Future[Response] | None = None
@@ -114,16 +116,21 @@ class FrameSocket:
     # --- fed by the transport ----------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        self.protocol.receive_data(data)
-        self._collect()
+        self._unparsed = self._unparsed + data if self._unparsed else data
+        self._parse()
 
     def feed_eof(self) -> None:
+        if self._unparsed:  # reading was paused, so nothing should wait here; never lose it anyway
+            data, self._unparsed = self._unparsed, b""
+            self.protocol.receive_data(data)
+            self._collect()
         if self.protocol.state is not CLOSED:
             try:
                 self.protocol.receive_eof()
             except Exception:  # noqa: BLE001 - EOF after the parser already stopped
                 pass
         self._collect()
+        self._wake()
 
     def connection_lost(self) -> None:
         self.flow.lost()
@@ -138,6 +145,34 @@ class FrameSocket:
         self.flow.writing_resumed()
         if self._answers_held:  # the peer read our answers: it may send more
             self._answers_held = False
+            self._read_on()
+
+    def _full(self) -> bool:
+        return self._answers_held or self._queued > QUEUE_HIGH_WATER
+
+    def _parse(self) -> None:
+        """Parse what was received, a slice at a time, until done or full; the rest waits, with
+        reading paused. Slices bound what one read costs: a 256 KiB read of 6-byte frames would
+        otherwise become 40,000 parsed frames (6 MiB) and as many pongs in one call."""
+        data = self._unparsed
+        offset = 0
+        size = len(data)
+        while offset < size and not self._full():
+            piece = data if offset == 0 and size <= FEED_SLICE else data[offset : offset + FEED_SLICE]
+            offset += len(piece)
+            self.protocol.receive_data(piece)
+            self._collect()
+        self._unparsed = data[offset:] if offset < size else b""
+        self._steer_reading()
+        self._wake()
+
+    def _read_on(self) -> None:
+        """The relay took frames or the peer read our answers: parse what waits, read on."""
+        if self._full() or self._queued > QUEUE_LOW_WATER:
+            return
+        if self._unparsed:
+            self._parse()
+        else:
             self._steer_reading()
 
     def _collect(self) -> None:
@@ -150,15 +185,13 @@ class FrameSocket:
                 if handshake is not None and not handshake.done():
                     handshake.set_result(event)
         # what the protocol wrote by itself (automatic pongs, close echoes, failures) goes out
-        # now; if it lands in a full write buffer, nothing more is read from this peer until it
-        # reads: otherwise a peer that sends pings and never reads grows our buffer without bound
+        # now; if it lands in a full write buffer, nothing more is parsed or read from this peer
+        # until it reads: otherwise a peer that pings and never reads grows our buffer for ever
         if self._flush() and self.flow.write_paused:
             self._answers_held = True
-        self._steer_reading()
-        self._wake()
 
     def _steer_reading(self) -> None:
-        if self._answers_held or self._queued > QUEUE_HIGH_WATER:
+        if self._full() or self._unparsed:
             self.flow.pause_reading()
         elif self.flow.read_paused and self._queued <= QUEUE_LOW_WATER:
             self.flow.resume_reading()
@@ -194,8 +227,8 @@ class FrameSocket:
             if self._events:
                 frame = self._events.popleft()
                 self._queued -= len(frame.data) + FRAME_COST
-                if self.flow.read_paused:
-                    self._steer_reading()
+                if self.flow.read_paused or self._unparsed:
+                    self._read_on()
                 return frame
             if self.lost or self.protocol.state is CLOSED or self.protocol.parser_exc is not None:
                 return None

@@ -277,6 +277,7 @@ def test_first_frame_in_the_same_packet_as_the_101_reaches_the_client(
 
 FLOOD_BYTES = 20 * 1024 * 1024
 FLOOD_GROWTH_LIMIT = 10 * 1024 * 1024  # what the proxy may grow by while taking in FLOOD_BYTES
+EMPTY_FLOOD_GROWTH_LIMIT = 3 * 1024 * 1024  # ... when it is all empty frames
 
 
 def zero_masked(opcode: int, payload: bytes) -> bytes:
@@ -427,5 +428,32 @@ def test_ping_flood_from_a_backend_that_never_reads_keeps_memory_bounded(
             grown = settled_growth(proxy, before)
             assert grown < FLOOD_GROWTH_LIMIT, (grown, backend.sent)
             assert reader.received > 0
+    finally:
+        backend.stop()
+
+
+def test_empty_frames_toward_a_backend_that_never_reads_keep_memory_bounded(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> None:
+    # an empty frame is 6 bytes on the wire and a parsed object in the proxy: queued frames must
+    # be counted by what they cost, not by their payload (0), or the queue never says "full"
+    backend = StuckBackend()
+    proxy = proxy_factory(
+        process=True, v1_url=backend.url, v2_url=backend.url, redis_url=redis_url,
+        split_key=f"wsh{uuid.uuid4().hex[:8]}:split",
+    )  # fmt: skip
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+            sock.sendall(upgrade(b"/stuck"))
+            status, _ = read_head(sock)
+            assert status == 101
+            empty = zero_masked(0x1, b"")
+            flood = empty * (FLOOD_BYTES // len(empty))
+            before = proxy.rss()
+            sent = send_until_stalled(sock, flood)
+            grown = settled_growth(proxy, before)
+            # about 1 MiB; 5 MiB when a whole read (256 KiB: 40,000 frames) is parsed at once;
+            # 19 MiB, growing with the flood, when the queue counts payload only
+            assert grown < EMPTY_FLOOD_GROWTH_LIMIT, (grown, sent)
     finally:
         backend.stop()
