@@ -457,3 +457,106 @@ def test_empty_frames_toward_a_backend_that_never_reads_keep_memory_bounded(
             assert grown < EMPTY_FLOOD_GROWTH_LIMIT, (grown, sent)
     finally:
         backend.stop()
+
+
+# --- closing handshakes that go wrong ---------------------------------------------------------------
+
+
+class CloseRecorder(RawUpgradeServer):
+    """A valid 101, then reads to the end without ever answering (no close echo); records what the
+    proxy sent and when the proxy dropped the connection."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.ended = threading.Event()
+        super().__init__(_bad_backend)
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            got = read_request_head(conn)
+            if got is None:
+                return
+            key = next((line.split(b":", 1)[1].strip() for line in got[0].split(b"\r\n")
+                        if line.lower().startswith(b"sec-websocket-key:")), b"")  # fmt: skip
+            conn.sendall(self.answer(b"/sink", key))
+            conn.settimeout(10)
+            try:
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+            except OSError:
+                pass
+            self.ended.set()
+
+
+def unmask(data: bytes) -> tuple[int, bytes]:
+    """The first frame of what a client (the proxy, upstream) sent: opcode and unmasked payload."""
+    opcode, n = data[0] & 0x0F, data[1] & 0x7F
+    key, payload = data[2:6], data[6 : 6 + n]
+    return opcode, bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+@pytest.fixture()
+def close_edge(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> Iterator[tuple[ProxyProcess, CloseRecorder]]:
+    backend = CloseRecorder()
+    proxy = proxy_factory(
+        v1_url=backend.url, v2_url=backend.url, redis_url=redis_url,
+        split_key=f"wsh{uuid.uuid4().hex[:8]}:split", websocket={"close_timeout_seconds": 0.5},
+    )  # fmt: skip
+    yield proxy, backend
+    backend.stop()
+
+
+def ws_metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
+    return metric_value(httpx.get(proxy.admin + "/metrics", timeout=5).text, name, **labels)
+
+
+def test_backend_that_never_answers_the_close_is_dropped_after_the_close_timeout(
+    close_edge: tuple[ProxyProcess, CloseRecorder],
+) -> None:
+    proxy, backend = close_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(upgrade(b"/sink"))
+        status, rest = read_head(sock)
+        assert status == 101
+        sock.sendall(frame(0x8, struct.pack("!H", 4000) + b"bye"))
+        opcode, payload = read_frame(sock, rest)  # the client's handshake completes at once
+        assert opcode == 0x8 and close_code(payload) == 4000
+        assert sock.recv(65536) == b""  # and its connection is closed by the proxy
+        started = time.monotonic()
+        assert backend.ended.wait(5)  # the silent backend is dropped after close_timeout_seconds
+        assert time.monotonic() - started < 3
+    assert unmask(backend.received) == (0x8, struct.pack("!H", 4000) + b"bye")  # passed on as sent
+    wait_until(lambda: ws_metric(proxy, "strangler_websocket_open_connections", version="v1") == 0, timeout=5)
+    assert ws_metric(proxy, "strangler_websocket_closed_total", version="v1", code="4xxx") == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        pytest.param(struct.pack("!H", 1005), 1002, id="reserved-code-1005"),
+        pytest.param(struct.pack("!H", 999), 1002, id="code-999"),
+        pytest.param(struct.pack("!H", 5000), 1002, id="code-5000"),
+        pytest.param(b"\x03", 1002, id="one-byte-payload"),
+        pytest.param(struct.pack("!H", 1000) + b"\xff\xfe", 1007, id="reason-not-utf8"),
+    ],
+)
+def test_invalid_close_frame_from_the_client_is_refused_and_never_passed_on(
+    close_edge: tuple[ProxyProcess, CloseRecorder], payload: bytes, code: int
+) -> None:
+    proxy, backend = close_edge
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(upgrade(b"/sink"))
+        status, rest = read_head(sock)
+        assert status == 101
+        sock.sendall(frame(0x8, payload))
+        opcode, answer = read_frame(sock, rest)
+        assert opcode == 0x8 and close_code(answer) == code  # 1002 protocol error, 1007 bad UTF-8
+    assert backend.ended.wait(5)
+    # the backend is told the client went away (1001), never handed the invalid frame
+    assert unmask(backend.received) == (0x8, struct.pack("!H", 1001) + b"client gone")
+    label = str(code)
+    wait_until(
+        lambda: ws_metric(proxy, "strangler_websocket_closed_total", version="v1", code=label) == 1, timeout=5
+    )
