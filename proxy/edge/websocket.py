@@ -8,7 +8,14 @@ message size) and nothing else, so it fits between our transports.
 
 A ``FrameSocket`` is one side of a relayed connection: frames in (bounded queue, reading paused
 above a high-water mark), frames out (``await send`` waits while the transport is paused), so a
-slow reader on one side slows the writer on the other and memory stays bounded.
+slow reader on one side slows the writer on the other and memory stays bounded. The protocol
+answers pings and close frames by itself; those answers obey the same backpressure: while they
+sit in a write buffer the peer does not empty, nothing more is read from that peer (a ping flood
+from a peer that never reads costs one read's worth of pongs, not the whole flood). The flow
+control itself is ``proxy.edge.flow.FlowControl``, shared with the HTTP server and client.
+
+On the upstream side the bytes after the 101 head (frames the backend sent in the same packet)
+are parsed by the same protocol in the same call and queued like any later frame.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus
@@ -31,14 +39,20 @@ from websockets.uri import parse_uri
 
 from proxy.edge.client import Origin, request_head
 from proxy.edge.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamError, UpstreamTimeout
+from proxy.edge.flow import FlowControl
 
 # websockets logs "connection closed" per connection at INFO: never per-connection lines from us
 quiet_log = logging.getLogger("strangler.websocket")
 quiet_log.setLevel(logging.WARNING)
 
-QUEUE_HIGH_WATER = 256 * 1024  # received payload bytes held before we stop reading that side
-HANDSHAKE_BODY_LIMIT = 64 * 1024  # an upstream refusal's body passed on to the client, at most
-ABNORMAL = 1006
+# received frames held for the relay (payload + FRAME_COST each) before we stop reading that
+# side, and the level they must fall to before we read on
+QUEUE_HIGH_WATER: Final = 256 * 1024
+QUEUE_LOW_WATER: Final = QUEUE_HIGH_WATER // 4
+FRAME_COST: Final = 144  # what a parsed frame costs beyond its payload (measured): empty frames count too
+FEED_SLICE: Final = 16 * 1024  # received bytes parsed at a time (see FrameSocket._parse)
+HANDSHAKE_BODY_LIMIT: Final = 64 * 1024  # an upstream refusal's body passed on to the client, at most
+ABNORMAL: Final = 1006
 
 
 class Handshake:
@@ -64,81 +78,146 @@ class WsHandshakeRefused(UpstreamError):
 
 
 class FrameSocket:
-    """One side of a relay: a websockets ``Protocol`` driven by an asyncio transport."""
+    """One side of a relay: a websockets ``Protocol`` driven by an asyncio transport.
+
+    Flow control (``FlowControl``): reading pauses while more than ``QUEUE_HIGH_WATER`` of received
+    frames wait for the relay, and while answers the protocol wrote by itself (pongs, close echoes)
+    sit in a write buffer the peer does not empty; ``send`` waits while the write buffer is full."""
 
     def __init__(self, protocol: Protocol, transport: asyncio.Transport | None = None) -> None:
         self.protocol = protocol
-        self.transport = transport
+        self.flow = FlowControl()
+        if transport is not None:
+            self.flow.attach(transport)
         self._events: collections.deque[Frame] = collections.deque()
-        self._queued = 0
+        self._queued = 0  # what the queued frames cost: payload plus FRAME_COST each
+        self._answers_held = False  # reading paused until the peer reads our automatic answers
+        self._unparsed = b""  # received, not parsed yet: waits while the queue is full or answers held
         self._waiter: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
-        self._read_paused = False
-        self.write_paused = False
-        self.lost = False
+        # the upstream side: set once the peer's answer to our upgrade request has been parsed
+        self.handshake: asyncio.Future[Response] | None = None
         self.on_lost: Callable[[], None] | None = None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.flow.transport
+
+    def attach(self, transport: asyncio.BaseTransport) -> None:
+        self.flow.attach(transport)
+
+    @property
+    def write_paused(self) -> bool:
+        return self.flow.write_paused
+
+    @property
+    def lost(self) -> bool:
+        return self.flow.gone
 
     # --- fed by the transport ----------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        self.protocol.receive_data(data)
-        self._collect()
+        self._unparsed = self._unparsed + data if self._unparsed else data
+        self._parse()
 
     def feed_eof(self) -> None:
+        if self._unparsed:  # reading was paused, so nothing should wait here; never lose it anyway
+            data, self._unparsed = self._unparsed, b""
+            self.protocol.receive_data(data)
+            self._collect()
         if self.protocol.state is not CLOSED:
             try:
                 self.protocol.receive_eof()
             except Exception:  # noqa: BLE001 - EOF after the parser already stopped
                 pass
         self._collect()
+        self._wake()
 
     def connection_lost(self) -> None:
-        self.lost = True
+        self.flow.lost()
         self._wake()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
         if self.on_lost is not None:
             self.on_lost()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.flow.writing_paused()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self.flow.writing_resumed()
+        if self._answers_held:  # the peer read our answers: it may send more
+            self._answers_held = False
+            self._read_on()
+
+    def _full(self) -> bool:
+        return self._answers_held or self._queued > QUEUE_HIGH_WATER
+
+    def _parse(self) -> None:
+        """Parse what was received, a slice at a time, until done or full; the rest waits, with
+        reading paused. Slices bound what one read costs: a 256 KiB read of 6-byte frames would
+        otherwise become 40,000 parsed frames (6 MiB) and as many pongs in one call."""
+        data = self._unparsed
+        offset = 0
+        size = len(data)
+        while offset < size and not self._full():
+            piece = data if offset == 0 and size <= FEED_SLICE else data[offset : offset + FEED_SLICE]
+            offset += len(piece)
+            self.protocol.receive_data(piece)
+            self._collect()
+        self._unparsed = data[offset:] if offset < size else b""
+        self._steer_reading()
+        self._wake()
+
+    def _read_on(self) -> None:
+        """The relay took frames or the peer read our answers: parse what waits, read on."""
+        if self._full() or self._queued > QUEUE_LOW_WATER:
+            return
+        if self._unparsed:
+            self._parse()
+        else:
+            self._steer_reading()
 
     def _collect(self) -> None:
         for event in self.protocol.events_received():
             if isinstance(event, Frame):
                 self._events.append(event)
-                self._queued += len(event.data)
-        self._flush()  # automatic pongs, close echoes, failures
-        if self._queued > QUEUE_HIGH_WATER and not self._read_paused and self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
-        self._wake()
+                self._queued += len(event.data) + FRAME_COST
+            elif isinstance(event, Response):
+                handshake = self.handshake
+                if handshake is not None and not handshake.done():
+                    handshake.set_result(event)
+        # what the protocol wrote by itself (automatic pongs, close echoes, failures) goes out
+        # now; if it lands in a full write buffer, nothing more is parsed or read from this peer
+        # until it reads: otherwise a peer that pings and never reads grows our buffer for ever
+        if self._flush() and self.flow.write_paused:
+            self._answers_held = True
+
+    def _steer_reading(self) -> None:
+        if self._full() or self._unparsed:
+            self.flow.pause_reading()
+        elif self.flow.read_paused and self._queued <= QUEUE_LOW_WATER:
+            self.flow.resume_reading()
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _flush(self) -> None:
-        transport = self.transport
+    def _flush(self) -> bool:
+        """Write what the protocol has to send; True if anything was written."""
+        transport = self.flow.transport
         if transport is None:
-            return
+            return False
+        wrote = False
         for data in self.protocol.data_to_send():
             if transport.is_closing():
-                return
+                break
+            wrote = True
             if data:
                 transport.write(data)
             else:  # SEND_EOF: this side is done
                 if transport.can_write_eof():
                     transport.write_eof()
                 transport.close()
+        return wrote
 
     # --- used by the relay -------------------------------------------------------------------------
 
@@ -147,10 +226,9 @@ class FrameSocket:
         while True:
             if self._events:
                 frame = self._events.popleft()
-                self._queued -= len(frame.data)
-                if self._read_paused and self._queued <= QUEUE_HIGH_WATER // 4 and self.transport is not None:
-                    self._read_paused = False
-                    self.transport.resume_reading()
+                self._queued -= len(frame.data) + FRAME_COST
+                if self.flow.read_paused or self._unparsed:
+                    self._read_on()
                 return frame
             if self.lost or self.protocol.state is CLOSED or self.protocol.parser_exc is not None:
                 return None
@@ -181,12 +259,10 @@ class FrameSocket:
         elif opcode is Opcode.PONG:
             protocol.send_pong(frame.data)
         self._flush()
-        if self.write_paused and not self.lost:
-            self._drain = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
+        try:
+            await self.flow.drain()
+        except ConnectionResetError:
+            return  # the relay learns it from this side's recv (None), with the right blame
 
     async def close(self, code: int | None, reason: str = "") -> None:
         self.close_now(code, reason)
@@ -218,34 +294,22 @@ class FrameSocket:
 
 
 class _UpstreamProtocol(asyncio.Protocol):
-    """The asyncio side of an upstream WebSocket connection."""
+    """The asyncio side of an upstream WebSocket connection: every byte goes to the frame socket,
+    whose protocol parses the 101 and then, from the same bytes on, frames."""
 
     def __init__(self, socket: FrameSocket) -> None:
         self.socket = socket
         self.handshake: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        socket.handshake = self.handshake
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.socket.transport = transport  # type: ignore[assignment]
+        self.socket.attach(transport)
 
     def data_received(self, data: bytes) -> None:
-        protocol = self.socket.protocol
-        if not self.handshake.done():
-            protocol.receive_data(data)
-            for event in protocol.events_received():
-                if isinstance(event, Response):
-                    self.handshake.set_result(event)
-                    break
-            self.socket._collect()  # frames that came with the 101, if any
-            return
+        # frames in the same packet as the 101 are parsed in the same call and queued
         self.socket.feed(data)
 
     def eof_received(self) -> bool | None:
-        if not self.handshake.done():
-            self.socket.protocol.receive_eof()
-            for event in self.socket.protocol.events_received():
-                if isinstance(event, Response):
-                    self.handshake.set_result(event)
-                    break
         self.socket.feed_eof()
         return None
 
