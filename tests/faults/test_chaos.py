@@ -43,7 +43,8 @@ from tests.faults.chaos_load import (
 )
 from tests.support import ProxyProcess, RedisServer
 
-pytestmark = pytest.mark.soak
+# the scenario (a module fixture) runs inside the first test's time; 20 stops take 40-80 s
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(300)]
 
 RATE = 1000.0
 FAULT_SECONDS = 4.0
@@ -143,6 +144,29 @@ class ChaosRun:
 
     def started(self, start: float, end: float) -> list[Record]:
         return self.load.between(start, end)
+
+    def steady(self) -> list[Record]:
+        """Before the first fault, answered before it."""
+        a = self.phases["a"]
+        return [r for r in self.started(self.t0, a.start) if r.ended <= a.start]
+
+    def at_kill(self, name: str) -> list[Record]:
+        """In flight while a backend was being killed: they may fail (it died under them)."""
+        phase = self.phases[name]
+        return self.load.in_flight(phase.start, phase.on)
+
+    def judged(self, name: str) -> list[Record]:
+        """The requests a phase's target is judged on: from the fault (for a backend kill: started
+        once it was dead; otherwise also those in flight at the fault) until the phase has settled,
+        and answered before the next fault began (those in flight then belong to the next)."""
+        phase = self.phases[name]
+        following = {"a": "b", "b": "c", "c": "d"}.get(name)
+        until = self.phases[following].start if following else float("inf")
+        if name in ("a", "c"):
+            records = self.started(phase.on, phase.end)
+        else:
+            records = self.load.in_flight(phase.start, phase.end)
+        return [r for r in records if r.ended <= until]
 
     def tally(self, records: list[Record], seconds: float = 0.0) -> Tally:
         return Tally(records, seconds)
@@ -255,17 +279,13 @@ def report(run: ChaosRun) -> None:
         f"dropped after {dropped:.1f}s" if dropped is not None else f"still held after {b.end - run.t0:.1f}s"
     )
     lines = [
-        run.tally([r for r in run.started(run.t0, a.start) if r.ended <= a.start], a.start - run.t0).line(
-            "chaos steady"
-        ),
-        run.tally(run.load.in_flight(a.start, a.on)).line("chaos (a) in flight at the v2 kill"),
-        run.tally(run.started(a.on, a.end), a.end - a.on).line("chaos (a) v2 killed, then restarted"),
-        run.tally(run.load.in_flight(b.start, b.end), b.end - b.start).line(
-            "chaos (b) Redis frozen, thawed, killed, restarted"
-        ),
-        run.tally(run.load.in_flight(c.start, c.on)).line("chaos (c) in flight at the v1 kill"),
-        run.tally(run.started(c.on, c.end), c.end - c.on).line("chaos (c) v1 killed, then restarted"),
-        run.tally(run.load.in_flight(d.start, d.end), d.end - d.start).line(
+        run.tally(run.steady(), a.start - run.t0).line("chaos steady"),
+        run.tally(run.at_kill("a")).line("chaos (a) in flight at the v2 kill"),
+        run.tally(run.judged("a"), a.end - a.on).line("chaos (a) v2 killed, then restarted"),
+        run.tally(run.judged("b"), b.end - b.start).line("chaos (b) Redis frozen, thawed, killed, restarted"),
+        run.tally(run.at_kill("c")).line("chaos (c) in flight at the v1 kill"),
+        run.tally(run.judged("c"), c.end - c.on).line("chaos (c) v1 killed, then restarted"),
+        run.tally(run.judged("d"), d.end - d.start).line(
             f"chaos (d) SIGTERM, exit after {d.on - d.start:.2f}s (code {d.notes['exit_code']}), "
             f"new proxy ready after {d.clear - d.start:.2f}s"
         ),
@@ -277,9 +297,15 @@ def report(run: ChaosRun) -> None:
         f"scenario {run.seconds:.1f}s",
     ]
     print("\n" + "\n".join(lines))
-    odd = [r for r in run.load.records if r.outcome != "ok"]
-    for r in odd[:12]:
-        print(f"  {r.kind} t={r.started - run.t0:.2f}s {r.outcome} {r.status} {r.version} {r.detail[:160]!r}")
+    # what failed, grouped: phase, kind of request, outcome, status, version, detail
+    groups: dict[tuple[str, ...], int] = {}
+    for r in run.load.records:
+        if r.outcome != "ok":
+            phase = next((n for n, ph in p.items() if ph.start <= r.started < ph.end), "-")
+            key = (phase, r.kind, r.outcome, str(r.status), r.version, r.detail[:110])
+            groups[key] = groups.get(key, 0) + 1
+    for key, count in sorted(groups.items(), key=lambda item: -item[1])[:15]:
+        print(f"  {count:5d} x ({key[0]}) {' '.join(key[1:5])} {key[5]!r}")
 
 
 def failures(records: list[Record]) -> list[str]:
@@ -297,8 +323,7 @@ def test_no_corrupted_or_spliced_answers(chaos: ChaosRun) -> None:
 
 def test_steady_load_fails_nothing(chaos: ChaosRun) -> None:
     """Before the first fault (requests still in flight at the v2 kill are counted with (a))."""
-    a = chaos.phases["a"]
-    records = [r for r in chaos.started(chaos.t0, a.start) if r.ended <= a.start]
+    records = chaos.steady()
     assert records and failures(records) == []
 
 
@@ -308,16 +333,15 @@ def test_v2_killed_is_served_by_v1(chaos: ChaosRun) -> None:
     """(a) From the kill until v2 is back: 0 failed requests, all served by v1."""
     a = chaos.phases["a"]
     during = chaos.started(a.on, a.clear)
-    assert during and failures(chaos.started(a.on, a.end)) == []
+    assert during and failures(chaos.judged("a")) == []
     assert {r.version for r in during if r.outcome == "ok"} == {"v1"}
-    in_flight = chaos.load.in_flight(a.start, a.on)
-    assert [r for r in in_flight if r.outcome == "timeout"] == []
+    assert [r for r in chaos.at_kill("a") if r.outcome == "timeout"] == []
 
 
 def test_redis_frozen_and_restarted_fails_nothing(chaos: ChaosRun) -> None:
     """(b) Redis is not on the request path: frozen, killed or restarted, 0 failed requests."""
     b = chaos.phases["b"]
-    records = chaos.load.in_flight(b.start, b.end)
+    records = chaos.judged("b")
     assert records and failures(records) == []
     assert {r.version for r in chaos.started(b.on, b.clear)} == {"v1", "v2"}, "the split held"
 
@@ -325,8 +349,7 @@ def test_redis_frozen_and_restarted_fails_nothing(chaos: ChaosRun) -> None:
 def test_v1_killed_gives_clean_errors_and_v2_unaffected(chaos: ChaosRun) -> None:
     """(c) While v1 is down: its requests get a clean 502/503/504 JSON answer (never a cut body,
     never a hang), v2's are served as before."""
-    c = chaos.phases["c"]
-    records = chaos.started(c.on, c.end)
+    records = chaos.judged("c")
     bad = []
     for r in records:
         if r.outcome == "ok":
@@ -337,8 +360,7 @@ def test_v1_killed_gives_clean_errors_and_v2_unaffected(chaos: ChaosRun) -> None
     assert records and [f"{r.kind} {r.outcome} {r.status} {r.version} {r.detail[:120]}" for r in bad] == []
     assert any(r.outcome == "error" for r in records), "v1 was down: some requests must have hit it"
     assert all(r.outcome == "ok" for r in records if r.version == "v2")
-    in_flight = chaos.load.in_flight(c.start, c.on)
-    assert [r for r in in_flight if r.outcome == "timeout"] == []
+    assert [r for r in chaos.at_kill("c") if r.outcome == "timeout"] == []
 
 
 @DRAIN_PENDING
@@ -346,7 +368,7 @@ def test_graceful_restart_under_chaos_loses_nothing(chaos: ChaosRun) -> None:
     """(d) SIGTERM, then a new proxy on the same port: every request sent gets its whole answer
     (or its connection is refused while no proxy listens, which is no request)."""
     d = chaos.phases["d"]
-    records = chaos.load.in_flight(d.start, d.end)
+    records = chaos.judged("d")
     assert records and failures(records) == []
     assert d.notes["exit_code"] is not None, "the drain did not end"
 
