@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from proxy.settings import LimitSettings
 from tests.faults.chaos_load import (
     SMALL_MIX,
     ChaosBackend,
@@ -59,6 +60,16 @@ DRAIN_PENDING = pytest.mark.xfail(
 def chaos_settings(v1: ChaosBackend, v2: ChaosBackend, redis_url: str, **extra: Any) -> dict[str, Any]:
     """Split 50% (default_percentage, so it holds while Redis is away), no canary (it would roll
     v2 back when it is killed), short timeouts so a fault shows within a phase."""
+    limits: dict[str, Any] = {
+        "keepalive_timeout_seconds": 2.0,
+        "body_timeout_seconds": 5.0,
+        "min_body_rate_bytes_per_second": 1024,
+        "body_rate_grace_seconds": 2.0,
+    }
+    if (
+        "send_timeout_seconds" in LimitSettings.model_fields
+    ):  # issue 23 item 16 (being built): 60 s by default
+        limits["send_timeout_seconds"] = 5.0
     return {
         "v1_url": v1.url,
         "v2_url": v2.url,
@@ -71,12 +82,7 @@ def chaos_settings(v1: ChaosBackend, v2: ChaosBackend, redis_url: str, **extra: 
         "connect_timeout_seconds": 1.0,
         "read_timeout_seconds": 5.0,
         "drain_timeout_seconds": 3.0,
-        "limits": {
-            "keepalive_timeout_seconds": 2.0,
-            "body_timeout_seconds": 5.0,
-            "min_body_rate_bytes_per_second": 1024,
-            "body_rate_grace_seconds": 2.0,
-        },
+        "limits": limits,
         **extra,
     }
 
