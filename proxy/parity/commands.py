@@ -2,6 +2,9 @@
 
 Exit codes: 0 every table equal, 1 differences found, 2 an error (bad config, unreachable
 database or API, a missing column). Progress goes to stderr, the verdict to stdout.
+
+Light on purpose: `strangler parity` imports this module and what its command needs, nothing of
+the proxy (``proxy.cliutil`` and Redis come in only to store or read results in Redis).
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 
-from proxy.cliutil import EXIT_USAGE, console, err, fail, settings_from
 from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
 
 parity_app = typer.Typer(
@@ -39,14 +42,21 @@ SettingsOpt = Annotated[
 NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Do not store the result in Redis.")]
 
 
+EXIT_ERROR = 2  # proxy.cliutil's EXIT_USAGE: 1 means "different" here
+console = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+
 def _fail(message: str) -> NoReturn:
-    """Exit code 2, whatever went wrong: 1 means "different" here."""
-    fail(message, EXIT_USAGE)
+    """Exit code 2, whatever went wrong, as one line (as ``proxy.cliutil.fail`` writes it)."""
+    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True)
+    raise typer.Exit(EXIT_ERROR)
 
 
 def _keys_and_url(
     settings_path: Path | None, redis_url: str | None, required: bool
 ) -> tuple[Any, str | None]:
+    from proxy.cliutil import settings_from
     from proxy.control.embedded import read_url
     from proxy.control.keys import Keys
 
@@ -274,6 +284,7 @@ def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[An
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
+    from proxy.cliutil import settings_from
     from proxy.control.client import ControlClient
     from proxy.shadow.policy import RULES_SECTION, make_rules_parser
 
