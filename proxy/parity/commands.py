@@ -152,8 +152,6 @@ def parity_sql(
     no_store: NoStoreOpt = False,
 ) -> None:
     """Compare tables of two databases: counts, segment checksums, then only the differing rows."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from proxy.parity.checkpoint import Checkpoint, CheckpointError, fingerprint
     from proxy.parity.config import ParityConfigError, load_config, parse_duration
 
@@ -179,19 +177,25 @@ def parity_sql(
         state = Checkpoint(checkpoint, fingerprint(parsed), resume)
     except (ParityConfigError, CheckpointError, ValueError) as exc:
         _fail(str(exc))
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True,
-    ) as progress:  # fmt: skip
-        tasks: dict[str, Any] = {}
-
-        def show(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(f"{name} chunks", total=total)
-            progress.update(tasks[name], completed=done, total=total)
-
-        options = RunOptions(samples=samples, progress=show, tables=list(table or []))
+    options = RunOptions(samples=samples, tables=list(table or []))
+    if not err.is_terminal:  # cron, CI, a pipe: no bar to draw (and rich.progress not loaded)
         results = _guarded(lambda: Runner(parsed, state, options).run())
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err, transient=True,
+        ) as progress:  # fmt: skip
+            tasks: dict[str, Any] = {}
+
+            def show(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = progress.add_task(f"{name} chunks", total=total)
+                progress.update(tasks[name], completed=done, total=total)
+
+            options.progress = show
+            results = _guarded(lambda: Runner(parsed, state, options).run())
     if exit_code(results) != 2 and checkpoint.exists():
         checkpoint.unlink()  # finished: a later --resume starts afresh
     if not no_store:
