@@ -9,7 +9,6 @@ the proxy (``proxy.cliutil`` and Redis come in only to store or read results in 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,12 @@ NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Do not store the r
 EXIT_ERROR = 2  # proxy.cliutil's EXIT_USAGE: 1 means "different" here
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+def _run_async(coroutine: Any) -> Any:
+    import asyncio  # only for Redis and HTTP: `parity sql` has no event loop
+
+    return asyncio.run(coroutine)
 
 
 def _fail(message: str) -> NoReturn:
@@ -88,7 +93,7 @@ def _store(results: list[TableResult], kind: str, settings_path: Path | None, re
             await client.aclose()
 
     try:
-        asyncio.run(go())
+        _run_async(go())
     except (RedisError, OSError) as exc:
         err.print(f"[yellow]warning:[/yellow] result not stored in Redis: {escape(str(exc))}")
 
@@ -277,7 +282,7 @@ def parity_http(
         def show(version: str, records: int) -> None:
             status.update(f"walking {path}: {version} {records} records")
 
-        results = _guarded(lambda: asyncio.run(Walker(options, show).run()))
+        results = _guarded(lambda: _run_async(Walker(options, show).run()))
     if not no_store:
         _store(results, "http", settings, redis_url)
     raise typer.Exit(_finish(results, "http", as_json, report, markdown))
@@ -304,7 +309,7 @@ def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[An
             await client.aclose()
 
     try:
-        raw = asyncio.run(go())
+        raw = _run_async(go())
     except (RedisError, OSError) as exc:
         _fail(f"cannot read the shadow rules: Redis is unreachable ({exc})")
     ruleset, problems = make_rules_parser(settings)(raw, None)
@@ -333,7 +338,7 @@ def parity_last(redis_url: RedisOpt = None, settings: SettingsOpt = None, as_jso
             await client.aclose()
 
     try:
-        last = asyncio.run(go())
+        last = _run_async(go())
     except (RedisError, OSError) as exc:
         _fail(f"Redis is unreachable: {exc}")
     if as_json:
