@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from proxy.parity.checkpoint import Checkpoint
 from proxy.parity.config import ParityConfig
-from proxy.parity.errors import ParityConfigError, ParityError
+from proxy.parity.errors import ParityConfigError, ParityDataError, ParityError
 from proxy.parity.normalise import FloatTolerance, display, instant, same
 from proxy.parity.report import DIFFERENT, EQUAL, ERROR, TableResult
 from proxy.parity.sql import UPDATED, Database, Key, Raw, TablePlan, TableSide, build_plan
@@ -170,7 +170,16 @@ class Runner:
         for index, (lo, hi) in enumerate(todo):
             chunk_id = f"{lo}:{hi}"
             if chunk_id not in state["chunks"]:
-                found = self.chunk(source, target, lo, hi, chunks.segment_width)
+                try:
+                    found = self.chunk(source, target, lo, hi, chunks.segment_width)
+                except ParityDataError as exc:
+                    if not source.in_db_hash:
+                        raise
+                    # a text value SQL cannot read as the compared kind: the client normalisers
+                    # can (it is a difference), so the rest of this table is hashed there
+                    source.in_db_hash = target.in_db_hash = False
+                    result.mode = f"row hashes in the client (SQL could not read a value: {exc})"
+                    found = self.chunk(source, target, lo, hi, chunks.segment_width)
                 candidates.update(found)
                 state["chunks"][chunk_id] = [list(raw) for raw in found.values()]
                 self.checkpoint.save()

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from proxy.parity.config import TableMap
-from proxy.parity.errors import ParityConfigError, ParityError
+from proxy.parity.errors import ParityConfigError, ParityDataError, ParityError
 from proxy.parity.normalise import FALSE_WORDS, FLOATS, MASK64, TRUE_WORDS, canonical, common_kind, row_hash
 from proxy.parity.throttle import Throttle
 
@@ -131,7 +131,9 @@ class Database:
                     conn.exec_driver_sql(setting)
                 return conn.execute(statement).all()
         except SQLAlchemyError as exc:
-            raise ParityError(f"{label} failed on the {self.dialect} side: {_first_line(exc)}") from exc
+            data = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "").startswith("22")
+            error = ParityDataError if data else ParityError
+            raise error(f"{label} failed on the {self.dialect} side: {_first_line(exc)}") from exc
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -338,7 +340,12 @@ class TableSide:
     def aggregates(self) -> dict[str, Any]:
         """Rows, key bounds and sums of numeric columns: cheap, and a first verdict on its own."""
         first = self.range_column
-        numeric = [c for c in self.plan.columns if c.kind in ("int", "decimal")][:4]
+        numbers = ("int", "decimal")  # summed only where both sides store numbers: no cast of text
+        numeric = [
+            c
+            for c in self.plan.columns
+            if c.kind in numbers and {c.source_kind, c.target_kind} <= set(numbers)
+        ][:4]
         items = [
             sa.func.count().label("rows"),
             sa.func.min(first).label("min"),

@@ -256,3 +256,47 @@ def test_float_normaliser() -> None:
     assert same(1.0, 1.0 + 1e-10, "float8", tolerance=FloatTolerance(relative=1e-9))
     assert not same(1.0, 1.0 + 1e-8, "float8", tolerance=FloatTolerance(relative=1e-9))
     assert not same(float("nan"), 1.0, "float8", tolerance=FloatTolerance(relative=10))
+
+
+# --- the same cause: a value SQL cannot read is a difference, never an error --------------------
+
+
+def test_text_that_does_not_parse_as_the_other_sides_type_is_a_difference(
+    pg_urls: tuple[str, str], table_name: str, tmp_path: Path
+) -> None:
+    """A text column against numeric, JSON or timestamp: the values that parse compare by meaning;
+    one that does not is reported as changed (exit 1), where a cast in SQL used to stop the run."""
+    src, dst = pg_urls
+    execute(
+        src, f"CREATE TABLE {table_name} (id int PRIMARY KEY, n numeric(10, 2), doc jsonb, at timestamptz)"
+    )
+    execute(dst, f"CREATE TABLE {table_name} (id int PRIMARY KEY, n text, doc text, at text)")
+    execute(
+        src,
+        f"INSERT INTO {table_name} SELECT g, g + 0.5, jsonb_build_object('a', g), "
+        "timestamptz '2024-01-01 00:00+00' + g * interval '1 hour' FROM generate_series(1, 40) g",
+    )
+    execute(
+        dst,
+        f"INSERT INTO {table_name} SELECT g, (g + 0.5)::text || '0', '{{ \"a\": ' || g || ' }}', "
+        "to_char(timestamp '2024-01-01' + g * interval '1 hour', 'YYYY-MM-DD HH24:MI:SS') "
+        "FROM generate_series(1, 40) g",
+    )
+    code, table = _compare(tmp_path, src, dst, table_name)
+    assert (code, table["status"]) == (0, "equal"), table["samples"]
+    assert table["mode"] == "checksums in the database"
+
+    execute(
+        dst,
+        f"UPDATE {table_name} SET n = 'n/a' WHERE id = 3",
+        f"UPDATE {table_name} SET doc = '{{broken' WHERE id = 17",
+        f"UPDATE {table_name} SET at = 'soon' WHERE id = 30",
+    )
+    code, table = _compare(tmp_path, src, dst, table_name)
+    assert (code, table["error"]) == (1, None)
+    assert _changed(table) == {
+        3: {"n": ["3.50", "n/a"]},
+        17: {"doc": ['{"a":17}', "{broken"]},
+        30: {"at": ["2024-01-02T06:00:00+00:00", "soon"]},
+    }
+    assert table["mode"].startswith("row hashes in the client")
