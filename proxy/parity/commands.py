@@ -10,13 +10,12 @@ the proxy (``proxy.cliutil`` and Redis come in only to store or read results in 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
 
@@ -42,8 +41,23 @@ NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Do not store the r
 
 
 EXIT_ERROR = 2  # proxy.cliutil's EXIT_USAGE: 1 means "different" here
-console = Console()
-err = Console(stderr=True, soft_wrap=True)
+_consoles: dict[str, Any] = {}
+
+
+def _console(stderr: bool = False) -> Any:
+    """rich's console for stdout or stderr, loaded on first use (a ``--json`` run never needs it)."""
+    name = "err" if stderr else "out"
+    if name not in _consoles:
+        from rich.console import Console
+
+        _consoles[name] = Console(stderr=True, soft_wrap=True) if stderr else Console()
+    return _consoles[name]
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _run_async(coroutine: Any) -> Any:
@@ -54,7 +68,7 @@ def _run_async(coroutine: Any) -> Any:
 
 def _fail(message: str) -> NoReturn:
     """Exit code 2, whatever went wrong, as one line (as ``proxy.cliutil.fail`` writes it)."""
-    err.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", soft_wrap=True)
+    _console(stderr=True).print(f"[red]error:[/red] {_escape(' '.join(message.split()))}", soft_wrap=True)
     raise typer.Exit(EXIT_ERROR)
 
 
@@ -82,7 +96,9 @@ def _store(results: list[TableResult], kind: str, settings_path: Path | None, re
 
     keys, url = _keys_and_url(settings_path, redis_url, required=False)
     if url is None:
-        err.print("note: no Redis configured or running; result not stored (--redis-url to store it)")
+        _console(stderr=True).print(
+            "note: no Redis configured or running; result not stored (--redis-url to store it)"
+        )
         return
 
     async def go() -> None:
@@ -95,7 +111,9 @@ def _store(results: list[TableResult], kind: str, settings_path: Path | None, re
     try:
         _run_async(go())
     except (RedisError, OSError) as exc:
-        err.print(f"[yellow]warning:[/yellow] result not stored in Redis: {escape(str(exc))}")
+        _console(stderr=True).print(
+            f"[yellow]warning:[/yellow] result not stored in Redis: {_escape(str(exc))}"
+        )
 
 
 def _guarded(run: Callable[[], list[TableResult]]) -> list[TableResult]:
@@ -119,16 +137,20 @@ def _finish(
     if as_json:
         print(text)
     else:
-        console.print(rich_table(results, kind))
+        _console().print(rich_table(results, kind))
         for result in results:
             shown = sample_lines(result, limit=5)
             if shown:
-                console.print(f"[bold]{escape(result.table)}[/bold] (first samples; --report for all kept):")
+                _console().print(
+                    f"[bold]{_escape(result.table)}[/bold] (first samples; --report for all kept):"
+                )
                 for line in shown:
-                    console.print(f"  {escape(line)}", highlight=False)
+                    _console().print(f"  {_escape(line)}", highlight=False)
         for result in results:
             if result.error:
-                err.print(f"[red]error:[/red] {escape(result.table)}: {escape(result.error)}")
+                _console(stderr=True).print(
+                    f"[red]error:[/red] {_escape(result.table)}: {_escape(result.error)}"
+                )
     return exit_code(results)
 
 
@@ -183,14 +205,14 @@ def parity_sql(
     except (ParityConfigError, CheckpointError, ValueError) as exc:
         _fail(str(exc))
     options = RunOptions(samples=samples, tables=list(table or []))
-    if not err.is_terminal:  # cron, CI, a pipe: no bar to draw (and rich.progress not loaded)
+    if not sys.stderr.isatty():  # cron, CI, a pipe: no bar to draw (and rich.progress not loaded)
         results = _guarded(lambda: Runner(parsed, state, options).run())
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err, transient=True,
+            console=_console(stderr=True), transient=True,
         ) as progress:  # fmt: skip
             tasks: dict[str, Any] = {}
 
@@ -277,7 +299,7 @@ def parity_http(
         _fail(str(exc))
     if shadow_rules:
         options.shadow_rules = _shadow_rules(settings, redis_url)
-    with err.status("walking v1 and v2") as status:
+    with _console(stderr=True).status("walking v1 and v2") as status:
 
         def show(version: str, records: int) -> None:
             status.update(f"walking {path}: {version} {records} records")
@@ -314,7 +336,7 @@ def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[An
         _fail(f"cannot read the shadow rules: Redis is unreachable ({exc})")
     ruleset, problems = make_rules_parser(settings)(raw, None)
     for problem in problems:
-        err.print(f"[yellow]warning:[/yellow] shadow rule skipped: {escape(problem)}")
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] shadow rule skipped: {_escape(problem)}")
     return tuple(ruleset.rules)
 
 
@@ -349,7 +371,7 @@ def parity_last(redis_url: RedisOpt = None, settings: SettingsOpt = None, as_jso
         table.add_column(column)
     for name, data in last.items():
         table.add_row(
-            escape(name), str(data.get("kind")), str(data.get("status")), str(data.get("missing")),
+            _escape(name), str(data.get("kind")), str(data.get("status")), str(data.get("missing")),
             str(data.get("extra")), str(data.get("changed")), str(data.get("seconds")),
         )  # fmt: skip
-    console.print(table)
+    _console().print(table)
