@@ -13,68 +13,139 @@ line instead of a traceback, whatever command raised them.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from redis.exceptions import RedisError
-from rich.markup import escape
-from rich.table import Table
 from typer.core import TyperGroup
 
-from proxy.admin.commands import (
-    default_admin_url,
-    deprecations_app,
-    remote_rollback,
-    remote_set,
-    remote_status,
-)
-from proxy.canary.commands import canary_status, rollout_app, rollout_writer, verified_set
-from proxy.cliutil import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
-    AdminTokenOpt,
-    AdminUrlOpt,
-    ConfigOpt,
-    GroupOpt,
-    JsonOpt,
-    RedisOpt,
-    check_group,
-    console,
-    fail,
-    print_rollback,
-    resolve_redis_url,
-    settings_from,
-    with_control,
-    with_registered_groups,
-)
-from proxy.cliutil.remote import AdminError
-from proxy.control.client import ControlClient, InvalidValue
-from proxy.control.embedded import EmbeddedRedisError
-from proxy.control.snapshot import parse_percentage
-from proxy.demo.commands import demo
-from proxy.parity.commands import parity_app
-from proxy.parity.store import read_last_results
-from proxy.settings import ConfigError, Settings
-from proxy.shadow.commands import diffs, shadow_app
-from proxy.soak import soak
+# Each command's modules are imported when that command runs: `strangler parity ...` loads
+# neither the proxy's Redis client, nor its settings, nor the other capabilities. The split
+# commands of this module use the names below; _load_split binds them when one of those runs
+# (keep the two lists identical).
+if TYPE_CHECKING:
+    from redis.exceptions import RedisError
+    from rich.markup import escape
+    from rich.table import Table
+
+    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status
+    from proxy.canary.commands import canary_status, rollout_writer, verified_set
+    from proxy.cliutil import (
+        EXIT_FAILED,
+        EXIT_USAGE,
+        AdminTokenOpt,
+        AdminUrlOpt,
+        ConfigOpt,
+        GroupOpt,
+        JsonOpt,
+        RedisOpt,
+        check_group,
+        console,
+        fail,
+        print_rollback,
+        resolve_redis_url,
+        settings_from,
+        with_control,
+        with_registered_groups,
+    )
+    from proxy.cliutil.remote import AdminError
+    from proxy.control.client import ControlClient, InvalidValue
+    from proxy.control.embedded import EmbeddedRedisError
+    from proxy.control.snapshot import parse_percentage
+    from proxy.parity.store import read_last_results
+    from proxy.settings import ConfigError, Settings
+
+
+def _load_split() -> None:
+    """Bind, in this module, the names the split commands use (the ``TYPE_CHECKING`` block)."""
+    from redis.exceptions import RedisError  # noqa: F401
+    from rich.markup import escape  # noqa: F401
+    from rich.table import Table  # noqa: F401
+
+    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status  # noqa: F401
+    from proxy.canary.commands import canary_status, rollout_writer, verified_set  # noqa: F401
+    from proxy.cliutil import (  # noqa: F401
+        EXIT_FAILED,
+        EXIT_USAGE,
+        AdminTokenOpt,
+        AdminUrlOpt,
+        ConfigOpt,
+        GroupOpt,
+        JsonOpt,
+        RedisOpt,
+        check_group,
+        console,
+        fail,
+        print_rollback,
+        resolve_redis_url,
+        settings_from,
+        with_control,
+        with_registered_groups,
+    )
+    from proxy.cliutil.remote import AdminError  # noqa: F401
+    from proxy.control.client import ControlClient, InvalidValue  # noqa: F401
+    from proxy.control.embedded import EmbeddedRedisError  # noqa: F401
+    from proxy.control.snapshot import parse_percentage  # noqa: F401
+    from proxy.parity.store import read_last_results  # noqa: F401
+    from proxy.settings import ConfigError, Settings  # noqa: F401
+
+    globals().update(locals())
+
+
+# Commands defined in the capabilities, imported when asked for: (module, attribute), in the
+# order `strangler -h` shows them, after this module's split commands.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("proxy.demo.commands", "demo"),
+    "diffs": ("proxy.shadow.commands", "diffs"),
+    "soak": ("proxy.soak", "soak"),
+    "deprecations": ("proxy.admin.commands", "deprecations_app"),
+    "rollout": ("proxy.canary.commands", "rollout_app"),
+    "shadow": ("proxy.shadow.commands", "shadow_app"),
+    "parity": ("proxy.parity.commands", "parity_app"),
+}
+EXIT_INTERRUPTED = 130  # as proxy.cliutil's
 
 
 class StranglerGroup(TyperGroup):
-    """Every command runs inside this ``invoke``: our known errors become one line and an exit code."""
+    """Every command runs inside this ``invoke``: our known errors become one line and an exit code.
+    Commands are built when asked for (``get_command``), so only the one that runs is imported."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*_split_names(), *LAZY_COMMANDS]
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name not in self.commands:
+            if name in _split_names():
+                _load_split()
+                self.commands.update(typer.main.get_group(split_app).commands)
+            elif name in LAZY_COMMANDS:
+                module, attribute = LAZY_COMMANDS[name]
+                found = getattr(importlib.import_module(module), attribute)
+                holder = typer.Typer(rich_markup_mode=None)  # built as add_typer/command built them
+                if isinstance(found, typer.Typer):
+                    holder.add_typer(found, name=name)
+                else:
+                    holder.command(name)(found)
+                self.add_command(typer.main.get_group(holder).commands[name], name)
+        return self.commands.get(name)
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except (InvalidValue, ConfigError) as exc:
-            fail(str(exc), EXIT_USAGE)
-        except AdminError as exc:
-            usage = exc.bad_input or exc.status in (400, 404, 409, 422)
-            fail(str(exc), EXIT_USAGE if usage else EXIT_FAILED)
-        except (RedisError, EmbeddedRedisError, OSError) as exc:
-            fail(f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc), EXIT_FAILED)
+        except Exception as exc:  # noqa: BLE001 - ours become one line; anything else goes on up
+            if not (isinstance(exc, OSError) or type(exc).__module__.startswith(("proxy.", "redis"))):
+                raise
+            _load_split()
+            if isinstance(exc, InvalidValue | ConfigError):
+                fail(str(exc), EXIT_USAGE)
+            if isinstance(exc, AdminError):
+                usage = exc.bad_input or exc.status in (400, 404, 409, 422)
+                fail(str(exc), EXIT_USAGE if usage else EXIT_FAILED)
+            if isinstance(exc, RedisError | EmbeddedRedisError | OSError):
+                fail(f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc), EXIT_FAILED)
+            raise
 
 
 app = typer.Typer(
@@ -85,6 +156,11 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
 )
+split_app = typer.Typer(rich_markup_mode=None)  # the split commands, built when one of them runs
+
+
+def _split_names() -> list[str]:
+    return [str(c.name or getattr(c.callback, "__name__", "")) for c in split_app.registered_commands]
 
 
 def _version(value: bool) -> None:
@@ -104,7 +180,7 @@ def root(
     """Strangler: migrate from v1 to v2 safely."""
 
 
-@app.command()
+@split_app.command()
 def serve(
     v1: Annotated[str | None, typer.Option("--v1", help="v1 backend URL.")] = None,
     v2: Annotated[str | None, typer.Option("--v2", help="v2 backend URL.")] = None,
@@ -131,7 +207,7 @@ def serve(
     run(settings)
 
 
-@app.command()
+@split_app.command()
 def status(
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
@@ -251,7 +327,7 @@ def split_rows(
     return rows
 
 
-@app.command("set")
+@split_app.command("set")
 def set_split(
     percentage: Annotated[str, typer.Argument(help="Share of traffic for v2, 0 to 100.")],
     group: GroupOpt = None,
@@ -276,7 +352,7 @@ def set_split(
     console.print(f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold]")
 
 
-@app.command()
+@split_app.command()
 def rollback(
     group: GroupOpt = None,
     config: ConfigOpt = None,
@@ -296,7 +372,7 @@ def rollback(
     print_rollback(with_control(settings, lambda c: c.rollback(group, known), rollout_writer))
 
 
-@app.command()
+@split_app.command()
 def bench(
     connections: Annotated[int, typer.Option("--connections", help="Concurrent connections.")] = 64,
     seconds: Annotated[float, typer.Option("--seconds", "-d", help="Seconds per measurement.")] = 10,
@@ -393,16 +469,6 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
         "redis_ok": body.get("redis_ok"),
         "snapshot_age_seconds": body.get("snapshot_age_seconds"),
     }
-
-
-# Commands defined in the capabilities, added here (their order is the order `strangler -h` shows).
-app.command()(demo)
-app.command("diffs")(diffs)
-app.command()(soak)
-app.add_typer(deprecations_app, name="deprecations")
-app.add_typer(rollout_app, name="rollout")
-app.add_typer(shadow_app, name="shadow")
-app.add_typer(parity_app, name="parity")
 
 
 def main() -> None:

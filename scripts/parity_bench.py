@@ -102,7 +102,8 @@ def damage(url: str, rows: int, seed: int = 15) -> dict[str, set[int]]:
             "UPDATE items SET tags = jsonb_set(tags, '{a}', '99') WHERE id = ANY(%s)", (changed[2::3],)
         )
         conn.execute(
-            "INSERT INTO items SELECT g, 'new', 1.00, now(), '{}'::jsonb FROM generate_series(%s, %s) g",
+            "INSERT INTO items SELECT g, 'new', 1.00, now(), '{}'::jsonb "
+            "FROM generate_series(%s::bigint, %s::bigint) g",
             (rows + 1, rows + 100),
         )
         conn.execute("VACUUM ANALYZE items")

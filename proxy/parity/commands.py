@@ -2,20 +2,21 @@
 
 Exit codes: 0 every table equal, 1 differences found, 2 an error (bad config, unreachable
 database or API, a missing column). Progress goes to stderr, the verdict to stdout.
+
+Light on purpose: `strangler parity` imports this module and what its command needs, nothing of
+the proxy (``proxy.cliutil`` and Redis come in only to store or read results in Redis).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from rich.markup import escape
 
-from proxy.cliutil import EXIT_USAGE, console, err, fail, settings_from
 from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
 
 parity_app = typer.Typer(
@@ -39,14 +40,42 @@ SettingsOpt = Annotated[
 NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Do not store the result in Redis.")]
 
 
+EXIT_ERROR = 2  # proxy.cliutil's EXIT_USAGE: 1 means "different" here
+_consoles: dict[str, Any] = {}
+
+
+def _console(stderr: bool = False) -> Any:
+    """rich's console for stdout or stderr, loaded on first use (a ``--json`` run never needs it)."""
+    name = "err" if stderr else "out"
+    if name not in _consoles:
+        from rich.console import Console
+
+        _consoles[name] = Console(stderr=True, soft_wrap=True) if stderr else Console()
+    return _consoles[name]
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _run_async(coroutine: Any) -> Any:
+    import asyncio  # only for Redis and HTTP: `parity sql` has no event loop
+
+    return asyncio.run(coroutine)
+
+
 def _fail(message: str) -> NoReturn:
-    """Exit code 2, whatever went wrong: 1 means "different" here."""
-    fail(message, EXIT_USAGE)
+    """Exit code 2, whatever went wrong, as one line (as ``proxy.cliutil.fail`` writes it)."""
+    _console(stderr=True).print(f"[red]error:[/red] {_escape(' '.join(message.split()))}", soft_wrap=True)
+    raise typer.Exit(EXIT_ERROR)
 
 
 def _keys_and_url(
     settings_path: Path | None, redis_url: str | None, required: bool
 ) -> tuple[Any, str | None]:
+    from proxy.cliutil import settings_from
     from proxy.control.embedded import read_url
     from proxy.control.keys import Keys
 
@@ -67,7 +96,9 @@ def _store(results: list[TableResult], kind: str, settings_path: Path | None, re
 
     keys, url = _keys_and_url(settings_path, redis_url, required=False)
     if url is None:
-        err.print("note: no Redis configured or running; result not stored (--redis-url to store it)")
+        _console(stderr=True).print(
+            "note: no Redis configured or running; result not stored (--redis-url to store it)"
+        )
         return
 
     async def go() -> None:
@@ -78,9 +109,11 @@ def _store(results: list[TableResult], kind: str, settings_path: Path | None, re
             await client.aclose()
 
     try:
-        asyncio.run(go())
+        _run_async(go())
     except (RedisError, OSError) as exc:
-        err.print(f"[yellow]warning:[/yellow] result not stored in Redis: {escape(str(exc))}")
+        _console(stderr=True).print(
+            f"[yellow]warning:[/yellow] result not stored in Redis: {_escape(str(exc))}"
+        )
 
 
 def _guarded(run: Callable[[], list[TableResult]]) -> list[TableResult]:
@@ -104,16 +137,20 @@ def _finish(
     if as_json:
         print(text)
     else:
-        console.print(rich_table(results, kind))
+        _console().print(rich_table(results, kind))
         for result in results:
             shown = sample_lines(result, limit=5)
             if shown:
-                console.print(f"[bold]{escape(result.table)}[/bold] (first samples; --report for all kept):")
+                _console().print(
+                    f"[bold]{_escape(result.table)}[/bold] (first samples; --report for all kept):"
+                )
                 for line in shown:
-                    console.print(f"  {escape(line)}", highlight=False)
+                    _console().print(f"  {_escape(line)}", highlight=False)
         for result in results:
             if result.error:
-                err.print(f"[red]error:[/red] {escape(result.table)}: {escape(result.error)}")
+                _console(stderr=True).print(
+                    f"[red]error:[/red] {_escape(result.table)}: {_escape(result.error)}"
+                )
     return exit_code(results)
 
 
@@ -142,8 +179,6 @@ def parity_sql(
     no_store: NoStoreOpt = False,
 ) -> None:
     """Compare tables of two databases: counts, segment checksums, then only the differing rows."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from proxy.parity.checkpoint import Checkpoint, CheckpointError, fingerprint
     from proxy.parity.config import ParityConfigError, load_config, parse_duration
 
@@ -169,19 +204,25 @@ def parity_sql(
         state = Checkpoint(checkpoint, fingerprint(parsed), resume)
     except (ParityConfigError, CheckpointError, ValueError) as exc:
         _fail(str(exc))
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=True,
-    ) as progress:  # fmt: skip
-        tasks: dict[str, Any] = {}
-
-        def show(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = progress.add_task(f"{name} chunks", total=total)
-            progress.update(tasks[name], completed=done, total=total)
-
-        options = RunOptions(samples=samples, progress=show, tables=list(table or []))
+    options = RunOptions(samples=samples, tables=list(table or []))
+    if not sys.stderr.isatty():  # cron, CI, a pipe: no bar to draw (and rich.progress not loaded)
         results = _guarded(lambda: Runner(parsed, state, options).run())
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=_console(stderr=True), transient=True,
+        ) as progress:  # fmt: skip
+            tasks: dict[str, Any] = {}
+
+            def show(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = progress.add_task(f"{name} chunks", total=total)
+                progress.update(tasks[name], completed=done, total=total)
+
+            options.progress = show
+            results = _guarded(lambda: Runner(parsed, state, options).run())
     if exit_code(results) != 2 and checkpoint.exists():
         checkpoint.unlink()  # finished: a later --resume starts afresh
     if not no_store:
@@ -258,12 +299,12 @@ def parity_http(
         _fail(str(exc))
     if shadow_rules:
         options.shadow_rules = _shadow_rules(settings, redis_url)
-    with err.status("walking v1 and v2") as status:
+    with _console(stderr=True).status("walking v1 and v2") as status:
 
         def show(version: str, records: int) -> None:
             status.update(f"walking {path}: {version} {records} records")
 
-        results = _guarded(lambda: asyncio.run(Walker(options, show).run()))
+        results = _guarded(lambda: _run_async(Walker(options, show).run()))
     if not no_store:
         _store(results, "http", settings, redis_url)
     raise typer.Exit(_finish(results, "http", as_json, report, markdown))
@@ -274,6 +315,7 @@ def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[An
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
+    from proxy.cliutil import settings_from
     from proxy.control.client import ControlClient
     from proxy.shadow.policy import RULES_SECTION, make_rules_parser
 
@@ -289,12 +331,12 @@ def _shadow_rules(settings_path: Path | None, redis_url: str | None) -> tuple[An
             await client.aclose()
 
     try:
-        raw = asyncio.run(go())
+        raw = _run_async(go())
     except (RedisError, OSError) as exc:
         _fail(f"cannot read the shadow rules: Redis is unreachable ({exc})")
     ruleset, problems = make_rules_parser(settings)(raw, None)
     for problem in problems:
-        err.print(f"[yellow]warning:[/yellow] shadow rule skipped: {escape(problem)}")
+        _console(stderr=True).print(f"[yellow]warning:[/yellow] shadow rule skipped: {_escape(problem)}")
     return tuple(ruleset.rules)
 
 
@@ -318,7 +360,7 @@ def parity_last(redis_url: RedisOpt = None, settings: SettingsOpt = None, as_jso
             await client.aclose()
 
     try:
-        last = asyncio.run(go())
+        last = _run_async(go())
     except (RedisError, OSError) as exc:
         _fail(f"Redis is unreachable: {exc}")
     if as_json:
@@ -329,7 +371,7 @@ def parity_last(redis_url: RedisOpt = None, settings: SettingsOpt = None, as_jso
         table.add_column(column)
     for name, data in last.items():
         table.add_row(
-            escape(name), str(data.get("kind")), str(data.get("status")), str(data.get("missing")),
+            _escape(name), str(data.get("kind")), str(data.get("status")), str(data.get("missing")),
             str(data.get("extra")), str(data.get("changed")), str(data.get("seconds")),
         )  # fmt: skip
-    console.print(table)
+    _console().print(table)

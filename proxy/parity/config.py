@@ -35,6 +35,15 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+class FloatToleranceMap(BaseModel):
+    """``float_tolerance``: floats this close are equal too (either limit is enough)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ulps: int = Field(default=0, ge=0)  # units in the last place of the compared type
+    relative: float = Field(default=0.0, ge=0)  # |a - b| <= relative * max(|a|, |b|)
+
+
 class TableMap(BaseModel):
     """One table pair. Column names in ``key``, ``rename``, ``ignore`` and ``updated`` are the
     source's; ``transforms`` are keyed by the target column they produce."""
@@ -53,6 +62,7 @@ class TableMap(BaseModel):
     target_where: str | None = None
     updated: str | None = None
     timestamp_precision: int = Field(default=6, ge=0, le=6)
+    float_tolerance: FloatToleranceMap | None = None  # default: equal to the type's precision
 
     @model_validator(mode="after")
     def _defaults(self) -> TableMap:

@@ -9,3 +9,8 @@ class ParityConfigError(ValueError):
 
 class ParityError(RuntimeError):
     """A database or API could not be read as configured."""
+
+
+class ParityDataError(ParityError):
+    """A value the SQL rendering could not read (SQLSTATE class 22, e.g. text that is no number):
+    the run goes on with row hashes in the client, where such a value is a difference."""

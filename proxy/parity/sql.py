@@ -3,9 +3,10 @@
 Two ways to hash a row:
 
 * **in the database** when both sides are PostgreSQL: each compared column is rendered to
-  canonical text by SQL (``trim_scale`` for decimals, epoch at the column's precision for
-  timestamps, ``::jsonb::text`` for JSON, ``::int`` for booleans), joined length-prefixed, and
-  hashed with ``hashtextextended`` (64-bit). Segment checksums are ``count`` and ``sum`` of those
+  canonical text by SQL (``trim_scale`` for decimals, floats at their type's digits, timestamps
+  cast to ``timestamptz(p)`` so the database rounds them as it stores them, ``::jsonb`` for JSON,
+  ``CASE`` over the spellings for booleans: never a cast that can fail on a value), and the row's
+  text is hashed with ``hashtextextended`` (64-bit). Segment checksums are ``count`` and ``sum`` of those
   hashes grouped by key range in one scan: order-free, and nothing but one row per segment leaves
   the server.
 * **in the client** for any other dialect or a mixed pair (SQLite has no md5): rows are streamed,
@@ -28,8 +29,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from proxy.parity.config import TableMap
-from proxy.parity.errors import ParityConfigError, ParityError
-from proxy.parity.normalise import MASK64, canonical, common_kind, row_hash
+from proxy.parity.errors import ParityConfigError, ParityDataError, ParityError
+from proxy.parity.normalise import FALSE_WORDS, FLOATS, MASK64, TRUE_WORDS, canonical, common_kind, row_hash
 from proxy.parity.throttle import Throttle
 
 FETCH_BATCH = 500
@@ -119,31 +120,42 @@ class Database:
         except SQLAlchemyError as exc:
             raise ParityError(f"cannot read {name!r}: {_first_line(exc)}") from exc
 
-    def run(self, label: str, statement: Any, setting: str | None = None) -> Sequence[Any]:
+    def run(self, label: str, statement: Any, settings: Sequence[str] = ()) -> Sequence[Any]:
+        """One query, in its own transaction; ``settings`` (``SET LOCAL``) apply to it alone."""
         self.throttle.wait()
         if self.on_query:
             self.on_query(label)
         try:
             with self.engine.connect() as conn:
-                if setting and self.dialect == "postgresql":
+                for setting in settings if self.dialect == "postgresql" else ():
                     conn.exec_driver_sql(setting)
                 return conn.execute(statement).all()
         except SQLAlchemyError as exc:
-            raise ParityError(f"{label} failed on the {self.dialect} side: {_first_line(exc)}") from exc
+            data = str(getattr(getattr(exc, "orig", None), "sqlstate", "") or "").startswith("22")
+            error = ParityDataError if data else ParityError
+            raise error(f"{label} failed on the {self.dialect} side: {_first_line(exc)}") from exc
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
 # Text output of timestamps, floats and bytea depends on session settings: pin them, so two
-# servers configured differently still render equal values as equal text.
+# servers configured differently still render equal values as equal text. Floats are read
+# exactly (extra_float_digits 3: the shortest exact text from PostgreSQL 12, 17 digits before);
+# the hash queries render them at the type's own digits instead (HASH_SETTINGS).
 _PG_SESSION = (
     "SET TIME ZONE 'UTC'",
     "SET datestyle = 'ISO, YMD'",
     "SET intervalstyle = 'postgres'",
-    "SET extra_float_digits = 1",
+    "SET extra_float_digits = 3",
     "SET bytea_output = 'hex'",
 )
+# In the hash queries a real prints 6 significant digits and a double precision 15 (%g): the
+# canonical text of :mod:`proxy.parity.normalise`'s float kinds, on every PostgreSQL version.
+HASH_SETTINGS = ("SET LOCAL extra_float_digits = 0",)
+# float8 -> real refuses what it cannot hold; these are the limits of C's round-to-nearest
+_FLOAT4_OVERFLOW = 3.4028235677973366e38  # FLT_MAX + half an ulp: from here on, infinity
+_FLOAT4_UNDERFLOW = 2.0**-150  # half the smallest denormal: up to here, zero
 
 
 def _pg_session(dbapi_connection: Any, _record: Any, read_only: bool = False) -> None:
@@ -168,13 +180,15 @@ def _first_line(exc: BaseException) -> str:
 # --- the plan ---------------------------------------------------------------------------------
 
 
-def kind_of(sql_type: Any) -> str:
-    """The comparison kind of one reflected SQLAlchemy type."""
+def kind_of(sql_type: Any, dialect: str = "postgresql") -> str:
+    """The comparison kind of one reflected SQLAlchemy type (``dialect`` tells what a ``REAL`` is)."""
     if isinstance(sql_type, sa.types.Boolean):
         return "bool"
     if isinstance(sql_type, sa.types.Integer):
         return "int"
-    if isinstance(sql_type, sa.types.Numeric):  # Float is a Numeric too
+    if isinstance(sql_type, sa.types.Float):  # before Numeric: SQLAlchemy < 2.1 made it one
+        return _float_kind(sql_type, dialect)
+    if isinstance(sql_type, sa.types.Numeric):
         return "decimal"
     if isinstance(sql_type, sa.types.DateTime):
         return "timestamp"
@@ -187,7 +201,24 @@ def kind_of(sql_type: Any) -> str:
     return "text"
 
 
-def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan:
+def _float_kind(sql_type: Any, dialect: str) -> str:
+    """``float4`` for single precision (PostgreSQL ``real``, MySQL ``FLOAT``, ``float(p <= 24)``),
+    ``float8`` for double (and for SQLite, whose REAL is always 8 bytes)."""
+    if isinstance(sql_type, sa.types.Double) or dialect == "sqlite":
+        return "float8"
+    if isinstance(sql_type, sa.types.REAL) or dialect in ("mysql", "mariadb"):
+        return "float4"
+    precision = getattr(sql_type, "precision", None)
+    return "float4" if isinstance(precision, int) and precision <= 24 else "float8"
+
+
+def build_plan(
+    table: TableMap,
+    source: sa.Table,
+    target: sa.Table,
+    source_dialect: str = "postgresql",
+    target_dialect: str = "postgresql",
+) -> TablePlan:
     """Map every target column to a source expression; anything unaccounted for is an error,
     never a column silently left out of the comparison."""
     problems: list[str] = []
@@ -206,7 +237,7 @@ def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan
     for name, column in tgt_cols.items():
         if name in ignored_targets:
             continue
-        target_kind = kind_of(column.type)
+        target_kind = kind_of(column.type, target_dialect)
         if name in table.transforms:
             expression: Any = sa.literal_column(f"({table.transforms[name]})")
             used_sources |= _mentioned(table.transforms[name], src_cols)
@@ -222,7 +253,7 @@ def build_plan(table: TableMap, source: sa.Table, target: sa.Table) -> TablePlan
                 continue
             used_sources.add(source_name)
             source_expr = src_cols[source_name]
-            source_kind = kind_of(src_cols[source_name].type)
+            source_kind = kind_of(src_cols[source_name].type, source_dialect)
         kind = common_kind(source_kind, target_kind)
         same = (
             isinstance(source_expr, sa.Column) and _type_text(source_expr) == _type_text(column) is not None
@@ -309,7 +340,12 @@ class TableSide:
     def aggregates(self) -> dict[str, Any]:
         """Rows, key bounds and sums of numeric columns: cheap, and a first verdict on its own."""
         first = self.range_column
-        numeric = [c for c in self.plan.columns if c.kind in ("int", "decimal")][:4]
+        numbers = ("int", "decimal")  # summed only where both sides store numbers: no cast of text
+        numeric = [
+            c
+            for c in self.plan.columns
+            if c.kind in numbers and {c.source_kind, c.target_kind} <= set(numbers)
+        ][:4]
         items = [
             sa.func.count().label("rows"),
             sa.func.min(first).label("min"),
@@ -326,18 +362,21 @@ class TableSide:
         text output already agrees), else rendered to the canonical form of its kind."""
         expr = self.expr(column)
         kind, own = column.kind, self.side_kind(column)
-        if column.same_type and not (kind == "timestamp" and self.plan.precision < 6):
+        if column.same_type and not (kind == "timestamp" and self.plan.precision < 6) and kind not in FLOATS:
             return expr
         if kind in ("int", "decimal"):
             numeric: Any = sa.cast(expr, sa.Numeric)
             if self.db.server_version[:1] and self.db.server_version[0] >= 13:
                 numeric = sa.func.trim_scale(numeric)
             return numeric
+        if kind in FLOATS:  # printed at the type's digits (HASH_SETTINGS)
+            return _sql_float(expr, own, kind)
         if kind == "bool":
-            return sa.cast(expr, sa.Integer)
+            return _sql_bool(expr, own)
         if kind == "timestamp":
-            instant = expr if own == "timestamp" else sa.cast(expr, postgresql.TIMESTAMP(timezone=True))
-            return sa.func.round(sa.extract("epoch", instant) * sa.literal(10**self.plan.precision))
+            # the database rounds to timestamptz(p) as it rounds what it stores (half away from
+            # zero, counted from 2000-01-01); naive values are UTC (the session's zone)
+            return sa.cast(expr, postgresql.TIMESTAMP(timezone=True, precision=self.plan.precision))
         if kind == "json":
             return sa.cast(expr, postgresql.JSONB)
         if kind == "date":
@@ -367,7 +406,9 @@ class TableSide:
         ).group_by(sa.text("1"))
         # the planner cannot know there are few segments, and sorts every row to group them;
         # hashing into a few thousand groups is much cheaper
-        rows = self.db.run(f"checksums of {self.plan.table.name}", statement, "SET LOCAL enable_sort = off")
+        rows = self.db.run(
+            f"checksums of {self.plan.table.name}", statement, ("SET LOCAL enable_sort = off", *HASH_SETTINGS)
+        )
         return {int(row[0]): (int(row[1]), int(row[2]) & MASK64) for row in rows}
 
     # pass 1, streaming
@@ -390,7 +431,8 @@ class TableSide:
                 column = self.range_column
                 statement = statement.where(sa.or_(*(column.between(a, b) for a, b in batch)))
             nkey = len(keys)
-            for row in self.db.run(f"row hashes of {self.plan.table.name}", statement):
+            settings = HASH_SETTINGS if self.in_db_hash else ()
+            for row in self.db.run(f"row hashes of {self.plan.table.name}", statement, settings):
                 raw = tuple(row[:nkey])
                 key = self.canonical_key(raw)
                 if self.in_db_hash:
@@ -426,6 +468,44 @@ class TableSide:
                 raw = tuple(values[c.name] for c in self.plan.key)
                 rows[self.canonical_key(raw)] = values
         return rows
+
+
+def _sql_float(expr: Any, own: str, kind: str) -> Any:
+    """A float in the compared type, plus zero (IEEE: -0 + 0 is 0, anything else is itself). A
+    double (or a number) compared as a real is rounded to one as C rounds, never through a cast
+    that refuses overflow or underflow. (PostgreSQL sorts NaN above every number.)"""
+    real_zero: Any = sa.literal_column("0::real")
+    if own == kind:
+        return expr + (real_zero if kind == "float4" else sa.literal_column("0::float8"))
+    double = expr if own == "float8" else sa.cast(expr, postgresql.DOUBLE_PRECISION)
+    if kind == "float8":
+        return double + sa.literal_column("0::float8")
+    return sa.case(
+        (
+            double == sa.cast(sa.literal("NaN"), postgresql.DOUBLE_PRECISION),
+            sa.cast(sa.literal("NaN"), postgresql.REAL),
+        ),
+        (double >= _FLOAT4_OVERFLOW, sa.cast(sa.literal("Infinity"), postgresql.REAL)),
+        (double <= -_FLOAT4_OVERFLOW, sa.cast(sa.literal("-Infinity"), postgresql.REAL)),
+        (sa.func.abs(double) <= _FLOAT4_UNDERFLOW, real_zero),
+        else_=sa.cast(double, postgresql.REAL) + real_zero,
+    )
+
+
+def _sql_bool(expr: Any, own: str) -> Any:
+    """``1``, ``0``, NULL, or ``?<text>`` for a value that spells no boolean: the canonical
+    text of :func:`proxy.parity.normalise.canonical`, without a cast that can fail."""
+    if own == "bool":
+        return sa.cast(expr, sa.Integer)
+    if own in ("int", "decimal", *FLOATS):
+        return sa.case((expr == 0, "0"), (expr.is_not(None), "1"))
+    text = sa.cast(expr, sa.Text)
+    word = sa.func.lower(sa.func.btrim(text, sa.literal(" \t\n\r\x0b\x0c")))
+    return sa.case(
+        (word.in_(sorted(TRUE_WORDS)), "1"),
+        (word.in_(sorted(FALSE_WORDS)), "0"),
+        else_=sa.literal("?") + text,
+    )
 
 
 def _plain_number(value: Any) -> Any:
