@@ -131,7 +131,9 @@ def test_an_early_answer_never_hands_the_connection_to_the_next_request_mid_uplo
         assert uploader_got.startswith(b"HTTP/1.1 200 "), uploader_got[:200]
         assert uploader_got.endswith(b"T=/r/early")
         # the backend saw only real request lines, and no body held anything but the upload's bytes
-        assert all(line.startswith(METHODS) and line.endswith(b" HTTP/1.1") for line in backend.lines), backend.lines
+        assert all(line.startswith(METHODS) and line.endswith(b" HTTP/1.1") for line in backend.lines), (
+            backend.lines
+        )
         for body in backend.bodies:
             assert body.strip(b"x") == b"", body.replace(b"x", b"")[:200]
     finally:
@@ -142,12 +144,13 @@ def test_an_early_answer_never_hands_the_connection_to_the_next_request_mid_uplo
 
 
 class DropOnReuseBackend(RawServer):
-    """The first request on each connection is answered (after ``/slow``: 0.3 s); any later one is
+    """The first request on each connection is answered (``/slow`` once ``hold`` are in); any later one is
     read (with its body), recorded and then the connection is closed without an answer: a
     backend that applied the request and died, or closed a kept-alive connection as it arrived."""
 
     def __init__(self) -> None:
         self.seen: list[bytes] = []  # "METHOD target" of every request read in full
+        self.hold = 1
         self.lock = threading.Lock()
         super().__init__()
 
@@ -171,8 +174,10 @@ class DropOnReuseBackend(RawServer):
                     if not first:
                         return  # applied, never answered: the connection closes
                     first = False
-                    if target == b"/slow":
-                        time.sleep(0.3)
+                    if target == b"/slow":  # held until ``hold`` of them are in: one connection each
+                        deadline = time.monotonic() + 5
+                        while self.count(b"GET /slow") < self.hold and time.monotonic() < deadline:
+                            time.sleep(0.01)
                     conn.sendall(answer(target))
                 except OSError:
                     return
@@ -194,6 +199,7 @@ def drop_on_reuse(
 
 def warm(proxy: ProxyProcess, backend: DropOnReuseBackend, idle: int) -> None:
     """``idle`` pooled connections, each having answered one request (so each drops the next)."""
+    backend.hold = idle
     threads = [
         threading.Thread(target=lambda: httpx.get(proxy.url + "/slow", timeout=5).raise_for_status())
         for _ in range(idle)
@@ -295,7 +301,9 @@ def test_an_answer_head_over_the_limit_is_a_502_and_nothing_of_it_is_relayed(
         backend.stop()
 
 
-def test_the_answer_head_limit_is_a_setting(proxy_factory: Callable[..., ProxyProcess], redis_url: str) -> None:
+def test_the_answer_head_limit_is_a_setting(
+    proxy_factory: Callable[..., ProxyProcess], redis_url: str
+) -> None:
     backend = BigHeadBackend()
     try:
         proxy = one_backend_proxy(
@@ -311,16 +319,14 @@ def test_the_answer_head_limit_is_a_setting(proxy_factory: Callable[..., ProxyPr
 
 
 class EchoLengthBackend(RawServer):
-    """Reads each request's whole body, ``rate`` bytes a second at most (a small receive buffer,
-    so the proxy's writes really wait), then answers with its length."""
+    """Reads each request's whole body, ``rate`` bytes a second at most, then answers with its
+    length."""
 
     def __init__(self, rate: int = 0) -> None:
         self.rate = rate
         super().__init__()
 
     def serve(self, conn: socket.socket) -> None:
-        if self.rate:
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         buffer = b""
         with conn:
             while True:
@@ -374,13 +380,16 @@ def test_a_slow_upload_is_not_the_backends_silence(
 def test_a_backend_that_reads_the_body_slowly_is_fine(
     proxy_factory: Callable[..., ProxyProcess], redis_url: str
 ) -> None:
-    """The backend reads 4 MB at about 4 MB/s: the upload takes a second, longer than the read
-    timeout, while each wait for the backend to take more is short."""
-    backend = EchoLengthBackend(rate=4_000_000)
+    """The backend reads 16 MB at about 10 MB/s: the proxy's writes wait on it for more than the
+    0.8 s read timeout in all (each wait is short), and what the kernel buffers is read well
+    within it once the request is written."""
+    backend = EchoLengthBackend(rate=10_000_000)
     try:
-        proxy = one_backend_proxy(proxy_factory, backend.url, redis_url, "slowread:", read_timeout_seconds=0.5)
-        body = b"y" * 4_000_000
+        proxy = one_backend_proxy(
+            proxy_factory, backend.url, redis_url, "slowread:", read_timeout_seconds=0.8
+        )
+        body = b"y" * 16_000_000
         reply = httpx.post(proxy.url + "/up", content=body, timeout=10)
-        assert (reply.status_code, reply.text) == (200, "4000000")
+        assert (reply.status_code, reply.text) == (200, "16000000")
     finally:
         backend.stop()
