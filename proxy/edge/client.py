@@ -340,13 +340,15 @@ class _Connection(asyncio.Protocol):
     it. So an answer that is complete while the request body is still being written closes the
     connection (nginx does the same) instead of handing it to the next request."""
 
-    __slots__ = ("pool", "transport", "parser", "response", "reused", "idle_since", "ours", "theirs", "flow",
-                 "_head_future", "_headers", "_head_only", "_head", "_head_bytes", "_max_head", "_timer",
-                 "_last_read", "_read_timeout", "counted_out", "_sink", "_sink_reads", "_finished",
-                 "_timer_due", "_strip_seen", "_length", "_plain_at", "_queued_in", "_writer")  # fmt: skip
+    __slots__ = ("pool", "loop", "transport", "parser", "response", "reused", "idle_since", "ours", "theirs",
+                 "flow", "_watched", "_head_future", "_headers", "_head_only", "_head", "_head_bytes",
+                 "_max_head", "_timer", "_last_read", "_read_timeout", "counted_out", "_sink", "_sink_reads",
+                 "_finished", "_timer_due", "_strip_seen", "_length", "_plain_at", "_queued_in",
+                 "_writer")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = pool.loop  # made in a running loop (``UpstreamPool._connect``)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
@@ -364,6 +366,7 @@ class _Connection(asyncio.Protocol):
         self._head = b""  # the request head of a ``send_now`` exchange (its method decides a retry)
         self._head_bytes = 0  # bytes received before the answer's head was complete
         self._max_head = pool.limits.max_head_bytes
+        self._watched = pool.watched  # the answer headers on_header looks at (strip, Content-Length)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
         self._last_read = 0.0
@@ -380,8 +383,9 @@ class _Connection(asyncio.Protocol):
         return self.theirs is CLOSED
 
     def reusable(self) -> bool:
-        """The one test for reuse: the whole request written, the whole answer read, and the
-        answer kept the connection alive (else theirs is ``MUST_CLOSE``); a closed one is neither."""
+        """The one test for reuse (``_to`` applies it, inlined, when the answer ends): the whole
+        request written, the whole answer read, and the answer kept the connection alive (else
+        theirs is ``MUST_CLOSE``); a closed connection is neither."""
         return self.ours is DONE and self.theirs is DONE
 
     # --- the state machine -------------------------------------------------------------------------
@@ -389,16 +393,16 @@ class _Connection(asyncio.Protocol):
     def _to(self, ours: State, theirs: State) -> None:
         """The one way the state changes. An impossible change is a bug: it raises in tests
         (``strict_states``) and, in production, drops the connection with one log line."""
-        if not (_NEXT[self.ours * _SIDES + self.theirs] >> (ours * _SIDES + theirs)) & 1:
+        if not (_NEXT[self.ours * 6 + self.theirs] >> (ours * 6 + theirs)) & 1:  # 6: _SIDES
             self._impossible(ours, theirs)
             return
         self.ours = ours
         self.theirs = theirs
-        if theirs is SEND_BODY or theirs is SEND_RESPONSE:
-            return  # an exchange under way
+        if theirs < DONE:
+            return  # SEND_RESPONSE, SEND_BODY: an exchange under way
         if theirs is CLOSED:
             self._closed()
-        elif self.reusable():
+        elif theirs is DONE and ours is DONE:  # reusable(), inlined: the one test for reuse
             self.ours = self.theirs = IDLE
             if self.flow.read_paused:
                 self.flow.resume_reading()
@@ -469,7 +473,7 @@ class _Connection(asyncio.Protocol):
                 self.pool.dropped("idle_readable")
                 self.abort()
             return
-        self._last_read = self.pool.loop.time()
+        self._last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -480,12 +484,16 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamProtocolError(self.pool.version, "invalid HTTP answer"))
         if self.theirs is SEND_RESPONSE and self._head_bytes > self._max_head:
             self._fail(self._head_too_large())  # still no end of the head in sight
-        if self._finished is not None:
-            self._deliver()
+        finished = self._finished
+        if finished is not None:
+            # the whole packet is parsed: a second answer in it has already dropped the connection
+            self._finished = None
+            sink, self._sink = self._sink, None
+            if sink is not None:
+                sink.done(finished)
 
     def _deliver(self) -> None:
-        """The whole packet is parsed: a second answer in it has already dropped the connection;
-        the sink hears of its complete answer now."""
+        """A close-delimited answer ended with the connection: its sink (if any) hears of it."""
         finished = self._finished
         self._finished = None
         sink, self._sink = self._sink, None
@@ -514,15 +522,14 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        headers = self._headers
-        if lower in self.pool.watched:  # a header to strip, or Content-Length
+        if lower in self._watched:  # a header to strip, or Content-Length
             if lower == b"content-length":
                 self._length = int(value) if value.isdigit() else None
             elif lower == b"connection" and value.lower() in PLAIN_CONNECTION and self._plain_at < 0:
-                self._plain_at = len(headers)  # "keep-alive"/"close" names nothing: cut by position
+                self._plain_at = len(self._headers)  # "keep-alive"/"close" names nothing: cut by position
             else:
                 self._strip_seen = True
-        headers.append((lower, value))
+        self._headers.append((lower, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -574,12 +581,11 @@ class _Connection(asyncio.Protocol):
     def _complete(self, keep: bool) -> None:
         """The answer is complete: its reader is told (a sink once the packet is parsed), then the
         connection goes back to the pool or closes (``_to``)."""
-        response = self.response
-        if response is None or response.complete:
-            return
-        response._finish()
-        if self._sink is not None:
-            self._finished = response  # told once this packet is parsed (data_received)
+        response = self.response  # theirs is SEND_BODY: the head has made it
+        if response is not None:
+            response._finish()
+            if self._sink is not None:
+                self._finished = response  # told once this packet is parsed (data_received)
         self._head_future = None
         self._to(self.ours, DONE if keep else MUST_CLOSE)
 
@@ -634,7 +640,8 @@ class _Connection(asyncio.Protocol):
         self, head_only: bool, read_timeout: float, future: asyncio.Future[UpstreamResponse] | None,
         sink: ResponseSink | None,
     ) -> None:  # fmt: skip
-        """A new exchange on this connection: who hears of the answer, and its read deadline."""
+        """A new exchange on this connection: who hears of the answer, and its read deadline
+        (``send_now`` has a copy inlined)."""
         self._queued_in = -1
         self._head_future = future
         self._sink = sink
@@ -643,13 +650,21 @@ class _Connection(asyncio.Protocol):
         self.response = None
         self._head_bytes = 0
         self._head_only = head_only
-        self._arm(self.pool.loop, read_timeout)
+        self._arm(self.loop, read_timeout)
 
     def send_now(self, head: bytes, head_only: bool, read_timeout: float, sink: ResponseSink) -> None:
         """Write a request without a body; ``sink`` hears of the answer (see ``ResponseSink``).
 
         The fast path: no task, no future, no coroutine per request."""
-        self._begin(head_only, read_timeout, None, sink)
+        # _begin, inlined (once per request on the fast path)
+        self._head_future = None
+        self._sink = sink
+        self._sink_reads = False
+        self._finished = None
+        self.response = None
+        self._head_bytes = 0
+        self._head_only = head_only
+        self._arm(self.loop, read_timeout)
         self._head = head
         self._to(DONE, SEND_RESPONSE)
         transport = self.transport
@@ -657,6 +672,8 @@ class _Connection(asyncio.Protocol):
         writes = self.pool.writes
         if writes.write(transport, head):  # with the other requests of this loop pass
             self._queued_in = writes.flushes
+        else:
+            self._queued_in = -1  # written at once (a large head)
 
     async def exchange(
         self,
@@ -675,7 +692,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing() or self.theirs is CLOSED:
             self.abort()
             raise _NoAnswer(self.pool.version, "connection closed before the request was sent", True)
-        loop = self.pool.loop
+        loop = self.loop
         future: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._begin(head_only, read_timeout, future, None)
         writer: asyncio.Task[None] | None = None
@@ -731,7 +748,7 @@ class _Connection(asyncio.Protocol):
             if chunked:
                 transport.write(b"0\r\n\r\n")
             self._writer = None
-            self._last_read = self.pool.loop.time()
+            self._last_read = self.loop.time()
             self._to(DONE, self.theirs)
         except TimeoutError:
             self._fail(
@@ -765,7 +782,7 @@ class _Connection(asyncio.Protocol):
         theirs = self.theirs
         if theirs is not SEND_RESPONSE and theirs is not SEND_BODY:
             return  # idle or closed
-        now = self.pool.loop.time()
+        now = self.loop.time()
         if self.flow.read_paused or self.ours is SEND_BODY:
             # we stopped reading (our client is slow), or we are still writing the request (a slow
             # uploader, or a backend reading slowly: the send timeout bounds that): not the
@@ -773,7 +790,7 @@ class _Connection(asyncio.Protocol):
             self._last_read = now
         idle = now - self._last_read
         if idle < self._read_timeout:
-            self._timer = self.pool.loop.call_later(self._read_timeout - idle, self._check_timeout)
+            self._timer = self.loop.call_later(self._read_timeout - idle, self._check_timeout)
             self._timer_due = now + self._read_timeout - idle
             return
         if self.response is None:
@@ -949,13 +966,12 @@ class UpstreamPool:
 
     def take_idle(self) -> _Connection | None:
         """A warm pooled connection, now, or None (then ``request`` waits or connects)."""
-        now = self.loop.time()
         idle = self._idle
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, the cold ones age out
             if conn.theirs is CLOSED:
                 continue
-            if now - conn.idle_since > self.limits.idle_timeout:
+            if conn.loop.time() - conn.idle_since > self.limits.idle_timeout:
                 conn.abort()
                 continue
             conn.reused = True
@@ -1039,7 +1055,7 @@ class UpstreamPool:
         if self._closing:
             conn.abort()
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = conn.loop.time()
         self._idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.limits.idle_timeout, self._sweep)
