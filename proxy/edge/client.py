@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import errno
 import logging
 import os
@@ -52,6 +51,18 @@ from proxy.edge.errors import (
 )
 from proxy.edge.flow import FlowControl
 from proxy.edge.headers import HOP_BY_HOP, PLAIN_CONNECTION, end_to_end
+from proxy.edge.states import (
+    CLOSED,
+    DONE,
+    IDLE,
+    MUST_CLOSE,
+    NEXT,
+    SEND_BODY,
+    SEND_RESPONSE,
+    ImpossibleTransition,
+    State,
+    strict_states,
+)
 from proxy.edge.writebatch import WriteBatch
 
 Headers = Sequence[tuple[bytes, bytes]]
@@ -60,7 +71,6 @@ _BAD_IN_TARGET: Final = re.compile(rb"[ \r\n\t#\x00]")  # one C scan, not six
 # methods a proxy may send again after a failure without changing what the request means
 # (RFC 9110 9.2.2; aiohttp's IDEMPOTENT_METHODS)
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-STRICT_ENV: Final = "STRANGLER_STRICT_STATES"
 log = logging.getLogger("strangler.edge")
 
 
@@ -68,76 +78,6 @@ def retry_allowed(method: bytes, unsent: bool) -> bool:
     """May a request that got no answer go once more, on a new connection? Only when nothing of
     it was written, or its method is idempotent (RFC 9110 9.2.2): a POST is never sent twice."""
     return unsent or method in IDEMPOTENT
-
-
-class State(enum.IntEnum):
-    """The state of one side of an upstream connection (h11's ``_state.py``, cut to a client's
-    needs). Ours is the request: ``IDLE -> SEND_BODY -> DONE`` (``IDLE -> DONE`` when the head and
-    any buffered body go in one write). Theirs is the answer: ``IDLE -> SEND_RESPONSE`` (a request
-    is out; 1xx interim answers keep it there) ``-> SEND_BODY -> DONE``, or ``MUST_CLOSE`` when the
-    answer says the connection ends with it. Both become ``CLOSED`` together."""
-
-    IDLE = 0
-    SEND_BODY = 1
-    SEND_RESPONSE = 2
-    DONE = 3
-    MUST_CLOSE = 4
-    CLOSED = 5
-
-
-IDLE: Final = State.IDLE
-SEND_BODY: Final = State.SEND_BODY
-SEND_RESPONSE: Final = State.SEND_RESPONSE
-DONE: Final = State.DONE
-MUST_CLOSE: Final = State.MUST_CLOSE
-CLOSED: Final = State.CLOSED
-_SIDES: Final = 6  # a pair (ours, theirs) is the number ours * _SIDES + theirs
-
-
-def _transitions() -> tuple[int, ...]:
-    """For each pair (ours, theirs), a bit mask of the pairs it may become: the one table every
-    change is checked against (``_Connection._to``)."""
-    ours_next = {IDLE: (SEND_BODY, DONE), SEND_BODY: (DONE,), DONE: (), MUST_CLOSE: ()}
-    theirs_next = {SEND_RESPONSE: (SEND_BODY,), SEND_BODY: (DONE, MUST_CLOSE)}
-    allowed: dict[tuple[State, State], set[tuple[State, State]]] = {}
-
-    def allow(old: tuple[State, State], new: tuple[State, State]) -> None:
-        allowed.setdefault(old, set()).add(new)
-
-    allow((IDLE, IDLE), (SEND_BODY, SEND_RESPONSE))  # a request begins: its head is written,
-    allow((IDLE, IDLE), (DONE, SEND_RESPONSE))  # with its whole body or without one
-    allow((DONE, DONE), (IDLE, IDLE))  # reuse: both messages complete, keep-alive
-    for ours in (SEND_BODY, DONE):
-        for theirs in (SEND_RESPONSE, SEND_BODY):
-            for after in ours_next[ours]:
-                allow((ours, theirs), (after, theirs))  # the request goes on under the answer
-            for after in theirs_next[theirs]:
-                allow((ours, theirs), (ours, after))  # the answer goes on under the request
-    for ours in State:
-        for theirs in State:
-            if ours is not CLOSED and theirs is not CLOSED:
-                allow((ours, theirs), (CLOSED, CLOSED))  # either side may close at any time
-    table = [0] * (_SIDES * _SIDES)
-    for (ours, theirs), targets in allowed.items():
-        for new_ours, new_theirs in targets:
-            table[ours * _SIDES + theirs] |= 1 << (new_ours * _SIDES + new_theirs)
-    return tuple(table)
-
-
-_NEXT: Final = _transitions()
-
-
-def strict_states() -> bool:
-    """Raise on an impossible transition (tests) rather than drop the connection with a log line
-    (production). ``STRANGLER_STRICT_STATES=1``/``0`` decides; unset, it is strict under pytest."""
-    value = os.environ.get(STRICT_ENV)
-    if value is not None:
-        return value == "1"
-    return "PYTEST_CURRENT_TEST" in os.environ
-
-
-class ImpossibleTransition(RuntimeError):
-    """A connection was asked to change state in a way its table does not allow: a bug."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +275,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection: idle in the pool or carrying exactly one exchange.
 
     Its state is two ``State`` values, ``ours`` (the request) and ``theirs`` (the answer), changed
-    only by ``_to``, which checks the change against ``_NEXT`` and then does what the new pair
+    only by ``_to``, which checks the change against ``NEXT`` and then does what the new pair
     means: both ``DONE`` (``reusable``) puts the connection back in the pool, any other end closes
     it. So an answer that is complete while the request body is still being written closes the
     connection (nginx does the same) instead of handing it to the next request."""
@@ -393,7 +333,7 @@ class _Connection(asyncio.Protocol):
     def _to(self, ours: State, theirs: State) -> None:
         """The one way the state changes. An impossible change is a bug: it raises in tests
         (``strict_states``) and, in production, drops the connection with one log line."""
-        if not (_NEXT[self.ours * 6 + self.theirs] >> (ours * 6 + theirs)) & 1:  # 6: _SIDES
+        if not (NEXT[self.ours * 6 + self.theirs] >> (ours * 6 + theirs)) & 1:  # 6: SIDES
             self._impossible(ours, theirs)
             return
         self.ours = ours

@@ -13,20 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.edge.client import (
-    CLOSED,
-    DONE,
-    IDLE,
-    SEND_BODY,
-    SEND_RESPONSE,
-    ImpossibleTransition,
-    Origin,
-    PoolLimits,
-    UpstreamPool,
-    UpstreamResponse,
-    retry_allowed,
-)
+from proxy.edge.client import Origin, PoolLimits, UpstreamPool, UpstreamResponse, retry_allowed
 from proxy.edge.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from proxy.edge.states import CLOSED, DONE, IDLE, SEND_BODY, SEND_RESPONSE, ImpossibleTransition
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
