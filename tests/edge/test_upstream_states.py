@@ -435,7 +435,7 @@ def test_an_answer_head_over_the_limit_is_refused(split: bool) -> None:
 
 
 def test_the_read_deadline_waits_for_the_whole_request() -> None:
-    """A body that takes 0.8 s to come (a slow client) under a 0.3 s read timeout: the backend
+    """A body that takes 1.2 s to come (a slow client) under a 0.5 s read timeout: the backend
     answers once it has all of it, and that is in time."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
@@ -447,9 +447,9 @@ def test_the_read_deadline_waits_for_the_whole_request() -> None:
 
     async def main() -> None:
         async with backend:
-            pool = backend.pool(read_timeout=0.3)
+            pool = backend.pool(read_timeout=0.5)
             parts = [b"x" * 100] * 4
-            response = await pool.request(b"POST", b"/up", [], chunks(*parts, pause=0.2), content_length=400)
+            response = await pool.request(b"POST", b"/up", [], chunks(*parts, pause=0.3), content_length=400)
             assert await response.read() == b"ok"
             await pool.close()
 

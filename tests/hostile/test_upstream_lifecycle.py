@@ -377,19 +377,21 @@ def test_a_slow_upload_is_not_the_backends_silence(
         backend.stop()
 
 
+@pytest.mark.slow
 def test_a_backend_that_reads_the_body_slowly_is_fine(
     proxy_factory: Callable[..., ProxyProcess], redis_url: str
 ) -> None:
-    """The backend reads 16 MB at about 10 MB/s: the proxy's writes wait on it for more than the
-    0.8 s read timeout in all (each wait is short), and what the kernel buffers is read well
-    within it once the request is written."""
-    backend = EchoLengthBackend(rate=10_000_000)
+    """The backend reads 24 MB at about 4 MB/s: the proxy's writes wait on it for far longer than
+    the 2.5 s read timeout in all (each wait is short), and what the kernel still holds once the
+    request is written (a few MB) is read well within it. Before, the read deadline ran from the
+    start of the upload: 504 after 2.5 s."""
+    backend = EchoLengthBackend(rate=4_000_000)
     try:
         proxy = one_backend_proxy(
-            proxy_factory, backend.url, redis_url, "slowread:", read_timeout_seconds=0.8
+            proxy_factory, backend.url, redis_url, "slowread:", read_timeout_seconds=2.5
         )
-        body = b"y" * 16_000_000
-        reply = httpx.post(proxy.url + "/up", content=body, timeout=10)
-        assert (reply.status_code, reply.text) == (200, "16000000")
+        body = b"y" * 24_000_000
+        reply = httpx.post(proxy.url + "/up", content=body, timeout=30)
+        assert (reply.status_code, reply.text) == (200, "24000000")
     finally:
         backend.stop()
