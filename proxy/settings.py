@@ -309,6 +309,9 @@ class LimitSettings(BaseModel):
     max_header_bytes: int = Field(default=65536, ge=1024)
     # 431 (too_many_headers); Envoy max_headers_count: 100
     max_headers: int = Field(default=100, ge=1)
+    # 502 (kind protocol), nothing relayed, upstream connection closed: a backend's answer head
+    # (status line and headers) larger than this. nginx: proxy_buffer_size (4-8k) then 502
+    max_response_head_bytes: int = Field(default=65536, ge=1024)
     # 408 then close (header_timeout): from connection (or first byte of a request) to the end of
     # its headers; stops slowloris. nginx client_header_timeout is 60 s, Envoy suggests 10 s
     header_timeout_seconds: float = Field(default=10.0, gt=0)

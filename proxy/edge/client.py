@@ -12,7 +12,13 @@ bytes go on a shared connection. Here
 - the response head and body framing are llhttp's, strict: Content-Length, chunked or
   close-delimited; 1xx interim answers are skipped; an unsolicited ``101`` is a protocol error;
 - waiting for a pool slot has its own bound (``pool_timeout``), separate from connecting;
-- request bodies are framed by us (canonical ``content-length``, or chunked), with flow control.
+- request bodies are framed by us (canonical ``content-length``, or chunked), with flow control;
+- each connection is a state machine (``State``, after h11's ``_state.py``): our request and their
+  answer each have a state, every change goes through ``_Connection._to``, and a connection goes
+  back to the pool only when both are ``DONE`` (``reusable``): an answer that comes before the
+  whole request was written never hands the connection to the next request;
+- a request is sent again at most once, on a new connection, and only when that is safe
+  (``retry_allowed``: an idempotent method, or nothing of it was written; RFC 9110 9.2.2).
 
 Errors are ``proxy.edge.errors`` classes, never internal addresses: their ``detail`` is safe to show.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import logging
 import os
 import re
 import ssl
@@ -31,6 +38,7 @@ from typing import Final, Protocol
 
 import httptools
 
+from proxy.edge.asgi import ClientGone
 from proxy.edge.bodyqueue import BodyQueue
 from proxy.edge.errors import (
     UpstreamConnectError,
@@ -41,12 +49,35 @@ from proxy.edge.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from proxy.edge.flow import FlowControl
 from proxy.edge.headers import HOP_BY_HOP, PLAIN_CONNECTION, end_to_end
+from proxy.edge.states import (
+    CLOSED,
+    DONE,
+    IDLE,
+    MUST_CLOSE,
+    NEXT,
+    SEND_BODY,
+    SEND_RESPONSE,
+    ImpossibleTransition,
+    State,
+    strict_states,
+)
 from proxy.edge.writebatch import WriteBatch
 
 Headers = Sequence[tuple[bytes, bytes]]
 READ_HIGH_WATER: Final = 256 * 1024  # response bytes buffered before we stop reading the backend
 _BAD_IN_TARGET: Final = re.compile(rb"[ \r\n\t#\x00]")  # one C scan, not six
+# methods a proxy may send again after a failure without changing what the request means
+# (RFC 9110 9.2.2; aiohttp's IDEMPOTENT_METHODS)
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+log = logging.getLogger("strangler.edge")
+
+
+def retry_allowed(method: bytes, unsent: bool) -> bool:
+    """May a request that got no answer go once more, on a new connection? Only when nothing of
+    it was written, or its method is idempotent (RFC 9110 9.2.2): a POST is never sent twice."""
+    return unsent or method in IDEMPOTENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +112,7 @@ class PoolLimits:
     read_timeout: float = 30.0
     pool_timeout: float = 2.0
     idle_timeout: float = 4.0  # below the usual 5 s server keep-alive: no reuse races
+    max_head_bytes: int = 65536  # an answer's head (status line and headers); over it: 502
 
 
 def request_head(
@@ -135,7 +167,7 @@ class UpstreamResponse:
         self._body: BodyQueue | None = None  # made when a caller streams the body (chunks())
         self._parts: list[bytes] = []  # a small answer the fast path takes whole (buffered())
         self._done = False
-        self._error: UpstreamError | None = None
+        self._error: Exception | None = None  # an UpstreamError, or the client's (ClientGone)
         self._conn: _Connection | None = conn
 
     def header(self, name: bytes) -> bytes | None:
@@ -160,7 +192,7 @@ class UpstreamResponse:
             body = self._body = BodyQueue(READ_HIGH_WATER, self)
         return body
 
-    def _finish(self, error: UpstreamError | None = None) -> None:
+    def _finish(self, error: Exception | None = None) -> None:
         if self._done:
             return
         self._done = True
@@ -240,36 +272,41 @@ class _Chunks:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: idle in the pool or carrying exactly one exchange."""
+    """One keep-alive connection: idle in the pool or carrying exactly one exchange.
 
-    __slots__ = ("pool", "transport", "parser", "response", "reused", "busy", "closed", "idle_since",
-                 "_head_future", "_status", "_headers", "_interim", "_head_only", "_keep", "_got_bytes",
-                 "_write_paused", "_drain", "_read_paused", "_timer", "_last_read", "_read_timeout",
-                 "counted_out", "_sink", "_sink_reads", "_finished", "_timer_due", "_strip_seen",
-                 "_length", "_plain_at", "_queued_in")  # fmt: skip
+    Its state is two ``State`` values, ``ours`` (the request) and ``theirs`` (the answer), changed
+    only by ``_to``, which checks the change against ``NEXT`` and then does what the new pair
+    means: both ``DONE`` (``reusable``) puts the connection back in the pool, any other end closes
+    it. So an answer that is complete while the request body is still being written closes the
+    connection (nginx does the same) instead of handing it to the next request."""
+
+    __slots__ = ("pool", "loop", "transport", "parser", "response", "reused", "idle_since", "ours", "theirs",
+                 "flow", "_watched", "_head_future", "_headers", "_head_only", "_head", "_head_bytes",
+                 "_max_head", "_timer", "_last_read", "_read_timeout", "counted_out", "_sink", "_sink_reads",
+                 "_finished", "_timer_due", "_strip_seen", "_length", "_plain_at", "_queued_in",
+                 "_writer")  # fmt: skip
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = pool.loop  # made in a running loop (``UpstreamPool._connect``)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
         self.reused = False
-        self.busy = False
-        self.closed = False
         self.idle_since = 0.0
+        self.ours = IDLE  # the request's side
+        self.theirs = IDLE  # the answer's side
+        self.flow = FlowControl()
         self._head_future: asyncio.Future[UpstreamResponse] | None = None
-        self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._strip_seen = False  # the answer has a header the pool strips (hop-by-hop...)
         self._plain_at = -1  # where its one plain "Connection: keep-alive|close" is, if any
         self._length: int | None = None  # its Content-Length (llhttp checked repeats agree)
-        self._interim = False
         self._head_only = False
-        self._keep = True
-        self._got_bytes = False
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
-        self._read_paused = False
+        self._head = b""  # the request head of a ``send_now`` exchange (its method decides a retry)
+        self._head_bytes = 0  # bytes received before the answer's head was complete
+        self._max_head = pool.limits.max_head_bytes
+        self._watched = pool.watched  # the answer headers on_header looks at (strip, Content-Length)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0
         self._last_read = 0.0
@@ -279,52 +316,114 @@ class _Connection(asyncio.Protocol):
         self._sink_reads = False  # the sink wants ``done`` with the body buffered
         self._finished: UpstreamResponse | None = None  # completed in this packet: ``done`` pending
         self._queued_in = -1  # the write batch's flush count when our request head was queued
+        self._writer: asyncio.Task[None] | None = None  # writes a streamed request body
+
+    @property
+    def closed(self) -> bool:
+        return self.theirs is CLOSED
+
+    def reusable(self) -> bool:
+        """The one test for reuse (``_to`` applies it, inlined, when the answer ends): the whole
+        request written, the whole answer read, and the answer kept the connection alive (else
+        theirs is ``MUST_CLOSE``); a closed connection is neither."""
+        return self.ours is DONE and self.theirs is DONE
+
+    # --- the state machine -------------------------------------------------------------------------
+
+    def _to(self, ours: State, theirs: State) -> None:
+        """The one way the state changes. An impossible change is a bug: it raises in tests
+        (``strict_states``) and, in production, drops the connection with one log line."""
+        if not (NEXT[self.ours * 6 + self.theirs] >> (ours * 6 + theirs)) & 1:  # 6: SIDES
+            self._impossible(ours, theirs)
+            return
+        self.ours = ours
+        self.theirs = theirs
+        if theirs < DONE:
+            return  # SEND_RESPONSE, SEND_BODY: an exchange under way
+        if theirs is CLOSED:
+            self._closed()
+        elif theirs is DONE and ours is DONE:  # reusable(), inlined: the one test for reuse
+            self.ours = self.theirs = IDLE
+            if self.flow.read_paused:
+                self.flow.resume_reading()
+            self.pool._release(self)
+        elif theirs is not IDLE:
+            # the answer is over but the connection may not carry another request: it said close,
+            # or it came before the whole request was written (the rest can never be told apart
+            # from the next request, so the connection ends here)
+            self._to(CLOSED, CLOSED)
+
+    def _impossible(self, ours: State, theirs: State) -> None:
+        now = f"({self.ours.name}, {self.theirs.name})"
+        message = f"upstream connection {now} cannot become ({ours.name}, {theirs.name})"
+        if strict_states():
+            raise ImpossibleTransition(message)
+        log.error("%s: connection dropped", message)
+        self._fail(UpstreamProtocolError(self.pool.version, "connection state error"))
+
+    def _closed(self) -> None:
+        """Entered ``CLOSED``: the transport, the timer, a body writer and the pool slot go."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.flow.lost()
+        self._cancel_timer()
+        writer = self._writer
+        self._writer = None
+        if writer is not None and not writer.done() and writer is not asyncio.current_task():
+            writer.cancel()
+        self.pool._forget(self)
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio subclass
+        self.flow.attach(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._cancel_timer()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_exception(ConnectionResetError())
-        if self.busy:
-            error = self._end_of_stream_error()
-            if isinstance(error, _CloseDelimited) and self.response is not None:
-                self.response._finish()  # the close is the end of a close-delimited body
-                self.busy = False
-            else:
-                self._fail_exchange(error)
-        self.pool._forget(self)
+        self.flow.lost()
+        theirs = self.theirs
+        if theirs is CLOSED:
+            return  # we closed it
+        response = self.response
+        if theirs is SEND_BODY and response is not None and response.content_length is None:
+            if response.header(b"transfer-encoding") is None:
+                self._complete(False)  # a close-delimited body: the close is its end
+                self._deliver()
+                return
+        if theirs is IDLE:
+            self.abort()  # an idle pooled connection the backend closed
+            return
+        self._fail(self._end_of_stream_error())
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy:
-            # an idle pooled connection must stay silent; bytes here would be read as the next
-            # client's answer. Drop the connection (nginx: ngx_http_upstream_keepalive_close_handler)
-            self.pool.dropped("idle_readable")
-            self.abort()
+        theirs = self.theirs
+        if theirs is SEND_RESPONSE:
+            if self._queued_in == self.pool.writes.flushes:
+                # our request head is still queued (proxy.edge.writebatch): these bytes answer
+                # nothing we sent. Dropped like an idle connection that speaks; the request, never
+                # sent, goes out again on a fresh connection
+                self.pool.dropped("idle_readable")
+                self._fail(_NoAnswer(self.pool.version, "backend answered before the request was sent", True))
+                return
+            self._head_bytes += len(data)
+        elif theirs is not SEND_BODY:
+            if theirs is not CLOSED:
+                # an idle pooled connection must stay silent; bytes here would be read as the next
+                # client's answer. Drop the connection (nginx: ngx_http_upstream_keepalive_close_handler)
+                self.pool.dropped("idle_readable")
+                self.abort()
             return
-        if self._queued_in == self.pool.writes.flushes:
-            # our request head is still queued (proxy.edge.writebatch): these bytes answer nothing
-            # we sent. Dropped like an idle connection that speaks; the request, never sent, goes
-            # out again on a fresh connection
-            self.pool.dropped("idle_readable")
-            self._fail_exchange(_NoAnswer(self.pool.version, "backend answered before the request was sent"))
-            self.abort()
-            return
-        self._got_bytes = True
-        self._last_read = self.pool.loop.time()
+        self._last_read = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail_exchange(self._unasked_upgrade())
-            self.abort()
-        except httptools.HttpParserError:
-            self._fail_exchange(UpstreamProtocolError(self.pool.version, "invalid HTTP answer"))
-            self.abort()
+            self._fail(self._unasked_upgrade())
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, ImpossibleTransition):
+                raise exc.__context__ from None
+            self._fail(UpstreamProtocolError(self.pool.version, "invalid HTTP answer"))
+        if self.theirs is SEND_RESPONSE and self._head_bytes > self._max_head:
+            self._fail(self._head_too_large())  # still no end of the head in sight
         finished = self._finished
         if finished is not None:
             # the whole packet is parsed: a second answer in it has already dropped the connection
@@ -333,23 +432,28 @@ class _Connection(asyncio.Protocol):
             if sink is not None:
                 sink.done(finished)
 
+    def _deliver(self) -> None:
+        """A close-delimited answer ended with the connection: its sink (if any) hears of it."""
+        finished = self._finished
+        self._finished = None
+        sink, self._sink = self._sink, None
+        if sink is not None and finished is not None:
+            sink.done(finished)
+
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self.flow.writing_paused()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self.flow.writing_resumed()
 
     # --- llhttp callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        if not self.busy or (self._head_future is None and self._sink is None) or self._finished:
-            # a second answer with no request outstanding: the backend is out of step
+        if self.theirs is not SEND_RESPONSE:
+            # an answer with no request outstanding (or a second one): the backend is out of step
             raise _Unrequested()
         self._headers = []
         self._strip_seen = False
@@ -358,26 +462,26 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        headers = self._headers
-        if lower in self.pool.watched:  # a header to strip, or Content-Length
+        if lower in self._watched:  # a header to strip, or Content-Length
             if lower == b"content-length":
                 self._length = int(value) if value.isdigit() else None
             elif lower == b"connection" and value.lower() in PLAIN_CONNECTION and self._plain_at < 0:
-                self._plain_at = len(headers)  # "keep-alive"/"close" names nothing: cut by position
+                self._plain_at = len(self._headers)  # "keep-alive"/"close" names nothing: cut by position
             else:
                 self._strip_seen = True
-        headers.append((lower, value))
+        self._headers.append((lower, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status == 101:
-            self._fail_exchange(self._unasked_upgrade())
-            raise _Upgrade()
+            self._fail(self._unasked_upgrade())
+            raise _Stop()
         if status < 200:
-            self._interim = True  # 100 Continue, 103 Early Hints: not the answer
-            return
-        self._keep = self.parser.should_keep_alive()
+            return  # 100 Continue, 103 Early Hints: not the answer, which is still owed
         raw = self._headers
+        if self._head_bytes > self._max_head and _head_size(raw) > self._max_head:
+            self._fail(self._head_too_large())
+            raise _Stop()  # stops the parser; the exchange has failed already
         if self._strip_seen:
             relayed = end_to_end(raw, self.pool.strip)
         elif self._plain_at >= 0:  # only a plain Connection header to drop (nginx always sends one)
@@ -386,6 +490,7 @@ class _Connection(asyncio.Protocol):
         else:
             relayed = raw
         response = self.response = UpstreamResponse(self, status, raw, relayed, self._length)
+        self._to(self.ours, SEND_BODY)
         future = self._head_future
         if future is not None and not future.done():
             future.set_result(response)
@@ -396,8 +501,7 @@ class _Connection(asyncio.Protocol):
         if self._head_only:
             # a HEAD answer has no body whatever its Content-Length says; llhttp cannot be told, so
             # the answer ends here and the connection is not reused
-            self._keep = False
-            self._complete()
+            self._complete(False)
 
     def on_body(self, body: bytes) -> None:
         response = self.response
@@ -408,70 +512,108 @@ class _Connection(asyncio.Protocol):
                 response._feed(body)
 
     def on_message_complete(self) -> None:
-        if self._interim:
-            self._interim = False
-            return
-        self._complete()
+        if self.theirs is SEND_BODY:
+            self._complete(self.parser.should_keep_alive())
+        # SEND_RESPONSE: an interim answer ended, the final one follows; CLOSED: dropped mid-packet
 
     # --- exchange ------------------------------------------------------------------------------
 
-    def _complete(self) -> None:
-        response = self.response
-        if response is None or (response.complete and not self.busy):
-            return
-        response._finish()
-        if self._sink is not None:
-            self._finished = response  # told once this packet is parsed (data_received)
-        self._end_exchange(reusable=self._keep)
-
-    def _end_exchange(self, reusable: bool) -> None:
-        # the read timer stays: when it fires on an idle connection it stops (see _arm)
-        self.busy = False
+    def _complete(self, keep: bool) -> None:
+        """The answer is complete: its reader is told (a sink once the packet is parsed), then the
+        connection goes back to the pool or closes (``_to``)."""
+        response = self.response  # theirs is SEND_BODY: the head has made it
+        if response is not None:
+            response._finish()
+            if self._sink is not None:
+                self._finished = response  # told once this packet is parsed (data_received)
         self._head_future = None
-        if self._read_paused and self.transport is not None and not self.closed:
-            self._read_paused = False
-            self.transport.resume_reading()
-        if reusable and not self.closed:
-            self.pool._release(self)
-        else:
-            self.abort()
+        self._to(self.ours, DONE if keep else MUST_CLOSE)
 
-    def _fail_exchange(self, error: UpstreamError) -> None:
+    def _fail(self, error: Exception) -> None:
+        """The exchange cannot go on: the connection is closed, and whoever waits for the answer
+        hears of ``error`` (a client body's own failure, such as ``ClientGone``, is passed as is)."""
+        self.abort()
         if self._finished is not None:
             # the requested answer was complete before the bytes that failed (a second answer in
-            # the same packet): it is still delivered when the packet is done (data_received);
-            # the connection itself is dropped by the caller
+            # the same packet): it is still delivered when the packet is done (data_received)
             return
         future, sink, response = self._head_future, self._sink, self.response
+        self._head_future = None
         self._sink = None
         if response is not None and not response.complete:
-            reset = error if isinstance(error, UpstreamReset | UpstreamTimeout) else None
-            response._finish(reset or UpstreamReset(self.pool.version, "connection lost mid-answer"))
-        if self.busy:
-            self.busy = False
-            self._head_future = None
-        if future is not None and not future.done():
-            future.set_exception(error)
+            cut = error if isinstance(error, UpstreamReset | UpstreamTimeout | ClientGone) else None
+            response._finish(cut or UpstreamReset(self.pool.version, "connection lost mid-answer"))
+        if future is not None:
+            if not future.done():
+                future.set_exception(error)
         elif sink is not None:
             if response is not None:
                 sink.done(response)  # cut short: it reads the error from buffered()
-            else:
-                # nothing answered; on a reused connection that is the keep-alive race (the backend
-                # closed it as we wrote), so the caller may send the request again on a fresh one
-                sink.failed(error, isinstance(error, _NoAnswer) and self.reused)
+            elif isinstance(error, UpstreamError):
+                sink.failed(error, self._retryable(error))
+
+    def _retryable(self, error: UpstreamError) -> bool:
+        """A ``send_now`` request with no answer may go once more, on a new connection, when the
+        backend closed a reused connection as we wrote to it (the keep-alive race) and resending
+        is safe (``retry_allowed``)."""
+        if not isinstance(error, _NoAnswer) or not self.reused:
+            return False
+        head = self._head
+        return retry_allowed(head[: head.find(b" ")], error.unsent)
 
     def _unasked_upgrade(self) -> UpstreamError:
         return UpstreamProtocolError(self.pool.version, "backend switched protocols unasked")
 
+    def _head_too_large(self) -> UpstreamError:
+        return UpstreamProtocolError(self.pool.version, "answer head larger than max_response_head_bytes")
+
     def _end_of_stream_error(self) -> UpstreamError:
         response = self.response
         if response is not None and not response.complete:
-            if response.content_length is None and response.header(b"transfer-encoding") is None:
-                return _CloseDelimited(self.pool.version, "")  # close-delimited body: the close is its end
             return UpstreamReset(self.pool.version, "connection lost mid-answer")
-        if self._got_bytes:
+        if self._head_bytes:
             return UpstreamProtocolError(self.pool.version, "backend closed the connection mid-answer")
-        return _NoAnswer(self.pool.version, "backend closed the connection without an answer")
+        unsent = self._queued_in == self.pool.writes.flushes  # the head never left the write batch
+        return _NoAnswer(self.pool.version, "backend closed the connection without an answer", unsent)
+
+    def _begin(
+        self, head_only: bool, read_timeout: float, future: asyncio.Future[UpstreamResponse] | None,
+        sink: ResponseSink | None,
+    ) -> None:  # fmt: skip
+        """A new exchange on this connection: who hears of the answer, and its read deadline
+        (``send_now`` has a copy inlined)."""
+        self._queued_in = -1
+        self._head_future = future
+        self._sink = sink
+        self._sink_reads = False
+        self._finished = None
+        self.response = None
+        self._head_bytes = 0
+        self._head_only = head_only
+        self._arm(self.loop, read_timeout)
+
+    def send_now(self, head: bytes, head_only: bool, read_timeout: float, sink: ResponseSink) -> None:
+        """Write a request without a body; ``sink`` hears of the answer (see ``ResponseSink``).
+
+        The fast path: no task, no future, no coroutine per request."""
+        # _begin, inlined (once per request on the fast path)
+        self._head_future = None
+        self._sink = sink
+        self._sink_reads = False
+        self._finished = None
+        self.response = None
+        self._head_bytes = 0
+        self._head_only = head_only
+        self._arm(self.loop, read_timeout)
+        self._head = head
+        self._to(DONE, SEND_RESPONSE)
+        transport = self.transport
+        assert transport is not None
+        writes = self.pool.writes
+        if writes.write(transport, head):  # with the other requests of this loop pass
+            self._queued_in = writes.flushes
+        else:
+            self._queued_in = -1  # written at once (a large head)
 
     async def exchange(
         self,
@@ -480,89 +622,82 @@ class _Connection(asyncio.Protocol):
         chunked: bool,
         head_only: bool,
         read_timeout: float,
+        length: int | None = None,
     ) -> UpstreamResponse:
-        """Write the request, return the response once its head has arrived."""
-        loop = self.pool.loop
+        """Write the request, return the response once its head has arrived.
+
+        A streamed body goes on being written after that (full duplex: a backend may answer as it
+        reads); the connection is reused only once both are complete."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.theirs is CLOSED:
+            self.abort()
+            raise _NoAnswer(self.pool.version, "connection closed before the request was sent", True)
+        loop = self.loop
         future: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._begin(head_only, read_timeout, future, None)
-        transport = self.transport
-        assert transport is not None
         writer: asyncio.Task[None] | None = None
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)  # one write per request
+            self._to(DONE, SEND_RESPONSE)
         else:
             transport.write(head)
-            writer = loop.create_task(self._write_body(body, chunked))
+            self._to(SEND_BODY, SEND_RESPONSE)
+            writer = self._writer = loop.create_task(self._write_body(body, chunked, length))
         try:
             if writer is not None:
                 await asyncio.wait((writer, future), return_when=asyncio.FIRST_COMPLETED)
-                if not future.done():
-                    writer.result()  # the upload ended first: raise its error, if any
-                elif not writer.done():
-                    # the backend answered before the upload was complete: stop sending; the
-                    # connection is in an unknown state, so it is not reused
-                    writer.cancel()
-                    self._keep = False
             return await future
         except BaseException:
             if not future.done():
                 future.cancel()
-            self.busy = False
             self.abort()
             raise
-        finally:
-            if writer is not None:
-                if not writer.done():
-                    writer.cancel()
-                elif not writer.cancelled():
-                    writer.exception()  # retrieved: no "never retrieved" log line
 
-    def _begin(
-        self, head_only: bool, read_timeout: float, future: asyncio.Future[UpstreamResponse] | None,
-        sink: ResponseSink | None,
-    ) -> None:  # fmt: skip
-        """A new exchange on this connection: who hears of the answer, and its read deadline."""
-        self.busy = True
-        self._queued_in = -1
-        self._head_future = future
-        self._sink = sink
-        self._sink_reads = False
-        self._finished = None
-        self.response = None
-        self._got_bytes = False
-        self._interim = False
-        self._head_only = head_only
-        self._keep = True
-        self._arm(self.pool.loop, read_timeout)
-
-    def send_now(self, head: bytes, head_only: bool, read_timeout: float, sink: ResponseSink) -> None:
-        """Write a request without a body; ``sink`` hears of the answer (see ``ResponseSink``).
-
-        The fast path: no task, no future, no coroutine per request."""
-        self._begin(head_only, read_timeout, None, sink)
+    async def _write_body(self, body: AsyncIterator[bytes], chunked: bool, length: int | None) -> None:
+        """Write a streamed body; ours becomes ``DONE`` when its last byte is written (and the read
+        deadline starts then: a slow uploader is not the backend's silence). A failure ends the
+        exchange: a backend that stops reading is a send timeout, a client that left is passed on."""
         transport = self.transport
         assert transport is not None
-        writes = self.pool.writes
-        if writes.write(transport, head):  # with the other requests of this loop pass
-            self._queued_in = writes.flushes
-
-    async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
-        transport = self.transport
-        assert transport is not None
-        async for chunk in body:
-            if self.closed:
-                raise ConnectionResetError()
-            if not chunk:
-                continue
-            transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
-            if self._write_paused:
-                self._drain = self.pool.loop.create_future()
-                try:
-                    await self._drain
-                finally:
-                    self._drain = None
-        if chunked and not self.closed:
-            transport.write(b"0\r\n\r\n")
+        flow = self.flow
+        left = -1 if chunked or length is None else length
+        try:
+            async for chunk in body:
+                if self.ours is not SEND_BODY:
+                    return  # the exchange ended (the connection closed): the rest is not ours to send
+                if not chunk:
+                    continue
+                if chunked:
+                    transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    if left >= 0:
+                        if len(chunk) > left:
+                            raise UpstreamProtocolError(
+                                self.pool.version, "request body longer than declared"
+                            )
+                        left -= len(chunk)
+                    transport.write(chunk)
+                if flow.write_paused:
+                    await flow.drain(self._read_timeout)
+                if left == 0:
+                    break  # every declared byte is out: the request is complete
+            if self.ours is not SEND_BODY:
+                return
+            if left > 0:
+                raise ClientGone()  # the body ended before its declared length: the client left
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            self._writer = None
+            self._last_read = self.loop.time()
+            self._to(DONE, self.theirs)
+        except TimeoutError:
+            self._fail(
+                UpstreamTimeout(self.pool.version, "send timeout: the backend stopped reading the request")
+            )
+        except ConnectionError:
+            self._fail(UpstreamReset(self.pool.version, "connection lost while sending the request"))
+        except Exception as exc:  # noqa: BLE001 - the client's body failed (gone, too slow): passed on
+            self._fail(exc)
 
     # --- read timeout: one timer per connection, re-armed for the remainder --------------------------
 
@@ -584,21 +719,24 @@ class _Connection(asyncio.Protocol):
 
     def _check_timeout(self) -> None:
         self._timer = None
-        if not self.busy or self.closed:
-            return
-        now = self.pool.loop.time()
-        if self._read_paused:
-            self._last_read = now  # we stopped reading (our client is slow): not the backend's silence
+        theirs = self.theirs
+        if theirs is not SEND_RESPONSE and theirs is not SEND_BODY:
+            return  # idle or closed
+        now = self.loop.time()
+        if self.flow.read_paused or self.ours is SEND_BODY:
+            # we stopped reading (our client is slow), or we are still writing the request (a slow
+            # uploader, or a backend reading slowly: the send timeout bounds that): not the
+            # backend's silence
+            self._last_read = now
         idle = now - self._last_read
         if idle < self._read_timeout:
-            self._timer = self.pool.loop.call_later(self._read_timeout - idle, self._check_timeout)
+            self._timer = self.loop.call_later(self._read_timeout - idle, self._check_timeout)
             self._timer_due = now + self._read_timeout - idle
             return
         if self.response is None:
-            self._fail_exchange(UpstreamTimeout(self.pool.version, "read timeout"))
+            self._fail(UpstreamTimeout(self.pool.version, "read timeout"))
         else:
-            self._fail_exchange(UpstreamTimeout(self.pool.version, "read timeout mid-answer"))
-        self.abort()
+            self._fail(UpstreamTimeout(self.pool.version, "read timeout mid-answer"))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -608,37 +746,38 @@ class _Connection(asyncio.Protocol):
     # --- flow control and closing ----------------------------------------------------------------
 
     def pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None and not self.closed:
-            self._read_paused = True
-            self.transport.pause_reading()
+        self.flow.pause_reading()
 
     def resume_reading(self) -> None:
-        if self._read_paused and self.transport is not None and not self.closed:
-            self._read_paused = False
-            self.transport.resume_reading()
+        self.flow.resume_reading()
 
     def abort(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.abort()
-            self.pool._forget(self)
+        """Close now, whatever the state (a no-op once closed)."""
+        if self.theirs is not CLOSED:
+            self._to(CLOSED, CLOSED)
+
+
+def _head_size(headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of a header block as sent (name, ": ", value, CRLF), about: only counted when
+    the raw bytes received before the head's end passed the limit."""
+    return sum(len(name) + len(value) + 4 for name, value in headers)
 
 
 class _Unrequested(Exception):
     """Raised in a parser callback: the backend began an answer nobody asked for."""
 
 
-class _Upgrade(Exception):
-    """Raised in a parser callback: a 101 to a request that asked for no upgrade."""
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing an answer that has already failed."""
 
 
 class _NoAnswer(UpstreamProtocolError):
-    """The connection closed before any byte of the answer: safe to retry on a new connection."""
+    """The connection closed before any byte of the answer. ``unsent``: nothing of the request
+    was written either (it may go again whatever its method)."""
 
-
-class _CloseDelimited(UpstreamError):
-    """Not an error: a close-delimited body ended with the connection."""
+    def __init__(self, version: str, detail: str, unsent: bool = False) -> None:
+        super().__init__(version, detail)
+        self.unsent = unsent
 
 
 class UpstreamPool:
@@ -704,12 +843,18 @@ class UpstreamPool:
         content_length: int | None = None,
         add_host: bool = True,
         read_timeout: float | None = None,
+        fresh: bool = False,
     ) -> UpstreamResponse:
         """Send one request; return the response once its head has arrived.
 
         ``body``: bytes (sent with a canonical Content-Length), an async iterator (streamed; with
         ``content_length`` as declared, else chunked), or None (no body; ``content_length=0`` still
-        sends ``content-length: 0``)."""
+        sends ``content-length: 0``). ``fresh``: on a new connection, never an idle pooled one
+        (the retry of a ``send_now`` request after the keep-alive race); then never retried.
+
+        Retry policy (RFC 9110 9.2.2): a request a reused connection closed on without answering
+        goes once more, on a new connection, only when ``retry_allowed`` (idempotent method, or
+        nothing of it written) and its body can be sent again (buffered, or never started)."""
         if isinstance(body, bytes):
             framing = b"content-length: %d\r\n" % len(body)
             chunked = False
@@ -725,19 +870,29 @@ class UpstreamPool:
         head = self.head_for(method, target, headers, add_host, framing)
         timeout = self.limits.read_timeout if read_timeout is None else read_timeout
         head_only = method == b"HEAD"
-        replayable = body is None or isinstance(body, bytes)
-        while True:
-            conn = await self._acquire()
-            try:
-                return await conn.exchange(head, body, chunked, head_only, timeout)
-            except _NoAnswer as exc:
-                # a reused connection the backend closed as we wrote to it (keep-alive race):
-                # nothing was answered, so one retry on a fresh connection is safe
-                if conn.reused and replayable:
-                    continue
+        streamed = not (body is None or isinstance(body, bytes))
+        conn = await self._acquire(fresh)
+        try:
+            return await conn.exchange(head, body, chunked, head_only, timeout, content_length)
+        except _NoAnswer as exc:
+            # a reused connection the backend closed as we wrote to it (the keep-alive race):
+            # nothing was answered. Sent again once, on a new connection, when that is safe
+            if (
+                fresh
+                or not conn.reused
+                or not retry_allowed(method, exc.unsent)
+                or (streamed and not exc.unsent)
+            ):
                 raise UpstreamProtocolError(self.version, exc.detail) from None
-            except ConnectionError:
-                raise UpstreamReset(self.version, "connection lost while sending the request") from None
+        except ConnectionError:
+            raise UpstreamReset(self.version, "connection lost while sending the request") from None
+        conn = await self._acquire(True)
+        try:
+            return await conn.exchange(head, body, chunked, head_only, timeout, content_length)
+        except _NoAnswer as exc:
+            raise UpstreamProtocolError(self.version, exc.detail) from None
+        except ConnectionError:
+            raise UpstreamReset(self.version, "connection lost while sending the request") from None
 
     def head_for(
         self, method: bytes, target: bytes, headers: Headers, add_host: bool, framing: bytes
@@ -751,32 +906,36 @@ class UpstreamPool:
 
     def take_idle(self) -> _Connection | None:
         """A warm pooled connection, now, or None (then ``request`` waits or connects)."""
-        now = self.loop.time()
         idle = self._idle
         while idle:
             conn = idle.pop()  # LIFO: the warmest connection, the cold ones age out
-            if conn.closed:
+            if conn.theirs is CLOSED:
                 continue
-            if now - conn.idle_since > self.limits.idle_timeout:
+            if conn.loop.time() - conn.idle_since > self.limits.idle_timeout:
                 conn.abort()
                 continue
             conn.reused = True
             return conn
         return None
 
-    async def _acquire(self) -> _Connection:
+    async def _acquire(self, fresh: bool = False) -> _Connection:
         while True:
-            conn = await self._acquire_once()
+            conn = await self._acquire_once(fresh)
             if not conn.closed:
                 return conn
 
-    async def _acquire_once(self) -> _Connection:
+    async def _acquire_once(self, fresh: bool) -> _Connection:
         loop = self.loop
-        conn = self.take_idle()
-        if conn is not None:
-            return conn
+        if not fresh:
+            conn = self.take_idle()
+            if conn is not None:
+                return conn
         if self._open < self.limits.size and not self._waiters:
             return await self._connect()
+        if fresh:
+            conn = self.take_idle()
+            if conn is not None:
+                return await self._replace(conn)  # the pool is full: a new connection in its place
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
@@ -789,8 +948,17 @@ class UpstreamPool:
                 self._waiters.remove(waiter)
         if conn_or_slot is None:
             return await self._connect()
+        if fresh:
+            return await self._replace(conn_or_slot)
         conn_or_slot.reused = True
         return conn_or_slot
+
+    async def _replace(self, old: _Connection) -> _Connection:
+        """Close a pooled connection and open a new one in its slot (no waiter gets the slot)."""
+        old.counted_out = True
+        self._open -= 1
+        old.abort()
+        return await self._connect()
 
     async def _connect(self) -> _Connection:
         self._open += 1
@@ -827,7 +995,7 @@ class UpstreamPool:
         if self._closing:
             conn.abort()
             return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = conn.loop.time()
         self._idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.limits.idle_timeout, self._sweep)

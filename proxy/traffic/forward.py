@@ -562,7 +562,7 @@ class ProxyApp:
             return await upstream.send(
                 METHOD_BYTES.get(method) or method.encode("latin-1"), raw_target, headers, data,
                 content_length=xc.content_length if not isinstance(data, bytes) else None,
-                add_host=xc.add_host,
+                add_host=xc.add_host, fresh=xc.fresh,
             )  # fmt: skip
         except (ClientGone, BodyTooSlow):
             raise
@@ -685,7 +685,7 @@ class _Exchange:
     """What the relay and the recording steps share about one request (instead of six arguments)."""
 
     __slots__ = ("group", "method", "version", "started", "body", "plan", "extra_headers", "content_length",
-                 "add_host", "has_body", "norm", "raw_target", "headers", "request_id")  # fmt: skip
+                 "add_host", "has_body", "norm", "raw_target", "headers", "request_id", "fresh")  # fmt: skip
 
     def __init__(self, group: str, method: str, version: str, started: float, body: _Body | None, plan: Any):
         self.group = group
@@ -702,6 +702,7 @@ class _Exchange:
         self.raw_target = b""  # what goes upstream after the configured base path
         self.headers: list[tuple[bytes, bytes]] = []  # what goes upstream
         self.request_id = b""
+        self.fresh = False  # the one retry after the keep-alive race: on a new upstream connection
 
 
 class BodyPolicy:
@@ -842,7 +843,8 @@ class _FastRelay:
             self._ex.spawn(_raise(exc))
 
     def failed(self, error: UpstreamError, retryable: bool) -> None:
-        if retryable:  # the keep-alive race: nothing was answered; send again on a new connection
+        if retryable:  # the keep-alive race, safe to resend (client.retry_allowed): once, on a new connection
+            self._xc.fresh = True
             self._ex.spawn(self._app._forward(self._ex, self._xc))
         else:
             self._ex.spawn(self._app._after_failure(self._ex, error, self._xc))

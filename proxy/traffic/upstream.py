@@ -55,6 +55,7 @@ class Upstream:
             connect_timeout=settings.connect_timeout_seconds,
             read_timeout=read_timeout or settings.read_timeout_seconds,
             pool_timeout=settings.pool_timeout_seconds,
+            max_head_bytes=settings.limits.max_response_head_bytes,
         )
         self.pool = UpstreamPool(
             version, origin, limits, tls_context(settings) if origin.scheme == "https" else None, on_drop,
@@ -77,11 +78,13 @@ class Upstream:
         content_length: int | None = None,
         add_host: bool = True,
         read_timeout: float | None = None,
+        fresh: bool = False,
     ) -> UpstreamResponse:
-        """Send the request; return the response with its body still unread."""
+        """Send the request; return the response with its body still unread. ``fresh``: on a new
+        connection (the one retry after the keep-alive race; see ``UpstreamPool.request``)."""
         return await self.pool.request(
             method, target, headers, body,
-            content_length=content_length, add_host=add_host, read_timeout=read_timeout,
+            content_length=content_length, add_host=add_host, read_timeout=read_timeout, fresh=fresh,
         )  # fmt: skip
 
 
