@@ -331,6 +331,15 @@ class LimitSettings(BaseModel):
     # requests a client may send ahead of their answers on one connection (pipelining); over it,
     # those already received are answered, then the connection closes (too_many_pipelined)
     max_pipelined_requests: int = Field(default=64, ge=1)
+    # a client that leaves an answer unread this long (our write buffer toward it stays full) is
+    # cut (client_send_timeout), releasing the backend connection behind it; nginx send_timeout: 60 s
+    send_timeout_seconds: float = Field(default=60.0, gt=0)
+    # on a graceful stop, a connection idle at the signal may send one more request within this
+    # (answered with Connection: close) before it is closed
+    drain_idle_grace_seconds: float = Field(default=1.0, ge=0)
+    # an impossible client connection state change raises (tests); false: that connection is
+    # aborted with one log line
+    strict_states: bool = False
 
 
 class MatchRule(BaseModel):

@@ -1,0 +1,53 @@
+"""The client connection (proxy/edge/server.py ``ServerProtocol``) across requests: what one
+exchange leaves behind must never change how the next one on the same connection is served.
+Real proxy, real backends, raw client sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+from tests.support import ProxyProcess
+
+BIG = 6_700_000
+
+
+def _read_answer(sock: socket.socket, pause: float = 0.0) -> tuple[bytes, int]:
+    """One sized answer: its head and how many body bytes arrived before the close (if any).
+    ``pause``: seconds to stop reading once the head is in (the proxy's buffer fills meanwhile)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data, -1
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))  # fmt: skip
+    if pause:
+        time.sleep(pause)
+    got = len(body)
+    while got < length:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        got += len(chunk)
+    return head, got
+
+
+def test_a_big_answer_after_a_streamed_one_is_whole(start_proxy: Callable[..., ProxyProcess]) -> None:
+    """Issue 23 item 2: the first answer (over the small-answer size, so streamed with a
+    disconnect watcher) must leave nothing behind that reads as "client gone" when the second,
+    larger answer waits for the client to read."""
+    proxy = start_proxy()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /stream?bytes=102400&sized=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+        head, got = _read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200 ") and got == 102400
+        sock.sendall(b"GET /stream?bytes=%d&sized=1 HTTP/1.1\r\nHost: t\r\n\r\n" % BIG)
+        head, got = _read_answer(sock, pause=0.5)  # the proxy's writes pause meanwhile
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert got == BIG
+    assert proxy.metric("strangler_client_disconnects_total") == 0
