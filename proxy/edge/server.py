@@ -63,7 +63,6 @@ OVER_CAPACITY: Final = (
 )
 
 
-
 class State(enum.Enum):
     """The client connection's states (docs/architecture.md "The client connection's states").
     Every change goes through ``ServerProtocol._to``; ``TRANSITIONS`` lists the allowed ones."""

@@ -74,8 +74,10 @@ def test_a_websocket_upgrade_over_http10_is_refused(start_proxy: object) -> None
     backend = WsBackend("v1").start()
     try:
         proxy = start_proxy(v1_url=backend.url, v2_url=backend.url)  # type: ignore[operator]
-        head = (b"GET /echo HTTP/1.0\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        head = (
+            b"GET /echo HTTP/1.0\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
             sock.sendall(head)
             answer = sock.recv(65536)
