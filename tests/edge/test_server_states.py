@@ -8,7 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from tests.support import ProxyProcess
+from tests.support import ProxyProcess, wait_until
 
 BIG = 6_700_000
 
@@ -51,3 +51,37 @@ def test_a_big_answer_after_a_streamed_one_is_whole(start_proxy: Callable[..., P
         assert head.startswith(b"HTTP/1.1 200 "), head
         assert got == BIG
     assert proxy.metric("strangler_client_disconnects_total") == 0
+
+
+def test_a_client_that_never_reads_is_cut_after_the_send_timeout(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """Issue 23 item 16: clients that ask for big answers and never read held their backend
+    connections for ever (with the pool full, every other request was 503). After
+    ``send_timeout_seconds`` of a full write buffer the client is cut, and its backend connection
+    with it."""
+    proxy = start_proxy(upstream_pool_size=2, pool_timeout_seconds=0.3, limits={"send_timeout_seconds": 1.0})
+    readers = []
+    try:
+        for _ in range(2):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.sendall(b"GET /stream?bytes=8388608&sized=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+            readers.append(sock)
+        time.sleep(0.3)
+        held = proxy.http.get(proxy.url + "/echo")
+        assert held.status_code == 503  # both backend connections are held by clients not reading
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if proxy.http.get(proxy.url + "/echo").status_code == 200:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the clients that never read still hold the backend connections")
+        cut = lambda: proxy.metric("strangler_rejected_requests_total", reason="client_send_timeout") == 2  # noqa: E731
+        wait_until(cut, timeout=5, message="both clients cut")
+        assert proxy.http.get(proxy.url + "/echo").status_code == 200
+    finally:
+        for sock in readers:
+            sock.close()
