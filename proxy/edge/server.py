@@ -1183,6 +1183,9 @@ class HttpServer:
             conn.begin_drain()
         # connections taken from the queue: served like the others (their protocol starts draining)
         taking = [loop.create_task(self._take(sock)) for sock in queued]
+        # connections the loop accepted just before the stop get connection_made in its next pass
+        # (they start draining there): look at limits.connections only after it
+        await asyncio.sleep(0)
         started = loop.time()
         deadline = started + drain_timeout
         ws_at = started + min(ws_grace, drain_timeout)
