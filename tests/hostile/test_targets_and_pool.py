@@ -563,7 +563,7 @@ def test_a_client_that_never_reads_its_answers_cannot_grow_the_proxy(
             sock.close()
         assert dropped, f"the proxy kept the connection for 15 s ({sent} bytes of requests taken)"
         assert grown < 20 * 1024 * 1024, f"RSS grew by {grown / 1e6:.1f} MB"
-        assert proxy.metric("strangler_rejected_requests_total", reason="answers_unread") == 1, [l for l in proxy.metrics().splitlines() if "rejected" in l or "disconnect" in l]
+        assert proxy.metric("strangler_rejected_requests_total", reason="answers_unread") == 1
         assert httpx.get(proxy.url + "/after", timeout=5).status_code == 200
     finally:
         backend.stop()
