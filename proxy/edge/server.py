@@ -63,18 +63,20 @@ OVER_CAPACITY: Final = (
 )
 
 
-class State(enum.Enum):
+class State(enum.IntEnum):
     """The client connection's states (docs/architecture.md "The client connection's states").
-    Every change goes through ``ServerProtocol._to``; ``TRANSITIONS`` lists the allowed ones."""
+    Every change goes through ``ServerProtocol._to``; ``TRANSITIONS`` lists the allowed ones.
+    An IntEnum: the per-request checks are integer operations (an Enum hashes in Python)."""
 
-    IDLE = "idle"  # between requests (keep-alive, or a new connection): nothing of the next one yet
-    READING_HEAD = "reading_head"  # bytes of a request head, no request being answered
-    ACTIVE = "active"  # requests received and not yet fully answered (bodies may still arrive)
-    UPGRADING = "upgrading"  # a WebSocket upgrade handed to the relay; bytes after it are held
-    WEBSOCKET = "websocket"  # frames, relayed
-    DRAIN_IDLE = "drain_idle"  # idle during a graceful stop: one more request within the grace
-    MUST_CLOSE = "must_close"  # nothing more is read; answers in progress finish, then the close
-    CLOSED = "closed"
+    # the states in which bytes are parsed as HTTP come first (``data_received``: one comparison)
+    IDLE = 0  # between requests (keep-alive, or a new connection): nothing of the next one yet
+    READING_HEAD = 1  # bytes of a request head, no request being answered
+    ACTIVE = 2  # requests received and not yet fully answered (bodies may still arrive)
+    DRAIN_IDLE = 3  # idle during a graceful stop: one more request within the grace
+    UPGRADING = 4  # a WebSocket upgrade handed to the relay; bytes after it are held
+    WEBSOCKET = 5  # frames, relayed
+    MUST_CLOSE = 6  # nothing more is read; answers in progress finish, then the close
+    CLOSED = 7
 
 
 IDLE: Final = State.IDLE
@@ -96,6 +98,10 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     MUST_CLOSE: frozenset({CLOSED}),
     CLOSED: frozenset(),
 }
+# the same table as one bit mask per state, indexed by the state's value: what ``_to`` reads
+_ALLOWED: Final[tuple[int, ...]] = tuple(
+    sum(1 << target.value for target in TRANSITIONS[state]) for state in State
+)
 
 
 class StateError(Exception):
@@ -511,12 +517,13 @@ class ServerProtocol(asyncio.Protocol):
         old = self.state
         if new is old:
             return True
-        if new in TRANSITIONS[old]:
+        if _ALLOWED[old] >> new & 1:
             self.state = new
             return True
+        old_name, new_name = old.name.lower(), new.name.lower()
         if self._limits.strict_states:
-            raise StateError(f"client connection: {old.value} -> {new.value} is not a transition")
-        log.error("client connection aborted: impossible state change %s -> %s", old.value, new.value)
+            raise StateError(f"client connection: {old_name} -> {new_name} is not a transition")
+        log.error("client connection aborted: impossible state change %s -> %s", old_name, new_name)
         self.state = MUST_CLOSE
         if self.transport is not None:
             self.transport.abort()
@@ -598,17 +605,15 @@ class ServerProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state is WEBSOCKET:
-            assert self._ws is not None
-            self._ws.feed(data)
-            return
-        if state is UPGRADING:
-            self._ws_early += data
-            if len(self._ws_early) > WS_EARLY_BYTES:
-                self.flow.pause_reading()
-            return
-        if state is MUST_CLOSE or state is CLOSED:
-            return
+        if state > DRAIN_IDLE:  # not HTTP any more
+            if state is WEBSOCKET:
+                assert self._ws is not None
+                self._ws.feed(data)
+            elif state is UPGRADING:
+                self._ws_early += data
+                if len(self._ws_early) > WS_EARLY_BYTES:
+                    self.flow.pause_reading()
+            return  # MUST_CLOSE, CLOSED: nothing more is read
         if self._in_head:
             self._head_bytes += len(data)
         try:
