@@ -1156,7 +1156,9 @@ class HttpServer:
         until empty (EAGAIN) and closed. With SO_REUSEPORT workers each does this for its socket."""
         dups: list[socket.socket] = []
         for server in self.servers:
-            for listener in server.sockets:
+            # Any: uvloop gives a list where the stubs say tuple (compiled code checks the type)
+            listeners: Any = server.sockets
+            for listener in listeners:
                 with contextlib.suppress(OSError):
                     dups.append(socket.socket(fileno=os.dup(listener.fileno())))
         for server in self.servers:
