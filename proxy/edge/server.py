@@ -1143,7 +1143,8 @@ class HttpServer:
 
     @property
     def ports(self) -> list[int]:
-        return [s.getsockname()[1] for server in self.servers for s in server.sockets]
+        servers: list[Any] = list(self.servers)  # Any: see _close_listeners
+        return [s.getsockname()[1] for server in servers for s in server.sockets]
 
     def force(self) -> None:
         """A second stop signal: the drain in progress ends at once."""
@@ -1156,9 +1157,9 @@ class HttpServer:
         until empty (EAGAIN) and closed. With SO_REUSEPORT workers each does this for its socket."""
         dups: list[socket.socket] = []
         for server in self.servers:
-            # Any: uvloop gives a list where the stubs say tuple (compiled code checks the type)
-            listeners: Any = server.sockets
-            for listener in listeners:
+            # Any: uvloop's sockets are a list where the stubs say tuple (compiled code checks it)
+            loose: Any = server
+            for listener in loose.sockets:
                 with contextlib.suppress(OSError):
                     dups.append(socket.socket(fileno=os.dup(listener.fileno())))
         for server in self.servers:
