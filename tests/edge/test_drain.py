@@ -221,3 +221,36 @@ def test_connections_in_the_listen_queue_are_answered_not_reset(
     # each one answered; with "close" unless a worker took it before it saw the signal
     assert [answer[0] if answer else None for answer in answers] == [200] * 40, answers
     wait_until(lambda: proxy.process is not None and proxy.process.poll() is not None, timeout=10)
+
+
+def test_websockets_get_1001_after_their_grace(start_proxy: Callable[..., ProxyProcess]) -> None:
+    """A relayed WebSocket is told 1001 ("going away") once ``websocket.drain_grace_seconds`` has
+    passed (bounded so the closing handshake fits in the drain), not at the signal."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from tests.wsbackend import WsBackend
+
+    backend = WsBackend("v1").start()
+    try:
+        proxy = start_proxy(process=True, v1_url=backend.url, v2_url=backend.url,
+                            websocket={"drain_grace_seconds": 1.0})  # fmt: skip
+        with connect(
+            proxy.url.replace("http://", "ws://") + "/echo", open_timeout=10, compression=None
+        ) as ws:
+            ws.send("a")
+            assert ws.recv(timeout=5) == "a"
+            assert proxy.process is not None
+            signalled = time.monotonic()
+            proxy.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    ws.send("b")  # the relay still works during the grace
+                    assert ws.recv(timeout=5) == "b"
+                    time.sleep(0.1)
+            waited = time.monotonic() - signalled
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert 0.9 <= waited < 4, waited
+        proxy.process.wait(10)
+    finally:
+        backend.stop()
