@@ -383,7 +383,9 @@ class WebSocketSettings(BaseModel):
     handshake_timeout_seconds: float = Field(default=10.0, gt=0)
     # how long a closing handshake may take before the connection is dropped
     close_timeout_seconds: float = Field(default=5.0, gt=0)
-    # when a group's split drops, v2 connections it moves to v1 are closed with 1012 after this
+    # when a group's split drops, v2 connections it moves to v1 are closed with 1012 after this;
+    # on a graceful stop every WebSocket gets 1001 after this, bounded by drain_timeout_seconds
+    # minus close_timeout_seconds so the closing handshake fits in the drain
     drain_grace_seconds: float = Field(default=30.0, ge=0)
     # the same on rollback (split at 0): at once by default
     rollback_grace_seconds: float = Field(default=0.0, ge=0)
