@@ -494,6 +494,7 @@ class ServerProtocol(asyncio.Protocol):
         # request being parsed
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True  # the parser is in a request head (not in a body or its trailers)
+        self._head_started = False  # llhttp began a request head (on_message_begin) not yet complete
         self._head_bytes = 0
         self._reset_request()
         self._parsing: NativeExchange | None = None  # the request whose body is being read
@@ -735,6 +736,7 @@ class ServerProtocol(asyncio.Protocol):
         if state is IDLE or state is DRAIN_IDLE:
             self._to(READING_HEAD)  # pipelined behind an answer: stays ACTIVE
         self._in_head = True
+        self._head_started = True
         self._reset_request()
         self._idle_since = None
         if self._head_since is None:
@@ -788,6 +790,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_since = None
+        self._head_started = False
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -962,7 +965,7 @@ class ServerProtocol(asyncio.Protocol):
                 self.resume_reading()
                 return
         elif state is ACTIVE:  # the last answer is done
-            if self._head_bytes:
+            if self._head_started:
                 self._to(READING_HEAD)  # part of the next head came with the answer's requests
             elif self._limits.draining:
                 self._to_drain_idle()

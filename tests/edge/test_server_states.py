@@ -85,3 +85,21 @@ def test_a_client_that_never_reads_is_cut_after_the_send_timeout(
     finally:
         for sock in readers:
             sock.close()
+
+
+def test_a_head_begun_in_the_packet_of_the_previous_request_is_served(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """The first packet holds a whole request and the start of the next one's head; the rest
+    comes after the first answer. The connection is then reading a head (READING_HEAD), not idle:
+    taking it for idle made the next request an impossible IDLE -> ACTIVE change (the connection
+    was aborted, or raised under strict_states)."""
+    proxy = start_proxy()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHo")
+        head, _ = _read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        time.sleep(0.2)
+        sock.sendall(b"st: t\r\n\r\n")
+        head, _ = _read_answer(sock)
+        assert head.startswith(b"HTTP/1.1 200 "), head
