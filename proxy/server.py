@@ -179,6 +179,9 @@ def limits_for(settings: Settings, count: Any) -> ServerLimits:
         keepalive_timeout_seconds=limits.keepalive_timeout_seconds,
         max_connections=connection_cap(limits.max_connections),
         max_pipelined_requests=limits.max_pipelined_requests,
+        send_timeout_seconds=limits.send_timeout_seconds,
+        drain_idle_grace_seconds=limits.drain_idle_grace_seconds,
+        strict_states=limits.strict_states,
         count=count,
     )
 
@@ -223,6 +226,8 @@ class ServerGroup:
     def stop(self) -> None:
         if self.stopping:
             self.forced = True
+            for server in self.servers:
+                server.force()  # read by the drain in progress, not once before it starts
         self.stopping = True
         self._stop.set()
 
@@ -276,7 +281,10 @@ async def serve(settings: Settings, app: Any, group: ServerGroup | None = None, 
         await group.wait()
     finally:
         drain = 0.0 if group.forced else settings.drain_timeout_seconds
-        await main.stop(drain)
+        ws = settings.websocket
+        # WebSockets get their grace, then 1001 early enough for the closing handshake to fit
+        ws_grace = min(ws.drain_grace_seconds, max(0.0, drain - ws.close_timeout_seconds))
+        await main.stop(drain, ws_grace)
         if admin_server is not None:
             await admin_server.stop(0.5)
         await app.shutdown()

@@ -334,6 +334,15 @@ class LimitSettings(BaseModel):
     # requests a client may send ahead of their answers on one connection (pipelining); over it,
     # those already received are answered, then the connection closes (too_many_pipelined)
     max_pipelined_requests: int = Field(default=64, ge=1)
+    # a client that leaves an answer unread this long (our write buffer toward it stays full) is
+    # cut (client_send_timeout), releasing the backend connection behind it; nginx send_timeout: 60 s
+    send_timeout_seconds: float = Field(default=60.0, gt=0)
+    # on a graceful stop, a connection idle at the signal may send one more request within this
+    # (answered with Connection: close) before it is closed
+    drain_idle_grace_seconds: float = Field(default=1.0, ge=0)
+    # an impossible client connection state change raises (tests); false: that connection is
+    # aborted with one log line
+    strict_states: bool = False
 
 
 class MatchRule(BaseModel):
@@ -377,7 +386,9 @@ class WebSocketSettings(BaseModel):
     handshake_timeout_seconds: float = Field(default=10.0, gt=0)
     # how long a closing handshake may take before the connection is dropped
     close_timeout_seconds: float = Field(default=5.0, gt=0)
-    # when a group's split drops, v2 connections it moves to v1 are closed with 1012 after this
+    # when a group's split drops, v2 connections it moves to v1 are closed with 1012 after this;
+    # on a graceful stop every WebSocket gets 1001 after this, bounded by drain_timeout_seconds
+    # minus close_timeout_seconds so the closing handshake fits in the drain
     drain_grace_seconds: float = Field(default=30.0, ge=0)
     # the same on rollback (split at 0): at once by default
     rollback_grace_seconds: float = Field(default=0.0, ge=0)

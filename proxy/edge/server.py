@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import enum
 import http
 import logging
+import os
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
@@ -34,12 +38,17 @@ from websockets.typing import Subprotocol
 
 from proxy.edge.asgi import ASGIApp, ClientGone, Message
 from proxy.edge.bodyqueue import BodyQueue
+from proxy.edge.flow import FlowControl
 from proxy.edge.websocket import FrameSocket, quiet_log
 from proxy.edge.writebatch import WriteBatch
 
 log = logging.getLogger("strangler")
 
-_HOST_OK: Final = re.compile(rb"^[A-Za-z0-9.\-_~!$&'()*+,;=:\[\]%]*$")
+# RFC 9110 7.2 / RFC 3986 3.2.2: uri-host [":" port]; an IP literal is one closed bracket pair
+_HOST_OK: Final = re.compile(
+    rb"^(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+    rb"|[A-Za-z0-9.\-_~!$&'()*+,;=%]*)(?::[0-9]*)?\Z"
+)
 _OWS: Final = b" \t"
 _URL_SPECIAL: Final = re.compile(rb"[?#]")  # a target with a query or fragment goes through parse_url
 _FRAMING_HEADERS: Final = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})
@@ -53,6 +62,52 @@ OVER_CAPACITY: Final = (
     b'connection: close\r\n\r\n{"error":"over capacity","detail":"too many connections, try again later"}'
 )
 
+
+class State(enum.IntEnum):
+    """The client connection's states (docs/architecture.md "The client connection's states").
+    Every change goes through ``ServerProtocol._to``; ``TRANSITIONS`` lists the allowed ones.
+    An IntEnum: the per-request checks are integer operations (an Enum hashes in Python)."""
+
+    # the states in which bytes are parsed as HTTP come first (``data_received``: one comparison)
+    IDLE = 0  # between requests (keep-alive, or a new connection): nothing of the next one yet
+    READING_HEAD = 1  # bytes of a request head, no request being answered
+    ACTIVE = 2  # requests received and not yet fully answered (bodies may still arrive)
+    DRAIN_IDLE = 3  # idle during a graceful stop: one more request within the grace
+    UPGRADING = 4  # a WebSocket upgrade handed to the relay; bytes after it are held
+    WEBSOCKET = 5  # frames, relayed
+    MUST_CLOSE = 6  # nothing more is read; answers in progress finish, then the close
+    CLOSED = 7
+
+
+IDLE: Final = State.IDLE
+READING_HEAD: Final = State.READING_HEAD
+ACTIVE: Final = State.ACTIVE
+UPGRADING: Final = State.UPGRADING
+WEBSOCKET: Final = State.WEBSOCKET
+DRAIN_IDLE: Final = State.DRAIN_IDLE
+MUST_CLOSE: Final = State.MUST_CLOSE
+CLOSED: Final = State.CLOSED
+
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    IDLE: frozenset({READING_HEAD, DRAIN_IDLE, MUST_CLOSE, CLOSED}),
+    READING_HEAD: frozenset({ACTIVE, MUST_CLOSE, CLOSED}),
+    ACTIVE: frozenset({IDLE, READING_HEAD, DRAIN_IDLE, UPGRADING, MUST_CLOSE, CLOSED}),
+    UPGRADING: frozenset({WEBSOCKET, MUST_CLOSE, CLOSED}),
+    WEBSOCKET: frozenset({MUST_CLOSE, CLOSED}),
+    DRAIN_IDLE: frozenset({READING_HEAD, MUST_CLOSE, CLOSED}),
+    MUST_CLOSE: frozenset({CLOSED}),
+    CLOSED: frozenset(),
+}
+# the same table as one bit mask per state, indexed by the state's value: what ``_to`` reads
+_ALLOWED: Final[tuple[int, ...]] = tuple(
+    sum(1 << target.value for target in TRANSITIONS[state]) for state in State
+)
+
+
+class StateError(Exception):
+    """A connection state change the table does not allow: a bug in this module."""
+
+
 Handler = Callable[["NativeExchange"], Awaitable[None]]
 # takes a request synchronously when it can (no task); else returns the coroutine to run as a task
 FastHandler = Callable[["NativeExchange"], Coroutine[Any, Any, None] | None]
@@ -63,7 +118,8 @@ class ServerLimits:
 
     __slots__ = ("max_line", "max_header_bytes", "max_headers", "max_head", "max_body", "header_timeout",
                  "body_timeout", "keepalive_timeout", "max_connections", "max_pipelined", "count",
-                 "connections")  # fmt: skip
+                 "connections", "send_timeout", "drain_idle_grace", "strict_states",
+                 "draining")  # fmt: skip
 
     def __init__(
         self,
@@ -77,6 +133,9 @@ class ServerLimits:
         keepalive_timeout_seconds: float = 5.0,
         max_connections: int = 4096,
         max_pipelined_requests: int = 64,
+        send_timeout_seconds: float = 60.0,
+        drain_idle_grace_seconds: float = 1.0,
+        strict_states: bool = False,
         count: Callable[[str], None] | None = None,
     ) -> None:
         self.max_line = max_request_line_bytes
@@ -91,6 +150,12 @@ class ServerLimits:
         self.max_connections = max_connections
         # requests parsed ahead of their answers on one connection (llhttp parses all it is fed)
         self.max_pipelined = max_pipelined_requests
+        # an answer our write buffer holds (the client not reading) this long aborts the connection
+        self.send_timeout = send_timeout_seconds
+        # during a graceful stop, an idle connection may send one more request within this
+        self.drain_idle_grace = drain_idle_grace_seconds
+        self.strict_states = strict_states  # an impossible state change raises (tests)
+        self.draining = False  # a graceful stop has begun: every answer from now on says close
         self.count: Callable[[str], None] = count or (lambda reason: None)
         # every open connection, oldest first: idle ones are closed first at the cap
         self.connections: dict[ServerProtocol, None] = {}
@@ -111,7 +176,7 @@ class NativeExchange:
 
     __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "http_version",
                  "keep_alive", "expect_continue", "_conn", "_body", "_body_done", "_responded", "_complete",
-                 "_chunked", "_no_body", "gone", "upgradable", "upgrade")  # fmt: skip
+                 "_chunked", "_no_body", "gone", "upgradable", "upgrade", "trailers")  # fmt: skip
 
     def __init__(self, conn: ServerProtocol, method: str, raw_path: bytes, path: str, query: bytes,
                  headers: list[tuple[bytes, bytes]], http_version: str, keep_alive: bool,
@@ -136,6 +201,9 @@ class NativeExchange:
         self.gone = False
         self.upgradable = False  # set by the connection: a WebSocket upgrade it can hand over
         self.upgrade = False  # the request asks for an upgrade (known at the end of its head)
+        # a chunked body's trailer fields, kept apart: never merged into ``headers``, never read for
+        # routing or forwarding headers, not forwarded (docs/security.md "Trailers")
+        self.trailers: list[tuple[bytes, bytes]] | None = None
 
     # --- fed by the connection -------------------------------------------------------------------
 
@@ -193,7 +261,7 @@ class NativeExchange:
         if self.gone:
             raise ClientGone()
         self._respond(status, headers, body, more)
-        if more and self._conn.write_paused:
+        if more and self._conn.flow.write_paused:
             await self._conn.drain()
 
     def respond_now(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
@@ -236,6 +304,9 @@ class NativeExchange:
         if self._body_done is False and not more:
             # answered before the whole request body arrived: the rest cannot be skipped safely
             close = True
+        conn = self._conn
+        if conn._limits.draining and not conn._queue:
+            close = True  # a graceful stop: the last request received on this connection is the last
         if close:
             self.keep_alive = False
             parts.append(b"connection: close\r\n")
@@ -265,11 +336,13 @@ class NativeExchange:
             self._conn.write(data)
         if not more:
             self._finish()
-        elif self._conn.write_paused:
+        elif self._conn.flow.write_paused:
             await self._conn.drain()
 
     async def wait_gone(self) -> None:
-        await self._conn.lost
+        """Returns when the client disconnects. Each call waits on a future of its own, so a
+        cancelled waiter (a finished answer's disconnect watcher) changes nothing for the next."""
+        await self._conn.wait_lost()
 
     def websocket(self) -> NativeWebSocket | None:
         """The client side of a WebSocket upgrade, if this request is one we can relay."""
@@ -364,9 +437,9 @@ class NativeWebSocket:
         self._ex._responded = True
         # the frames get a protocol of their own that starts OPEN: the handshake was parsed by us
         protocol = WsServerProtocol(state=OPEN, max_size=max_size, logger=quiet_log)
-        socket = FrameSocket(protocol, transport)
-        self._socket = socket
-        self._conn.upgraded(socket)
+        frames = FrameSocket(protocol, transport)
+        self._socket = frames
+        self._conn.upgraded(frames)
 
     async def reject(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         await self._ex.respond(status, headers, body, False)
@@ -392,7 +465,7 @@ class NativeWebSocket:
 
 
 class ServerProtocol(asyncio.Protocol):
-    """One client connection."""
+    """One client connection: a state machine (``State``; every change through ``_to``)."""
 
     def __init__(
         self, handler: Handler, limits: ServerLimits, scheme: str = "http", fast: FastHandler | None = None,
@@ -409,19 +482,19 @@ class ServerProtocol(asyncio.Protocol):
         self.client_host: str | None = None
         self.client_port = 0
         self.server_address: tuple[str, int] | None = None
-        self.lost: asyncio.Future[None] = self.loop.create_future()
-        self.write_paused = False
-        self._drain: asyncio.Future[None] | None = None
-        self._read_paused = False
-        self._refused = False
+        self.state = IDLE
+        self.flow = FlowControl()  # write pause/drain (with the send timeout) and read pause
+        self._lost_waiters: list[asyncio.Future[None]] = []  # wait_lost(): one future per waiter
         self._refusal: Refused | None = None
-        # WebSocket: bytes after an upgrade request, held until the relay accepts; then the socket
-        self._ws_early: bytearray | None = None
+        # WebSocket: bytes after an upgrade request, held until the relay accepts (UPGRADING); then
+        # the frame socket (WEBSOCKET)
+        self._ws_early = bytearray()
         self._host_checked = b""  # the last Host value found valid on this connection
         self._ws: FrameSocket | None = None
         # request being parsed
         self._headers: list[tuple[bytes, bytes]] = []
-        self._in_head = True
+        self._in_head = True  # the parser is in a request head (not in a body or its trailers)
+        self._head_started = False  # llhttp began a request head (on_message_begin) not yet complete
         self._head_bytes = 0
         self._reset_request()
         self._parsing: NativeExchange | None = None  # the request whose body is being read
@@ -429,17 +502,43 @@ class ServerProtocol(asyncio.Protocol):
         self._active: NativeExchange | None = None
         self._queue: collections.deque[NativeExchange] = collections.deque()
         self._task: asyncio.Task[None] | None = None
-        # timers: one for the head/keep-alive deadlines, one for body stalls
+        # timers: one for the head/keep-alive/drain deadlines, one for body stalls
         self._head_since: float | None = None
         self._idle_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._last_body = 0.0
 
+    # --- the state machine -------------------------------------------------------------------------
+
+    def _to(self, new: State) -> bool:
+        """The one way to change state. An impossible change is a bug here: it raises when
+        ``strict_states`` is on (tests); otherwise this connection is aborted with one log line
+        (never a guess at what it should do next). False when the connection was aborted."""
+        old = self.state
+        if new is old:
+            return True
+        if _ALLOWED[old] >> new & 1:
+            self.state = new
+            return True
+        old_name, new_name = old.name.lower(), new.name.lower()
+        if self._limits.strict_states:
+            raise StateError(f"client connection: {old_name} -> {new_name} is not a transition")
+        log.error("client connection aborted: impossible state change %s -> %s", old_name, new_name)
+        self.state = MUST_CLOSE
+        if self.transport is not None:
+            self.transport.abort()
+        return False
+
+    @property
+    def idle(self) -> bool:
+        return self.state is IDLE or self.state is DRAIN_IDLE
+
     # --- connection ------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.flow.attach(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.client_host, self.client_port = str(peer[0]), int(peer[1])
@@ -450,13 +549,16 @@ class ServerProtocol(asyncio.Protocol):
         if len(limits.connections) >= limits.max_connections and not self._make_room():
             # at the cap and every connection is busy: refuse at once, before reading a byte
             limits.count("connection_limit")
-            self._refused = True
+            self._to(MUST_CLOSE)
             transport.write(OVER_CAPACITY)  # type: ignore[attr-defined]
             transport.close()
             return
         limits.connections[self] = None
         self._head_since = self.loop.time()
-        self._timer = self.loop.call_later(limits.header_timeout, self._check_deadlines)
+        if limits.draining:  # taken from the listen queue during a graceful stop
+            self.begin_drain()
+        else:
+            self._timer = self.loop.call_later(limits.header_timeout, self._check_deadlines)
 
     def _make_room(self) -> bool:
         """Close the oldest idle connection, as nginx reuses idle keep-alive connections when
@@ -464,29 +566,38 @@ class ServerProtocol(asyncio.Protocol):
         for conn in self._limits.connections:
             if conn.idle:
                 self._limits.count("idle_closed")
-                conn._refused = True
                 conn._limits.connections.pop(conn, None)
                 conn._close()
                 return True
         return False
 
-    @property
-    def idle(self) -> bool:
-        return self._active is None and self._head_bytes == 0 and not self._queue
-
     def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED  # from any state: the peer or the kernel decides this one
         self._limits.connections.pop(self, None)
         self._cancel_timers()
-        if not self.lost.done():
-            self.lost.set_result(None)
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self.flow.lost()
+        waiters, self._lost_waiters = self._lost_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         for ex in (self._active, *self._queue, self._parsing):
             if ex is not None:
                 ex._disconnect()
         if self._ws is not None:
             self._ws.connection_lost()
+
+    async def wait_lost(self) -> None:
+        """Returns once the connection is lost. The future is this waiter's own: cancelling the
+        waiter (a disconnect watcher whose answer is done) cancels nothing the connection keeps."""
+        if self.state is CLOSED:
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._lost_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter in self._lost_waiters:
+                self._lost_waiters.remove(waiter)
 
     def eof_received(self) -> bool | None:
         if self._ws is not None:
@@ -494,16 +605,16 @@ class ServerProtocol(asyncio.Protocol):
         return None
 
     def data_received(self, data: bytes) -> None:
-        if self._ws is not None:
-            self._ws.feed(data)
-            return
-        if self._ws_early is not None:
-            self._ws_early += data
-            if len(self._ws_early) > WS_EARLY_BYTES:
-                self.pause_reading()
-            return
-        if self._refused:
-            return
+        state = self.state
+        if state > DRAIN_IDLE:  # not HTTP any more
+            if state is WEBSOCKET:
+                assert self._ws is not None
+                self._ws.feed(data)
+            elif state is UPGRADING:
+                self._ws_early += data
+                if len(self._ws_early) > WS_EARLY_BYTES:
+                    self.flow.pause_reading()
+            return  # MUST_CLOSE, CLOSED: nothing more is read
         if self._in_head:
             self._head_bytes += len(data)
         try:
@@ -514,9 +625,10 @@ class ServerProtocol(asyncio.Protocol):
             # it accepts); any other upgrade (h2c...) is answered as plain HTTP, then the connection
             # closes
             active = self._active
-            if active is not None and not self._queue and _is_websocket(active):
+            if active is not None and not self._queue and _is_websocket(active) and self.state is ACTIVE:
                 active.upgradable = True
                 self._ws_early = bytearray(data[upgrade.args[0] :] if upgrade.args else b"")
+                self._to(UPGRADING)
                 return
             self._refused_reading()
             return
@@ -530,23 +642,39 @@ class ServerProtocol(asyncio.Protocol):
             else:
                 self._refuse(Refused(431, "headers_too_large", "request headers over the limit"))
 
-    def upgraded(self, socket: FrameSocket) -> None:
-        """The relay accepted the upgrade: from now on the bytes are frames for ``socket``."""
-        self._ws = socket
-        early, self._ws_early = self._ws_early, None
-        socket._flush()  # the 101
-        if self._read_paused:
-            self._read_paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+    def upgraded(self, frames: FrameSocket) -> None:
+        """The relay accepted the upgrade: from now on the bytes are frames for ``frames``."""
+        if not self._to(WEBSOCKET):
+            return
+        self._ws = frames
+        early, self._ws_early = self._ws_early, bytearray()
+        frames._flush()  # the 101
+        self.flow.resume_reading()
         if early:
-            socket.feed(bytes(early))
+            frames.feed(bytes(early))
 
     def _refused_reading(self) -> None:
         last = self._queue[-1] if self._queue else self._active
         if last is not None:
             last.keep_alive = False
-        self._refused = True  # read nothing more
+        self._to(MUST_CLOSE)  # read nothing more
+
+    # --- a graceful stop ----------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """The server stops (``limits.draining`` is set): every answer from now on says
+        ``Connection: close`` (``NativeExchange._respond``); an idle connection gets
+        ``drain_idle_grace`` for one more request, then closes; WebSockets are closed by the server."""
+        if self.state is IDLE:
+            self._to_drain_idle()
+
+    def _to_drain_idle(self) -> None:
+        if not self._to(DRAIN_IDLE):
+            return
+        self._idle_since = self.loop.time()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self._limits.drain_idle_grace, self._check_deadlines)
 
     # --- writing and flow control ----------------------------------------------------------------
 
@@ -556,40 +684,38 @@ class ServerProtocol(asyncio.Protocol):
             self._writes.write(transport, data)  # at the end of this loop pass, in order
 
     def pause_writing(self) -> None:
-        self.write_paused = True
+        self.flow.writing_paused()
         if self._ws is not None:
             self._ws.pause_writing()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self.flow.writing_resumed()
         if self._ws is not None:
             self._ws.resume_writing()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
-        if self._active is None and self._ws is None:
+        elif self._active is None:
             self._continue()  # requests held while the client was not reading its answers
 
     async def drain(self) -> None:
-        if self.write_paused and not self.lost.done():
-            self._drain = self.loop.create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
-        if self.lost.done():
-            raise ClientGone()
+        """Wait while the client leaves our writes unread: ``ClientGone`` once it is gone, or after
+        ``send_timeout`` without progress (then the connection is aborted and counted as
+        ``client_send_timeout``: a client that never reads must not hold a backend connection)."""
+        try:
+            await self.flow.drain(self._limits.send_timeout)
+        except ConnectionResetError:
+            raise ClientGone() from None
+        except TimeoutError:
+            self._limits.count("client_send_timeout")
+            self._to(MUST_CLOSE)
+            if self.transport is not None:
+                self.transport.abort()
+            raise ClientGone() from None
 
     def pause_reading(self) -> None:
-        if not self._read_paused and self.transport is not None and not self.transport.is_closing():
-            self._read_paused = True
-            self.transport.pause_reading()
+        self.flow.pause_reading()
 
     def resume_reading(self) -> None:
-        transport = self.transport
-        if self._read_paused and not self._queue and transport is not None and not transport.is_closing():
-            self._read_paused = False
-            transport.resume_reading()
+        if not self._queue:
+            self.flow.resume_reading()
 
     # --- parser callbacks ------------------------------------------------------------------------
 
@@ -606,7 +732,11 @@ class ServerProtocol(asyncio.Protocol):
         self._expect = False
 
     def on_message_begin(self) -> None:
+        state = self.state
+        if state is IDLE or state is DRAIN_IDLE:
+            self._to(READING_HEAD)  # pipelined behind an answer: stays ACTIVE
         self._in_head = True
+        self._head_started = True
         self._reset_request()
         self._idle_since = None
         if self._head_since is None:
@@ -627,6 +757,15 @@ class ServerProtocol(asyncio.Protocol):
         if size > limits.max_header_bytes:
             raise self._stop(431, "headers_too_large", "request headers over the limit")
         lower = name.lower()
+        if not self._in_head:
+            # a chunked body's trailer (llhttp reports it as a header): kept apart, never merged
+            # into the head the exchange was made with (issue 23 item 5)
+            ex = self._parsing
+            if ex is not None:
+                if ex.trailers is None:
+                    ex.trailers = []
+                ex.trailers.append((lower, value))
+            return
         self._headers.append((lower, value))
         if lower in _FRAMING_HEADERS:  # most headers are none of these: one set lookup for them
             self._framing_header(lower, value)
@@ -651,6 +790,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._head_since = None
+        self._head_started = False
         parser = self.parser
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
@@ -664,6 +804,9 @@ class ServerProtocol(asyncio.Protocol):
             raise self._stop(400, "connect_refused", "CONNECT is not served: this is not a forward proxy")
         has_body = self._codings > 0 or self._content_length > 0
         upgrade = parser.should_upgrade()
+        if upgrade and version == "1.0":
+            # RFC 9110 7.8: Upgrade is HTTP/1.1; a WebSocket handshake needs 1.1 (RFC 6455 4.1)
+            raise self._stop(400, "bad_upgrade", "an upgrade needs HTTP/1.1")
         if has_body and upgrade:
             # llhttp stops at an upgrade without reading the body: whatever follows could be a
             # request hidden from us (h2c smuggling)
@@ -672,6 +815,7 @@ class ServerProtocol(asyncio.Protocol):
         if max_body and self._content_length > max_body:
             raise self._stop(413, "body_too_large", "request body over the limit")
         url = self._url
+        absolute = False
         try:
             if url[:1] == b"/" and not _URL_SPECIAL.search(url):
                 raw_path, query = url, b""  # a plain path (most requests): nothing to split
@@ -681,11 +825,14 @@ class ServerProtocol(asyncio.Protocol):
                 parsed: Any = httptools.parse_url(url)
                 raw_path = parsed.path or b""
                 query = parsed.query or b""
+                absolute = parsed.schema is not None
             path = raw_path.decode("ascii")
             if "%" in path:
                 path = unquote(path)
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError, ValueError):
             raise self._stop(400, "malformed", "invalid request target") from None
+        if absolute:
+            self._host_from_target(url)
         self._in_head = False
         self._head_bytes = 0
         ex = NativeExchange(
@@ -699,16 +846,32 @@ class ServerProtocol(asyncio.Protocol):
             self._parsing = ex
             self._last_body = self.loop.time()
             self._body_timer = self.loop.call_later(self._limits.body_timeout, self._check_body)
-        if self._active is None and not self._queue and not self.write_paused:
+        if self._active is None and not self._queue and not self.flow.write_paused:
             self._start(ex)
         else:
             # pipelined (or held while the client leaves its answers unread): answered in order
             if len(self._queue) >= self._limits.max_pipelined:
                 raise self._stop(400, "too_many_pipelined", "too many requests sent ahead of their answers")
             self._queue.append(ex)
-            self.pause_reading()
+            self.flow.pause_reading()
             if self._active is None:
+                if self.state is not MUST_CLOSE:
+                    self._to(ACTIVE)  # received, held until the client reads its answers
                 self._continue()  # held, not pipelined: the keep-alive deadline runs meanwhile
+
+    def _host_from_target(self, url: bytes) -> None:
+        """An absolute-form target's authority replaces the Host header (RFC 9112 3.2.2), so
+        the backend and our forwarding headers see the host the client really asked for."""
+        rest = url.split(b"://", 1)[1] if b"://" in url else b""
+        authority = _URL_SPECIAL.split(rest.split(b"/", 1)[0], 1)[0].rpartition(b"@")[2]
+        if not authority or not _HOST_OK.match(authority):
+            raise self._stop(400, "bad_host", "invalid authority in the request target")
+        headers = self._headers
+        for i, (name, _) in enumerate(headers):
+            if name == b"host":
+                headers[i] = (b"host", authority)
+                return
+        headers.append((b"host", authority))
 
     def on_body(self, body: bytes) -> None:
         self._last_body = self.loop.time()
@@ -736,6 +899,8 @@ class ServerProtocol(asyncio.Protocol):
     def _start(self, ex: NativeExchange) -> None:
         self._active = ex
         self._idle_since = None
+        if self.state is not MUST_CLOSE:  # MUST_CLOSE: requests received before it are still answered
+            self._to(ACTIVE)
         fast = self._fast
         if fast is not None and ex._body_done and not ex.upgrade:
             # a request without a body: the core may take it now, with no task (the fast path)
@@ -780,7 +945,7 @@ class ServerProtocol(asyncio.Protocol):
         if ex is not self._active:
             return
         self._active = None
-        if not ex.keep_alive or not ex.body_done or self._refused and not self._queue:
+        if not ex.keep_alive or not ex.body_done or self.state is MUST_CLOSE and not self._queue:
             self._close()
             return
         self._continue()
@@ -793,13 +958,31 @@ class ServerProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self._active is not None:
             return
-        if self._queue and not self.write_paused:
-            self._start(self._queue.popleft())
-            self.resume_reading()
+        state = self.state
+        if self._queue:
+            if not self.flow.write_paused:
+                self._start(self._queue.popleft())
+                self.resume_reading()
+                return
+        elif state is ACTIVE:  # the last answer is done
+            if self._head_started:
+                self._to(READING_HEAD)  # part of the next head came with the answer's requests
+            elif self._limits.draining:
+                self._to_drain_idle()
+            else:
+                self._to(IDLE)
+        if self.state is DRAIN_IDLE:
+            # the grace timer runs; reading stops while the client leaves answers unread
+            if self.flow.write_paused:
+                self.flow.pause_reading()
+            else:
+                self.resume_reading()
             return
+        if self.state is not IDLE and self.state is not READING_HEAD and not self._queue:
+            return  # closing, or upgraded: nothing more to start
         self._idle_since = self.loop.time()
-        if self.write_paused:
-            self.pause_reading()
+        if self.flow.write_paused:
+            self.flow.pause_reading()
             if self._timer is not None:  # the deadline counts from now: a pending timer may be due later
                 self._timer.cancel()
                 self._timer = None
@@ -809,6 +992,8 @@ class ServerProtocol(asyncio.Protocol):
             self._timer = self.loop.call_later(self._limits.keepalive_timeout, self._check_deadlines)
 
     def _close(self) -> None:
+        if self.state is not CLOSED:
+            self._to(MUST_CLOSE)
         if self.transport is not None and not self.transport.is_closing():
             self._writes.flush()  # what this connection queued goes before the close
             self.transport.close()
@@ -828,7 +1013,7 @@ class ServerProtocol(asyncio.Protocol):
         answers finish instead, then the connection closes without a word about this one.
         """
         self._refusal = None
-        self._refused = True
+        self._to(MUST_CLOSE)
         self._cancel_timers()
         self._limits.count(refusal.reason)
         transport = self.transport
@@ -862,6 +1047,16 @@ class ServerProtocol(asyncio.Protocol):
             return
         now = self.loop.time()
         limits = self._limits
+        if self.state is DRAIN_IDLE:
+            waited = now - (self._idle_since or now)
+            if waited >= limits.drain_idle_grace:
+                if self.flow.write_paused:
+                    transport.abort()  # answers the client never reads would hold the close
+                else:
+                    self._close()
+                return
+            self._timer = self.loop.call_later(limits.drain_idle_grace - waited, self._check_deadlines)
+            return
         if self._head_since is not None:
             waited = now - self._head_since
             if waited >= limits.header_timeout:
@@ -869,15 +1064,14 @@ class ServerProtocol(asyncio.Protocol):
                     self._refuse(Refused(408, "header_timeout", "request headers not received in time"))
                 else:  # a connection that never sent a byte of this request: just close it
                     limits.count("header_timeout")
-                    self._refused = True
                     self._close()
                 return
             self._timer = self.loop.call_later(limits.header_timeout - waited, self._check_deadlines)
         elif self._idle_since is not None:
             waited = now - self._idle_since
             if waited >= limits.keepalive_timeout:
-                self._refused = True
-                if self.write_paused:
+                self._to(MUST_CLOSE)
+                if self.flow.write_paused:
                     # a client that does not read its answers: a close would wait to flush them
                     # to it for ever, holding the buffer; drop them with the connection
                     limits.count("answers_unread")
@@ -896,7 +1090,7 @@ class ServerProtocol(asyncio.Protocol):
         if transport is None or transport.is_closing() or self._parsing is None:
             return
         now = self.loop.time()
-        if self._read_paused:
+        if self.flow.read_paused:
             self._last_body = now
         idle = now - self._last_body
         timeout = self._limits.body_timeout
@@ -933,6 +1127,7 @@ class HttpServer:
         self.tls = tls  # TLS termination: handshakes use whatever certificate the context holds now
         self.servers: list[asyncio.Server] = []
         self.started = False
+        self.forced = False
 
     def protocol(self) -> ServerProtocol:
         scheme = "https" if self.tls is not None else "http"
@@ -951,28 +1146,80 @@ class HttpServer:
 
     @property
     def ports(self) -> list[int]:
-        return [s.getsockname()[1] for server in self.servers for s in server.sockets]
+        servers: list[Any] = list(self.servers)  # Any: see _close_listeners
+        return [s.getsockname()[1] for server in servers for s in server.sockets]
 
-    async def stop(self, drain_timeout: float) -> None:
-        """Stop accepting, close idle connections, give answers in progress ``drain_timeout``."""
+    def force(self) -> None:
+        """A second stop signal: the drain in progress ends at once."""
+        self.forced = True
+
+    def _close_listeners(self) -> list[socket.socket]:
+        """Stop listening, taking first every connection the kernel already queued: closing a
+        listener resets those (their clients sent a request we would never answer). A duplicate of
+        each listening descriptor keeps the queue while the loop's servers close; it is then read
+        until empty (EAGAIN) and closed. With SO_REUSEPORT workers each does this for its socket."""
+        dups: list[socket.socket] = []
+        for server in self.servers:
+            # Any: uvloop's sockets are a list where the stubs say tuple (compiled code checks it)
+            loose: Any = server
+            for listener in loose.sockets:
+                with contextlib.suppress(OSError):
+                    dups.append(socket.socket(fileno=os.dup(listener.fileno())))
         for server in self.servers:
             server.close()
-        for conn in list(self.limits.connections):
-            if conn._ws is not None:  # relayed WebSockets are told to reconnect elsewhere
-                conn._ws.close_now(1001, "server shutting down")
+        queued: list[socket.socket] = []
+        for dup in dups:
+            dup.setblocking(False)
+            while True:
+                try:
+                    sock, _ = dup.accept()
+                except OSError:  # EAGAIN: the queue is empty (or EMFILE: nothing more we can take)
+                    break
+                sock.setblocking(False)
+                queued.append(sock)
+            dup.close()
+        return queued
+
+    async def stop(self, drain_timeout: float, ws_grace: float = 0.0) -> None:
+        """A graceful stop (docs/architecture.md "Graceful stop (drain)"): take the queued
+        connections and stop listening; from now on every answer says ``Connection: close``; idle
+        connections get ``drain_idle_grace`` for one more request; WebSockets get 1001 after
+        ``ws_grace``; the drain ends once no connection is left, at ``drain_timeout``, or at once
+        when ``force()`` is called (a second signal). Whatever is left then is aborted."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + drain_timeout
-        while loop.time() < deadline:
-            for conn in list(self.limits.connections):
-                if conn.idle:
-                    conn._close()
-            if not self.limits.connections:
+        limits = self.limits
+        limits.draining = True
+        queued = self._close_listeners()
+        for conn in list(limits.connections):
+            conn.begin_drain()
+        # connections taken from the queue: served like the others (their protocol starts draining)
+        taking = [loop.create_task(self._take(sock)) for sock in queued]
+        # connections the loop accepted just before the stop get connection_made in its next pass
+        # (they start draining there): look at limits.connections only after it
+        await asyncio.sleep(0)
+        started = loop.time()
+        deadline = started + drain_timeout
+        ws_at = started + min(ws_grace, drain_timeout)
+        while not self.forced and loop.time() < deadline:
+            if loop.time() >= ws_at:
+                for conn in list(limits.connections):
+                    if conn._ws is not None:  # relayed WebSockets are told to reconnect elsewhere
+                        conn._ws.close_now(1001, "server shutting down")
+            if not limits.connections and all(task.done() for task in taking):
                 break
-            await asyncio.sleep(0.05)
-        for conn in list(self.limits.connections):
+            await asyncio.sleep(0.02)
+        for task in taking:
+            task.cancel()
+        for conn in list(limits.connections):
             if conn.transport is not None:
                 # abort, not close: a close waits to flush what a client that stopped reading will
                 # never take, and the shutdown would wait with it
                 conn.transport.abort()
         for server in self.servers:
             await server.wait_closed()
+
+    async def _take(self, sock: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(self.protocol, sock, ssl=self.tls)
+        except (OSError, ssl.SSLError, asyncio.CancelledError):
+            sock.close()

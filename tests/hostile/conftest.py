@@ -37,7 +37,7 @@ def hostile_proxy(
         "key_prefix": "hostile:",
         "log_level": "warning",
         "poll_interval_seconds": 0.2,
-        "limits": {"max_body_bytes": MAX_BODY},
+        "limits": {"max_body_bytes": MAX_BODY, "strict_states": True},
     }
     proxy = ProxyProcess(workdir / "hostile", settings).start()
     yield proxy
