@@ -124,7 +124,8 @@ class ShadowSettings(BaseModel):
     # closer than their measured average cost / share), and of a core each compare thread may use
     # (it rests elapsed * (1/share - 1) after each compare)
     compare_cpu_share: float = Field(default=0.1, gt=0, le=1)
-    # the first N mirrored safe requests per endpoint are calibrated whatever the percentage
+    # the first N (at least noise_threshold) mirrored safe requests per endpoint are calibrated
+    # whatever the percentage; the endpoint's comparisons are pending (not judged) until then
     calibration_warmup: int = Field(default=3, ge=0)
     flush_interval_seconds: float = Field(default=0.5, gt=0)
     groups: dict[str, ShadowGroupPolicy] = Field(default_factory=dict)
