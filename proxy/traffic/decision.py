@@ -228,7 +228,8 @@ class Decider:
         self, header_key: bytes | None, cookie: bytes | None, query: bytes, picked: dict[bytes, bytes] | None
     ) -> bytes | None:
         """The first sticky key found, in the configured order of sources: the same bytes whatever
-        the source (a query value percent-decoded, a JWT claim as is); an empty value is absent."""
+        the source (a header as sent, a cookie or query value percent-decoded, a JWT claim as
+        UTF-8); an empty value is absent."""
         for source in self.sources:
             if source == "header":
                 if header_key:
@@ -237,7 +238,8 @@ class Decider:
                 if cookie is not None and self.user_cookie is not None:
                     found = cookie_value(cookie, self.user_cookie)
                     if found is not None:
-                        return found
+                        # cookie values are often percent-encoded (they cannot hold ; , or spaces)
+                        return unquote_to_bytes(found) if b"%" in found else found
             elif source == "query":
                 if query and self.user_query is not None:
                     found = query_value(query, self.user_query)
