@@ -124,7 +124,8 @@ class ShadowSettings(BaseModel):
     # closer than their measured average cost / share), and of a core each compare thread may use
     # (it rests elapsed * (1/share - 1) after each compare)
     compare_cpu_share: float = Field(default=0.1, gt=0, le=1)
-    # the first N mirrored safe requests per endpoint are calibrated whatever the percentage
+    # the first N (at least noise_threshold) mirrored safe requests per endpoint are calibrated
+    # whatever the percentage; the endpoint's comparisons are pending (not judged) until then
     calibration_warmup: int = Field(default=3, ge=0)
     flush_interval_seconds: float = Field(default=0.5, gt=0)
     groups: dict[str, ShadowGroupPolicy] = Field(default_factory=dict)
@@ -353,8 +354,11 @@ class MatchRule(BaseModel):
     header: str | None = None
     cookie: str | None = None
     query: str | None = None
-    value: str = "*"  # exact match; "*": present with any value
+    value: str = "*"  # exact match (query values percent-decoded); "*": present with any value
     version: Literal["v1", "v2"]
+    # a rollback (``strangler rollback``, the admin API's, the automatic one) sends everyone to v1,
+    # testers a v2 rule matches included; true: this rule still applies during a rollback
+    survives_rollback: bool = False
 
     @model_validator(mode="after")
     def _one_source(self) -> MatchRule:
@@ -364,13 +368,35 @@ class MatchRule(BaseModel):
         return self
 
 
+MIN_PIN_SECRET = 16
+WEAK_SECRETS = frozenset({"strangler", "changeme", "change-me", "secret", "default"})
+
+
 class PinningSettings(BaseModel):
-    """Session pinning ("new sessions only"): a client keeps the version it was first given, so a
-    ramp moves only new sessions. A rollback (split at 0) always wins over a pin."""
+    """Session pinning ("new sessions only"): a client keeps the version it was first given while
+    the split moves between 0 and 100, so a ramp moves only new sessions. Pins are honoured only
+    while 0 < percentage < 100 and only when issued since the group's last rollback, rollout start
+    or completion (its epoch); each is bound to its user key (or a random session id) and its issue
+    time, signed with ``secret``."""
 
     groups: list[str] = Field(default_factory=list)  # route groups pinned ("default", "*" = all)
     cookie_prefix: str = Field(default="strangler_pin", pattern=r"^[A-Za-z0-9_-]{1,40}$")
     max_age_seconds: int = Field(default=86400, ge=1)
+    # the key pins are signed with; None: generated at first start and kept in ``secret_file``
+    secret: SecretStr | None = None
+    secret_file: Path = Path(".strangler/pin-secret")
+
+    @field_validator("secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            text = value.get_secret_value()
+            if len(text) < MIN_PIN_SECRET or text.lower() in WEAK_SECRETS:
+                raise ValueError(
+                    f"session_pinning.secret must be at least {MIN_PIN_SECRET} characters and not a shipped "
+                    "default (leave it unset: one is generated at first start)"
+                )
+        return value
 
 
 class WebSocketSettings(BaseModel):
@@ -430,6 +456,9 @@ class Settings(BaseSettings):
     user_key_cookie: str | None = "user_id"
     user_key_fallback: Literal["random", "client_ip", "affinity_cookie"] = "random"
     affinity_cookie_name: str = "strangler_uid"
+    # lifetime of the affinity cookie (Max-Age), so a browser restart keeps the version; 0: a
+    # session cookie. It is Secure when the client connection is TLS
+    affinity_cookie_max_age_seconds: int = Field(default=365 * 86400, ge=0)
     # query parameter read for the sticky key after the header and cookie (browsers cannot set
     # headers on a WebSocket); None: not read
     user_key_query: str | None = None
@@ -440,6 +469,9 @@ class Settings(BaseSettings):
     match_rules: list[MatchRule] = Field(default_factory=list)
     session_pinning: PinningSettings = Field(default_factory=PinningSettings)
     hash_salt: str = "strangler"
+    # false (default): one bucket per user for every group, so a user on v2 in one group at 30% is
+    # on v2 in every group at 30% or more; true: each group hashes (salt, group, key) on its own
+    split_hash_per_group: bool = False
     force_header: str = "X-Strangler-Version"
     force_header_enabled: bool = True
 
@@ -542,6 +574,13 @@ class Settings(BaseSettings):
             raise ValueError(f"match rules or session pinning name unknown route groups: {unknown}")
         if len(set(self.user_key_sources)) != len(self.user_key_sources):
             raise ValueError(f"user_key_sources lists a source twice: {self.user_key_sources}")
+        pinning = self.session_pinning
+        if (
+            pinning.groups
+            and pinning.secret is not None
+            and pinning.secret.get_secret_value() == self.hash_salt
+        ):
+            raise ValueError("session_pinning.secret must not be the hash_salt (the salt is not a secret)")
         return self
 
     @property

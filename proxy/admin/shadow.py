@@ -57,6 +57,7 @@ def routes(
         status["buffered_bytes"] = mirror.buffered_bytes
         status["report_epoch"] = mirror.epoch
         status["noise_in_force"] = mirror.noise_counts()
+        status["pending"] = mirror.pending()  # endpoint -> comparisons waiting for its calibration
         return JSONResponse(status)
 
     async def put_shadow(request: Request) -> Response:

@@ -32,6 +32,7 @@ from redis.exceptions import WatchError
 from proxy.canary import events, records
 from proxy.canary.events import Event
 from proxy.canary.leader import LeaderToken
+from proxy.control import splitstate
 from proxy.control.keys import Keys
 from proxy.control.snapshot import as_text
 from proxy.settings import check_steps as ladder_rule
@@ -461,6 +462,10 @@ class Rollouts:
                     split = extra.get("split", new.percentage if new is not None else None)
                     if split is not None:
                         pipe.set(split_key, f"{split:g}")
+                        # rollback in force (match rules yield) and the pin epoch, in the same write
+                        splitstate.note(
+                            pipe, self.keys, group, split, action in ("rollback", "abort"), action == "start"
+                        )
                     if extra.get("fresh_history"):
                         pipe.set(since_key, repr(now))
                     if extra.get("ack_lost"):

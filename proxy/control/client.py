@@ -12,6 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from proxy.control import splitstate
 from proxy.control.keys import Keys
 from proxy.control.snapshot import as_text, parse_percentage
 
@@ -50,9 +51,12 @@ class ControlClient:
             raise InvalidValue(f"{percentage!r} is not a percentage between 0 and 100") from exc
         assert value is not None
         if self.split_writer is not None:
-            await self.split_writer(group or "default", value, by)
+            await self.split_writer(group or "default", value, by)  # notes the split state itself
         else:
-            await self.redis.set(self.keys.split(group), f"{value:g}")
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.set(self.keys.split(group), f"{value:g}")
+                splitstate.note(pipe, self.keys, group or "default", value)
+                await pipe.execute()
         await self.publish(f"split:{group or 'default'}")
         return value
 
@@ -86,11 +90,14 @@ class ControlClient:
             # so a rollout in progress ends and automation never undoes the rollback
             for name in targets:
                 await self.split_writer(name, 0.0, by)
-        else:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for name in targets:
+        # a rollback, not a plain 0%: match rules yield to it (unless survives_rollback) and pins
+        # issued before it are void
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name in targets:
+                if self.split_writer is None:
                     pipe.set(self.keys.split(name), "0")
-                await pipe.execute()
+                splitstate.note(pipe, self.keys, name, 0.0, rollback=True)
+            await pipe.execute()
         await self.publish(f"split:{group or '*'}")
         return {name: as_text(value) for name, value in zip(targets, before, strict=True)}
 

@@ -56,6 +56,12 @@ class Keys:
         return f"{self._prefix}changes"
 
     @property
+    def split_state(self) -> str:
+        """Hash: ``rollback:<group>`` while a rollback is in force (match rules yield to it) and
+        ``epoch:<group>`` (bumped by rollbacks, rollout starts and 0%/100% writes; pins carry it)."""
+        return f"{self._prefix}split_state"
+
+    @property
     def groups(self) -> str:
         """Hash of the route groups running proxies know, and the share each serves (JSON per group)."""
         return f"{self._prefix}groups"

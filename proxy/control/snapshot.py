@@ -39,11 +39,31 @@ class Snapshot:
     redis_ok: bool = False
     loaded_at: float | None = None  # time.monotonic() of the last successful refresh
     generation: int = 0  # successful refreshes so far: a reader can wait for one that began later
+    # groups whose last split change was a rollback (``split_state``); "default" covers every
+    # group that follows the global split
+    rollbacks: frozenset[str] = frozenset()
+    # per group, a counter bumped by every rollback, rollout start and 0%/100% write: a session pin
+    # carries the one it was issued under and is honoured only under the same
+    epochs: Mapping[str, int] = field(default_factory=dict)
 
     def percentage(self, group: str) -> float:
         """The group's own split if set, else the global one."""
         value = self.group_percentages.get(group)
         return self.global_percentage if value is None else value
+
+    def rolled_back(self, group: str) -> bool:
+        """A rollback is in force for the group: its split is 0 because of a rollback (not a
+        plain 0% before a ramp). Ends when the split is next set above 0."""
+        if not self.rollbacks:
+            return False
+        if group not in self.group_percentages:
+            group = "default"
+        return group in self.rollbacks and self.percentage(group) <= 0
+
+    def epoch(self, group: str) -> int:
+        if group not in self.group_percentages:
+            group = "default"
+        return self.epochs.get(group, 0)
 
     def section(self, name: str, default: Any = None) -> Any:
         return self.sections.get(name, default)
@@ -97,3 +117,22 @@ def build_split(
         if value is not None:
             groups[group] = value
     return global_pct, groups, problems
+
+
+def parse_split_state(raw: Mapping[str, str]) -> tuple[frozenset[str], dict[str, int]]:
+    """The ``split_state`` hash: ``rollback:<group>`` (present while a rollback is in force) and
+    ``epoch:<group>`` (an integer). Malformed fields are skipped."""
+    rollbacks: set[str] = set()
+    epochs: dict[str, int] = {}
+    for name, value in raw.items():
+        kind, _, group = name.partition(":")
+        if not group:
+            continue
+        if kind == "rollback":
+            rollbacks.add(group)
+        elif kind == "epoch":
+            try:
+                epochs[group] = int(value)
+            except ValueError:
+                continue
+    return frozenset(rollbacks), epochs

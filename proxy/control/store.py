@@ -34,7 +34,14 @@ from redis.exceptions import RedisError
 
 from proxy.background import cancel_and_wait
 from proxy.control.keys import Keys
-from proxy.control.snapshot import Invalid, SectionParser, Snapshot, as_text, build_split
+from proxy.control.snapshot import (
+    Invalid,
+    SectionParser,
+    Snapshot,
+    as_text,
+    build_split,
+    parse_split_state,
+)
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 
@@ -68,6 +75,7 @@ class ControlStore:
         self._epoch: str | None = None
         self._restorable: dict[str, str] = {}  # split key -> last good value, written back after a loss
         self._restorable_hashes: dict[str, dict[str, str]] = {}
+        self._split_state: dict[str, str] = {}  # the last read ``split_state`` hash
         self.state_lost_at: float | None = None  # wall time this process last saw Redis lose its data
         self._reported: set[tuple[str, str]] = set()
         self._rejected_now: set[tuple[str, str]] = set()
@@ -138,12 +146,14 @@ class ControlStore:
             return snapshot
         if "*" in self._held:
             groups = {group: 0.0 for group in {*self._groups, *snapshot.group_percentages}}
-            return replace(snapshot, global_percentage=0.0, group_percentages=groups)
+            rollbacks = snapshot.rollbacks | {"default", *groups}
+            return replace(snapshot, global_percentage=0.0, group_percentages=groups, rollbacks=rollbacks)
         groups = dict(snapshot.group_percentages)
         for name in self._held:
             groups[name] = 0.0
         glob = 0.0 if "default" in self._held else snapshot.global_percentage
-        return replace(snapshot, global_percentage=glob, group_percentages=groups)
+        rollbacks = snapshot.rollbacks | self._held
+        return replace(snapshot, global_percentage=glob, group_percentages=groups, rollbacks=rollbacks)
 
     async def refresh(self) -> bool:
         """Read every control key in one pipeline and swap the snapshot; False if Redis failed."""
@@ -168,6 +178,7 @@ class ControlStore:
             value, errors = parser(raw_hashes.get(name, {}), previous.sections.get(name))
             sections[name] = value
             problems.extend(Invalid(name, "", error) for error in errors)
+        rollbacks, epochs = parse_split_state(self._split_state)
         snapshot = Snapshot(
             global_percentage=global_pct,
             group_percentages=groups,
@@ -175,6 +186,8 @@ class ControlStore:
             redis_ok=True,
             loaded_at=time.monotonic(),
             generation=previous.generation + 1,
+            rollbacks=rollbacks,
+            epochs=epochs,
         )
         snapshot = self._with_holds(snapshot)  # a rollback not yet in Redis stays in force here
         self._last_good = snapshot
@@ -228,9 +241,12 @@ class ControlStore:
                 pipe.get(key)
             for name in self._sections:
                 pipe.hgetall(self._keys.hash(name))
+            pipe.hgetall(self._keys.split_state)
             pipe.get(self._keys.epoch)
             results = await pipe.execute()
         epoch = as_text(results.pop())
+        state = results.pop()
+        self._split_state = {as_text(k) or "": as_text(v) or "" for k, v in state.items()}
         values = [as_text(value) for value in results[: len(split_keys)]]
         results = [values, *results[len(split_keys) :]]
         raw_groups = dict(zip(self._groups, values[1:], strict=True))

@@ -338,7 +338,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     else:
         table = Table(title="Shadow diffs (worst first)")
         for column in ("endpoint", "group", "compared", "matched", "mismatched", "noise", "skipped", "errors",
-                       "mismatch %", "top fields"):  # fmt: skip
+                       "pending", "mismatch %", "top fields"):  # fmt: skip
             table.add_column(column, overflow="fold")
         for row in rows:
             style = "red" if row["mismatched"] or row["errors"] else None
@@ -364,7 +364,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _print_endpoint(detail: dict[str, Any]) -> None:
     counts = ", ".join(
         f"{name} {detail[name]}"
-        for name in ("compared", "matched", "mismatched", "noise", "skipped", "errors")
+        for name in ("compared", "matched", "mismatched", "noise", "skipped", "errors", "pending")
     )
     console.print(f"[bold]{escape(detail['endpoint'])}[/bold] (group {detail['group']}): {counts}")
     if detail["fields"]:

@@ -91,6 +91,24 @@ class Fetched:
 
 
 @dataclass(slots=True)
+class _Held:
+    """A comparison waiting for its endpoint's calibration (both answers kept)."""
+
+    group: str
+    v1: Answer
+    v2: Answer
+    rules: EndpointRules
+    options: Options
+    request: MirrorRequest
+    primary: PrimaryResult
+    shadow: Fetched
+
+    @property
+    def size(self) -> int:
+        return len(self.v1.body or b"") + len(self.v2.body or b"")
+
+
+@dataclass(slots=True)
 class _Job:
     plan: GroupPolicy
     request: MirrorRequest
@@ -237,6 +255,13 @@ class ShadowMirror:
         self._wanted_headers = frozenset(self._config.compare_headers)
         self._options: dict[int, Options] = {}
         self._calibrated: dict[str, int] = {}
+        # calibrations an endpoint needs before its comparisons are judged: the warm-up, and at
+        # least enough for a field to reach the noise threshold (noise cannot be known sooner);
+        # until then every safe request to it calibrates and its comparisons are pending
+        self._ready_after = max(self._config.calibration_warmup, self._config.noise_threshold)
+        # comparisons of endpoints still calibrating, judged once the calibration has run
+        self._pending: dict[str, list[_Held]] = {}
+        self._pending_bytes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._v1: Upstream | None = None
@@ -334,6 +359,7 @@ class ShadowMirror:
         await cancel_and_wait([*self._tasks, *self._running])
         self._tasks = []
         self._running.clear()
+        self._drop_pending(self._batch)  # never judged: no longer counted as pending
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), timeout=2)
         for upstream in (self._v2, self._v1):
@@ -430,7 +456,7 @@ class ShadowMirror:
             plan.calibration_percentage > 0
             and is_safe(request.method, request.headers, request.raw_target)
             and (
-                self._calibrated.get(endpoint, 0) < self._config.calibration_warmup
+                self._calibrated.get(endpoint, 0) < self._ready_after
                 or _random() * 100.0 < plan.calibration_percentage
             )
         )
@@ -680,18 +706,67 @@ class ShadowMirror:
             # warm-up counts completed calibrations: until then every safe request calibrates, so
             # answers compared while the first calibration is in flight do not miss the noise
             self._calibrated[endpoint] = self._calibrated.get(endpoint, 0) + 1
+        held = _Held(group, v1, v2, rules, options, request, primary, shadow)
+        if second is not None and not self.calibrated(endpoint) and self._hold(endpoint, held):
+            return  # pending: judged once the endpoint's calibration has run
+        await self._judge(endpoint, held, meter)
+        if self.calibrated(endpoint) and endpoint in self._pending:
+            waiting = self._pending.pop(endpoint)
+            for earlier in waiting:
+                self._pending_bytes -= earlier.size
+                self._batch.counts[endpoint]["pending"] -= 1
+            for earlier in waiting:
+                await self._judge(endpoint, earlier, meter)
+
+    def calibrated(self, endpoint: str) -> bool:
+        """Whether the endpoint's calibration has run (its first ``max(calibration_warmup,
+        noise_threshold)`` calibrations completed), so its noise is known."""
+        return self._calibrated.get(endpoint, 0) >= self._ready_after
+
+    def _hold(self, endpoint: str, held: _Held) -> bool:
+        """Keep a comparison pending (counted as ``pending`` in the report, never by the shadow
+        gate); False when the bounds are full (then it is judged at once, as before calibration
+        existed): per endpoint what the warm-up plus ``concurrency`` can have in flight, and a
+        quarter of ``max_buffered_bytes`` over all endpoints."""
+        waiting = self._pending.setdefault(endpoint, [])
+        if len(waiting) >= self._ready_after + self._concurrency or (
+            self._pending_bytes + held.size > self._budget // 4
+        ):
+            if not waiting:
+                del self._pending[endpoint]
+            return False
+        waiting.append(held)
+        self._pending_bytes += held.size
+        self._batch.count(endpoint, held.group, "pending")
+        return True
+
+    def pending(self) -> dict[str, int]:
+        """Endpoint -> comparisons waiting for its calibration on this replica."""
+        return {endpoint: len(waiting) for endpoint, waiting in self._pending.items() if waiting}
+
+    def _drop_pending(self, batch: ReportBatch) -> None:
+        """Forget the comparisons still pending (a stop, a report reset), uncounting them."""
+        for endpoint, waiting in self._pending.items():
+            if waiting:
+                batch.endpoint_group.setdefault(endpoint, waiting[0].group)
+                batch.counts[endpoint]["pending"] -= len(waiting)
+        self._pending.clear()
+        self._pending_bytes = 0
+
+    async def _judge(self, endpoint: str, held: _Held, meter: _Meter) -> None:
         noisy = self.noisy(endpoint)
         # small answers are compared here, on the loop (no thread hand-off, no GIL convoy with
         # the loop); large ones or ones that need deepdiff in the paced compare thread
-        outcome = quick_compare(v1, v2, rules, noisy, options)
+        outcome = quick_compare(held.v1, held.v2, held.rules, noisy, held.options)
         if outcome is None:
             meter.stop()
+            loop = asyncio.get_running_loop()
             outcome = await loop.run_in_executor(
-                self._executor, self._paced, compare, v1, v2, rules, noisy, options
+                self._executor, self._paced, compare, held.v1, held.v2, held.rules, noisy, held.options
             )
             meter.start()
         assert outcome is not None
-        self._record(endpoint, group, outcome, request, primary, shadow)
+        self._record(endpoint, held.group, outcome, held.request, held.primary, held.shadow)
 
     def _paced(self, func: Any, *args: Any) -> Any:
         """Runs in the compare thread. Sleeps after each call so its CPU share stays bounded."""
@@ -880,6 +955,7 @@ class ShadowMirror:
             self._batch = ReportBatch()
             self._namer.reset()
             self._calibrated.clear()
+            self._drop_pending(ReportBatch())  # the reset deleted their counts
         self._epoch = epoch
         noise: dict[str, dict[str, int]] = {e: dict(seen) for e, seen in shared.items()}
         for endpoint, pending in self._batch.noise.items():  # ours, not flushed yet

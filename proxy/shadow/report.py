@@ -5,7 +5,8 @@ pipeline per interval, so Redis sees a handful of commands per second whatever t
 Readers (CLI, admin API) only read. Keys (prefix ``strangler:``):
 
 * ``diffs:endpoints`` (set): every endpoint in the report.
-* ``diffs:counts:<endpoint>`` (hash): compared, matched, mismatched, noise, skipped, errors, group.
+* ``diffs:counts:<endpoint>`` (hash): compared, matched, mismatched, noise, skipped, errors,
+  pending (waiting for the endpoint's calibration; not compared yet), group.
 * ``diffs:fields:<endpoint>`` (hash): field -> comparisons in which it differed (mismatches).
 * ``diffs:suppressed:<endpoint>`` (hash): field -> differences reported as noise instead.
 * ``diffs:samples:<endpoint>`` (list, newest first, capped): recent mismatches and errors, JSON.
@@ -28,7 +29,9 @@ import redis.asyncio as aioredis
 from proxy.control.keys import Keys
 from proxy.control.snapshot import as_text
 
-COUNTERS = ("compared", "matched", "mismatched", "noise", "skipped", "errors")
+# "pending": comparisons held until the endpoint's noise calibration has run (then judged and
+# counted in the others); never in ``compared``, so the canary's shadow gate never sees them
+COUNTERS = ("compared", "matched", "mismatched", "noise", "skipped", "errors", "pending")
 OUTCOMES = ("sent", "dropped", "skipped_method", "skipped_size", "error")
 
 

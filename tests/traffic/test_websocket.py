@@ -371,15 +371,17 @@ def test_shutdown_tells_websocket_clients_1001(ws_proxy: Callable[..., ProxyProc
 def test_pinned_sessions_survive_a_lower_split_but_not_a_rollback_forced_ones_stay(
     ws_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    proxy = ws_proxy(session_pinning={"groups": ["*"]}, websocket={"drain_grace_seconds": 0.2})
+    pinning = {"groups": ["*"], "secret": "websocket-test-pin-secret-01"}
+    proxy = ws_proxy(session_pinning=pinning, websocket={"drain_grace_seconds": 0.2})
     key = ws_proxy.split_key  # type: ignore[attr-defined]
-    set_split(redis_server, proxy, key, 100)
-    with open_ws(proxy) as first:  # the 101 carries the pin
+    set_split(redis_server, proxy, key, 99)  # pins are given and honoured only while 0 < split < 100
+    user = {"X-User-ID": "pinned-user"}  # bucket 6900: v2 at 99%, v1 at 1% unless pinned
+    with open_ws(proxy, additional_headers=user) as first:  # the 101 carries the pin, bound to the user
         assert first.response is not None
         pin = first.response.headers["Set-Cookie"].split(";")[0]
         assert pin.startswith("strangler_pin_default=v2.")
     with contextlib.ExitStack() as stack:
-        pinned = stack.enter_context(open_ws(proxy, additional_headers={"Cookie": pin}))
+        pinned = stack.enter_context(open_ws(proxy, additional_headers={**user, "Cookie": pin}))
         forced = stack.enter_context(open_ws(proxy, additional_headers={"X-Strangler-Version": "v2"}))
         keyed = {
             user: stack.enter_context(open_ws(proxy, additional_headers={"X-User-ID": user}))
