@@ -116,12 +116,16 @@ def test_websocket_fallback_records_the_same_as_http(
 
 
 @pytest.mark.parametrize("size", [100_000, 131_072, 1_000_000])
-def test_v2_down_large_bodies_fall_back_to_v1_whole(start_proxy: Callable[..., ProxyProcess], size: int) -> None:
+def test_v2_down_large_bodies_fall_back_to_v1_whole(
+    start_proxy: Callable[..., ProxyProcess], size: int
+) -> None:
     """The body beyond the buffer is still on its way when v2 is dialled: nothing of it has gone
     upstream, so v1 serves the request, with every byte."""
     proxy = start_proxy(v2_url=f"http://127.0.0.1:{free_port()}")
     body = os.urandom(size)
-    response = httpx.post(proxy.url + "/upload", content=body, headers={"X-Strangler-Version": "v2"}, timeout=10)
+    response = httpx.post(
+        proxy.url + "/upload", content=body, headers={"X-Strangler-Version": "v2"}, timeout=10
+    )
     assert response.status_code == 200, response.text
     assert response.headers["x-api-version"] == "v1"
     assert response.json()["length"] == size
@@ -141,7 +145,9 @@ def test_slow_upload_is_the_clients_408_never_the_versions_error(
     started = time.monotonic()
     answer = b""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 98304\r\n\r\n" + b"a" * 65_537)
+        sock.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: app.test\r\nContent-Length: 98304\r\n\r\n" + b"a" * 65_537
+        )
         sock.settimeout(0.2)
         while time.monotonic() - started < 9 and b"\r\n\r\n" not in answer:
             try:
@@ -172,7 +178,9 @@ def test_disagreeing_force_or_user_key_headers_are_refused(start_proxy: Callable
     twice = httpx.get(url, headers=[("X-Strangler-Version", "v2"), ("X-Strangler-Version", "v2")])
     assert twice.status_code == 200 and twice.headers["x-api-version"] == "v2"
     for values in (("v2", "v1"), ("v1", "v2")):
-        refused = httpx.get(url, headers=[("X-Strangler-Version", values[0]), ("X-Strangler-Version", values[1])])
+        refused = httpx.get(
+            url, headers=[("X-Strangler-Version", values[0]), ("X-Strangler-Version", values[1])]
+        )
         assert refused.status_code == 400, values
         assert refused.json()["error"] == "bad force header"
     refused = httpx.get(url, headers=[("X-User-ID", "alice"), ("X-User-ID", "bob")])
@@ -195,4 +203,4 @@ def test_path_parameters_do_not_dodge_a_gone_rule_or_the_route_group(
         assert response.status_code == 410, spelling
     assert httpx.get(proxy.url + "/v1/older;v=1/x").status_code == 200
     assert httpx.get(proxy.url + "/v1/grp;v=2/a").status_code == 200
-    assert proxy.metric("http_requests_total", group="grp") == 1
+    assert proxy.metric("strangler_group_requests_total", group="grp") == 1
