@@ -734,6 +734,17 @@ class Routed:
                  "forced", "user_key", "cookie", "host", "xff", "override", "picked", "offered", "refused",
                  "bucket", "finished")  # fmt: skip
 
+    # what the header scan (``ProxyApp._scan``) finds
+    forced: bytes | None  # the force header's value
+    user_key: bytes | None  # the user-key header's value
+    cookie: bytes | None  # all Cookie headers, joined
+    host: bytes | None
+    xff: bytes | None  # the client's X-Forwarded-For (appended to)
+    override: bytes | None  # X-HTTP-Method-Override (or ?_method=)
+    picked: dict[bytes, bytes] | None  # other headers the decision reads (match rules, JWT)
+    offered: list[str] | None  # Sec-WebSocket-Protocol values offered
+    refused: str | None  # why the request is refused (ambiguous decision headers), or None
+
     def __init__(self, group: str, method: str, started: float, websocket: bool) -> None:
         self.group = group
         self.method = method
@@ -750,16 +761,9 @@ class Routed:
         self.raw_target = b""  # what goes upstream after the configured base path
         self.headers: list[tuple[bytes, bytes]] = []  # what goes upstream
         self.request_id = b""  # the client's (when sane), then the one sent
-        # what the header scan found
-        self.forced: bytes | None = None  # the force header's value
-        self.user_key: bytes | None = None  # the user-key header's value
-        self.cookie: bytes | None = None  # all Cookie headers, joined
-        self.host: bytes | None = None
-        self.xff: bytes | None = None  # the client's X-Forwarded-For (appended to)
-        self.override: bytes | None = None  # X-HTTP-Method-Override (or ?_method=)
-        self.picked: dict[bytes, bytes] | None = None  # other headers the decision reads
-        self.offered: list[str] | None = None  # Sec-WebSocket-Protocol values offered
-        self.refused: str | None = None  # a reason to refuse the request (ambiguous decision headers)
+        # what the header scan found (declared above; one chained store, once per request)
+        self.forced = self.user_key = self.cookie = self.host = self.xff = self.override = None
+        self.picked = self.offered = self.refused = None
         self.bucket = 0  # the split bucket (WebSocket sessions are re-judged by it)
         self.finished = False
 
