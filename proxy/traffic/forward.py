@@ -257,7 +257,7 @@ class ProxyApp:
         method: str = ex.method
 
         # rules also match the path as servlet backends route it (``/old;v=1/x`` is ``/old/x``)
-        matched = strip_params(norm)
+        matched = strip_params(norm) if ";" in norm else norm
         deprecation = self._deprecations.check(method, norm, snapshot)
         if deprecation is None and matched is not norm:
             deprecation = self._deprecations.check(method, matched, snapshot)
@@ -469,7 +469,7 @@ class ProxyApp:
         self.finish(xc, FAILED if exc.blames_version else PROXY_LIMIT, exc.status)
         label = FAILURE_LABELS.get(exc.status, "upstream unavailable")
         body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
-        with contextlib.suppress(ClientGone):  # recorded already: the version failed it either way
+        with contextlib.suppress(ClientGone, OSError):  # recorded already: the version failed it either way
             await self._answer(ex, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
 
     async def _send_upstream(self, xc: Routed) -> UpstreamResponse:
