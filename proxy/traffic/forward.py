@@ -94,7 +94,7 @@ class BodyTooSlow(Exception):
     """A streamed request body arrived below the minimum rate: the client, not the backend, is at fault."""
 
 
-class LifecycleError(RuntimeError):
+class LifecycleError(Exception):
     """A request finished twice: a bug. Raised under tests and ``STRANGLER_STRICT_STATES=1``."""
 
 
