@@ -437,6 +437,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     preserve_host: bool = True
+    # request headers whose name has "_" are dropped (nginx underscores_in_headers off): WSGI/CGI
+    # backends read X_Forwarded_Proto as X-Forwarded-Proto. True passes them, except look-alikes of
+    # framing, hop-by-hop, proxy-set and decision headers (never forwarded)
+    allow_underscore_headers: bool = False
     drain_timeout_seconds: float = Field(default=10.0, gt=0)
 
     # control state

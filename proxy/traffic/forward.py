@@ -1,8 +1,20 @@
 """The forwarding core: one request from client to backend and back. Per-request state lives in
-locals, never on ``self``. It talks to the client through ``ClientExchange`` (our native server or
-the ASGI adapter), and to the backends through the edge client.
+a ``Routed`` (one per request), never on ``self``. It talks to the client through
+``ClientExchange`` (our native server or the ASGI adapter), and to the backends through the edge
+client.
 
-request -> admin prefix? -> deprecation -> route group -> split -> forward -> (mirror) -> record
+One lifecycle, whichever path carries the request (docs/architecture.md, "One request's
+lifecycle"):
+
+    route -> forward -> fallback -> relay -> finish
+
+- ``_route``: everything decided before a byte goes upstream, the same for HTTP and WebSocket
+  upgrades (deprecation, group, the one header scan, the version, the forwarding headers);
+- ``_forward`` / ``_websocket``: send (open) upstream; on failure the one fallback rule
+  (``_fall_back``: v2 unreachable with nothing sent -> v1, counted and recorded for v2);
+- ``_relay`` (task path) or ``_answer_now`` (fast path): the answer back to the client;
+- ``finish``: metrics, canary recorders and the mirror, exactly once per request, whatever the
+  path and the outcome (answered, 502/504 generated, client gone, cut mid-answer).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ from proxy.traffic.exchange import (
     Send,
 )
 from proxy.traffic.hooks import (
+    DeprecationAction,
     Deprecations,
     Mirror,
     MirrorRequest,
@@ -45,7 +58,7 @@ from proxy.traffic.hooks import (
     PrimaryResult,
     Recorder,
 )
-from proxy.traffic.paths import is_canonical, normalise
+from proxy.traffic.paths import is_canonical, normalise, strip_params
 from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import RESPONSE_STRIP, VERSION_HEADER, Upstream, translate
 from proxy.traffic.websocket import Registry, Session, WsPolicy, relay
@@ -60,17 +73,39 @@ SMALL_BODY: Final = 64 * 1024
 MARKER_PREFIX: Final = b"x-strangler-"
 # a request that says it is another method counts as that method for mirroring and calibration
 METHOD_OVERRIDES: Final = frozenset({b"x-http-method-override", b"x-method-override"})
+# names whose underscore look-alike is never forwarded, even with allow_underscore_headers: WSGI and
+# CGI backends read ``X_Forwarded_Proto`` and ``X-Forwarded-Proto`` as one key (HTTP_X_FORWARDED_PROTO)
+NEVER_UNDERSCORED: Final = HOP_BY_HOP | PROXY_SET | {b"content-length", b"host", b"cookie"} | METHOD_OVERRIDES
 ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 VERSION_VALUE: Final = {"v1": b"v1", "v2": b"v2"}
+
+# how a request ended: ``finish`` records each the one right way
+ANSWERED: Final = 0  # the version's answer reached the client whole (any status, a 101 included)
+FAILED: Final = 1  # the version failed it: the proxy answered 502/504 (or relayed a refused upgrade)
+CUT: Final = 2  # the version's answer broke off after its head was relayed: the connection is closed
+PROXY_LIMIT: Final = 3  # the proxy's own limit (no pool slot free): answered 503, not the version's error
+CLIENT_GONE_REQUEST: Final = 4  # the client left before the answer began
+CLIENT_GONE_RESPONSE: Final = 5  # the client left while the answer was being written
+CLIENT_FAULT: Final = 6  # the client's own fault (a body below the minimum rate): never the version's
 
 
 class BodyTooSlow(Exception):
     """A streamed request body arrived below the minimum rate: the client, not the backend, is at fault."""
 
 
+class LifecycleError(Exception):
+    """A request finished twice: a bug. Raised under tests and ``STRANGLER_STRICT_STATES=1``."""
+
+
 METHOD_BYTES: Final = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 FAILURE_LABELS: Final = {502: "upstream unavailable", 503: "upstream busy", 504: "upstream timeout"}
+
+
+def strict_states() -> bool:
+    """Impossible transitions raise (tests, ``STRANGLER_STRICT_STATES=1``); in production they are
+    a no-op. Read once, when the app is built."""
+    return os.environ.get("STRANGLER_STRICT_STATES") == "1" or "PYTEST_CURRENT_TEST" in os.environ
 
 
 class ProxyApp:
@@ -102,9 +137,13 @@ class ProxyApp:
         self._user_header = self._decider.user_header
         self._force = self._decider.force
         self._wanted = self._decider.wanted
-        self._strip = HOP_BY_HOP | ({self._force} if self._force else set())
+        self._allow_underscores = settings.allow_underscore_headers
+        self._never_underscored = (
+            NEVER_UNDERSCORED | {self._user_header} | ({self._force} if self._force else set())
+        )
         self._fallback_to_v1 = settings.fallback_to_v1
         self._preserve_host = settings.preserve_host
+        self._strict = strict_states()
         ws = settings.websocket
         self._ws = ws
         self._ws_policy = WsPolicy(
@@ -128,6 +167,8 @@ class ProxyApp:
             return
         await self.handle(AsgiExchange(scope, receive, send))
 
+    # --- entries: the task path (handle) and the fast path (start) ---------------------------------
+
     async def handle(self, ex: ClientExchange) -> None:
         norm = self._classify(ex)
         if not isinstance(norm, str):
@@ -135,24 +176,32 @@ class ProxyApp:
             return
         ws = ex.websocket()
         if ws is not None:
-            await self._websocket(ex, ws, norm, ex.raw_path)
-            return
-        routed = self._route(ex, norm, ex.raw_path)
-        if isinstance(routed, _Exchange):
-            await self._forward(ex, routed)
-        else:
+            if not self._ws.enabled:
+                await self._reject(ex, 400, "websocket_disabled", "WebSockets are not relayed here")
+                return
+            problem = ws.problem()
+            if problem is not None:
+                await self._reject(ex, 400, "bad_websocket_handshake", problem)
+                return
+        routed = self._route(ex, norm, ws is not None)
+        if not isinstance(routed, Routed):
             await routed
+        elif ws is not None:
+            await self._websocket(ex, ws, routed)
+        else:
+            await self._forward(ex, routed)
 
     def start(self, ex: NativeExchange) -> Coroutine[Any, Any, None] | None:
         """Our server's entry for a request without a body: taken now, with no task, when a warm
         upstream connection is free (the common case under load); the answer is relayed from the
         upstream connection's callbacks (``_FastRelay``). Anything else returns the coroutine that
-        handles it, which the server runs as a task."""
+        handles it, which the server runs as a task. The same lifecycle either way: routed by
+        ``_route``, ended by ``finish``."""
         norm = self._classify(ex)
         if not isinstance(norm, str):
             return norm
-        routed = self._route(ex, norm, ex.raw_path)
-        if not isinstance(routed, _Exchange):
+        routed = self._route(ex, norm, False)
+        if not isinstance(routed, Routed):
             return routed
         pool = self._upstreams[routed.version].pool
         method = routed.method
@@ -188,6 +237,153 @@ class ProxyApp:
             return self._reject(ex, 400, "non_canonical_admin_path", "admin paths must be spelled plainly")
         return norm
 
+    async def _odd_target(self, ex: ClientExchange, raw_path: bytes) -> None:
+        """Only origin-form targets are forwarded. ``OPTIONS *`` asks about the server itself, so
+        the proxy answers it; anything else (``*@host:port/x``, authority-form) is the client's
+        mistake or an attack: 400, counted as a refusal, never a version's error."""
+        if raw_path == b"*" and ex.method == "OPTIONS" and not ex.query:
+            await ex.respond(200, [(b"allow", ALLOW_ALL), (b"content-length", b"0")], b"", False)
+            return
+        await self._reject(ex, 400, "bad_target", "the request target must be a path like /items?id=1")
+
+    # --- route: one step for HTTP and WebSocket upgrades -------------------------------------------
+
+    def _route(self, ex: ClientExchange, norm: str, websocket: bool) -> Routed | Coroutine[Any, Any, None]:
+        """Everything decided before a byte goes upstream, without waiting on anything: the
+        deprecation, the group, the version, the headers to send. The same step for HTTP requests
+        and WebSocket upgrades. A refusal comes back as the coroutine that answers it."""
+        started = time.perf_counter()
+        snapshot = self._store.current
+        method: str = ex.method
+
+        # rules also match the path as servlet backends route it (``/old;v=1/x`` is ``/old/x``)
+        matched = strip_params(norm) if ";" in norm else norm
+        deprecation = self._deprecations.check(method, norm, snapshot)
+        if deprecation is None and matched is not norm:
+            deprecation = self._deprecations.check(method, matched, snapshot)
+        if deprecation is not None and deprecation.gone_body is not None:
+            return self._gone(ex, deprecation, method, started)
+
+        xc = Routed(self._routes.group_for(matched), method, started, websocket)
+        xc.norm = norm
+        self._scan(xc, ex.headers)
+        if xc.refused is not None:
+            if xc.refused == "bad_force_header":
+                return self._reject(
+                    ex, 400, xc.refused, "X-Strangler-Version was sent twice, with different values"
+                )
+            return self._reject(
+                ex, 400, xc.refused, "the user key header was sent twice, with different values"
+            )
+        query = ex.query
+        if not websocket:
+            if xc.content_length == 0:
+                xc.has_body = False
+            if xc.override is None and b"_method=" in query:
+                xc.override = query_value(query, b"_method")
+
+        # split decision (shared with WebSocket upgrades)
+        try:
+            version, bucket, set_cookies = self._decider.choose(
+                snapshot, xc.group, xc.forced, xc.user_key, xc.cookie, query, ex.client_host, xc.picked,
+                websocket, tls=ex.scheme == "https",
+            )  # fmt: skip
+        except BadForce:
+            return self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
+        xc.version = version
+        xc.bucket = bucket
+        if version == "v1" and not websocket:
+            override = xc.override
+            effective = method if override is None else override.decode("latin-1").strip().upper()
+            xc.plan = self._mirror.plan(xc.group, effective, xc.content_length, snapshot)
+
+        xc.request_id = self._add_forwarded(xc.headers, ex, xc.xff, xc.host, xc.request_id or None)
+        xc.raw_target = ex.raw_path + b"?" + query if query else ex.raw_path
+        if not (xc.has_body or xc.content_length == 0):
+            xc.content_length = None
+        xc.add_host = xc.host is None or not self._preserve_host
+        if deprecation is not None:
+            xc.extra_headers.extend(deprecation.headers)
+        if set_cookies is not None:
+            xc.extra_headers.extend((b"set-cookie", value) for value in set_cookies)
+        return xc
+
+    def _scan(self, xc: Routed, headers: Sequence[tuple[bytes, bytes]]) -> None:
+        """One pass over the client's headers: what the decision needs (named fields of ``xc``),
+        and what goes upstream (``xc.headers``: hop-by-hop, Connection-named, the proxy's own,
+        underscore names and, for an upgrade, the per-hop Sec-WebSocket-* headers dropped)."""
+        websocket = xc.websocket
+        picked: dict[bytes, bytes] | None = {} if self._wanted else None
+        connection_named: set[bytes] | None = None
+        out = xc.headers
+        for name, value in headers:
+            if b"_" in name and not self._underscore_allowed(name):
+                continue  # WSGI/CGI read X_Foo as X-Foo: nginx drops these too
+            if name == self._user_header:
+                if xc.user_key is not None and value != xc.user_key:
+                    xc.refused = "bad_user_key_header"
+                xc.user_key = value
+            elif name == b"cookie":
+                cookie = xc.cookie
+                xc.cookie = value if cookie is None else cookie + b"; " + value
+            elif name == b"host":
+                xc.host = value
+                if not self._preserve_host:
+                    continue
+            elif name == self._force:
+                if xc.forced is not None and value != xc.forced:
+                    xc.refused = "bad_force_header"
+                xc.forced = value
+                continue
+            elif name == b"content-length":
+                xc.has_body = True
+                xc.content_length = int(value) if value.isdigit() else None
+                continue  # sent upstream as the canonical number by the edge client
+            elif name == b"transfer-encoding":
+                xc.has_body = True
+                continue
+            elif name.startswith(MARKER_PREFIX):
+                continue
+            elif websocket and name.startswith(b"sec-websocket-"):
+                # key/version/accept are per hop; extensions are never negotiated
+                if name == b"sec-websocket-protocol":
+                    offered = xc.offered
+                    if offered is None:
+                        offered = xc.offered = []
+                    offered.extend(p.strip() for p in value.decode("latin-1").split(",") if p.strip())
+                continue
+            elif name in METHOD_OVERRIDES:
+                xc.override = value
+            elif name == b"connection":
+                if connection_named is None:
+                    connection_named = set()
+                connection_named.update(part.strip().lower() for part in value.split(b","))
+                continue
+            elif picked is not None and name in self._wanted:
+                picked[name] = value  # read by the decision (match rules, JWT), still forwarded
+            if name in PROXY_SET:
+                if name == b"x-forwarded-for":
+                    xff = xc.xff
+                    xc.xff = value if xff is None else xff + b", " + value
+                elif name == b"x-request-id" and 0 < len(value) <= 200:
+                    xc.request_id = value
+                continue
+            if name in HOP_BY_HOP:
+                continue
+            out.append((name, value))
+        if connection_named:
+            drop = connection_named - PROTECTED
+            xc.headers = [(name, value) for name, value in out if name not in drop]
+        xc.picked = picked
+
+    def _underscore_allowed(self, name: bytes) -> bool:
+        """With ``allow_underscore_headers`` an underscore name is forwarded, unless it is the
+        look-alike of a framing, hop-by-hop, proxy-set or decision header."""
+        if not self._allow_underscores:
+            return False
+        dashed = name.replace(b"_", b"-")
+        return dashed not in self._never_underscored and not dashed.startswith(MARKER_PREFIX)
+
     def _add_forwarded(
         self,
         out: list[tuple[bytes, bytes]],
@@ -208,359 +404,85 @@ class ProxyApp:
         out.append((b"x-request-id", request_id))
         return request_id
 
-    async def _odd_target(self, ex: ClientExchange, raw_path: bytes) -> None:
-        """Only origin-form targets are forwarded. ``OPTIONS *`` asks about the server itself, so
-        the proxy answers it; anything else (``*@host:port/x``, authority-form) is the client's
-        mistake or an attack: 400, counted as a refusal, never a version's error."""
-        if raw_path == b"*" and ex.method == "OPTIONS" and not ex.query:
-            await ex.respond(200, [(b"allow", ALLOW_ALL), (b"content-length", b"0")], b"", False)
-            return
-        await self._reject(ex, 400, "bad_target", "the request target must be a path like /items?id=1")
-
-    def _route(self, ex: ClientExchange, norm: str, raw_path: bytes) -> _Exchange | Coroutine[Any, Any, None]:
-        """Everything decided before a byte goes upstream, without waiting on anything: the
-        deprecation, the group, the version, the headers to send. A refusal comes back as the
-        coroutine that answers it."""
-        started = time.perf_counter()
-        snapshot = self._store.current
-        method: str = ex.method
-
-        deprecation = self._deprecations.check(method, norm, snapshot)
-        if deprecation is not None and deprecation.gone_body is not None:
-            return self._gone(ex, deprecation, method, started)
-        group = self._routes.group_for(norm)
-
-        (out, forced, user_key, cookie, host, xff, request_id, content_length, override, has_body, picked,
-         _) = self._scan_headers(ex.headers, websocket=False)  # fmt: skip
-        if content_length == 0:
-            has_body = False
-        query = ex.query
-        if override is None and b"_method=" in query:
-            override = query_value(query, b"_method")
-
-        # split decision (shared with WebSocket upgrades)
-        try:
-            version, _, set_cookies = self._decider.choose(
-                snapshot, group, forced, user_key, cookie, query, ex.client_host, picked
-            )
-        except BadForce:
-            return self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
-
-        plan = None
-        if version == "v1":
-            effective = method if override is None else override.decode("latin-1").strip().upper()
-            plan = self._mirror.plan(group, effective, content_length, snapshot)
-
-        xc = _Exchange(group, method, version, started, None, plan)
-        xc.norm = norm
-        xc.request_id = self._add_forwarded(out, ex, xff, host, request_id)
-        xc.headers = out
-        xc.raw_target = raw_path + b"?" + query if query else raw_path
-        xc.has_body = has_body
-        xc.content_length = content_length if has_body or content_length == 0 else None
-        xc.add_host = host is None or not self._preserve_host
-        if deprecation is not None:
-            xc.extra_headers.extend(deprecation.headers)
-        if set_cookies is not None:
-            xc.extra_headers.extend((b"set-cookie", value) for value in set_cookies)
-        return xc
-
-    def _scan_headers(self, headers: Sequence[tuple[bytes, bytes]], websocket: bool) -> tuple[Any, ...]:
-        """One pass over the client's headers: what the decision needs, and what goes upstream
-        (hop-by-hop, Connection-named, the proxy's own and, for an upgrade, the per-hop
-        Sec-WebSocket-* headers dropped). Shared by HTTP and WebSocket upgrades."""
-        forced: bytes | None = None
-        user_key: bytes | None = None
-        cookie: bytes | None = None
-        host: bytes | None = None
-        xff: bytes | None = None
-        request_id: bytes | None = None
-        content_length: int | None = None
-        override: bytes | None = None
-        has_body = False
-        offered: list[str] = []
-        connection_named: set[bytes] = set()
-        picked: dict[bytes, bytes] | None = {} if self._wanted else None
-        out: list[tuple[bytes, bytes]] = []
-        for name, value in headers:
-            if name == self._user_header:
-                user_key = value
-            elif name == b"cookie":
-                cookie = value if cookie is None else cookie + b"; " + value
-            elif name == b"host":
-                host = value
-                if not self._preserve_host:
-                    continue
-            elif name == self._force:
-                forced = value
-                continue
-            elif name == b"content-length":
-                has_body = True
-                content_length = int(value) if value.isdigit() else None
-                continue  # sent upstream as the canonical number by the edge client
-            elif name == b"transfer-encoding":
-                has_body = True
-                continue
-            elif name.startswith(MARKER_PREFIX):
-                continue
-            elif websocket and name.startswith(b"sec-websocket-"):
-                # key/version/accept are per hop; extensions are never negotiated
-                if name == b"sec-websocket-protocol":
-                    offered.extend(p.strip() for p in value.decode("latin-1").split(",") if p.strip())
-                continue
-            elif name in METHOD_OVERRIDES:
-                override = value
-            elif name == b"connection":
-                connection_named.update(part.strip().lower() for part in value.split(b","))
-                continue
-            elif picked is not None and name in self._wanted:
-                picked[name] = value  # read by the decision (match rules, JWT), still forwarded
-            if name in PROXY_SET:
-                if name == b"x-forwarded-for":
-                    xff = value if xff is None else xff + b", " + value
-                elif name == b"x-request-id" and 0 < len(value) <= 200:
-                    request_id = value
-                continue
-            if name in HOP_BY_HOP:
-                continue
-            out.append((name, value))
-        if connection_named:
-            drop = connection_named - PROTECTED
-            out = [(name, value) for name, value in out if name not in drop]
-        return (out, forced, user_key, cookie, host, xff, request_id, content_length, override, has_body,
-                picked, offered)  # fmt: skip
-
-    async def _gone(self, ex: ClientExchange, deprecation: Any, method: str, started: float) -> None:
-        await self._answer(ex, 410, deprecation.gone_body, deprecation.headers)
+    async def _gone(
+        self, ex: ClientExchange, deprecation: DeprecationAction, method: str, started: float
+    ) -> None:
+        await self._answer(ex, 410, deprecation.gone_body or b"", deprecation.headers)
         self._metrics.request_done("deprecated", "proxy", method, 410, time.perf_counter() - started)
 
-    async def _forward(self, ex: ClientExchange, xc: _Exchange) -> None:
-        """The routed request, with a task: its body, a new upstream connection, v1 fallback."""
-        plan = xc.plan
-        capture = plan.max_body if plan is not None else 0
-        body = xc.body = _Body(ex.read, capture, self._body_policy) if xc.has_body else None
-        try:
-            response = await self._send_upstream(xc.version, xc.method, xc.raw_target, xc.headers, body, xc)
-        except UpstreamError as exc:
-            recovered = await self._recover(ex, exc, xc)
-            if recovered is None:
-                return
-            response = recovered
-        except ClientGone:
-            self._metrics.client_disconnected(xc.version, "request")
-            return
-        except BodyTooSlow:
-            await self._reject(ex, 408, "body_too_slow", "request body arrived below the minimum rate")
-            return
-        await self._relay_and_finish(ex, response, xc)
+    # --- forward and the one fallback rule -----------------------------------------------------------
 
-    async def _recover(
-        self, ex: ClientExchange, exc: UpstreamError, xc: _Exchange
-    ) -> UpstreamResponse | None:
-        """v2 unreachable before anything was sent: v1 serves it (when allowed). Otherwise the
-        client gets the error. None when the answer has been given here."""
-        body = xc.body
-        if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1 and not _started(body):
-            self._metrics.fallback(xc.group)
-            self._metrics.upstream_error("v2", exc.kind)
-            if exc.blames_version:  # v2 failed this request: the canary must see it
-                for recorder in self._recorders:
-                    recorder.record(xc.group, "v2", 502, time.perf_counter() - xc.started)
-            xc.version = "v1"
-            xc.plan = None  # a request v2 was meant to serve is never mirrored to v2
-            try:
-                return await self._send_upstream("v1", xc.method, xc.raw_target, xc.headers, body, xc)
-            except UpstreamError as exc2:
-                await self._upstream_failed(ex, exc2, xc)
-                return None
-        if xc.plan is not None:
-            self._mirror.abandon(xc.plan, "primary_failed")
-        await self._upstream_failed(ex, exc, xc)
-        return None
-
-    async def _relay_and_finish(self, ex: ClientExchange, response: UpstreamResponse, xc: _Exchange) -> None:
-        result = await self._relay(ex, response, xc)
-        if result is not None:
-            self._finished(xc, *result)
-
-    def _finished(self, xc: _Exchange, status: int, primary: PrimaryResult | None) -> None:
-        """An answer relayed in full: recorded, and handed to the mirror when planned."""
-        self._done(xc.group, xc.version, xc.method, status, time.perf_counter() - xc.started)
-        plan = xc.plan
-        if plan is None or primary is None:
-            return
-        body = xc.body
-        if body is not None and body.too_large:
-            self._mirror.abandon(plan, "size")
-            return
-        mirrored = MirrorRequest(
-            group=xc.group,
-            method=xc.method,
-            path=xc.norm,
-            raw_target=xc.raw_target,
-            headers=xc.headers,
-            body=body.captured if body is not None else b"",
-            request_id=xc.request_id.decode("latin-1"),
-        )
-        self._mirror.submit(plan, mirrored, primary)
-
-    def _answer_now(self, ex: NativeExchange, response: UpstreamResponse, xc: _Exchange) -> None:
-        """The fast path's end: a small answer, buffered whole by the upstream connection, is
-        written to the client in one write (no task, no coroutine)."""
-        try:
-            payload = response.buffered()
-        except UpstreamError as exc:  # nothing relayed yet: a clean 502/504
-            ex.spawn(self._upstream_failed(ex, exc, xc))
-            return
-        if ex.gone:
-            self._metrics.client_disconnected(xc.version, "response")
-            return
-        status = response.status
-        headers = self._answer_headers(response, xc)
-        ex.respond_now(status, headers, payload)
-        primary = None
-        plan = xc.plan
-        if plan is not None:
-            kept = payload if len(payload) <= plan.max_compare else None
-            primary = PrimaryResult(status, headers, kept, time.perf_counter() - xc.started)
-        self._finished(xc, status, primary)
-
-    async def _after_failure(self, ex: ClientExchange, exc: UpstreamError, xc: _Exchange) -> None:
-        response = await self._recover(ex, exc, xc)
-        if response is not None:
-            await self._relay_and_finish(ex, response, xc)
-
-    async def _websocket(self, ex: ClientExchange, ws: ClientWebSocket, norm: str, raw_path: bytes) -> None:
-        """An upgrade: choose the version as for HTTP, open the upstream WebSocket first (so a
-        refusal is a real HTTP status), then accept the client and relay frames until one side
-        closes. Never mirrored; never in the canary's latency (a failed handshake is an answer)."""
-        started = time.perf_counter()
-        if not self._ws.enabled:
-            await self._reject(ex, 400, "websocket_disabled", "WebSockets are not relayed here")
-            return
-        problem = ws.problem()
-        if problem is not None:
-            await self._reject(ex, 400, "bad_websocket_handshake", problem)
-            return
-        snapshot = self._store.current
-        deprecation = self._deprecations.check("GET", norm, snapshot)
-        if deprecation is not None and deprecation.gone_body is not None:
-            await self._gone(ex, deprecation, "GET", started)
-            return
-        group = self._routes.group_for(norm)
-        out, forced, user_key, cookie, host, xff, request_id, *_, picked, offered = self._scan_headers(
-            ex.headers, websocket=True
-        )
-        try:
-            version, bucket, set_cookies = self._decider.choose(
-                snapshot, group, forced, user_key, cookie, ex.query, ex.client_host, picked, websocket=True
-            )
-        except BadForce:
-            await self._reject(ex, 400, "bad_force_header", "X-Strangler-Version must be v1 or v2")
-            return
-        self._add_forwarded(out, ex, xff, host, request_id)
-        target = raw_path + b"?" + ex.query if ex.query else raw_path
-        add_host = host is None or not self._preserve_host
-
-        try:
-            upstream, chosen = await self._open_ws(version, target, out, offered, add_host)
-        except UpstreamError as exc:
-            if exc.version == "v2" and exc.nothing_sent and self._fallback_to_v1:
-                self._metrics.fallback(group)
-                self._ws_failed_count(group, exc, started)
-                version = "v1"
-                try:
-                    upstream, chosen = await self._open_ws("v1", target, out, offered, add_host)
-                except UpstreamError as exc2:
-                    await self._ws_refused(ex, ws, group, exc2, started)
+    async def _forward(self, ex: ClientExchange, xc: Routed, error: UpstreamError | None = None) -> None:
+        """The routed request, with a task: its body, a new upstream connection, the fallback.
+        ``error``: how the fast path's attempt failed (nothing was answered)."""
+        if xc.has_body and xc.body is None:
+            plan = xc.plan
+            xc.body = _Body(ex.read, plan.max_body if plan is not None else 0, self._body_policy)
+        while True:
+            if error is not None:
+                if not self._fall_back(xc, error):
+                    await self._failed(ex, xc, error)
                     return
-            else:
-                await self._ws_refused(ex, ws, group, exc, started)
+                error = None
+            try:
+                response = await self._send_upstream(xc)
+                break
+            except UpstreamError as exc:
+                error = exc
+            except ClientGone:
+                self.finish(xc, CLIENT_GONE_REQUEST)
                 return
-        extra = [(VERSION_HEADER, VERSION_VALUE[version])]
-        if deprecation is not None:
-            extra.extend(deprecation.headers)
-        if set_cookies is not None:
-            extra.extend((b"set-cookie", value) for value in set_cookies)
-        try:
-            await ws.accept(chosen, extra, self._ws.max_message_bytes)
-        except ClientGone:
-            upstream.abort()
-            self._metrics.client_disconnected(version, "request")
-            return
-        self._metrics.ws_opened(version)
-        session = Session(group, version, bucket)
-        key = self.ws_registry.add(session)
-        try:
-            await relay(ws, upstream, session, self._ws_policy, self._metrics)
-        finally:
-            self.ws_registry.remove(key)
+            except BodyTooSlow:
+                self.finish(xc, CLIENT_FAULT)
+                await self._reject(ex, 408, "body_too_slow", "request body arrived below the minimum rate")
+                return
+        await self._relay(ex, response, xc)
 
-    async def _open_ws(
-        self, version: str, target: bytes, headers: list[tuple[bytes, bytes]], offered: list[str],
-        add_host: bool,
-    ) -> tuple[FrameSocket, str | None]:  # fmt: skip
-        pool = self._upstreams[version].pool
-        try:
-            return await open_upstream(
-                version, pool.origin, pool.ssl_context, target, headers, offered,
-                max_size=self._ws.max_message_bytes, connect_timeout=self._settings.connect_timeout_seconds,
-                handshake_timeout=self._ws.handshake_timeout_seconds, add_host=add_host,
-            )  # fmt: skip
-        except UpstreamError:
-            raise
-        except ValueError:  # not origin-form: request_head refused to build it
-            raise WsHandshakeRefused(version, "request target must be origin-form", None) from None
-        except Exception as exc:  # noqa: BLE001 - anything else is an upstream fault
-            raise translate(version, exc) from exc
-
-    def _ws_failed_count(self, group: str, exc: UpstreamError, started: float) -> None:
-        """A failed upgrade counts as an error for its version (metrics and the canary's windows)."""
-        self._metrics.upstream_error(exc.version, exc.kind)
-        self._metrics.ws_handshake_failed(exc.version, exc.kind)
-        status = exc.status
-        if isinstance(exc, WsHandshakeRefused) and exc.answer is not None:
-            status = exc.answer.status
+    def _fall_back(self, xc: Routed, exc: UpstreamError) -> bool:
+        """The one fallback rule, for HTTP and WebSocket alike: v2 unreachable with nothing of the
+        request sent upstream -> v1 serves it (when allowed). v2's failed attempt is counted and
+        recorded with its real status (the canary judges v2 by it); the v1 answer is recorded by
+        ``finish`` as any other."""
+        if exc.version != "v2" or not exc.nothing_sent or not self._fallback_to_v1:
+            return False
+        body = xc.body
+        if body is not None and body.started:
+            return False
+        self._metrics.fallback(xc.group)
+        self._count_failure(xc, exc)
         if exc.blames_version:
-            self._done(group, exc.version, "GET", status, time.perf_counter() - started)
+            self._record(xc.group, "v2", xc.method, _failure_status(exc), time.perf_counter() - xc.started)
+        xc.version = "v1"
+        xc.plan = None  # a request v2 was meant to serve is never mirrored to v2
+        return True
 
-    async def _ws_refused(
-        self, ex: ClientExchange, ws: ClientWebSocket, group: str, exc: UpstreamError, started: float
-    ) -> None:
-        """The client gets a real HTTP status: the upstream's own refusal, or 502/504."""
-        self._ws_failed_count(group, exc, started)
-        version_header = (VERSION_HEADER, VERSION_VALUE[exc.version])
-        if isinstance(exc, WsHandshakeRefused) and exc.answer is not None and exc.answer.status >= 300:
-            answer = exc.answer
-            headers = [(n, v) for n, v in _response_headers(answer.headers) if n != b"content-length"]
-            headers.append((b"content-length", b"%d" % len(answer.body)))
-            headers.append(version_header)
-            await ws.reject(answer.status, headers, answer.body)
-            return
+    def _count_failure(self, xc: Routed, exc: UpstreamError) -> None:
+        self._metrics.upstream_error(exc.version, exc.kind)
+        if xc.websocket:
+            self._metrics.ws_handshake_failed(exc.version, exc.kind)
+
+    async def _failed(self, ex: ClientExchange, xc: Routed, exc: UpstreamError) -> None:
+        """Nothing relayed yet and no fallback: the client gets a clean 502/503/504 with a generic
+        reason (the edge client's details name no address anyway). A full pool is the proxy's own
+        limit, not the version's error."""
+        self._count_failure(xc, exc)
+        self.finish(xc, FAILED if exc.blames_version else PROXY_LIMIT, exc.status)
         label = FAILURE_LABELS.get(exc.status, "upstream unavailable")
         body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
-        await ws.reject(
-            exc.status, [*JSON_HEADERS, (b"content-length", b"%d" % len(body)), version_header], body
-        )
+        with contextlib.suppress(ClientGone, OSError):  # recorded already: the version failed it either way
+            await self._answer(ex, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
 
-    async def _send_upstream(
-        self,
-        version: str,
-        method: str,
-        raw_target: bytes,
-        headers: list[tuple[bytes, bytes]],
-        body: _Body | None,
-        xc: _Exchange,
-    ) -> UpstreamResponse:
+    async def _send_upstream(self, xc: Routed) -> UpstreamResponse:
         """Bodies up to ``body_buffer_bytes`` are read whole before a pool slot is taken, so a slow
         uploader never holds a backend connection; only larger bodies are streamed."""
+        version, method, body = xc.version, xc.method, xc.body
         upstream = self._upstreams[version]
         data: AsyncIterator[bytes] | bytes | None = None
         if body is not None:
             data = await body.prepare()
         try:
             return await upstream.send(
-                METHOD_BYTES.get(method) or method.encode("latin-1"), raw_target, headers, data,
+                METHOD_BYTES.get(method) or method.encode("latin-1"), xc.raw_target, xc.headers, data,
                 content_length=xc.content_length if not isinstance(data, bytes) else None,
                 add_host=xc.add_host, fresh=xc.fresh,
             )  # fmt: skip
@@ -573,11 +495,11 @@ class ProxyApp:
                 raise ClientGone() from exc
             raise translate(version, exc) from exc
 
-    async def _relay(
-        self, ex: ClientExchange, response: UpstreamResponse, xc: _Exchange
-    ) -> tuple[int, PrimaryResult | None] | None:
-        """Stream the answer back: (status, primary for the mirror), or None if cut short."""
-        version, plan, started = xc.version, xc.plan, xc.started
+    # --- relay: the answer back (task path; the fast path's is _answer_now) ---------------------------
+
+    async def _relay(self, ex: ClientExchange, response: UpstreamResponse, xc: Routed) -> None:
+        """Stream the answer back, then ``finish``."""
+        plan = xc.plan
         status: int = response.status
         headers = self._answer_headers(response, xc)
         captured: bytearray | None = bytearray() if plan is not None else None
@@ -587,8 +509,8 @@ class ProxyApp:
                 try:
                     payload = await response.read()
                 except UpstreamError as exc:  # nothing relayed yet: a clean 502/504
-                    await self._upstream_failed(ex, exc, xc)
-                    return None
+                    await self._failed(ex, xc, exc)
+                    return
                 await ex.respond(status, headers, payload, False)
                 if captured is not None:
                     captured += payload
@@ -597,18 +519,19 @@ class ProxyApp:
         except UpstreamError as exc:
             # the answer had started: the client connection is closed, never a truncated body
             # passed off as complete
-            self._metrics.upstream_error(version, "reset" if exc.kind == "protocol" else exc.kind)
-            self._done(xc.group, version, xc.method, 502, time.perf_counter() - started)
-            return None
+            self._metrics.upstream_error(xc.version, "reset" if exc.kind == "protocol" else exc.kind)
+            self.finish(xc, CUT, 502)
+            return
         except (ClientGone, OSError):
-            self._metrics.client_disconnected(version, "response")
-            return None
+            self.finish(xc, CLIENT_GONE_RESPONSE)
+            return
         finally:
             response.close()  # a no-op after a complete answer; else the connection is dropped
-        if captured is None:
-            return status, None
-        primary_body = bytes(captured) if len(captured) <= max_capture else None
-        return status, PrimaryResult(status, headers, primary_body, time.perf_counter() - started)
+        primary = None
+        if captured is not None:
+            kept = bytes(captured) if len(captured) <= max_capture else None
+            primary = PrimaryResult(status, headers, kept, time.perf_counter() - xc.started)
+        self.finish(xc, ANSWERED, status, primary)
 
     async def _stream(
         self,
@@ -644,30 +567,151 @@ class ProxyApp:
             if watcher is not None:
                 watcher.cancel()
 
+    def _answer_now(self, ex: NativeExchange, response: UpstreamResponse, xc: Routed) -> None:
+        """The fast path's relay: a small answer, buffered whole by the upstream connection, is
+        written to the client in one write (no task, no coroutine), then ``finish``."""
+        try:
+            payload = response.buffered()
+        except UpstreamError as exc:  # nothing relayed yet: a clean 502/504
+            ex.spawn(self._failed(ex, xc, exc))
+            return
+        if ex.gone:
+            self.finish(xc, CLIENT_GONE_RESPONSE)
+            return
+        status = response.status
+        headers = self._answer_headers(response, xc)
+        ex.respond_now(status, headers, payload)
+        primary = None
+        plan = xc.plan
+        if plan is not None:
+            kept = payload if len(payload) <= plan.max_compare else None
+            primary = PrimaryResult(status, headers, kept, time.perf_counter() - xc.started)
+        self.finish(xc, ANSWERED, status, primary)
+
     @staticmethod
-    def _answer_headers(response: UpstreamResponse, xc: _Exchange) -> list[tuple[bytes, bytes]]:
+    def _answer_headers(response: UpstreamResponse, xc: Routed) -> list[tuple[bytes, bytes]]:
         # the edge client dropped hop-by-hop headers and the backend's X-Api-Version (RESPONSE_STRIP)
         return [*response.headers, (VERSION_HEADER, VERSION_VALUE[xc.version]), *xc.extra_headers]
 
-    def _done(self, group: str, version: str, method: str, status: int, seconds: float) -> None:
-        """Every answer a version is responsible for, relayed or proxy-generated (502/504), is
-        recorded once: metrics and the recorders (canary windows judge v2 by these)."""
+    # --- finish: recorded once, whatever the path and the outcome ------------------------------------
+
+    def finish(self, xc: Routed, outcome: int, status: int = 0, primary: PrimaryResult | None = None) -> None:
+        """The end of every routed request, fast or task path: metrics, the canary's recorders and
+        the mirror, exactly once. A second call is a bug: it raises under tests (strict states)
+        and is a no-op in production."""
+        if xc.finished:
+            if self._strict:
+                raise LifecycleError(f"request finished twice ({xc.method} {xc.norm}, outcome {outcome})")
+            return
+        xc.finished = True
+        if outcome <= CUT:  # ANSWERED, FAILED, CUT: an answer the version is responsible for
+            self._record(xc.group, xc.version, xc.method, status, time.perf_counter() - xc.started)
+        elif outcome == PROXY_LIMIT:
+            self._metrics.request_done(xc.group, "proxy", xc.method, status, time.perf_counter() - xc.started)
+        elif outcome == CLIENT_GONE_REQUEST:
+            self._metrics.client_disconnected(xc.version, "request")
+        elif outcome == CLIENT_GONE_RESPONSE:
+            self._metrics.client_disconnected(xc.version, "response")
+        # CLIENT_FAULT: the refusal is counted by its reason, never against the version
+        plan = xc.plan
+        if plan is None:
+            return
+        body = xc.body
+        if outcome != ANSWERED or primary is None:
+            self._mirror.abandon(plan, "primary_failed")
+        elif body is not None and body.too_large:
+            self._mirror.abandon(plan, "size")
+        else:
+            mirrored = MirrorRequest(
+                group=xc.group,
+                method=xc.method,
+                path=xc.norm,
+                raw_target=xc.raw_target,
+                headers=xc.headers,
+                body=body.captured if body is not None else b"",
+                request_id=xc.request_id.decode("latin-1"),
+            )
+            self._mirror.submit(plan, mirrored, primary)
+
+    def _record(self, group: str, version: str, method: str, status: int, seconds: float) -> None:
+        """An answer a version is responsible for, relayed or proxy-generated (502/504): metrics
+        and the recorders (canary windows judge v2 by these)."""
         self._metrics.request_done(group, version, method, status, seconds)
         for recorder in self._recorders:
             recorder.record(group, version, status, seconds)
 
-    async def _upstream_failed(self, ex: ClientExchange, exc: UpstreamError, xc: _Exchange) -> None:
-        """The client gets a generic reason (the edge client's details name no address anyway);
-        the kind is counted. A full pool is the proxy's own limit, not the version's error."""
-        self._metrics.upstream_error(exc.version, exc.kind)
+    # --- WebSocket upgrades: the same route, fallback and finish ---------------------------------------
+
+    async def _websocket(self, ex: ClientExchange, ws: ClientWebSocket, xc: Routed) -> None:
+        """An upgrade: routed as HTTP, the upstream WebSocket opened first (so a refusal is a real
+        HTTP status, and v2 unreachable falls back to v1 by the same rule), then the client accepted
+        and frames relayed until one side closes. Never mirrored; the 101 (or the refusal) is the
+        answer ``finish`` records."""
+        upstream: FrameSocket | None = None
+        chosen: str | None = None
+        error: UpstreamError | None = None
+        while upstream is None:
+            if error is not None:
+                if not self._fall_back(xc, error):
+                    await self._ws_refused(ws, xc, error)
+                    return
+                error = None
+            try:
+                upstream, chosen = await self._open_ws(xc)
+            except UpstreamError as exc:
+                error = exc
+        version = xc.version
+        try:
+            await ws.accept(chosen, [(VERSION_HEADER, VERSION_VALUE[version]), *xc.extra_headers],
+                            self._ws.max_message_bytes)  # fmt: skip
+        except ClientGone:
+            upstream.abort()
+            self.finish(xc, CLIENT_GONE_REQUEST)
+            return
+        self.finish(xc, ANSWERED, 101)
+        self._metrics.ws_opened(version)
+        session = Session(xc.group, version, xc.bucket)
+        key = self.ws_registry.add(session)
+        try:
+            await relay(ws, upstream, session, self._ws_policy, self._metrics)
+        finally:
+            self.ws_registry.remove(key)
+
+    async def _open_ws(self, xc: Routed) -> tuple[FrameSocket, str | None]:
+        version = xc.version
+        pool = self._upstreams[version].pool
+        try:
+            return await open_upstream(
+                version, pool.origin, pool.ssl_context, xc.raw_target, xc.headers, xc.offered or [],
+                max_size=self._ws.max_message_bytes, connect_timeout=self._settings.connect_timeout_seconds,
+                handshake_timeout=self._ws.handshake_timeout_seconds, add_host=xc.add_host,
+            )  # fmt: skip
+        except UpstreamError:
+            raise
+        except ValueError:  # not origin-form: request_head refused to build it
+            raise WsHandshakeRefused(version, "request target must be origin-form", None) from None
+        except Exception as exc:  # noqa: BLE001 - anything else is an upstream fault
+            raise translate(version, exc) from exc
+
+    async def _ws_refused(self, ws: ClientWebSocket, xc: Routed, exc: UpstreamError) -> None:
+        """The client gets a real HTTP status: the upstream's own refusal, or 502/504."""
+        self._count_failure(xc, exc)
+        self.finish(xc, FAILED if exc.blames_version else PROXY_LIMIT, _failure_status(exc))
+        version_header = (VERSION_HEADER, VERSION_VALUE[exc.version])
+        if isinstance(exc, WsHandshakeRefused) and exc.answer is not None and exc.answer.status >= 300:
+            answer = exc.answer
+            headers = [(n, v) for n, v in _response_headers(answer.headers) if n != b"content-length"]
+            headers.append((b"content-length", b"%d" % len(answer.body)))
+            headers.append(version_header)
+            await ws.reject(answer.status, headers, answer.body)
+            return
         label = FAILURE_LABELS.get(exc.status, "upstream unavailable")
         body = orjson.dumps({"error": label, "version": exc.version, "detail": exc.detail})
-        await self._answer(ex, exc.status, body, [(VERSION_HEADER, VERSION_VALUE[exc.version])])
-        seconds = time.perf_counter() - xc.started
-        if exc.blames_version:
-            self._done(xc.group, exc.version, xc.method, exc.status, seconds)
-        else:
-            self._metrics.request_done(xc.group, "proxy", xc.method, exc.status, seconds)
+        await ws.reject(
+            exc.status, [*JSON_HEADERS, (b"content-length", b"%d" % len(body)), version_header], body
+        )
+
+    # --- answers the proxy gives itself -------------------------------------------------------------
 
     async def _reject(self, ex: ClientExchange, status: int, reason: str, detail: str) -> None:
         """The proxy refuses the request itself; counted by reason."""
@@ -681,19 +725,34 @@ class ProxyApp:
         await ex.respond(status, [*JSON_HEADERS, (b"content-length", b"%d" % len(body)), *extra], body, False)
 
 
-class _Exchange:
-    """What the relay and the recording steps share about one request (instead of six arguments)."""
+class Routed:
+    """One request from ``_route`` to ``finish``: what the header scan found (named fields), what
+    was decided, what goes upstream, and whether it has been finished (once)."""
 
-    __slots__ = ("group", "method", "version", "started", "body", "plan", "extra_headers", "content_length",
-                 "add_host", "has_body", "norm", "raw_target", "headers", "request_id", "fresh")  # fmt: skip
+    __slots__ = ("group", "method", "version", "started", "websocket", "body", "plan", "extra_headers",
+                 "content_length", "add_host", "has_body", "norm", "raw_target", "headers", "request_id",
+                 "forced", "user_key", "cookie", "host", "xff", "override", "picked", "offered", "refused",
+                 "bucket", "finished", "fresh")  # fmt: skip
 
-    def __init__(self, group: str, method: str, version: str, started: float, body: _Body | None, plan: Any):
+    # what the header scan (``ProxyApp._scan``) finds
+    forced: bytes | None  # the force header's value
+    user_key: bytes | None  # the user-key header's value
+    cookie: bytes | None  # all Cookie headers, joined
+    host: bytes | None
+    xff: bytes | None  # the client's X-Forwarded-For (appended to)
+    override: bytes | None  # X-HTTP-Method-Override (or ?_method=)
+    picked: dict[bytes, bytes] | None  # other headers the decision reads (match rules, JWT)
+    offered: list[str] | None  # Sec-WebSocket-Protocol values offered
+    refused: str | None  # why the request is refused (ambiguous decision headers), or None
+
+    def __init__(self, group: str, method: str, started: float, websocket: bool) -> None:
         self.group = group
         self.method = method
-        self.version = version  # becomes "v1" when v2 could not be reached and v1 serves instead
+        self.version = "v1"  # decided by the split; becomes "v1" when v2 could not be reached
         self.started = started
-        self.body = body
-        self.plan = plan
+        self.websocket = websocket  # an upgrade (relayed by _websocket)
+        self.body: _Body | None = None
+        self.plan: Any = None  # the mirror's plan (v1 only)
         self.extra_headers: list[tuple[bytes, bytes]] = []  # deprecation headers, affinity cookie
         self.content_length: int | None = None  # as the client declared it (sent canonical)
         self.add_host = True  # False when the client's Host is passed on (preserve_host)
@@ -701,8 +760,20 @@ class _Exchange:
         self.norm = ""  # the normalised path (routing, the mirror's report)
         self.raw_target = b""  # what goes upstream after the configured base path
         self.headers: list[tuple[bytes, bytes]] = []  # what goes upstream
-        self.request_id = b""
+        self.request_id = b""  # the client's (when sane), then the one sent
+        # what the header scan found (declared above; one chained store, once per request)
+        self.forced = self.user_key = self.cookie = self.host = self.xff = self.override = None
+        self.picked = self.offered = self.refused = None
+        self.bucket = 0  # the split bucket (WebSocket sessions are re-judged by it)
+        self.finished = False
         self.fresh = False  # the one retry after the keep-alive race: on a new upstream connection
+
+
+def _failure_status(exc: UpstreamError) -> int:
+    """The status a failed attempt is recorded with: the backend's refusal of an upgrade, else 502/504."""
+    if isinstance(exc, WsHandshakeRefused) and exc.answer is not None:
+        return exc.answer.status
+    return exc.status
 
 
 class BodyPolicy:
@@ -758,7 +829,6 @@ class _Body:
         return self._rest()
 
     def _rest(self) -> AsyncIterator[bytes]:
-        self.started = True
         return _BodyRest(self)
 
     async def _next(self) -> tuple[bytes, bool]:
@@ -779,14 +849,20 @@ class _Body:
 
 class _BodyRest:
     """The rest of a large request body, streamed up at no less than the minimum rate (an async
-    iterator class, not an async generator, so the module compiles with mypyc)."""
+    iterator class, not an async generator, so the module compiles with mypyc).
 
-    __slots__ = ("_body", "_loop", "_began", "_sent", "_first")
+    The body is ``started`` only once a byte of it is taken to go upstream (the edge client pulls
+    the first chunk after its connection is up and the head written): before that, a v2 that
+    cannot be reached still falls back to v1 with the whole body (``prepare`` again). The rate is
+    the client's own: bytes read after the buffer over the time spent waiting for them (not the
+    buffered first part, not the time our writes to the backend waited), judged after the grace."""
+
+    __slots__ = ("_body", "_loop", "_waited", "_sent", "_first")
 
     def __init__(self, body: _Body) -> None:
         self._body = body
         self._loop = asyncio.get_running_loop()
-        self._began = self._loop.time()
+        self._waited = 0.0
         self._first = body._first
         self._sent = 0
 
@@ -795,24 +871,26 @@ class _BodyRest:
 
     async def __anext__(self) -> bytes:
         body = self._body
+        body.started = True
         first = self._first
         if first:
             self._first = None
-            self._sent = len(first)
             return first
+        loop = self._loop
+        policy = body._policy
         while not body.done:
+            began = loop.time()
             chunk, more = await body._next()
+            self._waited += loop.time() - began
             if not more:
                 body.done = True
             if chunk:
                 body._keep(chunk)
                 self._sent += len(chunk)
-            if more:
-                policy = body._policy
-                if policy.min_rate:
-                    elapsed = self._loop.time() - self._began
-                    if elapsed > policy.grace and self._sent < policy.min_rate * elapsed:
-                        raise BodyTooSlow()
+            if more and policy.min_rate:
+                waited = self._waited
+                if waited > policy.grace and self._sent < policy.min_rate * waited:
+                    raise BodyTooSlow()
             if chunk:
                 return chunk
         raise StopAsyncIteration
@@ -821,11 +899,11 @@ class _BodyRest:
 class _FastRelay:
     """The ``ResponseSink`` of a request taken by ``ProxyApp.start``: small answers are written
     from the upstream connection's callbacks; a large or unsized one, or a failure, continues in
-    a task with the same code as the slow path."""
+    a task through the same steps as the task path (``_relay``, ``_forward``: the fallback rule)."""
 
     __slots__ = ("_app", "_ex", "_xc")
 
-    def __init__(self, app: ProxyApp, ex: NativeExchange, xc: _Exchange) -> None:
+    def __init__(self, app: ProxyApp, ex: NativeExchange, xc: Routed) -> None:
         self._app = app
         self._ex = ex
         self._xc = xc
@@ -833,7 +911,7 @@ class _FastRelay:
     def head(self, response: UpstreamResponse) -> bool:
         if _buffered(self._xc, response):
             return True
-        self._ex.spawn(self._app._relay_and_finish(self._ex, response, self._xc))
+        self._ex.spawn(self._app._relay(self._ex, response, self._xc))
         return False
 
     def done(self, response: UpstreamResponse) -> None:
@@ -847,7 +925,7 @@ class _FastRelay:
             self._xc.fresh = True
             self._ex.spawn(self._app._forward(self._ex, self._xc))
         else:
-            self._ex.spawn(self._app._after_failure(self._ex, error, self._xc))
+            self._ex.spawn(self._app._forward(self._ex, self._xc, error))
 
 
 async def _raise(exc: Exception) -> None:
@@ -855,7 +933,7 @@ async def _raise(exc: Exception) -> None:
     raise exc
 
 
-def _buffered(xc: _Exchange, response: UpstreamResponse) -> bool:
+def _buffered(xc: Routed, response: UpstreamResponse) -> bool:
     """Answers read whole before relaying (one write to the client): no body, or a small one."""
     length = response.content_length
     if xc.method == "HEAD" or response.status in (204, 304):
@@ -867,10 +945,6 @@ def _request_ids() -> Iterator[bytes]:
     """Unique 32-hex-digit ids without a syscall per request: a random process prefix + a counter
     (a C-level iterator: no Python frame per id)."""
     return map((os.urandom(8).hex() + "%016x").encode().__mod__, itertools.count())
-
-
-def _started(body: _Body | None) -> bool:
-    return body is not None and body.started
 
 
 async def _watch_disconnect(ex: ClientExchange, response: UpstreamResponse, gone: asyncio.Event) -> None:

@@ -25,3 +25,12 @@ def is_canonical(path: str, raw_path: bytes | None) -> bool:
     if raw_path is not None and raw_path != path.encode("utf-8", "surrogateescape"):
         return False
     return normalise(path) == path
+
+
+def strip_params(path: str) -> str:
+    """The (normalised) path without ``;params`` in any segment, as servlet containers route it:
+    ``/old;v=1/x`` and ``/a/..;/old`` are ``/old/x`` and ``/old`` there, so rules (deprecations,
+    route groups) match this form too. The same object when there is no ``;`` (the common case)."""
+    if ";" not in path:
+        return path
+    return normalise("/".join(segment.partition(";")[0] for segment in path.split("/")))

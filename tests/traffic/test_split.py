@@ -120,11 +120,6 @@ def test_invalid_values_keep_the_last_good_one_and_are_counted(
     wait_until(lambda: httpx.get(proxy.url + "/").headers["x-api-version"] == "v1", timeout=3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs proxy/traffic/forward.py to pass tls=(ex.scheme == 'https') to Decider.choose "
-    "(being rewritten elsewhere); remove this mark when it does",
-)
 def test_the_affinity_cookie_is_secure_over_tls(
     proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str, tmp_path: Path
 ) -> None:

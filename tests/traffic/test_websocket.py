@@ -200,8 +200,11 @@ def test_close_codes_pass_and_upstream_death_is_1011_with_metrics(
         metric_value(text, "strangler_websocket_messages_total", version="v1", direction="to_upstream") == 4
     )
     assert metric_value(text, "strangler_websocket_messages_total", version="v1", direction="to_client") == 2
-    # WebSockets never enter the request latency the canary reads
-    assert metric_value(text, "http_request_duration_seconds_count", version="v1") == 0
+    # the upgrade's answer (101) is what the canary counts, as for any request (a failed one counts
+    # as the version's error, so the successes must count too); the session's length never does
+    assert metric_value(text, "http_requests_total", version="v1", code="101") == 3
+    assert metric_value(text, "http_request_duration_seconds_count", version="v1") == 3
+    assert metric_value(text, "http_request_duration_seconds_sum", version="v1") < 1.0
 
 
 def test_rollback_drains_v2_connections_with_1012(
