@@ -341,8 +341,8 @@ class LimitSettings(BaseModel):
     # on a graceful stop, a connection idle at the signal may send one more request within this
     # (answered with Connection: close) before it is closed
     drain_idle_grace_seconds: float = Field(default=1.0, ge=0)
-    # an impossible client connection state change raises (tests); false: that connection is
-    # aborted with one log line
+    # a bug in the edge raises instead of costing one connection with one log line: an impossible
+    # state change of a client or upstream connection, a request finished twice (the tests' proxies)
     strict_states: bool = False
 
 

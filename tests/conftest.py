@@ -101,6 +101,8 @@ def proxy_factory(workdir: Path) -> Iterator[Callable[..., ProxyProcess]]:
     ) -> ProxyProcess:
         settings.setdefault("log_level", "warning")
         settings.setdefault("poll_interval_seconds", 0.2)
+        # every test proxy is strict: an impossible connection state or a second finish() raises
+        settings["limits"] = {"strict_states": True, **settings.get("limits", {})}
         process = process or bool(env) or settings.get("workers", 1) > 1 or not settings.get("redis_url")
         if process:
             proxy: ProxyProcess = ProxyProcess(workdir / "proxies", settings, env)

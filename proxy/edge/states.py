@@ -8,10 +8,7 @@ A module of its own, and not compiled: mypyc cannot compile a class that inherit
 from __future__ import annotations
 
 import enum
-import os
 from typing import Final
-
-STRICT_ENV: Final = "STRANGLER_STRICT_STATES"
 
 
 class State(enum.IntEnum):
@@ -69,15 +66,6 @@ def _transitions() -> tuple[int, ...]:
 
 
 NEXT: Final = _transitions()
-
-
-def strict_states() -> bool:
-    """Raise on an impossible transition (tests) rather than drop the connection with a log line
-    (production). ``STRANGLER_STRICT_STATES=1``/``0`` decides; unset, it is strict under pytest."""
-    value = os.environ.get(STRICT_ENV)
-    if value is not None:
-        return value == "1"
-    return "PYTEST_CURRENT_TEST" in os.environ
 
 
 class ImpossibleTransition(RuntimeError):

@@ -95,17 +95,11 @@ class BodyTooSlow(Exception):
 
 
 class LifecycleError(Exception):
-    """A request finished twice: a bug. Raised under tests and ``STRANGLER_STRICT_STATES=1``."""
+    """A request finished twice: a bug. Raised with ``limits.strict_states`` (the tests' proxies)."""
 
 
 METHOD_BYTES: Final = {m: m.encode() for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 FAILURE_LABELS: Final = {502: "upstream unavailable", 503: "upstream busy", 504: "upstream timeout"}
-
-
-def strict_states() -> bool:
-    """Impossible transitions raise (tests, ``STRANGLER_STRICT_STATES=1``); in production they are
-    a no-op. Read once, when the app is built."""
-    return os.environ.get("STRANGLER_STRICT_STATES") == "1" or "PYTEST_CURRENT_TEST" in os.environ
 
 
 class ProxyApp:
@@ -143,7 +137,7 @@ class ProxyApp:
         )
         self._fallback_to_v1 = settings.fallback_to_v1
         self._preserve_host = settings.preserve_host
-        self._strict = strict_states()
+        self._strict = settings.limits.strict_states
         ws = settings.websocket
         self._ws = ws
         self._ws_policy = WsPolicy(

@@ -56,6 +56,7 @@ class Upstream:
             read_timeout=read_timeout or settings.read_timeout_seconds,
             pool_timeout=settings.pool_timeout_seconds,
             max_head_bytes=settings.limits.max_response_head_bytes,
+            strict_states=settings.limits.strict_states,
         )
         self.pool = UpstreamPool(
             version, origin, limits, tls_context(settings) if origin.scheme == "https" else None, on_drop,

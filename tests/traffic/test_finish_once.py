@@ -1,5 +1,5 @@
 """Issue 23: ``finish`` ends a request exactly once. A second call is a bug: under tests (and
-``STRANGLER_STRICT_STATES=1``) it raises; in production it is a no-op that records nothing."""
+``limits.strict_states``) it raises; in production it is a no-op that records nothing."""
 
 from __future__ import annotations
 
@@ -19,17 +19,13 @@ def requests_recorded(app: Strangler) -> float:
     )
 
 
-def build(monkeypatch: pytest.MonkeyPatch, strict: bool) -> Strangler:
-    if strict:
-        monkeypatch.setenv("STRANGLER_STRICT_STATES", "1")
-    else:
-        monkeypatch.delenv("STRANGLER_STRICT_STATES", raising=False)
-        monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
-    return Strangler(Settings(redis_url="redis://127.0.0.1:1/0"))  # never connected
+def build(strict: bool) -> Strangler:
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", limits={"strict_states": strict})  # no Redis used
+    return Strangler(settings)
 
 
-def test_a_second_finish_raises_in_strict_mode(monkeypatch: pytest.MonkeyPatch) -> None:
-    app = build(monkeypatch, strict=True)
+def test_a_second_finish_raises_in_strict_mode() -> None:
+    app = build(strict=True)
     routed = Routed("default", "GET", time.perf_counter(), False)
     app.proxy.finish(routed, ANSWERED, 200)
     for outcome in (ANSWERED, FAILED, CLIENT_GONE_RESPONSE):
@@ -37,8 +33,8 @@ def test_a_second_finish_raises_in_strict_mode(monkeypatch: pytest.MonkeyPatch) 
             app.proxy.finish(routed, outcome, 502)
 
 
-def test_a_second_finish_records_nothing_in_production(monkeypatch: pytest.MonkeyPatch) -> None:
-    app = build(monkeypatch, strict=False)
+def test_a_second_finish_records_nothing_in_production() -> None:
+    app = build(strict=False)
     routed = Routed("default", "GET", time.perf_counter(), False)
     app.proxy.finish(routed, ANSWERED, 200)
     app.proxy.finish(routed, FAILED, 502)
