@@ -1,11 +1,29 @@
 """The differential test (issue 23, item 4): generated client sessions through the real proxy,
-compared with what the scripted backend received and produced. The quick profile runs in the
-default suite; the deep one (``soak``: CI's long run) runs many more.
+compared with what the scripted backend received and produced.
 
-    pytest tests/differential                                   # quick: fast and task path
-    pytest -m soak tests/differential                           # deep: DIFFERENTIAL_SESSIONS each (10,000)
-    DIFFERENTIAL_SESSIONS=300 pytest -m soak tests/differential  # a deep run of another size
-    scripts/test-compiled tests/differential                    # the same against the compiled build
+A session (strategies.py) is 1-6 requests on one client connection, sequential or pipelined:
+GET/HEAD/POST/PUT/DELETE, bodies of 0 bytes to 1 MB (Content-Length or chunked), slow writers,
+an answer scripted for each (200/201/204/304/404/500, 1xx first, 0 bytes to 8 MB as
+Content-Length, chunked or close-delimited, early answers, pauses, a backend that closes without
+answering), slow readers, and a client disconnect at a random point. runner.py states what may
+differ (hop-by-hop fields, X-Forwarded-*, X-Api-Version, framing) and checks the rest: status,
+headers, byte-equal bodies both ways, each request at the backend once (or never, with a clean
+error) and in order, no bytes of one request or session in another, h11 accepting everything
+the proxy writes both ways, the proxy alive and logging no error.
+
+Each variant (the ``harness`` fixture) is one proxy process for the module: the fast path (the
+default), and the task path alone (``fast_path: false``). The quick profile runs in the default
+suite; the deep one is marked ``soak`` (CI's long run).
+
+    pytest tests/differential                                    # quick: 20 sessions per path
+    pytest -m soak tests/differential                            # deep: 10,000 sessions per path
+    DIFFERENTIAL_SESSIONS=500 pytest -m soak tests/differential  # deep, another size
+    DIFFERENTIAL_QUICK_SESSIONS=200 pytest tests/differential    # quick, another size
+    scripts/test-compiled tests/differential                     # the same on the compiled build
+
+A failure prints the session as Python (``Session((Request(...), ...))``): paste it into
+test_regressions.py; shrink.py makes it smaller (Hypothesis's own shrinking, which replays a
+timing-dependent failure hundreds of times, runs with DIFFERENTIAL_SHRINK=1).
 """
 
 from __future__ import annotations
