@@ -54,9 +54,9 @@ _COMMON = {
 
 
 # Today's main fails these (test_regressions.py holds each finding as a strict xfail); remove the
-# mark once issue 23 items 1 and 3 and the pipelined-body fix have landed.
+# mark once issue 23 items 1, 2 and 3 and the pipelined-body fix have landed.
 KNOWN = pytest.mark.xfail(
-    strict=False, reason="issue 23 items 1, 3 and the pipelined-body finding (test_regressions.py)"
+    strict=False, reason="issue 23 items 1-3 and the pipelined-body finding (test_regressions.py)"
 )
 
 
