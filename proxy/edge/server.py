@@ -301,8 +301,10 @@ class NativeExchange:
                 close = True  # HTTP/1.0 and unsized: the close ends the body
         elif no_body and not sized and status >= 200 and status not in NO_BODY_STATUS and not more:
             pass  # HEAD: the backend's length (if any) was passed on; none invented
-        if self._body_done is False and not more:
-            # answered before the whole request body arrived: the rest cannot be skipped safely
+        if not self._body_done:
+            # answered before the whole request body arrived, streamed or not: the rest cannot be
+            # skipped safely, so the connection ends with this answer, and the head says so (a
+            # streamed answer's head is the last chance to tell the client)
             close = True
         conn = self._conn
         if conn._limits.draining and not conn._queue:

@@ -197,6 +197,10 @@ class ProxyApp:
         routed = self._route(ex, norm, False)
         if not isinstance(routed, Routed):
             return routed
+        if routed.has_body:
+            # a pipelined request whose body arrived whole while it waited its turn (the server
+            # saw it "done"): a body is never the fast path's, it goes with the task
+            return self._forward(ex, routed)
         pool = self._upstreams[routed.version].pool
         method = routed.method
         try:

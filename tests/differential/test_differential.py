@@ -53,21 +53,12 @@ _COMMON = {
 }
 
 
-# Today's main fails these (test_regressions.py holds each finding as a strict xfail); remove the
-# mark once issue 23 items 1, 2 and 3 and the pipelined-body fix have landed.
-KNOWN = pytest.mark.xfail(
-    strict=False, reason="issue 23 items 1-3 and the pipelined-body finding (test_regressions.py)"
-)
-
-
-@KNOWN
 @settings(max_examples=QUICK, **_COMMON)
 @given(session=sessions())
 def test_sessions_match_the_backend(harness: Harness, session: Session) -> None:
     harness.check(session)
 
 
-@KNOWN
 @pytest.mark.soak
 @pytest.mark.timeout(0)
 @settings(max_examples=DEEP, **_COMMON)

@@ -1,8 +1,7 @@
 """What the differential test found, each written down as a plain session (shrunk by hand or with
 tests/differential/shrink.py) and run through the same harness: the fast path and the task path.
 
-A finding still in main is marked ``xfail(strict=True)`` on the variants where it shows: when its
-fix lands, the test passes, strict xfail fails the run, and the fixer removes the mark. Each
+Every finding here failed on the main of its day and passes since its fix (issue 23). Each
 session runs a few times (``TIMES``): these failures depend on timing, so one pass proves little.
 """
 
@@ -16,13 +15,6 @@ from tests.differential.spec import Answer, Request, Session
 BOTH = ("fast", "task")
 
 
-def known_bug(
-    request: pytest.FixtureRequest, harness: Harness, variants: tuple[str, ...], reason: str
-) -> None:
-    if harness.variant in variants:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def check(harness: Harness, session: Session, times: int) -> None:
     for _ in range(times):
         harness.check(session)
@@ -33,9 +25,6 @@ def test_a_pipelined_request_keeps_its_body(request: pytest.FixtureRequest, harn
     body has been read, and the fast path takes it as a request without a body: the backend gets
     the POST with no Content-Length and no body; the 5 bytes are dropped (found on the first runs;
     9 of 10 sessions once the pool is warm)."""
-    known_bug(request, harness, ("fast",),
-              "differential finding: the fast path takes a queued request whose body has fully arrived "
-              "(ServerProtocol._start: body_done) and forwards it without its body")  # fmt: skip
     session = Session((Request("GET"), Request("POST", 5)), pipelined=True)
     check(harness, session, times=4)
 
@@ -44,8 +33,6 @@ def test_a_pipelined_request_keeps_its_body(request: pytest.FixtureRequest, harn
 def test_a_pipelined_request_keeps_its_body_whatever_its_framing(
     request: pytest.FixtureRequest, harness: Harness, chunked: bool
 ) -> None:
-    known_bug(request, harness, ("fast",),
-              "differential finding: a queued request read whole loses its body (fast path)")  # fmt: skip
     session = Session((Request("GET"), Request("PUT", 2587, chunked=chunked), Request("DELETE", 327)),
                       pipelined=True)  # fmt: skip
     check(harness, session, times=3)
@@ -59,7 +46,6 @@ def test_an_early_answer_does_not_splice_the_next_request(
     connection while the body is still being written: the next request (here the same client's
     GET) is written into that body (h11 sees body bytes as a request line), a later request gets
     502 "closed without an answer", and the backend is left waiting for the rest of the body."""
-    known_bug(request, harness, BOTH, "issue 23 item 1: early answer, connection pooled mid-upload (splice)")
     session = Session((Request("POST", 200_000, pause_at=100_000, pause_ms=500,
                                answer=Answer(200, 100, early=True)), Request("GET")))  # fmt: skip
     check(harness, session, times=2)
@@ -71,9 +57,6 @@ def test_a_streamed_early_answer_is_not_followed_by_a_silent_close(
     """Issue 23 item 1, a second face: the early answer is large (streamed, so its head goes out
     before the proxy knows the upload is unfinished). The proxy then closes the client connection
     without having said ``Connection: close``: the client's next request is lost."""
-    known_bug(
-        request, harness, BOTH, "issue 23 item 1: a streamed early answer ends in a close without notice"
-    )
     session = Session((Request("POST", 200_000, pause_at=100_000, pause_ms=500,
                                answer=Answer(200, 100_000, early=True)), Request("GET")))  # fmt: skip
     check(harness, session, times=2)
@@ -82,7 +65,6 @@ def test_a_streamed_early_answer_is_not_followed_by_a_silent_close(
 def test_a_post_is_never_sent_twice(request: pytest.FixtureRequest, harness: Harness) -> None:
     """Issue 23 item 3: the backend reads a POST and closes without answering. The proxy sends it
     again on its idle pooled connection (the GET before left one): the backend applies it twice."""
-    known_bug(request, harness, BOTH, "issue 23 item 3: a POST retried when the backend closes unanswered")
     session = Session((Request("GET"), Request("POST", 100, answer=Answer(drop=True))))
     check(harness, session, times=2)
 
@@ -101,7 +83,6 @@ def test_a_large_answer_after_a_streamed_one_is_not_cut(
     connection a streamed answer (close-delimited, even empty), then a 6.7 MB answer with its
     Content-Length. The client gets 4-6 MB of it and a closed connection (3-4 runs in 5, pure
     and compiled, both paths)."""
-    known_bug(request, harness, BOTH, "issue 23 item 2: a large answer after a streamed one is cut")
     session = Session((Request("GET", answer=Answer(200, 0, framing="close")),
                        Request("GET", answer=Answer(200, 6_764_671))))  # fmt: skip
     check(harness, session, times=8)
