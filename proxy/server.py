@@ -23,6 +23,8 @@ from proxy.settings import Settings
 
 log = logging.getLogger("strangler")
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
@@ -62,7 +64,7 @@ def run(settings: Settings) -> None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
+def _run_worker(settings: Settings, sock: socket.socket | None, early_stops: list[int] | None = None) -> None:
     """One process: build the app (nothing is created before this point), serve until stopped."""
     import uvloop
 
@@ -70,17 +72,30 @@ def _run_worker(settings: Settings, sock: socket.socket | None) -> None:
 
     app = create_app(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(settings, app, sock=sock))
+        runner.run(serve(settings, app, sock=sock, early_stops=early_stops))
 
 
 def _run_forked_worker(settings: Settings, socks: list[socket.socket], index: int) -> None:
     """A forked worker keeps only its own listening socket: a sibling's socket held open here
-    would outlive that sibling, and the connections the kernel gives it would wait unanswered."""
+    would outlive that sibling, and the connections the kernel gives it would wait unanswered.
+
+    Its socket queues connections from before the fork, so a stop signal while the worker starts
+    (imports, Redis) must not end it by the default action, which resets them: the signals,
+    blocked since ``supervise``, are recorded from here on, and ``serve`` stops (drains) as soon as
+    it listens."""
+    early_stops: list[int] = []
+
+    def remember(signum: int, _frame: Any) -> None:
+        early_stops.append(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, remember)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     mine = socks[index % len(socks)]
     for sock in socks:
         if sock is not mine:
             sock.close()
-    _run_worker(settings, mine)
+    _run_worker(settings, mine, early_stops)
 
 
 def supervise(settings: Settings) -> None:
@@ -91,26 +106,37 @@ def supervise(settings: Settings) -> None:
 
     Why not one shared socket: with it, whichever worker wakes first takes the connection, and
     under load one worker ends up with most of them (48 of 64 measured), so two workers gave far
-    less than twice one. Without SO_REUSEPORT (not Linux/BSD) the workers share one socket."""
-    socks = listening_sockets(settings.host, settings.port, settings.workers)
-    context = multiprocessing.get_context("fork")
-    workers = [
-        context.Process(target=_run_forked_worker, args=(settings, socks, i), name=f"strangler-worker-{i}")
-        for i in range(settings.workers)
-    ]
-    for worker in workers:
-        worker.start()
-    for sock in socks:
-        sock.close()
+    less than twice one. Without SO_REUSEPORT (not Linux/BSD) the workers share one socket.
 
-    def forward(signum: int, _frame: Any) -> None:
+    SIGINT/SIGTERM are held (blocked, left pending) from before the sockets listen until every
+    worker is forked and ``forward`` is set: by the default action a signal in between would end
+    this process, leaving the workers running with no one to tell them, or a new worker before its
+    handler is set, resetting the connections queued on its socket. The workers inherit the mask."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        socks = listening_sockets(settings.host, settings.port, settings.workers)
+        context = multiprocessing.get_context("fork")
+        workers = [
+            context.Process(
+                target=_run_forked_worker, args=(settings, socks, i), name=f"strangler-worker-{i}"
+            )
+            for i in range(settings.workers)
+        ]
         for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signum)
+            worker.start()
+        for sock in socks:
+            sock.close()
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+        def forward(signum: int, _frame: Any) -> None:
+            for worker in workers:
+                if worker.pid is not None and worker.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(worker.pid, signum)
+
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, forward)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came meanwhile runs now
     for worker in workers:
         worker.join()
 
@@ -241,18 +267,24 @@ class ServerGroup:
                 loop.add_signal_handler(sig, self.stop)
 
 
-async def serve(settings: Settings, app: Any, group: ServerGroup | None = None, sock: Any = None) -> None:
+async def serve(
+    settings: Settings, app: Any, group: ServerGroup | None = None, sock: Any = None,
+    early_stops: list[int] | None = None,
+) -> None:  # fmt: skip
     """Serve ``app`` (a Strangler) until stopped; with admin_port, the admin API on its own listener.
 
     Start-up runs the app's lifespan (Redis, control store, pools, background loops) before the
     first connection is accepted; on stop, listeners close, answers in progress get
     ``drain_timeout_seconds``, then the app shuts down. Signals go to ``group`` so a caller such as
     the demo can run other servers in the same loop and stop them all with one Ctrl-C.
+    ``early_stops``: stop signals a forked worker received before this loop handled them.
     """
     own_signals = group is None
     group = group or ServerGroup()
     if own_signals:
         group.install_signal_handlers()
+    for _ in early_stops or ():  # stop signals that came while this worker started (a second forces)
+        group.stop()
     tls = listener_tls(settings)
     await app.startup()
     metrics = app.metrics

@@ -224,6 +224,34 @@ def test_connections_in_the_listen_queue_are_answered_not_reset(
     wait_until(lambda: proxy.process is not None and proxy.process.poll() is not None, timeout=10)
 
 
+def test_a_stop_while_workers_start_answers_what_their_sockets_queued(
+    start_proxy: Callable[..., ProxyProcess],
+) -> None:
+    """Each worker's listening socket exists (and the kernel queues connections on it) from before
+    the fork, so a worker still starting up (importing, connecting to Redis) already holds
+    connections. A SIGTERM then must not kill it by the default action, resetting them (before: the
+    listen-queue test above lost one worker's share, about 20 of 40, whenever /health was answered
+    by the other worker while this one was still starting): it finishes starting, then drains."""
+    proxy = start_proxy(process=True, workers=2, wait=False)
+    assert proxy.process is not None
+
+    def connect() -> socket.socket:  # refused until the parent listens, queued from then on
+        return socket.create_connection(("127.0.0.1", proxy.port), timeout=15)
+
+    socks = [wait_until(connect, timeout=20, interval=0.005, message="the listener")]
+    socks += [connect() for _ in range(39)]
+    for sock in socks:
+        sock.sendall(b"GET /echo HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    proxy.process.send_signal(signal.SIGTERM)  # the workers are still importing, well before /health
+    answers = [read_answer(sock) for sock in socks]
+    for sock in socks:
+        sock.close()
+    statuses = [answer[0] if answer else None for answer in answers]
+    assert statuses == [200] * 40, f"{statuses.count(None)} of 40 not answered: {answers}"
+    proxy.process.wait(15)
+    assert proxy.process.returncode == 0, proxy.output()[-2000:]
+
+
 def test_websockets_get_1001_after_their_grace(start_proxy: Callable[..., ProxyProcess]) -> None:
     """A relayed WebSocket is told 1001 ("going away") once ``websocket.drain_grace_seconds`` has
     passed (bounded so the closing handshake fits in the drain), not at the signal."""
