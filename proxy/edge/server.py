@@ -55,6 +55,8 @@ _FRAMING_HEADERS: Final = frozenset({b"host", b"transfer-encoding", b"content-le
 STATUS_LINES: Final = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 NO_BODY_STATUS: Final = frozenset({204, 304})
 BODY_HIGH_WATER: Final = 256 * 1024  # request bytes buffered before we stop reading the client
+# how long a connection closed after an early answer keeps discarding what the client still sends
+LINGER_SECONDS: Final = 2.0
 WS_EARLY_BYTES: Final = 64 * 1024  # bytes a client may send after its upgrade request before we stop reading
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 OVER_CAPACITY: Final = (
@@ -947,7 +949,10 @@ class ServerProtocol(asyncio.Protocol):
         if ex is not self._active:
             return
         self._active = None
-        if not ex.keep_alive or not ex.body_done or self.state is MUST_CLOSE and not self._queue:
+        if not ex.body_done:
+            self._close(linger=True)  # answered before the whole request body arrived
+            return
+        if not ex.keep_alive or self.state is MUST_CLOSE and not self._queue:
             self._close()
             return
         self._continue()
@@ -993,12 +998,26 @@ class ServerProtocol(asyncio.Protocol):
         if self._timer is None:
             self._timer = self.loop.call_later(self._limits.keepalive_timeout, self._check_deadlines)
 
-    def _close(self) -> None:
+    def _close(self, linger: bool = False) -> None:
+        """Close after what is queued. ``linger``: the client may still be sending (the answer came
+        before its whole request body): a close with unread input makes the kernel answer with a
+        reset, which destroys what of our answer is still on its way (found by the differential
+        test: early answers cut after a few KB). So half-close instead (FIN after the answer),
+        discard what still comes, and close at the client's EOF or after ``LINGER_SECONDS``, as
+        nginx's lingering_close does."""
         if self.state is not CLOSED:
             self._to(MUST_CLOSE)
-        if self.transport is not None and not self.transport.is_closing():
-            self._writes.flush()  # what this connection queued goes before the close
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._writes.flush()  # what this connection queued goes before the close
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            self._cancel_timers()
+            self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+            self.flow.resume_reading()  # MUST_CLOSE: data_received discards it
+            return
+        transport.close()
 
     # --- refusing ----------------------------------------------------------------------------------
 

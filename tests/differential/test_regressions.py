@@ -86,3 +86,61 @@ def test_a_large_answer_after_a_streamed_one_is_not_cut(
     session = Session((Request("GET", answer=Answer(200, 0, framing="close")),
                        Request("GET", answer=Answer(200, 6_764_671))))  # fmt: skip
     check(harness, session, times=8)
+
+
+def test_pipelined_uploads_with_early_answers_keep_every_answer_whole(harness: Harness) -> None:
+    """Found by the deep profile (compiled, fast path, session 2,120): pipelined uploads whose
+    answers come early (before the backend has the body). The second POST's early chunked answer
+    was cut after 1,500 bytes and the connection closed without notice."""
+    session = Session(
+        (
+            Request("POST", 154, chunked=True, chunk=4096,
+                    answer=Answer(200, 40721, framing="chunked", chunk=100, interim=(103, 103), early=True)),
+            Request("POST", 1_000_000, chunked=True, chunk=500, version="v2",
+                    answer=Answer(200, 4677, framing="chunked", chunk=100, early=True)),
+            Request("PUT", 56, answer=Answer(500, 0, framing="close", pause_at=0, pause_ms=1)),
+            Request("POST", 79683, pause_at=1338, pause_ms=1, answer=Answer(304, 0, pause_at=0, pause_ms=20)),
+            Request("PUT", 1002, chunked=True, chunk=7, pause_at=167, pause_ms=1,
+                    answer=Answer(200, 65535, framing="close", interim=(103,), early=True)),
+        ),
+        pipelined=True,
+        read_size=1_048_576,
+    )  # fmt: skip
+    check(harness, session, times=3)
+
+
+def test_an_early_answer_to_a_chunked_upload_is_not_reset_away(harness: Harness) -> None:
+    """The same, shrunk: a chunked upload of 1 MB answered early with a small chunked answer. The
+    proxy relayed the whole answer, then closed the connection with the client still sending: the
+    kernel answers unread input with a reset, which destroyed the answer's last KB in flight. The
+    proxy now half-closes and discards the rest (lingering close)."""
+    answer = Answer(200, 4677, framing="chunked", chunk=100, early=True)
+    session = Session((Request("POST", 1_000_000, chunked=True, chunk=500, answer=answer),))
+    check(harness, session, times=3)
+
+
+def test_early_answers_to_large_uploads_on_a_kept_alive_connection(harness: Harness) -> None:
+    """Deep profile, fast path, session 7,340 (before the lingering close): an early 64 KB answer to
+    a 345 KB DELETE on a connection that had served three requests was cut after 65,319 bytes."""
+    session = Session((
+        Request("POST", 65, version="v2", answer=Answer(200, 296, interim=(100,), pause_at=276, pause_ms=1)),
+        Request("GET", length_zero=True, answer=Answer(500, 0, framing="close", interim=(100, 103))),
+        Request("POST", 97, chunked=True, chunk=1_048_576, pause_at=1, pause_ms=20,
+                answer=Answer(304, 0, interim=(103, 103), early=True)),
+        Request("DELETE", 345_831, pause_at=27_646, pause_ms=1, version="v2",
+                answer=Answer(200, 65_535, interim=(103,), early=True, hop=True)),
+        Request("POST", 97, chunked=True, chunk=1_048_576, pause_at=0, pause_ms=20,
+                answer=Answer(304, 0, interim=(103, 103), early=True)),
+    ))  # fmt: skip
+    check(harness, session, times=2)
+
+
+def test_an_early_256_kb_answer_to_a_1_mb_chunked_upload(harness: Harness) -> None:
+    """Deep profile, task path, session 5,736 (before the lingering close): an early 256 KB 404 to a
+    1 MB chunked DELETE was cut after 128,000 bytes."""
+    session = Session((
+        Request("DELETE", 999_999, chunked=True, chunk=1_048_576,
+                answer=Answer(404, 262_144, interim=(103,), early=True)),
+        Request("GET", answer=Answer(404, 996, framing="close")),
+    ), read_size=1_048_576)  # fmt: skip
+    check(harness, session, times=2)
