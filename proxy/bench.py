@@ -421,8 +421,11 @@ def envoy_binary() -> str | None:
     return str(beside) if beside.exists() else None
 
 
-def peer_command(name: str, port: int, v1: str, v2: str, percentage: float, workdir: Path) -> str:
-    """The shell command that runs a peer on ``port`` in front of the same backends."""
+def peer_command(
+    name: str, port: int, v1: str, v2: str, percentage: float, workdir: Path, concurrency: int = 1
+) -> str:
+    """The shell command that runs a peer on ``port`` in front of the same backends (Envoy with
+    ``concurrency`` worker threads)."""
     if name == "envoy":
         binary = envoy_binary()
         if binary is None:
@@ -430,16 +433,16 @@ def peer_command(name: str, port: int, v1: str, v2: str, percentage: float, work
         config = workdir / f"envoy-{port}.json"
         ports = int(v1.rsplit(":", 1)[1]), int(v2.rsplit(":", 1)[1])
         config.write_text(json.dumps(envoy_config(port, *ports, percentage)))
-        return (f"{shlex.quote(binary)} -c {shlex.quote(str(config))} --concurrency 1 "
+        return (f"{shlex.quote(binary)} -c {shlex.quote(str(config))} --concurrency {concurrency} "
                 f"--log-level error --base-id {port}")  # fmt: skip
     return PEERS.get(name, name).format(port=port, upstream=v1)
 
 
 def start_peer(
-    name: str, v1: str, v2: str, percentage: float, workdir: Path, pin: str = ""
+    name: str, v1: str, v2: str, percentage: float, workdir: Path, pin: str = "", concurrency: int = 1
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = peer_command(name, port, v1, v2, percentage, workdir)
+    command = peer_command(name, port, v1, v2, percentage, workdir, concurrency)
     proc = subprocess.Popen(
         "exec " + pin + command, shell=True, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -538,6 +541,13 @@ def bench(
                 targets[f"peer: {label}"] = peer_url + "/"
                 pids[f"peer: {label}"] = peer_proc.pid
                 paced_targets.add(f"peer: {label}")
+                if name == "envoy" and workers > 1:  # the same layout as our workers: unpinned
+                    many_peer, many_peer_url = start_peer(
+                        name, v1, v2, percentage, Path(tmp), concurrency=workers
+                    )
+                    procs.append(many_peer)
+                    targets[f"peer: envoy (--concurrency {workers}, unpinned)"] = many_peer_url + "/"
+                    pids[f"peer: envoy (--concurrency {workers}, unpinned)"] = many_peer.pid
             for url in targets.values():
                 load(url, warmup)
             runs: dict[str, list[Result]] = {name: [] for name in targets}
