@@ -162,7 +162,7 @@ class _JobSink:
         if mirror._jobs is None:
             return
         if retryable:  # the keep-alive race: nothing was answered; send again on a new connection
-            mirror._spawn(mirror._exchange(self.job, self.endpoint, False, self.meter))
+            mirror._spawn(mirror._exchange(self.job, self.endpoint, False, self.meter, fresh=True))
         else:
             mirror._answered(self, error)
 
@@ -525,7 +525,9 @@ class ShadowMirror:
             result = translate("v2", exc)
         await self._finish(job, sink.endpoint, [result], meter)
 
-    async def _exchange(self, job: _Job, endpoint: str, calibrate: bool, meter: _Meter) -> None:
+    async def _exchange(
+        self, job: _Job, endpoint: str, calibrate: bool, meter: _Meter, fresh: bool = False
+    ) -> None:
         """A request through the pool's coroutine path: a new connection, a body, a calibration
         sample (v1 asked a second time), or a send again after a keep-alive race."""
         plan, request = job.plan, job.request
@@ -544,7 +546,7 @@ class ShadowMirror:
                 )
             else:
                 try:
-                    results = [await self._fetch(self._v2, request, headers, body, limit)]
+                    results = [await self._fetch(self._v2, request, headers, body, limit, fresh)]
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - reported as the mirror's error below
@@ -784,14 +786,19 @@ class ShadowMirror:
         headers: list[tuple[bytes, bytes]],
         body: bytes | None,
         limit: int,
+        fresh: bool = False,
     ) -> Fetched:
+        """``fresh``: the one send again after a keep-alive race, on a new connection (as the
+        primary's: never another idle pooled one)."""
         assert upstream is not None
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
                 method = request.method.encode("latin-1")
                 add_host = not any(name == b"host" for name, _ in headers)  # preserve_host: the client's
-                response = await upstream.send(method, request.raw_target, headers, body, add_host=add_host)
+                response = await upstream.send(
+                    method, request.raw_target, headers, body, add_host=add_host, fresh=fresh
+                )
                 return await self._read(response, limit, started)
         except Exception as exc:
             raise translate(upstream.version, exc) from exc

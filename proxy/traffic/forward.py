@@ -956,7 +956,3 @@ async def _watch_disconnect(ex: ClientExchange, response: UpstreamResponse, gone
 def _response_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers (and any the backend named in Connection); keep repeats in order."""
     return end_to_end([(name.lower(), value) for name, value in raw], RESPONSE_STRIP)
-
-
-def path_bytes(path: str) -> bytes:
-    return path.encode("utf-8", "surrogateescape")
