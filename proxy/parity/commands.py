@@ -181,14 +181,7 @@ def parity_sql(
     """Compare tables of two databases: counts, segment checksums, then only the differing rows."""
     from proxy.parity.checkpoint import Checkpoint, CheckpointError, fingerprint
     from proxy.parity.config import ParityConfigError, load_config, parse_duration
-
-    try:
-        from proxy.parity.runner import Runner, RunOptions
-    except ImportError as exc:  # SQLAlchemy is in the `parity` extra
-        _fail(
-            f"strangler parity sql needs SQLAlchemy 2 ({exc.name} is missing): "
-            "pip install 'strangler[parity]'"
-        )
+    from proxy.parity.runner import Runner, RunOptions  # the database drivers load when a run opens them
 
     try:
         overrides: dict[str, Any] = {"max_qps": max_qps}

@@ -28,8 +28,8 @@ from proxy.parity.checkpoint import Checkpoint
 from proxy.parity.config import ParityConfig
 from proxy.parity.errors import ParityConfigError, ParityDataError, ParityError
 from proxy.parity.normalise import FloatTolerance, display, instant, same
+from proxy.parity.plan import UPDATED, Database, Key, Raw, TablePlan, TableSide, build_plan, is_postgres
 from proxy.parity.report import DIFFERENT, EQUAL, ERROR, TableResult
-from proxy.parity.sql import UPDATED, Database, Key, Raw, TablePlan, TableSide, build_plan
 from proxy.parity.throttle import Throttle
 
 T = TypeVar("T")
@@ -104,11 +104,12 @@ class Runner:
         return a.result(), b.result()
 
     def run(self) -> list[TableResult]:
-        source = target = None
+        source: Database | None = None
+        target: Database | None = None
         results: list[TableResult] = []
         try:
-            source = Database(self.config.source, self.throttle, self.config.read_only, self.options.on_query)
-            target = Database(self.config.target, self.throttle, self.config.read_only, self.options.on_query)
+            source = self.open(self.config.source)
+            target = self.open(self.config.target)
             for table in self.config.tables:
                 assert table.name is not None
                 if self.options.tables and table.name not in self.options.tables:
@@ -138,16 +139,33 @@ class Runner:
                     db.dispose()
         return results
 
+    def open(self, url: str) -> Database:
+        """PostgreSQL on both sides: the driver alone (proxy.parity.pg, SQLAlchemy never imported);
+        anything else through SQLAlchemy (proxy.parity.sql)."""
+        both_postgres = is_postgres(self.config.source) and is_postgres(self.config.target)
+        try:
+            if both_postgres:
+                from proxy.parity.pg import PgDatabase
+
+                return PgDatabase(url, self.throttle, self.config.read_only, self.options.on_query)
+            from proxy.parity.sql import Database as AlchemyDatabase
+        except ImportError as exc:  # the drivers are in the `parity` extra
+            needs = "psycopg2" if both_postgres else "SQLAlchemy 2"
+            raise ParityError(
+                f"strangler parity sql needs {needs} ({exc.name} is missing): pip install 'strangler[parity]'"
+            ) from exc
+        return AlchemyDatabase(url, self.throttle, self.config.read_only, self.options.on_query)
+
     def run_table(self, source_db: Database, target_db: Database, name: str) -> TableResult:
         table = next(t for t in self.config.tables if t.name == name)
         assert table.target_table is not None
         src_table, tgt_table = self.both(
             lambda: source_db.reflect(table.source_table), lambda: target_db.reflect(table.target_table or "")
         )
-        plan = build_plan(table, src_table, tgt_table, source_db.dialect, target_db.dialect)
-        in_db = source_db.dialect == target_db.dialect == "postgresql"
-        source = TableSide(source_db, plan, "source", in_db)
-        target = TableSide(target_db, plan, "target", in_db)
+        plan = build_plan(table, src_table, tgt_table)
+        in_db = source_db.hashes_in_db and target_db.hashes_in_db
+        source = source_db.side(plan, "source", in_db)
+        target = target_db.side(plan, "target", in_db)
         result = TableResult(name, mode="checksums in the database" if in_db else "row hashes in the client")
 
         # pass 0
