@@ -11,16 +11,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.parity.config import ParityConfig
 
 
 class CheckpointError(ValueError):
     pass
 
 
-def fingerprint(config: Any) -> str:
+def fingerprint(config: ParityConfig) -> str:
     """Stable digest of what decides the answer (tables, mapping, chunking), not of credentials."""
-    data = config.model_dump(exclude={"source", "target", "max_qps", "lag_seconds"})
+    data = config.as_dict(exclude={"source", "target", "max_qps", "lag_seconds"})
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
