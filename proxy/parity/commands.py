@@ -16,12 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
-
-parity_app = typer.Typer(
-    no_args_is_help=True, help="Prove the new data store holds the same data as the old one (SQL, HTTP)."
-)
 
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the JSON report here.")]
 MarkdownOpt = Annotated[Path | None, typer.Option("--markdown", help="Write a Markdown report here.")]
@@ -39,6 +36,72 @@ SettingsOpt = Annotated[
 ]
 NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Do not store the result in Redis.")]
 
+
+class _PlainValue:
+    """An option's value as ``str``, ``int``, ``float`` or ``Path``, by calling the type; a flag's
+    as it is. typer 0.29 coerces every option, the help flag included, through a pydantic
+    TypeAdapter: importing pydantic for that costs `parity sql` about 10 MB of its peak (issue 24
+    item 13: no more memory than reladiff), for checks it does not need (every value is checked
+    again where it is used: the config loader, the checkpoint, the report paths)."""
+
+    def __init__(self, kind: Callable[[Any], Any] | None) -> None:
+        self.kind = kind
+
+    def coerce(self, value: Any, param: Any, ctx: Any) -> Any:  # typer's runtime-parameter call
+        if value is None:
+            return () if param.multiple else None
+        if param.multiple:
+            return [self._one(item, param, ctx) for item in value]
+        return self._one(value, param, ctx)
+
+    def _one(self, value: Any, param: Any, ctx: Any) -> Any:
+        if self.kind is None:
+            return value
+        try:
+            return self.kind(value)
+        except (TypeError, ValueError):
+            name = "number" if self.kind in (int, float) else "value"
+            raise typer.BadParameter(f"{value!r} is not a {name}", ctx=ctx, param=param) from None
+
+
+_PLAIN: dict[Any, Callable[[Any], Any] | None] = {
+    str: str, int: int, float: float, Path: Path, list[str]: str, bool: None
+}  # fmt: skip
+
+
+def _plain(param: Any) -> Any:
+    """Give ``param`` plain coercion when its type is one of ours (else typer keeps its own)."""
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if param is not None and hasattr(param, "get_runtime_param") and annotation in _PLAIN:
+        plain = _PlainValue(_PLAIN[annotation])
+        param.get_runtime_param = lambda: plain
+    return param
+
+
+class LightCommand(TyperCommand):
+    """A typer command whose options (and help flag) skip typer's pydantic coercion."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain(super().get_help_option(ctx))
+
+
+class LightGroup(TyperGroup):
+    """``strangler parity``: its help flag skips typer's pydantic coercion too."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _plain(super().get_help_option(ctx))
+
+
+parity_app = typer.Typer(
+    cls=LightGroup,
+    no_args_is_help=True,
+    help="Prove the new data store holds the same data as the old one (SQL, HTTP).",
+)
 
 EXIT_ERROR = 2  # proxy.cliutil's EXIT_USAGE: 1 means "different" here
 _consoles: dict[str, Any] = {}
@@ -154,7 +217,7 @@ def _finish(
     return exit_code(results)
 
 
-@parity_app.command("sql")
+@parity_app.command("sql", cls=LightCommand)
 def parity_sql(
     config: Annotated[
         Path, typer.Option("--config", "-c", help="parity.yaml: databases and table mappings.")
