@@ -26,27 +26,17 @@ in parentheses.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg2
 from psycopg2 import sql
 
+from proxy.parity import plan as shared
 from proxy.parity.errors import ParityDataError, ParityError
 from proxy.parity.normalise import FALSE_WORDS, FLOATS, MASK64, TRUE_WORDS
-from proxy.parity.plan import (
-    PG_READ_ONLY,
-    PG_SESSION,
-    ColumnPlan,
-    Raw,
-    Reflected,
-    ReflectedColumn,
-    TablePlan,
-    TableSide,
-    first_line,
-)
-from proxy.parity.throttle import Throttle
+from proxy.parity.plan import ColumnPlan, TablePlan, TableSide
 
 # In the hash queries a real prints 6 significant digits and a double precision 15 (%g): the
 # canonical text of :mod:`proxy.parity.normalise`'s float kinds, on every PostgreSQL version.
@@ -106,7 +96,7 @@ def connect_args(url: str) -> dict[str, str]:
     return args
 
 
-class PgDatabase:
+class PgDatabase(shared.Database):
     """One side's connection: opened on first use, session settings pinned, read-only unless told,
     every query in its own transaction and paced. One query at a time (the runner reads each side
     from one thread at a time; the lock makes sure)."""
@@ -114,17 +104,8 @@ class PgDatabase:
     dialect = "postgresql"
     hashes_in_db = True
 
-    def __init__(
-        self,
-        url: str,
-        throttle: Throttle,
-        read_only: bool = True,
-        on_query: Callable[[str], None] | None = None,
-    ) -> None:
+    def open(self, url: str) -> None:
         self.args = connect_args(url)
-        self.throttle = throttle
-        self.read_only = read_only
-        self.on_query = on_query
         self.server_version = 0  # major, once connected
         self._conn: Any = None
         self._lock = threading.Lock()
@@ -133,7 +114,7 @@ class PgDatabase:
         if self._conn is None or self._conn.closed:
             conn = psycopg2.connect(**self.args)
             with conn.cursor() as cursor:
-                for statement in PG_SESSION + ((PG_READ_ONLY,) if self.read_only else ()):
+                for statement in shared.PG_SESSION + ((shared.PG_READ_ONLY,) if self.read_only else ()):
                     cursor.execute(statement)
             conn.commit()
             version = conn.server_version  # 160002, or 90624 before 10
@@ -146,9 +127,7 @@ class PgDatabase:
     ) -> list[tuple[Any, ...]]:
         """One statement in its own transaction (``settings``, ``SET LOCAL``, apply to it alone);
         every row. ``label`` None: reflection (paced, not counted as a query of the run)."""
-        self.throttle.wait()
-        if label is not None and self.on_query:
-            self.on_query(label)
+        self.pace(label)
         with self._lock:
             conn = self._connection()
             try:
@@ -169,21 +148,21 @@ class PgDatabase:
             return self.query(label, statement, settings)
         except psycopg2.Error as exc:
             error = ParityDataError if str(exc.pgcode or "").startswith("22") else ParityError
-            raise error(f"{label} failed on the postgresql side: {first_line(exc)}") from exc
+            raise error(f"{label} failed on the postgresql side: {shared.first_line(exc)}") from exc
 
-    def reflect(self, name: str) -> Reflected:
+    def reflect(self, name: str) -> shared.Reflected:
         schema, _, table = name.rpartition(".")
         statement = _REFLECT.format(table=sql.Literal(table), schema=sql.Literal(schema or None))
         try:
             rows = self.query(None, statement)
         except psycopg2.Error as exc:
-            raise ParityError(f"cannot read {name!r}: {first_line(exc)}") from exc
+            raise ParityError(f"cannot read {name!r}: {shared.first_line(exc)}") from exc
         if not rows:
             raise ParityError(f"table {name!r} does not exist in the postgresql database")
         columns = tuple(
-            ReflectedColumn(column, _KINDS.get(base, "text"), text) for column, text, base in rows
+            shared.ReflectedColumn(column, _KINDS.get(base, "text"), text) for column, text, base in rows
         )
-        return Reflected(name, columns)
+        return shared.Reflected(name, columns)
 
     def side(self, plan: TablePlan, side: str, in_db_hash: bool) -> TableSide:
         return PgSide(self, plan, side, in_db_hash)
@@ -299,7 +278,7 @@ class PgSide(TableSide):
         return self.db.run(f"row hashes of {self.plan.table.name}", statement, settings)
 
     # pass 2
-    def _fetch_rows(self, raws: list[Raw]) -> Iterable[Sequence[Any]]:
+    def _fetch_rows(self, raws: list[shared.Raw]) -> Iterable[Sequence[Any]]:
         items = [self.expr(c) for c in self.plan.all_columns]
         if self.updated is not None:
             items.append(sql.Identifier(self.updated))

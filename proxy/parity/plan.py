@@ -9,14 +9,15 @@ names, comparison kinds, type text), build the same :class:`TablePlan` from it, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
 
 from proxy.parity.config import TableMap
 from proxy.parity.errors import ParityConfigError
 from proxy.parity.normalise import canonical, common_kind, row_hash
+from proxy.parity.throttle import Throttle
 
 FETCH_BATCH = 500
 RANGE_BATCH = 100  # key ranges per row-hash query
@@ -171,17 +172,42 @@ def _mentioned(expression: str, columns: Iterable[str]) -> set[str]:
     return {c for c in columns if c in words}
 
 
-class Database(Protocol):
-    """One side's connection, whichever path runs it."""
+OnQuery = Callable[[str], None] | None
 
-    dialect: str
-    hashes_in_db: bool  # can hash rows in SQL (both sides must)
 
-    def reflect(self, name: str) -> Reflected: ...
+class Database:
+    """One side's connection, whichever path runs it: every query paced by the run's throttle
+    and reported to ``on_query`` (tests count them)."""
 
-    def side(self, plan: TablePlan, side: str, in_db_hash: bool) -> TableSide: ...
+    dialect = ""
+    hashes_in_db = False  # can hash rows in SQL (both sides must)
 
-    def dispose(self) -> None: ...
+    def __init__(
+        self, url: str, throttle: Throttle, read_only: bool = True, on_query: OnQuery = None
+    ) -> None:
+        self.throttle = throttle
+        self.read_only = read_only
+        self.on_query = on_query
+        self.open(url)
+
+    def open(self, url: str) -> None:
+        """Set up (a path connects lazily or builds its engine here)."""
+        raise NotImplementedError
+
+    def pace(self, label: str | None) -> None:
+        """Before each query (``label`` None: reflection, paced but not counted)."""
+        self.throttle.wait()
+        if label is not None and self.on_query:
+            self.on_query(label)
+
+    def reflect(self, name: str) -> Reflected:
+        raise NotImplementedError
+
+    def side(self, plan: TablePlan, side: str, in_db_hash: bool) -> TableSide:
+        raise NotImplementedError
+
+    def dispose(self) -> None:
+        raise NotImplementedError
 
 
 class TableSide:

@@ -8,7 +8,7 @@ Either way the verdict on a row comes from the Python normalisers; hashes only f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,6 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
+from proxy.parity import plan
 from proxy.parity.errors import ParityDataError, ParityError
 from proxy.parity.plan import (
     PG_READ_ONLY,
@@ -29,21 +30,14 @@ from proxy.parity.plan import (
     TableSide,
     first_line,
 )
-from proxy.parity.throttle import Throttle
 
 
-class Database:
+class Database(plan.Database):
     """One side's engine: read-only sessions where the dialect allows, every query paced."""
 
     hashes_in_db = False
 
-    def __init__(
-        self,
-        url: str,
-        throttle: Throttle,
-        read_only: bool = True,
-        on_query: Callable[[str], None] | None = None,
-    ) -> None:
+    def open(self, url: str) -> None:
         try:
             self.engine: Engine = (
                 sa.create_engine(url, pool_size=4, max_overflow=4)
@@ -53,14 +47,12 @@ class Database:
         except (SQLAlchemyError, ImportError, ValueError) as exc:
             raise ParityError(f"cannot use database URL ({type(exc).__name__}: {first_line(exc)})") from exc
         self.dialect = self.engine.dialect.name
-        self.throttle = throttle
-        self.on_query = on_query
         if self.dialect == "postgresql":
-            event.listen(self.engine, "connect", _pg_session_read_only if read_only else _pg_session)
+            event.listen(self.engine, "connect", _pg_session_read_only if self.read_only else _pg_session)
 
     def reflect(self, name: str) -> Reflected:
         schema, _, table = name.rpartition(".")
-        self.throttle.wait()
+        self.pace(None)
         try:
             with self.engine.connect() as conn:
                 reflected = sa.Table(table, sa.MetaData(), autoload_with=conn, schema=schema or None)
@@ -77,9 +69,7 @@ class Database:
 
     def run(self, label: str, statement: Any) -> Sequence[Any]:
         """One query, in its own transaction."""
-        self.throttle.wait()
-        if self.on_query:
-            self.on_query(label)
+        self.pace(label)
         try:
             with self.engine.connect() as conn:
                 return conn.execute(statement).all()

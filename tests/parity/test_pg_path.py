@@ -17,10 +17,14 @@ from tests.parity.test_startup import loaded
 HEAVY = ("sqlalchemy", "pydantic", "pydantic_core", "psycopg")  # psycopg 3: 34 MB imported
 
 
+@pytest.mark.parametrize("target", ["postgresql", "sqlite"])
 def test_a_postgresql_pair_runs_on_the_driver_alone(
-    pg_urls: tuple[str, str], table_name: str, tmp_path: Path
+    target: str, pg_urls: tuple[str, str], table_name: str, tmp_path: Path
 ) -> None:
+    """Both sides PostgreSQL: psycopg2 only. A mixed pair still goes through SQLAlchemy."""
     src, dst = pg_urls
+    if target == "sqlite":
+        dst = f"sqlite:///{tmp_path / 'b.db'}"
     for url in (src, dst):
         execute(
             url,
@@ -30,24 +34,11 @@ def test_a_postgresql_pair_runs_on_the_driver_alone(
     config = write_config(tmp_path / "p.yaml", src, dst, [{"source_table": table_name, "key": ["id"]}])
     code, modules = loaded("parity", "sql", "-c", str(config), "--no-store", "--samples", "5", cwd=tmp_path)
     assert code == 0
-    assert [m for m in modules if m.split(".")[0] in HEAVY] == []
-    assert "proxy.parity.pg" in modules and "psycopg2" in modules and "proxy.parity.sql" not in modules
-
-
-def test_a_mixed_pair_still_goes_through_sqlalchemy(
-    pg_urls: tuple[str, str], table_name: str, tmp_path: Path
-) -> None:
-    src, _ = pg_urls
-    dst = f"sqlite:///{tmp_path / 'b.db'}"
-    for url in (src, dst):
-        execute(
-            url,
-            f"CREATE TABLE {table_name} (id int PRIMARY KEY, v text)",
-            f"INSERT INTO {table_name} VALUES (1, 'a')",
-        )
-    config = write_config(tmp_path / "p.yaml", src, dst, [{"source_table": table_name, "key": ["id"]}])
-    code, modules = loaded("parity", "sql", "-c", str(config), "--no-store", cwd=tmp_path)
-    assert code == 0 and "proxy.parity.sql" in modules and "proxy.parity.pg" not in modules
+    if target == "postgresql":
+        assert [m for m in modules if m.split(".")[0] in HEAVY] == []
+        assert "proxy.parity.pg" in modules and "psycopg2" in modules and "proxy.parity.sql" not in modules
+    else:
+        assert "proxy.parity.sql" in modules and "proxy.parity.pg" not in modules
 
 
 def _q(name: str) -> str:
