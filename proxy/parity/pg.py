@@ -26,7 +26,7 @@ in parentheses.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -44,6 +44,10 @@ HASH_SETTINGS = ("SET LOCAL extra_float_digits = 0",)
 # the planner cannot know there are few segments, and sorts every row to group them; hashing
 # into a few thousand groups is much cheaper
 CHECKSUM_SETTINGS = ("SET LOCAL enable_sort = off", *HASH_SETTINGS)
+# rows streamed through a server-side cursor, this many per round trip; planned for all of them
+# (a cursor is planned for its first 10% by default)
+STREAM_ROWS = 5000
+STREAM_SETTINGS = ("SET LOCAL cursor_tuple_fraction = 1",)
 # float8 -> real refuses what it cannot hold; these are the limits of C's round-to-nearest
 _FLOAT4_OVERFLOW = 3.4028235677973366e38  # FLT_MAX + half an ulp: from here on, infinity
 _FLOAT4_UNDERFLOW = 2.0**-150  # half the smallest denormal: up to here, zero
@@ -123,29 +127,38 @@ class PgDatabase(shared.Database):
         return self._conn
 
     def query(
-        self, label: str | None, statement: sql.Composable, settings: Sequence[str] = ()
-    ) -> list[tuple[Any, ...]]:
-        """One statement in its own transaction (``settings``, ``SET LOCAL``, apply to it alone);
-        every row. ``label`` None: reflection (paced, not counted as a query of the run)."""
+        self, label: str | None, statement: sql.Composable, settings: Sequence[str] = (), stream: bool = False
+    ) -> Iterator[tuple[Any, ...]]:
+        """One statement in its own transaction (``settings``, ``SET LOCAL``, apply to it alone).
+        ``stream``: through a server-side cursor, STREAM_ROWS at a time, so a long result (row
+        hashes of a chunk, whole rows) never sits in memory at once; otherwise read whole (a few
+        thousand segment sums at most). ``label`` None: reflection (paced, not counted)."""
         self.pace(label)
         with self._lock:
             conn = self._connection()
             try:
-                with conn, conn.cursor() as cursor:  # commit, or roll back on an error
-                    for setting in settings:
-                        cursor.execute(setting)
-                    cursor.execute(statement)
-                    rows: list[tuple[Any, ...]] = cursor.fetchall()
-                    return rows
+                with conn:  # commit, or roll back on an error
+                    with conn.cursor() as cursor:
+                        for setting in (*settings, *(STREAM_SETTINGS if stream else ())):
+                            cursor.execute(setting)
+                        if not stream:
+                            cursor.execute(statement)
+                            yield from cursor.fetchall()
+                            return
+                    with conn.cursor(name="parity") as cursor:
+                        cursor.itersize = STREAM_ROWS
+                        cursor.execute(statement)
+                        yield from cursor
             finally:
                 if conn.closed:  # a broken connection is opened again by the next query
                     self._conn = None
 
     def run(
-        self, label: str, statement: sql.Composable, settings: Sequence[str] = ()
-    ) -> list[tuple[Any, ...]]:
+        self, label: str, statement: sql.Composable, settings: Sequence[str] = (), stream: bool = False
+    ) -> Iterator[tuple[Any, ...]]:
+        """:meth:`query`, a database error as ours (SQLSTATE class 22, data: ParityDataError)."""
         try:
-            return self.query(label, statement, settings)
+            yield from self.query(label, statement, settings, stream)
         except psycopg2.Error as exc:
             error = ParityDataError if str(exc.pgcode or "").startswith("22") else ParityError
             raise error(f"{label} failed on the postgresql side: {shared.first_line(exc)}") from exc
@@ -154,7 +167,7 @@ class PgDatabase(shared.Database):
         schema, _, table = name.rpartition(".")
         statement = _REFLECT.format(table=sql.Literal(table), schema=sql.Literal(schema or None))
         try:
-            rows = self.query(None, statement)
+            rows = list(self.query(None, statement))
         except psycopg2.Error as exc:
             raise ParityError(f"cannot read {name!r}: {shared.first_line(exc)}") from exc
         if not rows:
@@ -214,7 +227,7 @@ class PgSide(TableSide):
         first = self.expr(self.plan.key[0])
         items = [sql.SQL("count(*)"), sql.SQL("min({})").format(first), sql.SQL("max({})").format(first)]
         items += [sql.SQL("sum(CAST({} AS NUMERIC))").format(self.expr(c)) for c in summed]
-        return self.db.run(f"aggregates of {self.plan.table.name}", self._select(items))[0]
+        return list(self.db.run(f"aggregates of {self.plan.table.name}", self._select(items)))[0]
 
     # pass 1, in the database
     def _sql_value(self, column: ColumnPlan) -> sql.Composable:
@@ -275,7 +288,7 @@ class PgSide(TableSide):
         else:
             items = [*keys, *(self.expr(c) for c in self.plan.columns)]
         statement = self._select(items, *([self._in_ranges(ranges)] if ranges is not None else []))
-        return self.db.run(f"row hashes of {self.plan.table.name}", statement, settings)
+        return self.db.run(f"row hashes of {self.plan.table.name}", statement, settings, stream=True)
 
     # pass 2
     def _fetch_rows(self, raws: list[shared.Raw]) -> Iterable[Sequence[Any]]:
@@ -287,7 +300,7 @@ class PgSide(TableSide):
             condition = sql.SQL("{} IN {}").format(keys[0], sql.Literal(tuple(raw[0] for raw in raws)))
         else:
             condition = sql.SQL("({}) IN {}").format(_join(keys), sql.Literal(tuple(raws)))
-        return self.db.run(f"rows of {self.plan.table.name}", self._select(items, condition))
+        return self.db.run(f"rows of {self.plan.table.name}", self._select(items, condition), stream=True)
 
 
 def _sql_float(expr: sql.Composable, own: str, kind: str) -> sql.Composable:
