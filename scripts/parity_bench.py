@@ -12,9 +12,11 @@ text, amount numeric(12,2), created_at timestamptz, tags jsonb) in both, and tim
 2. 100 rows missing, 100 extra and 100 changed in the target (+0.01, +1 us, one JSON value),
    scattered over the key range; the report must name exactly those 300 keys.
 
-Each tool runs as a child process; wall time is measured around it, and peak RSS and CPU time
-(user + system) come from the child's rusage. Both databases share one server and the machine's
-cores with everything else running on it, so figures move between runs.
+Each tool runs as a child process, started by a small launcher (see LAUNCHER) that measures wall
+time around it and takes peak RSS and CPU time (user + system) from its rusage. ``--baseline
+/work/main`` also times `strangler parity sql` from another checkout in the same run. Both
+databases share one server and the machine's cores with everything else running on it, so
+figures move between runs.
 """
 
 from __future__ import annotations
@@ -51,26 +53,32 @@ FILL = (
 )
 
 
-def timed(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a child; wall seconds, peak RSS (MB) and CPU seconds from its own rusage."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out, err = b"", b""
-    # wait4 gives this child's rusage alone (RUSAGE_CHILDREN would add every earlier child)
-    assert process.stdout is not None and process.stderr is not None
-    out = process.stdout.read()
-    err = process.stderr.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "wall": wall,
-        "rss_mb": usage.ru_maxrss / 1024,
-        "cpu": usage.ru_utime + usage.ru_stime,
-        "code": process.returncode,
-        "stdout": out.decode(errors="replace"),
-        "stderr": err.decode(errors="replace"),
-    }
+# Linux keeps a process's peak RSS across exec, counting the memory it was started from: a child
+# that subprocess forks from this script (psycopg, the test helpers: about 40 MB) starts with that
+# as its "peak". So each tool is started by a small launcher (this code, in a fresh interpreter
+# without site packages) that forks and execs it: the floor is the launcher's 10 MB, below any tool.
+LAUNCHER = """
+import json, os, sys, time
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    json.dump({"wall": time.perf_counter() - started, "rss_mb": usage.ru_maxrss / 1024,
+               "cpu": usage.ru_utime + usage.ru_stime, "code": os.waitstatus_to_exitcode(status)}, out)
+"""
+
+
+def timed(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict[str, Any]:
+    """Run a tool: wall seconds, peak RSS (MB) and CPU seconds of its own process (LAUNCHER)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as figures:
+        launch = [sys.executable, "-S", "-c", LAUNCHER, figures.name, *command]
+        process = subprocess.run(launch, capture_output=True, env=env, cwd=cwd, check=False)
+        result: dict[str, Any] = json.loads(Path(figures.name).read_text())
+    result["stdout"] = process.stdout.decode(errors="replace")
+    result["stderr"] = process.stderr.decode(errors="replace")
+    return result
 
 
 def connect(url: str) -> psycopg.Connection[Any]:
@@ -116,12 +124,13 @@ def warm(*urls: str) -> None:
             conn.execute("SELECT count(*), sum(hashtextextended(tags::text, 0)) FROM items").fetchall()
 
 
-def ours(config: Path) -> dict[str, Any]:
+def ours(config: Path, checkout: Path = ROOT) -> dict[str, Any]:
+    """`strangler parity sql` from ``checkout`` (this one, or --baseline's: before/after, one run)."""
     command = [
         sys.executable, "-m", "proxy.cli", "parity", "sql", "-c", str(config), "--json", "--no-store",
         "--samples", "1000", "--checkpoint", str(config.parent / "checkpoint.json"),
     ]  # fmt: skip
-    result = timed(command, env={**os.environ, "COLUMNS": "200"})
+    result = timed(command, env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(checkout)}, cwd=checkout)
     try:
         report = json.loads(result["stdout"])["tables"][0]
     except (ValueError, KeyError, IndexError):
@@ -150,6 +159,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--url", help="existing server, e.g. postgresql+psycopg://postgres@127.0.0.1:5432/")
     parser.add_argument("--reladiff", default=shutil.which("reladiff"), help="reladiff executable")
+    parser.add_argument("--baseline", type=Path, help="another checkout (e.g. main) to time beside this one")
     args = parser.parse_args()
 
     server = None
@@ -185,11 +195,10 @@ def main() -> None:
         rows: list[tuple[str, str, dict[str, Any], str]] = []
 
         warm(src, dst)
-        result = ours(config)
-        ok = result["code"] == 0 and not any(result["found"].values())
-        rows.append(
-            ("equal", "strangler parity", result, "exit 0, equal" if ok else f"WRONG (exit {result['code']})")
-        )
+        for name, checkout in _checkouts(args.baseline):
+            result = ours(config, checkout)
+            ok = result["code"] == 0 and not any(result["found"].values())
+            rows.append(("equal", name, result, "exit 0, equal" if ok else f"WRONG (exit {result['code']})"))
         if args.reladiff:
             rel = reladiff(args.reladiff, src, dst)
             rows.append(
@@ -198,12 +207,13 @@ def main() -> None:
 
         expected = damage(dst, args.rows)
         warm(src, dst)
-        result = ours(config)
-        exact = result["found"] == expected
-        note = f"exit {result['code']}, " + (
-            "all 300 exact" if exact else f"WRONG: {_counts(result['found'])}"
-        )
-        rows.append(("300 differences", "strangler parity", result, note))
+        for name, checkout in _checkouts(args.baseline):
+            result = ours(config, checkout)
+            exact = result["found"] == expected
+            note = f"exit {result['code']}, " + (
+                "all 300 exact" if exact else f"WRONG: {_counts(result['found'])}"
+            )
+            rows.append(("300 differences", name, result, note))
         if args.reladiff:
             rel = reladiff(args.reladiff, src, dst)
             rows.append(
@@ -216,13 +226,13 @@ def main() -> None:
             )
 
         print(
-            f"\n{'case':<16} {'tool':<19} {'wall s':>7} {'peak RSS MB':>12} {'CPU s':>6} "
+            f"\n{'case':<16} {'tool':<21} {'wall s':>7} {'peak RSS MB':>12} {'CPU s':>6} "
             f"{'compare s':>10} {'its CPU s':>10}  result"
         )
         for case, tool, r, note in rows:
             wall, cpu = r.get("engine", ("-", "-"))
             print(
-                f"{case:<16} {tool:<19} {r['wall']:>7.2f} {r['rss_mb']:>12.0f} {r['cpu']:>6.2f} "
+                f"{case:<16} {tool:<21} {r['wall']:>7.2f} {r['rss_mb']:>12.0f} {r['cpu']:>6.2f} "
                 f"{wall:>10} {cpu:>10}  {note}"
             )
         print(
@@ -235,6 +245,10 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+
+
+def _checkouts(baseline: Path | None) -> list[tuple[str, Path]]:
+    return [("strangler parity", ROOT)] + ([("strangler (baseline)", baseline.resolve())] if baseline else [])
 
 
 def _counts(found: dict[str, set[int]]) -> str:
