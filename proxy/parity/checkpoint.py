@@ -7,11 +7,12 @@ exactly; other key types are stored as text).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from proxy.parity.normalise import blake2b
 
 if TYPE_CHECKING:
     from proxy.parity.config import ParityConfig
@@ -24,7 +25,7 @@ class CheckpointError(ValueError):
 def fingerprint(config: ParityConfig) -> str:
     """Stable digest of what decides the answer (tables, mapping, chunking), not of credentials."""
     data = config.as_dict(exclude={"source", "target", "max_qps", "lag_seconds"})
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return blake2b(json.dumps(data, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
 
 
 class Checkpoint:

@@ -253,8 +253,9 @@ class TableSide:
         raise NotImplementedError
 
     # pass 1
-    def checksums(self, lo: int | None, hi: int | None, width: int) -> dict[int, tuple[int, int]]:
-        """``{segment: (rows, sum of row hashes mod 2**64)}`` for one chunk (in-database paths)."""
+    def checksums(self, lo: int | None, hi: int | None, width: int) -> dict[int, int]:
+        """``{segment: rows << 64 | sum of row hashes mod 2**64}`` for one chunk (in-database
+        paths): one int per segment, not a tuple of two, as a chunk has thousands of them."""
         raise NotImplementedError
 
     def row_hashes(self, ranges: Sequence[tuple[int, int]] | None) -> dict[Key, tuple[Raw, int]]:

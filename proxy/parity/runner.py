@@ -17,9 +17,9 @@ Per table:
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -82,7 +82,7 @@ def plan_chunks(
 
 
 class Runner:
-    """Runs a whole config. Dependencies come in; the runner owns two engines and one thread pool."""
+    """Runs a whole config. Dependencies come in; the runner owns the two databases."""
 
     def __init__(
         self,
@@ -95,13 +95,28 @@ class Runner:
         self.checkpoint = checkpoint
         self.options = options
         self.throttle = throttle or Throttle(config.max_qps)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parity")
 
     def both(self, left: Callable[[], T], right: Callable[[], U]) -> tuple[T, U]:
         """Read both sides at the same time: each database works on its own core."""
-        a = self.pool.submit(left)
-        b = self.pool.submit(right)
-        return a.result(), b.result()
+        outcome: list[Any] = [None, None]  # value or error, per side
+
+        def source() -> None:
+            try:
+                outcome[0] = (left(),)
+            except BaseException as exc:  # noqa: BLE001 - raised again below, in this thread
+                outcome[0] = exc
+
+        thread = threading.Thread(target=source, name="parity-source", daemon=True)
+        thread.start()  # one thread per call, not a pool: no executor imported, no idle threads
+        try:
+            outcome[1] = (right(),)
+        except BaseException as exc:  # noqa: BLE001 - the source side's error comes first
+            outcome[1] = exc
+        thread.join()
+        for side in outcome:
+            if isinstance(side, BaseException):
+                raise side
+        return outcome[0][0], outcome[1][0]
 
     def run(self) -> list[TableResult]:
         source: Database | None = None
@@ -133,7 +148,6 @@ class Runner:
         except ParityError as exc:
             results.append(TableResult("*", ERROR, error=str(exc)))
         finally:
-            self.pool.shutdown()
             for db in (source, target):
                 if db is not None:
                     db.dispose()

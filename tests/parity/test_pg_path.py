@@ -105,7 +105,7 @@ def test_urls_become_libpq_keywords() -> None:
     assert not is_postgres("sqlite:///postgresql.db") and not is_postgres("mysql://postgresql")
     assert connect_args("postgresql+psycopg://rea%40der:p%2Fw%20d@db.internal:6543/shop?sslmode=require") == {
         "user": "rea@der", "password": "p/w d", "host": "db.internal", "port": "6543", "dbname": "shop",
-        "sslmode": "require",
+        "sslmode": "require", "gssencmode": "disable",
     }  # fmt: skip
     assert connect_args("postgresql://reader@/shop?host=/run/postgresql") == {
         "user": "reader",
