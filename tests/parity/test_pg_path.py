@@ -107,11 +107,8 @@ def test_urls_become_libpq_keywords() -> None:
         "user": "rea@der", "password": "p/w d", "host": "db.internal", "port": "6543", "dbname": "shop",
         "sslmode": "require", "gssencmode": "disable",
     }  # fmt: skip
-    assert connect_args("postgresql://reader@/shop?host=/run/postgresql") == {
-        "user": "reader",
-        "dbname": "shop",
-        "host": "/run/postgresql",
-    }
+    socket = connect_args("postgresql://reader@/shop?host=/run/postgresql&gssencmode=prefer")
+    assert socket == {"user": "reader", "dbname": "shop", "host": "/run/postgresql", "gssencmode": "prefer"}
     with pytest.raises(ParityError, match="cannot use database URL"):
         connect_args("postgresql://db:notaport/shop")
 
