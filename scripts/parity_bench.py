@@ -232,7 +232,7 @@ def main() -> None:
         for case, tool, r, note in rows:
             wall, cpu = r.get("engine", ("-", "-"))
             print(
-                f"{case:<16} {tool:<21} {r['wall']:>7.2f} {r['rss_mb']:>12.0f} {r['cpu']:>6.2f} "
+                f"{case:<16} {tool:<21} {r['wall']:>7.2f} {r['rss_mb']:>12.1f} {r['cpu']:>6.2f} "
                 f"{wall:>10} {cpu:>10}  {note}"
             )
         print(

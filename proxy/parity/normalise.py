@@ -16,9 +16,9 @@ value is turned into canonical text for its kind, or ``None`` for SQL NULL, so t
 * JSON is compared in canonical form (keys sorted, no whitespace), never as raw text;
 * ``True`` equals ``1``, ``'t'``, ``'true'``, ``'yes'`` and ``'on'`` (any case, outer blanks).
 
-Pure (no SQL here: :mod:`proxy.parity.sql` maps column types to kinds). The same canonical text
-feeds the client-side row hash (SQLite and mixed dialects), so hashing
-and the final comparison agree by construction.
+Pure (no SQL here: :mod:`proxy.parity.pg` and :mod:`proxy.parity.sql` map column types to
+kinds). The same canonical text feeds the client-side row hash (SQLite and mixed dialects), so
+hashing and the final comparison agree by construction.
 """
 
 from __future__ import annotations
