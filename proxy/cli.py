@@ -108,12 +108,6 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 EXIT_INTERRUPTED = 130  # as proxy.cliutil's
 
 
-class _FlagAsIs:
-    @staticmethod
-    def coerce(value: Any, param: Any, ctx: Any) -> Any:
-        return value
-
-
 class StranglerGroup(TyperGroup):
     """Every command runs inside this ``invoke``: our known errors become one line and an exit code.
     Commands are built when asked for (``get_command``), so only the one that runs is imported."""
@@ -136,14 +130,6 @@ class StranglerGroup(TyperGroup):
                     holder.command(name)(found)
                 self.add_command(typer.main.get_group(holder).commands[name], name)
         return self.commands.get(name)
-
-    def get_help_option(self, ctx: Any) -> Any:
-        """typer coerces even this flag through a pydantic TypeAdapter: importing pydantic for it
-        costs every command 10 MB (``strangler parity`` has none otherwise: issue 24 item 13)."""
-        option: Any = super().get_help_option(ctx)
-        if option is not None:
-            option.get_runtime_param = lambda: _FlagAsIs
-        return option
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:

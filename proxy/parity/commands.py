@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperCommand
 
 from proxy.parity.report import TableResult, exit_code, rich_table, sample_lines, to_json, to_markdown
 
@@ -40,9 +40,10 @@ NoStoreOpt = Annotated[bool, typer.Option("--no-store", help="Do not store the r
 class _PlainValue:
     """An option's value as ``str``, ``int``, ``float`` or ``Path``, by calling the type; a flag's
     as it is. typer 0.29 coerces every option, the help flag included, through a pydantic
-    TypeAdapter: importing pydantic for that costs `parity sql` about 10 MB of its peak (issue 24
-    item 13: no more memory than reladiff), for checks it does not need (every value is checked
-    again where it is used: the config loader, the checkpoint, the report paths)."""
+    TypeAdapter: importing pydantic for that costs `parity sql` about 12 MB of its peak, and the
+    adapters 4 more (a run on a million rows needs 31 MB in all, as much as reladiff), for checks
+    it does not need: every value is checked again where it is used (the config loader, the
+    checkpoint, the report paths)."""
 
     def __init__(self, kind: Callable[[Any], Any] | None) -> None:
         self.kind = kind
@@ -79,7 +80,8 @@ def _plain(param: Any) -> Any:
 
 
 class LightCommand(TyperCommand):
-    """A typer command whose options (and help flag) skip typer's pydantic coercion."""
+    """A typer command whose options (and help flag) skip typer's pydantic coercion (the groups
+    above it have theirs set to False when not given: proxy/cli.py)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -90,15 +92,7 @@ class LightCommand(TyperCommand):
         return _plain(super().get_help_option(ctx))
 
 
-class LightGroup(TyperGroup):
-    """``strangler parity``: its help flag skips typer's pydantic coercion too."""
-
-    def get_help_option(self, ctx: Any) -> Any:
-        return _plain(super().get_help_option(ctx))
-
-
 parity_app = typer.Typer(
-    cls=LightGroup,
     no_args_is_help=True,
     help="Prove the new data store holds the same data as the old one (SQL, HTTP).",
 )

@@ -3,8 +3,8 @@
 Validated once when loaded; every problem becomes one :class:`ParityConfigError` line, so the CLI
 exits with code 2 and a clear message instead of comparing something other than what was meant.
 
-Plain dataclasses checked by hand, not pydantic models: building three models costs
-`strangler parity` about 16 MB of its peak memory (issue 24 item 13), more than the work itself.
+Plain dataclasses checked by hand, not pydantic models: importing pydantic and building three
+models cost `strangler parity` more of its peak memory than the comparison itself needs.
 Messages keep pydantic's shape (``tables.0.key: List should have at least 1 item``).
 """
 

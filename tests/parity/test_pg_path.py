@@ -1,5 +1,6 @@
-"""The PostgreSQL pair path (proxy/parity/pg.py, issue 24 item 13): the driver alone, without
-SQLAlchemy or pydantic, and every name from the config quoted, never run as SQL."""
+"""The PostgreSQL pair path (proxy/parity/pg.py): the driver alone, without SQLAlchemy or pydantic
+(a run must not need more memory than reladiff), and every name from the config quoted, never
+run as SQL."""
 
 from __future__ import annotations
 
