@@ -578,7 +578,7 @@ def bench(
     return medians(runs)
 
 
-# --- WebSocket echo (issue 12): messages/s through the proxy against direct ------------------------
+# --- WebSocket echo: messages/s through the proxy against direct ----------------------------------
 
 
 def _ws_backend_main(port: int) -> None:

@@ -241,7 +241,9 @@ def raise_open_file_limit() -> None:
 
 
 class ServerGroup:
-    """Servers stopped together: the first stop() is graceful, a second one forces the exit."""
+    """Servers stopped together: the first stop() starts a graceful drain; a second one ends the
+    drain at once (connections still open are aborted), after which the app shuts down as usual
+    (``serve``'s ``finally``): it cuts the wait short, it does not exit the process."""
 
     def __init__(self) -> None:
         self.servers: list[HttpServer] = []

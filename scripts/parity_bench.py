@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Benchmark `strangler parity sql` (and reladiff beside it, when installed) on the tables of
-issue 15, in one run:
+"""Benchmark `strangler parity sql` (and reladiff beside it, when installed) on two 1M-row
+tables, in one run:
 
     .venv/bin/python scripts/parity_bench.py [--rows 1000000] [--reladiff PATH_TO_reladiff]
 

@@ -1,4 +1,4 @@
-"""Issue 11, operator trust: each control run as a user runs it (the real ``strangler`` app, in-process
+"""Operator trust: each control run as a user runs it (the real ``strangler`` app, in-process
 through tests/clirun.py; ``serve``, ``demo`` and ``soak``, which start processes, as subprocesses)
 against a real Redis and a real proxy, asserting what happened to traffic, to Redis, the exit code
 and the one-line output."""
