@@ -9,12 +9,10 @@ carrying the server's own JSON message, so the CLI can print it as is.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from rich.console import Console
 from rich.table import Table
 
 from proxy.settings import read_admin_token
@@ -25,13 +23,28 @@ if TYPE_CHECKING:
 DEFAULT_PREFIX = "/_strangler"
 
 
+# How an admin API answer maps to the CLI's exit codes: the same as the Redis path's for the same
+# refusal (README "Operate"): a refused request is bad input (2), a wrong or missing token too (2,
+# with a hint), a proxy that failed or cannot be reached is a failed action (1).
+USAGE_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 422})
+TOKEN_HINT = (
+    "pass the proxy's admin token: --token or STRANGLER_ADMIN_TOKEN "
+    "(a local `strangler serve` keeps it in .strangler/admin-token)"
+)
+
+
 class AdminError(Exception):
     """The admin API refused or could not be reached; ``str()`` is a message for humans."""
 
     def __init__(self, message: str, status: int | None = None, bad_input: bool = False) -> None:
         super().__init__(message)
         self.status = status
-        self.bad_input = bad_input  # the request was wrong before anything was sent (a malformed URL)
+        # exit 2: the request was wrong before anything was sent (a malformed URL), or refused
+        self.bad_input = bad_input or status in USAGE_STATUSES
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.bad_input else 1
 
 
 def base_url(url: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -76,14 +89,20 @@ class AdminClient:
             raise AdminError(f"admin API at {self.url} is unreachable: {exc}") from exc
         try:
             data = response.json()
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (or not text)
             data = None
+        ours = isinstance(data, dict) and (response.status_code < 400 or "error" in data)
+        if not ours:  # a backend, a default page: say so rather than relay its text
+            asked = urlsplit(self.url + path).path
+            raise AdminError(
+                f"{self.url}: not a Strangler admin API (answered {response.status_code} to {asked})",
+                response.status_code if response.status_code >= 400 else None,
+            )
         if response.status_code >= 400:
-            if isinstance(data, dict) and "error" in data:
-                extra = data.get("detail") or data.get("message") or ""
-                message = f"{data['error']}" + (f": {extra}" if extra else "")
-            else:
-                message = response.text[:200] or response.reason_phrase
+            extra = data.get("detail") or data.get("message") or ""
+            message = f"{data['error']}" + (f": {extra}" if extra else "")
+            if response.status_code in (401, 403):
+                message = f"{data['error']}; {TOKEN_HINT}"
             raise AdminError(f"admin API answered {response.status_code}: {message}", response.status_code)
         return data
 
@@ -147,24 +166,6 @@ class AdminClient:
 
 
 # --- what the CLI commands print when they go through the admin API -------------------------------
-
-
-def print_status(client: AdminClient, console: Console, as_json: bool) -> None:
-    data = client.status()
-    if as_json:
-        print(json.dumps({"via": client.url, **data}))
-        return
-    table = Table(title=f"Strangler split (admin API {client.url})")
-    for column in ("group", "v2 %", "source"):
-        table.add_column(column)
-    for group, info in data.get("groups", {}).items():
-        own = info.get("own_key")
-        source = "own key" if own else ("global" if group != "default" else "global key / default")
-        table.add_row(group, f"{info.get('percentage', 0):g}", source)
-    console.print(table)
-    redis = "ok" if data.get("redis_ok") else "UNREACHABLE (serving the last good snapshot)"
-    age = data.get("snapshot_age_seconds")
-    console.print(f"redis: {redis}; snapshot age: {'-' if age is None else f'{age:.1f}s'}")
 
 
 def deprecation_table(rules: list[dict[str, Any]], title: str) -> Table:
