@@ -109,7 +109,7 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         body = await json_body(request)
         group = body.get("group") or "default"
         if group not in ctx.settings.group_names:
-            return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
+            return unknown_group(group, ctx.settings.group_names)
         if "percentage" not in body:
             return error(422, "invalid percentage", detail="body needs a percentage between 0 and 100")
         try:
@@ -125,7 +125,7 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         body = await json_body(request, allow_empty=True)
         group = body.get("group") or None
         if group is not None and group not in ctx.settings.group_names:
-            return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
+            return unknown_group(group, ctx.settings.group_names)
         try:
             changed = await ctx.control.rollback(group, ctx.settings.group_names)
         except (RedisError, OSError, TimeoutError):
@@ -227,6 +227,12 @@ async def json_body(request: Request, allow_empty: bool = False) -> dict[str, An
     if not isinstance(data, dict):
         raise HTTPException(400, "body must be a JSON object")
     return data
+
+
+def unknown_group(group: str, known: list[str]) -> JSONResponse:
+    """404, worded as the CLI's Redis path words it."""
+    detail = f"{group!r}; known groups: {', '.join(known)}"
+    return error(404, "unknown group", detail=detail, group=group, groups=known)
 
 
 def here(request: Request) -> str:

@@ -150,9 +150,7 @@ def clear(
     if doc["changed"]:
         console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
     else:
-        console.print(
-            f"deprecation rule [bold]{name}[/bold]: no live override (it follows its configured values)"
-        )
+        console.print(f"deprecation rule [bold]{name}[/bold]: no live override (it follows its config)")
 
 
 def _remote(

@@ -69,7 +69,9 @@ def routes(rules: DeprecationRules, store: ControlStore, control: ControlClient)
         if name not in current:
             if name not in rules.configured:
                 return error(
-                    404, "unknown deprecation rule", detail=f"{name!r}: not configured, no live override"
+                    404,
+                    "unknown deprecation rule",
+                    detail=f"{name!r}: not configured on this proxy, no live override in Redis",
                 )
             return JSONResponse(views.override_document(where, name, None, False))
         await control.set_hash_fields(SECTION, {name: None})

@@ -79,8 +79,14 @@ class AdminClient:
         self.close()
 
     def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        expect: tuple[str, ...] = (),
     ) -> Any:
+        """One call; ``expect``: fields a success answer of ours has (else it is not our API)."""
         import httpx
 
         try:
@@ -91,12 +97,15 @@ class AdminClient:
             data = response.json()
         except ValueError:  # not JSON (or not text)
             data = None
-        ours = isinstance(data, dict) and (response.status_code < 400 or "error" in data)
-        if not ours:  # a backend, a default page: say so rather than relay its text
+        failed = response.status_code >= 400
+        ours = isinstance(data, dict) and ("error" in data if failed else all(k in data for k in expect))
+        if not ours:  # a backend, a default page: say so rather than relay its text (exit 2: a wrong
+            # --url), unless something in front of the proxy failed (a 502 page: exit 1)
             asked = urlsplit(self.url + path).path
             raise AdminError(
                 f"{self.url}: not a Strangler admin API (answered {response.status_code} to {asked})",
-                response.status_code if response.status_code >= 400 else None,
+                response.status_code,
+                bad_input=response.status_code < 500,
             )
         if response.status_code >= 400:
             extra = data.get("detail") or data.get("message") or ""
@@ -109,30 +118,34 @@ class AdminClient:
     # --- operations the CLI uses ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/status"))
+        return dict(self.request("GET", "/status", expect=("source", "groups", "proxy")))
 
     def set_split(self, percentage: str | float, group: str | None) -> dict[str, Any]:
         try:
             value: Any = float(percentage)
         except ValueError:
             value = percentage  # let the server say why it is wrong
-        if isinstance(value, float) and not math.isfinite(value):
-            value = str(percentage)  # JSON has no NaN/Infinity: send the text, the server refuses it
-        return dict(self.request("PUT", "/split", {"percentage": value, "group": group or "default"}))
+        if isinstance(value, float) and not (math.isfinite(value) and 0 <= value <= 100):
+            # JSON has no NaN/Infinity; out of range: send the text, so the refusal quotes what was typed
+            value = str(percentage)
+        body = {"percentage": value, "group": group or "default"}
+        return dict(self.request("PUT", "/split", body, expect=("group", "percentage")))
 
     def rollback(self, group: str | None) -> dict[str, Any]:
         """No group: the global split and every group with its own key."""
-        return dict(self.request("POST", "/rollback", {"group": group} if group else {}))
+        return dict(self.request("POST", "/rollback", {"group": group} if group else {}, expect=("changed",)))
 
     def canary_status(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/canary/status"))
+        return dict(self.request("GET", "/canary/status", expect=("groups", "leader")))
 
     def rollout(self, action: str, group: str | None, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """``action`` is start, pause, resume, abort or promote; "get" reads the state."""
         payload = {"group": group or "default", **(body or {})}
         if action == "get":
-            return dict(self.request("GET", "/rollout", params={"group": group or "default"}))
-        return dict(self.request("POST", f"/rollout/{action}", payload))
+            return dict(
+                self.request("GET", "/rollout", params={"group": group or "default"}, expect=("state",))
+            )
+        return dict(self.request("POST", f"/rollout/{action}", payload, expect=("group", "state")))
 
     def shadow(self) -> dict[str, Any]:
         return dict(self.request("GET", "/shadow"))
@@ -156,13 +169,13 @@ class AdminClient:
         return dict(self.request("POST", "/diffs/reset", {"forget_noise": forget_noise}))
 
     def deprecations(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/deprecations"))
+        return dict(self.request("GET", "/deprecations", expect=("rules",)))
 
     def override_deprecation(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.request("PUT", f"/deprecations/{name}", body))
+        return dict(self.request("PUT", f"/deprecations/{name}", body, expect=("name", "override")))
 
     def clear_deprecation(self, name: str) -> dict[str, Any]:
-        return dict(self.request("DELETE", f"/deprecations/{name}"))
+        return dict(self.request("DELETE", f"/deprecations/{name}", expect=("name", "override")))
 
 
 # --- what the CLI commands print when they go through the admin API -------------------------------
