@@ -287,6 +287,12 @@ def test_status_through_the_admin_api_when_the_proxy_cannot_reach_redis(
     line = error_line(back)
     assert line.startswith(f"error: Redis at {redis.url} is unreachable: ")
     assert line.endswith("; a running proxy's admin API can do it: --url http://HOST:PORT"), line
+    failed = strangler("set", "5", "--url", proxy.url, "--token", TOKEN)  # a 5xx is a failed action: 1
+    assert failed.returncode == 1
+    assert (
+        error_line(failed)
+        == "error: admin API answered 503: redis unavailable: control state unavailable now; retry"
+    )
     accepted = valid("rollback", strangler("rollback", "--json", "--url", proxy.url, "--token", TOKEN).stdout)
     assert accepted["pending"] is True and accepted["changed"] is None
 
