@@ -97,6 +97,13 @@ def test_deprecation_phase_and_clear_know_the_running_proxys_rules_and_refuse_un
     assert again.stdout == "deprecation rule tasks-v0: no live override (it follows its config)\n"
     assert again.returncode == 0 and r.hget("strangler:deprecations", "tasks-v0") is None
 
+    # a rule defined live in Redis (no config has it): its phase changes, its definition stays
+    live = {"pattern": "/v0/live/**", "deprecated_at": "2025-01-01"}
+    r.hset("strangler:deprecations", "live-one", json.dumps(live))
+    off = strangler("deprecations", "phase", "live-one", "off", *via_redis)
+    assert (off.returncode, off.stdout) == (0, "deprecation rule live-one: phase off\n"), off.stderr
+    assert json.loads(r.hget("strangler:deprecations", "live-one") or "{}") == {**live, "phase": "off"}
+
     # through the admin API: the same refusals, the same exit code
     unknown = strangler("deprecations", "clear", "nosuch", *via_api)
     assert unknown.returncode == 2
