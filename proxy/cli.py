@@ -27,11 +27,9 @@ from typer.core import TyperGroup
 # (keep the two lists identical).
 if TYPE_CHECKING:
     from redis.exceptions import RedisError
-    from rich.markup import escape
-    from rich.table import Table
 
     from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status
-    from proxy.canary.commands import canary_status, rollout_writer, verified_set
+    from proxy.canary.commands import rollout_writer, verified_set
     from proxy.cliutil import (
         EXIT_FAILED,
         EXIT_USAGE,
@@ -51,21 +49,17 @@ if TYPE_CHECKING:
         with_registered_groups,
     )
     from proxy.cliutil.remote import AdminError
-    from proxy.control.client import ControlClient, InvalidValue
+    from proxy.control.client import InvalidValue
     from proxy.control.embedded import EmbeddedRedisError
-    from proxy.control.snapshot import parse_percentage
-    from proxy.parity.store import read_last_results
     from proxy.settings import ConfigError, Settings
 
 
 def _load_split() -> None:
     """Bind, in this module, the names the split commands use (the ``TYPE_CHECKING`` block)."""
     from redis.exceptions import RedisError  # noqa: F401
-    from rich.markup import escape  # noqa: F401
-    from rich.table import Table  # noqa: F401
 
     from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status  # noqa: F401
-    from proxy.canary.commands import canary_status, rollout_writer, verified_set  # noqa: F401
+    from proxy.canary.commands import rollout_writer, verified_set  # noqa: F401
     from proxy.cliutil import (  # noqa: F401
         EXIT_FAILED,
         EXIT_USAGE,
@@ -85,10 +79,8 @@ def _load_split() -> None:
         with_registered_groups,
     )
     from proxy.cliutil.remote import AdminError  # noqa: F401
-    from proxy.control.client import ControlClient, InvalidValue  # noqa: F401
+    from proxy.control.client import InvalidValue  # noqa: F401
     from proxy.control.embedded import EmbeddedRedisError  # noqa: F401
-    from proxy.control.snapshot import parse_percentage  # noqa: F401
-    from proxy.parity.store import read_last_results  # noqa: F401
     from proxy.settings import ConfigError, Settings  # noqa: F401
 
     globals().update(locals())
@@ -218,67 +210,22 @@ def status(
     """Split per group: stored in Redis and served by the proxies (a running proxy's view with --url)."""
     if url:
         return remote_status(url, token, as_json)
+    from proxy.admin import views
+    from proxy.redis_url import describe
+
     settings = with_registered_groups(settings_from(config, redis_url=redis_url))
-    groups = settings.group_names
-
-    async def read(control: ControlClient) -> dict[str, Any]:
-        raw = await control.get_split(groups)
-        registered = await control.registered_groups()
-        canary = await canary_status(control, groups)
-        parity = await read_last_results(control.redis, control.keys)
-        return {"groups": raw, "registered": registered, "canary": canary, "parity": parity}
-
-    data = with_control(settings, read)
-    redis_at = resolve_redis_url(settings)
-    rows = [
-        {**row, **data["canary"][row["group"]]}  # rollout, verdict, decision (one line each)
-        for row in split_rows(groups, data["groups"], data["registered"], settings.default_percentage)
-    ]
+    where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
     proxy_view = _local_proxy_view(settings)
+    doc = with_control(
+        settings,
+        lambda c: views.status_document(
+            c, settings.group_names, settings.default_percentage, where, proxy_view
+        ),
+    )
     if as_json:
-        print(json.dumps({"redis_ok": True, "redis_url": redis_at, "groups": rows, "proxy": proxy_view,
-                          "parity": data["parity"]}))  # fmt: skip
+        print(json.dumps(doc))
         return
-    if proxy_view is None:
-        console.print("proxy: no answer at the configured address (snapshot age unknown; use --url)")
-    else:
-        age = proxy_view.get("snapshot_age_seconds")
-        reachable = "reachable" if proxy_view.get("redis_ok") else "UNREACHABLE"
-        shown = "-" if age is None else f"{age:.1f}s"
-        console.print(f"proxy {proxy_view['url']}: Redis {reachable}, snapshot age {shown}")
-    table = Table(title=f"Strangler split (Redis {redis_at})")
-    for column in (
-        "group",
-        "v2 % served",
-        "stored value",
-        "source",
-        "rollout",
-        "last check",
-        "last decision",
-    ):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        served = "?" if row["percentage"] is None else f"{row['percentage']:g}"
-        stored = "-" if row["raw"] is None else escape(row["raw"]) + ("" if row["valid"] else " (INVALID)")
-        table.add_row(
-            row["group"], served, stored, row["source"], escape(row["rollout"]), escape(row["verdict"]),
-            escape(row["decision"]),
-        )  # fmt: skip
-    console.print(table)
-    for name, result in sorted(data["parity"].items()):  # the last `strangler parity` run per table
-        counts = ", ".join(f"{result.get(k, 0)} {k}" for k in ("missing", "extra", "changed"))
-        console.print(f"parity {escape(name)}: {escape(str(result.get('status')))} ({counts})")
-    for row in rows:
-        if not row["valid"]:
-            serving = (
-                "an unknown share (no proxy reported one)"
-                if row["serving"] is None
-                else (f"{row['serving']:g}%")
-            )
-            console.print(
-                f"[red]invalid value in Redis for {row['group']}:[/red] {escape(repr(row['raw']))} ignored; "
-                f"proxies keep serving their last good value: {serving}"
-            )
+    views.render_status(doc, console)
 
 
 def split_rows(
@@ -287,44 +234,11 @@ def split_rows(
     registered: dict[str, dict[str, Any]],
     default_percentage: float,
 ) -> list[dict[str, Any]]:
-    """Per group: the stored value, whether it is valid, and the share in force.
+    """Per group: the stored value, whether it is valid, and the share in force (the status view's
+    rows: ``proxy.admin.views.split_rows``, shared with the admin API)."""
+    from proxy.admin.views import split_rows as rows
 
-    The share in force is what the proxies reported serving (``strangler:groups``); without a
-    report it is what a proxy would compute from the stored values, or None when that is invalid.
-    """
-
-    def parsed(value: str | None) -> tuple[bool, float | None]:
-        try:
-            return True, parse_percentage(value)
-        except ValueError:
-            return False, None
-
-    global_ok, global_value = parsed(raw.get("default"))
-    global_in_force = (default_percentage if global_value is None else global_value) if global_ok else None
-    rows = []
-    for group in groups:
-        own = raw.get(group)
-        valid, value = parsed(own)
-        if group == "default":
-            source = "global key" if own is not None else "default_percentage"
-            computed = global_in_force
-        else:
-            source = "own key" if own is not None else "global"
-            computed = (value if valid else None) if own is not None else global_in_force
-        serving = registered.get(group, {}).get("serving")
-        serving = float(serving) if isinstance(serving, int | float) else None
-        rows.append(
-            {
-                "group": group,
-                "percentage": serving if serving is not None else computed,
-                "serving": serving,
-                "stored": value,
-                "raw": own,
-                "valid": valid,
-                "source": source,
-            }
-        )
-    return rows
+    return rows(groups, raw, registered, default_percentage)
 
 
 @split_app.command("set")
@@ -339,16 +253,24 @@ def set_split(
         str | None,
         typer.Option(help="Watch the checks this long (e.g. 5m); restore the old value if they fail."),
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
     if verify is not None:
         verified_set(config, redis_url, url, token, group, percentage, verify)
         return
     if url:
-        return remote_set(url, token, percentage, group)
+        return remote_set(url, token, percentage, group, as_json)
+    from proxy.admin import views
+    from proxy.redis_url import describe
+
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
     value = with_control(settings, lambda c: c.set_split(percentage, name), rollout_writer)
+    if as_json:
+        where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
+        print(json.dumps(views.set_document(where, name, value)))
+        return
     console.print(f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold]")
 
 
@@ -359,17 +281,28 @@ def rollback(
     redis_url: RedisOpt = None,
     url: AdminUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Send everyone back to v1 at once: without --group, the global split and every group."""
     if url:
-        return remote_rollback(url, token, group)
+        return remote_rollback(url, token, group, as_json)
+    from proxy.admin import views
+    from proxy.redis_url import describe
+
     settings = settings_from(config, redis_url=redis_url)
+    hint = "; a running proxy's admin API can do it: --url http://HOST:PORT"
     known: list[str] = []
     if group is not None:
         check_group(settings, group)
     else:
-        known = with_registered_groups(settings).group_names
-    print_rollback(with_control(settings, lambda c: c.rollback(group, known), rollout_writer))
+        registered = with_control(settings, lambda c: c.registered_groups(), hint=hint)
+        known = [*settings.group_names, *registered]  # the config's and the running proxies'
+    changed = with_control(settings, lambda c: c.rollback(group, known), rollout_writer, hint=hint)
+    if as_json:
+        where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
+        print(json.dumps(views.rollback_document(where, group, changed)))
+        return
+    print_rollback(changed)
 
 
 @split_app.command()
@@ -452,7 +385,7 @@ def bench(
 
 
 def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
-    """Redis health and snapshot age as the proxy configured here sees them, if it answers."""
+    """The proxy configured here: its own view of Redis (the ``proxy`` of its status), if it answers."""
     import httpx
 
     url = default_admin_url(settings)
@@ -462,13 +395,10 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
         body = response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
-    if not isinstance(body, dict):
+    view = body.get("proxy") if isinstance(body, dict) else None
+    if not isinstance(view, dict):
         return None
-    return {
-        "url": url,
-        "redis_ok": body.get("redis_ok"),
-        "snapshot_age_seconds": body.get("snapshot_age_seconds"),
-    }
+    return {**view, "url": url}
 
 
 def main() -> None:

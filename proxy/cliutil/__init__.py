@@ -92,9 +92,11 @@ def with_control(
     settings: Settings,
     action: Callable[[ControlClient], Awaitable[T]],
     writer: WriterFactory | None = None,
+    hint: str = "",
 ) -> T:
-    """Run one async action against Redis with a clear message when it is unreachable. Commands that
-    write the split pass ``writer``, so a share set by hand goes through the rollout's transaction."""
+    """Run one async action against Redis with a clear message when it is unreachable (``hint`` is
+    added to it). Commands that write the split pass ``writer``, so a share set by hand goes through
+    the rollout's transaction."""
     url = resolve_redis_url(settings)
 
     async def go() -> T:
@@ -108,7 +110,7 @@ def with_control(
     try:
         return asyncio.run(go())
     except (RedisError, OSError) as exc:
-        fail(f"Redis at {describe(url)} is unreachable: {exc}")
+        fail(f"Redis at {describe(url)} is unreachable: {exc}{hint}")
 
 
 def with_registered_groups(settings: Settings) -> Settings:
