@@ -19,93 +19,65 @@ import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-# Each command's modules are imported when that command runs: `strangler parity ...` loads
-# neither the proxy's Redis client, nor its settings, nor the other capabilities. The split
-# commands of this module use the names below; _load_split binds them when one of those runs
-# (keep the two lists identical).
+from proxy.cliopts import AdminTokenOpt, AdminUrlOpt, ConfigOpt, GroupOpt, JsonOpt, RedisOpt
+
+# Start-up time: a command imports what it uses when it runs (inside its body), so `strangler -h`
+# and `strangler status --help` load typer and nothing of settings, Redis, httpx or a capability.
 if TYPE_CHECKING:
-    from redis.exceptions import RedisError
-    from rich.markup import escape
-    from rich.table import Table
+    from proxy.settings import Settings
 
-    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status
-    from proxy.canary.commands import canary_status, rollout_writer, verified_set
-    from proxy.cliutil import (
-        EXIT_FAILED,
-        EXIT_USAGE,
-        AdminTokenOpt,
-        AdminUrlOpt,
-        ConfigOpt,
-        GroupOpt,
-        JsonOpt,
-        RedisOpt,
-        check_group,
-        console,
-        fail,
-        print_rollback,
-        resolve_redis_url,
-        settings_from,
-        with_control,
-        with_registered_groups,
-    )
-    from proxy.cliutil.remote import AdminError
-    from proxy.control.client import ControlClient, InvalidValue
-    from proxy.control.embedded import EmbeddedRedisError
-    from proxy.control.snapshot import parse_percentage
-    from proxy.parity.store import read_last_results
-    from proxy.settings import ConfigError, Settings
-
-
-def _load_split() -> None:
-    """Bind, in this module, the names the split commands use (the ``TYPE_CHECKING`` block)."""
-    from redis.exceptions import RedisError  # noqa: F401
-    from rich.markup import escape  # noqa: F401
-    from rich.table import Table  # noqa: F401
-
-    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status  # noqa: F401
-    from proxy.canary.commands import canary_status, rollout_writer, verified_set  # noqa: F401
-    from proxy.cliutil import (  # noqa: F401
-        EXIT_FAILED,
-        EXIT_USAGE,
-        AdminTokenOpt,
-        AdminUrlOpt,
-        ConfigOpt,
-        GroupOpt,
-        JsonOpt,
-        RedisOpt,
-        check_group,
-        console,
-        fail,
-        print_rollback,
-        resolve_redis_url,
-        settings_from,
-        with_control,
-        with_registered_groups,
-    )
-    from proxy.cliutil.remote import AdminError  # noqa: F401
-    from proxy.control.client import ControlClient, InvalidValue  # noqa: F401
-    from proxy.control.embedded import EmbeddedRedisError  # noqa: F401
-    from proxy.control.snapshot import parse_percentage  # noqa: F401
-    from proxy.parity.store import read_last_results  # noqa: F401
-    from proxy.settings import ConfigError, Settings  # noqa: F401
-
-    globals().update(locals())
-
-
-# Commands defined in the capabilities, imported when asked for: (module, attribute), in the
-# order `strangler -h` shows them, after this module's split commands.
-LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("proxy.demo.commands", "demo"),
-    "diffs": ("proxy.shadow.commands", "diffs"),
-    "soak": ("proxy.soak", "soak"),
-    "deprecations": ("proxy.admin.commands", "deprecations_app"),
-    "rollout": ("proxy.canary.commands", "rollout_app"),
-    "shadow": ("proxy.shadow.commands", "shadow_app"),
-    "parity": ("proxy.parity.commands", "parity_app"),
+# Commands defined in the capabilities, imported when asked for: (module, attribute, short help),
+# in the order `strangler -h` shows them, after this module's split commands. The short help is
+# what the root's help lists without importing the module (tests/test_cli_start.py checks it
+# against the command's own help).
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "proxy.demo.commands",
+        "demo",
+        "Two sample backends, embedded Redis, the proxy and a light load; Ctrl-C stops it all.",
+    ),
+    "diffs": (
+        "proxy.shadow.commands",
+        "diffs",
+        "Where v2 answers differ from v1: worst endpoints first, or one endpoint in detail.",
+    ),
+    "soak": (
+        "proxy.soak",
+        "soak",
+        "Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time.",
+    ),
+    "deprecations": (
+        "proxy.admin.commands",
+        "deprecations_app",
+        "Deprecated endpoints: rules, phases and who still calls them.",
+    ),
+    "rollout": (
+        "proxy.canary.commands",
+        "rollout_app",
+        "Progressive rollout: step v2 up while the checks pass.",
+    ),
+    "shadow": ("proxy.shadow.commands", "shadow_app", "Mirror requests to v2 and compare (shadow traffic)."),
+    "parity": (
+        "proxy.parity.commands",
+        "parity_app",
+        "Prove the new data store holds the same data as the old one (SQL, HTTP).",
+    ),
 }
 EXIT_INTERRUPTED = 130  # as proxy.cliutil's
+
+
+def _help_not_given_is_false(command: Any, ctx: Any) -> None:
+    """A group's ``--help`` that was not given is processed as False rather than None: typer coerces
+    a None value through a pydantic adapter, so every group on the way to a command would import
+    pydantic (0.1 s) just to read that no help was asked for. Applied to each group in a tree."""
+    if isinstance(command, TyperGroup):
+        option = command.get_help_option(ctx)  # made once per command (click caches it)
+        if option is not None:
+            option.default = False
+        for sub in command.commands.values():
+            _help_not_given_is_false(sub, ctx)
 
 
 class StranglerGroup(TyperGroup):
@@ -115,21 +87,43 @@ class StranglerGroup(TyperGroup):
     def list_commands(self, ctx: Any) -> list[str]:
         return [*_split_names(), *LAZY_COMMANDS]
 
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.default = False  # see _help_not_given_is_false
+        return option
+
     def get_command(self, ctx: Any, name: str) -> Any:
         if name not in self.commands:
             if name in _split_names():
-                _load_split()
                 self.commands.update(typer.main.get_group(split_app).commands)
             elif name in LAZY_COMMANDS:
-                module, attribute = LAZY_COMMANDS[name]
+                module, attribute, _ = LAZY_COMMANDS[name]
                 found = getattr(importlib.import_module(module), attribute)
                 holder = typer.Typer(rich_markup_mode=None)  # built as add_typer/command built them
                 if isinstance(found, typer.Typer):
                     holder.add_typer(found, name=name)
                 else:
                     holder.command(name)(found)
-                self.add_command(typer.main.get_group(holder).commands[name], name)
+                command = typer.main.get_group(holder).commands[name]
+                _help_not_given_is_false(command, ctx)
+                self.add_command(command, name)
         return self.commands.get(name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """As click lists them, but a capability's command not imported yet shows its short help
+        from ``LAZY_COMMANDS``: `strangler -h` imports none of them."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            if name in LAZY_COMMANDS and name not in self.commands:
+                stub = TyperCommand(name, help=LAZY_COMMANDS[name][2])
+                rows.append((name, stub.get_short_help_str(limit)))
+            else:
+                rows.append((name, self.get_command(ctx, name).get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
@@ -137,7 +131,15 @@ class StranglerGroup(TyperGroup):
         except Exception as exc:  # noqa: BLE001 - ours become one line; anything else goes on up
             if not (isinstance(exc, OSError) or type(exc).__module__.startswith(("proxy.", "redis"))):
                 raise
-            _load_split()
+            # imported here, when a command failed: none of them is needed to start
+            from redis.exceptions import RedisError
+
+            from proxy.cliutil import EXIT_FAILED, EXIT_USAGE, fail
+            from proxy.cliutil.remote import AdminError
+            from proxy.control.client import InvalidValue
+            from proxy.control.embedded import EmbeddedRedisError
+            from proxy.settings import ConfigError
+
             if isinstance(exc, InvalidValue | ConfigError):
                 fail(str(exc), EXIT_USAGE)
             if isinstance(exc, AdminError):
@@ -156,7 +158,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
 )
-split_app = typer.Typer(rich_markup_mode=None)  # the split commands, built when one of them runs
+split_app = typer.Typer(rich_markup_mode=None)  # this module's commands, built when one of them runs
 
 
 def _split_names() -> list[str]:
@@ -192,6 +194,7 @@ def serve(
     admin_token: Annotated[str | None, typer.Option(help="Token for admin changes.")] = None,
 ) -> None:
     """Run the proxy (embedded Redis when no Redis URL is configured)."""
+    from proxy.cliutil import settings_from
     from proxy.server import run
 
     settings = settings_from(
@@ -216,6 +219,15 @@ def status(
     token: AdminTokenOpt = None,
 ) -> None:
     """Split per group: stored in Redis and served by the proxies (a running proxy's view with --url)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from proxy.admin.commands import remote_status
+    from proxy.canary.commands import canary_status
+    from proxy.cliutil import console, resolve_redis_url, settings_from, with_control, with_registered_groups
+    from proxy.control.client import ControlClient
+    from proxy.parity.store import read_last_results
+
     if url:
         return remote_status(url, token, as_json)
     settings = with_registered_groups(settings_from(config, redis_url=redis_url))
@@ -292,6 +304,7 @@ def split_rows(
     The share in force is what the proxies reported serving (``strangler:groups``); without a
     report it is what a proxy would compute from the stored values, or None when that is invalid.
     """
+    from proxy.control.snapshot import parse_percentage
 
     def parsed(value: str | None) -> tuple[bool, float | None]:
         try:
@@ -341,6 +354,10 @@ def set_split(
     ] = None,
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
+    from proxy.admin.commands import remote_set
+    from proxy.canary.commands import rollout_writer, verified_set
+    from proxy.cliutil import check_group, console, settings_from, with_control
+
     if verify is not None:
         verified_set(config, redis_url, url, token, group, percentage, verify)
         return
@@ -361,6 +378,10 @@ def rollback(
     token: AdminTokenOpt = None,
 ) -> None:
     """Send everyone back to v1 at once: without --group, the global split and every group."""
+    from proxy.admin.commands import remote_rollback
+    from proxy.canary.commands import rollout_writer
+    from proxy.cliutil import check_group, print_rollback, settings_from, with_control, with_registered_groups
+
     if url:
         return remote_rollback(url, token, group)
     settings = settings_from(config, redis_url=redis_url)
@@ -407,6 +428,7 @@ def bench(
 
     from proxy.bench import bench as run_bench
     from proxy.bench import render
+    from proxy.cliutil import fail
 
     peers = [name.strip() for name in (peer or "").split(",")]
     if "asgiproxy" in peers:
@@ -454,6 +476,8 @@ def bench(
 def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
     """Redis health and snapshot age as the proxy configured here sees them, if it answers."""
     import httpx
+
+    from proxy.admin.commands import default_admin_url
 
     url = default_admin_url(settings)
     headers = {"Authorization": f"Bearer {token}"} if (token := settings.admin_token_value()) else {}
