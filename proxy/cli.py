@@ -194,8 +194,8 @@ def serve(
     admin_token: Annotated[str | None, typer.Option(help="Token for admin changes.")] = None,
 ) -> None:
     """Run the proxy (embedded Redis when no Redis URL is configured)."""
-    from proxy.cliutil import settings_from
-    from proxy.server import run
+    from proxy.cliutil import EXIT_FAILED, fail, settings_from
+    from proxy.server import ListenError, run
 
     settings = settings_from(
         config,
@@ -207,7 +207,10 @@ def serve(
         workers=workers,
         admin_token=admin_token,
     )
-    run(settings)
+    try:
+        run(settings)
+    except ListenError as exc:  # a taken port: the flag is fine, the action failed (README's exit 1)
+        fail(str(exc), EXIT_FAILED)
 
 
 @split_app.command()
