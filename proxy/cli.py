@@ -569,6 +569,10 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
 
 
 def main() -> None:
+    # httpx imports its own command-line client (click, rich.syntax, pygments: 0.15 s of CPU) when
+    # those packages are installed, as they are beside typer; this process never runs it, and
+    # httpx falls back to a stub when that import fails.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     try:
         app()
     except KeyboardInterrupt:

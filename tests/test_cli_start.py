@@ -25,7 +25,7 @@ HEAVY = ("pydantic", "pydantic_settings", "redis", "httpx", "rich.table", "proxy
 # Run the real entry point in a fresh interpreter, then list the modules it loaded.
 PROBE = """
 import atexit, json, sys
-atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))
+atexit.register(lambda: print(json.dumps(sorted(k for k, v in sys.modules.items() if v)), file=sys.stderr))
 sys.argv = ["strangler", *sys.argv[1:]]
 from proxy.cli import main
 main()
@@ -50,6 +50,7 @@ def loaded_by(*args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
         ("set", "--help"),
         ("rollback", "-h"),
         ("serve", "--help"),
+        ("bench", "--help"),
     ],
 )
 def test_help_imports_neither_settings_nor_redis_nor_httpx(args: tuple[str, ...]) -> None:
@@ -60,6 +61,17 @@ def test_help_imports_neither_settings_nor_redis_nor_httpx(args: tuple[str, ...]
     assert heavy == []
     ours = sorted(m for m in modules if m.startswith("proxy."))
     assert ours == ["proxy.cli", "proxy.cliopts"]
+
+
+@pytest.mark.parametrize("args", [("status",), ("set", "5")])
+def test_a_command_imports_only_what_it_uses(args: tuple[str, ...], redis_url: str) -> None:
+    """``status`` and ``set`` against a real Redis: no other command's module, no load or demo tool,
+    and not httpx's own command-line client (click, rich.syntax, pygments)."""
+    result, modules = loaded_by(*args, "--redis-url", redis_url)
+    assert result.returncode == 0, result.stderr[-2000:]
+    unused = ("proxy.demo", "proxy.bench", "proxy.soak", "proxy.shadow.commands", "proxy.parity.commands",
+              "proxy.app", "proxy.edge", "proxy.traffic", "pygments", "httpx._main", "starlette")  # fmt: skip
+    assert sorted(m for m in modules if m.startswith(unused)) == []
 
 
 def test_root_help_lists_every_command_with_its_short_help() -> None:
