@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -20,14 +19,13 @@ measuring = pytest.mark.soak
 
 
 def test_an_unknown_peer_is_one_line_before_anything_starts() -> None:
-    started = time.monotonic()
     result = strangler("bench", "--peer", "envoy,nosuch")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: --peer 'nosuch' is not a peer: use envoy, asgiproxy or a command with {port} and {upstream}"
     ]
     assert result.stdout == ""
-    assert time.monotonic() - started < 10  # nothing was started (it used to wait 20 s, then a traceback)
+    # nothing was started: it used to start Redis, backends and the proxy, wait 20 s, then a traceback
 
 
 @measuring

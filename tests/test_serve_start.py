@@ -7,6 +7,7 @@ Real processes: what is under test is the command's output and exit code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -121,3 +122,29 @@ def test_reachable_backends_give_no_warning(
 
     v1, v2 = v1v2
     assert BackendCheck(Settings(v1_url=v1.url, v2_url=v2.url)).report() == []
+
+
+def test_a_backend_that_does_not_answer_is_a_timeout_within_a_second(v1v2: tuple[Backend, Backend]) -> None:
+    """A listener whose accept queue is full drops new connections: connecting times out."""
+    from proxy.server import BackendCheck
+    from proxy.settings import Settings
+
+    _, v2 = v1v2
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        queued = []
+        for _ in range(3):  # fill the queue (non-blocking connects, never accepted)
+            client = socket.socket()
+            client.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                client.connect(("127.0.0.1", port))
+            queued.append(client)
+        time.sleep(0.1)
+        lines = BackendCheck(Settings(v1_url=f"http://127.0.0.1:{port}", v2_url=v2.url)).report()
+        for client in queued:
+            client.close()
+    assert lines == [
+        f"strangler: warning: v1 backend http://127.0.0.1:{port}: no answer within 1 s (timed out)"
+    ]
