@@ -30,8 +30,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 BACKEND_CHECK_SECONDS = 1.0  # how long start-up waits, at most, for the backends' check
 
 
-class ListenError(Exception):
-    """A listener could not bind: one line naming the address and the setting."""
+class ListenError(OSError):
+    """A listener could not bind: one line naming the address and the setting (an OSError, so
+    whatever runs ``serve`` without catching it still ends in one line)."""
 
 
 def configure_logging(level: str) -> None:
