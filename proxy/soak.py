@@ -411,6 +411,33 @@ def run_soak(
     return report
 
 
+def _bad_option(
+    seconds: float,
+    rate: float,
+    interval: float | None,
+    target: str | None,
+    split: float,
+    max_error_rate: float,
+    max_rss_growth: float,
+) -> str | None:
+    """The first option that cannot run, as the one line the user sees (before anything starts)."""
+    if not seconds > 0:
+        return f"--seconds must be above 0 (got {seconds:g})"
+    if not rate > 0:
+        return f"--rate must be above 0 requests per second (got {rate:g})"
+    if interval is not None and not interval > 0:
+        return f"--interval must be above 0 seconds (got {interval:g})"
+    if not 0 <= split <= 100:
+        return f"--split must be between 0 and 100 (got {split:g})"
+    if not max_error_rate >= 0:
+        return f"--max-error-rate must be 0 or more percent (got {max_error_rate:g})"
+    if not max_rss_growth >= 0:
+        return f"--max-rss-growth must be 0 or more MB (got {max_rss_growth:g})"
+    if target is not None and not target.startswith(("http://", "https://")):
+        return f"--target must be an http:// or https:// URL (got {target!r})"
+    return None
+
+
 def soak(
     seconds: Annotated[float, typer.Option("--seconds", help="How long to hold the rate.")] = 60,
     rate: Annotated[float, typer.Option("--rate", help="Requests per second (open loop).")] = 500,
@@ -430,6 +457,11 @@ def soak(
     ] = MAX_RSS_GROWTH_MB,
 ) -> None:
     """Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time."""
+    problem = _bad_option(seconds, rate, interval, target, split, max_error_rate, max_rss_growth)
+    if problem:
+        from proxy.cliutil import EXIT_USAGE, fail
+
+        fail(problem, EXIT_USAGE)
     out = sys.stderr if as_json else sys.stdout  # --json: stdout is the one document
     try:
         report = run_soak(seconds, rate, interval, target, pid, split, out=out, mirror=mirror)

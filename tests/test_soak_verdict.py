@@ -71,3 +71,24 @@ def test_the_verdict_lines_from_the_figures() -> None:
     assert report.verdict_line(0.01, 50) == (
         "soak: FAIL: error rate 0.05% > 0.01%; RSS grew 80.0 MB after warm-up > 50 MB"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (("--rate", "-5"), "error: --rate must be above 0 requests per second (got -5)"),
+        (("--seconds", "0"), "error: --seconds must be above 0 (got 0)"),
+        (("--split", "101"), "error: --split must be between 0 and 100 (got 101)"),
+        (("--max-error-rate", "-1"), "error: --max-error-rate must be 0 or more percent (got -1)"),
+        (
+            ("--target", "localhost:8080"),
+            "error: --target must be an http:// or https:// URL (got 'localhost:8080')",
+        ),
+    ],
+)
+def test_an_option_that_cannot_run_is_one_line_before_anything_starts(
+    args: tuple[str, ...], line: str
+) -> None:
+    """Checked before a stack starts: exit 2 and the one line, nothing on stdout."""
+    result = strangler("soak", *args)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, line, "")
