@@ -19,9 +19,10 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer._click.exceptions import UsageError  # typer vendors click (0.29); pinned in pyproject
 from typer.core import TyperCommand, TyperGroup
 
 from proxy.cliopts import AdminTokenOpt, AdminUrlOpt, ConfigOpt, GroupOpt, JsonOpt, RedisOpt
@@ -128,9 +129,17 @@ class StranglerGroup(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as exc:  # the root's own options (`strangler --nosuch`)
+            _usage_error(exc, ctx)
+
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
+        except UsageError as exc:  # a command's: unknown command or option, missing or bad argument
+            _usage_error(exc, ctx)
         except Exception as exc:  # noqa: BLE001 - ours become one line; anything else goes on up
             if not (isinstance(exc, OSError) or type(exc).__module__.startswith(("proxy.", "redis"))):
                 raise
@@ -151,6 +160,19 @@ class StranglerGroup(TyperGroup):
             if isinstance(exc, RedisError | EmbeddedRedisError | OSError):
                 fail(f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc), EXIT_FAILED)
             raise
+
+
+def _usage_error(exc: UsageError, root: Any) -> NoReturn:
+    """Typer prints a usage error as four lines (usage, hint, blank, error); ours are one line, as
+    every other error: what is wrong, and where the help is. Exit 2, as typer's. (An option's
+    parser error carries no context: the help named is then the command's the root was running.)"""
+    if exc.ctx is not None and exc.ctx is not root:
+        where = exc.ctx.command_path
+    else:
+        where = " ".join(filter(None, [root.command_path, getattr(root, "invoked_subcommand", None)]))
+    message = " ".join(exc.format_message().split())
+    print(f"error: {message} (see: {where} -h)", file=sys.stderr)
+    sys.exit(2)
 
 
 app = typer.Typer(
