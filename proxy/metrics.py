@@ -164,7 +164,7 @@ class Metrics:
         gauge_mode: dict[str, Any] = {"multiprocess_mode": "mostrecent"} if self.multiprocess else {}
         max_mode: dict[str, Any] = {"multiprocess_mode": "max"} if self.multiprocess else {}
 
-        # names fixed by issue 2: users' dashboards query these: plain tallies exported at scrape
+        # names kept stable on purpose: users' dashboards query these: plain tallies exported at scrape
         # time (RequestTallies); with several workers, summed from every worker's tally file.
         self._tallies = RequestTallies()
         self._flushed = ""  # the tallies as last written to this worker's file
@@ -215,7 +215,7 @@ class Metrics:
             "strangler_client_disconnects_total", "Clients gone before the answer was complete.",
             ["version", "stage"], registry=reg,
         )  # fmt: skip
-        # WebSockets (issue 12): never in the request latency; a failed handshake is an answer
+        # WebSockets: never in the request latency; a failed handshake is an answer
         sum_mode: dict[str, Any] = {"multiprocess_mode": "livesum"} if self.multiprocess else {}
         self.ws_opened_total = Counter(
             "strangler_websocket_connections_total", "WebSocket connections relayed, per version.",
@@ -244,7 +244,7 @@ class Metrics:
             ["group", "reason"], registry=reg,
         )  # fmt: skip
 
-        # shadow (issue 3)
+        # shadow
         self.shadow_requests = Counter(
             "strangler_shadow_requests_total", "Mirrored requests by outcome.",
             ["group", "outcome"], registry=reg,
@@ -258,7 +258,7 @@ class Metrics:
             ["group"], buckets=DELTA_BUCKETS, registry=reg,
         )  # fmt: skip
 
-        # canary (issue 4)
+        # canary
         self.rollbacks = Counter(
             "strangler_rollbacks_total", "Automatic and manual rollbacks.", ["group", "reason"], registry=reg
         )
@@ -282,13 +282,13 @@ class Metrics:
             ["target", "outcome"], registry=reg,
         )  # fmt: skip
 
-        # deprecation (issue 5)
+        # deprecation
         self.deprecated_requests = Counter(
             "strangler_deprecated_requests_total", "Requests to deprecated endpoints.",
             ["rule", "phase"], registry=reg,
         )  # fmt: skip
 
-        # reliability (issue 6): what a task leak would show; computed at scrape time, free per request
+        # reliability: what a task leak would show; computed at scrape time, free per request
         if not self.multiprocess:
             self.loop_tasks = Gauge(
                 "strangler_event_loop_tasks", "asyncio tasks alive: requests in flight, background loops.",
@@ -361,7 +361,7 @@ class Metrics:
     def invalid_control_value(self, key: str) -> None:
         self.invalid_values.labels(key).inc()
 
-    # --- canary (issue 4) ----------------------------------------------------------------------
+    # --- canary ------------------------------------------------------------------------------------
 
     def check_judged(self, group: str, verdict: str, figures: dict[str, dict[str, Any]]) -> None:
         """One health check: its verdict, and the judged figures of each version that had traffic."""

@@ -14,7 +14,10 @@ import socket
 import ssl
 import sys
 import tempfile
+import threading
+import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from proxy.admin.token import ensure_admin_token
 from proxy.control.embedded import EmbeddedRedis
@@ -24,6 +27,12 @@ from proxy.settings import Settings
 log = logging.getLogger("strangler")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+BACKEND_CHECK_SECONDS = 1.0  # how long start-up waits, at most, for the backends' check
+
+
+class ListenError(OSError):
+    """A listener could not bind: one line naming the address and the setting (an OSError, so
+    whatever runs ``serve`` without catching it still ends in one line)."""
 
 
 def configure_logging(level: str) -> None:
@@ -35,9 +44,28 @@ def configure_logging(level: str) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Blocking: serve until SIGINT/SIGTERM, then stop what we started."""
+    """Blocking: serve until SIGINT/SIGTERM, then stop what we started.
+
+    The listeners are bound first (a taken port is a ``ListenError`` before anything starts, and
+    "strangler ready" is logged only once every listener is bound); meanwhile each backend is
+    checked once, with a warning for one that does not resolve or connect (never an error: it may
+    come up later)."""
     configure_logging(settings.log_level)
     raise_open_file_limit()
+    backends = BackendCheck(settings)
+    socks: list[socket.socket] = []
+    admin_sock: socket.socket | None = None
+    if settings.workers > 1:
+        probe_port(settings.host, settings.port, "port")  # bound for real before the fork (supervise)
+    else:
+        socks = listening_sockets(settings.host, settings.port, 1, "port")
+        if settings.admin_port is not None:
+            try:
+                admin_sock = listening_sockets(settings.host, settings.admin_port or 0, 1, "admin_port")[0]
+            except ListenError:
+                socks[0].close()
+                raise
+    backends.report()
     embedded: EmbeddedRedis | None = None
     if not settings.redis_url:
         embedded = EmbeddedRedis(settings.embedded_redis_dir, settings.embedded_redis_port)
@@ -56,7 +84,7 @@ def run(settings: Settings) -> None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             supervise(settings)
         else:
-            _run_worker(settings, None)
+            _run_worker(settings, socks[0], admin_sock=admin_sock)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -64,7 +92,10 @@ def run(settings: Settings) -> None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _run_worker(settings: Settings, sock: socket.socket | None, early_stops: list[int] | None = None) -> None:
+def _run_worker(
+    settings: Settings, sock: socket.socket | None, early_stops: list[int] | None = None,
+    admin_sock: socket.socket | None = None,
+) -> None:  # fmt: skip
     """One process: build the app (nothing is created before this point), serve until stopped."""
     import uvloop
 
@@ -72,7 +103,7 @@ def _run_worker(settings: Settings, sock: socket.socket | None, early_stops: lis
 
     app = create_app(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(settings, app, sock=sock, early_stops=early_stops))
+        runner.run(serve(settings, app, sock=sock, early_stops=early_stops, admin_sock=admin_sock))
 
 
 def _run_forked_worker(settings: Settings, socks: list[socket.socket], index: int) -> None:
@@ -114,7 +145,7 @@ def supervise(settings: Settings) -> None:
     handler is set, resetting the connections queued on its socket. The workers inherit the mask."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        socks = listening_sockets(settings.host, settings.port, settings.workers)
+        socks = listening_sockets(settings.host, settings.port, settings.workers, "port")
         context = multiprocessing.get_context("fork")
         workers = [
             context.Process(
@@ -141,18 +172,34 @@ def supervise(settings: Settings) -> None:
         worker.join()
 
 
-def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+def probe_port(host: str, port: int, setting: str) -> None:
+    """Raise ``ListenError`` if ``host:port`` cannot be bound now (taken, not an address here)."""
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise listen_error(host, port, setting, exc) from None
+
+
+def listen_error(host: str, port: int, setting: str, exc: OSError) -> ListenError:
+    shown = f"[{host}]" if ":" in host else host
+    return ListenError(f"cannot listen on {shown}:{port} ({setting}): {exc.strerror or exc}")
+
+
+def listening_sockets(host: str, port: int, count: int, setting: str = "port") -> list[socket.socket]:
     """``count`` sockets listening on one port (port 0: the one the first bind got), or a single
     shared one where SO_REUSEPORT does not exist.
 
-    A port already in use is an error, as with one socket: a plain bind is tried first, so a
-    stale proxy of the same user that listens with SO_REUSEPORT is not silently joined."""
+    A port already in use is an error (``ListenError`` naming the address and ``setting``), as
+    with one socket: a plain bind is tried first, so a stale proxy of the same user that listens
+    with SO_REUSEPORT is not silently joined."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     reuse_port = hasattr(socket, "SO_REUSEPORT")
     if reuse_port and port:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))  # raises "address already in use"
+        probe_port(host, port, setting)
     socks: list[socket.socket] = []
     try:
         for _ in range(count if reuse_port else 1):
@@ -165,11 +212,66 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
             port = sock.getsockname()[1]
             sock.listen(2048)
             sock.set_inheritable(True)
-    except OSError:
+    except OSError as exc:
         for sock in socks:
             sock.close()
-        raise
+        raise listen_error(host, port, setting, exc) from None
     return socks
+
+
+class BackendCheck:
+    """Whether v1 and v2 resolve and accept a TCP connection, checked once at start in threads
+    (name resolution has no timeout of its own); ``report`` waits ``BACKEND_CHECK_SECONDS`` at most
+    and prints one warning line per backend that does not answer. Never fatal: a backend may start
+    after the proxy, and the proxy falls back or answers 502 until it does."""
+
+    def __init__(self, settings: Settings, timeout: float = BACKEND_CHECK_SECONDS) -> None:
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.problems: dict[str, str | None] = {}
+        self.targets = {"v1": settings.v1_url, "v2": settings.v2_url}
+        self.threads = [
+            threading.Thread(target=self._check, args=(name, url), name=f"check-{name}", daemon=True)
+            for name, url in self.targets.items()
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _check(self, name: str, url: str) -> None:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError):
+            self.problems[name] = f"{host} does not resolve"
+            return
+        family, kind, proto, _, address = addresses[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(max(0.05, self.deadline - time.monotonic()))
+            try:
+                sock.connect(address)
+            except TimeoutError:
+                self.problems[name] = f"no answer within {self.timeout:g} s (timed out)"
+            except ConnectionRefusedError:
+                self.problems[name] = "connection refused"
+            except OSError as exc:
+                self.problems[name] = f"cannot connect: {exc.strerror or exc}"
+            else:
+                self.problems[name] = None
+
+    def report(self) -> list[str]:
+        """Wait for the checks (until the deadline), print a warning per failed one, return them."""
+        for thread in self.threads:
+            thread.join(max(0.0, self.deadline - time.monotonic()))
+        lines = []
+        for name, url in self.targets.items():
+            problem = self.problems.get(name, f"no answer within {self.timeout:g} s (timed out)")
+            if problem is not None:
+                lines.append(f"strangler: warning: {name} backend {url}: {problem}")
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+        return lines
 
 
 def listener_tls(settings: Settings) -> ssl.SSLContext | None:
@@ -241,7 +343,9 @@ def raise_open_file_limit() -> None:
 
 
 class ServerGroup:
-    """Servers stopped together: the first stop() is graceful, a second one forces the exit."""
+    """Servers stopped together: the first stop() starts a graceful drain; a second one ends the
+    drain at once (connections still open are aborted), after which the app shuts down as usual
+    (``serve``'s ``finally``): it cuts the wait short, it does not exit the process."""
 
     def __init__(self) -> None:
         self.servers: list[HttpServer] = []
@@ -269,7 +373,7 @@ class ServerGroup:
 
 async def serve(
     settings: Settings, app: Any, group: ServerGroup | None = None, sock: Any = None,
-    early_stops: list[int] | None = None,
+    early_stops: list[int] | None = None, admin_sock: Any = None,
 ) -> None:  # fmt: skip
     """Serve ``app`` (a Strangler) until stopped; with admin_port, the admin API on its own listener.
 
@@ -278,6 +382,8 @@ async def serve(
     ``drain_timeout_seconds``, then the app shuts down. Signals go to ``group`` so a caller such as
     the demo can run other servers in the same loop and stop them all with one Ctrl-C.
     ``early_stops``: stop signals a forked worker received before this loop handled them.
+    ``sock``/``admin_sock``: listening sockets bound by the caller; without them both listeners are
+    bound here, before the app starts, so a taken port fails before anything says "ready".
     """
     own_signals = group is None
     group = group or ServerGroup()
@@ -286,7 +392,22 @@ async def serve(
     for _ in early_stops or ():  # stop signals that came while this worker started (a second forces)
         group.stop()
     tls = listener_tls(settings)
-    await app.startup()
+    with_admin = settings.admin_port is not None and app.admin_app is not None
+    if sock is None:
+        sock = listening_sockets(settings.host, settings.port, 1, "port")[0]
+    if with_admin and admin_sock is None:
+        try:
+            admin_sock = listening_sockets(settings.host, settings.admin_port or 0, 1, "admin_port")[0]
+        except ListenError:
+            sock.close()
+            raise
+    try:
+        await app.startup()  # logs "strangler ready": the listeners are bound by now
+    except BaseException:
+        for bound in (sock, admin_sock):
+            if bound is not None:
+                bound.close()
+        raise
     metrics = app.metrics
     main = HttpServer(
         app.proxy.handle,
@@ -298,14 +419,14 @@ async def serve(
     try:
         await main.listen(settings.host, settings.port, sock=sock)
         group.servers.append(main)
-        if settings.admin_port is not None and app.admin_app is not None:
+        if with_admin:
             admin_app = app.admin_app
 
             async def admin_only(ex: Any) -> None:
                 await ex.asgi(admin_app)
 
             admin_server = HttpServer(admin_only, limits_for(settings, metrics.rejected_request))
-            await admin_server.listen(settings.host, settings.admin_port)
+            await admin_server.listen(settings.host, settings.admin_port or 0, sock=admin_sock)
             group.servers.append(admin_server)
             log.info("admin API on its own port: http://%s:%s%s", settings.host, settings.admin_port,
                      settings.admin_prefix)  # fmt: skip

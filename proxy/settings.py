@@ -400,7 +400,7 @@ class PinningSettings(BaseModel):
 
 
 class WebSocketSettings(BaseModel):
-    """WebSocket relay (issue 12): the version is chosen at upgrade time and kept for the connection."""
+    """WebSocket relay: the version is chosen at upgrade time and kept for the connection."""
 
     # false: upgrade requests are refused with 400 (websocket_disabled)
     enabled: bool = True

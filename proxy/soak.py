@@ -9,6 +9,10 @@ embedded Redis. ``--target``/``--pid`` soak a proxy you started instead.
 The load is open-loop: requests are launched on a fixed schedule whether or not earlier ones have
 finished (a closed loop would slow down with the proxy and hide latency), with a cap on requests
 in flight; launches skipped at the cap are reported as "behind", separately from errors.
+
+The verdict: PASS when the error rate stays at or under ``--max-error-rate`` (percent of the
+requests sent) and the proxy's RSS grows by at most ``--max-rss-growth`` MB after the first
+interval (the warm-up: pools, caches and the allocator settle there); exit 0 on PASS, 1 on FAIL.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import typer
 from proxy.control.embedded import free_port
 
 MAX_IN_FLIGHT = 512
+MAX_ERROR_RATE = 0.1  # percent of the requests sent: the default verdict threshold
+MAX_RSS_GROWTH_MB = 50.0  # after the warm-up interval: the default verdict threshold
 
 
 @dataclass
@@ -45,6 +51,11 @@ class Interval:
     behind: int = 0
     latencies: list[float] = field(default_factory=list)
     rss: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        """Errors per request sent, in percent."""
+        return 100.0 * self.errors / self.sent if self.sent else 0.0
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -76,6 +87,36 @@ class SoakReport:
     def behind(self) -> int:
         return sum(i.behind for i in self.intervals)
 
+    @property
+    def error_rate(self) -> float:
+        """Errors per request sent over the whole run, in percent."""
+        return 100.0 * self.errors / self.sent if self.sent else 0.0
+
+    @property
+    def rss_growth_mb(self) -> float:
+        """RSS growth after the warm-up interval, in MB (0 when RSS is not measured)."""
+        return (self.rss_end - self.rss_warm) / 2**20 if self.rss_end and self.rss_warm else 0.0
+
+    def failures(self, max_error_rate: float, max_rss_growth_mb: float) -> list[str]:
+        """What breaks the thresholds, one phrase each; empty: the soak passed."""
+        found = []
+        if self.sent == 0:
+            found.append("no request was sent")
+        if self.error_rate > max_error_rate:
+            found.append(f"error rate {self.error_rate:.2f}% > {max_error_rate:g}%")
+        if self.rss_growth_mb > max_rss_growth_mb:
+            found.append(f"RSS grew {self.rss_growth_mb:.1f} MB after warm-up > {max_rss_growth_mb:g} MB")
+        return found
+
+    def verdict_line(self, max_error_rate: float, max_rss_growth_mb: float) -> str:
+        failures = self.failures(max_error_rate, max_rss_growth_mb)
+        if failures:
+            return "soak: FAIL: " + "; ".join(failures)
+        return (
+            f"soak: PASS: error rate {self.error_rate:.2f}% <= {max_error_rate:g}%, "
+            f"RSS growth after warm-up {self.rss_growth_mb:.1f} MB <= {max_rss_growth_mb:g} MB"
+        )
+
     def overall(self) -> Interval:
         merged = Interval(t_end=self.seconds)
         for interval in self.intervals:
@@ -90,6 +131,7 @@ class SoakReport:
             "sent": self.sent,
             "achieved_rate": round(self.sent / self.seconds, 1) if self.seconds else 0,
             "errors": self.errors,
+            "error_rate_percent": round(self.error_rate, 3),
             "errors_by_kind": self.errors_by_kind,
             "behind_schedule": self.behind,
             "p50_ms": round(overall.percentile(0.50) * 1000, 2),
@@ -139,6 +181,10 @@ def serve_backends(port_file: str) -> None:
         asyncio.run(main())
 
 
+class StackError(RuntimeError):
+    """The stack the soak starts did not come up: one line for the CLI."""
+
+
 def _wait(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -146,7 +192,7 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
             if predicate():
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"soak: {what} did not come up within {timeout:.0f}s")
+    raise StackError(f"soak: {what} did not come up within {timeout:.0f}s")
 
 
 class Stack:
@@ -316,7 +362,7 @@ async def drive(
 def _print_interval(out: Any, iv: Interval, length: float) -> None:
     print(
         f"t={iv.t_end:7.1f}s  sent={iv.sent:6d}  rate={iv.sent / length:7.1f}/s  errors={iv.errors:4d}  "
-        f"behind={iv.behind:4d}  p50={iv.percentile(0.5) * 1000:6.2f}ms  "
+        f"error_rate={iv.error_rate:6.2f}%  behind={iv.behind:4d}  p50={iv.percentile(0.5) * 1000:6.2f}ms  "
         f"p95={iv.percentile(0.95) * 1000:6.2f}ms  p99={iv.percentile(0.99) * 1000:7.2f}ms  "
         f"rss={iv.rss / 2**20:6.1f}MB",
         file=out,
@@ -365,6 +411,33 @@ def run_soak(
     return report
 
 
+def _bad_option(
+    seconds: float,
+    rate: float,
+    interval: float | None,
+    target: str | None,
+    split: float,
+    max_error_rate: float,
+    max_rss_growth: float,
+) -> str | None:
+    """The first option that cannot run, as the one line the user sees (before anything starts)."""
+    if not seconds > 0:
+        return f"--seconds must be above 0 (got {seconds:g})"
+    if not rate > 0:
+        return f"--rate must be above 0 requests per second (got {rate:g})"
+    if interval is not None and not interval > 0:
+        return f"--interval must be above 0 seconds (got {interval:g})"
+    if not 0 <= split <= 100:
+        return f"--split must be between 0 and 100 (got {split:g})"
+    if not max_error_rate >= 0:
+        return f"--max-error-rate must be 0 or more percent (got {max_error_rate:g})"
+    if not max_rss_growth >= 0:
+        return f"--max-rss-growth must be 0 or more MB (got {max_rss_growth:g})"
+    if target is not None and not target.startswith(("http://", "https://")):
+        return f"--target must be an http:// or https:// URL (got {target!r})"
+    return None
+
+
 def soak(
     seconds: Annotated[float, typer.Option("--seconds", help="How long to hold the rate.")] = 60,
     rate: Annotated[float, typer.Option("--rate", help="Requests per second (open loop).")] = 500,
@@ -372,17 +445,44 @@ def soak(
     target: Annotated[str | None, typer.Option(help="Soak this running proxy instead.")] = None,
     pid: Annotated[int | None, typer.Option(help="With --target: the proxy's pid, for RSS.")] = None,
     split: Annotated[float, typer.Option(help="v2 share while soaking (mirroring covers v1).")] = 0.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Final report as JSON.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The report as one JSON document (interval lines on stderr).")
+    ] = False,
     mirror: Annotated[bool, typer.Option(help="Mirror GET/POST to v2 (the started stack only).")] = True,
+    max_error_rate: Annotated[
+        float, typer.Option(help="Verdict: FAIL above this error rate, in percent of the requests sent.")
+    ] = MAX_ERROR_RATE,
+    max_rss_growth: Annotated[
+        float, typer.Option(help="Verdict: FAIL if the proxy's RSS grows more MB than this after warm-up.")
+    ] = MAX_RSS_GROWTH_MB,
 ) -> None:
     """Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time."""
-    report = run_soak(seconds, rate, interval, target, pid, split, mirror=mirror)
+    problem = _bad_option(seconds, rate, interval, target, split, max_error_rate, max_rss_growth)
+    if problem:
+        from proxy.cliutil import EXIT_USAGE, fail
+
+        fail(problem, EXIT_USAGE)
+    out = sys.stderr if as_json else sys.stdout  # --json: stdout is the one document
+    try:
+        report = run_soak(seconds, rate, interval, target, pid, split, out=out, mirror=mirror)
+    except StackError as exc:
+        from proxy.cliutil import fail
+
+        fail(str(exc))
     summary = report.as_dict()
+    failures = report.failures(max_error_rate, max_rss_growth)
     if as_json:
-        print(json.dumps(summary))
+        verdict = {
+            "verdict": "fail" if failures else "pass",
+            "failures": failures,
+            "max_error_rate_percent": max_error_rate,
+            "max_rss_growth_mb": max_rss_growth,
+        }
+        print(json.dumps({**summary, **verdict}))
     else:
         print("soak summary:")
         for key, value in summary.items():
             print(f"  {key}: {value}")
-    if report.errors:
+        print(report.verdict_line(max_error_rate, max_rss_growth))
+    if failures:
         raise typer.Exit(1)

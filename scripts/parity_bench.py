@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Benchmark `strangler parity sql` (and reladiff beside it, when installed) on the tables of
-issue 15, in one run:
+"""Benchmark `strangler parity sql` (and reladiff beside it, when installed) on two 1M-row
+tables, in one run:
 
-    .venv/bin/python scripts/parity_bench.py [--rows 1000000] [--reladiff PATH_TO_reladiff]
+    .venv/bin/python scripts/parity_bench.py [--rows 1000000] [--reladiff PATH_TO_reladiff] [--baseline DIR]
 
 It starts a throwaway PostgreSQL (as the tests do; or use --url for an existing server where it
 may create the databases ``parity_src`` and ``parity_dst``), builds ``items`` (id bigint pk, owner

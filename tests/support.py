@@ -423,7 +423,7 @@ def generation(proxy: ProxyProcess) -> int:
     """How many control refreshes from Redis the proxy has done (``/status``)."""
     response = proxy.http.get(proxy.admin + "/status", headers=proxy.auth)
     assert response.status_code == 200, response.text
-    return int(response.json()["snapshot_generation"])
+    return int(response.json()["proxy"]["snapshot_generation"])
 
 
 def wait_refreshed(*proxies: ProxyProcess, timeout: float = 5.0) -> None:

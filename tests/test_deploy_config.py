@@ -269,7 +269,7 @@ def test_docker_compose_config_validates() -> None:
 
 
 def test_compose_ships_no_secrets_and_publishes_on_loopback_only() -> None:
-    """Issue 11, item 12: no change-me / admin defaults, no port reachable from other machines."""
+    """Safe defaults: no change-me / admin defaults, no port reachable from other machines."""
     text = (ROOT / "docker-compose.yml").read_text()
     assert "change-me" not in text and ":-admin" not in text
     services = yaml.safe_load(text)["services"]

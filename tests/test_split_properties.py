@@ -102,7 +102,7 @@ for line in sys.stdin:
 """
 
 
-# --- one user, one version (issue 24): every source, every encoding, every group, every proxy ---------
+# --- one user, one version: every source, every encoding, every group, every proxy --------------------
 
 SOURCES = ("header", "cookie", "query", "jwt")
 GROUPS = ("default", "orders", "search")

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import __version__
+from proxy.admin import views
 from proxy.admin.auth import allowed
 from proxy.admin.openapi import RouteDoc, openapi_document
 from proxy.control.client import ControlClient, InvalidValue
@@ -94,8 +95,9 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
     async def status(request: Request) -> Response:
-        """Split per route group, Redis health and snapshot age."""
-        return JSONResponse(status_payload(ctx))
+        """The status view (docs/schemas/status.json): split per route group with its rollout, last
+        check and decision, a loss of Redis data, parity, and this proxy's own view of Redis."""
+        return JSONResponse(await status_document(ctx, here(request)))
 
     async def get_split(request: Request) -> Response:
         """v2 share in force per route group."""
@@ -107,7 +109,7 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         body = await json_body(request)
         group = body.get("group") or "default"
         if group not in ctx.settings.group_names:
-            return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
+            return unknown_group(group, ctx.settings.group_names)
         if "percentage" not in body:
             return error(422, "invalid percentage", detail="body needs a percentage between 0 and 100")
         try:
@@ -115,7 +117,7 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         except InvalidValue as exc:
             return error(422, "invalid percentage", detail=str(exc))
         log.info("split for %s set to %s%% through the admin API", group, value)
-        return JSONResponse({"group": group, "percentage": value})
+        return JSONResponse(views.set_document(views.source(views.ADMIN_API, here(request)), group, value))
 
     async def rollback(request: Request) -> Response:
         """Back to 0% v2 at once: {"group": G} for one group; no group: the global split and every
@@ -123,23 +125,23 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
         body = await json_body(request, allow_empty=True)
         group = body.get("group") or None
         if group is not None and group not in ctx.settings.group_names:
-            return error(404, "unknown group", group=group, groups=ctx.settings.group_names)
+            return unknown_group(group, ctx.settings.group_names)
         try:
             changed = await ctx.control.rollback(group, ctx.settings.group_names)
         except (RedisError, OSError, TimeoutError):
             # e.g. a Sentinel failover in progress: in force here now, written when Redis returns
             ctx.store.hold_rollback(group, lambda: ctx.control.rollback(group, ctx.settings.group_names))
             log.warning("manual rollback of %s: Redis unreachable, applied here, retrying", group or "all")
-            return JSONResponse(
-                {"group": group or "all", "percentage": 0.0, "pending": True,
-                 "detail": "Redis unreachable: applied on this proxy now, written to Redis when it returns"},
-                status_code=202,
-            )  # fmt: skip
+            detail = "Redis unreachable: applied on this proxy now, written to Redis when it returns"
+            where = views.source(views.ADMIN_API, here(request))
+            return JSONResponse(views.rollback_document(where, group, None, detail), status_code=202)
         for name in changed:
             if name in ctx.settings.group_names:  # metric labels stay a closed set
                 ctx.metrics.rollbacks.labels(name, "manual").inc()
         log.warning("manual rollback of %s to 0%% through the admin API", ", ".join(changed))
-        return JSONResponse({"group": group or "all", "percentage": 0.0, "changed": changed})
+        return JSONResponse(
+            views.rollback_document(views.source(views.ADMIN_API, here(request)), group, changed)
+        )
 
     async def openapi(request: Request) -> Response:
         """This document."""
@@ -227,21 +229,37 @@ async def json_body(request: Request, allow_empty: bool = False) -> dict[str, An
     return data
 
 
-def status_payload(ctx: AdminContext) -> dict[str, Any]:
-    snap = ctx.store.current
-    return {
-        "redis_ok": snap.redis_ok,
-        "snapshot_age_seconds": ctx.store.age_seconds(),
-        "snapshot_generation": snap.generation,  # +1 per refresh: "has it read Redis since my write?"
-        "redis_data_lost_at": ctx.store.state_lost_at,  # this proxy saw Redis lose its data then
-        "groups": {
-            group: {
-                "percentage": snap.percentage(group),
-                "own_key": group in snap.group_percentages,
-            }
-            for group in ctx.settings.group_names
-        },
-    }
+def unknown_group(group: str, known: list[str]) -> JSONResponse:
+    """404, worded as the CLI's Redis path words it."""
+    detail = f"{group!r}; known groups: {', '.join(known)}"
+    return error(404, "unknown group", detail=detail, group=group, groups=known)
+
+
+def here(request: Request) -> str:
+    """This admin API's URL as the caller reached it (the prefix included)."""
+    return str(request.base_url).rstrip("/")
+
+
+async def status_document(ctx: AdminContext, url: str) -> dict[str, Any]:
+    """The status view from this proxy: read from Redis like the CLI does, or, when this proxy
+    cannot read Redis (its last refresh failed, or these reads do), what it serves from its last
+    good snapshot (``redis_ok`` false). Bounded like a refresh: a frozen Redis never holds it."""
+    import asyncio
+
+    where = views.source(views.ADMIN_API, url)
+    me = views.proxy_view(ctx.store, url)
+    settings = ctx.settings
+    if ctx.store.current.redis_ok:
+        try:
+            return await asyncio.wait_for(
+                views.status_document(
+                    ctx.control, settings.group_names, settings.default_percentage, where, me
+                ),
+                timeout=settings.redis_timeout_seconds * 2,
+            )
+        except (RedisError, OSError, TimeoutError):
+            pass
+    return views.snapshot_status_document(ctx.store, settings.group_names, where, me)
 
 
 class PrefixMount:

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.admin.app import unknown_group
 from proxy.canary.capability import CanaryService
 from proxy.canary.rollout import RolloutError, check_steps, parse_duration
 
@@ -65,7 +66,7 @@ def routes(service: CanaryService) -> list[Route]:
                         return JSONResponse({"error": "no rollout", "group": group}, status_code=404)
                     state = found
             except LookupError as exc:
-                return JSONResponse({"error": "unknown group", "group": str(exc)}, status_code=404)
+                return unknown_group(str(exc), settings.group_names)
             except (RolloutError, ValueError, TypeError) as exc:
                 return JSONResponse({"error": "rejected", "detail": str(exc)}, status_code=409)
             return JSONResponse(state.as_dict())

@@ -10,14 +10,14 @@ admin API the rules are still listed (config + Redis overrides), without counts.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
-from redis.exceptions import RedisError
 
+from proxy.admin import views
 from proxy.cliutil import (
     EXIT_USAGE,
     AdminTokenOpt,
@@ -29,14 +29,15 @@ from proxy.cliutil import (
     err,
     fail,
     print_rollback,
+    resolve_redis_url,
     settings_from,
     with_control,
 )
 from proxy.cliutil.remote import AdminClient, AdminError, deprecation_table
 from proxy.control.client import ControlClient
-from proxy.control.connect import connect
+from proxy.control.embedded import read_url
 from proxy.control.keys import Keys
-from proxy.settings import Settings
+from proxy.settings import DeprecationRule, Settings
 
 deprecations_app = typer.Typer(
     help="Deprecated endpoints: rules, phases and who still calls them.", invoke_without_command=True
@@ -67,20 +68,21 @@ def listing(
     try:
         with AdminClient(target, token or settings.admin_token_value(), settings.admin_prefix) as client:
             data = client.deprecations()
-        source = f"admin API {client.url}"
+            data["source"] = views.source(views.ADMIN_API, client.url)
+        title = f"admin API {client.url}"
     except AdminError as exc:
         if url:  # the user named a proxy: say it failed rather than fall back quietly
-            fail(str(exc))
+            fail(str(exc), exc.exit_code)
         err.print(f"[yellow]note:[/yellow] {exc}; listing rules from the config and Redis, no counts")
-        data = {"rules": _rules_from_redis(settings)}
-        source = "config + Redis (no proxy reachable: no counts)"
+        data = _rules_from_redis(settings)
+        title = f"config + Redis at {data['source']['url']}: no proxy reachable, no counts"
     if as_json:
-        print(json.dumps({"source": source, **data}))
+        print(json.dumps(data))
         return
     if not data["rules"]:
         console.print("no deprecation rules configured")
         return
-    console.print(deprecation_table(data["rules"], f"Deprecations ({source})"))
+    console.print(deprecation_table(data["rules"], f"Deprecations ({title})"))
 
 
 @deprecations_app.command("phase")
@@ -91,17 +93,32 @@ def set_phase(
     redis_url: RedisOpt = None,
     url: AdminUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Force a rule's phase live on every replica ("auto" follows the sunset date again)."""
-    settings = settings_from(config, redis_url=redis_url)
-    if not url:
-        from proxy.traffic.deprecation import InvalidOverride, parse_override
+    """Force a rule's phase live on every replica ("auto" follows the sunset date again).
 
+    The rule may come from this CLI's config, from a running proxy's (registered in Redis), or be
+    defined live in Redis; any other name is refused (exit 2)."""
+    settings = settings_from(config, redis_url=redis_url)
+    if url:
+        doc = _remote(settings, url, token, lambda c: c.override_deprecation(name, {"phase": phase}))
+    else:
+        from proxy.traffic.deprecation import PHASES, SECTION, InvalidOverride, parse_override
+
+        known = _known_rules(settings)
+        known.refuse_unknown(name)
+        raw = phase.strip()
+        if name not in known.configured and raw in PHASES:
+            raw = _merged(known, name, raw)  # a rule defined live: change its phase only
         try:
-            parse_override(name, phase, {rule.name: rule for rule in settings.deprecations})
+            parse_override(name, raw, known.configured)
         except InvalidOverride as exc:
             fail(str(exc), EXIT_USAGE)
-    _override(settings, url, token, lambda c: c.override_deprecation(name, {"phase": phase}), {name: phase})
+        with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: raw}))
+        doc = views.override_document(known.where, name, raw, True)
+    if as_json:
+        print(json.dumps(doc))
+        return
     console.print(f"deprecation rule [bold]{name}[/bold]: phase [bold]{phase}[/bold]")
 
 
@@ -112,92 +129,173 @@ def clear(
     redis_url: RedisOpt = None,
     url: AdminUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Drop a rule's live override (back to its configured values)."""
+    """Drop a rule's live override (back to its configured values); an unknown rule: exit 2."""
     settings = settings_from(config, redis_url=redis_url)
-    _override(settings, url, token, lambda c: c.clear_deprecation(name), {name: None})
-    console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
-
-
-def _override(
-    settings: Settings,
-    url: str | None,
-    token: str | None,
-    remote: Callable[[AdminClient], Any],
-    fields: dict[str, str | None],
-) -> None:
-    """A live override: through the proxy named by ``--url`` (any refusal exits 1), else written to
-    Redis, where every replica picks it up."""
     if url:
-        try:
-            with AdminClient(url, token, settings.admin_prefix) as client:
-                remote(client)
-        except AdminError as exc:
-            fail(str(exc))
+        doc = _remote(settings, url, token, lambda c: c.clear_deprecation(name))
+    else:
+        from proxy.traffic.deprecation import SECTION
+
+        known = _known_rules(settings)
+        known.refuse_unknown(name)
+        changed = name in known.overrides
+        if changed:
+            with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: None}))
+        doc = views.override_document(known.where, name, None, changed)
+    if as_json:
+        print(json.dumps(doc))
         return
+    if doc["changed"]:
+        console.print(f"deprecation rule [bold]{name}[/bold]: live override removed")
+    else:
+        console.print(f"deprecation rule [bold]{name}[/bold]: no live override (it follows its config)")
+
+
+def _remote(
+    settings: Settings, url: str, token: str | None, call: Callable[[AdminClient], Any]
+) -> dict[str, Any]:
+    """A live override through the proxy named by ``--url``; its refusals exit as the Redis path's."""
+    try:
+        with AdminClient(url, token, settings.admin_prefix) as client:
+            doc = dict(call(client))
+            doc["source"] = views.source(views.ADMIN_API, client.url)
+            return doc
+    except AdminError as exc:
+        fail(str(exc), exc.exit_code)
+
+
+@dataclass
+class KnownRules:
+    """The deprecation rules a name may refer to, read where ``strangler deprecations`` reads them."""
+
+    configured: dict[str, DeprecationRule]  # this CLI's config and every running proxy's (registered)
+    overrides: dict[str, str]  # the live overrides in Redis (some define whole rules)
+    where: dict[str, str]
+
+    def refuse_unknown(self, name: str) -> None:
+        if name not in self.configured and name not in self.overrides:
+            fail(
+                f"unknown deprecation rule {name!r}: not in this config, not registered by a running proxy "
+                f"nor defined live in Redis at {self.where['url']}",
+                EXIT_USAGE,
+            )
+
+
+def _merged(known: KnownRules, name: str, phase: str) -> str:
+    """A phase for a rule defined live in Redis goes into its JSON definition."""
+    try:
+        base = json.loads(known.overrides.get(name) or "{}")
+    except ValueError:
+        base = {}
+    return json.dumps({**(base if isinstance(base, dict) else {}), "phase": phase})
+
+
+def _known_rules(settings: Settings, strict: bool = True) -> KnownRules:
+    """Strict: Redis unreachable is an error (exit 1). Not strict (a listing): this config's rules."""
+    from proxy.redis_url import describe
     from proxy.traffic.deprecation import SECTION
 
-    with_control(settings, lambda c: c.set_hash_fields(SECTION, fields))
+    async def read(control: ControlClient) -> tuple[dict[str, str], dict[str, str]]:
+        return await control.get_hash(views.REGISTERED_RULES), await control.get_hash(SECTION)
+
+    registered: dict[str, str] = {}
+    overrides: dict[str, str] = {}
+    url = settings.redis_url or read_url(settings.embedded_redis_dir)
+    if strict:
+        url = resolve_redis_url(settings)
+        registered, overrides = with_control(settings, read)
+    elif url is not None:
+        registered, overrides = _read_quietly(settings, url, read)
+    configured: dict[str, DeprecationRule] = {}
+    for name, value in sorted(registered.items()):
+        try:
+            configured[name] = DeprecationRule.model_validate_json(value)
+        except ValueError:
+            continue  # a registration this CLI cannot read (another version)
+    configured.update({rule.name: rule for rule in settings.deprecations})
+    where = views.source(views.REDIS, describe(url) if url else "none (no Redis configured or running)")
+    return KnownRules(configured, overrides, where)
 
 
-def _rules_from_redis(settings: Settings) -> list[dict[str, Any]]:
-    """Config rules with the Redis overrides applied, as the proxy would see them (no counts)."""
+def _read_quietly(settings: Settings, url: str, read: Callable[[ControlClient], Any]) -> Any:
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from proxy.control.connect import connect
+
+    async def go() -> Any:
+        redis = connect(url, 2)
+        try:
+            return await read(ControlClient(redis, Keys.for_settings(settings)))
+        finally:
+            await redis.aclose()
+
+    try:
+        return asyncio.run(go())
+    except (RedisError, OSError):
+        return {}, {}
+
+
+def _rules_from_redis(settings: Settings) -> dict[str, Any]:
+    """The deprecations view from Redis: the rules of this config and of the running proxies
+    (registered), with the live overrides applied, as a proxy would see them; no counts."""
     from proxy.metrics import Metrics
     from proxy.traffic.deprecation import SECTION, DeprecationRules
 
-    raw: dict[str, str] = {}
-    url = settings.redis_url
-    if url is None:
-        from proxy.control.embedded import read_url
-
-        url = read_url(settings.embedded_redis_dir)
-    if url is not None:
-
-        async def read() -> dict[str, str]:
-            redis = connect(url, 2)
-            try:
-                keys = Keys.for_settings(settings)
-                return await ControlClient(redis, keys).get_hash(SECTION)
-            finally:
-                await redis.aclose()
-
-        try:
-            raw = asyncio.run(read())
-        except (RedisError, OSError):
-            raw = {}
-    rules = DeprecationRules(settings.deprecations, Metrics())
-    ruleset, _ = rules.parse(raw, None)
+    known = _known_rules(settings, strict=False)
+    rules = DeprecationRules(known.configured.values(), Metrics())
+    ruleset, _ = rules.parse(known.overrides, None)
     listed = rules.describe(ruleset)
     for item in listed:
-        item["hits"] = {"warn": "-", "gone": "-"}
-    return listed
+        item["hits"] = None  # counts live in a proxy's memory
+    return views.deprecations_document(known.where, Keys.for_settings(settings).hash(SECTION), listed)
 
 
 # --- status / set / rollback through the admin API (cli.py calls these when --url is given) ---------
-# AdminError raised here is turned into one line and an exit code by proxy.cli.StranglerGroup.
+# AdminError raised here is turned into one line and an exit code by proxy.cli.StranglerGroup (a
+# refusal exits 2, as the same refusal through Redis; an unreachable or failing proxy exits 1).
+
+
+def _fetch(url: str, token: str | None, call: Callable[[AdminClient], dict[str, Any]]) -> dict[str, Any]:
+    """One admin API call; the document's ``source`` says where it was read, as the CLI reached it."""
+    with AdminClient(url, token) as client:
+        doc = call(client)
+        doc["source"] = views.source(views.ADMIN_API, client.url)
+    return doc
 
 
 def remote_status(url: str, token: str | None, as_json: bool) -> None:
-    from proxy.cliutil.remote import print_status
-
-    with AdminClient(url, token) as client:
-        print_status(client, console, as_json)
-
-
-def remote_set(url: str, token: str | None, percentage: str, group: str | None) -> None:
-    with AdminClient(url, token) as client:
-        data = client.set_split(percentage, group)
-    group_name, value = data["group"], data["percentage"]
-    console.print(f"v2 share for [bold]{group_name}[/bold] set to [bold]{value:g}%[/bold]")
+    doc = _fetch(url, token, lambda c: c.status())
+    if isinstance(doc.get("proxy"), dict):
+        doc["proxy"]["url"] = doc["source"]["url"]
+    if as_json:
+        print(json.dumps(doc))
+        return
+    views.render_status(doc, console)
 
 
-def remote_rollback(url: str, token: str | None, group: str | None) -> None:
-    with AdminClient(url, token) as client:
-        data = client.rollback(group)
-    if data.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
+def remote_set(
+    url: str, token: str | None, percentage: str, group: str | None, as_json: bool = False
+) -> None:
+    doc = _fetch(url, token, lambda c: c.set_split(percentage, group))
+    if as_json:
+        print(json.dumps(doc))
+        return
+    console.print(f"v2 share for [bold]{doc['group']}[/bold] set to [bold]{doc['percentage']:g}%[/bold]")
+
+
+def remote_rollback(url: str, token: str | None, group: str | None, as_json: bool = False) -> None:
+    doc = _fetch(url, token, lambda c: c.rollback(group))
+    if as_json:
+        print(json.dumps(doc))
+        return
+    if doc.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
         console.print(
-            f"[yellow]rollback of {data['group']} accepted[/yellow]: 0% on that proxy now; "
+            f"[yellow]rollback of {doc['group']} accepted[/yellow]: 0% on that proxy now; "
             "Redis is unreachable, every proxy follows when it is written"
         )
         return
-    print_rollback(data.get("changed") or {data["group"]: None})
+    print_rollback(doc.get("changed") or {doc["group"]: None})

@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.admin.app import error
+from proxy.admin import views
+from proxy.admin.app import error, here
 from proxy.control.client import ControlClient
 from proxy.control.store import ControlStore
 from proxy.traffic.deprecation import SECTION, DeprecationRules, InvalidOverride, parse_override
@@ -26,16 +27,16 @@ log = logging.getLogger("strangler.deprecation")
 def routes(rules: DeprecationRules, store: ControlStore, control: ControlClient) -> list[Route]:
     """GET /deprecations, PUT/DELETE /deprecations/{name}."""
 
-    def listing() -> dict[str, Any]:
-        return {
-            "rules": rules.describe(store.current.section(SECTION)),
-            "redis_key": control.keys.hash(SECTION),
-            "counts_scope": "this proxy process (all its workers); fleet totals are in Prometheus",
-        }
+    def listing(url: str) -> dict[str, Any]:
+        rules_ = rules.describe(store.current.section(SECTION))
+        return views.deprecations_document(
+            views.source(views.ADMIN_API, url), control.keys.hash(SECTION), rules_
+        )
 
     async def list_rules(request: Request) -> Response:
-        """Deprecation rules in force (config + live overrides) with hit counts per phase."""
-        return JSONResponse(listing())
+        """Deprecation rules in force (config + live overrides) with this proxy's hit counts per
+        phase (this process and its workers; fleet totals are in Prometheus)."""
+        return JSONResponse(listing(here(request)))
 
     async def put_rule(request: Request) -> Response:
         """Override a rule live: {"phase": "gone"} or any rule fields (a new name defines a rule)."""
@@ -56,19 +57,27 @@ def routes(rules: DeprecationRules, store: ControlStore, control: ControlClient)
         await store.refresh()
         log.info("deprecation rule %s overridden through the admin API: %s", name, raw)
         return JSONResponse(
-            {"name": name, "override": raw, "rules": listing()["rules"]},
+            views.override_document(views.source(views.ADMIN_API, here(request)), name, raw, True)
         )
 
     async def delete_rule(request: Request) -> Response:
-        """Drop a rule's live override (a configured rule goes back to its config values)."""
+        """Drop a rule's live override (a configured rule goes back to its config values); a rule
+        this proxy does not know and Redis holds no override for is a 404."""
         name = request.path_params["name"]
         current = await control.get_hash(SECTION)
+        where = views.source(views.ADMIN_API, here(request))
         if name not in current:
-            return error(404, "no live override for this rule", name=name)
+            if name not in rules.configured:
+                return error(
+                    404,
+                    "unknown deprecation rule",
+                    detail=f"{name!r}: not configured on this proxy, no live override in Redis",
+                )
+            return JSONResponse(views.override_document(where, name, None, False))
         await control.set_hash_fields(SECTION, {name: None})
         await store.refresh()
         log.info("deprecation override for %s removed through the admin API", name)
-        return JSONResponse({"name": name, "override": None, "rules": listing()["rules"]})
+        return JSONResponse(views.override_document(where, name, None, True))
 
     return [
         Route("/deprecations", list_rules, methods=["GET"]),

@@ -62,12 +62,13 @@ def _transition(
     action: Any,
     remote: tuple[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Run one Rollouts call (Redis) or its admin API twin (``--url``); refused: exit code 2."""
+    """Run one Rollouts call (Redis) or its admin API twin (``--url``); refused: exit code 2.
+    Returns the rollout view (docs/schemas/rollout.json): the state, and where it was written."""
     if url:
         from proxy.cliutil.remote import AdminClient
 
         with AdminClient(url, token) as client:
-            return client.rollout(remote[0], group, remote[1])
+            return {"source": _source("admin_api", client.url), **client.rollout(remote[0], group, remote[1])}
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
 
@@ -76,9 +77,22 @@ def _transition(
         return dict(state.as_dict())
 
     try:
-        return with_control(settings, go)
+        return {"source": _redis_source(settings), **with_control(settings, go)}
     except RolloutError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def _source(path: str, url: str) -> dict[str, str]:
+    """Where a view was read or written: the one field in which the two paths' documents differ
+    (``proxy.admin.views.source``; the canary sits below the admin layer, so it is spelt here)."""
+    return {"path": path, "url": url}
+
+
+def _redis_source(settings: Any) -> dict[str, str]:
+    from proxy.cliutil import resolve_redis_url
+    from proxy.redis_url import describe
+
+    return _source("redis", describe(resolve_redis_url(settings)))
 
 
 def _print_state(state: dict[str, Any], as_json: bool) -> None:
@@ -177,7 +191,8 @@ def promote(
 def _status_reader(
     config: Path | None, redis_url: str | None, url: str | None, token: str | None, group: str | None
 ) -> tuple[str, Any]:
-    """The group name and a function returning ``records.read_status`` for it, from Redis or the API."""
+    """The group name and a function returning ``records.read_status`` for it, from Redis or the API
+    (with ``source``: where it was read)."""
     if url:
         from proxy.cliutil.remote import AdminClient
 
@@ -186,17 +201,23 @@ def _status_reader(
         def remote() -> dict[str, Any]:
             with AdminClient(url, token) as client:
                 data = client.canary_status()
+                where = _source("admin_api", client.url)
             if name not in data.get("groups", {}):
                 fail(
                     f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}",
                     EXIT_USAGE,
                 )
-            return {"leader": data.get("leader"), "groups": {name: data["groups"][name]}}
+            return {"source": where, "leader": data.get("leader"), "groups": {name: data["groups"][name]}}
 
         return name, remote
     settings = settings_from(config, redis_url=redis_url)
     name = check_group(settings, group)
-    return name, lambda: with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
+
+    def local() -> dict[str, Any]:
+        data = with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
+        return {"source": _redis_source(settings), **data}
+
+    return name, local
 
 
 @rollout_app.command("status")
@@ -213,7 +234,11 @@ def status(
     data = read()
     entry = data["groups"][name]
     if as_json:
-        print(json.dumps({"group": name, "leader": data["leader"], **entry}, default=str))
+        print(
+            json.dumps(
+                {"source": data["source"], "group": name, "leader": data["leader"], **entry}, default=str
+            )
+        )
         return
     summary = summarize(entry)
     console.print(f"group [bold]{name}[/bold] (leader: {data['leader'] or 'none'})")
@@ -392,11 +417,11 @@ class _AdminOps(_SplitOps):
         self.group = group
 
     def before(self) -> str | None:
-        info = self.client.status().get("groups", {}).get(self.group)
+        rows = {row["group"]: row for row in self.client.status().get("groups", [])}  # the status view
+        info = rows.get(self.group)
         if info is None:
-            served = ", ".join(self.client.status()["groups"])
-            fail(f"unknown group {self.group!r}; the proxy serves: {served}", EXIT_USAGE)
-        return f"{info['percentage']:g}"
+            fail(f"unknown group {self.group!r}; the proxy serves: {', '.join(rows)}", EXIT_USAGE)
+        return None if info["percentage"] is None else f"{info['percentage']:g}"
 
     def set(self, percentage: str) -> float:
         return float(self.client.set_split(percentage, self.group)["percentage"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 import typer
@@ -36,27 +36,17 @@ console = Console()
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
-# --- options shared by the commands (one definition each; the help text is part of the CLI) -------
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML settings file.")]
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL (default: the embedded one).")]
-GroupOpt = Annotated[
-    str | None, typer.Option("--group", "-g", help="Route group (default: the global split).")
-]
-AllGroupsOpt = Annotated[str | None, typer.Option("--group", "-g", help="Route group (default: all groups).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
-
-def _admin_url(help: str) -> Any:
-    return typer.Option("--url", envvar="STRANGLER_ADMIN_URL", help=help)
-
-
-# --url on the commands that read a proxy's config otherwise, and on those that talk to Redis otherwise
-AdminUrlOpt = Annotated[str | None, _admin_url("Admin API of a running proxy (default: from the config).")]
-RemoteUrlOpt = Annotated[str | None, _admin_url("Admin API of a running proxy (instead of Redis).")]
-AdminTokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="STRANGLER_ADMIN_TOKEN", help="Admin bearer token.")
-]
+# --- options shared by the commands: defined in the leaf proxy.cliopts (light enough for `--help`)
+from proxy.cliopts import (  # noqa: E402, F401 - re-exported for the capabilities' commands
+    AdminTokenOpt,
+    AdminUrlOpt,
+    AllGroupsOpt,
+    ConfigOpt,
+    GroupOpt,
+    JsonOpt,
+    RedisOpt,
+    RemoteUrlOpt,
+)
 
 # How a command that writes the split builds its writer (``Rollouts(...).manual_split``), passed in
 # by the caller so this module never imports the canary.
@@ -92,9 +82,11 @@ def with_control(
     settings: Settings,
     action: Callable[[ControlClient], Awaitable[T]],
     writer: WriterFactory | None = None,
+    hint: str = "",
 ) -> T:
-    """Run one async action against Redis with a clear message when it is unreachable. Commands that
-    write the split pass ``writer``, so a share set by hand goes through the rollout's transaction."""
+    """Run one async action against Redis with a clear message when it is unreachable (``hint`` is
+    added to it). Commands that write the split pass ``writer``, so a share set by hand goes through
+    the rollout's transaction."""
     url = resolve_redis_url(settings)
 
     async def go() -> T:
@@ -108,7 +100,7 @@ def with_control(
     try:
         return asyncio.run(go())
     except (RedisError, OSError) as exc:
-        fail(f"Redis at {describe(url)} is unreachable: {exc}")
+        fail(f"Redis at {describe(url)} is unreachable: {exc}{hint}")
 
 
 def with_registered_groups(settings: Settings) -> Settings:

@@ -9,12 +9,10 @@ carrying the server's own JSON message, so the CLI can print it as is.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from rich.console import Console
 from rich.table import Table
 
 from proxy.settings import read_admin_token
@@ -25,13 +23,28 @@ if TYPE_CHECKING:
 DEFAULT_PREFIX = "/_strangler"
 
 
+# How an admin API answer maps to the CLI's exit codes: the same as the Redis path's for the same
+# refusal (README "Operate"): a refused request is bad input (2), a wrong or missing token too (2,
+# with a hint), a proxy that failed or cannot be reached is a failed action (1).
+USAGE_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 422})
+TOKEN_HINT = (
+    "pass the proxy's admin token: --token or STRANGLER_ADMIN_TOKEN "
+    "(a local `strangler serve` keeps it in .strangler/admin-token)"
+)
+
+
 class AdminError(Exception):
     """The admin API refused or could not be reached; ``str()`` is a message for humans."""
 
     def __init__(self, message: str, status: int | None = None, bad_input: bool = False) -> None:
         super().__init__(message)
         self.status = status
-        self.bad_input = bad_input  # the request was wrong before anything was sent (a malformed URL)
+        # exit 2: the request was wrong before anything was sent (a malformed URL), or refused
+        self.bad_input = bad_input or status in USAGE_STATUSES
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.bad_input else 1
 
 
 def base_url(url: str, prefix: str = DEFAULT_PREFIX) -> str:
@@ -66,8 +79,14 @@ class AdminClient:
         self.close()
 
     def request(
-        self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        expect: tuple[str, ...] = (),
     ) -> Any:
+        """One call; ``expect``: fields a success answer of ours has (else it is not our API)."""
         import httpx
 
         try:
@@ -76,44 +95,57 @@ class AdminClient:
             raise AdminError(f"admin API at {self.url} is unreachable: {exc}") from exc
         try:
             data = response.json()
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (or not text)
             data = None
+        failed = response.status_code >= 400
+        ours = isinstance(data, dict) and ("error" in data if failed else all(k in data for k in expect))
+        if not ours:  # a backend, a default page: say so rather than relay its text (exit 2: a wrong
+            # --url), unless something in front of the proxy failed (a 502 page: exit 1)
+            asked = urlsplit(self.url + path).path
+            raise AdminError(
+                f"{self.url}: not a Strangler admin API (answered {response.status_code} to {asked})",
+                response.status_code,
+                bad_input=response.status_code < 500,
+            )
         if response.status_code >= 400:
-            if isinstance(data, dict) and "error" in data:
-                extra = data.get("detail") or data.get("message") or ""
-                message = f"{data['error']}" + (f": {extra}" if extra else "")
-            else:
-                message = response.text[:200] or response.reason_phrase
+            extra = data.get("detail") or data.get("message") or ""
+            message = f"{data['error']}" + (f": {extra}" if extra else "")
+            if response.status_code in (401, 403):
+                message = f"{data['error']}; {TOKEN_HINT}"
             raise AdminError(f"admin API answered {response.status_code}: {message}", response.status_code)
         return data
 
     # --- operations the CLI uses ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/status"))
+        return dict(self.request("GET", "/status", expect=("source", "groups", "proxy")))
 
     def set_split(self, percentage: str | float, group: str | None) -> dict[str, Any]:
         try:
             value: Any = float(percentage)
         except ValueError:
             value = percentage  # let the server say why it is wrong
-        if isinstance(value, float) and not math.isfinite(value):
-            value = str(percentage)  # JSON has no NaN/Infinity: send the text, the server refuses it
-        return dict(self.request("PUT", "/split", {"percentage": value, "group": group or "default"}))
+        if isinstance(value, float) and not (math.isfinite(value) and 0 <= value <= 100):
+            # JSON has no NaN/Infinity; out of range: send the text, so the refusal quotes what was typed
+            value = str(percentage)
+        body = {"percentage": value, "group": group or "default"}
+        return dict(self.request("PUT", "/split", body, expect=("group", "percentage")))
 
     def rollback(self, group: str | None) -> dict[str, Any]:
         """No group: the global split and every group with its own key."""
-        return dict(self.request("POST", "/rollback", {"group": group} if group else {}))
+        return dict(self.request("POST", "/rollback", {"group": group} if group else {}, expect=("changed",)))
 
     def canary_status(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/canary/status"))
+        return dict(self.request("GET", "/canary/status", expect=("groups", "leader")))
 
     def rollout(self, action: str, group: str | None, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """``action`` is start, pause, resume, abort or promote; "get" reads the state."""
         payload = {"group": group or "default", **(body or {})}
         if action == "get":
-            return dict(self.request("GET", "/rollout", params={"group": group or "default"}))
-        return dict(self.request("POST", f"/rollout/{action}", payload))
+            return dict(
+                self.request("GET", "/rollout", params={"group": group or "default"}, expect=("state",))
+            )
+        return dict(self.request("POST", f"/rollout/{action}", payload, expect=("group", "state")))
 
     def shadow(self) -> dict[str, Any]:
         return dict(self.request("GET", "/shadow"))
@@ -137,34 +169,16 @@ class AdminClient:
         return dict(self.request("POST", "/diffs/reset", {"forget_noise": forget_noise}))
 
     def deprecations(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/deprecations"))
+        return dict(self.request("GET", "/deprecations", expect=("rules",)))
 
     def override_deprecation(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.request("PUT", f"/deprecations/{name}", body))
+        return dict(self.request("PUT", f"/deprecations/{name}", body, expect=("name", "override")))
 
     def clear_deprecation(self, name: str) -> dict[str, Any]:
-        return dict(self.request("DELETE", f"/deprecations/{name}"))
+        return dict(self.request("DELETE", f"/deprecations/{name}", expect=("name", "override")))
 
 
 # --- what the CLI commands print when they go through the admin API -------------------------------
-
-
-def print_status(client: AdminClient, console: Console, as_json: bool) -> None:
-    data = client.status()
-    if as_json:
-        print(json.dumps({"via": client.url, **data}))
-        return
-    table = Table(title=f"Strangler split (admin API {client.url})")
-    for column in ("group", "v2 %", "source"):
-        table.add_column(column)
-    for group, info in data.get("groups", {}).items():
-        own = info.get("own_key")
-        source = "own key" if own else ("global" if group != "default" else "global key / default")
-        table.add_row(group, f"{info.get('percentage', 0):g}", source)
-    console.print(table)
-    redis = "ok" if data.get("redis_ok") else "UNREACHABLE (serving the last good snapshot)"
-    age = data.get("snapshot_age_seconds")
-    console.print(f"redis: {redis}; snapshot age: {'-' if age is None else f'{age:.1f}s'}")
 
 
 def deprecation_table(rules: list[dict[str, Any]], title: str) -> Table:

@@ -80,6 +80,7 @@ class ControlStore:
         self._reported: set[tuple[str, str]] = set()
         self._rejected_now: set[tuple[str, str]] = set()
         self._published: dict[str, float] = {}
+        self._rules_registered = False  # this config's deprecation rules are in Redis (again after a loss)
         self._reported_down = False
         self._wake = asyncio.Event()
         self._stopping = False
@@ -214,6 +215,16 @@ class ControlStore:
         actually serve when the stored value is invalid. Written only when a served share changes
         (so not on every poll); a failed write is retried at the next refresh.
         """
+        if not self._rules_registered and self._settings.deprecations:
+            # the deprecation rules of this config, so `strangler deprecations phase|clear` knows a
+            # name this proxy serves (read by proxy.admin.views / admin.commands: REGISTERED_RULES)
+            rules = {rule.name: rule.model_dump_json() for rule in self._settings.deprecations}
+            with contextlib.suppress(*_REDIS_ERRORS):
+                await asyncio.wait_for(
+                    self._redis.hset(self._keys.hash("deprecations:registered"), mapping=rules),  # type: ignore[arg-type]
+                    timeout=self._settings.redis_timeout_seconds * 2,
+                )
+                self._rules_registered = True
         serving = {group: snapshot.percentage(group) for group in self._settings.group_names}
         changed = {group: value for group, value in serving.items() if self._published.get(group) != value}
         if not changed:
@@ -265,6 +276,8 @@ class ControlStore:
     async def _state_lost(self, found: str | None) -> None:
         """Write the last good values back (never over a value someone wrote since) and record it."""
         self.state_lost_at = time.time()
+        self._published = {}  # register again: the registrations went with the data
+        self._rules_registered = False
         log.error(
             "Redis lost its data (epoch changed); keeping the last good split and writing it back: %s",
             self._restorable or "nothing was set",

@@ -239,10 +239,6 @@ class UpstreamResponse:
             if conn is not None:
                 conn.abort()
 
-    def release(self) -> None:
-        """After a complete answer a no-op, like ``close``."""
-        self.close()
-
 
 class _Chunks:
     """``UpstreamResponse.chunks()``: an async iterator class, not an async generator, so the
@@ -401,7 +397,8 @@ class _Connection(asyncio.Protocol):
             if self._queued_in == self.pool.writes.flushes:
                 # our request head is still queued (proxy.edge.writebatch): these bytes answer
                 # nothing we sent. Dropped like an idle connection that speaks; the request, never
-                # sent, goes out again on a fresh connection
+                # sent, goes out once more on a new connection if this one was reused from the pool
+                # (``request``, ``_retryable``); on a new or a ``fresh`` one it fails (502)
                 self.pool.dropped("idle_readable")
                 self._fail(_NoAnswer(self.pool.version, "backend answered before the request was sent", True))
                 return

@@ -301,8 +301,7 @@ class NativeExchange:
                 self._chunked = True
             else:
                 close = True  # HTTP/1.0 and unsized: the close ends the body
-        elif no_body and not sized and status >= 200 and status not in NO_BODY_STATUS and not more:
-            pass  # HEAD: the backend's length (if any) was passed on; none invented
+        # an answer to HEAD keeps the backend's length (if any, passed on above); none is invented
         if not self._body_done:
             # answered before the whole request body arrived, streamed or not: the rest cannot be
             # skipped safely, so the connection ends with this answer, and the head says so (a
@@ -763,7 +762,8 @@ class ServerProtocol(asyncio.Protocol):
         lower = name.lower()
         if not self._in_head:
             # a chunked body's trailer (llhttp reports it as a header): kept apart, never merged
-            # into the head the exchange was made with (issue 23 item 5)
+            # into the head the exchange was made with (a trailer must not add or change what the
+            # routing, the framing or the backend already read from the head)
             ex = self._parsing
             if ex is not None:
                 if ex.trailers is None:

@@ -24,7 +24,7 @@ already has it when ``submit`` is called.
 
 Each mirrored request's own event-loop time is measured, and requests start no closer than that
 average over ``compare_cpu_share``: under load the mirror keeps to about that share of the loop
-and the queue sheds the rest (issue 10: the primary keeps its throughput).
+and the queue sheds the rest, so the primary keeps its throughput.
 """
 
 from __future__ import annotations

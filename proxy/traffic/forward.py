@@ -786,8 +786,10 @@ class BodyPolicy:
 
 
 class _Body:
-    """The client's request body, read from ASGI ``receive``: buffered whole when small, else
-    streamed up at no less than the minimum rate; optionally captured for the mirror."""
+    """The client's request body, read through the exchange's ``read`` (``ClientExchange.read``:
+    our HTTP server's connection, or ASGI ``receive`` under ``proxy.app:app``): buffered whole
+    when small, else streamed up at no less than the minimum rate; optionally captured for the
+    mirror."""
 
     __slots__ = ("_read", "_capture_limit", "_policy", "captured", "too_large", "started", "done", "gone",
                  "_first")  # fmt: skip

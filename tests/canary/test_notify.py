@@ -104,7 +104,7 @@ def test_payload_formats_and_severity_filter(redis_url: str) -> None:
 
 
 def test_a_critical_alert_survives_a_failing_target_and_the_leaders_death(redis_url: str) -> None:
-    """Issue 17 item 3: removed only after delivery, picked up by the next leader, backoff kept
+    """An alert is removed only after delivery, picked up by the next leader, backoff kept
     in Redis across the hand-over, critical first, never given up; others give up after retries."""
     with Receiver() as rx:
         canary = settings({"kind": "webhook", "url": rx.url + "/hook"}, notify_retries=1)

@@ -1,4 +1,4 @@
-"""Issue 17 items 1, 2, 4, 5 and 9: races between the leader and people, landed deterministically.
+"""Races between the leader and people, landed deterministically.
 
 Two hooks put the competing write at an exact moment: ``Rollouts.race_hook`` between a
 transaction's read (under WATCH) and its write, and ``CanaryController.race_hook`` between a check's

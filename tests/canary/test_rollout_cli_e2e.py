@@ -83,7 +83,7 @@ def test_rollout_walks_the_ladder_and_cli_controls_it_while_alert_targets_are_do
     assert status["verdict"]["status"] in ("pass", "insufficient_data")
     assert cli("status", *base).exit_code == 0
     rows = json.loads(cli("status", "--json", *base).output)["groups"]
-    assert rows[0]["rollout"].startswith("rolled_back") and rows[0]["verdict"] != "-"
+    assert rows[0]["rollout"]["state"] == "rolled_back" and rows[0]["verdict"] is not None
 
 
 def test_set_with_verify_keeps_a_healthy_value_and_restores_on_failure(

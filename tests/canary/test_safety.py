@@ -1,4 +1,4 @@
-"""Issue 17 items 6-10 and issue 11 items 2 and 6: what operators and the leader can rely on."""
+"""What operators and the leader can rely on."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tests.support import Backend, ProxyProcess, wait_until
 
 
 def test_resume_after_a_manual_rollback_is_refused_and_after_a_manual_set_is_true(redis_url: str) -> None:
-    """Issue 17 item 6: no more "progressing at 20%" while the split stays 0."""
+    """No more "progressing at 20%" while the split stays 0."""
 
     async def body(rig: Rig) -> None:
         await rig.rollouts.start("default", [10, 20, 40, 100], 60, "test")
@@ -60,7 +60,7 @@ def test_resume_after_a_manual_rollback_is_refused_and_after_a_manual_set_is_tru
 
 
 def test_a_step_advances_only_after_its_hold_was_judged(redis_url: str) -> None:
-    """Issue 17 item 7: insufficient data adds no hold time; a returning v2 is judged first."""
+    """Insufficient data adds no hold time; a returning v2 is judged first."""
 
     async def body(rig: Rig) -> None:
         await rig.rollouts.start("default", [10, 50, 100], 3, "test")
@@ -84,7 +84,7 @@ def test_a_step_advances_only_after_its_hold_was_judged(redis_url: str) -> None:
 def test_fallbacks_to_v1_count_against_v2(
     proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
 ) -> None:
-    """Issue 17 item 7: v2 cannot be connected to, users get v1, the canary sees v2 failing."""
+    """v2 cannot be connected to, users get v1, the canary sees v2 failing."""
     v1, _ = v1v2
     proxy = proxy_factory(v1_url=v1.url, v2_url=refused_url(), redis_url=redis_url, canary=canary())
     r = redis.Redis.from_url(redis_url)
@@ -110,7 +110,7 @@ def test_fallbacks_to_v1_count_against_v2(
 
 
 def test_lost_redis_data_keeps_the_split_alerts_and_status_says_so(redis_url: str) -> None:
-    """Issue 17 item 8: a FLUSHALL does not send a finished migration back to v1."""
+    """A FLUSHALL does not send a finished migration back to v1."""
 
     async def body(rig: Rig) -> None:
         store = ControlStore(Settings(redis_url=redis_url), rig.redis, Metrics())
@@ -141,7 +141,7 @@ def test_lost_redis_data_keeps_the_split_alerts_and_status_says_so(redis_url: st
 
 
 def test_the_lock_is_kept_through_a_check_longer_than_its_lifetime(redis_url: str) -> None:
-    """Issue 17 item 9: the lock is renewed by its own task, not by the check."""
+    """The lock is renewed by its own task, not by the check."""
 
     async def body(rig: Rig) -> None:
         controller = rig.controller
@@ -167,7 +167,7 @@ def test_the_lock_is_kept_through_a_check_longer_than_its_lifetime(redis_url: st
 
 
 def test_a_proxy_wide_stall_is_an_error_not_a_failure() -> None:
-    """Issue 17 item 10: both versions above the absolute p95 limit says nothing about v2."""
+    """Both versions above the absolute p95 limit says nothing about v2."""
     t = CanaryThresholds(min_requests=10, max_p95_seconds=0.5)
     slow = Window.of(100, 0, [2.0] * 100)
     assert assess(slow, slow, t, History()).status is Status.ERROR
@@ -176,7 +176,7 @@ def test_a_proxy_wide_stall_is_an_error_not_a_failure() -> None:
 
 
 def test_abort_on_a_completed_rollout_changes_nothing(redis_url: str) -> None:
-    """Issue 11 item 2: refused because of state: nothing written, one clear line, non-zero."""
+    """Refused because of state: nothing written, one clear line, non-zero."""
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     base = ["--redis-url", redis_url]
     assert cli("rollout", "start", "--steps", "50,100", "--interval", "1h", *base).exit_code == 0
@@ -193,7 +193,7 @@ def test_abort_on_a_completed_rollout_changes_nothing(redis_url: str) -> None:
 
 
 def test_a_new_rollout_or_a_manual_change_starts_a_fresh_history(redis_url: str) -> None:
-    """Issue 11 item 6: failures and window seconds from before do not count."""
+    """Failures and window seconds from before do not count."""
 
     async def body(rig: Rig) -> None:
         await rig.control.set_split(10)
@@ -220,7 +220,8 @@ def test_a_new_rollout_or_a_manual_change_starts_a_fresh_history(redis_url: str)
 
 
 def test_the_embedded_redis_keeps_its_data_across_a_restart(tmp_path: Path) -> None:
-    """Issue 17 item 8: the product needs AOF persistence, and the embedded Redis has it."""
+    """A Redis restart must not lose the split: the product needs AOF persistence, and the embedded
+    Redis has it."""
     from proxy.control.embedded import EmbeddedRedis
 
     first = EmbeddedRedis(tmp_path / "redis")
@@ -241,7 +242,7 @@ def test_the_embedded_redis_keeps_its_data_across_a_restart(tmp_path: Path) -> N
 
 
 def test_the_cli_rollback_and_set_during_a_rollout_end_or_pause_it(redis_url: str) -> None:
-    """Issue 17 item 1 through the real commands: the state says what is served."""
+    """Through the real commands: the rollout state says what is served."""
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     base = ["--redis-url", redis_url]
     assert cli("rollout", "start", "--steps", "20,50,100", "--interval", "1h", *base).exit_code == 0

@@ -1,4 +1,4 @@
-"""Issue 17 acceptance: operator actions, leader ticks, leader crashes and Redis data loss
+"""The canary's safety properties: operator actions, leader ticks, leader crashes and Redis data loss
 interleaved at random (Hypothesis stateful testing) against the real session Redis, with:
 
 - the split always equals what the rollout state says;

@@ -52,7 +52,7 @@ REQUEST_SET_BY_PROXY = frozenset({"content-length", "transfer-encoding", "x-forw
 # that asked for one)
 ANSWER_SET_BY_PROXY = frozenset({"content-length", "transfer-encoding", "connection", "x-api-version"})
 # a backend that closes without answering: the proxy may send the request again once, on a new
-# connection, only when its method is idempotent (RFC 9110 9.2.2; issue 23 item 3)
+# connection, only when its method is idempotent (RFC 9110 9.2.2: a POST must never apply twice)
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 SESSION_TIMEOUT = 5.0  # a session that makes no progress for this long hangs: a finding

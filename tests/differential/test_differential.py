@@ -1,4 +1,4 @@
-"""The differential test (issue 23, item 4): generated client sessions through the real proxy,
+"""The differential test: generated client sessions through the real proxy,
 compared with what the scripted backend received and produced.
 
 A session (strategies.py) is 1-6 requests on one client connection, sequential or pipelined:

@@ -1,7 +1,7 @@
 """What the differential test found, each written down as a plain session (shrunk by hand or with
 tests/differential/shrink.py) and run through the same harness: the fast path and the task path.
 
-Every finding here failed on the main of its day and passes since its fix (issue 23). Each
+Every finding here failed on the main of its day and passes since its fix. Each
 session runs a few times (``TIMES``): these failures depend on timing, so one pass proves little.
 """
 
@@ -41,7 +41,7 @@ def test_a_pipelined_request_keeps_its_body_whatever_its_framing(
 def test_an_early_answer_does_not_splice_the_next_request(
     request: pytest.FixtureRequest, harness: Harness
 ) -> None:
-    """Issue 23 item 1, as the issue tells it: a POST of 200,000 bytes, 100,000 sent, a pause, the
+    """The early answer, as first reported: a POST of 200,000 bytes, 100,000 sent, a pause, the
     rest; the backend answers on the head and drains the body. The proxy pools the backend
     connection while the body is still being written: the next request (here the same client's
     GET) is written into that body (h11 sees body bytes as a request line), a later request gets
@@ -54,7 +54,7 @@ def test_an_early_answer_does_not_splice_the_next_request(
 def test_a_streamed_early_answer_is_not_followed_by_a_silent_close(
     request: pytest.FixtureRequest, harness: Harness
 ) -> None:
-    """Issue 23 item 1, a second face: the early answer is large (streamed, so its head goes out
+    """The early answer, a second face: it is large (streamed, so its head goes out
     before the proxy knows the upload is unfinished). The proxy then closes the client connection
     without having said ``Connection: close``: the client's next request is lost."""
     session = Session((Request("POST", 200_000, pause_at=100_000, pause_ms=500,
@@ -63,7 +63,7 @@ def test_a_streamed_early_answer_is_not_followed_by_a_silent_close(
 
 
 def test_a_post_is_never_sent_twice(request: pytest.FixtureRequest, harness: Harness) -> None:
-    """Issue 23 item 3: the backend reads a POST and closes without answering. The proxy sends it
+    """A POST sent twice: the backend reads a POST and closes without answering. The proxy sends it
     again on its idle pooled connection (the GET before left one): the backend applies it twice."""
     session = Session((Request("GET"), Request("POST", 100, answer=Answer(drop=True))))
     check(harness, session, times=2)
@@ -79,10 +79,10 @@ def test_an_idempotent_request_is_retried_at_most_once(harness: Harness) -> None
 def test_a_large_answer_after_a_streamed_one_is_not_cut(
     request: pytest.FixtureRequest, harness: Harness
 ) -> None:
-    """Issue 23 item 2, shrunk from a generated session (compiled build, task path): on one client
-    connection a streamed answer (close-delimited, even empty), then a 6.7 MB answer with its
-    Content-Length. The client gets 4-6 MB of it and a closed connection (3-4 runs in 5, pure
-    and compiled, both paths)."""
+    """A large answer after a streamed one, shrunk from a generated session (compiled build, task
+    path): on one client connection a streamed answer (close-delimited, even empty), then a 6.7 MB
+    answer with its Content-Length. The client gets 4-6 MB of it and a closed connection (3-4 runs
+    in 5, pure and compiled, both paths)."""
     session = Session((Request("GET", answer=Answer(200, 0, framing="close")),
                        Request("GET", answer=Answer(200, 6_764_671))))  # fmt: skip
     check(harness, session, times=8)

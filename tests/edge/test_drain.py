@@ -1,5 +1,5 @@
-"""A graceful stop loses no request (issue 23 items 4 and 18): real proxy processes, SIGTERM, raw
-keep-alive clients.
+"""A graceful stop loses no request (neither queued connections nor requests in flight): real
+proxy processes, SIGTERM, raw keep-alive clients.
 
 What "lost" means here: a request the proxy accepted bytes of and never answered. From the
 client's side: a request written on a connection that the kernel had accepted (connect()

@@ -37,7 +37,7 @@ def _read_answer(sock: socket.socket, pause: float = 0.0) -> tuple[bytes, int]:
 
 
 def test_a_big_answer_after_a_streamed_one_is_whole(start_proxy: Callable[..., ProxyProcess]) -> None:
-    """Issue 23 item 2: the first answer (over the small-answer size, so streamed with a
+    """The first answer (over the small-answer size, so streamed with a
     disconnect watcher) must leave nothing behind that reads as "client gone" when the second,
     larger answer waits for the client to read."""
     proxy = start_proxy()
@@ -56,7 +56,7 @@ def test_a_big_answer_after_a_streamed_one_is_whole(start_proxy: Callable[..., P
 def test_a_client_that_never_reads_is_cut_after_the_send_timeout(
     start_proxy: Callable[..., ProxyProcess],
 ) -> None:
-    """Issue 23 item 16: clients that ask for big answers and never read held their backend
+    """Clients that ask for big answers and never read held their backend
     connections for ever (with the pool full, every other request was 503). After
     ``send_timeout_seconds`` of a full write buffer the client is cut, and its backend connection
     with it."""

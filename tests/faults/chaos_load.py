@@ -779,8 +779,9 @@ async def slow_upload(
     port: int, result: dict[str, Any], total: int = 98304, first: int = 65537, step: int = 200,
     every: float = 0.5, give_up: float = 30.0, headers: bytes = b"",
 ) -> None:  # fmt: skip
-    """Issue 23 item 17's upload: ``first`` bytes at once, then ``step`` bytes every ``every`` s
-    (400 B/s), until an answer comes or ``give_up`` s pass. ``result``: status, seconds, body."""
+    """A slow upload (the minimum upload rate's case): ``first`` bytes at once, then ``step`` bytes
+    every ``every`` s (400 B/s), until an answer comes or ``give_up`` s pass. ``result``: status,
+    seconds, body."""
     started = time.monotonic()
     result.update(status=0, seconds=0.0, body="", error="")
     try:

@@ -1,4 +1,4 @@
-"""Chaos under load (issue 23, "what to build" item 5): mixed, checksummed keep-alive traffic at
+"""Chaos under load: mixed, checksummed keep-alive traffic at
 about 1,000 req/s while one fault at a time is injected, and 20 graceful stops under keep-alive
 load.
 

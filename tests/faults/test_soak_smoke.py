@@ -35,10 +35,11 @@ def test_soak_command_reports_rate_errors_latency_and_rss() -> None:
         timeout=90,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.strip().splitlines()
+    lines = result.stderr.strip().splitlines()  # with --json, the interval lines go to stderr
     assert sum(line.startswith("t=") for line in lines) >= 2, "one line per interval"
-    summary = json.loads(lines[-1])
-    assert summary["errors"] == 0
+    summary = json.loads(result.stdout)  # and stdout is one document
+    assert summary["errors"] == 0 and summary["error_rate_percent"] == 0
+    assert summary["verdict"] == "pass" and summary["failures"] == []
     assert summary["sent"] >= 90
     assert summary["rss_start_mb"] > 0 and summary["rss_end_mb"] > 0
     assert summary["p99_ms"] >= summary["p50_ms"] > 0

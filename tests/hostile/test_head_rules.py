@@ -1,4 +1,4 @@
-"""What a request head is made of, and what it is not (issue 23 items 5, 11, 12): trailers never
+"""What a request head is made of, and what it is not: trailers never
 join the head, an absolute-form target's authority is the host, a Host header must be a host, and
 an upgrade needs HTTP/1.1. Raw bytes in, what the recording backend received out."""
 

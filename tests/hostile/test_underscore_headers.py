@@ -1,4 +1,4 @@
-"""Issue 23 item 9: underscore look-alikes of the proxy's own and framing headers.
+"""Underscore look-alikes of the proxy's own and framing headers.
 
 WSGI/CGI backends turn ``X-Forwarded-Proto`` and ``X_Forwarded_Proto`` into the same key
 (``HTTP_X_FORWARDED_PROTO``), so a look-alike the proxy passes on can override what the proxy

@@ -1,5 +1,6 @@
-"""`strangler parity` loads what it needs and nothing of the proxy (issue 24 item 13): no Redis
-client, no settings, no server, no other capability, unless a result is stored in Redis."""
+"""`strangler parity` loads what it needs and nothing of the proxy (it runs offline, often on
+another machine, and starts fast): no Redis client, no settings, no server, no other capability,
+unless a result is stored in Redis."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 24 item 9: no false alarms. A new endpoint's comparisons are pending until its noise
+"""No false alarms. A new endpoint's comparisons are pending until its noise
 calibration has run (its first max(calibration_warmup, noise_threshold) calibrations), shown as
 ``pending`` in the report and never counted by the shadow gate (which reads ``compared`` and
 ``mismatched``), then judged with the noise it learnt."""

@@ -1,4 +1,4 @@
-"""The cheap mirror path (issue 10: shadow cost) against real backends and a real proxy.
+"""The cheap mirror path (what shadowing costs the proxy) against real backends and a real proxy.
 
 A mirrored request without a body goes out on a warm pooled connection with no task in the client
 (``send_now``); a small answer is buffered whole by the connection, its bytes reserved in the byte

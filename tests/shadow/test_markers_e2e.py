@@ -1,4 +1,4 @@
-"""Item 8 of issue 16, the request-path half: these pass once ``proxy/traffic/forward.py`` strips
+"""Markers (``X-Strangler-*``), the request-path half: these pass once ``proxy/traffic/forward.py`` strips
 every incoming ``X-Strangler-*`` header and hands ``Mirror.plan`` the overridden method (the lead's
 change). The shadow half (mirror copies, calibration, naming) is in test_trust_e2e.py.
 """
@@ -53,7 +53,7 @@ def test_an_overridden_unsafe_method_is_neither_mirrored_nor_calibrated(
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
         assert client.get(path, headers=headers).status_code == 200
         assert client.get("/t8/plain").status_code == 200  # mirrored: the override one was decided first
-    wait_row(proxy, "GET /t8/plain", pending=1)  # settled; judged once calibrated (issue 24 item 9)
+    wait_row(proxy, "GET /t8/plain", pending=1)  # settled; judged once calibrated (no false alarms before)
     plain = path.split("?")[0]
     assert len(v1.requests(plain)) == 1  # the primary only
     assert v2.requests(plain) == []

@@ -73,7 +73,7 @@ def test_noise_learnt_by_calibration_is_not_a_mismatch(
             assert client.get(f"/api/things/{i}").status_code == 200
 
     # a field is noise once it varied in noise_threshold (2) calibrations: the first answer waits
-    # (pending) until the second calibration, then is judged with the noise known (issue 24 item 9)
+    # (pending) until the second calibration, then is judged with the noise known (no false alarms)
     things = wait_row(proxy, "GET /api/things/{id}", compared=8)
     assert (things["compared"], things["mismatched"], things["noise"], things["matched"]) == (8, 0, 8, 0)
     assert things["pending"] == 0

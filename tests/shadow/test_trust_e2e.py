@@ -1,4 +1,4 @@
-"""Issue 16: a diff report a team can trust. One test per defect, each with scripted v1/v2 backends
+"""A diff report a team can trust. One test per defect, each with scripted v1/v2 backends
 that reproduce it and a real proxy, asserting the report's exact counts and fields.
 
 The proxies here run one shadow worker, so mirrored requests are handled in the order they were
@@ -304,7 +304,7 @@ def test_markers_sent_by_a_client_never_reach_v2_or_calibration(shadow_proxy: St
         "Authorization": "Bearer t",
     }
     get(proxy, "/t8/mark", headers=forged)
-    wait_row(proxy, "GET /t8/mark", pending=1)  # settled; judged once calibrated (issue 24 item 9)
+    wait_row(proxy, "GET /t8/mark", pending=1)  # settled; judged once calibrated (no false alarms before)
     (mirrored,) = v2.requests("/t8/mark")
 
     def marker_values(entry: dict[str, Any]) -> list[tuple[str, str]]:

@@ -87,7 +87,7 @@ ALL_SOURCES = ["header", "cookie", "query", "jwt"]
 
 
 def test_a_percent_encoded_query_key_is_the_same_user_as_the_header() -> None:
-    """Issue 24 item 1: ``?uid=alice%40example.com`` (encodeURIComponent) is alice@example.com."""
+    """``?uid=alice%40example.com`` (encodeURIComponent) is alice@example.com."""
     decider = Decider(Settings(user_key_sources=ALL_SOURCES, user_key_query="uid"))
     for key in ("alice@example.com", "bob smith", "zoë/ü?&=+", "42"):
         assert bucket_by_source(decider, "query", key) == bucket_by_source(decider, "header", key), key
@@ -96,7 +96,7 @@ def test_a_percent_encoded_query_key_is_the_same_user_as_the_header() -> None:
 
 
 def test_the_same_key_gives_the_same_bucket_from_every_source() -> None:
-    """Issue 24 item 2: a JWT sub is hashed as the key itself, not ``jwt:<sub>``."""
+    """A JWT sub is hashed as the key itself, not ``jwt:<sub>``."""
     decider = Decider(Settings(user_key_sources=ALL_SOURCES, user_key_query="uid"))
     for key in ("alice", "user-17", "a@b.c"):
         buckets = {source: bucket_by_source(decider, source, key) for source in ALL_SOURCES}
@@ -104,7 +104,7 @@ def test_the_same_key_gives_the_same_bucket_from_every_source() -> None:
 
 
 def test_an_empty_user_header_is_absent() -> None:
-    """Issue 24 item 3: an empty X-User-ID is no key: the next source (or the fallback) decides."""
+    """An empty X-User-ID is no key: the next source (or the fallback) decides."""
     decider = Decider(Settings(user_key_fallback="client_ip"))
     bucket = decider.choose(snapshot(50), "default", None, b"", b"user_id=bob", b"", "10.0.0.1")[1]
     assert bucket == decider.choose(snapshot(50), "default", None, None, b"user_id=bob", b"", "10.0.0.1")[1]
@@ -116,7 +116,7 @@ def test_an_empty_user_header_is_absent() -> None:
 
 
 def test_one_bucket_per_user_for_every_group_by_default() -> None:
-    """Issue 24 item 4: a user below p% is on v2 in every group at p% or more."""
+    """A user below p% is on v2 in every group at p% or more."""
     routes = [{"name": "a", "patterns": ["/a/**"]}, {"name": "b", "patterns": ["/b/**"]}]
     decider = Decider(Settings(routes=routes))
     for n in range(500):
@@ -144,8 +144,8 @@ def rolled_back(
 
 
 def test_a_rollback_wins_over_match_rules_unless_a_rule_survives_it() -> None:
-    """Issue 24 item 5: "everyone back to v1" includes testers a v2 rule sends there; a plain 0%
-    (before a ramp) still lets testers in."""
+    """A rollback means everyone: "everyone back to v1" includes testers a v2 rule sends there; a
+    plain 0% (before a ramp) still lets testers in."""
     decider = Decider(
         Settings(
             routes=[{"name": "a", "patterns": ["/a/**"]}],
@@ -189,7 +189,7 @@ def pin_cookie(cookies: list[bytes] | None) -> bytes | None:
 
 
 def test_pins_hold_only_while_the_split_moves_within_their_epoch() -> None:
-    """Issue 24 item 6: no pin at 0% or 100%, none honoured there, and a pin issued before a
+    """No pin at 0% or 100%, none honoured there, and a pin issued before a
     rollback (or rollout start or completion: the epoch) does not hold back the next ramp."""
     decider = Decider(Settings(session_pinning=PINNING))
     at_30 = {
@@ -223,7 +223,7 @@ def test_pins_hold_only_while_the_split_moves_within_their_epoch() -> None:
 
 
 def test_a_pin_is_bound_to_its_user_and_its_issue_time() -> None:
-    """Issue 24 item 7: a copied pin does not give another user v2; a pin made with the default
+    """A copied pin does not give another user v2; a pin made with the default
     salt (the old format) or past its lifetime does not work; the secret is never a default."""
     decider = Decider(Settings(session_pinning=PINNING))
     snap = epoch_snapshot(50)
@@ -286,7 +286,7 @@ def test_the_pin_secret_is_generated_once_and_kept_private(tmp_path: Path) -> No
 
 
 def test_the_affinity_cookie_lasts_and_is_secure_over_tls() -> None:
-    """Issue 24 item 8: Max-Age (a browser restart keeps the version) and Secure on TLS."""
+    """Max-Age (a browser restart keeps the version) and Secure on TLS."""
     decider = Decider(Settings(user_key_fallback="affinity_cookie", session_pinning=PINNING))
     _, _, cookies = decider.choose(epoch_snapshot(50), "default", None, None, None, b"", None)
     assert cookies is not None and cookies[0].startswith(b"strangler_uid=")

@@ -1,4 +1,4 @@
-"""Issue 23: ``finish`` ends a request exactly once. A second call is a bug: under tests (and
+"""``finish`` ends a request exactly once. A second call is a bug: under tests (and
 ``limits.strict_states``) it raises; in production it is a no-op that records nothing."""
 
 from __future__ import annotations

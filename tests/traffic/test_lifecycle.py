@@ -1,4 +1,4 @@
-"""Issue 23: one request lifecycle. What a request is routed by (force and user-key headers,
+"""One request lifecycle. What a request is routed by (force and user-key headers,
 deprecation on the path a servlet backend routes), the one fallback rule (v2 unreachable with
 nothing sent -> v1, whatever the body size, for HTTP and WebSocket alike) and the one ``finish``
 that records it (the same accounting on every path; a slow client never counted as the version's

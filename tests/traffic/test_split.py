@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: share, stickiness, monotonicity, agreement between replicas, live changes."""
+"""The split: share, stickiness, monotonicity, agreement between replicas, live changes."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def test_invalid_values_keep_the_last_good_one_and_are_counted(
 def test_the_affinity_cookie_is_secure_over_tls(
     proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str, tmp_path: Path
 ) -> None:
-    """Issue 24 item 8: a client on TLS gets ``Secure`` affinity (and pin) cookies."""
+    """A client on TLS gets ``Secure`` affinity (and pin) cookies."""
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1")

@@ -1,4 +1,4 @@
-"""Issue 12: session pinning, JWT/query sticky keys and match rules, across a ramp and a rollback,
+"""Session pinning, JWT/query sticky keys and match rules, across a ramp and a rollback,
 with two proxies that must agree."""
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def admin_rollback(*proxies: ProxyProcess) -> None:
 def test_session_pins_hold_while_the_split_moves_and_a_rollback_or_a_finished_rollout_wins(
     start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    """Issue 24 item 6 (and the pin rules of issue 12 that still hold)."""
+    """Pins hold both ways while the split moves, on every replica; none is set or honoured at 0% or
+    100%, and pins from before a rollback are void for the next ramp."""
     a, b, key = two_proxies(start_proxy, session_pinning=PINNING)
     set_split(redis_server, key, 30, a, b)
     pins: dict[int, tuple[str, str]] = {}
@@ -166,7 +167,7 @@ def test_session_pins_hold_while_the_split_moves_and_a_rollback_or_a_finished_ro
 def test_a_pin_is_worth_nothing_to_another_user_or_when_made_offline(
     start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    """Issue 24 item 7: a copied v2 pin does not give v2 to another user; a pin made offline with
+    """A copied v2 pin does not give v2 to another user; a pin made offline with
     the shipped default salt (the old shared format) does not work."""
     a, b, key = two_proxies(start_proxy, session_pinning=PINNING)
     set_split(redis_server, key, 10, a, b)
@@ -193,8 +194,8 @@ def test_a_pin_is_worth_nothing_to_another_user_or_when_made_offline(
 def test_a_rollback_sends_testers_back_to_v1_unless_their_rule_survives_it(
     start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    """Issue 24 item 5: "everyone back to v1, now" includes testers a match rule sends to v2, for
-    the manual rollback and for a rollout ended by abort (the automatic rollback's transaction)."""
+    """A rollback means everyone: "everyone back to v1, now" includes testers a match rule sends to
+    v2, for the manual rollback and for a rollout ended by abort (the automatic rollback's transaction)."""
     rules = [
         {"header": "X-Beta-Tester", "value": "yes", "version": "v2"},
         {"cookie": "ops", "value": "1", "version": "v2", "survives_rollback": True},
@@ -241,7 +242,7 @@ def test_a_rollback_sends_testers_back_to_v1_unless_their_rule_survives_it(
 def test_one_user_one_version_whatever_the_source_group_or_proxy(
     start_proxy: Callable[..., ProxyProcess], redis_server: RedisServer
 ) -> None:
-    """Issue 24 items 1-4 end to end: an e-mail id sent as a header, percent-encoded in the query
+    """One user, one version, end to end: an e-mail id sent as a header, percent-encoded in the query
     (what encodeURIComponent sends), as a cookie or as a JWT sub gets one version on both proxies
     and in every group at the same percentage; a user on v2 at 30% is on v2 in a group at 50%;
     an empty X-User-ID is no key."""
@@ -276,7 +277,7 @@ def test_one_user_one_version_whatever_the_source_group_or_proxy(
 
 
 def test_the_affinity_cookie_outlives_the_browser_session(start_proxy: Callable[..., ProxyProcess]) -> None:
-    """Issue 24 item 8: Max-Age (a year by default), so a browser restart keeps the version; not
+    """Max-Age (a year by default), so a browser restart keeps the version; not
     Secure over plain HTTP (Secure over TLS: tests/traffic/test_decision.py and test_tls.py)."""
     proxy = start_proxy(user_key_fallback="affinity_cookie", default_percentage=50)
     cookie = httpx.get(proxy.url + "/").headers["set-cookie"]

@@ -1,4 +1,4 @@
-"""Issue 12: WebSockets through the split, with a real client, real WebSocket backends per version
+"""WebSockets through the split, with a real client, real WebSocket backends per version
 and the real proxy process."""
 
 from __future__ import annotations
