@@ -117,4 +117,6 @@ def test_urls_become_libpq_keywords() -> None:
 def test_option_values_are_checked_without_pydantic(tmp_path: Path) -> None:
     code, _, err = parity("sql", "-c", str(tmp_path / "p.yaml"), "--samples", "many")
     assert code == 2
-    assert "Error: Invalid value for '--samples': 'many' is not a number" in err.splitlines()
+    assert err.splitlines() == [
+        "error: Invalid value for '--samples': 'many' is not a number (see: root parity sql -h)"
+    ]
