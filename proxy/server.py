@@ -234,8 +234,16 @@ class BackendCheck:
             threading.Thread(target=self._check, args=(name, url), name=f"check-{name}", daemon=True)
             for name, url in self.targets.items()
         ]
-        for thread in self.threads:
-            thread.start()
+        # The threads start with SIGINT/SIGTERM blocked (a thread inherits its creator's mask): a
+        # stop signal is then never delivered to one of them, where its default action would end
+        # the whole process while ``supervise`` holds the signals for the workers it forks (a check
+        # still resolving then cost one worker's queued connections).
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for thread in self.threads:
+                thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def _check(self, name: str, url: str) -> None:
         parts = urlsplit(url)
