@@ -69,9 +69,17 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+# The flags whose name is not the setting's (``--redis-url`` sets ``redis_url``; these do not)
+FLAG_OF_SETTING = {"v1_url": "--v1", "v2_url": "--v2"}
+
+
 def settings_from(config: Path | None, **overrides: Any) -> Settings:
+    """The settings a command runs with: defaults < ``config`` (the ``-c`` file) < ``STRANGLER_*`` <
+    ``overrides`` (its flags, by setting name; None: not given). A problem in any of them is one
+    line naming the file and line, the variable or the flag, the setting and what is wrong: exit 2."""
+    flags = {name: FLAG_OF_SETTING.get(name, "--" + name.replace("_", "-")) for name in overrides}
     try:
-        return load_settings(config, **overrides)
+        return load_settings(config, flags, **overrides)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
 
