@@ -84,6 +84,20 @@ def settings_from(config: Path | None, **overrides: Any) -> Settings:
         fail(str(exc), EXIT_USAGE)
 
 
+def require_extra(command: str, *modules: str, extra: str = "tools") -> None:
+    """At the entry of a command that needs an optional extra (``demo``: aiohttp; ``soak``: aiohttp
+    and psutil): when one of ``modules`` is not installed, one line naming the install, exit 1,
+    before anything starts. ``pip install .`` is the proxy alone; the extras are in pyproject.toml."""
+    from importlib.util import find_spec
+
+    missing = [name for name in modules if find_spec(name) is None]
+    if missing:
+        fail(
+            f"strangler {command} needs {' and '.join(missing)} (the {extra!r} extra): "
+            f"pip install '.[{extra}]' in the strangler checkout"
+        )
+
+
 def resolve_redis_url(settings: Settings) -> str:
     if settings.redis_url:
         return settings.redis_url
