@@ -725,7 +725,7 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("config file not found", str(path)) from None
+        raise ConfigError("config file does not exist", str(path)) from None
     except IsADirectoryError:
         raise ConfigError("config file is a directory, not a file", str(path)) from None
     except OSError as exc:

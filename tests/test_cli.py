@@ -66,7 +66,7 @@ def test_unreachable_redis_is_a_clear_error(redis_url: str) -> None:
 def test_bad_config_file_is_a_clear_error(tmp_path: object) -> None:
     result = strangler("status", "--config", "/nonexistent/strangler.yaml")
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["error: /nonexistent/strangler.yaml: config file not found"]
+    assert result.stderr.splitlines() == ["error: /nonexistent/strangler.yaml: config file does not exist"]
 
 
 def test_status_shows_the_running_proxys_snapshot_age(proxy: object, redis_url: str) -> None:

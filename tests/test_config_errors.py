@@ -178,7 +178,7 @@ def test_a_bad_backend_url_names_the_flag(tmp_path: Path) -> None:
 
 def test_a_missing_or_unreadable_file_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
-    assert one_error("status", "-c", str(missing)) == f"error: {missing}: config file not found"
+    assert one_error("status", "-c", str(missing)) == f"error: {missing}: config file does not exist"
     assert (
         one_error("status", "-c", str(tmp_path))
         == f"error: {tmp_path}: config file is a directory, not a file"
