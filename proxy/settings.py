@@ -755,11 +755,34 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], Any]:
         loader.dispose()
     if data is None:  # an empty file (or only comments): the defaults
         return {}, None
+    _refuse_duplicate_keys(path, tree, ())
     if not isinstance(data, dict):
         raise ConfigError(
             f"the top level must be a mapping of settings (key: value), not {_kind(data)}", str(path)
         )
     return data, tree
+
+
+def _refuse_duplicate_keys(path: Path, node: Any, loc: tuple[Any, ...]) -> None:
+    """A key given twice in one mapping: YAML keeps the last silently (a second ``shadow:`` section
+    would drop the first); here it is an error at the second one."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, Any] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen and name != "<<":
+                first = seen[name].start_mark.line + 1
+                where = f"{path}:{key.start_mark.line + 1}:{key.start_mark.column + 1}"
+                raise ConfigError(
+                    f"duplicate key (first given at line {first})", where, _dotted((*loc, name))
+                )
+            seen[name] = key
+            _refuse_duplicate_keys(path, value, (*loc, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(path, item, (*loc, index))
 
 
 def _kind(value: Any) -> str:

@@ -107,6 +107,19 @@ def test_unknown_keys_are_refused_at_every_depth(
     assert one_error("status", "-c", str(path)) == f"error: {path}:{where}: {field}: {problem}{more}"
 
 
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """YAML would keep the second silently: a second shadow section would drop the first."""
+    path = config(tmp_path, "shadow:\n  enabled: true\nport: 8081\nshadow:\n  sample_percentage: 5\n")
+    assert (
+        one_error("status", "-c", str(path))
+        == f"error: {path}:4:1: shadow: duplicate key (first given at line 1)"
+    )
+    path = config(tmp_path, "routes:\n  - name: a\n    patterns: [/a]\n    name: b\n")
+    assert one_error("status", "-c", str(path)) == (
+        f"error: {path}:4:5: routes[0].name: duplicate key (first given at line 2)"
+    )
+
+
 def test_unknown_nested_keys_in_the_environment_are_refused_too() -> None:
     line = one_error("status", env={"STRANGLER_SHADOW__ENABELD": "true"})
     assert line == "error: STRANGLER_SHADOW__ENABELD: shadow.enabeld: unknown key; did you mean 'enabled'?"
