@@ -25,10 +25,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Layer 1: the pinned dependencies only (pyproject's list, versions from constraints.txt), so a
+# Layer 1: the pinned dependencies only (pyproject's list and the tools extra: compose runs the demo
+# backends and load from this image; versions from constraints.txt), so a
 # change to the code does not reinstall them. The user has no home; /data is its writable directory.
 COPY pyproject.toml constraints.txt /tmp/deps/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']['dependencies']))" >/tmp/deps/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/deps/pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['tools']))" >/tmp/deps/requirements.txt \
     && pip install -c /tmp/deps/constraints.txt -r /tmp/deps/requirements.txt \
     && rm -rf /tmp/deps \
     && useradd --system --uid 10001 --gid 0 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin strangler \

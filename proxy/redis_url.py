@@ -3,7 +3,8 @@
 A leaf (it imports nothing of ours and no Redis client), so settings can check a URL at load time
 and ``control/connect.py`` can build the client from the parts. Grammars:
 
-- ``redis://`` / ``rediss://`` / ``unix://``: left to ``Redis.from_url``.
+- ``redis://`` / ``rediss://`` / ``unix://``: left to ``Redis.from_url`` (the scheme and the port
+  checked here); any other scheme is refused.
 - ``redis+sentinel://[user:pass@]host1:26379,host2:26379/<db>/<master-name>`` (the grammar
   python-socketio and redisvl use).
 - ``redis+cluster://host:port[,host:port]``.
@@ -33,11 +34,31 @@ class Target:
     sentinel_password: str | None = None
 
 
+PLAIN_SCHEMES = ("redis", "rediss", "unix")
+ANY_FORM = "redis://[user:pass@]host:port/db, rediss://..., unix:///path, redis+sentinel://... or redis+cluster://..."
+
+
+def shown(url: str) -> str:
+    """``url`` for a message: whatever stands before an ``@`` (a password, perhaps) masked."""
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, colon, _ = head.partition("://")
+    return f"{scheme}://***@{tail}" if colon else f"***@{tail}"
+
+
 def parse(url: str) -> Target:
-    """Which kind of Redis ``url`` names, and its parts (plain URLs are left to redis-py)."""
+    """Which kind of Redis ``url`` names, and its parts (plain URLs are left to redis-py, once their
+    scheme and port are known to be right)."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme not in (SENTINEL, CLUSTER):
+    if scheme in PLAIN_SCHEMES:
+        try:
+            urlsplit(url).port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError(f"{shown(url)!r}: the port must be a number from 0 to 65535") from None
         return Target(PLAIN)
+    if scheme not in (SENTINEL, CLUSTER):
+        raise ValueError(f"{shown(url)!r} is not a Redis URL; expected {ANY_FORM}")
     parts = urlsplit(url)
     netloc = parts.netloc
     username = password = None
@@ -50,16 +71,16 @@ def parse(url: str) -> Target:
     for item in netloc.split(","):
         host, sep, port = item.strip().rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError(f"redis_url: {item.strip() or '(empty)'!r} is not host:port; expected {form}")
+            raise ValueError(f"{item.strip() or '(empty)'!r} is not host:port; expected {form}")
         nodes.append((host.strip("[]"), int(port)))
     query = parse_qs(parts.query)
     if scheme == CLUSTER:
         if parts.path.strip("/"):
-            raise ValueError(f"redis_url: a cluster has no database or master name; expected {form}")
+            raise ValueError(f"a cluster has no database or master name; expected {form}")
         return Target(CLUSTER, nodes, username=username, password=password)
     path = [p for p in parts.path.split("/") if p]
     if len(path) != 2 or not path[0].isdigit():
-        raise ValueError(f"redis_url: give the database and the master name; expected {form}")
+        raise ValueError(f"give the database and the master name; expected {form}")
     sentinel_password = (query.get("sentinel_password") or [""])[0] or None
     return Target(SENTINEL, nodes, int(path[0]), unquote(path[1]), username, password, sentinel_password)
 
@@ -74,8 +95,11 @@ def is_cluster(url: str | None) -> bool:
 
 
 def describe(url: str) -> str:
-    """The URL without credentials, for logs and messages."""
-    target = parse(url)
+    """The URL without credentials, for logs and messages (never raises)."""
+    try:
+        target = parse(url)
+    except ValueError:
+        return shown(url)
     if target.kind == PLAIN:
         parts = urlsplit(url)
         if not parts.hostname:  # unix:///path/to/socket

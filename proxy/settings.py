@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ConfigDict,
     Field,
     HttpUrl,
     SecretStr,
@@ -27,9 +28,10 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
+    SettingsError,
 )
 
 HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
@@ -38,7 +40,40 @@ DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "cookie", "query")
 
 
 class ConfigError(Exception):
-    """Raised once at start-up with every problem in the configuration, in plain words."""
+    """A configuration problem, raised once at start-up, in one line: where the value came from
+    (``source``: the YAML file and line, the environment variable or the flag), the setting
+    (``field``, a dotted path such as ``canary.thresholds.max_error_rate`` or ``routes[0].name``)
+    and what is wrong. With several problems, the first is told and ``more`` counts the others."""
+
+    def __init__(self, problem: str, source: str | None = None, field: str | None = None, more: int = 0):
+        self.problem, self.source, self.field, self.more = problem, source, field, more
+        parts = [part for part in (source, field) if part]
+        tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        super().__init__(": ".join([*parts, problem]) + tail)
+
+
+EXTENSION_PREFIX = "x-"
+
+
+def _drop_extensions(data: Any) -> Any:
+    """Keys starting with ``x-`` belong to the user (notes, YAML anchors to reuse, keys for a newer
+    version): ignored at every level, like OpenAPI's ``x-`` extensions and Compose's ``x-`` fields.
+    Every other unknown key is an error, however deep."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith(EXTENSION_PREFIX))}
+    return data
+
+
+class StrictModel(BaseModel):
+    """A section of the settings: unknown keys are refused (a typo must not leave a default in
+    force silently), except ``x-`` extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _extensions(cls, data: Any) -> Any:
+        return _drop_extensions(data)
 
 
 Percentage = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
@@ -76,7 +111,7 @@ def check_steps(steps: Sequence[float]) -> list[float]:
 StepLadder = Annotated[list[float], AfterValidator(check_steps)]
 
 
-class RouteGroup(BaseModel):
+class RouteGroup(StrictModel):
     """A named set of path patterns that share one split (and shadow/canary policy)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -91,7 +126,7 @@ class RouteGroup(BaseModel):
         return value
 
 
-class ShadowGroupPolicy(BaseModel):
+class ShadowGroupPolicy(StrictModel):
     """Per-group overrides of the shadow defaults (None keeps the global value)."""
 
     enabled: bool | None = None
@@ -99,7 +134,7 @@ class ShadowGroupPolicy(BaseModel):
     methods: list[str] | None = None
 
 
-class ShadowSettings(BaseModel):
+class ShadowSettings(StrictModel):
     """Config defaults for mirroring; Redis values (strangler:shadow) override them live."""
 
     enabled: bool = False
@@ -176,7 +211,7 @@ class ShadowSettings(BaseModel):
         return value
 
 
-class CanaryThresholds(BaseModel):
+class CanaryThresholds(StrictModel):
     """Limits that fail a check; absolute and relative to v1 in the same window."""
 
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
@@ -189,7 +224,7 @@ class CanaryThresholds(BaseModel):
     max_shadow_mismatch_rate: float | None = Field(default=None, ge=0, le=1)
 
 
-class NotifierTarget(BaseModel):
+class NotifierTarget(StrictModel):
     """One alert destination. ``kind`` picks the payload format."""
 
     kind: Literal["slack", "pagerduty", "webhook"]
@@ -210,7 +245,7 @@ class NotifierTarget(BaseModel):
         return self
 
 
-class CanarySettings(BaseModel):
+class CanarySettings(StrictModel):
     """Health checks, automatic rollback and the rollout ladder."""
 
     enabled: bool = True
@@ -233,7 +268,7 @@ class CanarySettings(BaseModel):
     notify_timeout_seconds: float = Field(default=5.0, gt=0)
 
 
-class DeprecationRule(BaseModel):
+class DeprecationRule(StrictModel):
     """An endpoint on its way out: warned with headers until the sunset, then 410 Gone.
 
     Dates are ISO 8601 (``2026-06-01`` means midnight UTC; a datetime without offset is UTC).
@@ -294,7 +329,7 @@ def parse_instant(text: str) -> float:
     return parsed.timestamp()
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(StrictModel):
     """Request limits, in line with nginx/Envoy defaults; see docs/security.md "Security and limits".
 
     Enforced in the HTTP parser (proxy/edge/server.py) before a request reaches the proxy logic;
@@ -346,7 +381,7 @@ class LimitSettings(BaseModel):
     strict_states: bool = False
 
 
-class MatchRule(BaseModel):
+class MatchRule(StrictModel):
     """A request carrying this header, cookie or query value goes to ``version`` (testers, beta
     users), whatever the percentage; checked before the sticky split, after the force header."""
 
@@ -372,7 +407,7 @@ MIN_PIN_SECRET = 16
 WEAK_SECRETS = frozenset({"strangler", "changeme", "change-me", "secret", "default"})
 
 
-class PinningSettings(BaseModel):
+class PinningSettings(StrictModel):
     """Session pinning ("new sessions only"): a client keeps the version it was first given while
     the split moves between 0 and 100, so a ramp moves only new sessions. Pins are honoured only
     while 0 < percentage < 100 and only when issued since the group's last rollback, rollout start
@@ -399,7 +434,7 @@ class PinningSettings(BaseModel):
         return value
 
 
-class WebSocketSettings(BaseModel):
+class WebSocketSettings(StrictModel):
     """WebSocket relay: the version is chosen at upgrade time and kept for the connection."""
 
     # false: upgrade requests are refused with 400 (websocket_disabled)
@@ -543,13 +578,33 @@ class Settings(BaseSettings):
             raise ValueError(f"admin_prefix {value!r} must be one path segment like /_strangler")
         return value
 
-    @model_validator(mode="after")
-    def _admin_port_and_rule_names(self) -> Settings:
-        if self.admin_port is not None and self.workers > 1:
-            raise ValueError("admin_port needs workers: 1 (with several workers, use the main port)")
-        names = [rule.name for rule in self.deprecations]
+    @model_validator(mode="before")
+    @classmethod
+    def _extensions(cls, data: Any) -> Any:
+        return _drop_extensions(data)
+
+    @field_validator("deprecations")
+    @classmethod
+    def _unique_rules(cls, value: list[DeprecationRule]) -> list[DeprecationRule]:
+        names = [rule.name for rule in value]
         if len(names) != len(set(names)):
             raise ValueError(f"deprecation rule names must be unique: {names}")
+        return value
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_groups(cls, value: list[RouteGroup]) -> list[RouteGroup]:
+        names = [group.name for group in value]
+        if len(names) != len(set(names)):
+            raise ValueError(f"route group names must be unique: {names}")
+        if "default" in names:
+            raise ValueError("'default' is reserved for requests no group matches")
+        return value
+
+    @model_validator(mode="after")
+    def _admin_port(self) -> Settings:
+        if self.admin_port is not None and self.workers > 1:
+            raise ValueError("admin_port needs workers: 1 (with several workers, use the main port)")
         return self
 
     @model_validator(mode="after")
@@ -558,15 +613,6 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.upstream_client_key_file is not None and self.upstream_client_cert_file is None:
             raise ValueError("upstream_client_key_file needs upstream_client_cert_file")
-        return self
-
-    @model_validator(mode="after")
-    def _unique_groups(self) -> Settings:
-        names = [group.name for group in self.routes]
-        if len(names) != len(set(names)):
-            raise ValueError(f"route group names must be unique: {names}")
-        if "default" in names:
-            raise ValueError("'default' is reserved for requests no group matches")
         return self
 
     @model_validator(mode="after")
@@ -604,13 +650,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = _CONFIG_FILE.get()
-        if config_file is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        from_file = _FILE_DATA.get()
+        if from_file is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=from_file))
         return tuple(sources)
 
 
-_CONFIG_FILE: ContextVar[Path | None] = ContextVar("strangler_config_file", default=None)
+# the YAML file's mapping while load_settings builds a Settings (read and checked by load_settings)
+_FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("strangler_config_file_data", default=None)
 
 
 def read_admin_token(path: Path = Path(".strangler/admin-token")) -> str | None:
@@ -624,25 +671,267 @@ def read_admin_token(path: Path = Path(".strangler/admin-token")) -> str | None:
 
 
 @contextmanager
-def _yaml_source(path: Path | None) -> Iterator[None]:
-    token = _CONFIG_FILE.set(path)
+def _file_source(data: dict[str, Any] | None) -> Iterator[None]:
+    token = _FILE_DATA.set(data)
     try:
         yield
     finally:
-        _CONFIG_FILE.reset(token)
+        _FILE_DATA.reset(token)
 
 
-def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build settings from all sources; ``overrides`` are CLI flags (None means "not given")."""
+def load_settings(
+    config_file: str | Path | None = None,
+    override_sources: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build settings from all sources; ``overrides`` are CLI flags (None means "not given"), and
+    ``override_sources`` names where each came from (``{"v1_url": "--v1"}``) for the error line.
+
+    Any problem raises one ``ConfigError`` naming the source (the file with line and column, the
+    environment variable, the flag), the field and what is wrong; never a traceback."""
     path = Path(config_file) if config_file else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    from_file, tree = _read_yaml(path) if path is not None else (None, None)
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        with _yaml_source(path):
+        with _file_source(from_file):
             return Settings(**given)
+    except SettingsError as exc:  # a complex value in the environment is not JSON
+        name = re.search(r'field "([^"]+)"', str(exc))
+        field = name.group(1) if name else None
+        env = _env_name((field,)) if field else None
+        raise ConfigError(
+            "not valid JSON (lists and sections are given as JSON in the environment)", env, field
+        ) from None
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        # the first problem told: an unknown key before the rest (a misspelt key often explains a
+        # missing one), then in the file's order
+        located = [
+            (_source_of(tuple(e["loc"]), given, override_sources or {}, path, from_file, tree), e)
+            for e in exc.errors(include_url=False)
+        ]
+        located.sort(key=lambda pair: (pair[1]["type"] != "extra_forbidden", _line(pair[0], path)))
+        source, first = located[0]
+        loc = tuple(first["loc"])
+        raise ConfigError(_problem(first), source, _dotted(loc) or None, len(located) - 1) from None
+
+
+# --- turning a problem into one line ----------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], Any]:
+    """The file's top-level mapping and its YAML node tree (for line numbers), or ConfigError."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file does not exist", str(path)) from None
+    except IsADirectoryError:
+        raise ConfigError("config file is a directory, not a file", str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"config file not readable: {exc.strerror or exc}", str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file is not UTF-8 text ({exc.reason} at byte {exc.start})", str(path)
+        ) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        tree = loader.get_single_node()
+        data = loader.construct_document(tree) if tree is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        context = ""
+        if exc.context and exc.problem:
+            begun = exc.context_mark
+            at = ""
+            if begun is not None and (mark is None or (begun.line, begun.column) != (mark.line, mark.column)):
+                at = f" started at line {begun.line + 1}, column {begun.column + 1}"
+            context = f" ({exc.context}{at})"
+        raise ConfigError(f"not valid YAML: {exc.problem or exc.context}{context}", where) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {' '.join(str(exc).split())}", str(path)) from None
+    finally:
+        loader.dispose()
+    if data is None:  # an empty file (or only comments): the defaults
+        return {}, None
+    _refuse_duplicate_keys(path, tree, ())
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"the top level must be a mapping of settings (key: value), not {_kind(data)}", str(path)
         )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
+    return data, tree
+
+
+def _refuse_duplicate_keys(path: Path, node: Any, loc: tuple[Any, ...]) -> None:
+    """A key given twice in one mapping: YAML keeps the last silently (a second ``shadow:`` section
+    would drop the first); here it is an error at the second one."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, Any] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if name in seen and name != "<<":
+                first = seen[name].start_mark.line + 1
+                where = f"{path}:{key.start_mark.line + 1}:{key.start_mark.column + 1}"
+                raise ConfigError(
+                    f"duplicate key (first given at line {first})", where, _dotted((*loc, name))
+                )
+            seen[name] = key
+            _refuse_duplicate_keys(path, value, (*loc, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(path, item, (*loc, index))
+
+
+def _kind(value: Any) -> str:
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def _depth(data: Any, loc: tuple[Any, ...]) -> int:
+    """How many leading parts of ``loc`` lead somewhere in ``data`` (nested dicts and lists)."""
+    depth = 0
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        else:
+            break
+        depth += 1
+    return depth
+
+
+def _env_name(loc: tuple[Any, ...]) -> str | None:
+    """The ``STRANGLER_*`` variable that set the value at ``loc`` (nested with ``__``), if one did."""
+    import os
+
+    present = {name.upper(): name for name in os.environ}
+    for k in range(len(loc), 0, -1):
+        name = "STRANGLER_" + "__".join(str(part) for part in loc[:k]).upper()
+        if name in present:
+            return present[name]
+    return None
+
+
+def _source_of(
+    loc: tuple[Any, ...],
+    given: dict[str, Any],
+    names: Mapping[str, str],
+    path: Path | None,
+    from_file: dict[str, Any] | None,
+    tree: Any,
+) -> str | None:
+    """Where the value at ``loc`` came from: the source holding the deepest part of its path, the
+    higher-priority one on a tie (flags, then the environment, then the file). None: no source
+    known (a Python caller's arguments, or a rule across fields without a file to name)."""
+    env = _env_name(loc)
+    flag_depth, file_depth = _depth(given, loc), _depth(from_file, loc)
+    env_depth = len(env.removeprefix("STRANGLER_").split("__")) if env else 0
+    deepest = max(flag_depth, env_depth, file_depth)
+    if deepest and flag_depth == deepest:
+        return names.get(str(loc[0]))
+    if deepest and env_depth == deepest:
+        return env
+    return _position(path, tree, loc) if path is not None else None
+
+
+def _line(source: str | None, path: Path | None) -> int:
+    """The line number in a ``file:line:column`` source of ``path`` (0 for other sources)."""
+    if source is None or path is None or not source.startswith(f"{path}:"):
+        return 0
+    return int(source[len(str(path)) + 1 :].split(":")[0])
+
+
+def _position(path: Path, tree: Any, loc: tuple[Any, ...]) -> str:
+    """``file:line:column`` of the deepest key (or list item) of ``loc`` present in the YAML tree."""
+    import yaml
+
+    mark = None
+    node = tree
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next((pair for pair in node.value if str(pair[0].value) == str(part)), None)
+            if found is None:
+                break
+            mark, node = found[0].start_mark, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            mark = node.start_mark
+        else:
+            break
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """``('routes', 0, 'name')`` -> ``routes[0].name``; a dict key that is not a name in quotes."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _NAME.fullmatch(str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{str(part)!r}]"
+    return out
+
+
+def _problem(error: Any) -> str:
+    """What is wrong, in the words of our validators (or pydantic's), with a hint for a typo."""
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(loc[:-1])
+        import difflib
+
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else " (a key of your own: start it with x-)"
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required, not given"
+    message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    value = error.get("input")
+    if kind != "value_error" and isinstance(value, str | int | float) and not _is_secret(loc):
+        message += f" (got {value!r})"
+    return message
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings model whose fields are the keys at ``loc`` (``shadow.groups.beta``:
+    ShadowGroupPolicy), or None when ``loc`` leads to something else."""
+    from typing import get_args, get_origin
+
+    def unwrap(annotation: Any) -> Any:  # X | None -> X
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 and get_origin(annotation) not in (list, dict) else annotation
+
+    annotation: Any = Settings
+    for part in loc:
+        annotation = unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) in (list, dict):
+            annotation = get_args(annotation)[-1]
+        else:
+            return None
+    annotation = unwrap(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model is not None else []
+
+
+def _is_secret(loc: tuple[Any, ...]) -> bool:
+    model = _model_at(loc[:-1])
+    field = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
+    return field is None or "SecretStr" in str(field.annotation)

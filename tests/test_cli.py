@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.clirun import strangler
 from tests.support import ROOT, RedisServer, free_port
 
@@ -64,7 +66,7 @@ def test_unreachable_redis_is_a_clear_error(redis_url: str) -> None:
 def test_bad_config_file_is_a_clear_error(tmp_path: object) -> None:
     result = strangler("status", "--config", "/nonexistent/strangler.yaml")
     assert result.returncode == 2
-    assert "config file /nonexistent/strangler.yaml does not exist" in result.stderr
+    assert result.stderr.splitlines() == ["error: /nonexistent/strangler.yaml: config file does not exist"]
 
 
 def test_status_shows_the_running_proxys_snapshot_age(proxy: object, redis_url: str) -> None:
@@ -106,3 +108,14 @@ def test_deprecation_overrides_through_redis(
     cleared = strangler("deprecations", "clear", "old-orders", "--config", str(config))
     assert cleared.returncode == 0 and "live override removed" in cleared.stdout
     assert r.hget("strangler:deprecations", "old-orders") is None
+
+
+def test_demo_without_the_tools_extra_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pip install .` is the proxy alone; demo (and soak) need the tools extra (aiohttp, psutil)."""
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # what find_spec reports when it is not installed
+    result = strangler("demo", "--duration", "1")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        "error: strangler demo needs aiohttp (the 'tools' extra): "
+        "pip install '.[tools]' in the strangler checkout"
+    ]

@@ -59,11 +59,33 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+# The flags whose name is not the setting's (``--redis-url`` sets ``redis_url``; these do not)
+FLAG_OF_SETTING = {"v1_url": "--v1", "v2_url": "--v2"}
+
+
 def settings_from(config: Path | None, **overrides: Any) -> Settings:
+    """The settings a command runs with: defaults < ``config`` (the ``-c`` file) < ``STRANGLER_*`` <
+    ``overrides`` (its flags, by setting name; None: not given). A problem in any of them is one
+    line naming the file and line, the variable or the flag, the setting and what is wrong: exit 2."""
+    flags = {name: FLAG_OF_SETTING.get(name, "--" + name.replace("_", "-")) for name in overrides}
     try:
-        return load_settings(config, **overrides)
+        return load_settings(config, flags, **overrides)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+def require_extra(command: str, *modules: str, extra: str = "tools") -> None:
+    """At the entry of a command that needs an optional extra (``demo``: aiohttp; ``soak``: aiohttp
+    and psutil): when one of ``modules`` is not installed, one line naming the install, exit 1,
+    before anything starts. ``pip install .`` is the proxy alone; the extras are in pyproject.toml."""
+    from importlib.util import find_spec
+
+    missing = [name for name in modules if find_spec(name) is None]
+    if missing:
+        fail(
+            f"strangler {command} needs {' and '.join(missing)} (the {extra!r} extra): "
+            f"pip install '.[{extra}]' in the strangler checkout"
+        )
 
 
 def resolve_redis_url(settings: Settings) -> str:

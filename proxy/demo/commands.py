@@ -21,6 +21,9 @@ def demo(
     ] = None,
 ) -> None:
     """Two sample backends, embedded Redis, the proxy and a light load; Ctrl-C stops it all."""
+    from proxy.cliutil import require_extra
+
+    require_extra("demo", "aiohttp")  # the backends and the load (the tools extra)
     import asyncio
     import logging
 

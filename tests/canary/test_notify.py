@@ -219,7 +219,7 @@ def test_factory_and_settings_reject_incomplete_targets() -> None:
         NotifierTarget(kind="teams", url="http://x")  # type: ignore[arg-type]
     assert NotifierTarget(kind="pagerduty", routing_key="k").url == "https://events.pagerduty.com/v2/enqueue"
     teams = {"notifiers": [{"kind": "teams", "url": "http://x"}]}
-    with pytest.raises(ConfigError, match=r"canary\.notifiers\.0\.kind: Input should be 'slack'"):
+    with pytest.raises(ConfigError, match=r"canary\.notifiers\[0\]\.kind: Input should be 'slack'"):
         load_settings(canary=teams)
     with pytest.raises(ValueError, match="must be an http:// or https:// URL"):
         NotifierTarget(kind="webhook", url="http://bad host/")
