@@ -457,17 +457,16 @@ def soak(
     ] = MAX_RSS_GROWTH_MB,
 ) -> None:
     """Hold a fixed request rate through the proxy (mirroring on): errors, latency, RSS over time."""
+    from proxy.cliutil import EXIT_USAGE, fail, require_extra
+
     problem = _bad_option(seconds, rate, interval, target, split, max_error_rate, max_rss_growth)
     if problem:
-        from proxy.cliutil import EXIT_USAGE, fail
-
         fail(problem, EXIT_USAGE)
+    require_extra("soak", "aiohttp", "psutil")  # the backends, the load and RSS (the tools extra)
     out = sys.stderr if as_json else sys.stdout  # --json: stdout is the one document
     try:
         report = run_soak(seconds, rate, interval, target, pid, split, out=out, mirror=mirror)
     except StackError as exc:
-        from proxy.cliutil import fail
-
         fail(str(exc))
     summary = report.as_dict()
     failures = report.failures(max_error_rate, max_rss_growth)

@@ -119,3 +119,14 @@ def test_demo_without_the_tools_extra_names_the_install(monkeypatch: pytest.Monk
         "error: strangler demo needs aiohttp (the 'tools' extra): "
         "pip install '.[tools]' in the strangler checkout"
     ]
+
+
+def test_soak_without_the_tools_extra_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for soak (its backends and load are aiohttp, its RSS psutil): one line before
+    anything starts, not a stack that waits 20 s for backends that cannot start."""
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    result = strangler("soak", "--seconds", "1")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        "error: strangler soak needs psutil (the 'tools' extra): pip install '.[tools]' in the strangler checkout"
+    ]
