@@ -325,11 +325,18 @@ def parity_http(
 ) -> None:
     """Compare the v1 and v2 list endpoints record by record (and sampled single records)."""
     import re
+    from urllib.parse import urlsplit
 
     from proxy.parity.http import HttpOptions, Walker
 
     headers: dict[str, str] = {}
     try:
+        for flag, url in (("--v1", v1), ("--v2", v2)):  # checked here: the walk would name only the path
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{flag}: {url!r} is not an http:// or https:// URL with a host")
+        if not path.startswith("/"):
+            raise ValueError(f"--path: {path!r} must start with /")
         for item in header or []:
             name, sep, value = item.partition(":")
             if not sep or not name.strip():

@@ -205,5 +205,26 @@ def test_the_live_shadow_ignore_rules_apply_to_records_and_items(apis: Any, redi
 
 def test_a_malformed_url_is_exit_2_not_a_traceback(apis: Any) -> None:
     v1 = apis(records(3), "cursor")
-    code, report, _ = parity_http("--v1", v1.url, "--v2", "not a url", "--path", "/items")
-    assert code == 2 and "UnsupportedProtocol" in report["tables"][0]["error"]
+    code, report, err = parity_http("--v1", v1.url, "--v2", "not a url", "--path", "/items")
+    assert (code, report, err.strip()) == (
+        2,
+        {},
+        "error: --v2: 'not a url' is not an http:// or https:// URL with a host",
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (("--v1", "notaurl", "--v2", "http://127.0.0.1:9", "--path", "/items"),
+         "error: --v1: 'notaurl' is not an http:// or https:// URL with a host"),
+        (("--v1", "http://127.0.0.1:9", "--v2", "ftp://x", "--path", "/items"),
+         "error: --v2: 'ftp://x' is not an http:// or https:// URL with a host"),
+        (("--v1", "http://127.0.0.1:9", "--v2", "http://127.0.0.1:9", "--path", "items"),
+         "error: --path: 'items' must start with /"),
+    ],
+)  # fmt: skip
+def test_a_bad_url_or_path_names_its_flag_before_any_request(args: tuple[str, ...], line: str) -> None:
+    """Exit 2 and one line naming the flag (before: the walk failed naming only the path)."""
+    code, out, err = parity_http(*args)
+    assert (code, out, err.strip()) == (2, {}, line)
