@@ -128,5 +128,6 @@ def test_soak_without_the_tools_extra_names_the_install(monkeypatch: pytest.Monk
     result = strangler("soak", "--seconds", "1")
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.splitlines() == [
-        "error: strangler soak needs psutil (the 'tools' extra): pip install '.[tools]' in the strangler checkout"
+        "error: strangler soak needs psutil (the 'tools' extra): "
+        "pip install '.[tools]' in the strangler checkout"
     ]

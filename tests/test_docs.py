@@ -122,7 +122,8 @@ def test_quick_start_is_two_commands_and_says_how_long_the_install_takes() -> No
     blocks = re.findall(r"```bash\n(.*?)\n```", _quick_start(), re.S)
     install, serve, tests = blocks
     assert "\n" not in install and install.endswith("&& .venv/bin/strangler demo")
-    said, built = install.index('echo "installing: 4 to 5 minutes'), install.index(".venv/bin/pip install '.[tools]'")
+    said = install.index('echo "installing: 4 to 5 minutes')
+    built = install.index(".venv/bin/pip install '.[tools]'")
     assert said < built
     assert serve.startswith(".venv/bin/strangler serve ")  # the same proxy in front of your backends
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()

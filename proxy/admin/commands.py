@@ -36,7 +36,7 @@ from proxy.cliutil import (
 from proxy.cliutil.remote import AdminClient, AdminError, deprecation_table
 from proxy.control.client import ControlClient
 from proxy.control.embedded import read_url
-from proxy.control.keys import Keys
+from proxy.control.keys import DEPRECATIONS_REGISTERED, Keys
 from proxy.settings import DeprecationRule, Settings
 
 deprecations_app = typer.Typer(
@@ -198,7 +198,7 @@ def _known_rules(settings: Settings, strict: bool = True) -> KnownRules:
     from proxy.traffic.deprecation import SECTION
 
     async def read(control: ControlClient) -> tuple[dict[str, str], dict[str, str]]:
-        return await control.get_hash(views.REGISTERED_RULES), await control.get_hash(SECTION)
+        return await control.get_hash(DEPRECATIONS_REGISTERED), await control.get_hash(SECTION)
 
     registered: dict[str, str] = {}
     overrides: dict[str, str] = {}

@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 
 REDIS = "redis"
 ADMIN_API = "admin_api"
-# where the configured proxies register their deprecation rules (a hash: name -> rule JSON),
-# written by the control store beside the route groups' registration
-REGISTERED_RULES = "deprecations:registered"
 
 
 def source(path: str, url: str) -> dict[str, str]:

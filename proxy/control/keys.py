@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 
 PARITY_LAST = "parity:last"  # a control hash (``Keys.hash``) that ``strangler parity`` writes
+# a control hash (``Keys.hash``): each proxy's configured deprecation rules (name -> rule JSON), so
+# `strangler deprecations phase|clear` knows the rules a running proxy serves
+DEPRECATIONS_REGISTERED = "deprecations:registered"
 
 
 @dataclass(frozen=True, slots=True)

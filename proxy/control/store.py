@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.background import cancel_and_wait
-from proxy.control.keys import Keys
+from proxy.control.keys import DEPRECATIONS_REGISTERED, Keys
 from proxy.control.snapshot import (
     Invalid,
     SectionParser,
@@ -217,11 +217,11 @@ class ControlStore:
         """
         if not self._rules_registered and self._settings.deprecations:
             # the deprecation rules of this config, so `strangler deprecations phase|clear` knows a
-            # name this proxy serves (read by proxy.admin.views / admin.commands: REGISTERED_RULES)
+            # name this proxy serves
             rules = {rule.name: rule.model_dump_json() for rule in self._settings.deprecations}
             with contextlib.suppress(*_REDIS_ERRORS):
                 await asyncio.wait_for(
-                    self._redis.hset(self._keys.hash("deprecations:registered"), mapping=rules),  # type: ignore[arg-type]
+                    self._redis.hset(self._keys.hash(DEPRECATIONS_REGISTERED), mapping=rules),  # type: ignore[arg-type]
                     timeout=self._settings.redis_timeout_seconds * 2,
                 )
                 self._rules_registered = True
