@@ -9,7 +9,8 @@ signals, ``serve`` and ``demo`` keep real subprocesses.
 
 Output width is ``columns`` at each call: the consoles in ``proxy.cliutil`` are given it for the
 call (they would otherwise keep whatever width they first saw, which differs between a terminal,
-pytest and pytest-xdist workers).
+pytest and pytest-xdist workers), and parity's own consoles (``strangler parity`` keeps off
+``proxy.cliutil`` to stay light) are made afresh, reading it from ``COLUMNS``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from proxy.cli import app
 from proxy.cliutil import console, err
+from proxy.parity import commands as parity_commands
 from tests.support import ROOT
 
 
@@ -43,6 +45,7 @@ def strangler(*args: str, env: dict[str, str] | None = None, columns: int = 200,
     scrubbed.update(env or {})
     scrubbed["COLUMNS"] = str(columns)
     console.width = err.width = columns
+    parity_commands._consoles.clear()
     try:
         with contextlib.chdir(cwd):
             result = CliRunner().invoke(app, list(args), env=scrubbed, prog_name="strangler")

@@ -330,7 +330,7 @@ def test_redis_down_holds_without_raising_and_keeps_counts(redis_factory: Callab
         assert drained["default"]["v1"][0] == 7 and drained["default"]["v2"][0] == 3
 
     async def go() -> None:
-        rig = Rig(server.url, redis_timeout_seconds=0.3)
+        rig = Rig(server.url)  # the client below times out at 0.3 s
         rig.redis = aioredis.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
         rig.flusher._redis = rig.redis
         rig.rollouts = Rollouts(rig.redis, rig.keys, rig.clock)
