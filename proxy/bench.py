@@ -554,7 +554,7 @@ def bench(
             b1, v1 = start_backend("v1", backend, Path(tmp))
             b2, v2 = start_backend("v2", backend, Path(tmp))
             procs += [b1, b2]
-            if pin:  # backends and proxies share CPU 0, the load generator has CPU 1 (issue layout)
+            if pin:  # backends and proxies share CPU 0, load generator CPU 1 (as specified)
                 for server in (b1, b2):
                     os.sched_setaffinity(server.pid, {0})
             targets = {"direct (backend v1)": v1 + "/"}
