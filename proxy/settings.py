@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     AfterValidator,
@@ -914,7 +914,9 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     for part in loc:
         annotation = unwrap(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(str(part))
+            # cast: where pydantic is not installed (mypyc's build stage) BaseModel is Any and
+            # issubclass narrows to bare ``type``
+            field = cast("type[BaseModel]", annotation).model_fields.get(str(part))
             if field is None:
                 return None
             annotation = field.annotation
