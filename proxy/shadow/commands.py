@@ -49,12 +49,30 @@ def _run(
     """Run ``action(ShadowControl, ReportStore)`` against Redis, or ``remote(AdminClient)`` with
     ``--url``; InvalidValue -> exit code 2. Groups registered in Redis by running proxies count
     as known groups, so a group missing from this CLI's config still works."""
+    return _run_at(config, redis_url, action, remote, url, token)[0]
+
+
+def _run_at(
+    config: Path | None,
+    redis_url: str | None,
+    action: Any,
+    remote: Any = None,
+    url: str | None = None,
+    token: str | None = None,
+) -> tuple[Any, dict[str, str]]:
+    """``_run``, and where it ran: the ``source`` of the views' JSON documents."""
+    from proxy.admin import views
+
     if url:
         from proxy.cliutil.remote import AdminClient
 
         with AdminClient(url, token) as client:
-            return remote(client)
+            return remote(client), views.source(views.ADMIN_API, client.url)
+    from proxy.cliutil import resolve_redis_url
+    from proxy.redis_url import describe
+
     settings = with_registered_groups(settings_from(config, redis_url=redis_url))
+    where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
 
     async def go(control: ControlClient) -> Any:
         shadow = ShadowControl(control, settings)
@@ -64,9 +82,30 @@ def _run(
         return await action(shadow, report)
 
     try:
-        return with_control(settings, go)
+        return with_control(settings, go), where
     except InvalidValue as exc:
         fail(str(exc), EXIT_USAGE)
+
+
+REPLICA_FIELDS = (
+    "in_force",
+    "rules_in_force",
+    "queue_depth",
+    "buffered_bytes",
+    "report_epoch",
+    "noise_in_force",
+    "pending",
+)
+
+
+def _shadow_document(status: dict[str, Any], where: dict[str, str]) -> dict[str, Any]:
+    """One document for ``shadow status/on/off --json`` whichever path read it
+    (docs/schemas/shadow.json): what Redis holds and means, plus ``replica``, the answering proxy's
+    own state, which only the admin API path has (null through Redis)."""
+    doc = {k: status[k] for k in ("redis", "problems", "groups", "rules")}
+    has_replica = all(k in status for k in REPLICA_FIELDS)
+    doc["replica"] = {k: status[k] for k in REPLICA_FIELDS} if has_replica else None
+    return {"source": where, **doc}
 
 
 @shadow_app.command("on")
@@ -76,6 +115,7 @@ def shadow_on(
     redis_url: RedisOpt = None,
     url: RemoteUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Start mirroring (globally, or for one group while the global switch is on)."""
 
@@ -87,7 +127,10 @@ def shadow_on(
         client.set_shadow({"enabled": True}, group)
         return dict(client.shadow())
 
-    status = _run(config, redis_url, switch_on, remote, url, token)
+    status, where = _run_at(config, redis_url, switch_on, remote, url, token)
+    if as_json:
+        print(json.dumps(_shadow_document(status, where)))
+        return
     console.print(f"shadow traffic [green]on[/green] for {group or 'all groups'}")
     if group is not None and not status["groups"][group]["enabled"]:
         console.print("[yellow]note:[/yellow] the global switch is off; `strangler shadow on` turns it on")
@@ -103,10 +146,23 @@ def shadow_off(
     redis_url: RedisOpt = None,
     url: RemoteUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Stop mirroring. Without --group this is the kill switch: no group mirrors anything."""
     off = {"enabled": False}
-    _run(config, redis_url, lambda s, r: s.set(off, group), lambda c: c.set_shadow(off, group), url, token)
+
+    async def switch_off(shadow: ShadowControl, report: ReportStore) -> dict[str, Any]:
+        await shadow.set(off, group)
+        return await shadow.status()
+
+    def remote(client: Any) -> dict[str, Any]:
+        client.set_shadow(off, group)
+        return dict(client.shadow())
+
+    status, where = _run_at(config, redis_url, switch_off, remote, url, token)
+    if as_json:
+        print(json.dumps(_shadow_document(status, where)))
+        return
     console.print(f"shadow traffic [yellow]off[/yellow] for {group or 'all groups (kill switch)'}")
 
 
@@ -123,6 +179,7 @@ def shadow_set(
     redis_url: RedisOpt = None,
     url: RemoteUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Change shadow settings on every running proxy, live."""
     values: dict[str, Any] = {
@@ -139,7 +196,7 @@ def shadow_set(
             values.update(compare_max_bytes=None, calibration_percentage=None)
     if not values:
         fail("nothing to set: give --sample, --methods, --max-body, --compare-max or --calibration", 2)
-    written = _run(
+    written, where = _run_at(
         config,
         redis_url,
         lambda s, r: s.set(values, group),
@@ -147,6 +204,9 @@ def shadow_set(
         url,
         token,
     )
+    if as_json:  # docs/schemas/shadow-set.json
+        print(json.dumps({"source": where, "group": group or "all", "written": written}))
+        return
     for name, value in written.items():
         console.print(f"{name} = {value if value is not None else '(config default)'}", markup=False)
 
@@ -160,9 +220,9 @@ def shadow_status(
     as_json: JsonOpt = False,
 ) -> None:
     """Effective shadow settings per group, rejected values and ignore rules."""
-    data = _run(config, redis_url, lambda s, r: s.status(), lambda c: c.shadow(), url, token)
+    data, where = _run_at(config, redis_url, lambda s, r: s.status(), lambda c: c.shadow(), url, token)
     if as_json:
-        print(json.dumps(data))
+        print(json.dumps(_shadow_document(data, where)))
         return
     table = Table(title="Shadow traffic")
     for column in ("group", "enabled", "sample %", "methods", "max body", "compare max", "calibration %"):
@@ -216,10 +276,11 @@ def ignore_add(
     redis_url: RedisOpt = None,
     url: RemoteUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Add an ignore rule; every proxy applies it to the next comparison."""
     kind, value = _rule_args(path, regex, order, tolerance)
-    rule = _run(
+    rule, where = _run_at(
         config,
         redis_url,
         lambda s, r: s.add_rule(kind, endpoint, value),
@@ -227,6 +288,9 @@ def ignore_add(
         url,
         token,
     )
+    if as_json:  # docs/schemas/shadow-rule-change.json
+        print(json.dumps({"source": where, "change": "added", "rule": rule}))
+        return
     console.print(f"added {rule['kind']} {rule['value']!r} for {rule['endpoint']}", markup=False)
 
 
@@ -241,6 +305,7 @@ def ignore_remove(
     redis_url: RedisOpt = None,
     url: RemoteUrlOpt = None,
     token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Remove an ignore rule added earlier (config-file rules stay)."""
     kind, value = _rule_args(path, regex, order, tolerance)
@@ -255,9 +320,18 @@ def ignore_remove(
                 return False
             raise
 
-    removed = _run(config, redis_url, lambda s, r: s.remove_rule(kind, endpoint, value), remote, url, token)
+    removed, where = _run_at(
+        config, redis_url, lambda s, r: s.remove_rule(kind, endpoint, value), remote, url, token
+    )
     if not removed:
         fail("no such rule in Redis (see `strangler shadow ignore list`)", EXIT_FAILED)
+    if as_json:
+        from proxy.shadow.policy import make_rule
+
+        gone = make_rule(kind, endpoint, value)  # valid: it was just removed
+        rule = {"kind": gone.kind, "endpoint": gone.endpoint, "value": gone.value}
+        print(json.dumps({"source": where, "change": "removed", "rule": rule}))
+        return
     console.print("removed")
 
 

@@ -1,5 +1,5 @@
-"""Issue 25, items 1 and 5: one JSON document per view whatever the path (Redis or a proxy's admin
-API), checked against docs/schemas/<view>.json; names of rules and groups looked up where the
+"""One JSON document per view whatever the path (Redis or a proxy's admin API), checked against
+docs/schemas/<view>.json; names of rules and groups looked up where the
 listing looks them up; admin API refusals exit as the Redis path's; one line for each error."""
 
 from __future__ import annotations
@@ -370,3 +370,42 @@ def test_parity_results_as_stored_match_their_schema(redis_server: RedisServer, 
     last = strangler("parity", "last", "--redis-url", redis_url, "--json")
     assert last.returncode == 0, last.stderr
     assert valid("parity-results", last.stdout) == {"orders": summary}
+
+
+def test_shadow_views_are_one_document_per_view_and_only_the_admin_api_sees_the_replica(
+    views_proxy: ProxyProcess, redis_url: str
+) -> None:
+    via_redis = ["--redis-url", redis_url]
+    via_api = ["--url", views_proxy.url, "--token", TOKEN]
+    docs: dict[str, list[dict[str, Any]]] = {}
+    for via in (via_redis, via_api):
+        docs.setdefault("on", []).append(valid("shadow", strangler("shadow", "on", "--json", *via).stdout))
+        set_out = strangler("shadow", "set", "--sample", "12.5", "--group", "tasks", "--json", *via)
+        docs.setdefault("set", []).append(valid("shadow-set", set_out.stdout))
+        added = strangler("shadow", "ignore", "add", "--tolerance", "0.50", "--json", *via)
+        docs.setdefault("add", []).append(valid("shadow-rule-change", added.stdout))
+        status = strangler("shadow", "status", "--json", *via)
+        docs.setdefault("status", []).append(valid("shadow", status.stdout))
+        removed = strangler("shadow", "ignore", "remove", "--tolerance", "0.5", "--json", *via)
+        docs.setdefault("remove", []).append(valid("shadow-rule-change", removed.stdout))
+        docs.setdefault("off", []).append(valid("shadow", strangler("shadow", "off", "--json", *via).stdout))
+        assert strangler("shadow", "set", "--reset", "--group", "tasks", *via).returncode == 0
+
+    for view, (from_redis, from_api) in docs.items():
+        assert from_redis["source"]["path"] == "redis" and from_api["source"]["path"] == "admin_api", view
+        if "replica" in from_redis:  # the answering proxy's own state: only through its admin API
+            assert from_redis["replica"] is None and isinstance(from_api["replica"], dict), view
+            from_api["replica"] = None
+        assert without_source(from_redis) == without_source(from_api), view
+    assert docs["on"][0]["groups"]["default"]["enabled"] is True
+    assert docs["off"][0]["groups"]["default"]["enabled"] is False
+    assert docs["set"][0] == {
+        "source": docs["set"][0]["source"],
+        "group": "tasks",
+        "written": {"group:tasks:sample_percentage": "12.5"},
+    }
+    assert docs["status"][0]["groups"]["tasks"]["sample_percentage"] == 12.5
+    tolerance = {"kind": "tolerance", "endpoint": "*", "value": "0.5"}
+    assert docs["add"][0]["change"] == "added" and docs["add"][0]["rule"] == tolerance
+    assert docs["remove"][0]["change"] == "removed" and docs["remove"][0]["rule"] == tolerance
+    assert {**tolerance, "source": "redis"} in docs["status"][0]["rules"]
