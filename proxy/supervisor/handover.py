@@ -112,10 +112,13 @@ def wanted_address(host: str, port: int) -> tuple[str, int]:
 
 def _send(sock: socket.socket, op: str, fds: Sequence[int] = (), **fields: Any) -> None:
     data = json.dumps({"v": PROTOCOL, "op": op, **fields}).encode()
-    if fds:
-        socket.send_fds(sock, [data], list(fds))
-    else:
-        sock.sendall(data)
+    try:
+        if fds:
+            socket.send_fds(sock, [data], list(fds))
+        else:
+            sock.sendall(data)
+    except OSError as exc:
+        raise HandoverError(f"the other process closed the hand-over ({exc.strerror or exc})") from None
 
 
 def _receive(
@@ -279,7 +282,7 @@ def _check_version(conn: socket.socket, message: Mapping[str, Any]) -> None:
     version = message.get("v")
     if version != PROTOCOL:
         error = f"the new process speaks hand-over protocol {version}, this one {PROTOCOL}: restart instead"
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(HandoverError):
             _send(conn, "refused", error=error)
         raise HandoverError(error)
 
@@ -376,7 +379,7 @@ class Taker:
 
     def fail(self, error: str) -> None:
         """Tell the old generation why this one stops (it keeps serving and reports the line)."""
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(HandoverError):
             _send(self.sock, "failed", error=error)
 
 
