@@ -314,13 +314,15 @@ class Taker:
         self.sock.close()
 
     def take(
-        self, wanted: Mapping[str, Address], timeout: float = 10.0, families: Mapping[str, int] | None = None
+        self, wanted: Mapping[str, Address], timeout: float = 10.0, optional: Iterable[str] = ()
     ) -> Received:
         """Every listener the old generation holds, checked against ``wanted`` (role -> the address
         this process's settings bind; a port of 0 accepts any port). A listener that is not a
         listening stream socket, or is bound elsewhere, or a role the settings do not want, or a
         wanted role not handed over, refuses the whole hand-over (``HandoverError``, one line; the
-        old side is told why) and closes what was received."""
+        old side is told why) and closes what was received. A role in ``optional`` that does not
+        fit is only left out (closed here; this process binds its own)."""
+        optional = set(optional)
         deadline = time.monotonic() + timeout
         _send(self.sock, "hello", pid=os.getpid())
         head, stray = _receive(self.sock, deadline, None, "the listeners came")
@@ -347,11 +349,14 @@ class Taker:
                     extra[str(message.get("name"))] = fds[0]
                     continue
                 sock = socket.socket(fileno=fds[0])
-                listeners.append(Listener(str(message.get("role")), int(message.get("index", 0)), sock))
+                role = str(message.get("role"))
+                listeners.append(Listener(role, int(message.get("index", 0)), sock))
                 problem = check(sock, message, wanted)
-                if problem:
+                if problem and role in optional:
+                    listeners.pop().sock.close()
+                elif problem:
                     raise HandoverError(problem)
-            missing = sorted(set(wanted) - {item.role for item in listeners})
+            missing = sorted(set(wanted) - optional - {item.role for item in listeners})
             if missing:
                 raise HandoverError(
                     f"upgrade: the old generation has no {', '.join(missing)} listener; restart instead"
@@ -413,7 +418,9 @@ def check(sock: socket.socket, described: Mapping[str, Any], wanted: Mapping[str
     have = bound_address(sock)
     want = wanted[role]
     if isinstance(want, str) or isinstance(have, str):
-        same = have == want
+        same = (
+            isinstance(have, str) and isinstance(want, str) and os.path.abspath(have) == os.path.abspath(want)
+        )
     else:
         same = have[0] == want[0] and (want[1] == 0 or have[1] == want[1])
     if not same:
