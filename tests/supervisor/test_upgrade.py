@@ -1,0 +1,273 @@
+"""``strangler upgrade`` (issue 26, item 2): a new generation of the whole proxy takes the listening
+sockets from the running one and the old one drains and exits. Real ``strangler serve`` processes,
+raw keep-alive clients that check every answer's length, WebSockets that must be told 1001 and come
+back; a new generation that cannot start leaves the old one serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.clirun import strangler
+from tests.support import metric_value, wait_until
+from tests.supervisor.conftest import Supervised
+
+UPGRADED = re.compile(
+    r"upgraded: pid (\d+) -> (\d+), (\d+) workers? ready in \d+\.\d s; the old generation drains \(up to (\S+) s\)"
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture()
+def stop_pids() -> Iterator[list[int]]:
+    """Parents started by an upgrade are not the test's children: stopped here (SIGINT, then KILL)."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with_signal(pid, signal.SIGINT)
+        if not wait_gone(pid, 15):
+            with_signal(pid, signal.SIGKILL)
+            wait_gone(pid, 5)
+
+
+def with_signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@dataclass
+class KeepAlive:
+    """Raw keep-alive clients sending GETs back to back; every answer is read to its Content-Length.
+    A ``Connection: close`` answer means: reconnect. Counted: ok, 5xx, reset (ECONNRESET anywhere),
+    refused, cut (the connection ended inside an answer or with a request unanswered)."""
+
+    port: int
+    clients: int = 4
+    outcomes: Counter[str] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> KeepAlive:
+        for i in range(self.clients):
+            thread = threading.Thread(target=self._run, args=(i,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        return self
+
+    def stop(self) -> Counter[str]:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(15)
+        return self.outcomes
+
+    def count(self, outcome: str, detail: str = "") -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            if outcome != "ok" and len(self.problems) < 20:
+                self.problems.append(f"{outcome}: {detail}")
+
+    def _run(self, client: int) -> None:
+        n = 0
+        while not self.stopping.is_set():
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            except ConnectionRefusedError:
+                self.count("refused")
+                time.sleep(0.01)
+                continue
+            with sock:
+                while not self.stopping.is_set():
+                    n += 1
+                    path = f"/load/{client}/{n}"
+                    try:
+                        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n".encode())
+                        status, close, complete = read_answer(sock)
+                    except ConnectionResetError as exc:
+                        self.count("reset", f"{path}: {exc}")
+                        break
+                    except OSError as exc:
+                        self.count("cut", f"{path}: {exc!r}")
+                        break
+                    if not complete:
+                        self.count("cut", f"{path}: {status}")
+                        break
+                    self.count("5xx" if status >= 500 else "ok", f"{path}: {status}")
+                    if close:
+                        break
+
+
+def read_answer(sock: socket.socket) -> tuple[int, bool, bool]:
+    """(status, says close, complete): complete when the head and Content-Length bytes arrived."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0, True, False
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    status = int(lines[0].split()[1])
+    length = int(headers.get(b"content-length", b"0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return status, True, False
+        body += chunk
+    return status, headers.get(b"connection", b"").lower() == b"close", True
+
+
+@dataclass
+class Socket:
+    """A WebSocket through the proxy to the v2 backend (forced), echoing until closed; then one
+    reconnect that must echo too."""
+
+    url: str
+    closed_with: int | None = None
+    reconnected: bool = False
+    error: str = ""
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+        from websockets.sync.client import connect
+
+        headers = {"X-Strangler-Version": "v2"}
+        try:
+            with connect(self.url, open_timeout=10, compression=None, additional_headers=headers) as ws:
+                self.ready.set()
+                try:
+                    while True:
+                        ws.send("ping")
+                        assert ws.recv(timeout=10) == "ping"
+                        time.sleep(0.05)
+                except ConnectionClosed as closed:
+                    self.closed_with = closed.rcvd.code if closed.rcvd is not None else None
+            with connect(self.url, open_timeout=10, compression=None, additional_headers=headers) as ws:
+                ws.send("again")
+                self.reconnected = ws.recv(timeout=10) == "again"
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = repr(exc)
+            self.ready.set()
+
+
+def test_upgrade_under_load_hands_over_without_a_dropped_request(
+    supervised: Callable[..., Supervised], stop_pids: list[int], tmp_path: Path
+) -> None:
+    from tests.wsbackend import WsBackend
+
+    ws_backend = WsBackend("v2").start()
+    try:
+        sup = supervised(
+            workers=2, v2_url=ws_backend.url, drain_timeout_seconds=5,
+            websocket={"drain_grace_seconds": 0.3},
+        )  # fmt: skip
+        proxy = sup.proxy
+        assert proxy.process is not None
+        old_pid = proxy.process.pid
+        load = KeepAlive(proxy.port).start()
+        sockets = [Socket(proxy.url.replace("http://", "ws://") + "/echo") for _ in range(3)]
+        threads = [threading.Thread(target=s.run, daemon=True) for s in sockets]
+        for thread in threads:
+            thread.start()
+        for s in sockets:
+            assert s.ready.wait(10) and not s.error, s.error
+        wait_until(lambda: load.outcomes["ok"] > 100, timeout=10, message="load before the upgrade")
+
+        ran = strangler("upgrade", "--socket", str(sup.socket))
+        said = UPGRADED.fullmatch(ran.stdout.strip())
+        assert ran.returncode == 0 and said is not None, (ran.stdout, ran.stderr, proxy.output()[-3000:])
+        new_pid = int(said.group(2))
+        stop_pids.append(new_pid)
+        assert (int(said.group(1)), said.group(3), said.group(4)) == (old_pid, "2", "5")
+
+        assert proxy.process.wait(15) == 0  # the old generation drained and exited
+        before = load.outcomes["ok"]
+        wait_until(lambda: load.outcomes["ok"] > before + 100, timeout=10, message="load after the upgrade")
+        for thread in threads:
+            thread.join(15)
+        outcomes = load.stop()
+        assert set(outcomes) == {"ok"}, (outcomes, load.problems)
+        assert [(s.closed_with, s.reconnected, s.error) for s in sockets] == [(1001, True, "")] * 3
+
+        assert alive(new_pid)
+        assert (sup.socket.parent / "strangler.pid").read_text().strip() == str(new_pid)
+        status = sup.status()  # the control socket answers from the new parent
+        assert {w["state"] for w in status["workers"]} == {"ready"} and len(status["workers"]) == 2
+        metrics = proxy.metrics()
+        assert metric_value(metrics, "strangler_upgrades_total", result="ok") == 1
+        assert f"took over from pid {old_pid}" in proxy.output()
+    finally:
+        ws_backend.stop()
+
+
+def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(
+    supervised: Callable[..., Supervised], stop_pids: list[int]
+) -> None:
+    sup = supervised(workers=1)
+    proxy = sup.proxy
+    assert proxy.process is not None
+    old_pid = proxy.process.pid
+    sup.rewrite(port="many")  # the file became invalid since the start
+    ran = strangler("upgrade", "--socket", str(sup.socket), "--json")
+    assert ran.returncode == 1, (ran.stdout, ran.stderr)
+    answer = json.loads(ran.stdout)
+    new_pid = answer.get("new_pid")
+    if new_pid:
+        stop_pids.append(int(new_pid))
+    expected = (
+        f"{sup.config}:{yaml_line(sup.config, 'port')}:7: port: Input should be a valid integer, unable to parse "
+        "string as an integer (got 'many')"
+    )
+    assert (answer["ok"], answer["result"], answer["error"]) == (False, "failed", expected)
+    ran = strangler("upgrade", "--socket", str(sup.socket))
+    assert (ran.returncode, ran.stdout, ran.stderr.splitlines()) == (
+        1, "", [f"error: upgrade failed, pid {old_pid} keeps serving: {expected}"]
+    )  # fmt: skip
+    assert proxy.process.poll() is None
+    assert proxy.http.get(proxy.url + "/after").status_code == 200
+    assert metric_value(proxy.metrics(), "strangler_upgrades_total", result="failed") == 2
+    assert not (sup.socket.parent / "control.sock.handover").exists()
+
+
+def yaml_line(path: Path, key: str) -> int:
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.startswith(f"{key}:"):
+            return number
+    raise AssertionError(f"{key} not in {path}")
