@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.clirun import strangler
-from tests.support import metric_value, wait_until
 from tests.supervisor.conftest import Supervised
+from tests.support import metric_value, wait_until
 
 UPGRADED = re.compile(
-    r"upgraded: pid (\d+) -> (\d+), (\d+) workers? ready in \d+\.\d s; the old generation drains \(up to (\S+) s\)"
+    r"upgraded: pid (\d+) -> (\d+), (\d+) workers? ready in \d+\.\d s; "
+    r"the old generation drains \(up to (\S+) s\)"
 )
 
 
@@ -188,14 +190,15 @@ class Socket:
 
 
 def test_upgrade_under_load_hands_over_without_a_dropped_request(
-    supervised: Callable[..., Supervised], stop_pids: list[int], tmp_path: Path
+    supervised: Callable[..., Supervised], stop_pids: list[int], redis_url: str
 ) -> None:
     from tests.wsbackend import WsBackend
 
     ws_backend = WsBackend("v2").start()
     try:
+        prefix = f"upgrade{os.getpid()}:"  # this test's canary windows, apart from the session's
         sup = supervised(
-            workers=2, v2_url=ws_backend.url, drain_timeout_seconds=5,
+            workers=2, v2_url=ws_backend.url, drain_timeout_seconds=5, key_prefix=prefix,
             websocket={"drain_grace_seconds": 0.3},
         )  # fmt: skip
         proxy = sup.proxy
@@ -233,6 +236,16 @@ def test_upgrade_under_load_hands_over_without_a_dropped_request(
         metrics = proxy.metrics()
         assert metric_value(metrics, "strangler_upgrades_total", result="ok") == 1
         assert f"took over from pid {old_pid}" in proxy.output()
+        # the canary windows lose nothing: the old generation flushed its last deltas as it stopped
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            wait_until(
+                lambda: sum(int(r.hget(key, "r") or 0) for key in r.scan_iter(f"{prefix}win:default:v1:*"))
+                == outcomes["ok"],
+                timeout=5, message="every answered request counted in the canary windows",
+            )  # fmt: skip
+        finally:
+            r.close()
     finally:
         ws_backend.stop()
 
@@ -252,8 +265,8 @@ def test_a_new_generation_that_cannot_start_leaves_the_old_one_serving(
     if new_pid:
         stop_pids.append(int(new_pid))
     expected = (
-        f"{sup.config}:{yaml_line(sup.config, 'port')}:7: port: Input should be a valid integer, unable to parse "
-        "string as an integer (got 'many')"
+        f"{sup.config}:{yaml_line(sup.config, 'port')}:7: port: Input should be a valid integer, "
+        "unable to parse string as an integer (got 'many')"
     )
     assert (answer["ok"], answer["result"], answer["error"]) == (False, "failed", expected)
     ran = strangler("upgrade", "--socket", str(sup.socket))
