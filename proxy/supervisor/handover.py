@@ -202,6 +202,13 @@ class Offer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    def forget(self) -> None:
+        """In a forked child: close our copies, leave the socket file to the parent."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self.server.close()
+
     def accept(self, deadline: float, alive: Callable[[], str | None] | None = None) -> socket.socket:
         """The new process's connection (same user only, checked with SO_PEERCRED)."""
         while True:

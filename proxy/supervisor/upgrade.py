@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from proxy.settings import Settings
 
 UPGRADE_TIMEOUT_SECONDS = 60.0  # from the new process's start to its workers' readiness
-STOP_GRACE_SECONDS = 5.0  # a failed new generation: SIGTERM, then SIGKILL after this
 PID_FILE = "strangler.pid"
 
 
@@ -177,20 +176,17 @@ class Upgrade:
             "drain_timeout_seconds": self.drain_timeout_seconds,
         }  # fmt: skip
 
-    def abort(self) -> None:
-        """The new generation failed: stop what was started (its parent drains its own workers on
-        SIGTERM; a SIGKILL after the grace leaves none: they die with their parent)."""
+    def abort(self) -> subprocess.Popen[bytes] | None:
+        """The new generation failed: tell what was started to stop (SIGTERM: its parent drains
+        what its workers may have accepted). Returns the process if it still runs: the caller
+        reaps it, and kills it if it outlives its drain (its workers die with their parent)."""
         self.offer.close()
         process = self.process
         if process is None or process.poll() is not None:
-            return
+            return None
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
-        try:
-            process.wait(STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        return process
 
 
 def handover_path(control_socket: Path) -> Path:
@@ -212,27 +208,33 @@ class Adopted:
     state: dict[str, Any]
     old_pid: int
     started: float
+    done: bool = False  # said ready (or failed): the hand-over is over
 
     def ready(self, workers: int) -> None:
-        """Every worker serves: tell the old generation, which drains; own the pid file."""
-        self.taker.ready(workers, time.monotonic() - self.started)
+        """Every worker serves: tell the old generation and wait for its ``draining``."""
+        self.done = True
         try:
+            self.taker.ready(workers, time.monotonic() - self.started)
             self.taker.wait_draining(timeout=5.0)
         finally:
             self.taker.close()
 
     def fail(self, error: str) -> None:
+        """This generation cannot serve: the old one keeps serving and reports ``error``."""
+        self.done = True
         self.taker.fail(error)
         self.taker.close()
 
 
 def wanted(settings: Settings) -> tuple[dict[str, Address], set[str]]:
-    """What these settings bind: main, admin and (optional: a changed path is bound anew) control."""
+    """What these settings bind: main, admin and control. Only main must match: an admin listener
+    or control socket that moved (or was not there) is bound anew; one left behind closes with the
+    old generation."""
     want: dict[str, Address] = {"main": wanted_address(settings.host, settings.port)}
     if settings.admin_port is not None:
         want["admin"] = wanted_address(settings.host, settings.admin_port)
     want["control"] = os.path.abspath(settings.control_socket)
-    return want, {"control"}
+    return want, {"admin", "control"}
 
 
 def adopt(settings: Settings, environ: Mapping[str, str] = os.environ) -> Adopted | None:
