@@ -23,7 +23,7 @@ import redis
 from proxy.settings import ConfigError, load_settings
 from tests.clirun import strangler
 from tests.supervisor.conftest import Supervised
-from tests.support import metric_value, wait_until
+from tests.support import free_port, metric_value, wait_until
 
 UPGRADED = re.compile(
     r"upgraded: pid (\d+) -> (\d+), (\d+) workers? ready in \d+\.\d s; "
@@ -314,3 +314,34 @@ def test_sigusr2_upgrades_and_the_embedded_redis_changes_hands_without_a_restart
             r.ping()
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("change", ["port", "workers"])
+def test_settings_the_sockets_cannot_follow_are_refused_by_the_new_generation(
+    supervised: Callable[..., Supervised], stop_pids: list[int], change: str
+) -> None:
+    """A new port, or fewer workers (the sockets given up would reset their queues): the new
+    parent refuses the hand-over in one line, the old one keeps serving."""
+    sup = supervised(workers=2)
+    proxy = sup.proxy
+    assert proxy.process is not None
+    old_pid, port = proxy.process.pid, proxy.port
+    if change == "port":
+        other = free_port()
+        sup.rewrite(port=other)
+        reason = (
+            f"the listener handed over is bound to 127.0.0.1:{port}, these settings want 127.0.0.1:{other} "
+            "(host/port changed: restart instead)"
+        )
+    else:
+        sup.rewrite(workers=1)
+        reason = (
+            "workers cannot shrink on an upgrade (2 -> 1): the sockets given up would reset the "
+            "connections queued on them; restart instead"
+        )
+    ran = strangler("upgrade", "--socket", str(sup.socket))
+    assert (ran.returncode, ran.stdout, ran.stderr.splitlines()) == (
+        1, "", [f"error: upgrade failed, pid {old_pid} keeps serving: {reason}"]
+    )  # fmt: skip
+    assert proxy.process.poll() is None
+    assert proxy.http.get(proxy.url + "/after").status_code == 200
