@@ -261,7 +261,12 @@ def adopt(settings: Settings, environ: Mapping[str, str] = os.environ) -> Adopte
         while len(socks) < settings.workers:  # more workers: more sockets in the same group
             socks.append(join_group(socks[0]))
         state = received.state
-        if state.get("embedded_redis") and not settings.redis_url:
+        theirs = state.get("embedded_redis") or {}
+        if (
+            theirs
+            and not settings.redis_url
+            and Path(theirs["directory"]) == settings.embedded_redis_dir.resolve()
+        ):
             from proxy.control.embedded import EmbeddedRedis
 
             embedded = EmbeddedRedis.adopt(state["embedded_redis"], received.fds)
@@ -272,7 +277,7 @@ def adopt(settings: Settings, environ: Mapping[str, str] = os.environ) -> Adopte
             taker.fail(str(exc))
         raise
     finally:
-        for fd in received.fds.values():  # an owner pipe not adopted (redis_url now set) is let go
+        for fd in received.fds.values():  # an owner pipe not adopted (redis_url set, another directory)
             os.close(fd)
     admin = by_role.get("admin", [None])[0]
     control = by_role.get("control", [None])[0]
