@@ -330,7 +330,7 @@ def rollback(
     hint = "; a running proxy's admin API can do it: --url http://HOST:PORT"
     known: list[str] = []
     if group is not None:
-        check_group(settings, group)
+        check_group(settings, group, hint)
     else:
         registered = with_control(settings, lambda c: c.registered_groups(), hint=hint)
         known = [*settings.group_names, *registered]  # the config's and the running proxies'

@@ -133,7 +133,7 @@ ROWS: dict[str, Row] = {
                 "10",
                 "--group",
                 "nosuch",
-                line=r"error: unknown group 'nosuch'; known groups: default, orders",
+                line=r"error: unknown group 'nosuch'; known groups \(config and Redis\): default, orders",
             ),
         ),
     ),
@@ -156,7 +156,7 @@ ROWS: dict[str, Row] = {
                 "rollback",
                 "--group",
                 "nosuch",
-                line=r"error: unknown group 'nosuch'; known groups: default, orders",
+                line=r"error: unknown group 'nosuch'; known groups \(config and Redis\): default, orders",
             ),
             # Redis down: the line says a proxy's admin API (--url) can still do it
             bad("rollback", "--redis-url", "redis://127.0.0.1:{dead}/0", code=1, line=r"error: .*--url.*"),
