@@ -192,9 +192,18 @@ class EnvApp:
             import os
 
             from proxy.admin.token import ensure_admin_token
-            from proxy.settings import load_settings
+            from proxy.settings import ConfigError, load_settings
 
-            settings = ensure_admin_token(load_settings(os.environ.get("STRANGLER_CONFIG")))
+            try:
+                settings = ensure_admin_token(load_settings(os.environ.get("STRANGLER_CONFIG")))
+            except ConfigError as exc:
+                if scope["type"] != "lifespan":
+                    raise
+                # the server's own one-line refusal to start (uvicorn: "ERROR: <message>", exit 3),
+                # rather than a traceback through its lifespan
+                await receive()  # lifespan.startup
+                await send({"type": "lifespan.startup.failed", "message": f"strangler: {exc}"})
+                return
             self._app = create_app(settings)
         await self._app(scope, receive, send)
 
