@@ -114,6 +114,20 @@ class StranglerGroup(TyperGroup):
                 self.add_command(command, name)
         return self.commands.get(name)
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """As typer's, whose "Did you mean" looks only at the commands built so far: here at all."""
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            if args and "Did you mean" not in exc.message:
+                from difflib import get_close_matches
+
+                matches = get_close_matches(args[0], self.list_commands(ctx))
+                if matches:
+                    suggestions = ", ".join(f"{m!r}" for m in matches)
+                    exc.message = f"{exc.message.rstrip('.')}. Did you mean {suggestions}?"
+            raise
+
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         """As click lists them, but a capability's command not imported yet shows its short help
         from ``LAZY_COMMANDS``: `strangler -h` imports none of them."""
