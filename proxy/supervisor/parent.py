@@ -63,6 +63,7 @@ def run(settings: Settings, sources: Sources | None = None) -> None:
     from proxy.control.embedded import EmbeddedRedis
 
     configure_logging(settings.log_level)
+    check_tls(settings)  # a certificate no worker could load: ConfigError, one line, exit 2
     raise_open_file_limit()
     # Stop signals are recorded from before the sockets listen (by the default action one would end
     # this process with connections queued on its sockets) and handled once the workers run. Recorded,
@@ -435,7 +436,8 @@ class Supervisor:
         if slot.pid != worker.pid:
             return  # a worker of an older generation
         slot.pid = None
-        if not self.ready_announced and worker.generation == 1:  # the start itself failed
+        if not self.ready_announced and worker.generation == 1 and not os.WIFSIGNALED(status):
+            # the start itself failed (a worker killed from outside meanwhile is restarted below)
             reason = worker.reason.removeprefix("invalid: ") or how
             self.failure = f"worker {worker.slot} did not start: {reason}"
             self._stop_all()
