@@ -18,8 +18,8 @@ import httpx
 
 from proxy.settings import ConfigError, load_settings
 from tests.clirun import strangler
-from tests.support import Backend, free_port, metric_value, wait_until
 from tests.supervisor.conftest import Load, Supervised
+from tests.support import Backend, free_port, metric_value, wait_until
 
 RELOADED = re.compile(r"reloaded: generation (\d+), (\d+) workers? ready in \d+\.\d\d s")
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.support import metric_value, wait_until
 from tests.supervisor.conftest import Load, Supervised
+from tests.support import metric_value, wait_until
 
 
 def test_a_killed_worker_is_back_within_a_second_on_the_same_port(
@@ -54,7 +54,7 @@ def test_a_crash_loop_is_an_error_line_and_a_gauge(supervised: Callable[..., Sup
         assert pid not in killed
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
-        wait_until(lambda: pid not in {w["pid"] for w in sup.status()["workers"]}, timeout=5)
+        wait_until(lambda dead=pid: dead not in {w["pid"] for w in sup.status()["workers"]}, timeout=5)
     lines = wait_until(
         lambda: re.findall(r"ERROR strangler: (worker 0 is in a crash loop.*)", proxy.output())
     )
