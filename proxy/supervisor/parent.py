@@ -312,6 +312,17 @@ class Supervisor:
             for worker in self.workers.values():  # once per signal received: a second one forces
                 self._kill(worker.pid, signum)
                 worker.state = "draining"
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        """At a stop: the parent's copies of the listening sockets go now, so that a socket closes
+        when its worker's drain closes it (new connections are refused, not queued for nobody)."""
+        for slot in self.slots:
+            if slot.sock is not None:
+                slot.sock.close()
+                slot.sock = None
+        if self.admin_sock is not None:
+            self.admin_sock.close()
 
     @staticmethod
     def _kill(pid: int, signum: int) -> None:
@@ -470,6 +481,7 @@ class Supervisor:
         for worker in self.workers.values():
             self._kill(worker.pid, signal.SIGTERM)
             worker.state = "draining"
+        self._close_listeners()
 
     def _timers(self, now: float) -> None:
         if self.stopping:
