@@ -120,8 +120,8 @@ class BackendCheck:
         ]
         # The threads start with SIGINT/SIGTERM blocked (a thread inherits its creator's mask): a
         # stop signal is then never delivered to one of them, where its default action would end
-        # the whole process while ``supervise`` holds the signals for the workers it forks (a check
-        # still resolving then cost one worker's queued connections).
+        # the whole process before ``strangler serve``'s parent has set its handlers (a check still
+        # resolving then cost the connections queued on the sockets already bound).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for thread in self.threads:

@@ -82,7 +82,9 @@ def run(settings: Settings, sources: Sources | None = None) -> None:
                 sock.close()
             raise
     backends.report()
-    import proxy.app  # noqa: F401 - imported once here: every worker starts with it loaded
+    import uvloop  # noqa: F401 - imported once here (no loop made): every worker starts with them loaded
+
+    import proxy.app  # noqa: F401
 
     loaded = settings
     embedded: EmbeddedRedis | None = None
@@ -231,9 +233,7 @@ class Supervisor:
         try:
             self._loop()
         finally:
-            signal.set_wakeup_fd(previous_wakeup)
-            for sig in HANDLED:
-                signal.signal(sig, signal.SIG_DFL)
+            signal.set_wakeup_fd(previous_wakeup)  # the handlers stay: a late signal is recorded, no more
             if self.control is not None:
                 self.control.close()
             self.selector.close()
