@@ -7,14 +7,14 @@ Real ``strangler serve`` processes; ``strangler reload`` and ``config check`` ru
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import httpx
 
 from proxy.settings import ConfigError, load_settings
 from tests.clirun import strangler
@@ -25,11 +25,17 @@ RELOADED = re.compile(r"reloaded: generation (\d+), (\d+) workers? ready in \d+\
 
 
 def versions_on_new_connections(url: str, count: int = 20) -> set[str]:
-    """The versions answering ``count`` new connections (spread by the kernel over every worker)."""
+    """The versions answering ``count`` new connections (spread by the kernel over every worker);
+    raw sockets, so a round takes milliseconds."""
+    port = int(url.rsplit(":", 1)[1])
     seen = set()
     for i in range(count):
-        reply = httpx.get(f"{url}/probe/{i}", headers={"Connection": "close"}, timeout=3)
-        seen.add(reply.json()["version"])
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            sock.sendall(f"GET /probe/{i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        seen.add(json.loads(data.split(b"\r\n\r\n", 1)[1])["version"])
     return seen
 
 
@@ -102,8 +108,6 @@ def test_a_file_that_parses_but_cannot_run_keeps_the_old_generation(
     sup.rewrite(tls_cert_file=str(missing), tls_key_file=str(missing))
     ran = strangler("reload", "--socket", str(sup.socket), "--json")
     assert ran.returncode == 2
-    import json
-
     answer = json.loads(ran.stdout)
     assert answer["result"] == "invalid"
     assert (
