@@ -225,7 +225,7 @@ def serve(
     admin_token: Annotated[str | None, typer.Option(help="Token for admin changes.")] = None,
 ) -> None:
     """Run the proxy (embedded Redis when no Redis URL is configured)."""
-    from proxy.cliutil import EXIT_FAILED, FLAG_OF_SETTING, fail, settings_from
+    from proxy.cliutil import EXIT_FAILED, EXIT_USAGE, FLAG_OF_SETTING, fail, settings_from
     from proxy.server import ListenError
     from proxy.supervisor.parent import StartFailed, run
     from proxy.supervisor.sources import Sources
@@ -238,8 +238,10 @@ def serve(
     names = {name: FLAG_OF_SETTING.get(name, "--" + name.replace("_", "-")) for name in flags}
     try:
         run(settings, Sources.recorded(config, names, **flags))  # a reload reads these sources again
-    except (ListenError, StartFailed) as exc:  # the flags are fine, the action failed (README's exit 1)
+    except ListenError as exc:  # a taken port: the flag is fine, the action failed (README's exit 1)
         fail(str(exc), EXIT_FAILED)
+    except StartFailed as exc:  # a worker could not start: settings that cannot run are bad input
+        fail(str(exc), EXIT_USAGE if exc.invalid else EXIT_FAILED)
 
 
 @split_app.command()

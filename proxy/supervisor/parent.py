@@ -55,7 +55,12 @@ PR_SET_PDEATHSIG = 1
 
 
 class StartFailed(Exception):
-    """A worker of the first generation could not start: one line, ``strangler serve`` exits 1."""
+    """A worker of the first generation could not start: one line; ``strangler serve`` exits 2 when
+    the settings cannot run (what a worker builds failed, as ``config check`` says), else 1."""
+
+    def __init__(self, message: str, invalid: bool = False) -> None:
+        super().__init__(message)
+        self.invalid = invalid
 
 
 def run(settings: Settings, sources: Sources | None = None) -> None:
@@ -205,6 +210,7 @@ class Supervisor:
         self.control: ControlServer | None = None
         self.ready_line = ""
         self.failure: str | None = None  # a first-generation worker that could not start
+        self.failure_invalid = False  # ... because its settings cannot run
         self.start_deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         self.pid = os.getpid()
 
@@ -240,7 +246,7 @@ class Supervisor:
             wake_r.close()
             wake_w.close()
         if self.failure is not None:
-            raise StartFailed(self.failure)
+            raise StartFailed(self.failure, self.failure_invalid)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.signals.append(signum)
@@ -449,6 +455,7 @@ class Supervisor:
         slot.pid = None
         if not self.ready_announced and worker.generation == 1 and not os.WIFSIGNALED(status):
             # the start itself failed (a worker killed from outside meanwhile is restarted below)
+            self.failure_invalid = worker.reason.startswith("invalid: ")
             reason = worker.reason.removeprefix("invalid: ") or how
             self.failure = f"worker {worker.slot} did not start: {reason}"
             self._stop_all()
