@@ -444,8 +444,11 @@ class Supervisor:
         how = describe_status(status)
         slot = self.slots[worker.slot]
         if self.reload is not None and worker.pid in self.reload.pids:  # a new worker that failed
-            reason = worker.reason or f"worker {worker.slot} {how} before it was ready"
-            self._reload_done("invalid" if reason.startswith("invalid: ") else "failed", reason)
+            if worker.reason.startswith("invalid: "):
+                self._reload_done("invalid", worker.reason)
+            else:
+                reason = worker.reason or f"{how} before it was ready"
+                self._reload_done("failed", f"worker {worker.slot} did not start: {reason}")
             return
         if worker.state == "draining" or self.stopping:  # told to stop: an old generation, or all
             log.debug("worker %d (pid %d, generation %d) %s", worker.slot, worker.pid, worker.generation, how)
@@ -496,9 +499,15 @@ class Supervisor:
         for slot in self.slots:
             if slot.restart_at is not None and slot.restart_at <= now:
                 slot.restart_at = None
+                try:
+                    self._spawn(slot, self.settings, self.generation)
+                except OSError as exc:  # no socket or no fork now (the port taken, no memory): later
+                    slot.restart_at = now + self.policy.cap
+                    log.error("worker %d cannot be restarted (%s); next attempt in %g s",
+                              slot.index, exc.strerror or exc, self.policy.cap)  # fmt: skip
+                    continue
                 slot.restarts += 1
                 self.counters.restarted(slot.index)
-                self._spawn(slot, self.settings, self.generation)
             if self.counters.looping(slot.index) and not slot.history.in_crash_loop(now):
                 self.counters.crash_loop(slot.index, False)
                 log.info("worker %d is out of its crash loop", slot.index)
@@ -541,7 +550,11 @@ class Supervisor:
                              [request] if request else [])  # fmt: skip
         for slot in self.slots:
             slot.restart_at = None  # the new generation takes this place now
-            self.reload.pids.append(self._spawn(slot, settings, generation).pid)
+            try:
+                self.reload.pids.append(self._spawn(slot, settings, generation).pid)
+            except OSError as exc:
+                self._reload_done("failed", f"worker {slot.index} did not start: {exc.strerror or exc}")
+                return
 
     def _reload_done(self, result: str, reason: str, keep_new: bool = False) -> None:
         reload = self.reload
