@@ -163,3 +163,34 @@ def test_config_check(tmp_path: Path) -> None:
     assert (ran.returncode, ran.stderr.splitlines()) == (
         2, [f"error: tls_cert_file: cannot load {missing} with {missing}: No such file or directory"]
     )  # fmt: skip
+
+
+def test_a_new_worker_that_dies_before_it_is_ready_fails_the_reload_and_the_old_one_serves(
+    supervised: Callable[..., Supervised],
+) -> None:
+    """The new generation starts slowly here (its Redis never answers: the first read waits out
+    ``redis_timeout_seconds``), and its worker is killed meanwhile."""
+    import threading
+
+    from proxy.supervisor.control import request
+
+    sup = supervised()
+    with socket.socket() as blackhole:  # accepts connections (the kernel does) and never answers
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(16)
+        sup.rewrite(redis_url=f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0", redis_timeout_seconds=3)
+        answers: list[dict[str, object]] = []
+        asked = threading.Thread(target=lambda: answers.append(request(sup.socket, {"command": "reload"})))
+        asked.start()
+        new = wait_until(
+            lambda: [w["pid"] for w in sup.status()["workers"] if w["generation"] == 2], timeout=5
+        )
+        os.kill(new[0], signal.SIGKILL)
+        asked.join(10)
+    assert answers == [{
+        "ok": False, "result": "failed", "generation": 1,
+        "error": "worker 0 did not start: killed by signal 9 (SIGKILL) before it was ready",
+    }]  # fmt: skip
+    assert sup.status()["generation"] == 1
+    assert versions_on_new_connections(sup.proxy.url, 3) == {"v1"}
+    assert metric_value(sup.proxy.metrics(), "strangler_config_reloads_total", result="failed") == 1
