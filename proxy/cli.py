@@ -68,6 +68,12 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "parity_app",
         "Prove the new data store holds the same data as the old one (SQL, HTTP).",
     ),
+    "reload": (
+        "proxy.supervisor.commands",
+        "reload",
+        "Re-read and validate the running proxy's configuration; new workers take over.",
+    ),
+    "config": ("proxy.supervisor.commands", "config_app", "Check a configuration file without running it."),
 }
 EXIT_INTERRUPTED = 130  # as proxy.cliutil's
 
@@ -113,6 +119,20 @@ class StranglerGroup(TyperGroup):
                 _help_not_given_is_false(command, ctx)
                 self.add_command(command, name)
         return self.commands.get(name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """As typer's, whose "Did you mean" looks only at the commands built so far: here at all."""
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            if args and "Did you mean" not in exc.message:
+                from difflib import get_close_matches
+
+                matches = get_close_matches(args[0], self.list_commands(ctx))
+                if matches:
+                    suggestions = ", ".join(f"{m!r}" for m in matches)
+                    exc.message = f"{exc.message.rstrip('.')}. Did you mean {suggestions}?"
+            raise
 
     def format_commands(self, ctx: Any, formatter: Any) -> None:
         """As click lists them, but a capability's command not imported yet shows its short help
@@ -219,23 +239,23 @@ def serve(
     admin_token: Annotated[str | None, typer.Option(help="Token for admin changes.")] = None,
 ) -> None:
     """Run the proxy (embedded Redis when no Redis URL is configured)."""
-    from proxy.cliutil import EXIT_FAILED, fail, settings_from
-    from proxy.server import ListenError, run
+    from proxy.cliutil import EXIT_FAILED, EXIT_USAGE, FLAG_OF_SETTING, fail, settings_from
+    from proxy.server import ListenError
+    from proxy.supervisor.parent import StartFailed, run
+    from proxy.supervisor.sources import Sources
 
-    settings = settings_from(
-        config,
-        v1_url=v1,
-        v2_url=v2,
-        host=host,
-        port=port,
-        redis_url=redis_url,
-        workers=workers,
-        admin_token=admin_token,
-    )
+    flags: dict[str, Any] = {
+        "v1_url": v1, "v2_url": v2, "host": host, "port": port, "redis_url": redis_url,
+        "workers": workers, "admin_token": admin_token,
+    }  # fmt: skip
+    settings = settings_from(config, **flags)
+    names = {name: FLAG_OF_SETTING.get(name, "--" + name.replace("_", "-")) for name in flags}
     try:
-        run(settings)
+        run(settings, Sources.recorded(config, names, **flags))  # a reload reads these sources again
     except ListenError as exc:  # a taken port: the flag is fine, the action failed (README's exit 1)
         fail(str(exc), EXIT_FAILED)
+    except StartFailed as exc:  # a worker could not start: settings that cannot run are bad input
+        fail(str(exc), EXIT_USAGE if exc.invalid else EXIT_FAILED)
 
 
 @split_app.command()
@@ -330,7 +350,7 @@ def rollback(
     hint = "; a running proxy's admin API can do it: --url http://HOST:PORT"
     known: list[str] = []
     if group is not None:
-        check_group(settings, group)
+        check_group(settings, group, hint)
     else:
         registered = with_control(settings, lambda c: c.registered_groups(), hint=hint)
         known = [*settings.group_names, *registered]  # the config's and the running proxies'

@@ -168,6 +168,7 @@ class Metrics:
         # time (RequestTallies); with several workers, summed from every worker's tally file.
         self._tallies = RequestTallies()
         self._flushed = ""  # the tallies as last written to this worker's file
+        self._extra: list[Any] = []  # collectors added by the process's owner (the supervisor's counters)
         if not self.multiprocess:
             reg.register(self._tallies)  # type: ignore[arg-type]
         self.split_percentage = Gauge(
@@ -382,12 +383,19 @@ class Metrics:
 
     # --- exposition ---------------------------------------------------------------------------
 
+    def add_collector(self, collector: Any) -> None:
+        """A collector read at scrape time, in both modes (the parent's counters, in shared memory)."""
+        self._extra.append(collector)
+        self.registry.register(collector)
+
     def render(self) -> bytes:
         """Prometheus text; in multiprocess mode the sum over every worker's files."""
         if self.multiprocess:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
             registry.register(self._all_tallies())  # type: ignore[arg-type]
+            for collector in self._extra:
+                registry.register(collector)
             return generate_latest(registry)
         return generate_latest(self.registry)
 

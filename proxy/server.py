@@ -1,26 +1,21 @@
-"""Running the proxy: resolve the embedded Redis and the admin token, then serve with our own HTTP/1.1
-server (``proxy/edge/server.py``) on uvloop, in one process or several workers sharing the socket."""
+"""Serving the proxy in one process: our own HTTP/1.1 server (``proxy/edge/server.py``) on uvloop,
+the listeners, the backends' start-up check and the drain. ``proxy/supervisor`` runs ``strangler
+serve``: a parent that binds the sockets and forks workers, each of which runs ``run_worker``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import os
-import shutil
 import signal
 import socket
 import ssl
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from proxy.admin.token import ensure_admin_token
-from proxy.control.embedded import EmbeddedRedis
 from proxy.edge.server import HttpServer, ServerLimits
 from proxy.settings import Settings
 
@@ -43,133 +38,22 @@ def configure_logging(level: str) -> None:
     )
 
 
-def run(settings: Settings) -> None:
-    """Blocking: serve until SIGINT/SIGTERM, then stop what we started.
-
-    The listeners are bound first (a taken port is a ``ListenError`` before anything starts, and
-    "strangler ready" is logged only once every listener is bound); meanwhile each backend is
-    checked once, with a warning for one that does not resolve or connect (never an error: it may
-    come up later)."""
-    configure_logging(settings.log_level)
-    raise_open_file_limit()
-    backends = BackendCheck(settings)
-    socks: list[socket.socket] = []
-    admin_sock: socket.socket | None = None
-    if settings.workers > 1:
-        probe_port(settings.host, settings.port, "port")  # bound for real before the fork (supervise)
-    else:
-        socks = listening_sockets(settings.host, settings.port, 1, "port")
-        if settings.admin_port is not None:
-            try:
-                admin_sock = listening_sockets(settings.host, settings.admin_port or 0, 1, "admin_port")[0]
-            except ListenError:
-                socks[0].close()
-                raise
-    backends.report()
-    embedded: EmbeddedRedis | None = None
-    if not settings.redis_url:
-        embedded = EmbeddedRedis(settings.embedded_redis_dir, settings.embedded_redis_port)
-        url = embedded.start()
-        settings = settings.model_copy(update={"redis_url": url})
-        print(f"strangler: embedded Redis at {url} (data in {embedded.directory})", flush=True)
-        hint = f"redis-cli -u {url} SET {settings.split_key} 10"
-        print(f"strangler: change the split with `{hint}`", flush=True)
-    if settings.admin_token is None:
-        settings = ensure_admin_token(settings)
-        print(f"strangler: admin token in {settings.admin_token_file} (the local CLI reads it)", flush=True)
-    metrics_dir: str | None = None
-    try:
-        if settings.workers > 1:
-            metrics_dir = tempfile.mkdtemp(prefix="strangler-metrics-")
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-            supervise(settings)
-        else:
-            _run_worker(settings, socks[0], admin_sock=admin_sock)
-    finally:
-        if embedded is not None:
-            embedded.stop()
-        if metrics_dir:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-def _run_worker(
+def run_worker(
     settings: Settings, sock: socket.socket | None, early_stops: list[int] | None = None,
-    admin_sock: socket.socket | None = None,
+    admin_sock: socket.socket | None = None, app: Any = None, on_ready: Any = None,
 ) -> None:  # fmt: skip
-    """One process: build the app (nothing is created before this point), serve until stopped."""
+    """One worker: build the app (nothing is created before this point) unless given, serve until
+    stopped. ``on_ready(app)`` runs once the listeners accept and the app has started."""
     import uvloop
 
-    from proxy.app import create_app
+    if app is None:
+        from proxy.app import create_app
 
-    app = create_app(settings)
+        app = create_app(settings)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(settings, app, sock=sock, early_stops=early_stops, admin_sock=admin_sock))
-
-
-def _run_forked_worker(settings: Settings, socks: list[socket.socket], index: int) -> None:
-    """A forked worker keeps only its own listening socket: a sibling's socket held open here
-    would outlive that sibling, and the connections the kernel gives it would wait unanswered.
-
-    Its socket queues connections from before the fork, so a stop signal while the worker starts
-    (imports, Redis) must not end it by the default action, which resets them: the signals,
-    blocked since ``supervise``, are recorded from here on, and ``serve`` stops (drains) as soon as
-    it listens."""
-    early_stops: list[int] = []
-
-    def remember(signum: int, _frame: Any) -> None:
-        early_stops.append(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, remember)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    mine = socks[index % len(socks)]
-    for sock in socks:
-        if sock is not mine:
-            sock.close()
-    _run_worker(settings, mine, early_stops)
-
-
-def supervise(settings: Settings) -> None:
-    """``workers: N``: one listening socket per worker on the same port (SO_REUSEPORT), so the
-    kernel spreads new connections evenly; fork the workers and pass SIGINT/SIGTERM on. A worker
-    that dies is not restarted: its socket leaves the group and the others keep serving; the parent
-    exits when all have stopped.
-
-    Why not one shared socket: with it, whichever worker wakes first takes the connection, and
-    under load one worker ends up with most of them (48 of 64 measured), so two workers gave far
-    less than twice one. Without SO_REUSEPORT (not Linux/BSD) the workers share one socket.
-
-    SIGINT/SIGTERM are held (blocked, left pending) from before the sockets listen until every
-    worker is forked and ``forward`` is set: by the default action a signal in between would end
-    this process, leaving the workers running with no one to tell them, or a new worker before its
-    handler is set, resetting the connections queued on its socket. The workers inherit the mask."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        socks = listening_sockets(settings.host, settings.port, settings.workers, "port")
-        context = multiprocessing.get_context("fork")
-        workers = [
-            context.Process(
-                target=_run_forked_worker, args=(settings, socks, i), name=f"strangler-worker-{i}"
-            )
-            for i in range(settings.workers)
-        ]
-        for worker in workers:
-            worker.start()
-        for sock in socks:
-            sock.close()
-
-        def forward(signum: int, _frame: Any) -> None:
-            for worker in workers:
-                if worker.pid is not None and worker.is_alive():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(worker.pid, signum)
-
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, forward)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that came meanwhile runs now
-    for worker in workers:
-        worker.join()
+        runner.run(
+            serve(settings, app, sock=sock, early_stops=early_stops, admin_sock=admin_sock, on_ready=on_ready)
+        )
 
 
 def probe_port(host: str, port: int, setting: str) -> None:
@@ -236,8 +120,8 @@ class BackendCheck:
         ]
         # The threads start with SIGINT/SIGTERM blocked (a thread inherits its creator's mask): a
         # stop signal is then never delivered to one of them, where its default action would end
-        # the whole process while ``supervise`` holds the signals for the workers it forks (a check
-        # still resolving then cost one worker's queued connections).
+        # the whole process before ``strangler serve``'s parent has set its handlers (a check still
+        # resolving then cost the connections queued on the sockets already bound).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             for thread in self.threads:
@@ -381,7 +265,7 @@ class ServerGroup:
 
 async def serve(
     settings: Settings, app: Any, group: ServerGroup | None = None, sock: Any = None,
-    early_stops: list[int] | None = None, admin_sock: Any = None,
+    early_stops: list[int] | None = None, admin_sock: Any = None, on_ready: Any = None,
 ) -> None:  # fmt: skip
     """Serve ``app`` (a Strangler) until stopped; with admin_port, the admin API on its own listener.
 
@@ -392,6 +276,7 @@ async def serve(
     ``early_stops``: stop signals a forked worker received before this loop handled them.
     ``sock``/``admin_sock``: listening sockets bound by the caller; without them both listeners are
     bound here, before the app starts, so a taken port fails before anything says "ready".
+    ``on_ready(app)``: called once both listeners accept (a supervised worker tells its parent).
     """
     own_signals = group is None
     group = group or ServerGroup()
@@ -439,6 +324,8 @@ async def serve(
             log.info("admin API on its own port: http://%s:%s%s", settings.host, settings.admin_port,
                      settings.admin_prefix)  # fmt: skip
         main.started = True
+        if on_ready is not None:
+            on_ready(app)
         await group.wait()
     finally:
         drain = 0.0 if group.forced else settings.drain_timeout_seconds

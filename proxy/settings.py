@@ -482,6 +482,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     embedded_redis_dir: Path = Path(".strangler/redis")
     embedded_redis_port: int = Field(default=6390, ge=0, le=65535)
+    # the parent's control socket (`strangler reload`, status): a Unix socket, mode 0600
+    control_socket: Path = Path(".strangler/control.sock")
     split_key: str = "feature:v2_traffic_percentage"
     key_prefix: str = "strangler:"
     default_percentage: Percentage = 0.0

@@ -266,13 +266,20 @@ class Stack:
 
 
 def rss_of(pid: int) -> int:
-    """Resident memory of the proxy process alone (not the embedded Redis it may have started)."""
+    """Resident memory of the proxy: ``strangler serve``'s parent and its workers (not the embedded
+    Redis it may have started)."""
     import psutil
 
     try:
-        return int(psutil.Process(pid).memory_info().rss)
+        root = psutil.Process(pid)
+        procs = [root, *(c for c in root.children(recursive=True) if "redis" not in c.name())]
     except psutil.Error:
         return 0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += int(proc.memory_info().rss)
+    return total
 
 
 def mirrored_count(url: str) -> dict[str, float] | None:

@@ -256,6 +256,16 @@ class ProxyProcess(KeptClient):
         """Sum of samples of ``name`` whose labels include ``labels`` (0 when absent)."""
         return metric_value(self.metrics(), name, **labels)
 
+    def worker_pid(self) -> int:
+        """The process that serves (``workers: 1``): ``strangler serve`` is a parent that forks its
+        workers and serves nothing itself; the embedded Redis, if any, is its child too."""
+        assert self.process is not None
+        proc = psutil.Process(self.process.pid)
+        workers = wait_until(
+            lambda: [c for c in proc.children() if "redis" not in " ".join(c.cmdline())], timeout=10
+        )
+        return int(workers[0].pid)
+
     def rss(self) -> int:
         assert self.process is not None
         proc = psutil.Process(self.process.pid)

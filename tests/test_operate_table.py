@@ -133,7 +133,7 @@ ROWS: dict[str, Row] = {
                 "10",
                 "--group",
                 "nosuch",
-                line=r"error: unknown group 'nosuch'; known groups: default, orders",
+                line=r"error: unknown group 'nosuch'; known groups \(config and Redis\): default, orders",
             ),
         ),
     ),
@@ -156,7 +156,7 @@ ROWS: dict[str, Row] = {
                 "rollback",
                 "--group",
                 "nosuch",
-                line=r"error: unknown group 'nosuch'; known groups: default, orders",
+                line=r"error: unknown group 'nosuch'; known groups \(config and Redis\): default, orders",
             ),
             # Redis down: the line says a proxy's admin API (--url) can still do it
             bad("rollback", "--redis-url", "redis://127.0.0.1:{dead}/0", code=1, line=r"error: .*--url.*"),
@@ -324,6 +324,40 @@ ROWS: dict[str, Row] = {
         ),
         not_run="--lag, --resume: a wait and a checkpoint, run by tests/parity",
     ),
+    "change the configuration live": Row(
+        ("strangler reload", "serve", "kill -HUP"),
+        (
+            good(
+                "reload", "--socket", "{sock}", line=r"reloaded: generation 2, 1 worker ready in \d+\.\d\d s"
+            ),
+            bad(
+                "reload",
+                "--socket",
+                "{dir}/none.sock",
+                line=r"error: no proxy answers at .*none\.sock .*",
+                code=1,
+            ),
+        ),
+        not_run="SIGHUP: tests/supervisor/test_reload.py (test_sighup_reloads)",
+        proxy={"process": True},
+    ),
+    "check a configuration file": Row(
+        ("strangler config check strangler.yaml", "nginx -t"),
+        (
+            good(
+                "config",
+                "check",
+                str(ROOT / "config" / "strangler.example.yaml"),
+                line=r"ok: .*strangler\.example\.yaml \(.*\)",
+            ),
+            bad(
+                "config",
+                "check",
+                "{dir}/nosuch.yaml",
+                line=r"error: .*nosuch\.yaml: config file does not exist",
+            ),
+        ),
+    ),
     "measure": Row(
         (
             "strangler bench --peer envoy,asgiproxy",
@@ -453,6 +487,8 @@ def test_operate_row(what: str, rig: Rig, tmp_path: Path) -> None:
         if what == "prove the new store has the same data":
             rig.values["list1"], rig.values["list2"] = stack.enter_context(list_apis())
             sqlite_configs(tmp_path)
+        if what == "change the configuration live":  # the proxy's parent, in its own directory
+            rig.values["sock"] = str(rig.proxy.workdir / ".strangler" / "control.sock")
         if what == "set, watch, undo if worse":
             stack.enter_context(traffic(rig.proxy))  # the checks need requests to judge
         for case in ROWS[what].cases:

@@ -179,6 +179,8 @@ def test_error_paths_print_one_line_and_exit_with_consistent_codes(
     cases: list[tuple[list[str], dict[str, str], int, str]] = [
         (["serve", "--v1", "localhost:8001"], {}, 2, "must look like http://host:port[/base]"),
         (["status", "--url", "foo"], {}, 2, "must look like http://host:port[/_strangler]"),
+        (["status", "--url", "http://h:99999"], {}, 2, "[/_strangler]: Port out of range 0-65535"),
+        (["status", "--url", "http://[::1"], {}, 2, "[/_strangler]: Invalid IPv6 URL"),
         (["rollback"], {"STRANGLER_ADMIN_URL": "localhost:8080"}, 2, "admin URL 'localhost:8080'"),
         (["status", "--config", "/nonexistent/s.yaml"], {}, 2, "does not exist"),
         (["set", "abc", "--redis-url", redis_url], {}, 2, "not a percentage between 0 and 100"),

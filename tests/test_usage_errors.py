@@ -11,7 +11,14 @@ from tests.clirun import strangler
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (("statu",), "error: No such command 'statu'. (see: strangler -h)"),
+        (("statu",), "error: No such command 'statu'. Did you mean 'status'? (see: strangler -h)"),
+        (("xyzzy",), "error: No such command 'xyzzy'. (see: strangler -h)"),
+        (("rolback",), "error: No such command 'rolback'. Did you mean 'rollback'? (see: strangler -h)"),
+        (
+            ("rollout", "strat"),
+            "error: No such command 'strat'. Did you mean 'start', 'status'? (see: strangler rollout -h)",
+        ),
+        (("parity", "sq"), "error: No such command 'sq'. Did you mean 'sql'? (see: strangler parity -h)"),
         (("--nosuch",), "error: No such option: --nosuch (see: strangler -h)"),
         (("set",), "error: Missing argument 'percentage'. (see: strangler set -h)"),
         (("status", "--nosuch"), "error: No such option: --nosuch (see: strangler status -h)"),

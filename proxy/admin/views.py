@@ -22,18 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.control.client import ControlClient
 from proxy.control.snapshot import parse_percentage
+from proxy.viewsource import ADMIN_API, REDIS, source
+
+__all__ = ["ADMIN_API", "REDIS", "source"]  # re-exported: views.source(views.REDIS, ...) reads well
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from proxy.control.store import ControlStore
-
-REDIS = "redis"
-ADMIN_API = "admin_api"
-
-
-def source(path: str, url: str) -> dict[str, str]:
-    return {"path": path, "url": url}
 
 
 # --- status ---------------------------------------------------------------------------------------

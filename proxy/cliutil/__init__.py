@@ -125,10 +125,10 @@ def with_control(
         fail(f"Redis at {describe(url)} is unreachable: {exc}{hint}")
 
 
-def with_registered_groups(settings: Settings) -> Settings:
+def with_registered_groups(settings: Settings, hint: str = "") -> Settings:
     """The settings plus the route groups running proxies registered in Redis (``strangler:groups``),
     so a command works with every group a proxy serves, not only those in this CLI's config."""
-    registered = with_control(settings, lambda c: c.registered_groups())
+    registered = with_control(settings, lambda c: c.registered_groups(), hint=hint)
     extra = [
         RouteGroup(name=name, patterns=[str(p) for p in info.get("patterns") or ["/**"]])
         for name, info in sorted(registered.items())
@@ -139,13 +139,15 @@ def with_registered_groups(settings: Settings) -> Settings:
     return settings.model_copy(update={"routes": [*settings.routes, *extra]})
 
 
-def check_group(settings: Settings, group: str | None) -> str:
-    """The group name to act on; unknown to both the config and Redis: exit code 2."""
+def check_group(settings: Settings, group: str | None, hint: str = "") -> str:
+    """The group name to act on; unknown to both the config and Redis: exit code 2. The refusal
+    says where it looked, so a group missing from this CLI's config is not mistaken for a typo."""
     name = group or "default"
     if name not in settings.group_names:
-        settings = with_registered_groups(settings)
+        settings = with_registered_groups(settings, hint)
     if name not in settings.group_names:
-        fail(f"unknown group {name!r}; known groups: {', '.join(settings.group_names)}", EXIT_USAGE)
+        known = ", ".join(settings.group_names)
+        fail(f"unknown group {name!r}; known groups (config and Redis): {known}", EXIT_USAGE)
     return name
 
 

@@ -49,9 +49,14 @@ class AdminError(Exception):
 
 def base_url(url: str, prefix: str = DEFAULT_PREFIX) -> str:
     """``http://h:p`` -> ``http://h:p/_strangler``; a URL that already has a path is kept."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise AdminError(f"admin URL {url!r} must look like http://host:port[{prefix}]", bad_input=True)
+    shape = f"must look like http://host:port[{prefix}]"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError as exc:  # an unclosed [ipv6, port 99999
+        raise AdminError(f"admin URL {url!r} {shape}: {exc}", bad_input=True) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AdminError(f"admin URL {url!r} {shape}", bad_input=True)
     path = parts.path.rstrip("/")
     return f"{parts.scheme}://{parts.netloc}{path or prefix}"
 

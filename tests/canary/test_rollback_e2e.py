@@ -48,7 +48,6 @@ def test_error_rate_rollback_during_rollout_records_decision_and_alerts(
             v2.control(error_rate=0.2)
             wait_until(lambda: r.get("feature:v2_traffic_percentage") == "0", timeout=20, interval=0.02)
             elapsed = time.monotonic() - started
-            assert elapsed <= FAILURES * INTERVAL + 2, f"rolled back after {elapsed:.2f}s"
             # every request goes to v1 within a second of the rollback
             wait_until(lambda: httpx.get(proxy.url + "/t", headers={"X-User-ID": "u9"}).headers[
                 "x-api-version"] == "v1", timeout=3)  # fmt: skip
@@ -59,6 +58,8 @@ def test_error_rate_rollback_during_rollout_records_decision_and_alerts(
         decision = state(r, "strangler:canary:decision:default")
         assert decision is not None
         assert decision["failed_check"] == "error_rate"
+        # at the first check allowed to act (not a wall-clock bound: a loaded machine checks late)
+        assert decision["consecutive_failures"] == FAILURES
         assert decision["v2"]["error_rate"] > 0.05 and decision["v2"]["requests"] >= 10
         assert decision["v1"]["requests"] >= 10 and decision["v1"]["error_rate"] < 0.05
         assert decision["thresholds"]["max_error_rate"] == 0.05 and decision["from_percentage"] == 10

@@ -22,7 +22,12 @@ from proxy.traffic.hooks import MirrorRequest, PrimaryResult
 from tests.support import metric_value
 
 
-def build(redis_url: str, raw: dict[str, str], **shadow: object) -> tuple[ShadowMirror, Snapshot, Metrics]:
+def build(
+    redis_url: str, raw: dict[str, str], **shadow: object
+) -> tuple[ShadowMirror, Snapshot, Metrics, aioredis.Redis]:
+    """A mirror over a real Redis client: a test that runs it in an event loop closes the client in
+    that loop (a connection left open is closed by the garbage collector later, in another test,
+    on a loop that is gone: an unraisable error there)."""
     settings = Settings(
         redis_url=redis_url,
         routes=[{"name": "orders", "patterns": ["/orders/**"]}],
@@ -37,7 +42,7 @@ def build(redis_url: str, raw: dict[str, str], **shadow: object) -> tuple[Shadow
     parts = capability.build(settings, metrics, ControlClient(client, keys), store)
     assert isinstance(parts.mirror, ShadowMirror)
     sections = {name: parser(raw, None)[0] for name, parser in parsers.items()}
-    return parts.mirror, Snapshot(0.0, sections=sections), metrics
+    return parts.mirror, Snapshot(0.0, sections=sections), metrics, client
 
 
 def count(metrics: Metrics, **labels: str) -> float:
@@ -45,7 +50,7 @@ def count(metrics: Metrics, **labels: str) -> float:
 
 
 def test_plan_checks_switch_method_and_size_and_counts_skips(redis_url: str) -> None:
-    mirror, snapshot, metrics = build(redis_url, {"group:orders:methods": "GET,POST"}, max_body_bytes=100)
+    mirror, snapshot, metrics, _ = build(redis_url, {"group:orders:methods": "GET,POST"}, max_body_bytes=100)
     plan = mirror.plan("default", "GET", None, snapshot)
     assert plan is not None and plan.max_body == 100 and plan.max_compare == 1024 * 1024
     assert mirror.plan("default", "POST", 10, snapshot) is None
@@ -59,18 +64,18 @@ def test_plan_checks_switch_method_and_size_and_counts_skips(redis_url: str) -> 
 
 
 def test_plan_samples_the_configured_share(redis_url: str) -> None:
-    mirror, snapshot, _ = build(redis_url, {"sample_percentage": "10"})
+    mirror, snapshot, _, _ = build(redis_url, {"sample_percentage": "10"})
     chosen = sum(mirror.plan("default", "GET", None, snapshot) is not None for _ in range(20_000))
     assert 1_500 < chosen < 2_500
-    mirror, snapshot, _ = build(redis_url, {"sample_percentage": "0.5"})
+    mirror, snapshot, _, _ = build(redis_url, {"sample_percentage": "0.5"})
     chosen = sum(mirror.plan("default", "GET", None, snapshot) is not None for _ in range(20_000))
     assert 40 < chosen < 180
-    mirror, snapshot, _ = build(redis_url, {"enabled": "false"})
+    mirror, snapshot, _, _ = build(redis_url, {"enabled": "false"})
     assert mirror.plan("default", "GET", None, snapshot) is None
 
 
 def test_submit_never_blocks_and_counts_drops(redis_url: str) -> None:
-    mirror, snapshot, metrics = build(redis_url, {}, queue_size=2)
+    mirror, snapshot, metrics, client = build(redis_url, {}, queue_size=2)
     request = MirrorRequest("default", "GET", "/a", b"/a", [("host", "x")], b"", "id")
     primary = PrimaryResult(200, [], b"{}", 0.01)
 
@@ -88,6 +93,7 @@ def test_submit_never_blocks_and_counts_drops(redis_url: str) -> None:
             assert [plan("default", "GET", None, snapshot) for _ in range(2)] == [None, None]
         finally:
             await mirror.stop()
+            await client.aclose()
 
     asyncio.run(go())
     assert count(metrics, outcome="dropped") == 1 + 1 + 2
@@ -95,7 +101,7 @@ def test_submit_never_blocks_and_counts_drops(redis_url: str) -> None:
 
 def test_comparing_rests_so_its_cpu_share_stays_bounded(redis_url: str) -> None:
     """By construction: CPU used <= wall time of the comparison <= share x (comparison + rest)."""
-    mirror, _, _ = build(redis_url, {}, compare_cpu_share=0.25)
+    mirror, _, _, _ = build(redis_url, {}, compare_cpu_share=0.25)
     left = Answer(200, "application/json", orjson.dumps([{"id": i, "v": i} for i in range(1000)]))
     right = Answer(200, "application/json", orjson.dumps([{"id": i, "v": -i} for i in range(1000)]))
     wall, cpu = time.perf_counter(), time.thread_time()
@@ -107,7 +113,7 @@ def test_comparing_rests_so_its_cpu_share_stays_bounded(redis_url: str) -> None:
 
 def test_mirrored_requests_start_spaced_by_their_cost_over_the_share(redis_url: str) -> None:
     """The loop-side cap: at saturation the mirror's own event-loop time stays near the share."""
-    mirror, _, _ = build(redis_url, {}, compare_cpu_share=0.25)
+    mirror, _, _, _ = build(redis_url, {}, compare_cpu_share=0.25)
     mirror._cost = 0.01  # seconds of event-loop time per mirrored request (measured in use)
     # at t=100 s one may start; the next 40 ms (10 ms / 0.25) after it, less the 5 ms of lag
     # that may be caught up (starts come in small batches: loop timers have a millisecond grain)
@@ -119,6 +125,6 @@ def test_mirrored_requests_start_spaced_by_their_cost_over_the_share(redis_url: 
     # ten quiet seconds earn no burst
     assert mirror._slot(110.0) == 0.0
     assert round(mirror._slot(110.0), 6) == 0.035
-    unpaced, _, _ = build(redis_url, {}, compare_cpu_share=1.0)
+    unpaced, _, _, _ = build(redis_url, {}, compare_cpu_share=1.0)
     unpaced._cost = 0.01
     assert [unpaced._slot(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]

@@ -278,7 +278,7 @@ def test_slow_reader_keeps_proxy_memory_bounded(
     v1, _ = ws_backends
     proxy = ws_proxy(process=True)  # its memory is measured
     assert proxy.process is not None
-    process = psutil.Process(proxy.process.pid)
+    process = psutil.Process(proxy.worker_pid())  # the worker: the parent only holds the sockets
     count, size = 2000, 64 * 1024  # 125 MiB offered by the backend
     with open_ws(proxy, max_queue=1) as ws:
         ws.send("warm")
