@@ -43,6 +43,11 @@ def alive(pid: int) -> bool:
         return False
 
 
+def all_ready(sup: Supervised, workers: int) -> None:
+    """Every worker of the first generation serves (an upgrade before that is refused: starting)."""
+    wait_until(lambda: len(sup.workers()) == workers, timeout=20, message=f"{workers} workers ready")
+
+
 @pytest.fixture()
 def stop_pids() -> Iterator[list[int]]:
     """Parents started by an upgrade are not the test's children: stopped here (SIGINT, then KILL)."""
@@ -204,6 +209,7 @@ def test_upgrade_under_load_hands_over_without_a_dropped_request(
         proxy = sup.proxy
         assert proxy.process is not None
         old_pid = proxy.process.pid
+        all_ready(sup, 2)
         load = KeepAlive(proxy.port).start()
         sockets = [Socket(proxy.url.replace("http://", "ws://") + "/echo") for _ in range(3)]
         threads = [threading.Thread(target=s.run, daemon=True) for s in sockets]
@@ -326,6 +332,7 @@ def test_settings_the_sockets_cannot_follow_are_refused_by_the_new_generation(
     proxy = sup.proxy
     assert proxy.process is not None
     old_pid, port = proxy.process.pid, proxy.port
+    all_ready(sup, 2)
     if change == "port":
         other = free_port()
         sup.rewrite(port=other)

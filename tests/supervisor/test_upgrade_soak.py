@@ -16,7 +16,7 @@ import pytest
 
 from tests.clirun import strangler
 from tests.supervisor.conftest import Supervised
-from tests.supervisor.test_upgrade import UPGRADED, KeepAlive, alive, stop_pids, wait_gone
+from tests.supervisor.test_upgrade import UPGRADED, KeepAlive, alive, all_ready, stop_pids, wait_gone
 from tests.support import metric_value, wait_until
 
 UPGRADES = int(os.environ.get("SOAK_UPGRADES", "20"))
@@ -91,6 +91,7 @@ def test_twenty_upgrades_under_load_with_a_hundred_websockets(
         )  # fmt: skip
         proxy = sup.proxy
         assert proxy.process is not None
+        all_ready(sup, 2)
         load = KeepAlive(proxy.port, clients=8).start()
         sockets = Sockets(proxy.url.replace("http://", "ws://") + "/echo", SOCKETS).start()
         wait_until(lambda: sockets.open == SOCKETS, timeout=30, message="every WebSocket open")
