@@ -58,6 +58,10 @@ class HandoverError(Exception):
     """The hand-over did not happen; the message is one line, said as the command prints it."""
 
 
+class PeerFailed(HandoverError):
+    """The new process said why it stops (its own one-line error)."""
+
+
 @dataclass(frozen=True)
 class Listener:
     """A listening socket and what it is: ``role`` (main, admin, control) and the worker ``index``
@@ -246,7 +250,7 @@ class Offer:
             os.close(fd)
         _check_version(conn, hello)
         if hello.get("op") == "failed":
-            raise HandoverError(str(hello.get("error") or "the new process failed"))
+            raise PeerFailed(str(hello.get("error") or "the new process failed"))
         if hello.get("op") != "hello":
             raise HandoverError(f"unexpected hand-over message {hello.get('op')!r} (wanted hello)")
         items = list(listeners)
@@ -270,7 +274,7 @@ class Offer:
         for fd in stray:
             os.close(fd)
         if message.get("op") == "failed":
-            raise HandoverError(str(message.get("error") or "the new process failed"))
+            raise PeerFailed(str(message.get("error") or "the new process failed"))
         if message.get("op") != "ready":
             raise HandoverError(f"unexpected hand-over message {message.get('op')!r} (wanted ready)")
         return message

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from proxy.supervisor.handover import (
     HandoverError,
     Listener,
     Offer,
+    PeerFailed,
     Taker,
     shown,
     wanted_address,
@@ -160,10 +162,22 @@ class Upgrade:
     def expired(self, now: float) -> None:
         gone = self.gone()
         if gone and self.stage != "done":
+            self._last_words()
             waiting = {"connect": "it connected", "hello": "it asked for the listeners"}
             raise HandoverError(f"{gone} before {waiting.get(self.stage, 'its workers were ready')}")
         if now >= self.deadline and self.stage != "done":
             raise HandoverError(f"the new generation was not ready within {self.timeout:g} s")
+
+    def _last_words(self) -> None:
+        """The new process is gone: what it said before it went (its one-line reason, already in
+        the socket) counts more than its exit status. Raises ``PeerFailed`` with it, if it said."""
+        try:
+            while self.stage != "done" and select.select([self.fileno()], [], [], 0)[0]:
+                self.step()
+        except PeerFailed:
+            raise
+        except HandoverError:
+            pass
 
     def commit(self) -> dict[str, Any]:
         """Tell the new generation we drain now; the answer for the command."""

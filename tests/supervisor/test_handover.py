@@ -242,3 +242,22 @@ def test_a_new_process_of_another_protocol_version_is_refused(tmp_path: Path) ->
     expected = "the new process speaks hand-over protocol 2, this one 1: restart instead"
     assert errors == [expected]
     assert answer == b'{"v": 1, "op": "refused", "error": "' + expected.encode() + b'"}'
+
+
+def test_a_new_process_that_said_why_and_exited_is_reported_by_its_words(tmp_path: Path) -> None:
+    """The old parent's loop may notice the exit before it reads the message: the reason it sent
+    still wins over its exit status."""
+    from proxy.supervisor.upgrade import Launch, Upgrade
+
+    said = "error: strangler.yaml:3:7: port: Input should be a valid integer"
+    code = (
+        f"from proxy.supervisor.handover import report_failure; report_failure({said!r}); raise SystemExit(2)"
+    )
+    launch = Launch([sys.executable, "-c", code], str(ROOT), {**os.environ, "PYTHONPATH": str(ROOT)})
+    upgrade = Upgrade(launch, tmp_path / "h.sock", [], {}, {}, 1.0)
+    assert upgrade.process is not None
+    assert upgrade.process.wait(15) == 2  # gone before the loop looked at the socket
+    with pytest.raises(handover.HandoverError) as failed:
+        upgrade.expired(time.monotonic())
+    upgrade.abort()
+    assert str(failed.value) == said
