@@ -74,6 +74,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "Re-read and validate the running proxy's configuration; new workers take over.",
     ),
     "config": ("proxy.supervisor.commands", "config_app", "Check a configuration file without running it."),
+    "upgrade": (
+        "proxy.supervisor.commands",
+        "upgrade",
+        "Start a new generation of the running proxy on its sockets; the old one drains and exits.",
+    ),
 }
 EXIT_INTERRUPTED = 130  # as proxy.cliutil's
 
@@ -248,8 +253,16 @@ def serve(
         "v1_url": v1, "v2_url": v2, "host": host, "port": port, "redis_url": redis_url,
         "workers": workers, "admin_token": admin_token,
     }  # fmt: skip
-    settings = settings_from(config, **flags)
     names = {name: FLAG_OF_SETTING.get(name, "--" + name.replace("_", "-")) for name in flags}
+    if os.environ.get("STRANGLER_HANDOVER"):  # started by `strangler upgrade`: the old one says why we stop
+        from proxy.settings import ConfigError, load_settings
+        from proxy.supervisor.handover import report_failure
+
+        try:
+            load_settings(config, names, **flags)
+        except ConfigError as exc:
+            report_failure(str(exc))
+    settings = settings_from(config, **flags)
     try:
         run(settings, Sources.recorded(config, names, **flags))  # a reload reads these sources again
     except ListenError as exc:  # a taken port: the flag is fine, the action failed (README's exit 1)

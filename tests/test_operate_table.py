@@ -20,6 +20,7 @@ import http.server
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -341,6 +342,27 @@ ROWS: dict[str, Row] = {
         not_run="SIGHUP: tests/supervisor/test_reload.py (test_sighup_reloads)",
         proxy={"process": True},
     ),
+    "upgrade with no dropped request (a new version, or settings a reload cannot change)": Row(
+        ("strangler upgrade", "serve", "kill -USR2"),
+        (
+            good(
+                "upgrade",
+                "--socket",
+                "{sock}",
+                line=r"upgraded: pid \d+ -> \d+, 1 worker ready in \d+\.\d s; the old generation drains "
+                r"\(up to \S+ s\)",
+            ),  # fmt: skip
+            bad(
+                "upgrade",
+                "--socket",
+                "{dir}/none.sock",
+                line=r"error: no proxy answers at .*none\.sock .*",
+                code=1,
+            ),
+        ),
+        not_run="SIGUSR2 and a failed new generation: tests/supervisor/test_upgrade.py",
+        proxy={"process": True},
+    ),
     "check a configuration file": Row(
         ("strangler config check strangler.yaml", "nginx -t"),
         (
@@ -487,13 +509,26 @@ def test_operate_row(what: str, rig: Rig, tmp_path: Path) -> None:
         if what == "prove the new store has the same data":
             rig.values["list1"], rig.values["list2"] = stack.enter_context(list_apis())
             sqlite_configs(tmp_path)
-        if what == "change the configuration live":  # the proxy's parent, in its own directory
+        if what == "change the configuration live" or what.startswith("upgrade"):  # the proxy's parent
             rig.values["sock"] = str(rig.proxy.workdir / ".strangler" / "control.sock")
+        if what.startswith("upgrade"):  # the new parent is not the factory's process: stopped here
+            stack.callback(stop_pid_in, rig.proxy.workdir / ".strangler" / "strangler.pid")
         if what == "set, watch, undo if worse":
             stack.enter_context(traffic(rig.proxy))  # the checks need requests to judge
         for case in ROWS[what].cases:
             rig.run(case)
     rig.done()
+
+
+def stop_pid_in(pid_file: Path) -> None:
+    """SIGINT the process a pid file names (an upgraded proxy's new parent) and wait until it is gone."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGINT)
+    wait_until(lambda: not pid_file.exists(), timeout=15, message="the upgraded proxy stops")
 
 
 @pytest.mark.parametrize("what", [what for what, row in ROWS.items() if row.skip])

@@ -10,20 +10,25 @@ URL and writes it to the URL file (``redis-cli -u "$(head -1 <dir>/redis.url)"``
 already running for the same directory is reused only while the process that started it is alive
 (a second ``serve`` on one machine); one left behind by a killed ``serve`` is shut down and
 replaced, with a log line. The server runs in its own session (a Ctrl-C in the terminal reaches
-the proxy, which stops Redis last) and, on Linux, is sent SIGTERM if its parent dies, so a
-SIGKILL of ``serve`` does not leave it running.
+the proxy, which stops Redis last).
+
+Ownership is a pipe, not a parent: redis-server runs under a small ``sh`` keeper that stops it when
+the pipe's write end is closed by everyone who holds it. The ``serve`` that started it holds that
+end, so a SIGKILL of ``serve`` still takes Redis down (the kernel closes the descriptor), and
+``strangler upgrade`` hands the end to the new generation over the hand-over socket
+(``handover_fds``/``adopt``): the old parent then exits (``release``) and Redis stays up, started
+once. (A parent-death signal, used before, cannot change hands: Redis would have stopped with the
+old parent.)
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -94,11 +99,21 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: have the kernel send SIGTERM to redis-server when the process that started it dies."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# redis-server under a keeper: stdin is the ownership pipe; its EOF (every owner gone) stops Redis,
+# and so does a SIGTERM/SIGINT to the keeper; the keeper exits with Redis's status.
+KEEPER = """exec 3<&0 </dev/null
+"$@" 3<&- &
+redis=$!
+exec 2>/dev/null
+{ read _ <&3; kill -TERM $redis; } &
+exec 3<&-
+trap 'kill -TERM $redis' TERM INT HUP
+wait $redis
+status=$?
+while kill -0 $redis; do wait $redis; status=$?; done
+kill $!
+exit $status
+"""
 
 
 def read_url(directory: Path) -> str | None:
@@ -124,6 +139,39 @@ class EmbeddedRedis:
         self.binary = binary
         self.url = ""
         self._process: subprocess.Popen[bytes] | None = None
+        self._owner: int | None = None  # the ownership pipe's write end, while we own a Redis
+
+    @property
+    def owned(self) -> bool:
+        return self._owner is not None
+
+    def handover_state(self) -> dict[str, str] | None:
+        """What the next generation needs to adopt this Redis (None: we own none)."""
+        if self._owner is None:
+            return None
+        return {"url": self.url, "directory": str(self.directory)}
+
+    def handover_fds(self) -> dict[str, int]:
+        """The descriptor that carries the ownership (sent with SCM_RIGHTS)."""
+        return {"embedded_redis_owner": self._owner} if self._owner is not None else {}
+
+    @classmethod
+    def adopt(cls, state: dict[str, str], fds: dict[str, int]) -> EmbeddedRedis:
+        """The new generation's side of ``strangler upgrade``: own the Redis the old one started
+        (its URL file now names this process), without starting another."""
+        adopted = cls(Path(state["directory"]))
+        adopted.url = state["url"]
+        adopted._owner = fds.pop("embedded_redis_owner")
+        os.set_inheritable(adopted._owner, False)
+        (adopted.directory / URL_FILE).write_text(f"{adopted.url}\n{os.getpid()}\n")
+        return adopted
+
+    def release(self) -> None:
+        """The old generation after a hand-over: let go of Redis without stopping it."""
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
+        self._process = None
 
     def start(self, timeout: float = 10.0) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -153,18 +201,23 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
-        self._process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl
-        )
+        read_end, self._owner = os.pipe()  # both close on exec: only the keeper gets the read end
+        try:
+            self._process = subprocess.Popen(
+                ["/bin/sh", "-c", KEEPER, "strangler-redis-keeper", *args],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(read_end)
         url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while True:
             if self._process.poll() is not None:
+                os.close(self._owner)
+                self._owner = None
                 raise EmbeddedRedisError(
                     f"redis-server exited with {self._process.returncode}; see redis.log"
                 )
@@ -203,19 +256,41 @@ class EmbeddedRedis:
         return self._process.pid if self._process else None
 
     def stop(self) -> None:
-        if self._process is None:
+        """Stop the Redis we own (started or adopted): closing the ownership pipe makes the keeper
+        stop it (a save, then exit); wait for that, at most 10 s, then insist."""
+        if self._owner is None:
             return
-        if self._process.poll() is None:
-            self._process.terminate()
+        os.close(self._owner)
+        self._owner = None
+        process, self._process = self._process, None
+        if process is not None:
             try:
-                self._process.wait(timeout=10)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+                process.terminate()
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        else:  # adopted: the keeper is not our child; Redis is gone when it no longer answers
+            self._wait_gone(self.url)
         with_file = self.directory / URL_FILE
         recorded = _recorded(self.directory)
         if with_file.is_file() and recorded is not None and recorded[0] == self.url:
-            with_file.unlink()
-        self._process = None
+            with contextlib.suppress(FileNotFoundError):
+                with_file.unlink()
         if os.environ.get("STRANGLER_DEBUG_EMBEDDED"):
             log.info("embedded redis stopped")
+
+    @staticmethod
+    def _wait_gone(url: str, timeout: float = 10.0) -> None:
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                client.ping()
+            except (redis.RedisError, OSError):
+                break
+            time.sleep(0.05)
+        client.close()

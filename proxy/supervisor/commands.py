@@ -1,4 +1,5 @@
-"""``strangler reload`` (ask the running proxy's parent to re-read its configuration) and
+"""``strangler reload`` (ask the running proxy's parent to re-read its configuration),
+``strangler upgrade`` (a new generation of the whole proxy takes its sockets) and
 ``strangler config check FILE`` (the same validation without a running proxy: the ``nginx -t`` of
 Strangler). Heavy imports happen inside the commands (tests/test_cli_start.py)."""
 
@@ -46,6 +47,36 @@ def reload(config: ConfigOpt = None, socket_path: SocketOpt = None, as_json: Jso
         count = int(answer.get("workers", 0))
         print(f"reloaded: generation {answer.get('generation')}, {count} worker{'s' if count != 1 else ''} "
               f"ready in {float(answer.get('seconds', 0)):.2f} s")  # fmt: skip
+
+
+def upgrade(config: ConfigOpt = None, socket_path: SocketOpt = None, as_json: JsonOpt = False) -> None:
+    """Start a new generation of the running proxy on its sockets; the old one drains and exits.
+
+    The new generation runs what is installed now. It is started as the running one was (command
+    line, environment, directory), takes the listening sockets, the control socket and the embedded
+    Redis, and once its workers are ready the old generation drains and exits (a new pid). Exit 0
+    then, 1 when the new generation failed (the old one keeps serving; the reason is the new
+    process's) or no proxy answers. For hosts where strangler runs under a shell or nohup;
+    Kubernetes: the rolling update."""
+    from proxy.cliutil import EXIT_FAILED, fail
+    from proxy.supervisor.control import Unreachable, request
+
+    path = socket_path or control_socket_of(config)
+    try:
+        answer = request(path, {"command": "upgrade"})
+    except Unreachable as exc:
+        fail(str(exc), EXIT_FAILED)
+    if as_json:
+        print(json.dumps(answer))
+    if not answer.get("ok"):
+        if as_json:
+            raise typer.Exit(EXIT_FAILED)
+        reason = str(answer.get("error") or "the proxy refused the upgrade").removeprefix("upgrade: ")
+        fail(f"upgrade failed, pid {answer.get('old_pid')} keeps serving: {reason}", EXIT_FAILED)
+    count = int(answer.get("workers", 0))
+    print(f"upgraded: pid {answer.get('old_pid')} -> {answer.get('new_pid')}, {plural(count, 'worker')} "
+          f"ready in {float(answer.get('seconds', 0)):.1f} s; the old generation drains "
+          f"(up to {float(answer.get('drain_timeout_seconds', 0)):g} s)")  # fmt: skip
 
 
 def control_socket_of(config: Path | None) -> Path:

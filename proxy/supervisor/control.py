@@ -2,8 +2,8 @@
 client can reach it), one JSON request line in, one JSON answer line out.
 
 ``ControlServer`` runs inside the parent's loop (non-blocking; the parent polls its sockets). A
-command is a handler in a dict: ``reload`` and ``status`` today, others (``upgrade``) are one
-more entry. A handler answers at once or keeps the ``Request`` and answers when it is done."""
+command is a handler in a dict: ``reload``, ``status`` and ``upgrade``. A handler answers at once
+or keeps the ``Request`` and answers when it is done."""
 
 from __future__ import annotations
 
@@ -42,10 +42,16 @@ Handler = Callable[[Request], None]
 
 
 class ControlServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: Path, handlers: dict[str, Handler], sock: socket.socket | None = None) -> None:
+        """``sock``: the listening socket an upgrade handed over (the same file, kept as it is)."""
         self.path = path
         self.handlers = handlers
         self.requests: dict[int, Request] = {}  # fd -> a connection still sending its request
+        if sock is not None:
+            self.sock = sock
+            self.sock.setblocking(False)
+            self.inode = path.stat().st_ino
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -104,12 +110,15 @@ class ControlServer:
         handler(request)
         return True
 
-    def close(self) -> None:
-        """Stop listening and remove the socket file (unless another proxy replaced it meanwhile)."""
+    def close(self, handed_over: bool = False) -> None:
+        """Stop listening and remove the socket file (unless another proxy replaced it meanwhile, or
+        ``handed_over``: a new generation listens on the same socket file)."""
         for request in self.requests.values():
             request.conn.close()
         self.requests.clear()
         self.sock.close()
+        if handed_over:
+            return
         with contextlib.suppress(OSError):
             if self.path.stat().st_ino == self.inode:
                 self.path.unlink()

@@ -11,8 +11,10 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 RESULTS = ("ok", "invalid", "failed")
-_GENERATION, _RELOADS = 0, 1  # then the reload results, then two cells per worker slot
-_SLOTS = _RELOADS + len(RESULTS)
+UPGRADE_RESULTS = ("ok", "failed")
+_GENERATION, _RELOADS = 0, 1  # then the reload and upgrade results, then two cells per worker slot
+_UPGRADES = _RELOADS + len(RESULTS)
+_SLOTS = _UPGRADES + len(UPGRADE_RESULTS)
 
 
 class Counters:
@@ -40,6 +42,31 @@ class Counters:
 
     def reloads(self, result: str) -> int:
         return int(self.cells[_RELOADS + RESULTS.index(result)])
+
+    def upgraded(self, result: str) -> None:
+        self.cells[_UPGRADES + UPGRADE_RESULTS.index(result)] += 1
+
+    def upgrades(self, result: str) -> int:
+        return int(self.cells[_UPGRADES + UPGRADE_RESULTS.index(result)])
+
+    def export(self) -> dict[str, Any]:
+        """The counters an upgrade carries to the new generation (as Envoy's hot restart does)."""
+        return {
+            "reloads": {result: self.reloads(result) for result in RESULTS},
+            "upgrades": {result: self.upgrades(result) for result in UPGRADE_RESULTS},
+            "restarts": [self.restarts(slot) for slot in range(self.workers)],
+        }
+
+    def carry(self, doc: dict[str, Any]) -> None:
+        """Start from the old generation's counts (what ``export`` gave; unknown parts ignored)."""
+        for result, count in (doc.get("reloads") or {}).items():
+            if result in RESULTS:
+                self.cells[_RELOADS + RESULTS.index(result)] += int(count)
+        for result, count in (doc.get("upgrades") or {}).items():
+            if result in UPGRADE_RESULTS:
+                self.cells[_UPGRADES + UPGRADE_RESULTS.index(result)] += int(count)
+        for slot, count in enumerate((doc.get("restarts") or [])[: self.workers]):
+            self.cells[_SLOTS + 2 * slot] += int(count)
 
 
 class CountersCollector:
@@ -69,8 +96,14 @@ class CountersCollector:
         )  # fmt: skip
         for result in RESULTS:
             reloads.add_metric([result], counters.reloads(result))
+        upgrades = CounterMetricFamily(
+            "strangler_upgrades", "Upgrades by socket hand-over, by result (ok, failed); carried over.",
+            labels=["result"],
+        )  # fmt: skip
+        for result in UPGRADE_RESULTS:
+            upgrades.add_metric([result], counters.upgrades(result))
         generation = GaugeMetricFamily(
             "strangler_generation", "The workers' generation (1 at start, +1 a reload)."
         )
         generation.add_metric([], counters.cells[_GENERATION])
-        yield from (restarts, looping, reloads, generation)
+        yield from (restarts, looping, reloads, upgrades, generation)

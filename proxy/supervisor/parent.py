@@ -11,6 +11,9 @@ and a wake-up pipe for signals.
 - SIGHUP or ``strangler reload``: the same sources are read again and validated; a new generation
   of workers starts on the same sockets; when every one of them is ready the old generation is
   told to drain (SIGTERM). A new worker that fails leaves the old generation serving.
+- SIGUSR2 or ``strangler upgrade``: a new parent (a new process, whatever version is installed)
+  takes the sockets, the control socket and the embedded Redis over the hand-over socket
+  (``upgrade.py``, ``handover.py``); once its workers are ready this one drains and exits.
 - SIGINT/SIGTERM: passed once to every worker (each worker is in its own process group, so a
   terminal's Ctrl-C reaches the parent alone); a second one forces the drain, as in one process.
 """
@@ -29,6 +32,7 @@ import ssl
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +47,22 @@ from proxy.server import (
 from proxy.settings import ConfigError, Settings
 from proxy.supervisor.control import ControlServer, Request
 from proxy.supervisor.counters import Counters, CountersCollector
+from proxy.supervisor.handover import HandoverError, Listener, report_failure
 from proxy.supervisor.restarts import RestartHistory, RestartPolicy
 from proxy.supervisor.sources import Sources, refuse_fixed
+from proxy.supervisor.upgrade import (
+    Adopted,
+    Launch,
+    Upgrade,
+    adopt,
+    handover_path,
+    remove_pid_file,
+    write_pid_file,
+)
 
 log = logging.getLogger("strangler")
 
-HANDLED = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGCHLD)
+HANDLED = (*STOP_SIGNALS, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR2)
 READY_TIMEOUT_SECONDS = 30.0  # a new worker not ready by then: the reload (or the start) failed
 EXIT_BUILD = 3  # a worker's exit status when its settings cannot run (TLS files, the app's build)
 PR_SET_PDEATHSIG = 1
@@ -67,8 +81,13 @@ def run(settings: Settings, sources: Sources | None = None) -> None:
     """Blocking: serve until SIGINT/SIGTERM, then stop what we started (``strangler serve``)."""
     from proxy.control.embedded import EmbeddedRedis
 
+    launch = Launch.record()  # as started: an upgrade starts the new generation the same way
     configure_logging(settings.log_level)
-    check_tls(settings)  # a certificate no worker could load: ConfigError, one line, exit 2
+    try:
+        check_tls(settings)  # a certificate no worker could load: ConfigError, one line, exit 2
+    except ConfigError as exc:
+        report_failure(str(exc))  # started by an upgrade: the old generation says why
+        raise
     raise_open_file_limit()
     # Stop signals are recorded from before the sockets listen (by the default action one would end
     # this process with connections queued on its sockets) and handled once the workers run. Recorded,
@@ -77,25 +96,40 @@ def run(settings: Settings, sources: Sources | None = None) -> None:
     for sig in HANDLED:
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     backends = BackendCheck(settings)
-    socks = listening_sockets(settings.host, settings.port, settings.workers, "port")
-    admin_sock = None
-    if settings.admin_port is not None:
-        try:
-            admin_sock = listening_sockets(settings.host, settings.admin_port or 0, 1, "admin_port")[0]
-        except OSError:
-            for sock in socks:
-                sock.close()
-            raise
+    try:
+        adopted = adopt(settings)  # started by `strangler upgrade`: the old generation's sockets
+    except HandoverError as exc:
+        raise StartFailed(str(exc)) from None
+    try:
+        socks = (
+            adopted.socks if adopted else listening_sockets(settings.host, settings.port, settings.workers)
+        )
+        admin_sock = adopted.admin_sock if adopted else None
+        if settings.admin_port is not None and admin_sock is None:
+            try:
+                admin_sock = listening_sockets(settings.host, settings.admin_port or 0, 1, "admin_port")[0]
+            except OSError:
+                for sock in socks:
+                    sock.close()
+                raise
+    except BaseException as exc:
+        if adopted is not None:
+            adopted.fail(one_line(exc))
+        raise
     backends.report()
     import uvloop  # noqa: F401 - imported once here (no loop made): every worker starts with them loaded
 
     import proxy.app  # noqa: F401
 
     loaded = settings
-    embedded: EmbeddedRedis | None = None
+    embedded: EmbeddedRedis | None = adopted.embedded if adopted else None
     metrics_dir: str | None = None
+    supervisor: Supervisor | None = None
     try:
-        if not settings.redis_url:
+        if embedded is not None and adopted is not None:
+            print(f"strangler: embedded Redis at {embedded.url} (data in {embedded.directory}; "
+                  f"taken over from pid {adopted.old_pid})", flush=True)  # fmt: skip
+        elif not settings.redis_url:
             embedded = EmbeddedRedis(settings.embedded_redis_dir, settings.embedded_redis_port)
             url = embedded.start()
             print(f"strangler: embedded Redis at {url} (data in {embedded.directory})", flush=True)
@@ -110,12 +144,21 @@ def run(settings: Settings, sources: Sources | None = None) -> None:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         supervisor = Supervisor(loaded, settings, sources or Sources(), socks, admin_sock, embedded)
         supervisor.signals = early
+        supervisor.launch, supervisor.adopted = launch, adopted
         supervisor.run()
+    except BaseException as exc:
+        if adopted is not None and not adopted.done:  # the old generation keeps serving, and says why
+            adopted.fail(one_line(exc))
+        raise
     finally:
         for sock in [*socks, *([admin_sock] if admin_sock else [])]:
             sock.close()
         if embedded is not None:
-            embedded.stop()
+            if supervisor is not None and supervisor.upgraded:
+                embedded.release()  # the new generation owns it now
+            else:
+                embedded.stop()
+        remove_pid_file(settings.control_socket)
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
@@ -213,6 +256,13 @@ class Supervisor:
         self.failure_invalid = False  # ... because its settings cannot run
         self.start_deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         self.pid = os.getpid()
+        self.launch: Launch | None = None  # how serve was started (None: no upgrade possible)
+        self.adopted: Adopted | None = None  # what an upgrade handed to this parent, until it is ready
+        self.upgrade: Upgrade | None = None  # an upgrade this parent runs (the old generation's side)
+        self.upgrade_fd = -1
+        self.upgrade_waiters: list[Request] = []
+        self.upgraded = False  # handed over: drain, exit, leave the control socket and Redis running
+        self.stopping_new: list[tuple[Any, float]] = []  # failed new generations: (process, kill at)
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -225,10 +275,14 @@ class Supervisor:
         previous_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         for sig in HANDLED:
             signal.signal(sig, self._on_signal)
+        if self.adopted is not None:
+            self.counters.carry(self.adopted.state.get("counters") or {})
+        handlers: dict[str, Callable[[Request], None]] = {
+            "reload": self._reload_request, "status": self._status, "upgrade": self._upgrade_request,
+        }  # fmt: skip
         try:
-            self.control = ControlServer(
-                self.settings.control_socket, {"reload": self._reload_request, "status": self._status}
-            )
+            handed = self.adopted.control_sock if self.adopted else None
+            self.control = ControlServer(self.settings.control_socket, handlers, sock=handed)
             self.selector.register(self.control.sock, selectors.EVENT_READ, "control")
         except OSError as exc:  # never fatal: serving matters more than reloading
             log.warning("no control socket at %s (strangler reload will not reach this proxy): %s",
@@ -240,8 +294,10 @@ class Supervisor:
             self._loop()
         finally:
             signal.set_wakeup_fd(previous_wakeup)  # the handlers stay: a late signal is recorded, no more
+            if self.upgrade is not None:
+                self._upgrade_done(None, "the proxy is stopping")
             if self.control is not None:
-                self.control.close()
+                self.control.close(handed_over=self.upgraded)
             self.selector.close()
             wake_r.close()
             wake_w.close()
@@ -269,6 +325,8 @@ class Supervisor:
             times.append(self.reload.deadline)
         if not self.ready_announced and not self.stopping:
             times.append(self.start_deadline)
+        if self.upgrade is not None or self.stopping_new:
+            times.append(now + 0.1)  # the new process may exit: noticed by poll()
         if any(self.counters.looping(slot.index) for slot in self.slots):
             times.append(now + 1.0)
         return max(0.0, min(times) - now) if times else 5.0
@@ -294,6 +352,8 @@ class Supervisor:
                 finally:
                     if done:
                         self.selector.unregister(conn)
+        elif key.data == "upgrade":
+            self._upgrade_step()
         elif isinstance(key.data, Worker):
             self._worker_said(key.data)
 
@@ -308,6 +368,9 @@ class Supervisor:
                 if not self.stopping:
                     self._start_reload(None)
                 continue
+            if signum == signal.SIGUSR2:
+                self._start_upgrade(None)
+                continue
             self.stopping += 1
             if self.stopping == 1:
                 log.info("stopping: draining %d worker(s)", len(self.workers))
@@ -315,6 +378,8 @@ class Supervisor:
                     slot.restart_at = None
                 if self.reload is not None:
                     self._reload_done("failed", "the proxy is stopping", keep_new=True)
+                if self.upgrade is not None:
+                    self._upgrade_done(None, "the proxy is stopping")
             for worker in self.workers.values():  # once per signal received: a second one forces
                 self._kill(worker.pid, signum)
                 worker.state = "draining"
@@ -411,6 +476,9 @@ class Supervisor:
                 log.info("%s", self.ready_line)
                 if self.settings.workers > 1:
                     log.info("%d workers ready on port %d", len(first), self.port)
+                if self.adopted is not None:
+                    self._took_over(self.adopted, len(first))
+                write_pid_file(self.settings.control_socket)
         if self.reload is not None and worker.pid in self.reload.pids:
             news = [self.workers.get(pid) for pid in self.reload.pids]
             if all(w is not None and w.state == "ready" for w in news):
@@ -494,6 +562,16 @@ class Supervisor:
         self._close_listeners()
 
     def _timers(self, now: float) -> None:
+        for process, kill_at in list(self.stopping_new):  # a failed new generation, told to stop
+            if process.poll() is not None:
+                self.stopping_new.remove((process, kill_at))
+            elif now >= kill_at:
+                process.kill()
+        if self.upgrade is not None:
+            try:
+                self.upgrade.expired(now)
+            except HandoverError as exc:
+                self._upgrade_done(None, str(exc))
         if self.stopping:
             return
         for slot in self.slots:
@@ -530,6 +608,13 @@ class Supervisor:
         self._start_reload(request)
 
     def _start_reload(self, request: Request | None) -> None:
+        if self.upgrade is not None or self.upgraded:  # the new generation reads the sources anew
+            log.error("reload refused: an upgrade is in progress")
+            if request is not None:
+                request.answer(
+                    {"ok": False, "result": "failed", "error": "reload: an upgrade is in progress"}
+                )
+            return
         if self.reload is not None:  # the one in progress answers this caller too
             if request is not None:
                 self.reload.waiters.append(request)
@@ -601,6 +686,138 @@ class Supervisor:
         for request in reload.waiters:
             request.answer(answer)
 
+    # --- upgrade ------------------------------------------------------------------------------------
+
+    def _upgrade_request(self, request: Request) -> None:
+        self._start_upgrade(request)
+
+    def _start_upgrade(self, request: Request | None) -> None:
+        """Start a new generation of the whole proxy and hand it the sockets (``upgrade.py``)."""
+        if self.upgrade is not None:  # the one in progress answers this caller too
+            if request is not None:
+                self.upgrade_waiters.append(request)
+            return
+        refusal = None
+        if self.stopping or self.upgraded:
+            refusal = "the proxy is stopping"
+        elif not self.ready_announced or self.adopted is not None:
+            refusal = "the proxy is still starting"
+        elif self.reload is not None:
+            refusal = "a reload is in progress; try again when it is done"
+        elif self.launch is None:
+            refusal = "this proxy was not started by strangler serve"
+        listeners = [Listener("main", slot.index, slot.sock) for slot in self.slots if slot.sock is not None]
+        if self.admin_sock is not None:
+            listeners.append(Listener("admin", 0, self.admin_sock))
+        if self.control is not None:
+            listeners.append(Listener("control", 0, self.control.sock))
+        embedded = self.embedded
+        state = {
+            "generation": self.generation, "counters": self.counters.export(),
+            "embedded_redis": embedded.handover_state() if embedded is not None else None,
+        }  # fmt: skip
+        if refusal is None:
+            assert self.launch is not None
+            try:
+                self.upgrade = Upgrade(
+                    self.launch, handover_path(self.settings.control_socket), listeners, state,
+                    embedded.handover_fds() if embedded is not None else {},
+                    self.settings.drain_timeout_seconds,
+                )  # fmt: skip
+            except (HandoverError, OSError) as exc:
+                refusal = str(exc)
+        if refusal is not None or self.upgrade is None:
+            self.counters.upgraded("failed")
+            log.error("upgrade refused: %s", refusal)
+            if request is not None:
+                request.answer({"ok": False, "result": "failed", "error": refusal, "old_pid": self.pid})
+            return
+        self.upgrade_waiters = [request] if request is not None else []
+        self._watch_upgrade()
+        log.info("upgrade: started the new generation, pid %d", self.upgrade.pid)
+
+    def _watch_upgrade(self) -> None:
+        upgrade = self.upgrade
+        fd = upgrade.fileno() if upgrade is not None else -1
+        if fd == self.upgrade_fd:
+            return
+        if self.upgrade_fd >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.upgrade_fd)
+        self.upgrade_fd = fd
+        if fd >= 0:
+            self.selector.register(fd, selectors.EVENT_READ, "upgrade")
+
+    def _upgrade_step(self) -> None:
+        upgrade = self.upgrade
+        if upgrade is None:
+            return
+        try:
+            ready = upgrade.step()
+        except HandoverError as exc:
+            self._upgrade_done(None, str(exc))
+            return
+        if ready:
+            self._upgrade_done(upgrade.commit(), "")
+        else:
+            self._watch_upgrade()
+
+    def _upgrade_done(self, answer: dict[str, Any] | None, reason: str) -> None:
+        upgrade = self.upgrade
+        assert upgrade is not None
+        self.upgrade = None
+        self._watch_upgrade()
+        if answer is None:
+            process = upgrade.abort()
+            if process is not None:  # its parent drains what its workers accepted, then exits
+                self.stopping_new.append(
+                    (process, time.monotonic() + self.settings.drain_timeout_seconds + 5)
+                )
+            self.counters.upgraded("failed")
+            log.error("upgrade failed, pid %d keeps serving: %s", self.pid, reason)
+            answer = {
+                "ok": False,
+                "result": "failed",
+                "error": reason,
+                "old_pid": self.pid,
+                "new_pid": upgrade.pid,
+            }
+        else:
+            self.counters.upgraded("ok")
+            self.upgraded = True
+            log.info(
+                "upgraded: pid %d -> %d, %d worker%s ready in %.1f s; this generation drains (up to %g s)",
+                self.pid, upgrade.pid, answer["workers"], "s" if answer["workers"] != 1 else "",
+                answer["seconds"], self.settings.drain_timeout_seconds,
+            )  # fmt: skip
+            if self.control is not None:  # the new parent answers there now
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(self.control.sock)
+                for fd in list(self.control.requests):
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(self.control.requests[fd].conn)
+                self.control.close(handed_over=True)
+                self.control = None
+            if self.reload is not None:
+                self._reload_done("failed", "the proxy was upgraded", keep_new=True)
+            self._stop_all()
+        waiters, self.upgrade_waiters = self.upgrade_waiters, []
+        for request in waiters:
+            request.answer(answer)
+
+    def _took_over(self, adopted: Adopted, workers: int) -> None:
+        """The new generation's workers are ready: the old one drains from now on."""
+        self.adopted = None
+        try:
+            adopted.ready(workers)
+        except HandoverError as exc:  # the old parent did not confirm (gone?): we hold the sockets
+            log.warning("upgrade: %s; serving anyway", exc)
+        else:
+            self.counters.upgraded("ok")
+        log.info(
+            "took over from pid %d: %d worker%s ready", adopted.old_pid, workers, "s" if workers != 1 else ""
+        )
+
     def _status(self, request: Request) -> None:
         request.answer({
             "ok": True,
@@ -667,6 +884,7 @@ def worker_main(sup: Supervisor, slot: Slot, settings: Settings, write_fd: int) 
         signal.signal(sig, remember)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads; a worker's own SIGHUP is harmless
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # the parent upgrades
     # Not ours: a sibling's socket held open here would outlive that sibling; the parent's control
     # socket, its loop and the other workers' pipes belong to the parent.
     mine = slot.sock
@@ -682,6 +900,10 @@ def worker_main(sup: Supervisor, slot: Slot, settings: Settings, write_fd: int) 
             os.close(worker.fd)
     for end in sup._wake:
         end.close()
+    if sup.upgrade is not None:
+        sup.upgrade.offer.forget()
+    if sup.adopted is not None:
+        sup.adopted.taker.close()
     sup.selector.close()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     logging.getLogger().setLevel(settings.log_level.upper())

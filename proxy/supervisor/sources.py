@@ -14,6 +14,8 @@ FIXED = (
     "host", "port", "admin_port", "workers", "embedded_redis_dir", "embedded_redis_port", "control_socket",
 )  # fmt: skip
 REFUSAL = "cannot change live ({} -> {}); restart or upgrade"
+# the listening address moves only with a restart: an upgrade hands the same socket over
+RESTART_ONLY = {"host", "port"}
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,10 @@ def refuse_fixed(running: Settings, wanted: Settings) -> None:
     for name in FIXED:
         before, after = getattr(running, name), getattr(wanted, name)
         if before != after:
-            raise CannotChangeLive(REFUSAL.format(before, after), "reload", name)
+            refusal = REFUSAL.format(before, after)
+            if name in RESTART_ONLY:
+                refusal = refusal.removesuffix(" or upgrade")
+            raise CannotChangeLive(refusal, "reload", name)
     if (running.redis_url is None) != (wanted.redis_url is None):  # the embedded Redis starts with serve
         kinds = ("embedded", "configured") if running.redis_url is None else ("configured", "embedded")
         raise CannotChangeLive(REFUSAL.format(*kinds), "reload", "redis_url")
