@@ -57,15 +57,18 @@ def test_error_rate_rollback_during_rollout_records_decision_and_alerts(
             print(f"rolled back {elapsed:.2f}s after v2 started failing")
         decision = state(r, "strangler:canary:decision:default")
         assert decision is not None
-        assert decision["failed_check"] == "error_rate"
+        # v2's error rate over the window: above the absolute 5%, or (the window still holds answers
+        # from before the failures began, so it may sit at 5.00%) above 2x v1's, the next check
+        check = decision["failed_check"]
+        assert check in ("error_rate", "error_rate_ratio"), check
         # at the first check allowed to act (not a wall-clock bound: a loaded machine checks late)
         assert decision["consecutive_failures"] == FAILURES
-        assert decision["v2"]["error_rate"] > 0.05 and decision["v2"]["requests"] >= 10
+        assert decision["v2"]["error_rate"] > 0.02 and decision["v2"]["requests"] >= 10
         assert decision["v1"]["requests"] >= 10 and decision["v1"]["error_rate"] < 0.05
         assert decision["thresholds"]["max_error_rate"] == 0.05 and decision["from_percentage"] == 10
         rollout = state(r, "strangler:rollout:default")
         assert rollout is not None and rollout["state"] == "rolled_back"
-        wait_until(lambda: proxy.metric("strangler_rollbacks_total", reason="error_rate") == 1, timeout=5)
+        wait_until(lambda: proxy.metric("strangler_rollbacks_total", reason=check) == 1, timeout=5)
 
         # alerts, in each target's documented format
         wait_until(lambda: receiver.bodies("/pd"), timeout=10, message="pagerduty trigger")
@@ -76,7 +79,7 @@ def test_error_rate_rollback_during_rollout_records_decision_and_alerts(
         assert pd["dedup_key"] == "strangler-rollback-default"
         assert pd["payload"]["severity"] == "critical" and pd["payload"]["source"]
         assert "error rate" in pd["payload"]["summary"]
-        assert pd["payload"]["custom_details"]["failed_check"] == "error_rate"
+        assert pd["payload"]["custom_details"]["failed_check"] == check
         slack = [b for b in receiver.bodies("/slack") if "rolled back" in b["text"]][0]
         assert slack["attachments"][0]["color"] and slack["attachments"][0]["fields"]
         assert any(
@@ -85,7 +88,7 @@ def test_error_rate_rollback_during_rollout_records_decision_and_alerts(
         hooks = receiver.bodies("/hook")
         assert [h["event"] for h in hooks] == ["rolled_back"]  # min_severity warning: "started" filtered
         assert hooks[0]["group"] == "default" and hooks[0]["severity"] == "critical"
-        assert hooks[0]["fields"]["v1"]["requests"] >= 10 and hooks[0]["fields"]["v2"]["error_rate"] > 0.05
+        assert hooks[0]["fields"]["v1"]["requests"] >= 10 and hooks[0]["fields"]["v2"]["error_rate"] > 0.02
         wait_until(lambda: proxy.metric("strangler_alerts_total", target="pagerduty", outcome="sent") >= 1)
 
 
