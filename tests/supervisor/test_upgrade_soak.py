@@ -1,7 +1,8 @@
 """The upgrade target, as a ``soak`` test (long suite only): SOAK_UPGRADES upgrades in a row
 under keep-alive load with 100 WebSockets open (5 in CI, about 25 s; the release check is 20:
-``SOAK_UPGRADES=20 pytest -m soak tests/supervisor/test_upgrade_soak.py -s``): no connection reset, no 5xx, no body cut; every WebSocket closed with 1001 and
-reconnected each time. Prints what it measured."""
+``SOAK_UPGRADES=20 pytest -m soak tests/supervisor/test_upgrade_soak.py -s``): no connection
+reset, no 5xx, no body cut; every WebSocket closed with 1001 and reconnected each time. Prints
+what it measured."""
 
 from __future__ import annotations
 
