@@ -95,6 +95,12 @@ def test_set_with_verify_keeps_a_healthy_value_and_restores_on_failure(
     base = ["--redis-url", redis_url]
     r.set("feature:v2_traffic_percentage", "5")
     with Traffic([proxy.url]):
+        # the proxy's windows hold answers of both versions before the watch starts (on a loaded
+        # machine the first flush can come after a 2 s watch: "insufficient data", not verified)
+        wait_until(
+            lambda: json.loads(r.get("strangler:canary:verdict:default") or "{}").get("status") == "pass",
+            timeout=20, message="a passing check with enough data",
+        )  # fmt: skip
         ok = cli("set", "30", "--verify", "2s", *base)
         assert ok.exit_code == 0, ok.output
         assert "verified" in ok.output and r.get("feature:v2_traffic_percentage") == "30"
