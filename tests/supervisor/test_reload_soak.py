@@ -92,6 +92,7 @@ def test_twenty_reloads_under_load_with_a_hundred_websockets(
         ready: list[float] = []
         in_force: list[float] = []  # the command's return -> every new connection sees the change
         late = 0  # new connections answered with the old settings after the command returned
+        drained: list[float] = []  # the command's return -> every old worker gone
         for n in range(1, RELOADS + 1):
             moved = n % 2 == 1  # odd reloads: v1_url on backend v3 and a rule on /old/**; even: back
             sup.rewrite(v1_url=other.url if moved else first, deprecations=[RULE] if moved else [])
@@ -109,6 +110,7 @@ def test_twenty_reloads_under_load_with_a_hundred_websockets(
                 lambda: all(w["generation"] == n + 1 for w in sup.status()["workers"]),  # noqa: B023
                 timeout=15, message=f"generation {n} drained and gone",
             )  # fmt: skip
+            drained.append(time.monotonic() - returned)
             wait_until(lambda: sockets.open == SOCKETS, timeout=15, message="every WebSocket back")
         elapsed = time.monotonic() - started
         outcomes = load.stop()
@@ -117,12 +119,15 @@ def test_twenty_reloads_under_load_with_a_hundred_websockets(
             f"\n{RELOADS} reloads in {elapsed:.1f} s; new generation ready in "
             f"{min(ready):.2f}-{max(ready):.2f} s; change in force on every worker at most "
             f"{max(in_force):.2f} s after the command returned ({late} new connections answered "
-            f"the old way after it); keep-alive load {rate:.0f} req/s: "
+            f"the old way after it); old generation gone {min(drained):.1f}-{max(drained):.1f} s after it; "
+            f"keep-alive load {rate:.0f} req/s: "
             f"{dict(outcomes)}; {SOCKETS} WebSockets: closes {dict(sockets.closes)}, "
             f"errors {len(sockets.errors)}, echoes {sockets.echoes}"
         )
         assert set(outcomes) == {"ok"}, (outcomes, load.problems)
         assert max(in_force) < IN_FORCE_SECONDS, in_force
+        # each old generation ended because nothing was left, not at its drain timeout (5 s)
+        assert max(drained) < 5, drained
         # every reload drained the old generation: each WebSocket told 1001, none lost without a code
         assert dict(sockets.closes) == {1001: RELOADS * SOCKETS}
         assert sockets.errors == []
