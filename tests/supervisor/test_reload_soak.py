@@ -118,8 +118,8 @@ def test_twenty_reloads_under_load_with_a_hundred_websockets(
         print(
             f"\n{RELOADS} reloads in {elapsed:.1f} s; new generation ready in "
             f"{min(ready):.2f}-{max(ready):.2f} s; change in force on every worker at most "
-            f"{max(in_force):.2f} s after the command returned ({late} new connections answered "
-            f"the old way after it); old generation gone {min(drained):.1f}-{max(drained):.1f} s after it; "
+            f"{max(in_force):.2f} s after the command returned (old settings on {late} of the new "
+            f"connections after it); old generation gone {min(drained):.1f}-{max(drained):.1f} s after it; "
             f"keep-alive load {rate:.0f} req/s: "
             f"{dict(outcomes)}; {SOCKETS} WebSockets: closes {dict(sockets.closes)}, "
             f"errors {len(sockets.errors)}, echoes {sockets.echoes}"
