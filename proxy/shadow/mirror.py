@@ -975,7 +975,9 @@ class ShadowMirror:
         interval = self._config.flush_interval_seconds
         refresh = self._settings.poll_interval_seconds
         last_read = 0.0
-        while True:
+        # ends on the stop's cancel, or here when that cancel was swallowed (Python 3.11's
+        # wait_for, inside redis-py, returns a result that arrived with the cancel)
+        while self._jobs is not None:
             await asyncio.sleep(min(interval, refresh))
             await self.flush()
             now = time.monotonic()

@@ -128,3 +128,32 @@ def test_mirrored_requests_start_spaced_by_their_cost_over_the_share(redis_url: 
     unpaced, _, _, _ = build(redis_url, {}, compare_cpu_share=1.0)
     unpaced._cost = 0.01
     assert [unpaced._slot(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+
+
+def test_stop_ends_the_flusher_even_when_its_cancel_is_swallowed(redis_url: str) -> None:
+    """Python 3.11's ``asyncio.wait_for`` (redis-py sends with it) returns the result, swallowing
+    the cancel, when the cancel lands just after the awaited operation finished: the flusher went
+    back to sleep and every worker stop waited out cancel_and_wait's 5 s (seen in the reload soak)."""
+    mirror, _, _, client = build(redis_url, {})
+    settings = mirror._settings
+
+    async def go() -> float:
+        await mirror.start()
+        entered = asyncio.Event()
+        done = asyncio.get_running_loop().create_future()
+
+        async def refresh_shared() -> None:  # a Redis read whose answer has just arrived
+            entered.set()
+            await asyncio.wait_for(done, 10)
+
+        mirror.refresh_shared = refresh_shared  # type: ignore[method-assign]
+        try:
+            await asyncio.wait_for(entered.wait(), settings.poll_interval_seconds + 5)
+            done.set_result(None)
+            started = time.monotonic()
+            await mirror.stop()  # cancels the flusher in this same loop pass: the cancel is swallowed
+            return time.monotonic() - started
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(go()) < 2
