@@ -100,6 +100,7 @@ class CanaryController(BackgroundLoop):
         await super().start()
 
     async def stop(self) -> None:
+        self._stopping = True  # read by the heartbeat too: a cancel swallowed by redis-py's wait_for
         if self._renewer is not None:
             await cancel_and_wait([self._renewer])
             self._renewer = None
@@ -108,7 +109,7 @@ class CanaryController(BackgroundLoop):
     async def _renew_loop(self) -> None:
         """The lock's own heartbeat: never waits for a check, however slow that is."""
         period = self.canary.leader_lock_ttl_seconds / 3
-        while True:
+        while not self._stopping:  # not `while True`: see ShadowMirror._flusher
             try:
                 await self.keep_lock()
             except Exception:  # noqa: BLE001 - the heartbeat must outlive any one failure
