@@ -38,20 +38,6 @@ ignore_app = typer.Typer(no_args_is_help=True, help="Ignore rules for comparison
 shadow_app.add_typer(ignore_app, name="ignore")
 
 
-def _run(
-    config: Path | None,
-    redis_url: str | None,
-    action: Any,
-    remote: Any = None,
-    url: str | None = None,
-    token: str | None = None,
-) -> Any:
-    """Run ``action(ShadowControl, ReportStore)`` against Redis, or ``remote(AdminClient)`` with
-    ``--url``; InvalidValue -> exit code 2. Groups registered in Redis by running proxies count
-    as known groups, so a group missing from this CLI's config still works."""
-    return _run_at(config, redis_url, action, remote, url, token)[0]
-
-
 def _run_at(
     config: Path | None,
     redis_url: str | None,
@@ -60,7 +46,10 @@ def _run_at(
     url: str | None = None,
     token: str | None = None,
 ) -> tuple[Any, dict[str, str]]:
-    """``_run``, and where it ran: the ``source`` of the views' JSON documents."""
+    """Run ``action(ShadowControl, ReportStore)`` against Redis, or ``remote(AdminClient)`` with
+    ``--url``; its result and where it ran (the ``source`` of the views' JSON documents).
+    InvalidValue -> exit code 2. Groups registered in Redis by running proxies count as known
+    groups, so a group missing from this CLI's config still works."""
     from proxy import viewsource
 
     if url:
@@ -344,7 +333,7 @@ def ignore_list(
     as_json: JsonOpt = False,
 ) -> None:
     """Ignore rules in force: from the config file and from Redis."""
-    rules = _run(config, redis_url, lambda s, r: s.rules(), lambda c: c.shadow_rules(), url, token)
+    rules, _ = _run_at(config, redis_url, lambda s, r: s.rules(), lambda c: c.shadow_rules(), url, token)
     if as_json:
         print(json.dumps(rules))
         return
@@ -366,7 +355,7 @@ def diffs(
 ) -> None:
     """Where v2 answers differ from v1: worst endpoints first, or one endpoint in detail."""
     if reset:
-        deleted = _run(
+        deleted, _ = _run_at(
             config,
             redis_url,
             lambda s, r: r.reset(forget_noise=forget_noise),
@@ -390,7 +379,7 @@ def diffs(
                     return None
                 raise
 
-        detail = _run(config, redis_url, lambda s, r: r.endpoint(endpoint), one, url, token)
+        detail, _ = _run_at(config, redis_url, lambda s, r: r.endpoint(endpoint), one, url, token)
         if detail is None:
             fail(f"no endpoint {endpoint!r} in the report (see `strangler diffs`)", EXIT_FAILED)
         if as_json:
@@ -398,7 +387,7 @@ def diffs(
         else:
             _print_endpoint(detail)
         return
-    summary = _run(config, redis_url, lambda s, r: r.summary(), lambda c: c.diffs(), url, token)
+    summary, _ = _run_at(config, redis_url, lambda s, r: r.summary(), lambda c: c.diffs(), url, token)
     if as_json:
         print(json.dumps(summary))
         return
