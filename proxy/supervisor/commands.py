@@ -21,6 +21,17 @@ SocketOpt = Annotated[
 ]
 
 
+def _ask(config: Path | None, socket_path: Path | None, command: str) -> dict[str, Any]:
+    """One request to the running parent; no proxy answering there is one line, exit 1."""
+    from proxy.cliutil import EXIT_FAILED, fail
+    from proxy.supervisor.control import Unreachable, request
+
+    try:
+        return request(socket_path or control_socket_of(config), {"command": command})
+    except Unreachable as exc:
+        fail(str(exc), EXIT_FAILED)
+
+
 def reload(config: ConfigOpt = None, socket_path: SocketOpt = None, as_json: JsonOpt = False) -> None:
     """Re-read and validate the running proxy's configuration; new workers take over.
 
@@ -29,13 +40,8 @@ def reload(config: ConfigOpt = None, socket_path: SocketOpt = None, as_json: Jso
     configuration is invalid or cannot change live (nothing changed), 1 when the new workers failed
     (the old ones keep serving) or no proxy answers."""
     from proxy.cliutil import EXIT_FAILED, EXIT_USAGE, fail
-    from proxy.supervisor.control import Unreachable, request
 
-    path = socket_path or control_socket_of(config)
-    try:
-        answer = request(path, {"command": "reload"})
-    except Unreachable as exc:
-        fail(str(exc), EXIT_FAILED)
+    answer = _ask(config, socket_path, "reload")
     if as_json:
         print(json.dumps(answer))
     if not answer.get("ok"):
@@ -59,13 +65,8 @@ def upgrade(config: ConfigOpt = None, socket_path: SocketOpt = None, as_json: Js
     process's) or no proxy answers. For hosts where strangler runs under a shell or nohup;
     Kubernetes: the rolling update."""
     from proxy.cliutil import EXIT_FAILED, fail
-    from proxy.supervisor.control import Unreachable, request
 
-    path = socket_path or control_socket_of(config)
-    try:
-        answer = request(path, {"command": "upgrade"})
-    except Unreachable as exc:
-        fail(str(exc), EXIT_FAILED)
+    answer = _ask(config, socket_path, "upgrade")
     if as_json:
         print(json.dumps(answer))
     if not answer.get("ok"):
