@@ -234,22 +234,17 @@ class EmbeddedRedis:
         self.url = url
         return url
 
-    @staticmethod
-    def _shutdown(url: str) -> None:
+    @classmethod
+    def _shutdown(cls, url: str) -> None:
         """Ask an orphaned instance to save and exit, and wait until it no longer answers."""
         client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=0.5)
         try:
             client.shutdown(save=True)
         except (redis.RedisError, OSError):
             pass  # shutdown drops the connection: that is the expected answer
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                client.ping()
-            except (redis.RedisError, OSError):
-                break
-            time.sleep(0.05)
-        client.close()
+        finally:
+            client.close()
+        cls._wait_gone(url)
 
     @property
     def pid(self) -> int | None:
