@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from proxy.background import BackgroundLoop, cancel_and_wait
-from proxy.canary import events, records
+from proxy.canary import events, history, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
 from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
@@ -246,7 +246,11 @@ class CanaryController(BackgroundLoop):
                 record.update(
                     consecutive_failures=0, rollback=True, needs_recovery=True, action="rolled_back"
                 )
-        await self.redis.set(records.verdict_key(self.keys, group), json.dumps(record, default=str))
+        due = rollout is not None and rollout.state == PROGRESSING and judged >= rollout.interval_seconds
+        await self._write_verdict(
+            group, record, windows, rollout, fresh="at" not in prev,
+            advance_due=due and verdict.status is Status.PASS and not acted and not held,
+        )  # fmt: skip
         if not acted and rollout is not None and rollout.active:
             try:
                 if _split_of(splits.get(group)) != rollout.percentage:
@@ -266,6 +270,25 @@ class CanaryController(BackgroundLoop):
             rollout = await self.rollouts.get(group)
         self.metrics.rollout_at(group, None if rollout is None else rollout.percentage)
         return verdict
+
+    async def _write_verdict(
+        self,
+        group: str,
+        record: dict[str, Any],
+        windows: dict[str, Any],
+        rollout: RolloutState | None,
+        *,
+        fresh: bool,
+        advance_due: bool,
+    ) -> None:
+        """The verdict and its history record (``history``, for backtests) in one transaction:
+        the history never shows a check the verdict does not."""
+        seen = None if rollout is None else rollout.as_dict()
+        item = history.entry(record, windows, seen, fresh=fresh, advance_due=advance_due)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(records.verdict_key(self.keys, group), json.dumps(record, default=str))
+            history.push(pipe, self.keys, group, item, self.canary.history_checks)
+            await pipe.execute()
 
     def _judged_time(
         self,

@@ -103,6 +103,10 @@ class Keys:
         """When the group's canary history last started afresh (a new rollout, a split by hand)."""
         return self.under("canary", "since", group)
 
+    def canary_checks(self, group: str) -> str:
+        """The group's recent checks, newest first (capped list of compact JSON), for backtests."""
+        return self.under("canary", "checks", group)
+
     @property
     def alerts(self) -> str:
         """The alert outbox (hash: event id -> JSON)."""
