@@ -62,6 +62,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "rollout_app",
         "Progressive rollout: step v2 up while the checks pass.",
     ),
+    "canary": (
+        "proxy.canary.canary_commands",
+        "canary_app",
+        "The canary's stored evidence: backtest candidate checks.",
+    ),
     "shadow": ("proxy.shadow.commands", "shadow_app", "Mirror requests to v2 and compare (shadow traffic)."),
     "parity": (
         "proxy.parity.commands",

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 from pydantic import (
     AfterValidator,
@@ -75,6 +75,8 @@ class StrictModel(BaseModel):
     def _extensions(cls, data: Any) -> Any:
         return _drop_extensions(data)
 
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
 
 Percentage = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 """A v2 share: a finite number in [0, 100] (config, Redis values and the admin API alike)."""
@@ -266,6 +268,11 @@ class CanarySettings(StrictModel):
     notify_retries: int = Field(default=3, ge=0)
     notify_backoff_seconds: float = Field(default=1.0, gt=0)
     notify_timeout_seconds: float = Field(default=5.0, gt=0)
+    # checks kept per group for `strangler canary backtest` (2000 x 10 s = 5.5 h; 0 = none kept)
+    history_checks: int = Field(default=2000, ge=0, le=1_000_000)
+    # Alertmanager webhook: the label naming the route group to roll back, and the body size cap
+    alert_group_label: str = Field(default="strangler_group", min_length=1, max_length=200)
+    alert_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
 
 
 class DeprecationRule(StrictModel):
@@ -715,6 +722,24 @@ def load_settings(
         source, first = located[0]
         loc = tuple(first["loc"])
         raise ConfigError(_problem(first), source, _dotted(loc) or None, len(located) - 1) from None
+
+
+def load_section_file(path: str | Path, model: type[SectionT], section: tuple[str, ...] = ()) -> SectionT:
+    """A YAML file holding one part of the settings, validated by that part's model (the candidate
+    checks of ``strangler canary backtest --gates FILE``: ``section`` ``("canary",)``). Problems
+    are one ``ConfigError`` as for the settings file: file:line:column, the key, what is wrong."""
+    path = Path(path)
+    data, tree = _read_yaml(path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        errors.sort(key=lambda e: e["type"] != "extra_forbidden")
+        first = errors[0]
+        loc = tuple(first["loc"])
+        where = _position(path, tree, loc) if tree is not None else str(path)
+        problem = _problem({**first, "loc": (*section, *loc)})  # typo hints from the settings' keys
+        raise ConfigError(problem, where, _dotted(loc) or None, len(errors) - 1) from None
 
 
 # --- turning a problem into one line ----------------------------------------------------------------

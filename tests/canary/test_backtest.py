@@ -1,0 +1,228 @@
+"""The check history the leader keeps (real Redis, the real controller driven by ``tick()``) and
+the backtest that replays it: with the running checks it reproduces the leader's decisions; a
+candidate says when it would have acted instead. Hostile records and candidate files: one line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from proxy.canary import history
+from proxy.canary.analysis import Status
+from proxy.canary.backtest import (
+    ADVANCE,
+    NOT_JUDGED,
+    ROLLBACK,
+    Candidate,
+    CandidateFile,
+    Outcome,
+    replay,
+    summary,
+)
+from proxy.canary.history import BadRecord, Check, parse
+from proxy.settings import CanaryThresholds
+from tests.canary.helpers import cli
+from tests.canary.test_loop import Rig, run
+from tests.support import ROOT
+
+SCHEMA = json.loads((ROOT / "docs" / "schemas" / "backtest.json").read_text())
+
+
+async def stored(rig: Rig) -> list[Check]:
+    return (await history.read(rig.redis, rig.keys, "default", 0)).checks
+
+
+async def scenario(rig: Rig) -> None:
+    """A rollout that advances once, then v2 fails until the leader rolls it back."""
+    rig.clock.now = time.time() - 600  # recent enough for `--since 1h`
+    await rig.rollouts.start("default", [10, 50, 100], 8, "test")
+    for _ in range(14):
+        await rig.second()
+    for _ in range(12):
+        await rig.second(v2_errors=3)  # 6% errors: above the absolute 5%
+        if await rig.split() == "0":
+            break
+    assert await rig.split() == "0"
+
+
+def test_each_check_is_kept_capped_newest_first_with_its_windows(redis_url: str) -> None:
+    async def body(rig: Rig) -> None:
+        for n in range(8):
+            await rig.second(v1=40, v2=20 + n, v2_errors=1)
+        raw = await rig.redis.lrange("strangler:canary:checks:default", 0, -1)
+        assert len(raw) == 5  # history_checks
+        newest = json.loads(raw[0])
+        verdict = await rig.verdict()
+        assert newest["at"] == verdict["at"] and newest["status"] == verdict["status"]
+        # the summed window the leader judged (4 flushed seconds: 24..27 v2 requests, 1 error each)
+        assert newest["v2"]["r"] == verdict["v2"]["requests"] == sum(range(24, 28))
+        assert newest["v2"]["e"] == verdict["v2"]["errors"] == 4
+        assert newest["v1"]["r"] == 160 and sum(newest["v1"]["b"]) == 160
+        assert len(raw[0]) < 400  # compact: trailing empty buckets are not stored
+        checks = await stored(rig)
+        assert [c.at for c in checks] == sorted(c.at for c in checks)
+
+    run(redis_url, body, history_checks=5)
+
+
+def test_no_history_when_the_length_is_zero(redis_url: str) -> None:
+    async def body(rig: Rig) -> None:
+        await rig.second()
+        assert await rig.redis.exists("strangler:canary:checks:default") == 0
+        assert (await rig.verdict())["status"] == "pass"
+
+    run(redis_url, body, history_checks=0)
+
+
+def test_replay_with_the_running_checks_reproduces_the_leader(redis_url: str) -> None:
+    async def body(rig: Rig) -> None:
+        await scenario(rig)
+        checks = await stored(rig)
+        result = replay("default", checks, Candidate.of(rig.settings.canary))
+        judged = [s for s in result.steps if s.action != NOT_JUDGED]
+        assert [s.status for s in judged] == [c.status for c in checks[: len(judged)]]
+        assert result.count(ADVANCE, False) == result.count(ADVANCE, True) == 1
+        mine, theirs = result.first(ROLLBACK, False), result.first(ROLLBACK, True)
+        assert mine is not None and theirs is not None and mine.at == theirs.at
+        assert mine.failed_check == "error_rate" and mine.streak == 3
+        assert "as the actual rollback did" in summary(result)
+
+    run(redis_url, body)
+
+
+def test_a_stricter_candidate_rolls_back_earlier_a_looser_one_never(redis_url: str) -> None:
+    async def body(rig: Rig) -> None:
+        await scenario(rig)
+        checks = await stored(rig)
+        base = Candidate.of(rig.settings.canary)
+        strict = Candidate.of(rig.settings.canary, CandidateFile(consecutive_failures=1))
+        result = replay("default", checks, strict)
+        mine, theirs = result.first(ROLLBACK, False), result.first(ROLLBACK, True)
+        assert mine is not None and theirs is not None and theirs.at - mine.at == pytest.approx(2.0)
+        assert "2 s earlier than the actual rollback" in summary(result)
+        loose = CandidateFile(thresholds=CanaryThresholds(min_requests=20, max_error_rate=0.5,
+                                                           max_error_rate_ratio=50))  # fmt: skip
+        result = replay("default", checks, Candidate.of(rig.settings.canary, loose))
+        assert result.first(ROLLBACK, False) is None
+        assert "candidate would not have rolled back" in summary(result)
+        # a failing extra check (the seam for gates and judges) fails a check the built-ins pass
+        gate = Outcome(Status.FAIL, "orders per minute 3 below 10", "orders")
+        result = replay("default", checks, base, [lambda group, check: gate])
+        first = result.first(ROLLBACK, False)
+        assert first is not None and first.failed_check == "orders" and first.at < theirs.at
+        # an inconclusive one holds: no advance, never a rollback by itself
+        unsure = Outcome(Status.ERROR, "prometheus unreachable", "orders")
+        result = replay("default", checks, base, [lambda group, check: unsure])
+        assert result.count(ADVANCE, False) == 0
+        assert result.first(ROLLBACK, False) == replay("default", checks, base).first(ROLLBACK, False)
+
+    run(redis_url, body)
+
+
+def test_backtest_command_prints_a_timeline_and_a_json_view(redis_url: str, tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        await scenario(rig)
+
+    run(redis_url, body)
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text("consecutive_failures: 1\nthresholds:\n  min_requests: 20\n")
+    result = cli("canary", "backtest", "--since", "1h", "--gates", str(candidate), "--redis-url", redis_url)
+    assert result.exit_code == 0, result.output
+    assert "candidate rollback (error_rate" in result.output and "actual rollback" in result.output
+    assert "default: candidate would have rolled back at" in result.output and "earlier" in result.output
+    result = cli("canary", "backtest", "--since", "1h", "--gates", str(candidate), "--redis-url", redis_url,
+                 "--json", "--group", "default")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    jsonschema.validate(doc, SCHEMA, cls=jsonschema.Draft202012Validator)
+    group = doc["groups"][0]
+    assert group["candidate"]["consecutive_failures"] == 1
+    assert group["first_rollback"]["candidate"] < group["first_rollback"]["actual"]
+    assert group["advances"] == {"candidate": 1, "actual": 1}
+    # nothing stored that recently
+    result = cli("canary", "backtest", "--since", "1s", "--redis-url", redis_url)
+    assert result.exit_code == 0 and "no stored checks in that time" in result.output
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"\xff\xfe garbage", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"status": "pass", "at": NaN, "v1": {"r": 1, "e": 0}, "v2": {"r": 1}}', "at is not a finite"),
+        (b'{"status": "pass", "at": 1, "v1": {"r": -1, "e": 0}, "v2": {"r": 1}}', "v1.r is not a count"),
+        (b'{"status": "pass", "at": 1, "v1": {"r": 1, "e": 2}, "v2": {"r": 1}}', "more errors"),
+        (b'{"status": "pass", "at": 1, "v1": {"r": "1", "e": 0}, "v2": {"r": 1}}', "v1.r is not"),
+        (b'{"status": "pass", "at": 1, "v1": {"r": 1, "e": 0, "b": [1e999]}, "v2": {}}', "v1.b"),
+        (b'{"status": "pass", "at": 1, "v1": {"r": 1, "e": 0, "b": [' + b"1," * 99 + b"1]}}",
+         "v1.b is not a list of at most"),
+        (b'{"status": "maybe", "at": 1}', "unknown status"),
+        (b'{"status": "pass", "at": true, "v1": {}, "v2": {}}', "at is not a finite"),
+        (b'{"status": "pass", "at": 1, "v1": {"r": 1, "e": 0}, "v2": {"r": 1, "e": 0}, "rollout": 3}',
+         "rollout is not"),
+        (b"[" * 100_000, "above"),
+        (b'{"a": "' + b"x" * 70_000 + b'"}', "above"),
+    ],
+)  # fmt: skip
+def test_a_hostile_stored_record_is_one_line_never_a_crash(raw: bytes, problem: str) -> None:
+    with pytest.raises(BadRecord) as caught:
+        parse(raw)
+    assert problem in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_hostile_records_in_redis_are_skipped_and_counted(redis_url: str) -> None:
+    async def body(rig: Rig) -> None:
+        rig.clock.now = time.time() - 60
+        for _ in range(3):
+            await rig.second()
+        key = "strangler:canary:checks:default"
+        await rig.redis.lpush(key, b"garbage", b'{"status": "pass", "at": NaN}', b"[" * 50_000)
+        loaded = await history.read(rig.redis, rig.keys, "default", 0)
+        assert len(loaded.checks) == 3 and loaded.skipped == 3 and loaded.first_problem
+
+    run(redis_url, body)
+    result = cli("canary", "backtest", "--since", "1h", "--redis-url", redis_url)
+    assert result.exit_code == 0, result.output
+    assert "3 stored records skipped" in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("thresholds: [1, 2\n", "not valid YAML"),
+        ("- 1\n- 2\n", "the top level must be a mapping"),
+        ("thresholds:\n  max_error_rat: 0.1\n", "unknown key; did you mean 'max_error_rate'?"),
+        ("thresholds:\n  max_error_rate: .nan\n", "thresholds.max_error_rate"),
+        ("thresholds:\n  min_requests: many\n", "thresholds.min_requests"),
+        ("consecutive_failures: 0\n", "consecutive_failures"),
+        ("consecutive_failures: [3]\n", "consecutive_failures"),
+        ("group_thresholds: 5\n", "group_thresholds"),
+        ("surprise: 1\n", "unknown key"),
+        ("thresholds:\n  x: " + "y" * 3_000_000 + "\n", "unknown key"),
+        ("\xff", "config file"),
+    ],
+)
+def test_a_hostile_candidate_file_is_one_line_exit_2(
+    content: str, problem: str, tmp_path: Path, redis_url: str
+) -> None:
+    path = tmp_path / "candidate.yaml"
+    if content == "\xff":
+        path.write_bytes(b"\xff\xfe\x00")
+    else:
+        path.write_text(content)
+    from tests.clirun import strangler
+
+    ran = strangler("canary", "backtest", "--gates", str(path), "--redis-url", redis_url)
+    lines = [line for line in ran.stderr.splitlines() if line.strip()]
+    assert ran.returncode == 2 and len(lines) == 1, ran.stderr
+    assert problem in lines[0] and "--gates" in lines[0] and "Traceback" not in ran.stderr
+
+
+def test_bad_since_and_unknown_group_are_usage_errors(redis_url: str) -> None:
+    for args in (["--since", "soon"], ["--since", "-5m"], ["--group", "nope"]):
+        result = cli("canary", "backtest", *args, "--redis-url", redis_url)
+        assert result.exit_code == 2, result.output
