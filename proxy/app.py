@@ -15,6 +15,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from proxy.admin import alerts as alerts_admin
 from proxy.admin import canary as canary_admin
 from proxy.admin import deprecations as deprecations_admin
 from proxy.admin import shadow as shadow_admin
@@ -87,6 +88,7 @@ class Strangler:
         self.admin_context = AdminContext(settings, store, metrics, redis, control)
         capability_routes = [
             *canary_admin.routes(self.canary.service),
+            *alerts_admin.routes(self.canary.service, metrics),
             *deprecations_admin.routes(deprecations, store, control),
             *shadow_admin.routes(store, self.shadow.report, self.shadow.control, self.shadow.mirror),
         ]

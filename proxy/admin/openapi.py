@@ -36,6 +36,31 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         "type": "object",
         "properties": {"group": {"type": "string", "default": "default"}},
     },
+    ("/alerts/alertmanager", "post"): {
+        "type": "object",
+        "description": "Alertmanager's webhook payload (version 4); other fields are ignored. A firing "
+        "alert whose labels name a route group (canary.alert_group_label, default strangler_group) "
+        "rolls that group back to 0% v2; resolved alerts change nothing.",
+        "required": ["alerts"],
+        "properties": {
+            "version": {"type": "string", "const": "4"},
+            "status": {"type": "string", "enum": ["firing", "resolved"]},
+            "alerts": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["status", "labels"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["firing", "resolved"]},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "startsAt": {"type": "string", "format": "date-time"},
+                        "fingerprint": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
     ("/deprecations/{name}", "put"): {
         "type": "object",
         "description": 'either {"phase": ...} or rule fields (a name not configured defines a new rule)',

@@ -368,6 +368,36 @@ class Rollouts:
         state = await self._transition(group, "rollback", go, event.by, figures=decision, leader=leader)
         return state if done else False
 
+    async def rollback_for_alert(
+        self,
+        group: str,
+        inherited: float,
+        decision: dict[str, Any],
+        event_for: Callable[[float], Event],
+        by: str,
+    ) -> float | None:
+        """An alert (Alertmanager) rolls the group back: split 0, the rollout (any state) rolled
+        back, decision and critical alert, in one write, as the leader's rollback. ``inherited``
+        is the share the group serves when its own key is unset (the global split, or the
+        configured default); ``event_for(share)`` makes the alert. Returns the share it had, or
+        None (nothing written) when the group is already at 0: a repeated alert is a no-op."""
+        had: list[float] = []
+
+        def go(f: Facts) -> tuple[RolloutState | None, Event, dict[str, Any]] | None:
+            had.clear()  # a retried transaction decides again on the new facts
+            own = f.split_value()
+            share = own if own is not None else inherited
+            if share <= 0 and (f.current is None or f.current.percentage <= 0):
+                return None
+            state = f.current
+            new = None if state is None else replace(state, state=ROLLED_BACK, override=None)
+            had[:] = [share]
+            taken = {**decision, "from_percentage": share}
+            return new, event_for(share), {"split": 0.0, "decision": taken, "action": "rolled_back"}
+
+        await self._transition(group, "rollback", go, by, figures=decision)
+        return had[0] if had else None
+
     async def restore(self, remembered: RolloutState, by: str) -> RolloutState | None:
         """After Redis lost its data: write back a rollout the leader remembers, paused if it was
         active, at the share the proxies restored (or its own share if none was). Never over an
