@@ -174,6 +174,9 @@ def test_hostile_webhooks_are_refused_in_one_line_and_change_nothing(
 ) -> None:
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     r.set(SPLIT, "40")
+    doc = httpx.get(alert_proxy.admin + "/openapi.json").json()
+    operation = doc["paths"]["/_strangler/alerts/alertmanager"]["post"]
+    assert operation["security"] == [{"bearer": []}] and "Alertmanager" in operation["summary"]
     good = payload(alert())
     for token in (None, "wrong", TOKEN + "x"):
         answer = post(alert_proxy, good, token=token)
@@ -235,3 +238,16 @@ def test_plan_is_pure_and_strict() -> None:
     # a custom label
     todo = plan(payload(alert(group=None, team_group="tasks")), "team_group", groups)
     assert list(todo.rollback) == ["tasks"]
+
+
+def test_the_documented_receiver_posts_to_the_route_with_a_bearer_token_from_a_file() -> None:
+    import yaml
+
+    from tests.support import ROOT
+
+    config = yaml.safe_load((ROOT / "config" / "alertmanager.example.yml").read_text())
+    hook = next(r for r in config["receivers"] if r["name"] == "strangler")["webhook_configs"][0]
+    assert hook["url"].endswith("/_strangler/alerts/alertmanager") and hook["send_resolved"] is True
+    auth = hook["http_config"]["authorization"]
+    assert auth["type"] == "Bearer" and "credentials_file" in auth and "credentials" not in auth
+    assert "strangler_group" in (ROOT / "docs" / "canary.md").read_text()

@@ -226,3 +226,16 @@ def test_bad_since_and_unknown_group_are_usage_errors(redis_url: str) -> None:
     for args in (["--since", "soon"], ["--since", "-5m"], ["--group", "nope"]):
         result = cli("canary", "backtest", *args, "--redis-url", redis_url)
         assert result.exit_code == 2, result.output
+
+
+def test_the_documented_candidate_file_loads(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "canary.md").read_text()
+    example = text.split("# candidate.yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "candidate.yaml"
+    path.write_text(example)
+    from proxy.settings import CanarySettings, load_section_file
+
+    given = load_section_file(path, CandidateFile, ("canary",))
+    candidate = Candidate.of(CanarySettings(), given)
+    assert candidate.consecutive_failures == 2 and candidate.for_group("checkout").max_error_rate == 0.01
+    assert candidate.for_group("default").min_requests == 50
