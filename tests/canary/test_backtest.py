@@ -239,3 +239,29 @@ def test_the_documented_candidate_file_loads(tmp_path: Path) -> None:
     candidate = Candidate.of(CanarySettings(), given)
     assert candidate.consecutive_failures == 2 and candidate.for_group("checkout").max_error_rate == 0.01
     assert candidate.for_group("default").min_requests == 50
+
+
+def test_judging_parts_other_checks_add_are_kept_and_a_fresh_history_is_marked(redis_url: str) -> None:
+    from proxy.canary.analysis import Window
+
+    gates = [{"name": "orders", "status": "pass"}]
+    record = {"at": 5.0, "split": 10, "status": "pass", "consecutive_failures": 0,
+              "gates": gates, "statistics": {"p": 0.4}, "other": 1}  # fmt: skip
+    item = history.entry(record, {"v1": Window.of(1, 0), "v2": Window.of(1, 0)}, None, fresh=True,
+                         advance_due=False)  # fmt: skip
+    assert item["gates"] == record["gates"] and item["statistics"] == {"p": 0.4} and "other" not in item
+    check = parse(json.dumps(item))
+    assert check.extras["gates"] == record["gates"] and check.fresh
+
+    async def body(rig: Rig) -> None:
+        for _ in range(3):
+            await rig.second()
+        await rig.rollouts.start("default", [10, 100], 60, "test")
+        for _ in range(2):
+            await rig.second()
+        checks = await stored(rig)
+        assert [c.fresh for c in checks] == [True, False, False, True, False]
+        assert checks[-1].rollout is not None and checks[-1].rollout.percentage == 10
+        assert checks[0].rollout is None
+
+    run(redis_url, body)
