@@ -248,7 +248,7 @@ class CanaryController(BackgroundLoop):
                 )
         due = rollout is not None and rollout.state == PROGRESSING and judged >= rollout.interval_seconds
         await self._write_verdict(
-            group, record, windows, rollout, fresh="at" not in prev,
+            group, record, windows, rollout, fresh="at" not in prev, since=history_since,
             advance_due=due and verdict.status is Status.PASS and not acted and not held,
         )  # fmt: skip
         if not acted and rollout is not None and rollout.active:
@@ -280,11 +280,20 @@ class CanaryController(BackgroundLoop):
         *,
         fresh: bool,
         advance_due: bool,
+        since: float | None,
     ) -> None:
         """The verdict and its history record (``history``, for backtests) in one transaction:
         the history never shows a check the verdict does not."""
         seen = None if rollout is None else rollout.as_dict()
-        item = history.entry(record, windows, seen, fresh=fresh, advance_due=advance_due)
+        added = None
+        if self.canary.history_checks > 0:
+            try:
+                added = await history.increment(
+                    self.redis, self.keys, group, record["at"], self.canary.window_seconds, since
+                )
+            except Exception:  # noqa: BLE001 - the history is best effort: never at the verdict's cost
+                added = None
+        item = history.entry(record, windows, seen, fresh=fresh, advance_due=advance_due, increment=added)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(records.verdict_key(self.keys, group), json.dumps(record, default=str))
             history.push(pipe, self.keys, group, item, self.canary.history_checks)

@@ -28,7 +28,7 @@ FORMAT = 1
 BUCKETS = len(BOUNDS) + 1
 # judging parts other helpers add to the verdict record (metric gates, the statistical judge): kept
 # as they are, so a replay can use them
-EXTRA_KEYS = ("gates", "statistics", "parity_hold")
+EXTRA_KEYS = ("gates", "statistics", "tally", "parity_hold")
 # one record is read at most this large: a hostile list item must not eat the CLI's memory
 MAX_RECORD_BYTES = 64 * 1024
 
@@ -51,9 +51,11 @@ def entry(
     *,
     fresh: bool,
     advance_due: bool,
+    increment: Increment | None = None,
 ) -> dict[str, Any]:
     """The history record of one check, from the verdict record the leader writes (``record``),
-    the windows it judged and the rollout it saw (``RolloutState.as_dict()``, or None)."""
+    the windows it judged, the rollout it saw (``RolloutState.as_dict()``, or None) and the
+    seconds new since the previous check (``increment``)."""
     out: dict[str, Any] = {
         "f": FORMAT,
         "at": record["at"],
@@ -74,10 +76,49 @@ def entry(
             "hold": [rollout.get("started_at"), rollout.get("hold_id")],
             "step_started_at": rollout.get("step_started_at"),
         }
+    if increment is not None:
+        out["inc"] = {"from": increment.start, "until": increment.until,
+                      "v1": _slots(increment.v1), "v2": _slots(increment.v2)}  # fmt: skip
     for key in EXTRA_KEYS:
         if key in record:
             out[key] = record[key]
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Increment:
+    """The seconds ``(start, until]`` counted by no earlier check: what a sequential judge (the
+    statistical one) adds at this check. ``until`` stays two seconds behind the check, so every
+    replica's flush for a second is in; consecutive increments never overlap."""
+
+    start: int
+    until: int
+    v1: Window
+    v2: Window
+
+
+async def increment(
+    redis: aioredis.Redis, keys: Keys, group: str, now: float, window_seconds: float, since: float | None
+) -> Increment:
+    """Read the seconds since the previous stored check (its ``inc.until``; at most two windows
+    back, where the window hashes expire; never before ``since``, a fresh history)."""
+    from proxy.canary.windows import read_windows
+
+    until = int(now) - 2
+    oldest = until - int(2 * window_seconds)
+    start = until - int(window_seconds)
+    last = await redis.lindex(checks_key(keys, group), 0)
+    try:
+        previous = json.loads(last)["inc"]["until"] if last else None
+    except (ValueError, TypeError, KeyError, RecursionError):
+        previous = None
+    if isinstance(previous, int) and not isinstance(previous, bool) and previous <= until:
+        start = previous
+    start = max(start, oldest, int(since or 0))
+    if until <= start:
+        return Increment(until, until, Window(), Window())
+    got = (await read_windows(redis, keys, [group], until, until - start, {group: start}))[group]
+    return Increment(start, until, got["v1"], got["v2"])
 
 
 def push(pipe: Any, keys: Keys, group: str, item: dict[str, Any], limit: int) -> None:
@@ -120,6 +161,7 @@ class Check:
     fresh: bool
     rollout: Rollout | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    increment: Increment | None = None
 
 
 def _number(value: Any, what: str) -> float:
@@ -178,7 +220,16 @@ def parse(raw: str | bytes) -> Check:
             tuple(hold) if isinstance(hold, list) else (),
             _number(ro.get("step_started_at", 0.0), "rollout.step_started_at"),
         )
+    inc = None
+    if data.get("inc") is not None:
+        raw_inc = data["inc"]
+        if not isinstance(raw_inc, dict):
+            raise BadRecord("inc is not an object")
+        bounds = [_number(raw_inc.get(k), f"inc.{k}") for k in ("from", "until")]
+        inc = Increment(int(bounds[0]), int(bounds[1]), _window(raw_inc.get("v1"), "inc.v1"),
+                        _window(raw_inc.get("v2"), "inc.v2"))  # fmt: skip
     return Check(
+        increment=inc,
         at=_number(data.get("at"), "at"),
         split=_number(data.get("split", 0.0), "split"),
         v1=_window(data.get("v1"), "v1"),

@@ -265,3 +265,23 @@ def test_judging_parts_other_checks_add_are_kept_and_a_fresh_history_is_marked(r
         assert checks[0].rollout is None
 
     run(redis_url, body)
+
+
+def test_increments_cover_each_second_once_for_a_sequential_judge(redis_url: str) -> None:
+    async def body(rig: Rig) -> None:
+        first = int(rig.clock())
+        per_second = {}
+        for n in range(12):
+            per_second[int(rig.clock())] = n + 1
+            await rig.second(v1=10, v2=n + 1)
+        checks = await stored(rig)
+        incs = [c.increment for c in checks]
+        assert all(inc is not None for inc in incs)
+        for a, b in zip(incs, incs[1:], strict=False):
+            assert a is not None and b is not None and b.start == a.until  # contiguous, no overlap
+        start, until = incs[0].start, incs[-1].until  # type: ignore[union-attr]
+        assert until == int(rig.clock()) - 2 and start <= first
+        counted = sum(inc.v2.requests for inc in incs)  # type: ignore[union-attr]
+        assert counted == sum(v for s, v in per_second.items() if start < s <= until)
+
+    run(redis_url, body)
