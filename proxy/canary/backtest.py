@@ -12,22 +12,24 @@ windows as they were. After the candidate's rollback the later checks of that hi
 ``not_judged`` (v2 would have served nothing) until the history starts afresh; an earlier candidate
 advance is judged on the traffic of the step actually served.
 
-Seams for other judges: ``extra_checks`` are called per check with the stored record (metric
-gates re-queried at the check's time, a statistical judge on the stored window); each answers an
-``Outcome`` or None. A failing outcome fails the check, an inconclusive one (``ERROR`` or
-``INSUFFICIENT_DATA``) holds, like the leader does.
+Seam for other judges: ``judges`` are called in order per check with a ``Judging`` (the stored
+check, the built-in verdict or the previous judge's, the streak before this check) and return the
+verdict to act on, as the leader's own steps do after ``assess`` (metric gates: ``decide.combine``
+over gate records re-evaluated at the check's time; the statistical judge: its verdict from the
+stored increment, with its tally kept in the closure). ``outcome_judge`` adapts a simple
+pass/fail/inconclusive answer.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import Field
 
-from proxy.canary.analysis import History, Status, assess
+from proxy.canary.analysis import History, Status, Verdict, assess
 from proxy.canary.history import Check
 from proxy.settings import CanarySettings, CanaryThresholds, StrictModel
 
@@ -66,16 +68,49 @@ class Candidate:
 
 
 @dataclass(frozen=True, slots=True)
+class Judging:
+    """What a judge sees for one stored check."""
+
+    group: str
+    check: Check
+    verdict: Verdict  # the built-in verdict (or the previous judge's)
+    streak: int  # failed checks in a row before this one
+    thresholds: CanaryThresholds
+    failures_to_act: int
+
+
+Judge = Callable[[Judging], Verdict]
+"""The verdict to act on for one stored check (its ``rollback`` rolls back, its
+``consecutive_failures`` is the streak the next check starts from)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
-    """What an extra check (a gate, a judge) says about one stored check."""
+    """A simple answer about one stored check (a gate, a judge): pass, fail or inconclusive."""
 
     status: Status
     reason: str
     check: str
 
 
-ExtraCheck = Callable[[str, Check], Outcome | None]
-"""(group, stored check) -> an outcome, or None when it has nothing to say about this check."""
+def outcome_judge(answer: Callable[[str, Check], Outcome | None]) -> Judge:
+    """A judge from a simple answer: a failure fails the check (and counts toward the streak as
+    the built-in checks' failures do); otherwise an inconclusive answer (``ERROR``,
+    ``INSUFFICIENT_DATA``) holds a passing check; None or a pass leaves the verdict as it is."""
+
+    def judge(j: Judging) -> Verdict:
+        verdict, got = j.verdict, answer(j.group, j.check)
+        if got is None or got.status is Status.PASS or verdict.status is Status.FAIL:
+            return verdict
+        if got.status is Status.FAIL:
+            streak = j.streak + 1
+            return replace(verdict, status=Status.FAIL, reason=got.reason, failed_check=got.check,
+                           consecutive_failures=streak, rollback=streak >= j.failures_to_act)  # fmt: skip
+        if verdict.status is Status.PASS:
+            return replace(verdict, status=got.status, reason=got.reason, consecutive_failures=j.streak)
+        return verdict
+
+    return judge
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,27 +157,7 @@ def _actual_action(check: Check) -> str:
     return HOLD
 
 
-def _combine(
-    status: Status, reason: str, failed: str | None, extras: list[Outcome]
-) -> tuple[Status, str, str | None]:
-    """The built-in verdict with the extra checks: a failure anywhere fails; otherwise anything
-    inconclusive holds; only all passing passes."""
-    if status is Status.FAIL:
-        return status, reason, failed
-    failing = [o for o in extras if o.status is Status.FAIL]
-    if failing:
-        return Status.FAIL, failing[0].reason, failing[0].check
-    if status is not Status.PASS:
-        return status, reason, failed
-    held = [o for o in extras if o.status in (Status.ERROR, Status.INSUFFICIENT_DATA)]
-    if held:
-        return held[0].status, held[0].reason, None
-    return status, reason, failed
-
-
-def replay(
-    group: str, checks: Sequence[Check], candidate: Candidate, extra_checks: Sequence[ExtraCheck] = ()
-) -> Replay:
+def replay(group: str, checks: Sequence[Check], candidate: Candidate, judges: Sequence[Judge] = ()) -> Replay:
     """The candidate's decisions over ``checks`` (oldest first)."""
     thresholds = candidate.for_group(group)
     out = Replay(group)
@@ -162,12 +177,14 @@ def replay(
             out.steps.append(Step(*actual, "", NOT_JUDGED, None, "after the candidate's rollback", 0))
             last_at = check.at
             continue
-        base = assess(check.v1, check.v2, thresholds, History(streak), failures_to_act=1_000_000)
-        extras = [o for o in (f(group, check) for f in extra_checks) if o is not None]
-        status, reason, failed = _combine(base.status, base.reason, base.failed_check, extras)
-        streak = streak + 1 if status is Status.FAIL else (0 if status is Status.PASS else streak)
+        cf = candidate.consecutive_failures
+        verdict = assess(check.v1, check.v2, thresholds, History(streak), failures_to_act=cf)
+        for judge in judges:
+            verdict = judge(Judging(group, check, verdict, streak, thresholds, cf))
+        status, reason, failed = verdict.status, verdict.reason, verdict.failed_check
+        streak = verdict.consecutive_failures
         action = HOLD
-        if status is Status.FAIL and streak >= candidate.consecutive_failures and check.split > 0:
+        if verdict.rollback and check.split > 0:
             action, stopped = ROLLBACK, True
         elif rollout is not None and rollout.state == PROGRESSING:
             if rollout.hold != hold:

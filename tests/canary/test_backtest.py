@@ -20,6 +20,7 @@ from proxy.canary.backtest import (
     Candidate,
     CandidateFile,
     Outcome,
+    outcome_judge,
     replay,
     summary,
 )
@@ -111,12 +112,12 @@ def test_a_stricter_candidate_rolls_back_earlier_a_looser_one_never(redis_url: s
         assert "candidate would not have rolled back" in summary(result)
         # a failing extra check (the seam for gates and judges) fails a check the built-ins pass
         gate = Outcome(Status.FAIL, "orders per minute 3 below 10", "orders")
-        result = replay("default", checks, base, [lambda group, check: gate])
+        result = replay("default", checks, base, [outcome_judge(lambda group, check: gate)])
         first = result.first(ROLLBACK, False)
         assert first is not None and first.failed_check == "orders" and first.at < theirs.at
         # an inconclusive one holds: no advance, never a rollback by itself
         unsure = Outcome(Status.ERROR, "prometheus unreachable", "orders")
-        result = replay("default", checks, base, [lambda group, check: unsure])
+        result = replay("default", checks, base, [outcome_judge(lambda group, check: unsure)])
         assert result.count(ADVANCE, False) == 0
         assert result.first(ROLLBACK, False) == replay("default", checks, base).first(ROLLBACK, False)
 
