@@ -17,7 +17,7 @@ import redis
 
 from proxy.canary.alertmanager import BadPayload, plan
 from tests.canary.helpers import Receiver, Traffic, canary, cli
-from tests.support import Backend, ProxyProcess, wait_until
+from tests.support import Backend, ProxyProcess, RedisServer, wait_until
 
 TOKEN = "alert-test-token-0123456789"
 SPLIT = "feature:v2_traffic_percentage"
@@ -251,3 +251,26 @@ def test_the_documented_receiver_posts_to_the_route_with_a_bearer_token_from_a_f
     auth = hook["http_config"]["authorization"]
     assert auth["type"] == "Bearer" and "credentials_file" in auth and "credentials" not in auth
     assert "strangler_group" in (ROOT / "docs" / "canary.md").read_text()
+
+
+def test_redis_unreachable_is_a_503_alertmanager_retries_and_the_retry_rolls_back(
+    proxy_factory: Callable[..., ProxyProcess],
+    v1v2: tuple[Backend, Backend],
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    server = redis_factory()
+    v1, v2 = v1v2
+    proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=server.url, admin_token=TOKEN,
+                          canary=canary(), process=True)  # fmt: skip
+    r = server.client()
+    r.set(SPLIT, "20")
+    server.freeze()
+    try:
+        answer = post(proxy, payload(alert()))
+        assert answer.status_code == 503 and answer.json()["error"] == "redis unavailable"
+    finally:
+        server.thaw()
+    assert r.get(SPLIT) == "20"
+    answer = post(proxy, payload(alert()))  # Alertmanager retries a 5xx
+    assert answer.status_code == 200 and answer.json()["rolled_back"][0]["from_percentage"] == 20
+    assert r.get(SPLIT) == "0"
