@@ -149,11 +149,16 @@ class Replay:
         return sum(1 for s in self.steps if (s.actual_action if actual else s.action) == action)
 
 
-def _actual_action(check: Check) -> str:
+def _actual_action(check: Check, after: Check | None) -> str:
+    """What the leader did at ``check``: the rollback it recorded, or the advance it was due to
+    make, confirmed by the next stored check's rollout being on a new hold (an advance refused by
+    a race, e.g. a pause landing meanwhile, is a hold)."""
     if check.action == "rolled_back":
         return ROLLBACK
     if check.action == "advance_due":
-        return ADVANCE
+        if after is None or after.rollout is None or check.rollout is None:
+            return ADVANCE
+        return ADVANCE if after.rollout.hold != check.rollout.hold else HOLD
     return HOLD
 
 
@@ -167,12 +172,13 @@ def replay(group: str, checks: Sequence[Check], candidate: Candidate, judges: Se
     judged = 0.0
     last_at: float | None = None
     counted_from = 0.0  # judged time counts from the later of the step's start and the last advance
-    for check in checks:
+    for index, check in enumerate(checks):
+        after = checks[index + 1] if index + 1 < len(checks) else None
         if check.fresh:
             streak, stopped = 0, False
         rollout = check.rollout
         actual = (check.at, check.split, rollout.percentage if rollout else None, check.status,
-                  _actual_action(check), check.failed_check)  # fmt: skip
+                  _actual_action(check, after), check.failed_check)  # fmt: skip
         if stopped:
             out.steps.append(Step(*actual, "", NOT_JUDGED, None, "after the candidate's rollback", 0))
             last_at = check.at

@@ -25,7 +25,7 @@ from proxy.canary.backtest import (
     summary,
 )
 from proxy.canary.history import BadRecord, Check, parse
-from proxy.settings import CanaryThresholds
+from proxy.settings import CanarySettings, CanaryThresholds
 from tests.canary.helpers import cli
 from tests.canary.test_loop import Rig, run
 from tests.support import ROOT
@@ -286,3 +286,24 @@ def test_increments_cover_each_second_once_for_a_sequential_judge(redis_url: str
         assert counted == sum(v for s, v in per_second.items() if start < s <= until)
 
     run(redis_url, body)
+
+
+def test_an_advance_the_leader_was_due_but_did_not_make_is_a_hold() -> None:
+    from proxy.canary.analysis import Window
+
+    def stored_check(at: float, hold: int, action: str | None) -> Check:
+        item = history.entry(
+            {"at": at, "split": 10, "status": "pass", "consecutive_failures": 0, "action": action},
+            {"v1": Window.of(200, 0, [0.01] * 200), "v2": Window.of(200, 0, [0.01] * 200)},
+            {"state": "progressing", "percentage": 10, "interval_seconds": 20, "started_at": 1.0,
+             "hold_id": hold, "step_started_at": 0.0},
+            fresh=False, advance_due=False,
+        )  # fmt: skip
+        return parse(json.dumps(item))
+
+    made = [stored_check(10, 1, None), stored_check(20, 1, "advance_due"), stored_check(30, 2, None)]
+    refused = [stored_check(10, 1, None), stored_check(20, 1, "advance_due"), stored_check(30, 1, None)]
+    candidate = Candidate.of(CanarySettings(check_interval_seconds=10))
+    assert replay("default", made, candidate).count(ADVANCE, True) == 1
+    assert replay("default", refused, candidate).count(ADVANCE, True) == 0
+    assert replay("default", made, candidate).first(ADVANCE, False) is not None
