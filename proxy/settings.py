@@ -34,6 +34,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from proxy.gatespec import check_template, parse_condition, parse_json_path, render
+
 HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 KeySource = Literal["header", "cookie", "query", "jwt"]
 DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "cookie", "query")
@@ -245,6 +247,85 @@ class NotifierTarget(StrictModel):
         return self
 
 
+GateName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _condition(value: str) -> str:
+    parse_condition(value)
+    return value
+
+
+def _json_path(value: str) -> str:
+    parse_json_path(value)
+    return value
+
+
+def _gate_url(value: str, what: str) -> str:
+    """An http(s) URL once its placeholders are filled (checked with sample values)."""
+    check_template(value, what)
+    sample = render(value, {"group": "g", "version": "v2", "window": "60s"})
+    http_url(sample, f"{what} must be an http:// or https:// URL")
+    return value
+
+
+class GateBase(StrictModel):
+    """What every metric gate has: see docs/canary.md, "Metric gates"."""
+
+    name: GateName
+    condition: Annotated[str, AfterValidator(_condition)]
+    failure_limit: int = Field(default=1, ge=1, le=1000)  # failed evaluations in a row before acting
+    dry_run: bool = False  # evaluated, shown and alerted; never holds, advances or rolls back
+    timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    interval_seconds: float | None = Field(default=None, gt=0)  # None: at every check
+    headers: dict[str, SecretStr] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", name):
+                raise ValueError(f"gate header name {name!r} must be letters, digits and '-'")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"gate header {name} has a line break in its value")
+        return value
+
+
+class PrometheusGate(GateBase):
+    """A PromQL query (instant, ``/api/v1/query``) and a condition on its value(s)."""
+
+    kind: Literal["prometheus"]
+    address: str
+    query: str = Field(min_length=1, max_length=4000)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if "{{" in value:
+            raise ValueError("prometheus address takes no placeholders")
+        return _gate_url(value, f"prometheus address {value.split('@')[-1]!r}")
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        return check_template(value, "prometheus query")
+
+
+class HttpGate(GateBase):
+    """A URL answering JSON, a JSONPath into it and a condition on the number found."""
+
+    kind: Literal["http"]
+    url: str
+    json_path: Annotated[str, AfterValidator(_json_path)]
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _gate_url(value, "http gate url")
+
+
+Gate = Annotated[PrometheusGate | HttpGate, Field(discriminator="kind")]
+
+
 class CanarySettings(StrictModel):
     """Health checks, automatic rollback and the rollout ladder."""
 
@@ -266,6 +347,21 @@ class CanarySettings(StrictModel):
     notify_retries: int = Field(default=3, ge=0)
     notify_backoff_seconds: float = Field(default=1.0, gt=0)
     notify_timeout_seconds: float = Field(default=5.0, gt=0)
+    # route group (or "*": every group) -> metric gates checked beside the built-in checks
+    gates: dict[str, list[Gate]] = Field(default_factory=dict)
+
+    @field_validator("gates")
+    @classmethod
+    def _unique_gate_names(cls, value: dict[str, list[Gate]]) -> dict[str, list[Gate]]:
+        for group, gates in value.items():
+            names = [gate.name for gate in gates] + [gate.name for gate in value.get("*", []) if group != "*"]
+            if len(names) != len(set(names)):
+                raise ValueError(f"gate names must be unique per group (with '*'): {group}: {names}")
+        return value
+
+    def gates_for(self, group: str) -> list[PrometheusGate | HttpGate]:
+        """The group's own gates, then those for every group (``"*"``)."""
+        return [*self.gates.get(group, []), *self.gates.get("*", [])]
 
 
 class DeprecationRule(StrictModel):
@@ -624,6 +720,9 @@ class Settings(BaseSettings):
         unknown = sorted(set(named) - known)
         if unknown:
             raise ValueError(f"match rules or session pinning name unknown route groups: {unknown}")
+        unknown_gated = sorted(set(self.canary.gates) - known)
+        if unknown_gated:
+            raise ValueError(f"canary.gates names unknown route groups: {unknown_gated}")
         if len(set(self.user_key_sources)) != len(self.user_key_sources):
             raise ValueError(f"user_key_sources lists a source twice: {self.user_key_sources}")
         pinning = self.session_pinning

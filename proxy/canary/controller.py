@@ -31,6 +31,8 @@ from redis.exceptions import WatchError
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
+from proxy.canary.gates import decide as gate_rules
+from proxy.canary.gates.runner import GateRunner
 from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
 from proxy.canary.windows import REDIS_ERRORS, read_windows
@@ -88,6 +90,7 @@ class CanaryController(BackgroundLoop):
         self._known: dict[str, RolloutState] = {}  # last rollout seen per group (restored after data loss)
         # called as ("decided", group) between a check's reads and its action: tests land races there
         self.race_hook = race_hook
+        self.gates = GateRunner(self.canary, metrics)  # metric gates: one shared client, closed on stop
 
     def leader_token(self) -> LeaderToken:
         """The fencing token every action carries (checked in the action's own transaction)."""
@@ -147,6 +150,7 @@ class CanaryController(BackgroundLoop):
     async def on_stop(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.lock.release(), timeout=1.0)  # hand over at once
+        await self.gates.close()
         self.is_leader = False
 
     def _redis_trouble(self, exc: BaseException) -> None:
@@ -211,6 +215,7 @@ class CanaryController(BackgroundLoop):
             failures_to_act=self.canary.consecutive_failures,
             shadow=shadow,
         )
+        verdict, gate_records = await self._gates(group, verdict, prev, now)
         self._observe(group, verdict)
         split = self._effective_split(group, splits)
         rollout = await self.rollouts.get(group)
@@ -222,6 +227,7 @@ class CanaryController(BackgroundLoop):
             "insufficient_since": prev.get("insufficient_since"),
             "insufficient_alerted": prev.get("insufficient_alerted", False),
             "needs_recovery": prev.get("needs_recovery", False),
+            "gates": gate_records,
         }
         if rollout is not None:
             self._known[group] = rollout
@@ -246,6 +252,8 @@ class CanaryController(BackgroundLoop):
                 record.update(
                     consecutive_failures=0, rollback=True, needs_recovery=True, action="rolled_back"
                 )
+                for gate in gate_records:
+                    gate["consecutive_failures"] = 0
         await self.redis.set(records.verdict_key(self.keys, group), json.dumps(record, default=str))
         if not acted and rollout is not None and rollout.active:
             try:
@@ -287,6 +295,28 @@ class CanaryController(BackgroundLoop):
             judged += max(0.0, min(now - last, 2 * self.canary.check_interval_seconds))
         record["hold"] = {"id": hold_id, "judged": judged}
         return judged
+
+    async def _gates(
+        self, group: str, verdict: Verdict, prev: dict[str, Any], now: float
+    ) -> tuple[Verdict, list[dict[str, Any]]]:
+        """Metric gates (``canary/gates``), evaluated beside the built-in checks: the verdict to act
+        on (``decide.combine``: a gate at its failure limit rolls back through ``rollback``, a
+        failing or inconclusive one holds) and the gate records shown in status. Dry-run gates are
+        alerted once per failing streak and never acted on."""
+        if not self.gates.configured(group):
+            return verdict, []
+        records = await self.gates.evaluate(group, prev.get("gates"), now)
+        for gate in gate_rules.dry_run_alerts(records, now):
+            await events.enqueue(
+                self.redis, self.keys,
+                events.make(
+                    "gate_dry_run_failed", group,
+                    f"dry-run gate {gate['name']} failed {gate['consecutive_failures']} times in a row "
+                    f"for {group} (not acted on): {gate['reason']}",
+                    "leader", gate=gate["name"], value=gate["value"],
+                ),
+            )  # fmt: skip
+        return gate_rules.combine(verdict, records), records
 
     def _observe(self, group: str, verdict: Verdict) -> None:
         self.metrics.check_judged(group, verdict.status.value, {"v1": verdict.v1, "v2": verdict.v2})
