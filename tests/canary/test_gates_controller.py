@@ -16,6 +16,7 @@ import pytest
 from proxy.canary import records
 from proxy.canary.rollout import COMPLETED, PROGRESSING, ROLLED_BACK
 from tests.canary.gate_servers import Answer, AnswerServer
+from tests.canary.helpers import cli
 from tests.canary.test_loop import Rig, run
 from tests.support import free_port
 
@@ -166,3 +167,18 @@ def test_a_dry_run_gate_is_shown_and_alerted_once_and_never_acted_on(
         assert "rolled_back" not in rig.notifier.kinds()
 
     run(redis_url, body, gates={"*": [gate(kpi.url, dry_run=True, failure_limit=2)]})
+
+    # shown: a line per gate in `rollout status`, `rollout watch` and `status`; the JSON view's schema
+    shown = cli("rollout", "status", "--redis-url", redis_url)
+    assert (
+        shown.exit_code == 0 and "  gate checkout: fail 0.5 (" in shown.output and "dry-run" in shown.output
+    )
+    assert kpi.url not in shown.output
+    doc = json.loads(cli("rollout", "status", "--json", "--redis-url", redis_url).output)
+    schema = json.loads((ROOT / "docs/schemas/rollout-status.json").read_text())
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
+    assert doc["verdict"]["gates"][0]["dry_run"] is True
+    watched = cli("rollout", "watch", "--redis-url", redis_url)
+    assert "gate checkout: fail 0.5" in watched.output and "completed" in watched.output
+    status = cli("status", "--redis-url", redis_url)
+    assert "default gate checkout: fail 0.5" in status.output
