@@ -305,3 +305,16 @@ def test_a_prometheus_address_with_credentials_is_not_repeated_in_its_error() ->
     with pytest.raises(ValidationError) as caught:
         Settings(canary={"gates": {"default": [gate]}})
     assert "hunter2" not in str(caught.value).split("input_value")[0]
+
+
+def test_the_example_gates_file_loads() -> None:
+    from pathlib import Path
+
+    from proxy.settings import load_settings
+
+    example = Path(__file__).resolve().parents[2] / "config" / "gates.example.yaml"
+    settings = load_settings(example, routes=[{"name": "orders", "patterns": ["/orders/**"]}])
+    names = [gate.name for gate in settings.canary.gates_for("orders")]
+    assert names == ["checkout-success", "fraud-score", "p99-latency"]
+    assert [gate.name for gate in settings.canary.gates_for("default")] == ["p99-latency"]
+    assert "CHANGE-ME" not in repr(settings.canary.gates)
