@@ -318,3 +318,23 @@ def test_the_example_gates_file_loads() -> None:
     assert names == ["checkout-success", "fraud-score", "p99-latency"]
     assert [gate.name for gate in settings.canary.gates_for("default")] == ["p99-latency"]
     assert "CHANGE-ME" not in repr(settings.canary.gates)
+
+
+def test_a_bad_gate_in_a_yaml_file_is_one_line_naming_file_line_and_field(tmp_path: Any) -> None:
+    from proxy.settings import ConfigError, load_settings
+
+    path = tmp_path / "gates.yaml"
+    path.write_text(
+        "canary:\n  gates:\n    default:\n"
+        "      - kind: prometheus\n        name: p\n        address: http://user:hunter2@127.0.0.1:9090\n"
+        "        query: up\n        condition: result >> 1\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert (
+        message.startswith(f"{path}:")
+        and "condition" in message
+        and "expected 'result' or a number" in message
+    )
+    assert "\n" not in message and "hunter2" not in message

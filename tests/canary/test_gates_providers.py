@@ -182,3 +182,33 @@ def test_a_gate_with_an_interval_keeps_its_record_until_due(server: AnswerServer
 
     assert asyncio.run(go()) == [100.0, 100.0, 131.0]
     assert len(server.seen) == 2
+
+
+GARBAGE: list[Any] = [
+    "abc", 7, None, {"name": "k"}, [1, "x", None],
+    [{"name": "k", "consecutive_failures": "lots", "checked_at": "soon", "status": "pass", "reason": "r"}],
+    [{"name": "k", "consecutive_failures": -5, "checked_at": float("inf"), "status": "pass", "reason": "r",
+      "value": None}],
+    [{"name": "k", "consecutive_failures": 10**12, "checked_at": 99.0, "status": "weird", "reason": 3}],
+    [{"name": ["k"]}],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("previous", GARBAGE)
+def test_garbage_gate_records_in_redis_are_evaluated_afresh(server: AnswerServer, previous: Any) -> None:
+    """The verdict record comes back from Redis: whatever is there, the gate is evaluated again and
+    its streak starts from 0 (never a crash, never a kept result that was not ours)."""
+    server.answer = Answer(body=body({"data": {"ratio": 0.5}}))
+    gate = {"kind": "http", "name": "k", "url": server.url + "/k", "json_path": "$.data.ratio",
+            "condition": "result > 0.9", "interval_seconds": 1000, "failure_limit": 3}  # fmt: skip
+    runner = GateRunner(Settings(canary={"gates": {"default": [gate]}}).canary, Metrics())
+
+    async def go() -> list[dict[str, Any]]:
+        try:
+            return await runner.evaluate("default", previous, 100.0)
+        finally:
+            await runner.close()
+
+    (record,) = asyncio.run(go())
+    assert (record["status"], record["consecutive_failures"], record["checked_at"]) == ("fail", 1, 100.0)
+    assert len(server.seen) == 1

@@ -13,6 +13,7 @@ acts on from the built-in verdict and the gate records.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from proxy.canary.analysis import Status, Verdict
@@ -24,7 +25,7 @@ def gate_record(
     gate: PrometheusGate | HttpGate, result: GateResult, previous: dict[str, Any] | None, now: float
 ) -> dict[str, Any]:
     """What status shows for the gate and what the next check carries on from."""
-    streak = int((previous or {}).get("consecutive_failures") or 0)
+    streak = _count((previous or {}).get("consecutive_failures"))
     if result.status == "fail":
         streak += 1
     elif result.status == "pass":
@@ -40,6 +41,26 @@ def gate_record(
         "failure_limit": gate.failure_limit,
         "checked_at": now,
     }
+
+
+def _count(raw: Any) -> int:
+    """A streak read back from Redis: a non-negative int, anything else counts as 0."""
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < 1_000_000 else 0
+
+
+def well_formed(record: Any) -> bool:
+    """A gate record read back from Redis that can stand for this check (kept by
+    ``interval_seconds``): anything else is evaluated afresh."""
+    if not isinstance(record, dict):
+        return False
+    at, value = record.get("checked_at"), record.get("value")
+    return (
+        record.get("status") in ("pass", "fail", "inconclusive")
+        and isinstance(record.get("reason"), str)
+        and isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
+        and (value is None or isinstance(value, int | float) and not isinstance(value, bool))
+        and _count(record.get("consecutive_failures")) == record.get("consecutive_failures")
+    )  # fmt: skip
 
 
 def tripped(record: dict[str, Any]) -> bool:

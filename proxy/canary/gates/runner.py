@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from proxy.canary.gates import providers
-from proxy.canary.gates.decide import gate_record
+from proxy.canary.gates.decide import gate_record, well_formed
 from proxy.canary.gates.result import GateResult
 from proxy.metrics import Metrics
 from proxy.settings import CanarySettings, HttpGate, PrometheusGate
@@ -34,14 +34,14 @@ class GateRunner:
             self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=self._cap)
         return self._client
 
-    async def evaluate(
-        self, group: str, previous: list[dict[str, Any]] | None, now: float
-    ) -> list[dict[str, Any]]:
+    async def evaluate(self, group: str, previous: Any, now: float) -> list[dict[str, Any]]:
         """The group's gate records for this check (``previous``: those of the last check)."""
         gates = self._canary.gates_for(group)
         if not gates:
             return []
-        before = {r.get("name"): r for r in previous or [] if isinstance(r, dict)}
+        # read back from Redis: a list of records, unless someone wrote something else there
+        kept = previous if isinstance(previous, list) else []
+        before = {r["name"]: r for r in kept if isinstance(r, dict) and isinstance(r.get("name"), str)}
         due = [g for g in gates if not self._fresh(g, before.get(g.name), now)]
         results = await asyncio.gather(*(self._one(g, group) for g in due))
         fresh = {
@@ -53,12 +53,10 @@ class GateRunner:
         return [fresh.get(g.name) or before[g.name] for g in gates]
 
     def _fresh(self, gate: PrometheusGate | HttpGate, record: dict[str, Any] | None, now: float) -> bool:
-        if gate.interval_seconds is None or not record:
+        if gate.interval_seconds is None or not well_formed(record):
             return False
-        try:
-            return now - float(record["checked_at"]) < gate.interval_seconds
-        except (KeyError, TypeError, ValueError):
-            return False
+        assert record is not None
+        return 0 <= now - float(record["checked_at"]) < gate.interval_seconds
 
     async def _one(self, gate: PrometheusGate | HttpGate, group: str) -> GateResult:
         timeout = min(gate.timeout_seconds, self._cap)
