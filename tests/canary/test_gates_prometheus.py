@@ -184,3 +184,37 @@ def test_a_prometheus_store_empty_or_down_never_advances_and_never_rolls_back(
         assert leader_moves(await rig.rollouts.history("default", 50)) == ["completed"]
 
     run(redis_url, good_then_down, gates={"default": [gate(prometheus.url)]})
+
+
+def test_end_to_end_a_rollout_holds_while_prometheus_is_empty_then_down(
+    prometheus: Prometheus, start_proxy: Callable[..., ProxyProcess], redis_url: str
+) -> None:
+    """A real proxy and leader, a one-second hold per step, healthy v2 traffic: while the gate's
+    query answers nothing, then while Prometheus is stopped, ten checks each leave the rollout at
+    its first step with no rollback."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    absent = 'min(shop_checkout_success_ratio{group="{{group}}",version="v9"})'
+    proxy = start_proxy(canary=canary(gates={"default": [gate(prometheus.url, absent)]}))
+    result = cli("rollout", "start", "--steps", "50,100", "--interval", "1s", "--redis-url", redis_url)
+    assert result.exit_code == 0, result.output
+
+    def inconclusive() -> float:
+        return proxy.metric("strangler_canary_gate_checks_total", gate="checkout", result="inconclusive")
+
+    def verdict() -> dict[str, Any]:
+        return json.loads(r.get("strangler:canary:verdict:default") or "{}")
+
+    with Traffic([proxy.url], concurrency=2):
+        for phase, says in (("empty", "no data (empty result)"), ("down", "unreachable (")):
+            if phase == "down":
+                prometheus.stop()
+            start = inconclusive()
+            wait_until(lambda s=says: (verdict().get("gates") or [{}])[0].get("reason", "").startswith(s),
+                       timeout=20, message=f"the gate sees the store {phase}")  # fmt: skip
+            wait_until(lambda s=start: inconclusive() >= s + 10, timeout=30, message="ten more checks")
+            assert "holding" in verdict()["reason"] and verdict()["v2"]["requests"] >= 10
+            rollout = json.loads(r.get("strangler:rollout:default") or "{}")
+            assert (rollout["state"], rollout["percentage"]) == ("progressing", 50), phase
+            assert r.get("feature:v2_traffic_percentage") == "50"
+    assert r.get("strangler:canary:decision:default") is None
+    assert proxy.metric("strangler_rollbacks_total") == 0
