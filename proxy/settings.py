@@ -324,6 +324,7 @@ class HttpGate(GateBase):
 
 
 Gate = Annotated[PrometheusGate | HttpGate, Field(discriminator="kind")]
+GATE_KINDS = ("prometheus", "http")
 
 
 class CanarySettings(StrictModel):
@@ -807,13 +808,13 @@ def load_settings(
         # the first problem told: an unknown key before the rest (a misspelt key often explains a
         # missing one), then in the file's order
         located = [
-            (_source_of(tuple(e["loc"]), given, override_sources or {}, path, from_file, tree), e)
+            (_source_of(_untag(tuple(e["loc"])), given, override_sources or {}, path, from_file, tree), e)
             for e in exc.errors(include_url=False)
         ]
         located.sort(key=lambda pair: (pair[1]["type"] != "extra_forbidden", _line(pair[0], path)))
         source, first = located[0]
         loc = tuple(first["loc"])
-        raise ConfigError(_problem(first), source, _dotted(loc) or None, len(located) - 1) from None
+        raise ConfigError(_problem(first), source, _dotted(_untag(loc)) or None, len(located) - 1) from None
 
 
 # --- turning a problem into one line ----------------------------------------------------------------
@@ -1002,6 +1003,30 @@ def _problem(error: Any) -> str:
     return message
 
 
+def _untag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic puts the member of a discriminated union in an error's location
+    (``canary.gates.default[0].http.url``): drop it, so the path is the one the user wrote."""
+    if loc[:2] == ("canary", "gates") and len(loc) > 4 and isinstance(loc[3], int) and loc[4] in GATE_KINDS:
+        return loc[:4] + loc[5:]
+    return loc
+
+
+def _tag_member(annotation: Any, part: Any) -> Any:
+    """The member of a discriminated union (``Gate``) that a tag in an error location names."""
+    import types
+    from typing import Annotated, Union, get_args, get_origin
+
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return None
+    for member in get_args(annotation):
+        kind = getattr(member, "model_fields", {}).get("kind")
+        if kind is not None and part in get_args(kind.annotation):
+            return member
+    return None
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The settings model whose fields are the keys at ``loc`` (``shadow.groups.beta``:
     ShadowGroupPolicy), or None when ``loc`` leads to something else."""
@@ -1014,7 +1039,10 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     annotation: Any = Settings
     for part in loc:
         annotation = unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        member = _tag_member(annotation, part)
+        if member is not None:
+            annotation = member
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             # cast: where pydantic is not installed (mypyc's build stage) BaseModel is Any and
             # issubclass narrows to bare ``type``
             field = cast("type[BaseModel]", annotation).model_fields.get(str(part))

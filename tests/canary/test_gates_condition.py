@@ -338,3 +338,19 @@ def test_a_bad_gate_in_a_yaml_file_is_one_line_naming_file_line_and_field(tmp_pa
         and "expected 'result' or a number" in message
     )
     assert "\n" not in message and "hunter2" not in message
+
+
+def test_a_misspelt_gate_key_names_the_path_as_written_and_suggests_the_key(tmp_path: Any) -> None:
+    from proxy.settings import ConfigError, load_settings
+
+    path = tmp_path / "gates.yaml"
+    path.write_text(
+        "canary:\n  gates:\n    default:\n"
+        "      - {kind: http, name: k, url: 'http://h/', json_path: $.a, condition: result > 1,\n"
+        "         tiemout_seconds: 2}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(caught.value) == (
+        f"{path}:5:10: canary.gates.default[0].tiemout_seconds: unknown key; did you mean 'timeout_seconds'?"
+    )
