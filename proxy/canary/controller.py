@@ -91,6 +91,7 @@ class CanaryController(BackgroundLoop):
         # called as ("decided", group) between a check's reads and its action: tests land races there
         self.race_hook = race_hook
         self.gates = GateRunner(self.canary, metrics)  # metric gates: one shared client, closed on stop
+        self._gate_records: dict[str, list[dict[str, Any]]] = {}  # this check's, per group
 
     def leader_token(self) -> LeaderToken:
         """The fencing token every action carries (checked in the action's own transaction)."""
@@ -177,13 +178,18 @@ class CanaryController(BackgroundLoop):
         )
         shadow = await self._shadow() if gated else {}
         verdicts = {}
+        prevs: dict[str, dict[str, Any]] = {}
         for group, prev in zip(groups, previous, strict=True):
             prev = prev or {}
             if group in fresh and float(prev.get("at") or 0) <= fresh[group]:
                 # a fresh history: no streak, no insufficient-data clock (an open incident stays open)
                 prev = {"needs_recovery": prev.get("needs_recovery", False)}
+            prevs[group] = prev
+        # every group's metric gates at once: a slow metrics store costs one timeout per check
+        self._gate_records = await self.gates.evaluate_all(prevs, now)
+        for group in groups:
             verdicts[group] = await self._check_group(
-                group, prev, windows[group], splits, now, shadow.get(group), fresh.get(group)
+                group, prevs[group], windows[group], splits, now, shadow.get(group), fresh.get(group)
             )
         return verdicts
 
@@ -215,7 +221,7 @@ class CanaryController(BackgroundLoop):
             failures_to_act=self.canary.consecutive_failures,
             shadow=shadow,
         )
-        verdict, gate_records = await self._gates(group, verdict, prev, now)
+        verdict, gate_records = await self._gates(group, verdict, now)
         self._observe(group, verdict)
         split = self._effective_split(group, splits)
         rollout = await self.rollouts.get(group)
@@ -296,16 +302,14 @@ class CanaryController(BackgroundLoop):
         record["hold"] = {"id": hold_id, "judged": judged}
         return judged
 
-    async def _gates(
-        self, group: str, verdict: Verdict, prev: dict[str, Any], now: float
-    ) -> tuple[Verdict, list[dict[str, Any]]]:
-        """Metric gates (``canary/gates``), evaluated beside the built-in checks: the verdict to act
-        on (``decide.combine``: a gate at its failure limit rolls back through ``rollback``, a
-        failing or inconclusive one holds) and the gate records shown in status. Dry-run gates are
-        alerted once per failing streak and never acted on."""
-        if not self.gates.configured(group):
+    async def _gates(self, group: str, verdict: Verdict, now: float) -> tuple[Verdict, list[dict[str, Any]]]:
+        """Metric gates (``canary/gates``, evaluated for every group by ``check_all``) beside the
+        built-in checks: the verdict to act on (``decide.combine``: a gate at its failure limit
+        rolls back through ``rollback``, a failing or inconclusive one holds) and the gate records
+        shown in status. Dry-run gates are alerted once per failing streak, never acted on."""
+        records = self._gate_records.get(group, [])
+        if not records:
             return verdict, []
-        records = await self.gates.evaluate(group, prev.get("gates"), now)
         for gate in gate_rules.dry_run_alerts(records, now):
             await events.enqueue(
                 self.redis, self.keys,

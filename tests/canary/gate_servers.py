@@ -18,6 +18,7 @@ class Answer:
     delay: float = 0.0
     endless: bool = False  # chunked, never ending (until the client goes away)
     claimed_length: int | None = None  # a Content-Length that is not the body's
+    barrier: threading.Barrier | None = None  # answer only once this many requests are in (else 503)
 
 
 class AnswerServer:
@@ -36,7 +37,13 @@ class AnswerServer:
                 answer = outer.answer
                 if answer.delay:
                     time.sleep(answer.delay)
-                self.send_response(answer.status)
+                status = answer.status
+                if answer.barrier is not None:
+                    try:
+                        answer.barrier.wait()
+                    except threading.BrokenBarrierError:
+                        status = 503
+                self.send_response(status)
                 for name, value in answer.headers.items():
                     self.send_header(name, value)
                 try:

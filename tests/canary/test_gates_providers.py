@@ -212,3 +212,29 @@ def test_garbage_gate_records_in_redis_are_evaluated_afresh(server: AnswerServer
     (record,) = asyncio.run(go())
     assert (record["status"], record["consecutive_failures"], record["checked_at"]) == ("fail", 1, 100.0)
     assert len(server.seen) == 1
+
+
+def test_every_groups_gates_are_evaluated_at_once(server: AnswerServer) -> None:
+    """The store answers only once three requests wait together (else 503 after 5 s): three
+    groups' gates, evaluated one after the other, could never pass; at once, all pass. So a slow
+    store costs a check one timeout, not one per group."""
+    import threading
+
+    server.answer = Answer(body=body({"data": {"ratio": 1}}), barrier=threading.Barrier(3, timeout=5))
+    gate = {"kind": "http", "name": "k", "url": server.url + "/k/{{group}}", "json_path": "$.data.ratio",
+            "condition": "result > 0.9", "timeout_seconds": 10}  # fmt: skip
+    routes = [{"name": n, "patterns": [f"/{n}/**"]} for n in ("a", "b")]
+    settings = Settings(routes=routes, canary={"check_interval_seconds": 20, "gates": {"*": [gate]}})
+    runner = GateRunner(settings.canary, Metrics())
+
+    async def go() -> dict[str, list[dict[str, Any]]]:
+        try:
+            return await runner.evaluate_all({g: {} for g in settings.group_names}, 1.0)
+        finally:
+            await runner.close()
+
+    found = asyncio.run(go())
+    assert {group: [r["status"] for r in records] for group, records in found.items()} == {
+        "default": ["pass"], "a": ["pass"], "b": ["pass"],
+    }  # fmt: skip
+    assert sorted(path for path, _ in server.seen) == ["/k/a", "/k/b", "/k/default"]

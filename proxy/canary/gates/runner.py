@@ -7,6 +7,7 @@ that. A gate with ``interval_seconds`` keeps its last record until that much tim
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -33,6 +34,14 @@ class GateRunner:
             # no redirects, no environment proxies or .netrc: the gate's address is the whole story
             self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=self._cap)
         return self._client
+
+    async def evaluate_all(
+        self, previous: Mapping[str, dict[str, Any]], now: float
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Every gated group's records at once (``previous``: each group's last verdict record)."""
+        groups = [group for group in previous if self.configured(group)]
+        found = await asyncio.gather(*(self.evaluate(g, previous[g].get("gates"), now) for g in groups))
+        return dict(zip(groups, found, strict=True))
 
     async def evaluate(self, group: str, previous: Any, now: float) -> list[dict[str, Any]]:
         """The group's gate records for this check (``previous``: those of the last check)."""
