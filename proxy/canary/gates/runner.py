@@ -1,8 +1,8 @@
-"""Evaluates a group's gates at each check: concurrently, on one shared httpx client (created on
-first use, closed with the leader), each bounded by ``min(timeout_seconds, half the check
-interval)`` so a slow metrics store never delays the built-in checks or a rollback by more than
-that. A gate with ``interval_seconds`` keeps its last record until that much time has passed.
-"""
+"""Evaluates the gates at each check: every group's, all at once (``evaluate_all``, before the
+groups are judged), on one shared httpx client (created on first use, closed with the leader),
+each bounded by ``min(timeout_seconds, half the check interval)``, so a slow or blackholed metrics
+store delays a check (and a rollback) by at most that, however many groups and gates there are. A
+gate with ``interval_seconds`` keeps its last record until that much time has passed."""
 
 from __future__ import annotations
 
