@@ -188,6 +188,7 @@ def test_dashboard_queries_name_only_metrics_the_proxy_exports(busy_proxy: Proxy
         "strangler_shadow_comparisons_total",
         "strangler_rollout_step",
         "strangler_rollbacks_total",
+        "strangler_canary_gate_checks_total",
     ):
         assert needed in used, f"the dashboard shows nothing from {needed}"
     latency = " ".join(expr for _, expr in exprs if "http_request_duration_seconds_bucket" in expr)
