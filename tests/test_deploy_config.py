@@ -117,7 +117,7 @@ def test_promtool_checks_config_rules_and_rule_unit_tests() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = run(tool, "check", "rules", str(CONFIG / "prometheus" / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "5 rules found" in rules.stdout
+    assert "6 rules found" in rules.stdout
     unit = run(tool, "test", "rules", str(CONFIG / "prometheus" / "alerts_test.yml"))
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
