@@ -278,6 +278,14 @@ class Metrics:
             "strangler_judged_p95_seconds", "p95 latency in the last judged window.",
             ["group", "version"], registry=reg, **gauge_mode,
         )  # fmt: skip
+        self.gate_checks = Counter(
+            "strangler_canary_gate_checks_total", "Metric gate evaluations by result.",
+            ["group", "gate", "result"], registry=reg,
+        )  # fmt: skip
+        self.gate_value = Gauge(
+            "strangler_canary_gate_value", "Last value a metric gate read (NaN: none).",
+            ["group", "gate"], registry=reg, **gauge_mode,
+        )  # fmt: skip
         self.alerts = Counter(
             "strangler_alerts_total", "Alert deliveries by target kind and outcome.",
             ["target", "outcome"], registry=reg,
@@ -371,6 +379,11 @@ class Metrics:
             if numbers.get("requests"):
                 self.judged_error_rate.labels(group, version).set(numbers["error_rate"])
                 self.judged_p95.labels(group, version).set(numbers["p95_seconds"])
+
+    def gate_checked(self, group: str, gate: str, result: str, value: float | None) -> None:
+        """One metric gate evaluation (labels: configured group and gate names, closed results)."""
+        self.gate_checks.labels(group, gate, result).inc()
+        self.gate_value.labels(group, gate).set(float("nan") if value is None else value)
 
     def rolled_back(self, group: str, reason: str) -> None:
         self.rollbacks.labels(group, reason).inc()

@@ -34,6 +34,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from proxy.gatespec import check_template, parse_condition, parse_json_path, render
+
 HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE")
 KeySource = Literal["header", "cookie", "query", "jwt"]
 DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "cookie", "query")
@@ -247,6 +249,86 @@ class NotifierTarget(StrictModel):
         return self
 
 
+GateName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+def _condition(value: str) -> str:
+    parse_condition(value)
+    return value
+
+
+def _json_path(value: str) -> str:
+    parse_json_path(value)
+    return value
+
+
+def _gate_url(value: str, what: str) -> str:
+    """An http(s) URL once its placeholders are filled (checked with sample values)."""
+    check_template(value, what)
+    sample = render(value, {"group": "g", "version": "v2", "window": "60s"})
+    http_url(sample, f"{what} must be an http:// or https:// URL")
+    return value
+
+
+class GateBase(StrictModel):
+    """What every metric gate has: see docs/canary.md, "Metric gates"."""
+
+    name: GateName
+    condition: Annotated[str, AfterValidator(_condition)]
+    failure_limit: int = Field(default=1, ge=1, le=1000)  # failed evaluations in a row before acting
+    dry_run: bool = False  # evaluated, shown and alerted; never holds, advances or rolls back
+    timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    interval_seconds: float | None = Field(default=None, gt=0)  # None: at every check
+    headers: dict[str, SecretStr] = Field(default_factory=dict, max_length=20)
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", name):
+                raise ValueError(f"gate header name {name!r} must be letters, digits and '-'")
+            if any(c in secret.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"gate header {name} has a line break in its value")
+        return value
+
+
+class PrometheusGate(GateBase):
+    """A PromQL query (instant, ``/api/v1/query``) and a condition on its value(s)."""
+
+    kind: Literal["prometheus"]
+    address: str
+    query: str = Field(min_length=1, max_length=4000)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if "{{" in value:
+            raise ValueError("prometheus address takes no placeholders")
+        return _gate_url(value, f"prometheus address {value.split('@')[-1]!r}")
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: str) -> str:
+        return check_template(value, "prometheus query")
+
+
+class HttpGate(GateBase):
+    """A URL answering JSON, a JSONPath into it and a condition on the number found."""
+
+    kind: Literal["http"]
+    url: str
+    json_path: Annotated[str, AfterValidator(_json_path)]
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _gate_url(value, "http gate url")
+
+
+Gate = Annotated[PrometheusGate | HttpGate, Field(discriminator="kind")]
+GATE_KINDS = ("prometheus", "http")
+
+
 class CanarySettings(StrictModel):
     """Health checks, automatic rollback and the rollout ladder."""
 
@@ -273,6 +355,21 @@ class CanarySettings(StrictModel):
     # Alertmanager webhook: the label naming the route group to roll back, and the body size cap
     alert_group_label: str = Field(default="strangler_group", min_length=1, max_length=200)
     alert_max_body_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    # route group (or "*": every group) -> metric gates checked beside the built-in checks
+    gates: dict[str, list[Gate]] = Field(default_factory=dict)
+
+    @field_validator("gates")
+    @classmethod
+    def _unique_gate_names(cls, value: dict[str, list[Gate]]) -> dict[str, list[Gate]]:
+        for group, gates in value.items():
+            names = [gate.name for gate in gates] + [gate.name for gate in value.get("*", []) if group != "*"]
+            if len(names) != len(set(names)):
+                raise ValueError(f"gate names must be unique per group (with '*'): {group}: {names}")
+        return value
+
+    def gates_for(self, group: str) -> list[PrometheusGate | HttpGate]:
+        """The group's own gates, then those for every group (``"*"``)."""
+        return [*self.gates.get(group, []), *self.gates.get("*", [])]
 
 
 class DeprecationRule(StrictModel):
@@ -631,6 +728,9 @@ class Settings(BaseSettings):
         unknown = sorted(set(named) - known)
         if unknown:
             raise ValueError(f"match rules or session pinning name unknown route groups: {unknown}")
+        unknown_gated = sorted(set(self.canary.gates) - known)
+        if unknown_gated:
+            raise ValueError(f"canary.gates names unknown route groups: {unknown_gated}")
         if len(set(self.user_key_sources)) != len(self.user_key_sources):
             raise ValueError(f"user_key_sources lists a source twice: {self.user_key_sources}")
         pinning = self.session_pinning
@@ -715,13 +815,13 @@ def load_settings(
         # the first problem told: an unknown key before the rest (a misspelt key often explains a
         # missing one), then in the file's order
         located = [
-            (_source_of(tuple(e["loc"]), given, override_sources or {}, path, from_file, tree), e)
+            (_source_of(_untag(tuple(e["loc"])), given, override_sources or {}, path, from_file, tree), e)
             for e in exc.errors(include_url=False)
         ]
         located.sort(key=lambda pair: (pair[1]["type"] != "extra_forbidden", _line(pair[0], path)))
         source, first = located[0]
         loc = tuple(first["loc"])
-        raise ConfigError(_problem(first), source, _dotted(loc) or None, len(located) - 1) from None
+        raise ConfigError(_problem(first), source, _dotted(_untag(loc)) or None, len(located) - 1) from None
 
 
 def load_section_file(path: str | Path, model: type[SectionT], section: tuple[str, ...] = ()) -> SectionT:
@@ -928,6 +1028,30 @@ def _problem(error: Any) -> str:
     return message
 
 
+def _untag(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """pydantic puts the member of a discriminated union in an error's location
+    (``canary.gates.default[0].http.url``): drop it, so the path is the one the user wrote."""
+    if loc[:2] == ("canary", "gates") and len(loc) > 4 and isinstance(loc[3], int) and loc[4] in GATE_KINDS:
+        return loc[:4] + loc[5:]
+    return loc
+
+
+def _tag_member(annotation: Any, part: Any) -> Any:
+    """The member of a discriminated union (``Gate``) that a tag in an error location names."""
+    import types
+    from typing import Annotated, Union, get_args, get_origin
+
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return None
+    for member in get_args(annotation):
+        kind = getattr(member, "model_fields", {}).get("kind")
+        if kind is not None and part in get_args(kind.annotation):
+            return member
+    return None
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The settings model whose fields are the keys at ``loc`` (``shadow.groups.beta``:
     ShadowGroupPolicy), or None when ``loc`` leads to something else."""
@@ -940,7 +1064,10 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     annotation: Any = Settings
     for part in loc:
         annotation = unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        member = _tag_member(annotation, part)
+        if member is not None:
+            annotation = member
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             # cast: where pydantic is not installed (mypyc's build stage) BaseModel is Any and
             # issubclass narrows to bare ``type``
             field = cast("type[BaseModel]", annotation).model_fields.get(str(part))

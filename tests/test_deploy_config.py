@@ -117,7 +117,7 @@ def test_promtool_checks_config_rules_and_rule_unit_tests() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
     rules = run(tool, "check", "rules", str(CONFIG / "prometheus" / "alerts.yml"))
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "5 rules found" in rules.stdout
+    assert "6 rules found" in rules.stdout
     unit = run(tool, "test", "rules", str(CONFIG / "prometheus" / "alerts_test.yml"))
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
@@ -188,6 +188,7 @@ def test_dashboard_queries_name_only_metrics_the_proxy_exports(busy_proxy: Proxy
         "strangler_shadow_comparisons_total",
         "strangler_rollout_step",
         "strangler_rollbacks_total",
+        "strangler_canary_gate_checks_total",
     ):
         assert needed in used, f"the dashboard shows nothing from {needed}"
     latency = " ".join(expr for _, expr in exprs if "http_request_duration_seconds_bucket" in expr)

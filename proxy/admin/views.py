@@ -161,7 +161,7 @@ def render_status(doc: dict[str, Any], console: Console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from proxy.canary.commands import summarize
+    from proxy.canary.commands import gate_lines, summarize
 
     where = doc["source"]
     proxy = doc["proxy"]
@@ -204,6 +204,9 @@ def render_status(doc: dict[str, Any], console: Console) -> None:
             escape(lines["decision"]),
         )  # fmt: skip
     console.print(table)
+    for row in doc["groups"]:  # metric gates of the last check (docs/canary.md, Metric gates)
+        for line in gate_lines(row["verdict"]):
+            console.print(f"{escape(row['group'])} {escape(line)}")
     for name, result in sorted(doc["parity"].items()):  # the last `strangler parity` run per table
         counts = ", ".join(f"{result.get(k, 0)} {k}" for k in ("missing", "extra", "changed"))
         console.print(f"parity {escape(name)}: {escape(str(result.get('status')))} ({counts})")

@@ -244,6 +244,8 @@ def status(
     console.print(f"group [bold]{name}[/bold] (leader: {data['leader'] or 'none'})")
     for label in ("rollout", "verdict", "decision"):
         console.print(f"  {label}: {summary[label]}", markup=False)
+    for line in gate_lines(entry.get("verdict")):
+        console.print(f"  {line}", markup=False)
 
 
 def watch_line(rollout: dict[str, Any], width: int = 20) -> str:
@@ -260,6 +262,21 @@ def check_line(verdict: dict[str, Any]) -> str:
     v1, v2 = verdict.get("v1") or {}, verdict.get("v2") or {}
     line = f"check {verdict.get('status')}: v2 {_short(v2)}; v1 {_short(v1)}"
     return line
+
+
+def gate_lines(verdict: dict[str, Any] | None) -> list[str]:
+    """One line per metric gate of the last check: ``gate checkout: fail 0.5 (1/2 in a row,
+    dry-run): 0.5 fails 'result >= 0.95'``. The reason never holds a URL or a secret."""
+    lines = []
+    for gate in (verdict or {}).get("gates") or []:
+        if not isinstance(gate, dict):
+            continue
+        value = gate.get("value")
+        shown = "-" if value is None else f"{value:g}" if isinstance(value, int | float) else "?"
+        streak = f"{gate.get('consecutive_failures', 0)}/{gate.get('failure_limit', '?')} in a row"
+        tags = ", ".join([streak, *(["dry-run"] if gate.get("dry_run") else [])])
+        lines.append(f"gate {gate.get('name')}: {gate.get('status')} {shown} ({tags}): {gate.get('reason')}")
+    return lines
 
 
 def _short(figures: dict[str, Any]) -> str:
@@ -297,12 +314,14 @@ def watch(
         if rollout is None:
             fail(f"no rollout for {name} (start one: strangler rollout start --group {name})")
         verdict = entry.get("verdict")
-        lines = (watch_line(rollout), check_line(verdict) if verdict else "")
+        checks = [check_line(verdict), *gate_lines(verdict)] if verdict else []
+        lines = (watch_line(rollout), "\n".join(checks))
         stamp = time.strftime("%H:%M:%S")
         if lines[0] != last[0]:
             console.print(f"{stamp} {lines[0]}", markup=False, soft_wrap=True)
         if lines[1] and lines[1] != last[1]:
-            console.print(f"{stamp}   {lines[1]}", markup=False, soft_wrap=True)
+            for line in lines[1].split("\n"):
+                console.print(f"{stamp}   {line}", markup=False, soft_wrap=True)
         last = lines
         if rollout["state"] == COMPLETED:
             console.print(f"rollout of {name}: completed at {rollout['percentage']:g}%")

@@ -31,6 +31,8 @@ from redis.exceptions import WatchError
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, history, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
+from proxy.canary.gates import decide as gate_rules
+from proxy.canary.gates.runner import GateRunner
 from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
 from proxy.canary.windows import REDIS_ERRORS, read_windows
@@ -88,6 +90,8 @@ class CanaryController(BackgroundLoop):
         self._known: dict[str, RolloutState] = {}  # last rollout seen per group (restored after data loss)
         # called as ("decided", group) between a check's reads and its action: tests land races there
         self.race_hook = race_hook
+        self.gates = GateRunner(self.canary, metrics)  # metric gates: one shared client, closed on stop
+        self._gate_records: dict[str, list[dict[str, Any]]] = {}  # this check's, per group
 
     def leader_token(self) -> LeaderToken:
         """The fencing token every action carries (checked in the action's own transaction)."""
@@ -147,6 +151,7 @@ class CanaryController(BackgroundLoop):
     async def on_stop(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.lock.release(), timeout=1.0)  # hand over at once
+        await self.gates.close()
         self.is_leader = False
 
     def _redis_trouble(self, exc: BaseException) -> None:
@@ -173,13 +178,18 @@ class CanaryController(BackgroundLoop):
         )
         shadow = await self._shadow() if gated else {}
         verdicts = {}
+        prevs: dict[str, dict[str, Any]] = {}
         for group, prev in zip(groups, previous, strict=True):
             prev = prev or {}
             if group in fresh and float(prev.get("at") or 0) <= fresh[group]:
                 # a fresh history: no streak, no insufficient-data clock (an open incident stays open)
                 prev = {"needs_recovery": prev.get("needs_recovery", False)}
+            prevs[group] = prev
+        # every group's metric gates at once: a slow metrics store costs one timeout per check
+        self._gate_records = await self.gates.evaluate_all(prevs, now)
+        for group in groups:
             verdicts[group] = await self._check_group(
-                group, prev, windows[group], splits, now, shadow.get(group), fresh.get(group)
+                group, prevs[group], windows[group], splits, now, shadow.get(group), fresh.get(group)
             )
         return verdicts
 
@@ -211,6 +221,7 @@ class CanaryController(BackgroundLoop):
             failures_to_act=self.canary.consecutive_failures,
             shadow=shadow,
         )
+        verdict, gate_records = await self._gates(group, verdict, now)
         self._observe(group, verdict)
         split = self._effective_split(group, splits)
         rollout = await self.rollouts.get(group)
@@ -222,6 +233,7 @@ class CanaryController(BackgroundLoop):
             "insufficient_since": prev.get("insufficient_since"),
             "insufficient_alerted": prev.get("insufficient_alerted", False),
             "needs_recovery": prev.get("needs_recovery", False),
+            "gates": gate_records,
         }
         if rollout is not None:
             self._known[group] = rollout
@@ -246,6 +258,8 @@ class CanaryController(BackgroundLoop):
                 record.update(
                     consecutive_failures=0, rollback=True, needs_recovery=True, action="rolled_back"
                 )
+                for gate in gate_records:
+                    gate["consecutive_failures"] = 0
         due = rollout is not None and rollout.state == PROGRESSING and judged >= rollout.interval_seconds
         await self._write_verdict(
             group, record, windows, rollout, fresh="at" not in prev, since=history_since,
@@ -319,6 +333,26 @@ class CanaryController(BackgroundLoop):
             judged += max(0.0, min(now - last, 2 * self.canary.check_interval_seconds))
         record["hold"] = {"id": hold_id, "judged": judged}
         return judged
+
+    async def _gates(self, group: str, verdict: Verdict, now: float) -> tuple[Verdict, list[dict[str, Any]]]:
+        """Metric gates (``canary/gates``, evaluated for every group by ``check_all``) beside the
+        built-in checks: the verdict to act on (``decide.combine``: a gate at its failure limit
+        rolls back through ``rollback``, a failing or inconclusive one holds) and the gate records
+        shown in status. Dry-run gates are alerted once per failing streak, never acted on."""
+        records = self._gate_records.get(group, [])
+        if not records:
+            return verdict, []
+        for gate in gate_rules.dry_run_alerts(records, now):
+            await events.enqueue(
+                self.redis, self.keys,
+                events.make(
+                    "gate_dry_run_failed", group,
+                    f"dry-run gate {gate['name']} failed {gate['consecutive_failures']} times in a row "
+                    f"for {group} (not acted on): {gate['reason']}",
+                    "leader", gate=gate["name"], value=gate["value"],
+                ),
+            )  # fmt: skip
+        return gate_rules.combine(verdict, records), records
 
     def _observe(self, group: str, verdict: Verdict) -> None:
         self.metrics.check_judged(group, verdict.status.value, {"v1": verdict.v1, "v2": verdict.v2})

@@ -39,6 +39,7 @@ KINDS: dict[str, Severity] = {
     "insufficient_data": "warning",  # too little traffic to judge for a long time
     "overridden": "warning",  # a person set the split by hand during a rollout (paused or ended it)
     "state_lost": "critical",  # Redis lost its data: the split was restored from a proxy's snapshot
+    "gate_dry_run_failed": "warning",  # a dry-run metric gate reached its failure limit (not acted on)
 }
 
 
