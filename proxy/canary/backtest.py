@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from proxy.canary.analysis import History, Status, Verdict, assess
 from proxy.canary.history import Check
-from proxy.settings import CanarySettings, CanaryThresholds, StrictModel
+from proxy.settings import CanarySettings, CanaryThresholds, Gate, HttpGate, PrometheusGate, StrictModel
 
 ROLLBACK, ADVANCE, HOLD, NOT_JUDGED = "rollback", "advance", "hold", "not_judged"
 PROGRESSING = "progressing"
@@ -44,6 +44,17 @@ class CandidateFile(StrictModel):
     thresholds: CanaryThresholds | None = None
     group_thresholds: dict[str, CanaryThresholds] | None = None
     consecutive_failures: int | None = Field(default=None, ge=1, le=1000)
+    gates: dict[str, list[Gate]] | None = None
+
+    @field_validator("gates")
+    @classmethod
+    def _unique_gate_names(cls, value: dict[str, list[Gate]] | None) -> dict[str, list[Gate]] | None:
+        """The settings' rule: gate names unique per group, counting those for every group."""
+        for group, gates in (value or {}).items():
+            names = [g.name for g in gates] + [g.name for g in (value or {}).get("*", []) if group != "*"]
+            if len(names) != len(set(names)):
+                raise ValueError(f"gate names must be unique per group (with '*'): {group}: {names}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,8 @@ class Candidate:
     group_thresholds: dict[str, CanaryThresholds]
     consecutive_failures: int
     check_interval_seconds: float
+    gates: dict[str, list[PrometheusGate | HttpGate]] = field(default_factory=dict)
+    window_seconds: float = 60.0
 
     @classmethod
     def of(cls, canary: CanarySettings, given: CandidateFile | None = None) -> Candidate:
@@ -61,10 +74,16 @@ class Candidate:
             given.group_thresholds if given.group_thresholds is not None else dict(canary.group_thresholds),
             given.consecutive_failures or canary.consecutive_failures,
             canary.check_interval_seconds,
+            dict(given.gates if given.gates is not None else canary.gates),
+            canary.window_seconds,
         )
 
     def for_group(self, group: str) -> CanaryThresholds:
         return self.group_thresholds.get(group, self.thresholds)
+
+    def gates_for(self, group: str) -> list[PrometheusGate | HttpGate]:
+        """As ``CanarySettings.gates_for``: the group's own gates, then those for every group."""
+        return [*self.gates.get(group, []), *self.gates.get("*", [])]
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +290,7 @@ def view(result: Replay, candidate: Candidate, since: float, skipped: int = 0) -
         "candidate": {
             "thresholds": candidate.for_group(result.group).model_dump(),
             "consecutive_failures": candidate.consecutive_failures,
+            "gates": [gate.name for gate in candidate.gates_for(result.group)],
         },
         "summary": summary(result),
         "first_rollback": {"candidate": first(ROLLBACK, False), "actual": first(ROLLBACK, True)},

@@ -38,7 +38,7 @@ GatesOpt = Annotated[
     Path | None,
     typer.Option(
         "--gates",
-        help="YAML: candidate thresholds, group_thresholds, consecutive_failures (default: the config's).",
+        help="YAML: candidate thresholds, group_thresholds, consecutive_failures, gates (default: config).",
     ),
 ]
 
@@ -83,9 +83,18 @@ def backtest_command(
         return {g: await history.read(control.redis, control.keys, g, start) for g in groups}
 
     loaded = with_control(settings, read)
+    judges: list[backtest.Judge] = []
+    if any(candidate.gates_for(name) for name in groups):
+        import asyncio
+
+        from proxy.canary import replay_judges
+
+        stored = {name: loaded[name].checks for name in groups}
+        answers = asyncio.run(replay_judges.gate_answers(candidate, stored))
+        judges.append(replay_judges.gates(candidate, answers))
     views = []
     for name in groups:
-        result = backtest.replay(name, loaded[name].checks, candidate)
+        result = backtest.replay(name, loaded[name].checks, candidate, judges)
         views.append((result, backtest.view(result, candidate, start, loaded[name].skipped), loaded[name]))
     if as_json:
         from proxy.canary.commands import _redis_source

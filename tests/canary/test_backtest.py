@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from proxy.canary import history
 from proxy.canary.analysis import Status
@@ -191,6 +193,9 @@ def test_hostile_records_in_redis_are_skipped_and_counted(redis_url: str) -> Non
     assert "3 stored records skipped" in result.output
 
 
+HTTP_GATE = "{kind: http, name: a, url: 'http://x/', json_path: '$.v', condition: 'result < 1'}"
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [
@@ -205,8 +210,12 @@ def test_hostile_records_in_redis_are_skipped_and_counted(redis_url: str) -> Non
         ("surprise: 1\n", "unknown key"),
         ("thresholds:\n  x: " + "y" * 3_000_000 + "\n", "unknown key"),
         ("\xff", "config file"),
+        ("gates:\n  default:\n    - {kind: statsd, name: a}\n", "gates"),
+        ("gates:\n  default:\n    - " + HTTP_GATE.replace("< 1", "<<") + "\n", "gates.default[0]"),
+        ("gates:\n  default:\n    - " + HTTP_GATE + "\n    - " + HTTP_GATE + "\n", "unique"),
+        ("gates: [1]\n", "gates"),
     ],
-)
+)  # fmt: skip
 def test_a_hostile_candidate_file_is_one_line_exit_2(
     content: str, problem: str, tmp_path: Path, redis_url: str
 ) -> None:
@@ -307,3 +316,109 @@ def test_an_advance_the_leader_was_due_but_did_not_make_is_a_hold() -> None:
     assert replay("default", made, candidate).count(ADVANCE, True) == 1
     assert replay("default", refused, candidate).count(ADVANCE, True) == 0
     assert replay("default", made, candidate).first(ADVANCE, False) is not None
+
+
+class PastPrometheus:
+    """A Prometheus instant-query API on 127.0.0.1 whose answer depends on the ``time`` asked:
+    ``value(t)``; it keeps the times it was asked about."""
+
+    def __init__(self, value: Any) -> None:
+        import threading
+        import urllib.parse
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.asked: list[float] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                at = float(query["time"][0])
+                outer.asked.append(at)
+                sample = [{"metric": {}, "value": [at, str(value(at))]}]
+                answer = {"status": "success", "data": {"resultType": "vector", "result": sample}}
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_candidate_prometheus_gate_is_asked_at_each_past_check_and_rolls_back(
+    redis_url: str, tmp_path: Path
+) -> None:
+    times: list[float] = []
+
+    async def body(rig: Rig) -> None:
+        rig.clock.now = time.time() - 600
+        await rig.rollouts.start("default", [10, 50, 100], 30, "test")
+        for _ in range(12):
+            await rig.second()
+        times.extend(c.at for c in await stored(rig))
+
+    run(redis_url, body)
+    assert len(times) >= 10
+    bad_from = times[5]  # the business metric drops from the sixth check on
+    prometheus = PastPrometheus(lambda at: 0.5 if at >= bad_from - 0.001 else 0.99)
+    try:
+        candidate = tmp_path / "gates.yaml"
+        gates = [
+            {"kind": "prometheus", "name": "checkout", "address": prometheus.url,
+             "query": 'checkout_ok{group="{{group}}"}', "condition": "result >= 0.9", "failure_limit": 2},
+            # an http gate has no past and nothing was recorded: inconclusive, and dry-run anyway
+            {"kind": "http", "name": "fraud", "url": "http://127.0.0.1:9/x", "json_path": "$.v",
+             "condition": "result < 1", "dry_run": True},
+        ]  # fmt: skip
+        candidate.write_text(yaml.safe_dump({"gates": {"default": gates}}))
+        ran = cli("canary", "backtest", "--since", "1h", "--gates", str(candidate), "--redis-url", redis_url,
+                  "--json")  # fmt: skip
+        assert ran.exit_code == 0, ran.output
+    finally:
+        prometheus.close()
+    doc = json.loads(ran.output)
+    jsonschema.validate(doc, SCHEMA, cls=jsonschema.Draft202012Validator)
+    group = doc["groups"][0]
+    assert group["candidate"]["gates"] == ["checkout", "fraud"]
+    assert sorted(round(t, 3) for t in prometheus.asked) == sorted(
+        round(t, 3) for t in times
+    )  # each past check
+    assert group["first_rollback"]["actual"] is None
+    assert group["first_rollback"]["candidate"] == pytest.approx(times[6])  # the second failure in a row
+    step = [s for s in group["timeline"] if s["candidate"]["action"] == "rollback"][0]
+    assert step["candidate"]["failed_check"] == "gate:checkout" and "0.5" in step["candidate"]["reason"]
+
+
+def test_an_unreachable_prometheus_in_a_replay_holds_never_rolls_back(redis_url: str, tmp_path: Path) -> None:
+    async def body(rig: Rig) -> None:
+        rig.clock.now = time.time() - 600
+        await rig.rollouts.start("default", [10, 50, 100], 3, "test")
+        for _ in range(10):
+            await rig.second()
+
+    run(redis_url, body)
+    from tests.canary.helpers import refused_url
+
+    gate = {"kind": "prometheus", "name": "down", "address": refused_url().rsplit("/", 1)[0],
+            "query": "up", "condition": "result > 0", "timeout_seconds": 0.5}  # fmt: skip
+    candidate = tmp_path / "gates.yaml"
+    candidate.write_text(yaml.safe_dump({"gates": {"*": [gate]}}))
+    ran = cli(
+        "canary", "backtest", "--since", "1h", "--gates", str(candidate), "--redis-url", redis_url, "--json"
+    )
+    assert ran.exit_code == 0, ran.output
+    group = json.loads(ran.output)["groups"][0]
+    assert group["first_rollback"]["candidate"] is None and group["advances"]["candidate"] == 0
+    assert group["advances"]["actual"] >= 1  # the leader (no gates) did advance
+    assert group["verdicts"]["candidate"].get("error", 0) >= 1
