@@ -1,0 +1,185 @@
+"""The statistical judge's verdict table and its tally: pure numbers in, a verdict out. No server."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+import pytest
+
+from proxy.canary import stats
+from proxy.canary.analysis import BOUNDS, History, Status, Window
+from proxy.canary.judge import ERROR_CHECK, LATENCY_CHECK, Tally, assess_statistical, load_tally
+from proxy.canary.simulate import bucket_shares, draw
+from proxy.settings import CanaryThresholds
+
+T = CanaryThresholds(judge="statistical")
+N = len(BOUNDS) + 1
+
+
+def traffic(
+    rng: random.Random, seconds: float, *, rate: float = 200, split: float = 0.05,
+    e1: float = 0.01, e2: float = 0.01, slow: float = 1.0,
+) -> tuple[Window, Window]:  # fmt: skip
+    w1 = draw(rng, rate * (1 - split) * seconds, bucket_shares(0.05, 0.5), e1)
+    w2 = draw(rng, rate * split * seconds, bucket_shares(0.05 * slow, 0.5), e2)
+    return w1, w2
+
+
+def judge(
+    inc: tuple[Window, Window],
+    tally: Tally | None = None,
+    *,
+    window: tuple[Window, Window] | None = None,
+    until: int = 300,
+    history: History | None = None,
+    thresholds: CanaryThresholds = T,
+) -> Any:
+    w1, w2 = window or inc
+    return assess_statistical(
+        w1, w2, *inc, thresholds, history or History(), tally, now=until + 2, until=until, failures_to_act=3
+    )
+
+
+def test_identical_versions_with_enough_data_pass_and_show_every_figure() -> None:
+    rng = random.Random(1)
+    verdict, tally = judge(traffic(rng, 600), window=traffic(rng, 60))
+    assert verdict.status is Status.PASS, verdict.reason
+    s = verdict.as_dict()["statistics"]
+    for test in ("errors", "latency"):
+        part = s[test]
+        assert part["enough_data"] is True and part["power"] >= T.power
+        assert part["log_lr"] < part["threshold"] and 0 < part["p_value"] <= 1
+        assert part["ci95"][0] <= part["effect"] <= part["ci95"][1]
+        assert part["reason"] and "\n" not in part["reason"]
+    assert s["requests"]["v2"] == tally.n2 > 0
+    json.dumps(verdict.as_dict(), allow_nan=False)  # strict JSON: no NaN or Infinity anywhere
+
+
+def test_doubled_error_rate_fails_at_once_without_a_streak() -> None:
+    verdict, _ = judge(traffic(random.Random(2), 600, e2=0.03))
+    assert verdict.status is Status.FAIL and verdict.failed_check == ERROR_CHECK
+    assert verdict.rollback and verdict.consecutive_failures == 1  # acts on the first failing check
+    errors = verdict.statistics["errors"]
+    assert errors["log_lr"] >= errors["threshold"] and errors["ci95"][0] > 1
+    assert "fails more often" in verdict.reason
+
+
+def test_slower_v2_fails_on_latency() -> None:
+    verdict, _ = judge(traffic(random.Random(3), 300, slow=1.3))
+    assert verdict.status is Status.FAIL and verdict.failed_check == LATENCY_CHECK and verdict.rollback
+    assert verdict.statistics["latency"]["ci95"][0] > 0.5
+    assert "slower" in verdict.reason
+
+
+def test_faster_v2_is_not_a_failure() -> None:
+    verdict, _ = judge(traffic(random.Random(4), 600, slow=0.7, e2=0.002))
+    assert verdict.status is Status.PASS, verdict.reason
+    assert verdict.statistics["latency"]["log_lr"] < 0
+
+
+def test_too_little_data_holds_and_never_passes() -> None:
+    verdict, _ = judge(traffic(random.Random(5), 20), window=traffic(random.Random(5), 60))
+    assert verdict.status is Status.INSUFFICIENT_DATA
+    assert "too little data" in verdict.reason and "power" in verdict.reason
+    assert verdict.statistics["errors"]["enough_data"] is False
+
+
+def test_absolute_limits_stay_as_safety_nets_with_their_streak() -> None:
+    rng = random.Random(6)
+    inc = traffic(rng, 60)
+    window = (Window.of(1000, 0, [0.01] * 1000), Window.of(200, 0, [0.9] * 200))  # v2 p95 900 ms
+    verdict, _ = judge(inc, window=window)
+    assert verdict.status is Status.FAIL and verdict.failed_check == "p95"
+    assert not verdict.rollback and verdict.consecutive_failures == 1  # the streak rule, unlike the tests
+    third, _ = judge(inc, window=window, history=History(2))
+    assert third.rollback
+
+
+def test_unreadable_windows_are_an_error_and_keep_the_tally() -> None:
+    rng = random.Random(7)
+    _, tally = judge(traffic(rng, 100))
+    verdict, kept = assess_statistical(None, None, None, None, T, History(1), tally, now=400, until=398)
+    assert verdict.status is Status.ERROR and verdict.consecutive_failures == 1 and kept == tally
+
+
+def test_tally_survives_a_new_leader_and_counts_each_increment_once() -> None:
+    rng = random.Random(8)
+    incs = [traffic(rng, 10) for _ in range(12)]
+    tally = None
+    for i, inc in enumerate(incs[:6]):
+        _, tally = judge(inc, tally, until=10 * (i + 1))
+    stored = json.loads(json.dumps({"tally": tally.model_dump(mode="json")}))  # the verdict record
+    carried, note = load_tally(stored["tally"])
+    assert note is None and carried == tally
+    again, same = judge(incs[5], carried, until=60)  # the same seconds again: not counted twice
+    assert same.n2 == tally.n2
+    for i, inc in enumerate(incs[6:], start=6):
+        _, carried = judge(inc, carried, until=10 * (i + 1))
+    assert carried.n1 == sum(a.requests for a, _ in incs) and carried.x2 == sum(b.errors for _, b in incs)
+
+
+def test_a_split_changing_between_checks_keeps_each_increment_at_its_own_split() -> None:
+    rng = random.Random(9)
+    low, high = traffic(rng, 100, split=0.01), traffic(rng, 100, split=0.5)
+    _, tally = judge(low, until=100)
+    _, tally = judge(high, tally, until=200)
+    ratios, _ = stats.error_grid(T.min_error_ratio)
+    expected = [
+        stats.error_log_lr(r, low[0].requests, low[0].errors, low[1].requests, low[1].errors)
+        + stats.error_log_lr(r, high[0].requests, high[0].errors, high[1].requests, high[1].errors)
+        for r in ratios
+    ]
+    assert list(tally.error_log_lr) == pytest.approx(expected)
+
+
+def test_a_changed_error_grid_restarts_the_count_and_says_so() -> None:
+    rng = random.Random(10)
+    _, tally = judge(traffic(rng, 100))
+    other = CanaryThresholds(judge="statistical", min_error_ratio=3.0)
+    verdict, fresh = judge(traffic(rng, 10), tally, thresholds=other, until=310)
+    assert "restarted" in verdict.statistics["note"] and fresh.n1 < tally.n1
+
+
+HOSTILE: list[Any] = [
+    "garbage",
+    [],
+    42,
+    {"start": "x"},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": []},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [float("nan")]},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [1e300]},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [0.0], "n1": -1},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [0.0], "n1": 10**400},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [0.0], "n1": 1, "x1": 5},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [0.0], "h1": [1, 2]},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [0.0], "score": "inf"},
+    {"start": 1.0, "until": 5, "ratios": [0.5], "error_log_lr": [0.0]},
+    {"start": 1.0, "until": 5, "ratios": [2.0], "error_log_lr": [0.0], "evil": True},
+    {"start": 1.0, "until": 5, "ratios": [2.0] * 100_000, "error_log_lr": [0.0] * 100_000, "h1": "x" * 10**6},
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE, ids=range(len(HOSTILE)))
+def test_a_hostile_stored_tally_restarts_the_count_with_one_clear_line(raw: Any) -> None:
+    tally, note = load_tally(raw)
+    assert tally is None and note and "\n" not in note and "counting restarted" in note
+    verdict, fresh = judge(traffic(random.Random(11), 10), tally)
+    assert verdict.status in (Status.INSUFFICIENT_DATA, Status.PASS) and not verdict.rollback
+    assert fresh is not None and math.isfinite(verdict.statistics["errors"]["log_lr"])
+
+
+def test_no_tally_is_no_note() -> None:
+    assert load_tally(None) == (None, None)
+
+
+def test_bad_judge_settings_are_refused() -> None:
+    for bad in (
+        {"judge": "magic"}, {"alpha": 0}, {"alpha": float("nan")}, {"alpha": 1.5},
+        {"min_error_ratio": 1.0}, {"min_error_ratio": float("inf")}, {"min_latency_shift": -0.1},
+        {"power": 1.0}, {"alpha": "lots"},
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match="validation error"):
+            CanaryThresholds(**bad)
