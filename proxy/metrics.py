@@ -278,6 +278,11 @@ class Metrics:
             "strangler_judged_p95_seconds", "p95 latency in the last judged window.",
             ["group", "version"], registry=reg, **gauge_mode,
         )  # fmt: skip
+        self.canary_evidence = Gauge(
+            "strangler_canary_evidence",
+            "Statistical judge: evidence against v2 as a share of its rollback threshold (1 rolls back).",
+            ["group", "test"], registry=reg, **gauge_mode,
+        )  # fmt: skip
         self.alerts = Counter(
             "strangler_alerts_total", "Alert deliveries by target kind and outcome.",
             ["target", "outcome"], registry=reg,
@@ -371,6 +376,12 @@ class Metrics:
             if numbers.get("requests"):
                 self.judged_error_rate.labels(group, version).set(numbers["error_rate"])
                 self.judged_p95.labels(group, version).set(numbers["p95_seconds"])
+
+    def judge_evidence(self, group: str, evidence: dict[str, float]) -> None:
+        """The statistical judge's evidence per test (errors, latency): log likelihood ratio over
+        the threshold, so 1 is where it rolls back."""
+        for test, value in evidence.items():
+            self.canary_evidence.labels(group, test).set(value)
 
     def rolled_back(self, group: str, reason: str) -> None:
         self.rollbacks.labels(group, reason).inc()

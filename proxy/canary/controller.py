@@ -30,7 +30,8 @@ from redis.exceptions import WatchError
 
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, records
-from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
+from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, Window, assess
+from proxy.canary.judge import Tally, assess_statistical, load_tally
 from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
 from proxy.canary.windows import REDIS_ERRORS, read_windows
@@ -179,8 +180,9 @@ class CanaryController(BackgroundLoop):
                 # a fresh history: no streak, no insufficient-data clock (an open incident stays open)
                 prev = {"needs_recovery": prev.get("needs_recovery", False)}
             verdicts[group] = await self._check_group(
-                group, prev, windows[group], splits, now, shadow.get(group), fresh.get(group)
-            )
+                group, prev, windows[group], splits, now, shadow.get(group), fresh.get(group),
+                judged_since=since.get(group),
+            )  # fmt: skip
         return verdicts
 
     def _effective_split(self, group: str, splits: dict[str, str | None]) -> float:
@@ -201,16 +203,24 @@ class CanaryController(BackgroundLoop):
         now: float,
         shadow: ShadowFigures | None = None,
         history_since: float | None = None,
+        *,
+        judged_since: float | None = None,
     ) -> Verdict:
         thresholds = self.canary.group_thresholds.get(group, self.canary.thresholds)
-        verdict = assess(
-            windows["v1"],
-            windows["v2"],
-            thresholds,
-            History(int(prev.get("consecutive_failures", 0))),
-            failures_to_act=self.canary.consecutive_failures,
-            shadow=shadow,
-        )
+        tally: Tally | None = None
+        if thresholds.judge == "statistical":
+            verdict, tally = await self._judge_statistically(
+                group, prev, windows, thresholds, now, shadow, judged_since
+            )
+        else:
+            verdict = assess(
+                windows["v1"],
+                windows["v2"],
+                thresholds,
+                History(int(prev.get("consecutive_failures", 0))),
+                failures_to_act=self.canary.consecutive_failures,
+                shadow=shadow,
+            )
         self._observe(group, verdict)
         split = self._effective_split(group, splits)
         rollout = await self.rollouts.get(group)
@@ -223,6 +233,8 @@ class CanaryController(BackgroundLoop):
             "insufficient_alerted": prev.get("insufficient_alerted", False),
             "needs_recovery": prev.get("needs_recovery", False),
         }
+        if tally is not None:
+            record["tally"] = tally.model_dump(mode="json")
         if rollout is not None:
             self._known[group] = rollout
         await self._track_insufficient(group, verdict, split, record, now)
@@ -246,6 +258,7 @@ class CanaryController(BackgroundLoop):
                 record.update(
                     consecutive_failures=0, rollback=True, needs_recovery=True, action="rolled_back"
                 )
+                record.pop("tally", None)  # the next attempt is a new judged period
         await self.redis.set(records.verdict_key(self.keys, group), json.dumps(record, default=str))
         if not acted and rollout is not None and rollout.active:
             try:
@@ -288,8 +301,48 @@ class CanaryController(BackgroundLoop):
         record["hold"] = {"id": hold_id, "judged": judged}
         return judged
 
+    async def _judge_statistically(
+        self,
+        group: str,
+        prev: dict[str, Any],
+        windows: dict[str, Any],
+        thresholds: Any,
+        now: float,
+        shadow: ShadowFigures | None,
+        judged_since: float | None,
+    ) -> tuple[Verdict, Tally | None]:
+        """The statistical judge (``judge.py``): feed it the seconds its tally has not counted yet,
+        up to two seconds ago so every replica's flush for a second is in. The tally is in the
+        verdict record (a new leader carries on); seconds older than the window keys live are gone."""
+        tally, note = load_tally(prev.get("tally"))
+        if note:
+            log.warning("canary %s: %s", group, note)
+        until = int(now) - 2
+        oldest = until - int(2 * self.canary.window_seconds)
+        start = (
+            tally.until
+            if tally is not None
+            else int(max(now - self.canary.window_seconds, judged_since or 0))
+        )
+        start = max(start, oldest)
+        empty = {"v1": Window(), "v2": Window()}
+        increment = empty
+        if until > start:
+            increment = (
+                await read_windows(self.redis, self.keys, [group], until, until - start, {group: start})
+            )[group]
+        return assess_statistical(
+            windows["v1"], windows["v2"], increment["v1"], increment["v2"], thresholds,
+            History(int(prev.get("consecutive_failures", 0))), tally, now=now, until=until,
+            failures_to_act=self.canary.consecutive_failures, shadow=shadow, note=note,
+        )  # fmt: skip
+
     def _observe(self, group: str, verdict: Verdict) -> None:
         self.metrics.check_judged(group, verdict.status.value, {"v1": verdict.v1, "v2": verdict.v2})
+        if verdict.statistics:
+            self.metrics.judge_evidence(
+                group, {test: verdict.statistics[test]["evidence"] for test in ("errors", "latency")}
+            )
 
     async def _track_insufficient(
         self, group: str, verdict: Verdict, split: float, record: dict[str, Any], now: float
@@ -355,6 +408,7 @@ class CanaryController(BackgroundLoop):
             "thresholds": verdict.limits,
             "consecutive_failures": verdict.consecutive_failures,
             "rollout_step": rollout.percentage if rollout is not None and rollout.active else None,
+            **({"statistics": verdict.statistics} if verdict.statistics else {}),  # the judge's evidence
         }
         event = events.make(
             "rolled_back", group, f"{group} rolled back from {split:g}% to 0%: {verdict.reason}", by,

@@ -173,6 +173,21 @@ def run_many(
         yield run_once(scenario, thresholds, rng, checks=checks)
 
 
+def run_checks(
+    scenario: Scenario, thresholds: CanaryThresholds, *, total: int, seed: int, checks: int = 30
+) -> list[Run]:
+    """Judged periods of ``checks`` checks until at least ``total`` checks were made (a period that
+    rolls back ends early, and a new one starts, as a new rollout would)."""
+    rng = random.Random(seed)
+    runs: list[Run] = []
+    made = 0
+    while made < total:
+        run = run_once(scenario, thresholds, rng, checks=checks)
+        runs.append(run)
+        made += run.checks
+    return runs
+
+
 def summarise(runs: list[Run], interval: float = 10.0) -> dict[str, float | int | None]:
     """Rollbacks per check and per run, and how soon they came (seconds, for the caught runs)."""
     checks = sum(r.checks for r in runs)
