@@ -46,6 +46,7 @@ class Run:
     checks: int
     failed_check: str | None = None
     statuses: tuple[str, ...] = field(default=())
+    reason: str | None = None  # the rolling-back verdict's
 
 
 def poisson(rng: random.Random, mean: float) -> int:
@@ -156,7 +157,7 @@ def run_once(
         history = History(verdict.consecutive_failures)
         statuses.append(verdict.status.value)
         if verdict.rollback:
-            return Run(check, check, verdict.failed_check, tuple(statuses))
+            return Run(check, check, verdict.failed_check, tuple(statuses), verdict.reason)
     return Run(None, checks, None, tuple(statuses))
 
 
@@ -202,3 +203,39 @@ def summarise(runs: list[Run], interval: float = 10.0) -> dict[str, float | int 
         "median_seconds_to_rollback": caught[len(caught) // 2] if caught else None,
         "pass_share": passed / checks if checks else 0.0,
     }
+
+
+def targets(
+    *, checks: int = 10_000, runs: int = 1000, seed: int = 11
+) -> dict[str, dict[str, float | int | None]]:
+    """The issue's three measures with the default statistical thresholds (docs/canary.md)."""
+    t = CanaryThresholds(judge="statistical")
+    return {
+        "identical": summarise(run_checks(Scenario(), t, total=checks, seed=seed)),
+        "errors_1_to_2_percent": summarise(
+            list(run_many(Scenario(v2_error_rate=0.02), t, runs=runs, seed=seed + 1))
+        ),
+        "latency_x1.2": summarise(
+            list(run_many(Scenario(v2_latency_factor=1.2), t, runs=runs, seed=seed + 2))
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m proxy.canary.simulate [--checks N] [--runs N] [--seed S]``: the figures as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m proxy.canary.simulate", description=main.__doc__)
+    parser.add_argument("--checks", type=int, default=10_000, help="checks with identical versions")
+    parser.add_argument("--runs", type=int, default=1000, help="5-minute runs per regression")
+    parser.add_argument("--seed", type=int, default=11)
+    args = parser.parse_args(argv)
+    if args.checks < 1 or args.runs < 1:
+        parser.error("--checks and --runs must be at least 1")
+    print(json.dumps(targets(checks=args.checks, runs=args.runs, seed=args.seed), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,11 +6,12 @@ per regression are in the long suite (``soak``, as the differential test's deep 
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
-from proxy.canary.simulate import Scenario, binomial, poisson, run_checks, run_many, summarise
+from proxy.canary.simulate import Scenario, binomial, main, poisson, run_many, summarise, targets
 from proxy.settings import CanaryThresholds
 
 T = CanaryThresholds(judge="statistical")
@@ -46,15 +47,24 @@ def test_twenty_percent_slower_is_caught_within_five_minutes() -> None:
 
 @pytest.mark.soak
 def test_full_targets() -> None:
-    same = summarise(run_checks(SAME, T, total=10_000, seed=11, checks=FIVE_MINUTES))
-    print("identical:", same)
+    """The figures docs/canary.md quotes (``python -m proxy.canary.simulate`` prints the same)."""
+    f = targets(checks=10_000, runs=1000, seed=11)
+    print(f)
+    same = f["identical"]
     assert same["checks"] >= 10_000 and same["per_check_rate"] <= 0.005 and same["per_run_rate"] <= T.alpha
-    errors = figures(ERRORS, runs=1000, seed=12)
-    print("errors 1% -> 2%:", errors)
-    assert errors["per_run_rate"] >= 0.95
-    slower = figures(SLOWER, runs=1000, seed=13)
-    print("latency x1.2:", slower)
-    assert slower["per_run_rate"] >= 0.90
+    assert f["errors_1_to_2_percent"]["per_run_rate"] >= 0.95
+    assert f["latency_x1.2"]["per_run_rate"] >= 0.90
+
+
+def test_the_simulation_command_prints_the_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--checks", "60", "--runs", "3", "--seed", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"identical", "errors_1_to_2_percent", "latency_x1.2"}
+    assert printed["identical"]["checks"] >= 60 and printed["latency_x1.2"]["runs"] == 3
+    with pytest.raises(SystemExit):
+        main(["--runs", "0"])
+    with pytest.raises(SystemExit):
+        main(["--runs", "lots"])
 
 
 def test_samplers_have_the_right_mean_and_spread() -> None:
