@@ -123,6 +123,14 @@ def add_increment(tally: Tally, inc_v1: Window, inc_v2: Window, until: int) -> T
     )
 
 
+def _sound(window: Window) -> bool:
+    """Counts a tally may take: non-negative, errors within requests, our bucket layout, bounded."""
+    if window.buckets and len(window.buckets) != N_BUCKETS:
+        return False
+    numbers = (window.requests, window.errors, *window.buckets)
+    return all(0 <= n <= 10**12 for n in numbers) and window.errors <= window.requests
+
+
 def _add(total: tuple[int, ...], more: tuple[int, ...]) -> tuple[int, ...]:
     if not more:
         return total
@@ -228,6 +236,16 @@ def assess_statistical(
         verdict = assess(None, None, t, history, failures_to_act=failures_to_act)
         return dataclasses.replace(verdict, limits=limits), tally
     if until > tally.until:
+        if not (_sound(inc_v1) and _sound(inc_v2)):
+            # hostile or corrupted per-second hashes: not judged, and not read again
+            skipped = tally.model_copy(update={"until": until})
+            verdict = Verdict(
+                Status.ERROR,
+                f"counts of seconds {tally.until + 1}-{until} are invalid (negative, more errors than "
+                "requests, or another bucket layout); not judged",
+                limits=limits, consecutive_failures=history.consecutive_failures,
+            )  # fmt: skip
+            return verdict, skipped
         tally = add_increment(tally, inc_v1, inc_v2, until)
 
     # Bonferroni: the two false-alarm bounds add up to alpha

@@ -183,3 +183,25 @@ def test_bad_judge_settings_are_refused() -> None:
     ):  # fmt: skip
         with pytest.raises(ValueError, match="validation error"):
             CanaryThresholds(**bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Window(-5, 0, (0,) * N),
+        Window(10, 11, (10,) + (0,) * (N - 1)),
+        Window(10, 0, (10, 0)),
+        Window(10**15, 0, (0,) * N),
+        Window(10, 0, (-10,) + (0,) * (N - 1)),
+    ],
+)
+def test_invalid_increment_counts_are_an_error_and_not_read_again(bad: Window) -> None:
+    rng = random.Random(12)
+    _, tally = judge(traffic(rng, 100), until=100)
+    good = traffic(rng, 10)
+    verdict, after = assess_statistical(
+        *good, good[0], bad, T, History(2), tally, now=112, until=110, failures_to_act=3
+    )
+    assert verdict.status is Status.ERROR and "invalid" in verdict.reason and "\n" not in verdict.reason
+    assert verdict.consecutive_failures == 2 and not verdict.rollback
+    assert after.until == 110 and after.n1 == tally.n1  # skipped, not counted

@@ -5,12 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
+import jsonschema
 import pytest
 
 from proxy.canary import records
 from proxy.canary.rollout import ROLLED_BACK
 from tests.canary.test_loop import Rig, run
+from tests.support import ROOT
+
+
+def check_schema(statistics: dict[str, Any]) -> None:
+    """The verdict's and decision's ``statistics`` as the status views' schemas describe them."""
+    for view in ("status", "rollout-status"):
+        defs = json.loads((ROOT / "docs" / "schemas" / f"{view}.json").read_text())["$defs"]
+        schema = {"$defs": defs, "$ref": "#/$defs/statistics"}
+        jsonschema.validate(statistics, schema, cls=jsonschema.Draft202012Validator)
+
 
 STATISTICAL = {"default": {"judge": "statistical", "min_requests": 20, "max_error_rate": 0.9}}
 
@@ -32,6 +44,7 @@ def test_the_tally_counts_every_second_once_and_a_new_leader_carries_it_on(redis
         # flush is in: the first 11 counted, none skipped or twice across the change of leader
         assert tally["n1"] == 40 * 11 and tally["n2"] == 10 * 11
         assert verdict["statistics"]["requests"] == {"v1": tally["n1"], "v2": tally["n2"]}
+        check_schema(verdict["statistics"])
 
     run(redis_url, body, group_thresholds=STATISTICAL)
 
@@ -52,6 +65,7 @@ def test_error_evidence_rolls_back_at_once_and_the_next_attempt_starts_afresh(re
         assert decision["failed_check"] == "error_evidence" and decision["consecutive_failures"] == 1
         errors = decision["statistics"]["errors"]
         assert errors["log_lr"] >= errors["threshold"] and errors["ci95"][0] > 1
+        check_schema(decision["statistics"])
         assert rig.metrics.rollbacks.labels("default", "error_evidence")._value.get() == 1
         assert rig.metrics.canary_evidence.labels("default", "errors")._value.get() >= 1
         assert "tally" not in await rig.verdict()
