@@ -38,7 +38,7 @@ from proxy.canary.windows import REDIS_ERRORS, read_windows
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.metrics import Metrics
-from proxy.settings import Settings
+from proxy.settings import CanaryThresholds, Settings
 
 log = logging.getLogger("strangler.canary")
 
@@ -306,7 +306,7 @@ class CanaryController(BackgroundLoop):
         group: str,
         prev: dict[str, Any],
         windows: dict[str, Any],
-        thresholds: Any,
+        thresholds: CanaryThresholds,
         now: float,
         shadow: ShadowFigures | None,
         judged_since: float | None,

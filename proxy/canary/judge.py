@@ -66,6 +66,8 @@ class Tally(BaseModel):
     h2: tuple[Count, ...] = (0,) * N_BUCKETS
     score: float = Field(default=0.0, ge=-1e17, le=1e17)
     info: float = Field(default=0.0, ge=0, le=1e17)
+    spread: float = Field(default=0.0, ge=0, le=1e34)  # sum of squared standardized effects per check
+    checks: int = Field(default=0, ge=0, le=10**9)  # checks that informed the latency test
     min_p_errors: float = Field(default=1.0, ge=0, le=1)
     min_p_latency: float = Field(default=1.0, ge=0, le=1)
 
@@ -119,6 +121,8 @@ def add_increment(tally: Tally, inc_v1: Window, inc_v2: Window, until: int) -> T
             "h2": _add(tally.h2, inc_v2.buckets),
             "score": tally.score + score,
             "info": tally.info + info,
+            "spread": tally.spread + (score * score / info if info > 0 else 0.0),
+            "checks": tally.checks + (1 if info > 0 else 0),
         }
     )
 
@@ -179,12 +183,14 @@ def _errors(tally: Tally, t: CanaryThresholds, threshold: float) -> tuple[dict[s
 
 
 def _latency(tally: Tally, t: CanaryThresholds, threshold: float) -> tuple[dict[str, Any], bool, float]:
-    log_lr = stats.latency_log_lr(tally.score, tally.info, LATENCY_TAU)
+    phi = stats.dispersion(tally.score, tally.info, tally.spread, tally.checks)
+    score, info = tally.score / phi, tally.info / phi
+    log_lr = stats.latency_log_lr(score, info, LATENCY_TAU)
     p_value = min(tally.min_p_latency, math.exp(-log_lr) if log_lr > 0 else 1.0)
     theta = stats.mann_whitney(tally.h1, tally.h2).theta
     lo, hi = stats.superiority_ci(tally.h1, tally.h2)
     effect = stats.scaled_superiority(tally.h1, BOUNDS, 1 + t.min_latency_shift) - 0.5
-    power = stats.latency_power(tally.info, effect, LATENCY_TAU, threshold)
+    power = stats.latency_power(info, effect, LATENCY_TAU, threshold)
     crossed = log_lr >= threshold
     said = f"a v2 request was slower than a v1 request in {theta:.1%} of pairs (95% CI {lo:.1%}-{hi:.1%})"
     shift = f"{t.min_latency_shift:.0%}"
@@ -199,6 +205,7 @@ def _latency(tally: Tally, t: CanaryThresholds, threshold: float) -> tuple[dict[
         "log_lr": round(log_lr, 4), "threshold": round(threshold, 4),
         "evidence": round(log_lr / threshold, 4), "p_value": round(p_value, 6),
         "power": round(power, 4), "enough_data": power >= t.power, "reason": reason,
+        "dispersion": round(phi, 4),
     }  # fmt: skip
     return part, crossed, p_value
 

@@ -339,6 +339,20 @@ def latency_increment(h1: Sequence[int], h2: Sequence[int]) -> tuple[float, floa
     return ((mw.theta - 0.5) / var_theta, 1.0 / var_theta)
 
 
+def dispersion(score: float, info: float, spread: float, checks: int) -> float:
+    """How much more the per-check effects scatter than independent requests would make them (at
+    least 1): Pearson's statistic over the checks, divided by its degrees of freedom.
+
+    Latencies are not independent: a pause of one v2 process delays every request it holds at once,
+    which the Mann-Whitney variance assumes away, so one stalled second would look like a strong
+    effect. Dividing score and information by this factor (quasi-likelihood) judges the evidence
+    by how consistently v2 is slower from check to check, not by how many requests one stall hit.
+    """
+    if checks < 2 or info <= 0:
+        return 1.0
+    return max(1.0, (spread - score * score / info) / (checks - 1))
+
+
 def latency_log_lr(score: float, info: float, tau: float) -> float:
     """log of the half-normal(tau) mixture over "theta above 1/2" of the Gaussian likelihood ratios."""
     if info <= 0:

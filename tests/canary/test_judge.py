@@ -205,3 +205,25 @@ def test_invalid_increment_counts_are_an_error_and_not_read_again(bad: Window) -
     assert verdict.status is Status.ERROR and "invalid" in verdict.reason and "\n" not in verdict.reason
     assert verdict.consecutive_failures == 2 and not verdict.rollback
     assert after.until == 110 and after.n1 == tally.n1  # skipped, not counted
+
+
+def test_one_stalled_second_of_v2_is_not_a_slowdown_but_a_steady_one_is() -> None:
+    """A pause of the v2 process delays every request it holds at once: one such second must not
+    outweigh a period where v2 is otherwise as fast (the dispersion factor), a steady slowdown must."""
+    rng = random.Random(13)
+    tally = None
+    for second in range(1, 13):
+        v1, v2 = traffic(rng, 10, split=0.2)
+        if second == 4:  # every v2 request of this check delayed into a slow bucket
+            v2 = Window(v2.requests, v2.errors, (0,) * 14 + (v2.requests,) + (0,) * (N - 15))
+        verdict, tally = judge((v1, v2), tally, until=10 * second)
+        assert not verdict.rollback, verdict.reason
+    latency = verdict.statistics["latency"]
+    assert latency["dispersion"] > 3 and latency["log_lr"] < latency["threshold"]
+    steady = None
+    for second in range(1, 13):
+        verdict, steady = judge(traffic(rng, 10, split=0.2, slow=1.3), steady, until=10 * second)
+        if verdict.rollback:
+            break
+    assert verdict.rollback and verdict.failed_check == LATENCY_CHECK
+    assert verdict.statistics["latency"]["dispersion"] < 2
