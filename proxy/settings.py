@@ -905,7 +905,8 @@ def _problem(error: Any) -> str:
     message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     value = error.get("input")
     if kind != "value_error" and isinstance(value, str | int | float) and not _is_secret(loc):
-        message += f" (got {value!r})"
+        shown = repr(value)  # a huge value is cut: the line must stay readable
+        message += f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return message
 
 

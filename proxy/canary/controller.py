@@ -325,8 +325,7 @@ class CanaryController(BackgroundLoop):
             else int(max(now - self.canary.window_seconds, judged_since or 0))
         )
         start = max(start, oldest)
-        empty = {"v1": Window(), "v2": Window()}
-        increment = empty
+        increment = {"v1": Window(), "v2": Window()}  # nothing new since the last check
         if until > start:
             increment = (
                 await read_windows(self.redis, self.keys, [group], until, until - start, {group: start})

@@ -227,3 +227,28 @@ def test_one_stalled_second_of_v2_is_not_a_slowdown_but_a_steady_one_is() -> Non
             break
     assert verdict.rollback and verdict.failed_check == LATENCY_CHECK
     assert verdict.statistics["latency"]["dispersion"] < 2
+
+
+@pytest.mark.parametrize(
+    ("value", "key"),
+    [
+        ("judge: magic", "judge"),
+        ("alpha: .nan", "alpha"),
+        ("alpha: 1e400", "alpha"),
+        ("min_error_ratio: [2]", "min_error_ratio"),
+        ("power: {a: 1}", "power"),
+        ("min_latency_shift: '" + "9" * 10_000 + "'", "min_latency_shift"),
+    ],
+)
+def test_hostile_judge_settings_in_a_yaml_file_are_one_clear_line(
+    tmp_path: Any, value: str, key: str
+) -> None:
+    from proxy.settings import ConfigError, load_settings
+
+    path = tmp_path / "strangler.yaml"
+    path.write_text(f"canary:\n  group_thresholds:\n    default:\n      {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert "\n" not in message and f"canary.group_thresholds.default.{key}" in message
+    assert len(message) < 500
