@@ -7,6 +7,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from scipy import special
 from scipy import stats as sps
 
@@ -168,3 +170,25 @@ def test_power_grows_with_data_and_effect() -> None:
     assert none == 0.0
     assert stats.latency_power(100.0, 0.1, 0.1, thr) < stats.latency_power(10_000.0, 0.1, 0.1, thr)
     assert stats.latency_power(10_000.0, 0.0, 0.1, thr) == 0.0
+
+
+@given(
+    st.lists(st.integers(0, 30), min_size=len(BOUNDS) + 1, max_size=len(BOUNDS) + 1),
+    st.lists(st.integers(0, 30), min_size=len(BOUNDS) + 1, max_size=len(BOUNDS) + 1),
+)
+def test_mann_whitney_matches_scipy_on_any_histograms(h1: list[int], h2: list[int]) -> None:
+    mw = stats.mann_whitney(h1, h2)
+    n1, n2 = sum(h1), sum(h2)
+    assume(n1 > 0 and n2 > 0)
+    x, y = expand(h2), expand(h1)
+    assert mw.u == pytest.approx(sps.mannwhitneyu(x, y, method="asymptotic").statistic)
+    if mw.var_null > 0:
+        ref = sps.mannwhitneyu(x, y, alternative="greater", method="asymptotic", use_continuity=False)
+        assert mw.p_greater == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)
+    lo, hi = stats.superiority_ci(h1, h2)
+    assert 0.0 <= lo <= mw.theta <= hi <= 1.0
+
+
+@given(st.integers(0, 400), st.integers(1, 400), st.floats(0.001, 0.999))
+def test_binomial_tail_matches_scipy_everywhere(k: int, n: int, p: float) -> None:
+    assert stats.binom_sf(k, n, p) == pytest.approx(float(sps.binom.sf(k - 1, n, p)), rel=1e-7, abs=1e-12)
