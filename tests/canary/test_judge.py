@@ -252,3 +252,15 @@ def test_hostile_judge_settings_in_a_yaml_file_are_one_clear_line(
     message = str(caught.value)
     assert "\n" not in message and f"canary.group_thresholds.default.{key}" in message
     assert len(message) < 500
+
+
+def test_the_watch_line_shows_the_evidence() -> None:
+    from proxy.canary.commands import check_line
+
+    verdict, _ = judge(traffic(random.Random(14), 20), window=traffic(random.Random(14), 60))
+    line = check_line(verdict.as_dict())
+    assert line.startswith("check insufficient_data: v2 ") and "; evidence errors " in line
+    assert "(little data)" in line and "\n" not in line
+    assert check_line({"status": "pass", "statistics": "garbage"}).endswith("v1 n/a")
+    hostile = {"status": "pass", "statistics": {"errors": {"evidence": "x"}, "latency": [1]}}
+    assert check_line(hostile).endswith("v1 n/a")
