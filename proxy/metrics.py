@@ -286,6 +286,11 @@ class Metrics:
             "strangler_canary_gate_value", "Last value a metric gate read (NaN: none).",
             ["group", "gate"], registry=reg, **gauge_mode,
         )  # fmt: skip
+        self.canary_evidence = Gauge(
+            "strangler_canary_evidence",
+            "Statistical judge: evidence against v2 as a share of its rollback threshold (1 rolls back).",
+            ["group", "test"], registry=reg, **gauge_mode,
+        )  # fmt: skip
         self.alerts = Counter(
             "strangler_alerts_total", "Alert deliveries by target kind and outcome.",
             ["target", "outcome"], registry=reg,
@@ -384,6 +389,12 @@ class Metrics:
         """One metric gate evaluation (labels: configured group and gate names, closed results)."""
         self.gate_checks.labels(group, gate, result).inc()
         self.gate_value.labels(group, gate).set(float("nan") if value is None else value)
+
+    def judge_evidence(self, group: str, evidence: dict[str, float]) -> None:
+        """The statistical judge's evidence per test (errors, latency): log likelihood ratio over
+        the threshold, so 1 is where it rolls back."""
+        for test, value in evidence.items():
+            self.canary_evidence.labels(group, test).set(value)
 
     def rolled_back(self, group: str, reason: str) -> None:
         self.rollbacks.labels(group, reason).inc()

@@ -226,6 +226,12 @@ class CanaryThresholds(StrictModel):
     p95_floor_seconds: float = Field(default=0.05, ge=0)
     min_requests: int = Field(default=100, ge=1)
     max_shadow_mismatch_rate: float | None = Field(default=None, ge=0, le=1)
+    # the statistical judge (docs/canary.md, "The statistical judge"): opt-in per group
+    judge: Literal["thresholds", "statistical"] = "thresholds"
+    alpha: float = Field(default=0.1, gt=0, lt=1)  # false-rollback bound over a whole judged period
+    min_error_ratio: float = Field(default=2.0, gt=1, le=100)  # smallest error-rate rise worth catching
+    min_latency_shift: float = Field(default=0.2, gt=0, le=10)  # smallest slowdown worth catching (0.2: +20%)
+    power: float = Field(default=0.8, gt=0, lt=1)  # chance of catching those before a check may PASS
 
 
 class NotifierTarget(StrictModel):
@@ -1024,7 +1030,8 @@ def _problem(error: Any) -> str:
     message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
     value = error.get("input")
     if kind != "value_error" and isinstance(value, str | int | float) and not _is_secret(loc):
-        message += f" (got {value!r})"
+        shown = repr(value)  # a huge value is cut: the line must stay readable
+        message += f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return message
 
 

@@ -107,9 +107,12 @@ class Verdict:
     limits: dict[str, Any] = field(default_factory=dict)
     consecutive_failures: int = 0
     rollback: bool = False  # FAIL seen often enough in a row to act
+    statistics: dict[str, Any] | None = None  # the statistical judge's tests (judge.py); None otherwise
 
     def as_dict(self) -> dict[str, Any]:
+        extra = {} if self.statistics is None else {"statistics": self.statistics}
         return {
+            **extra,
             "status": self.status.value,
             "reason": self.reason,
             "failed_check": self.failed_check,

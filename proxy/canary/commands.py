@@ -261,6 +261,17 @@ def check_line(verdict: dict[str, Any]) -> str:
     """The last check on one short line: status, then v2's and v1's figures."""
     v1, v2 = verdict.get("v1") or {}, verdict.get("v2") or {}
     line = f"check {verdict.get('status')}: v2 {_short(v2)}; v1 {_short(v1)}"
+    stats = verdict.get("statistics")
+    if isinstance(stats, dict):  # the statistical judge: share of its rollback threshold reached
+        parts = []
+        for test in ("errors", "latency"):
+            part = stats.get(test)
+            evidence = part.get("evidence") if isinstance(part, dict) else None
+            if isinstance(evidence, int | float) and isinstance(part, dict):
+                little = "" if part.get("enough_data") else " (little data)"
+                parts.append(f"{test} {max(0.0, evidence):.0%}{little}")
+        if parts:
+            line += f"; evidence {', '.join(parts)}"
     return line
 
 

@@ -30,16 +30,17 @@ from redis.exceptions import WatchError
 
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, history, records
-from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
+from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, Window, assess
 from proxy.canary.gates import decide as gate_rules
 from proxy.canary.gates.runner import GateRunner
+from proxy.canary.judge import Tally, assess_statistical, load_tally
 from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
 from proxy.canary.windows import REDIS_ERRORS, read_windows
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.metrics import Metrics
-from proxy.settings import Settings
+from proxy.settings import CanaryThresholds, Settings
 
 log = logging.getLogger("strangler.canary")
 
@@ -189,8 +190,9 @@ class CanaryController(BackgroundLoop):
         self._gate_records = await self.gates.evaluate_all(prevs, now)
         for group in groups:
             verdicts[group] = await self._check_group(
-                group, prevs[group], windows[group], splits, now, shadow.get(group), fresh.get(group)
-            )
+                group, prevs[group], windows[group], splits, now, shadow.get(group), fresh.get(group),
+                judged_since=since.get(group),
+            )  # fmt: skip
         return verdicts
 
     def _effective_split(self, group: str, splits: dict[str, str | None]) -> float:
@@ -211,16 +213,24 @@ class CanaryController(BackgroundLoop):
         now: float,
         shadow: ShadowFigures | None = None,
         history_since: float | None = None,
+        *,
+        judged_since: float | None = None,
     ) -> Verdict:
         thresholds = self.canary.group_thresholds.get(group, self.canary.thresholds)
-        verdict = assess(
-            windows["v1"],
-            windows["v2"],
-            thresholds,
-            History(int(prev.get("consecutive_failures", 0))),
-            failures_to_act=self.canary.consecutive_failures,
-            shadow=shadow,
-        )
+        tally: Tally | None = None
+        if thresholds.judge == "statistical":
+            verdict, tally = await self._judge_statistically(
+                group, prev, windows, thresholds, now, shadow, judged_since
+            )
+        else:
+            verdict = assess(
+                windows["v1"],
+                windows["v2"],
+                thresholds,
+                History(int(prev.get("consecutive_failures", 0))),
+                failures_to_act=self.canary.consecutive_failures,
+                shadow=shadow,
+            )
         verdict, gate_records = await self._gates(group, verdict, now)
         self._observe(group, verdict)
         split = self._effective_split(group, splits)
@@ -235,6 +245,8 @@ class CanaryController(BackgroundLoop):
             "needs_recovery": prev.get("needs_recovery", False),
             "gates": gate_records,
         }
+        if tally is not None:
+            record["tally"] = tally.model_dump(mode="json")
         if rollout is not None:
             self._known[group] = rollout
         await self._track_insufficient(group, verdict, split, record, now)
@@ -260,6 +272,7 @@ class CanaryController(BackgroundLoop):
                 )
                 for gate in gate_records:
                     gate["consecutive_failures"] = 0
+                record.pop("tally", None)  # the next attempt is a new judged period
         due = rollout is not None and rollout.state == PROGRESSING and judged >= rollout.interval_seconds
         await self._write_verdict(
             group, record, windows, rollout, fresh="at" not in prev, since=history_since,
@@ -354,8 +367,47 @@ class CanaryController(BackgroundLoop):
             )  # fmt: skip
         return gate_rules.combine(verdict, records), records
 
+    async def _judge_statistically(
+        self,
+        group: str,
+        prev: dict[str, Any],
+        windows: dict[str, Any],
+        thresholds: CanaryThresholds,
+        now: float,
+        shadow: ShadowFigures | None,
+        judged_since: float | None,
+    ) -> tuple[Verdict, Tally | None]:
+        """The statistical judge (``judge.py``): feed it the seconds its tally has not counted yet,
+        up to two seconds ago so every replica's flush for a second is in. The tally is in the
+        verdict record (a new leader carries on); seconds older than the window keys live are gone."""
+        tally, note = load_tally(prev.get("tally"))
+        if note:
+            log.warning("canary %s: %s", group, note)
+        until = int(now) - 2
+        oldest = until - int(2 * self.canary.window_seconds)
+        start = (
+            tally.until
+            if tally is not None
+            else int(max(now - self.canary.window_seconds, judged_since or 0))
+        )
+        start = max(start, oldest)
+        increment = {"v1": Window(), "v2": Window()}  # nothing new since the last check
+        if until > start:
+            increment = (
+                await read_windows(self.redis, self.keys, [group], until, until - start, {group: start})
+            )[group]
+        return assess_statistical(
+            windows["v1"], windows["v2"], increment["v1"], increment["v2"], thresholds,
+            History(int(prev.get("consecutive_failures", 0))), tally, now=now, until=until,
+            failures_to_act=self.canary.consecutive_failures, shadow=shadow, note=note,
+        )  # fmt: skip
+
     def _observe(self, group: str, verdict: Verdict) -> None:
         self.metrics.check_judged(group, verdict.status.value, {"v1": verdict.v1, "v2": verdict.v2})
+        if verdict.statistics:
+            self.metrics.judge_evidence(
+                group, {test: verdict.statistics[test]["evidence"] for test in ("errors", "latency")}
+            )
 
     async def _track_insufficient(
         self, group: str, verdict: Verdict, split: float, record: dict[str, Any], now: float
@@ -421,6 +473,7 @@ class CanaryController(BackgroundLoop):
             "thresholds": verdict.limits,
             "consecutive_failures": verdict.consecutive_failures,
             "rollout_step": rollout.percentage if rollout is not None and rollout.active else None,
+            **({"statistics": verdict.statistics} if verdict.statistics else {}),  # the judge's evidence
         }
         event = events.make(
             "rolled_back", group, f"{group} rolled back from {split:g}% to 0%: {verdict.reason}", by,

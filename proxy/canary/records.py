@@ -1,7 +1,8 @@
 """Where verdicts and decisions live in Redis, and the status view built from them (CLI, admin).
 
 - ``<prefix>canary:verdict:<group>``: the last check (JSON), with the failure streak and the
-  insufficient-data clock, so a new leader carries on where the old one stopped.
+  insufficient-data clock, so a new leader carries on where the old one stopped; with the
+  statistical judge also its ``tally`` (counts and evidence of the judged period, ``judge.Tally``).
 - ``<prefix>canary:decision:<group>``: the last rollback decision (JSON).
 - ``<prefix>canary:decisions``: the last 100 decisions, newest first.
 - ``<prefix>canary:leader``: the leader lock (holder identity, with expiry).
