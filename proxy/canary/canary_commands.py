@@ -83,11 +83,11 @@ def backtest_command(
         return {g: await history.read(control.redis, control.keys, g, start) for g in groups}
 
     loaded = with_control(settings, read)
-    judges: list[backtest.Judge] = []
+    from proxy.canary import replay_judges
+
+    judges: list[backtest.Judge] = [replay_judges.statistical()]  # first: it replaces the verdict
     if any(candidate.gates_for(name) for name in groups):
         import asyncio
-
-        from proxy.canary import replay_judges
 
         stored = {name: loaded[name].checks for name in groups}
         answers = asyncio.run(replay_judges.gate_answers(candidate, stored))

@@ -1,5 +1,4 @@
-"""The backtest's judges beyond the built-in thresholds: metric gates (and, once merged, the
-statistical judge).
+"""The backtest's judges beyond the built-in thresholds: the statistical judge and metric gates.
 
 They are ``backtest.Judge`` steps (pure, state in the closure, reset by a fresh history) so the
 replay applies them as the leader does after ``assess``. The one I/O, re-asking Prometheus about
@@ -12,18 +11,50 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
-from proxy.canary.analysis import Verdict
+from proxy.canary.analysis import History, Status, Verdict
 from proxy.canary.backtest import Candidate, Judge, Judging
 from proxy.canary.gates import decide
 from proxy.canary.gates.result import GateResult
 from proxy.canary.history import Check
+from proxy.canary.judge import Tally, assess_statistical
 from proxy.settings import HttpGate, PrometheusGate
 
 GateKey = tuple[str, float, str]  # group, the check's time, gate name
 MAX_QUERIES = 20_000
 CONCURRENCY = 8
+
+
+def statistical() -> Judge:
+    """The statistical judge for groups whose candidate thresholds say ``judge: statistical``, fed
+    each stored check's increment (the seconds no earlier check counted) with its tally carried
+    from check to check, restarted by a fresh history and after a rollback, as the leader does.
+    The first check of a judged period is fed the check's whole stored window (the leader feeds
+    it the same seconds but the last two, which the next increment counts again: two seconds of
+    a period counted twice)."""
+    tally: dict[str, Tally | None] = {}
+
+    def judge(j: Judging) -> Verdict:
+        if j.thresholds.judge != "statistical":
+            return j.verdict
+        if j.check.fresh:
+            tally[j.group] = None
+        kept, inc = tally.get(j.group), j.check.increment
+        if inc is None:
+            reason = "no increment stored for this check: not judged statistically"
+            return replace(j.verdict, status=Status.ERROR, reason=reason, failed_check=None,
+                           consecutive_failures=j.streak, rollback=False)  # fmt: skip
+        v1, v2 = (inc.v1, inc.v2) if kept is not None else (j.check.v1, j.check.v2)
+        verdict, kept = assess_statistical(
+            j.check.v1, j.check.v2, v1, v2, j.thresholds, History(j.streak), kept,
+            now=j.check.at, until=inc.until, failures_to_act=j.failures_to_act,
+        )  # fmt: skip
+        tally[j.group] = None if verdict.rollback else kept  # a new judged period after acting
+        return verdict
+
+    return judge
 
 
 def _recorded(check: Check, gate: PrometheusGate | HttpGate) -> GateResult:

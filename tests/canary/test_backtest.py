@@ -422,3 +422,39 @@ def test_an_unreachable_prometheus_in_a_replay_holds_never_rolls_back(redis_url:
     assert group["first_rollback"]["candidate"] is None and group["advances"]["candidate"] == 0
     assert group["advances"]["actual"] >= 1  # the leader (no gates) did advance
     assert group["verdicts"]["candidate"].get("error", 0) >= 1
+
+
+STATISTICAL = {"default": {"judge": "statistical", "min_requests": 20, "max_error_rate": 0.9}}
+
+
+def test_the_statistical_judge_is_replayed_from_the_stored_increments(redis_url: str, tmp_path: Path) -> None:
+    from proxy.canary import replay_judges
+
+    async def body(rig: Rig) -> None:
+        rig.clock.now = time.time() - 600
+        await rig.rollouts.start("default", [10, 100], 3600, "test")
+        for _ in range(4):
+            await rig.second()
+        for _ in range(10):
+            await rig.second(v2_errors=10)  # 20% against v1's 0%: error evidence
+            if await rig.split() == "0":
+                break
+        assert await rig.split() == "0"
+        checks = await stored(rig)
+        actual = [c for c in checks if c.action == "rolled_back"]
+        assert len(actual) == 1 and actual[0].failed_check == "error_evidence"
+        assert all(c.extras.get("tally") for c in checks if c.action != "rolled_back")
+        # the running configuration, replayed with the judge: the same rollback at the same check
+        same = replay("default", checks, Candidate.of(rig.settings.canary), [replay_judges.statistical()])
+        mine = same.first(ROLLBACK, False)
+        assert mine is not None and mine.at == actual[0].at and mine.failed_check == "error_evidence"
+        # the same checks judged by thresholds only (a candidate without the judge): no error_evidence
+        plain = Candidate.of(rig.settings.canary, CandidateFile(group_thresholds={}))
+        other = replay("default", checks, plain, [replay_judges.statistical()]).first(ROLLBACK, False)
+        assert other is None or other.failed_check != "error_evidence"
+
+    run(redis_url, body, group_thresholds=STATISTICAL)
+    candidate = tmp_path / "stats.yaml"
+    candidate.write_text(yaml.safe_dump({"group_thresholds": STATISTICAL}))
+    ran = cli("canary", "backtest", "--since", "1h", "--gates", str(candidate), "--redis-url", redis_url)
+    assert ran.exit_code == 0 and "as the actual rollback did" in " ".join(ran.output.split()), ran.output
