@@ -95,13 +95,13 @@ async def status_document(
 ) -> dict[str, Any]:
     """The ``status`` view from Redis: every group the caller knows plus those running proxies
     registered, the rollout, last check and decision per group, a loss of Redis data, parity."""
-    from proxy.canary import records
+    from proxy.canary import statusview
     from proxy.parity.store import read_last_results
 
     registered = await control.registered_groups()
     names = ordered([*groups, *registered])
     raw = await control.get_split(names)
-    canary = await records.read_status(control.redis, control.keys, names)
+    canary = await statusview.read_status(control.redis, control.keys, names)
     parity = await read_last_results(control.redis, control.keys)
     rows = split_rows(names, raw, registered, default_percentage)
     for row in rows:

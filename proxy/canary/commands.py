@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 import typer
 
-from proxy.canary import records
+from proxy.canary import records, statusview
 from proxy.canary.rollout import COMPLETED, ROLLED_BACK, RolloutError, Rollouts, parse_duration, parse_steps
 from proxy.cliutil import (
     EXIT_USAGE,
@@ -191,7 +191,7 @@ def promote(
 def _status_reader(
     config: Path | None, redis_url: str | None, url: str | None, token: str | None, group: str | None
 ) -> tuple[str, Any]:
-    """The group name and a function returning ``records.read_status`` for it, from Redis or the API
+    """The group name and a function returning ``statusview.read_status`` for it, from Redis or the API
     (with ``source``: where it was read)."""
     if url:
         from proxy.cliutil.remote import AdminClient
@@ -214,7 +214,7 @@ def _status_reader(
     name = check_group(settings, group)
 
     def local() -> dict[str, Any]:
-        data = with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
+        data = with_control(settings, lambda c: statusview.read_status(c.redis, c.keys, [name]))
         return {"source": _redis_source(settings), **data}
 
     return name, local
@@ -362,7 +362,7 @@ def _fig(figures: dict[str, Any]) -> str:
 
 async def canary_status(control: Any, groups: list[str]) -> dict[str, dict[str, str]]:
     """Per group summary lines for ``strangler status``."""
-    data = await records.read_status(control.redis, control.keys, groups)
+    data = await statusview.read_status(control.redis, control.keys, groups)
     return {group: summarize(entry) for group, entry in data["groups"].items()}
 
 
