@@ -29,6 +29,7 @@ from proxy.cliutil import (
     err,
     fail,
     print_rollback,
+    redis_or_api,
     resolve_redis_url,
     settings_from,
     with_control,
@@ -100,9 +101,8 @@ def set_phase(
     The rule may come from this CLI's config, from a running proxy's (registered in Redis), or be
     defined live in Redis; any other name is refused (exit 2)."""
     settings = settings_from(config, redis_url=redis_url)
-    if url:
-        doc = _remote(settings, url, token, lambda c: c.override_deprecation(name, {"phase": phase}))
-    else:
+
+    def local(settings: Settings) -> dict[str, Any]:
         from proxy.traffic.deprecation import PHASES, SECTION, InvalidOverride, parse_override
 
         known = _known_rules(settings)
@@ -115,7 +115,10 @@ def set_phase(
         except InvalidOverride as exc:
             fail(str(exc), EXIT_USAGE)
         with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: raw}))
-        doc = views.override_document(known.where, name, raw, True)
+        return views.override_document(known.where, name, raw, True)
+
+    remote = lambda c: dict(c.override_deprecation(name, {"phase": phase}))  # noqa: E731
+    doc = _override(config, redis_url, url, token, settings, local, remote)
     if as_json:
         print(json.dumps(doc))
         return
@@ -133,9 +136,8 @@ def clear(
 ) -> None:
     """Drop a rule's live override (back to its configured values); an unknown rule: exit 2."""
     settings = settings_from(config, redis_url=redis_url)
-    if url:
-        doc = _remote(settings, url, token, lambda c: c.clear_deprecation(name))
-    else:
+
+    def local(settings: Settings) -> dict[str, Any]:
         from proxy.traffic.deprecation import SECTION
 
         known = _known_rules(settings)
@@ -143,7 +145,10 @@ def clear(
         changed = name in known.overrides
         if changed:
             with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: None}))
-        doc = views.override_document(known.where, name, None, changed)
+        return views.override_document(known.where, name, None, changed)
+
+    remote = lambda c: dict(c.clear_deprecation(name))  # noqa: E731
+    doc = _override(config, redis_url, url, token, settings, local, remote)
     if as_json:
         print(json.dumps(doc))
         return
@@ -153,17 +158,21 @@ def clear(
         console.print(f"deprecation rule [bold]{name}[/bold]: no live override (it follows its config)")
 
 
-def _remote(
-    settings: Settings, url: str, token: str | None, call: Callable[[AdminClient], Any]
+def _override(
+    config: Any,
+    redis_url: str | None,
+    url: str | None,
+    token: str | None,
+    settings: Settings,
+    local: Callable[[Settings], dict[str, Any]],
+    remote: Callable[[AdminClient], dict[str, Any]],
 ) -> dict[str, Any]:
-    """A live override through the proxy named by ``--url``; its refusals exit as the Redis path's."""
-    try:
-        with AdminClient(url, token, settings.admin_prefix) as client:
-            doc = dict(call(client))
-            doc["source"] = views.source(views.ADMIN_API, client.url)
-            return doc
-    except AdminError as exc:
-        fail(str(exc), exc.exit_code)
+    """A live override, through the proxy named by ``--url`` or Redis (``redis_or_api``); over the
+    API the document's ``source`` is the API's, as the CLI reached it."""
+    doc, where = redis_or_api(
+        config, redis_url, url, token, local, remote, settings=settings, prefix=settings.admin_prefix
+    )
+    return {**doc, "source": where} if url else doc
 
 
 @dataclass
@@ -261,10 +270,12 @@ def _rules_from_redis(settings: Settings) -> dict[str, Any]:
 
 def _fetch(url: str, token: str | None, call: Callable[[AdminClient], dict[str, Any]]) -> dict[str, Any]:
     """One admin API call; the document's ``source`` says where it was read, as the CLI reached it."""
-    with AdminClient(url, token) as client:
-        doc = call(client)
-        doc["source"] = views.source(views.ADMIN_API, client.url)
-    return doc
+    doc, where = redis_or_api(None, None, url, token, _unused, call)
+    return {**doc, "source": where}
+
+
+def _unused(settings: Settings) -> dict[str, Any]:
+    raise AssertionError("_fetch is called with --url only")
 
 
 def remote_status(url: str, token: str | None, as_json: bool) -> None:

@@ -31,6 +31,7 @@ from proxy.cliutil import (
     check_group,
     console,
     fail,
+    redis_or_api,
     settings_from,
     with_control,
 )
@@ -64,35 +65,24 @@ def _transition(
 ) -> dict[str, Any]:
     """Run one Rollouts call (Redis) or its admin API twin (``--url``); refused: exit code 2.
     Returns the rollout view (docs/schemas/rollout.json): the state, and where it was written."""
-    if url:
-        from proxy.cliutil.remote import AdminClient
 
-        with AdminClient(url, token) as client:
-            return {"source": _source("admin_api", client.url), **client.rollout(remote[0], group, remote[1])}
-    settings = settings_from(config, redis_url=redis_url)
-    name = check_group(settings, group)
+    def local(settings: Any) -> dict[str, Any]:
+        name = check_group(settings, group)
 
-    async def go(control: Any) -> dict[str, Any]:
-        state = await action(Rollouts(control.redis, control.keys), name, settings)
-        return dict(state.as_dict())
+        async def go(control: Any) -> dict[str, Any]:
+            state = await action(Rollouts(control.redis, control.keys), name, settings)
+            return dict(state.as_dict())
 
-    try:
-        return {"source": _redis_source(settings), **with_control(settings, go)}
-    except RolloutError as exc:
-        fail(str(exc), EXIT_USAGE)
+        try:
+            return with_control(settings, go)
+        except RolloutError as exc:
+            fail(str(exc), EXIT_USAGE)
 
+    def remote_call(client: Any) -> dict[str, Any]:
+        return client.rollout(remote[0], group, remote[1])
 
-def _source(path: str, url: str) -> dict[str, str]:
-    """Where a view was read or written: the one field in which the two paths' documents differ
-    (``proxy.admin.views.source``; the canary sits below the admin layer, so it is spelt here)."""
-    return {"path": path, "url": url}
-
-
-def _redis_source(settings: Any) -> dict[str, str]:
-    from proxy.cliutil import resolve_redis_url
-    from proxy.redis_url import describe
-
-    return _source("redis", describe(resolve_redis_url(settings)))
+    state, where = redis_or_api(config, redis_url, url, token, local, remote_call)
+    return {"source": where, **state}
 
 
 def _print_state(state: dict[str, Any], as_json: bool) -> None:
@@ -191,33 +181,30 @@ def promote(
 def _status_reader(
     config: Path | None, redis_url: str | None, url: str | None, token: str | None, group: str | None
 ) -> tuple[str, Any]:
-    """The group name and a function returning ``statusview.read_status`` for it, from Redis or the API
-    (with ``source``: where it was read)."""
-    if url:
-        from proxy.cliutil.remote import AdminClient
+    """The group name and a function returning ``statusview.read_status`` for it, from Redis or the
+    API (with ``source``: where it was read)."""
+    name, settings = group or "default", None
+    if not url:  # an unknown group is refused before the first read
+        settings = settings_from(config, redis_url=redis_url)
+        name = check_group(settings, group)
 
-        name = group or "default"
+    def local(settings: Any) -> dict[str, Any]:
+        return with_control(settings, lambda c: statusview.read_status(c.redis, c.keys, [name]))
 
-        def remote() -> dict[str, Any]:
-            with AdminClient(url, token) as client:
-                data = client.canary_status()
-                where = _source("admin_api", client.url)
-            if name not in data.get("groups", {}):
-                fail(
-                    f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}",
-                    EXIT_USAGE,
-                )
-            return {"source": where, "leader": data.get("leader"), "groups": {name: data["groups"][name]}}
+    def remote(client: Any) -> dict[str, Any]:
+        data = client.canary_status()
+        if name not in data.get("groups", {}):
+            fail(
+                f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}",
+                EXIT_USAGE,
+            )
+        return {"leader": data.get("leader"), "groups": {name: data["groups"][name]}}
 
-        return name, remote
-    settings = settings_from(config, redis_url=redis_url)
-    name = check_group(settings, group)
+    def read() -> dict[str, Any]:
+        data, where = redis_or_api(config, redis_url, url, token, local, remote, settings=settings)
+        return {"source": where, **data}
 
-    def local() -> dict[str, Any]:
-        data = with_control(settings, lambda c: statusview.read_status(c.redis, c.keys, [name]))
-        return {"source": _redis_source(settings), **data}
-
-    return name, local
+    return name, read
 
 
 @rollout_app.command("status")
