@@ -1,5 +1,5 @@
 """The canary's admin routes: ``GET /canary/status``, ``GET /rollout`` and ``POST /rollout/<action>``
-(start, pause, resume, abort, promote). The prefix and the write-token guard come from admin/app."""
+(start, pause, resume, abort, promote, approve). The prefix and the write-token guard come from admin/app."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from starlette.routing import Route
 
 from proxy.admin.app import unknown_group
 from proxy.canary.capability import CanaryService
-from proxy.canary.rollout import RolloutError, check_steps, parse_duration
+from proxy.canary.rollout import RolloutError, parse_duration, parse_steps
+
+MAX_LADDER = 1000  # a ladder longer than this in a request body is refused before parsing
 
 
 def routes(service: CanaryService) -> list[Route]:
@@ -44,14 +46,27 @@ def routes(service: CanaryService) -> list[Route]:
                 group = group_of(data, request)
                 who = f"admin api ({request.client.host if request.client else '?'})"
                 if action == "start":
-                    steps = data.get("steps") or settings.canary.steps
-                    if isinstance(steps, str):
-                        steps = [float(s) for s in steps.split(",") if s.strip()]
-                    steps = [float(s) for s in steps]
-                    check_steps(steps)
+                    raw_steps = data.get("steps")
+                    if raw_steps:
+                        if not isinstance(raw_steps, str | list) or len(raw_steps) > MAX_LADDER:
+                            raise RolloutError(
+                                f"steps must be a list or a comma list of at most {MAX_LADDER}"
+                            )
+                        steps, approvals = parse_steps(raw_steps)
+                    else:
+                        steps, approvals = list(settings.canary.steps), list(settings.canary.approval_steps)
                     raw_interval = data.get("interval", settings.canary.step_interval_seconds)
                     interval = parse_duration(str(raw_interval))
-                    state = await service.rollouts.start(group, steps, interval, who)
+                    state = await service.rollouts.start(group, steps, interval, who, approvals)
+                elif action == "approve":
+                    hold = data.get("hold_id")
+                    if hold is not None and (isinstance(hold, bool) or not isinstance(hold, int)):
+                        raise RolloutError("hold_id must be an integer (the hold shown in the status)")
+                    by = data.get("by")
+                    if by is not None and (not isinstance(by, str) or not 0 < len(by) <= 100):
+                        raise RolloutError("by must be a name of 1 to 100 characters")
+                    name = f"{by} via {who}" if by else who
+                    state = await service.rollouts.approve(group, name, hold)
                 elif action == "pause":
                     state = await service.rollouts.pause(group, who)
                 elif action == "resume":
@@ -80,5 +95,5 @@ def routes(service: CanaryService) -> list[Route]:
         Route("/canary/status", status, methods=["GET"]),
         Route("/rollout", handler("get"), methods=["GET"]),
         *(Route(f"/rollout/{action}", handler(action), methods=["POST"])
-          for action in ("start", "pause", "resume", "abort", "promote")),
+          for action in ("start", "pause", "resume", "abort", "promote", "approve")),
     ]  # fmt: skip

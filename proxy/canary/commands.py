@@ -19,7 +19,15 @@ import redis.asyncio as aioredis
 import typer
 
 from proxy.canary import records, statusview
-from proxy.canary.rollout import COMPLETED, ROLLED_BACK, RolloutError, Rollouts, parse_duration, parse_steps
+from proxy.canary.rollout import (
+    ACTIVE,
+    COMPLETED,
+    ROLLED_BACK,
+    RolloutError,
+    Rollouts,
+    parse_duration,
+    parse_steps,
+)
 from proxy.cliutil import (
     EXIT_USAGE,
     AdminTokenOpt,
@@ -37,6 +45,7 @@ from proxy.cliutil import (
 )
 from proxy.control.client import SplitWriter
 from proxy.control.keys import Keys
+from proxy.settings import format_ladder
 
 rollout_app = typer.Typer(no_args_is_help=True, help="Progressive rollout: step v2 up while the checks pass.")
 
@@ -89,7 +98,7 @@ def _print_state(state: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(state, default=str))
         return
-    steps = ", ".join(f"{s:g}" for s in state["steps"])
+    steps = format_ladder(state["steps"], state.get("approval_steps") or []).replace(",", ", ")
     console.print(
         f"rollout [bold]{state['group']}[/bold]: {state['state']} at [bold]{state['percentage']:g}%[/bold] "
         f"(step {state['index'] + 1}/{len(state['steps'])}: {steps}; hold {state['interval_seconds']:g}s)"
@@ -99,7 +108,10 @@ def _print_state(state: dict[str, Any], as_json: bool) -> None:
 @rollout_app.command("start")
 def start(
     group: GroupOpt = None,
-    steps: Annotated[str | None, typer.Option(help="Ladder, e.g. 1,5,10,25,50,75,90,95,100.")] = None,
+    steps: Annotated[
+        str | None,
+        typer.Option(help="Ladder, e.g. 1,5,10,25!,50,75,90,95,100 (25!: hold at 25% until approved)."),
+    ] = None,
     interval: Annotated[str | None, typer.Option(help="Hold per step, e.g. 30s, 5m.")] = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
@@ -110,9 +122,12 @@ def start(
     """Start at the first step; the leader advances while the checks pass."""
 
     async def action(r: Rollouts, name: str, settings: Any) -> Any:
-        ladder = parse_steps(steps) if steps else list(settings.canary.steps)
+        if steps:
+            ladder, approvals = parse_steps(steps)
+        else:
+            ladder, approvals = list(settings.canary.steps), list(settings.canary.approval_steps)
         hold = parse_duration(interval) if interval else settings.canary.step_interval_seconds
-        return await r.start(name, ladder, hold, who())
+        return await r.start(name, ladder, hold, who(), approvals)
 
     body = {k: v for k, v in (("steps", steps), ("interval", interval)) if v}
     _print_state(_transition(config, redis_url, url, token, group, action, ("start", body)), as_json)
@@ -178,6 +193,45 @@ def promote(
     _print_state(_transition(config, redis_url, url, token, group, action, ("promote", body)), as_json)
 
 
+@rollout_app.command("approve")
+def approve(
+    group: GroupOpt = None,
+    by: Annotated[str | None, typer.Option("--by", help="Who approves (default: user@host).")] = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve the current approval hold (a step written N!): the rollout leaves it once the checks
+    have passed for the hold. Refused (exit 2) when the rollout is not held at an approval step."""
+    if by is not None and not 0 < len(by.strip()) <= 100:
+        fail("--by must be a name of 1 to 100 characters", EXIT_USAGE)
+    name = by.strip() if by else None
+    action = lambda r, n, s: r.approve(n, f"{name} ({who()})" if name else who())  # noqa: E731
+    body = {"by": name} if name else {}
+    state = _transition(config, redis_url, url, token, group, action, ("approve", body))
+    if as_json:
+        _print_state(state, True)
+        return
+    _print_state(state, False)
+    console.print(f"  {approval_line(state)}", markup=False)
+
+
+def approval_line(rollout: dict[str, Any]) -> str:
+    """``awaiting approval since 12:00:00 UTC`` / ``approved by X at 12:01:00 UTC`` / ``""``: the
+    current hold's approval, as status, rollout status and watch show it."""
+    approval = rollout.get("approval")
+    if rollout.get("awaiting_approval"):
+        since = time.strftime("%H:%M:%S", time.gmtime(float(rollout.get("awaiting_since") or 0)))
+        paused = " (paused: resume first)" if rollout.get("state") == "paused" else ""
+        return f"awaiting approval since {since} UTC{paused}"
+    if approval and approval.get("hold_id") == rollout.get("hold_id") and rollout.get("state") in ACTIVE:
+        when = time.strftime("%H:%M:%S", time.gmtime(float(approval["at"])))
+        return f"approved by {approval['by']} at {when} UTC"
+    return ""
+
+
 def _status_reader(
     config: Path | None, redis_url: str | None, url: str | None, token: str | None, group: str | None
 ) -> tuple[str, Any]:
@@ -239,7 +293,13 @@ def watch_line(rollout: dict[str, Any], width: int = 20) -> str:
     filled = round(width * float(rollout["percentage"]) / 100)
     bar = "#" * filled + "." * (width - filled)
     step = f"step {rollout['index'] + 1}/{len(rollout['steps'])}"
-    return f"[{bar}] {rollout['percentage']:>5g}% {rollout['state']}, {step}"
+    approval = approval_line(rollout)
+    line = f"[{bar}] {rollout['percentage']:>5g}% {rollout['state']}, {step}"
+    return (
+        f"{line}; {approval.split(':')[0] if approval.startswith('awaiting') else approval}"
+        if approval
+        else line
+    )
 
 
 def check_line(verdict: dict[str, Any]) -> str:
@@ -276,7 +336,7 @@ def watch(
             fail(str(exc), EXIT_USAGE)
     name, read = _status_reader(config, redis_url, url, token, group)
     started = time.monotonic()
-    last: tuple[str, str] = ("", "")
+    last: tuple[str, str, str] = ("", "", "")
     console.print(f"watching the rollout of {name} (Ctrl-C stops watching, not the rollout)")
     while True:
         entry = read()["groups"][name]
@@ -284,12 +344,13 @@ def watch(
         if rollout is None:
             fail(f"no rollout for {name} (start one: strangler rollout start --group {name})")
         verdict = entry.get("verdict")
-        lines = (watch_line(rollout), check_line(verdict) if verdict else "")
+        lines = (watch_line(rollout), check_line(verdict) if verdict else "", approval_line(rollout))
         stamp = time.strftime("%H:%M:%S")
         if lines[0] != last[0]:
             console.print(f"{stamp} {lines[0]}", markup=False, soft_wrap=True)
-        if lines[1] and lines[1] != last[1]:
-            console.print(f"{stamp}   {lines[1]}", markup=False, soft_wrap=True)
+        for shown, before in zip(lines[1:], last[1:], strict=True):
+            if shown and shown != before:
+                console.print(f"{stamp}   {shown}", markup=False, soft_wrap=True)
         last = lines
         if rollout["state"] == COMPLETED:
             console.print(f"rollout of {name}: completed at {rollout['percentage']:g}%")
@@ -316,6 +377,9 @@ def summarize(entry: dict[str, Any]) -> dict[str, str]:
         else f"{rollout['state']} {rollout['percentage']:g}% "
         f"(step {rollout['index'] + 1}/{len(rollout['steps'])})"
     )
+    approval = approval_line(rollout) if rollout else ""
+    if approval:
+        r = f"{r}; {approval}"
     lost = entry.get("state_lost")
     if lost:
         when = time.strftime("%H:%M:%S", time.localtime(float(lost.get("at", 0))))

@@ -31,6 +31,7 @@ from redis.exceptions import WatchError
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
+from proxy.canary.confirm import Confirm, ConfirmHooks
 from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
 from proxy.canary.windows import REDIS_ERRORS, read_windows
@@ -65,6 +66,7 @@ class CanaryController(BackgroundLoop):
         wall: Callable[[], float] = time.time,
         identity: str | None = None,
         race_hook: RaceHook | None = None,
+        confirm: Confirm | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -88,6 +90,7 @@ class CanaryController(BackgroundLoop):
         self._known: dict[str, RolloutState] = {}  # last rollout seen per group (restored after data loss)
         # called as ("decided", group) between a check's reads and its action: tests land races there
         self.race_hook = race_hook
+        self.confirm = confirm or ConfirmHooks(self.canary.confirm_hooks)
 
     def leader_token(self) -> LeaderToken:
         """The fencing token every action carries (checked in the action's own transaction)."""
@@ -237,6 +240,14 @@ class CanaryController(BackgroundLoop):
                             v1=verdict.v1, v2=verdict.v2),
             )  # fmt: skip
         judged = self._judged_time(rollout, prev, verdict, record, now)
+        due = (
+            verdict.status is Status.PASS
+            and not held
+            and judged >= (rollout.interval_seconds if rollout else 0)
+        )
+        gate = await self._step_gate(group, rollout) if due else None
+        if gate:
+            record["step_hold"] = gate
         if self.race_hook is not None:
             await self.race_hook("decided", group)
         acted = False
@@ -257,6 +268,7 @@ class CanaryController(BackgroundLoop):
                     and verdict.status is Status.PASS
                     and judged >= rollout.interval_seconds
                     and not held
+                    and not gate
                 ):
                     figures = {"v1": verdict.v1, "v2": verdict.v2, "verdict": verdict.status.value,
                                "judged_seconds": round(judged, 3)}  # fmt: skip
@@ -266,6 +278,17 @@ class CanaryController(BackgroundLoop):
             rollout = await self.rollouts.get(group)
         self.metrics.rollout_at(group, None if rollout is None else rollout.percentage)
         return verdict
+
+    async def _step_gate(self, group: str, rollout: RolloutState | None) -> str | None:
+        """Why a step that the checks allow is not taken yet: an approval hold not approved, or a
+        confirm hook that did not answer 2xx (asked only once the approval is there). None: go."""
+        if rollout is None or rollout.state != PROGRESSING:
+            return None
+        if rollout.awaiting_approval:
+            return f"awaiting approval of the hold at {rollout.percentage:g}%"
+        to = rollout.steps[min(rollout.index + 1, len(rollout.steps) - 1)]
+        body = {"from_percentage": rollout.percentage, "to_percentage": to, "hold_id": rollout.hold_id}
+        return await self.confirm.ask(group, body)
 
     def _judged_time(
         self,
