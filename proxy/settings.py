@@ -279,6 +279,14 @@ class CanaryThresholds(StrictModel):
     max_shadow_mismatch_rate: float | None = Field(default=None, ge=0, le=1)
 
 
+# The canary's event kinds (``proxy/canary/events.KINDS``; a test keeps the two equal), which a
+# notifier's ``events`` may choose from.
+ALERT_KINDS = (
+    "started", "step_advanced", "awaiting_approval", "approved", "paused", "resumed", "completed",
+    "aborted", "rolled_back", "recovered", "insufficient_data", "overridden", "state_lost",
+)  # fmt: skip
+
+
 class NotifierTarget(StrictModel):
     """One alert destination. ``kind`` picks the payload format."""
 
@@ -286,6 +294,18 @@ class NotifierTarget(StrictModel):
     url: str | None = None  # pagerduty defaults to the Events API v2 enqueue endpoint
     routing_key: SecretStr | None = None  # pagerduty integration key
     min_severity: Literal["info", "warning", "critical"] = "info"
+    events: list[str] | None = None  # only these event kinds (None: all, above min_severity)
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        unknown = [kind for kind in value if kind not in ALERT_KINDS]
+        if unknown or not value:
+            shown = ", ".join(repr(k)[:40] for k in unknown[:3]) or "an empty list"
+            raise ValueError(f"notifier events: {shown} not among {', '.join(ALERT_KINDS)}")
+        return value
 
     @model_validator(mode="after")
     def _complete(self) -> NotifierTarget:
@@ -336,6 +356,10 @@ class CanarySettings(StrictModel):
     parity_tables: list[str] = Field(default_factory=list)
     notifiers: list[NotifierTarget] = Field(default_factory=list)
     confirm_hooks: list[ConfirmHook] = Field(default_factory=list)
+    # Slack interactivity: the app's signing secret turns on POST {admin_prefix}/slack/interactions
+    # (the approve button of an awaiting_approval alert); unset, that endpoint answers 404
+    slack_signing_secret: SecretStr | None = None
+    slack_approvers: list[str] = Field(default_factory=list)  # Slack user ids; empty: any user
     notify_queue_size: int = Field(default=1000, ge=1)
     notify_retries: int = Field(default=3, ge=0)
     notify_backoff_seconds: float = Field(default=1.0, gt=0)
