@@ -161,7 +161,7 @@ def render_status(doc: dict[str, Any], console: Console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from proxy.canary.commands import summarize
+    from proxy.canary.commands import approval_line, summarize
 
     where = doc["source"]
     proxy = doc["proxy"]
@@ -204,6 +204,13 @@ def render_status(doc: dict[str, Any], console: Console) -> None:
             escape(lines["decision"]),
         )  # fmt: skip
     console.print(table)
+    for row in doc["groups"]:  # an approval hold asks a person to act: one line, not folded
+        note = approval_line(row["rollout"]) if row["rollout"] else ""
+        if note:
+            hint = (
+                f"; strangler rollout approve --group {row['group']}" if note.startswith("awaiting") else ""
+            )
+            console.print(f"rollout of {escape(row['group'])}: {escape(note)}{hint}", soft_wrap=True)
     for name, result in sorted(doc["parity"].items()):  # the last `strangler parity` run per table
         counts = ", ".join(f"{result.get(k, 0)} {k}" for k in ("missing", "extra", "changed"))
         console.print(f"parity {escape(name)}: {escape(str(result.get('status')))} ({counts})")
