@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from proxy.canary.slack import button_value, sign
+from tests.admin.test_views import valid
 from tests.canary.helpers import canary, cli
 from tests.support import Backend, ProxyProcess
 
@@ -159,10 +160,11 @@ def test_cli_approve_over_redis_and_the_admin_api(slack_proxy: ProxyProcess, red
     remote = ["--url", slack_proxy.url, "--token", TOKEN]
     assert cli("rollout", "promote", *remote).exit_code == 0  # a person moves on to 50!
     as_json = cli("rollout", "status", "--json", *remote)
-    assert json.loads(as_json.output)["rollout"]["awaiting_approval"] is True
+    assert valid("rollout-status", as_json.output)["rollout"]["awaiting_approval"] is True
+    assert valid("rollout-status", cli("rollout", "status", "--json", *base).output)["rollout"]["approval"]
     via_api = cli("rollout", "approve", "--by", "bob", "--json", *remote)
     assert via_api.exit_code == 0, via_api.output
-    state = json.loads(via_api.output)
+    state = valid("rollout", via_api.output)
     assert state["source"]["path"] == "admin_api" and state["approval"]["by"].startswith("bob via admin api")
     wrong = cli("rollout", "approve", *remote)
     assert wrong.exit_code == 2 and "already approved by bob" in wrong.output
