@@ -236,3 +236,26 @@ def test_a_rollout_can_start_on_an_approval_step(redis_url: str) -> None:
         assert sorted(rig.notifier.kinds()[:2]) == ["awaiting_approval", "started"]
 
     run(redis_url, body)
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"approval_steps": "25"}, "approval_steps"),
+        ({"approval_steps": [None]}, "approval_steps.0"),
+        ({"approval": "yes"}, "approval"),
+        ({"approval": {"hold_id": "x", "step": 25, "by": "a", "at": 1}}, "approval.hold_id"),
+        ({"approval": {"hold_id": 1, "step": 25, "by": ["a"], "at": 1}}, "approval.by"),
+        ({"approval": {"hold_id": 1}}, "approval.step"),
+    ],
+)
+def test_a_garbage_approval_in_redis_is_one_line_naming_the_field(
+    fields: dict[str, object], where: str
+) -> None:
+    from proxy.canary.rollout import RolloutState
+
+    state = RolloutState("default", "progressing", [25.0, 100.0], 0, 5.0, 1.0, 1.0, 1.0).as_dict()
+    with pytest.raises(ValueError) as caught:
+        RolloutState.from_json(json.dumps({**state, **fields}))
+    assert f"rollout state in Redis is not valid: {where}" in str(caught.value)
+    assert "\n" not in str(caught.value)

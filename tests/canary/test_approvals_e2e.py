@@ -150,6 +150,8 @@ def test_cli_approve_over_redis_and_the_admin_api(slack_proxy: ProxyProcess, red
     assert cli("rollout", "start", "--steps", "5!,50!,100", "--interval", "1h", *base).exit_code == 0
     shown = cli("rollout", "status", *base)
     assert "awaiting approval since" in shown.output, shown.output
+    watched = cli("rollout", "watch", "--timeout", "0.5s", *base)
+    assert watched.exit_code == 1 and "awaiting approval since" in watched.output, watched.output
     assert "awaiting approval since" in cli("status", *base).output
     done = cli("rollout", "approve", "--by", "alice", *base)
     assert done.exit_code == 0 and "approved by alice (cli " in done.output, done.output
