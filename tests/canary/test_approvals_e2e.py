@@ -15,8 +15,8 @@ import redis
 
 from proxy.canary.slack import button_value, sign
 from tests.admin.test_views import valid
-from tests.canary.helpers import canary, cli
-from tests.support import Backend, ProxyProcess
+from tests.canary.helpers import Traffic, canary, cli
+from tests.support import Backend, ProxyProcess, wait_until
 
 TOKEN = "approve-token"
 SECRET = "slack-signing-secret"
@@ -170,3 +170,48 @@ def test_cli_approve_over_redis_and_the_admin_api(slack_proxy: ProxyProcess, red
     assert state["source"]["path"] == "admin_api" and state["approval"]["by"].startswith("bob via admin api")
     wrong = cli("rollout", "approve", *remote)
     assert wrong.exit_code == 2 and "already approved by bob" in wrong.output
+
+
+@pytest.mark.slow
+def test_two_real_leaders_hold_then_step_once_after_one_approval(
+    proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
+) -> None:
+    """Item 4 across a change of canary leader, with real processes: A leads to the hold and is
+    killed (no hand-over: its lock expires); B holds too; one approval; B steps 10 -> 50 once."""
+    v1, v2 = v1v2
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    settings = {
+        "v1_url": v1.url, "v2_url": v2.url, "redis_url": redis_url, "admin_token": TOKEN, "process": True,
+        "canary": canary(check_interval_seconds=0.25, window_seconds=3, thresholds={"min_requests": 5}),
+    }  # fmt: skip
+    a = proxy_factory(**settings)
+    wait_until(lambda: r.get("strangler:canary:leader") is not None, timeout=10, message="a leader")
+    leader_a = r.get("strangler:canary:leader")
+    b = proxy_factory(**settings)
+    base = ["--redis-url", redis_url]
+
+    def rollout() -> dict[str, Any]:
+        return dict(json.loads(r.get(STATE_KEY) or "{}"))
+
+    def verdict() -> dict[str, Any]:
+        return dict(json.loads(r.get("strangler:canary:verdict:default") or "{}"))
+
+    with Traffic([a.url, b.url]):
+        assert cli("rollout", "start", "--steps", "10!,50,100", "--interval", "0.5s", *base).exit_code == 0
+        wait_until(lambda: verdict().get("step_hold", "").startswith("awaiting approval"), timeout=20)
+        assert verdict()["leader"] == leader_a and rollout()["percentage"] == 10
+        a.kill()
+        wait_until(lambda: verdict().get("leader") not in (None, leader_a), timeout=20, message="B leads")
+        wait_until(lambda: verdict().get("step_hold", "").startswith("awaiting approval"), timeout=20)
+        assert rollout()["percentage"] == 10  # B holds too
+        done = cli("rollout", "approve", "--by", "carol", "--url", b.url, "--token", TOKEN)
+        assert done.exit_code == 0, done.output
+        wait_until(lambda: rollout()["percentage"] >= 50, timeout=30, message="the step after approval")
+    history = [json.loads(h) for h in reversed(r.lrange("strangler:rollout:default:log", 0, -1))]
+    assert [h["action"] for h in history].count("approved") == 1
+    moves = [
+        (h["from"]["percentage"], h["to"]["percentage"]) for h in history if h["action"] == "step_advanced"
+    ]
+    assert moves[0] == (10, 50)  # never skipped
+    first = next(h for h in history if h["action"] == "step_advanced")
+    assert first["by"] != f"leader {leader_a}"
