@@ -90,7 +90,8 @@ class CanaryController(BackgroundLoop):
         self._known: dict[str, RolloutState] = {}  # last rollout seen per group (restored after data loss)
         # called as ("decided", group) between a check's reads and its action: tests land races there
         self.race_hook = race_hook
-        self.confirm = confirm or ConfirmHooks(self.canary.confirm_hooks)
+        wait = min(1.0, self.canary.check_interval_seconds / 4)  # a slow hook never stalls other groups
+        self.confirm = confirm or ConfirmHooks(self.canary.confirm_hooks, wait)
 
     def leader_token(self) -> LeaderToken:
         """The fencing token every action carries (checked in the action's own transaction)."""
@@ -148,6 +149,7 @@ class CanaryController(BackgroundLoop):
             self._redis_trouble(exc)
 
     async def on_stop(self) -> None:
+        self.confirm.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.lock.release(), timeout=1.0)  # hand over at once
         self.is_leader = False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.canary import events
+from proxy.canary.confirm import WAITING
 from proxy.canary.notify.dispatch import Dispatcher, make_target
 from proxy.canary.rollout import ROLLED_BACK
 from proxy.settings import ALERT_KINDS, ConfigError, NotifierTarget, load_settings
@@ -99,13 +101,40 @@ def test_a_hook_that_hangs_or_is_down_holds_the_step(redis_url: str, where: str,
 
     async def body(rig: Rig) -> None:
         await rig.rollouts.start("default", [10, 50, 100], 2, "test")
-        for _ in range(5):
+        holds = set()
+        for _ in range(40):  # the round runs beside the checks: real time passes between them
             await rig.second()
+            holds.add((await rig.verdict()).get("step_hold"))
+            if f"confirm hook 'gate' {reason}" in holds:
+                break
+            await asyncio.sleep(0.05)
         assert await percentage(rig) == 10
-        assert (await rig.verdict())["step_hold"] == f"confirm hook 'gate' {reason}"
+        assert f"confirm hook 'gate' {reason}" in holds, holds
 
     try:
         run(redis_url, body, confirm_hooks=[{"name": "gate", "url": url, "timeout_seconds": 0.2}])
+    finally:
+        hole.close()
+
+
+def test_a_slow_hook_never_holds_up_the_check_it_is_asked_in(redis_url: str) -> None:
+    """A hook that takes its whole 30 s: the check goes on meanwhile (the step waits, saying so)
+    and a failing v2 is rolled back while the hook has not answered."""
+    hole = Blackhole()
+
+    async def body(rig: Rig) -> None:
+        await rig.rollouts.start("default", [10, 50, 100], 2, "test")
+        for _ in range(4):
+            await rig.second()
+        assert (await rig.verdict())["step_hold"] == WAITING
+        for _ in range(4):
+            await rig.second(v2_errors=30)
+        state = await rig.rollouts.get("default")
+        assert state is not None and state.state == ROLLED_BACK
+        rig.controller.confirm.cancel()
+
+    try:
+        run(redis_url, body, confirm_hooks=[{"name": "slow", "url": hole.url, "timeout_seconds": 30}])
     finally:
         hole.close()
 
