@@ -28,7 +28,6 @@ from proxy.cliutil import (
     console,
     err,
     fail,
-    print_rollback,
     redis_or_api,
     resolve_redis_url,
     settings_from,
@@ -261,52 +260,3 @@ def _rules_from_redis(settings: Settings) -> dict[str, Any]:
     for item in listed:
         item["hits"] = None  # counts live in a proxy's memory
     return views.deprecations_document(known.where, Keys.for_settings(settings).hash(SECTION), listed)
-
-
-# --- status / set / rollback through the admin API (cli.py calls these when --url is given) ---------
-# AdminError raised here is turned into one line and an exit code by proxy.cli.StranglerGroup (a
-# refusal exits 2, as the same refusal through Redis; an unreachable or failing proxy exits 1).
-
-
-def _fetch(url: str, token: str | None, call: Callable[[AdminClient], dict[str, Any]]) -> dict[str, Any]:
-    """One admin API call; the document's ``source`` says where it was read, as the CLI reached it."""
-    doc, where = redis_or_api(None, None, url, token, _unused, call)
-    return {**doc, "source": where}
-
-
-def _unused(settings: Settings) -> dict[str, Any]:
-    raise AssertionError("_fetch is called with --url only")
-
-
-def remote_status(url: str, token: str | None, as_json: bool) -> None:
-    doc = _fetch(url, token, lambda c: c.status())
-    if isinstance(doc.get("proxy"), dict):
-        doc["proxy"]["url"] = doc["source"]["url"]
-    if as_json:
-        print(json.dumps(doc))
-        return
-    views.render_status(doc, console)
-
-
-def remote_set(
-    url: str, token: str | None, percentage: str, group: str | None, as_json: bool = False
-) -> None:
-    doc = _fetch(url, token, lambda c: c.set_split(percentage, group))
-    if as_json:
-        print(json.dumps(doc))
-        return
-    console.print(f"v2 share for [bold]{doc['group']}[/bold] set to [bold]{doc['percentage']:g}%[/bold]")
-
-
-def remote_rollback(url: str, token: str | None, group: str | None, as_json: bool = False) -> None:
-    doc = _fetch(url, token, lambda c: c.rollback(group))
-    if as_json:
-        print(json.dumps(doc))
-        return
-    if doc.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
-        console.print(
-            f"[yellow]rollback of {doc['group']} accepted[/yellow]: 0% on that proxy now; "
-            "Redis is unreachable, every proxy follows when it is written"
-        )
-        return
-    print_rollback(doc.get("changed") or {doc["group"]: None})
