@@ -171,7 +171,7 @@ def _override(
     doc, where = redis_or_api(
         config, redis_url, url, token, local, remote, settings=settings, prefix=settings.admin_prefix
     )
-    return {**doc, "source": where} if url else doc
+    return {**doc, "source": where}
 
 
 @dataclass
