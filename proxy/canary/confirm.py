@@ -84,14 +84,19 @@ async def _round(hooks: list[ConfirmHook], payload: dict[str, Any]) -> str | Non
 
 
 async def _one(client: httpx.AsyncClient, hook: ConfirmHook, payload: dict[str, Any]) -> str | None:
+    """Only the status counts: the answer's body is never read (a hook answering a huge or endless
+    body costs nothing)."""
+
+    async def status() -> int:
+        async with client.stream("POST", hook.url, json=payload, timeout=hook.timeout_seconds) as answer:
+            return answer.status_code
+
     try:
-        response = await asyncio.wait_for(
-            client.post(hook.url, json=payload, timeout=hook.timeout_seconds), hook.timeout_seconds * 2
-        )
+        code = await asyncio.wait_for(status(), hook.timeout_seconds * 2)
     except (TimeoutError, httpx.TimeoutException):
         return f"confirm hook {hook.name!r} did not answer within {hook.timeout_seconds:g}s"
     except httpx.HTTPError as exc:
         return f"confirm hook {hook.name!r} unreachable ({type(exc).__name__})"
-    if 200 <= response.status_code < 300:
+    if 200 <= code < 300:
         return None
-    return f"confirm hook {hook.name!r} answered HTTP {response.status_code}"
+    return f"confirm hook {hook.name!r} answered HTTP {code}"

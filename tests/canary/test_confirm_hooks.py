@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -137,6 +138,72 @@ def test_a_slow_hook_never_holds_up_the_check_it_is_asked_in(redis_url: str) -> 
         run(redis_url, body, confirm_hooks=[{"name": "slow", "url": hole.url, "timeout_seconds": 30}])
     finally:
         hole.close()
+
+
+class OddHook:
+    """A hook that answers 200 and then an endless body, or bytes that are not HTTP at all."""
+
+    def __init__(self, kind: str) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/confirm"
+        self.kind = kind
+        self.stopping = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                if self.kind == "garbage":
+                    conn.sendall(b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                while not self.stopping:  # an endless body, 1 MiB a chunk
+                    conn.sendall(b"100000\r\n" + b"x" * 0x100000 + b"\r\n")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stopping = True
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("kind", "moves"), [("endless", True), ("garbage", False)])
+def test_a_hostile_hook_answer_is_judged_by_its_status_line_only(
+    redis_url: str, kind: str, moves: bool
+) -> None:
+    """An endless 200 body is never read (the step is taken); bytes that are not HTTP hold it."""
+    hook = OddHook(kind)
+
+    async def body(rig: Rig) -> None:
+        await rig.rollouts.start("default", [10, 50, 100], 2, "test")
+        for _ in range(40):
+            await rig.second()
+            if await percentage(rig) != 10 or "unreachable" in (await rig.verdict()).get("step_hold", ""):
+                break
+            await asyncio.sleep(0.05)
+        if moves:
+            assert await percentage(rig) == 50
+        else:
+            assert await percentage(rig) == 10
+            assert (await rig.verdict())[
+                "step_hold"
+            ] == "confirm hook 'odd' unreachable (RemoteProtocolError)"
+
+    try:
+        run(redis_url, body, confirm_hooks=[{"name": "odd", "url": hook.url, "timeout_seconds": 2}])
+    finally:
+        hook.close()
 
 
 def test_hooks_wait_for_the_approval_and_never_block_a_rollback(redis_url: str) -> None:
