@@ -305,7 +305,11 @@ class CanaryController(BackgroundLoop):
             except Superseded as exc:
                 log.info("rollout of %s: not acting (%s)", group, exc)
             rollout = await self.rollouts.get(group)
-        self.metrics.rollout_at(group, None if rollout is None else rollout.percentage)
+        self.metrics.rollout_at(
+            group,
+            None if rollout is None else rollout.percentage,
+            awaiting_approval=rollout is not None and rollout.awaiting_approval,
+        )
         return verdict
 
     async def _step_gate(self, group: str, rollout: RolloutState | None) -> str | None:

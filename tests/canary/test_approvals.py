@@ -42,6 +42,8 @@ def test_an_approval_step_holds_until_approved_then_the_ladder_goes_on(redis_url
         assert state.awaiting_approval and state.as_dict()["awaiting_since"] == state.step_started_at
         assert (await rig.verdict())["step_hold"] == "awaiting approval of the hold at 25%"
         assert await rig.split() == "25"
+        awaiting = rig.metrics.registry.get_sample_value
+        assert awaiting("strangler_rollout_awaiting_approval", {"group": "default"}) == 1
         waiting = [e for e in rig.notifier.events if e.kind == "awaiting_approval"]
         assert len(waiting) == 1 and waiting[0].fields == {"step": 25.0, "hold_id": state.hold_id}
 
@@ -52,6 +54,7 @@ def test_an_approval_step_holds_until_approved_then_the_ladder_goes_on(redis_url
         state = await rig.rollouts.get("default")
         assert state is not None and state.percentage == 50
         assert "step_hold" not in await rig.verdict()
+        assert awaiting("strangler_rollout_awaiting_approval", {"group": "default"}) == 0
         entry = next(e for e in await rig.rollouts.history("default") if e["action"] == "approved")
         assert (entry["by"], entry["at"]) == ("alice", approved.approval.at)
         assert await log_actions(rig) == ["started", "step_advanced", "approved", "step_advanced"]
