@@ -285,23 +285,23 @@ def status(
     token: AdminTokenOpt = None,
 ) -> None:
     """Split per group: stored in Redis and served by the proxies (a running proxy's view with --url)."""
-    from proxy.admin.commands import remote_status
-    from proxy.cliutil import console, resolve_redis_url, settings_from, with_control, with_registered_groups
-
-    if url:
-        return remote_status(url, token, as_json)
     from proxy.admin import views
-    from proxy.redis_url import describe
+    from proxy.cliutil import console, redis_or_api, with_control, with_registered_groups
 
-    settings = with_registered_groups(settings_from(config, redis_url=redis_url))
-    where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
-    proxy_view = _local_proxy_view(settings)
-    doc = with_control(
-        settings,
-        lambda c: views.status_document(
-            c, settings.group_names, settings.default_percentage, where, proxy_view
-        ),
-    )
+    def local(loaded: Settings) -> dict[str, Any]:
+        settings = with_registered_groups(loaded)
+        proxy_view = _local_proxy_view(settings)
+        return with_control(
+            settings,
+            lambda c: views.status_document(
+                c, settings.group_names, settings.default_percentage, {}, proxy_view
+            ),
+        )
+
+    doc, where = redis_or_api(config, redis_url, url, token, local, lambda c: c.status())
+    doc["source"] = where
+    if url and isinstance(doc.get("proxy"), dict):
+        doc["proxy"]["url"] = where["url"]  # the proxy as this CLI reached it
     if as_json:
         print(json.dumps(doc))
         return
@@ -323,26 +323,25 @@ def set_split(
     as_json: JsonOpt = False,
 ) -> None:
     """Set the v2 share; every replica follows within a moment."""
-    from proxy.admin.commands import remote_set
+    from proxy.admin import views
     from proxy.canary.commands import rollout_writer, verified_set
-    from proxy.cliutil import check_group, console, resolve_redis_url, settings_from, with_control
+    from proxy.cliutil import check_group, console, redis_or_api, with_control
 
     if verify is not None:
         verified_set(config, redis_url, url, token, group, percentage, verify)
         return
-    if url:
-        return remote_set(url, token, percentage, group, as_json)
-    from proxy.admin import views
-    from proxy.redis_url import describe
 
-    settings = settings_from(config, redis_url=redis_url)
-    name = check_group(settings, group)
-    value = with_control(settings, lambda c: c.set_split(percentage, name), rollout_writer)
+    def local(settings: Settings) -> dict[str, Any]:
+        name = check_group(settings, group)
+        value = with_control(settings, lambda c: c.set_split(percentage, name), rollout_writer)
+        return views.set_document({}, name, value)
+
+    doc, where = redis_or_api(config, redis_url, url, token, local, lambda c: c.set_split(percentage, group))
+    doc["source"] = where
     if as_json:
-        where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
-        print(json.dumps(views.set_document(where, name, value)))
+        print(json.dumps(doc))
         return
-    console.print(f"v2 share for [bold]{name}[/bold] set to [bold]{value:g}%[/bold]")
+    console.print(f"v2 share for [bold]{doc['group']}[/bold] set to [bold]{doc['percentage']:g}%[/bold]")
 
 
 @split_app.command()
@@ -355,29 +354,34 @@ def rollback(
     as_json: JsonOpt = False,
 ) -> None:
     """Send everyone back to v1 at once: without --group, the global split and every group."""
-    from proxy.admin.commands import remote_rollback
-    from proxy.canary.commands import rollout_writer
-    from proxy.cliutil import check_group, print_rollback, resolve_redis_url, settings_from, with_control
-
-    if url:
-        return remote_rollback(url, token, group, as_json)
     from proxy.admin import views
-    from proxy.redis_url import describe
+    from proxy.canary.commands import rollout_writer
+    from proxy.cliutil import check_group, console, print_rollback, redis_or_api, with_control
 
-    settings = settings_from(config, redis_url=redis_url)
     hint = "; a running proxy's admin API can do it: --url http://HOST:PORT"
-    known: list[str] = []
-    if group is not None:
-        check_group(settings, group, hint)
-    else:
-        registered = with_control(settings, lambda c: c.registered_groups(), hint=hint)
-        known = [*settings.group_names, *registered]  # the config's and the running proxies'
-    changed = with_control(settings, lambda c: c.rollback(group, known), rollout_writer, hint=hint)
+
+    def local(settings: Settings) -> dict[str, Any]:
+        known: list[str] = []
+        if group is not None:
+            check_group(settings, group, hint)
+        else:
+            registered = with_control(settings, lambda c: c.registered_groups(), hint=hint)
+            known = [*settings.group_names, *registered]  # the config's and the running proxies'
+        changed = with_control(settings, lambda c: c.rollback(group, known), rollout_writer, hint=hint)
+        return views.rollback_document({}, group, changed)
+
+    doc, where = redis_or_api(config, redis_url, url, token, local, lambda c: c.rollback(group))
+    doc["source"] = where
     if as_json:
-        where = views.source(views.REDIS, describe(resolve_redis_url(settings)))
-        print(json.dumps(views.rollback_document(where, group, changed)))
+        print(json.dumps(doc))
         return
-    print_rollback(changed)
+    if doc.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
+        console.print(
+            f"[yellow]rollback of {doc['group']} accepted[/yellow]: 0% on that proxy now; "
+            "Redis is unreachable, every proxy follows when it is written"
+        )
+        return
+    print_rollback(doc.get("changed") or {doc["group"]: None})
 
 
 @split_app.command()

@@ -267,6 +267,11 @@ class Metrics:
             "strangler_rollout_step", "Current rollout step percentage (-1 when no rollout).",
             ["group"], registry=reg, **gauge_mode,
         )  # fmt: skip
+        self.rollout_awaiting = Gauge(
+            "strangler_rollout_awaiting_approval",
+            "1 while a rollout holds at an approval step (25! in the ladder) that nobody approved yet.",
+            ["group"], registry=reg, **gauge_mode,
+        )  # fmt: skip
         self.check_verdicts = Counter(
             "strangler_check_verdicts_total", "Health check verdicts.", ["group", "verdict"], registry=reg
         )
@@ -399,8 +404,9 @@ class Metrics:
     def rolled_back(self, group: str, reason: str) -> None:
         self.rollbacks.labels(group, reason).inc()
 
-    def rollout_at(self, group: str, percentage: float | None) -> None:
+    def rollout_at(self, group: str, percentage: float | None, awaiting_approval: bool = False) -> None:
         self.rollout_step.labels(group).set(-1 if percentage is None else percentage)
+        self.rollout_awaiting.labels(group).set(1 if awaiting_approval else 0)
 
     def alert_delivery(self, target: str, outcome: str) -> None:
         self.alerts.labels(target, outcome).inc()

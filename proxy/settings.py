@@ -114,6 +114,61 @@ def check_steps(steps: Sequence[float]) -> list[float]:
 
 StepLadder = Annotated[list[float], AfterValidator(check_steps)]
 
+APPROVAL_MARK = "!"
+
+
+def parse_ladder(items: Sequence[object]) -> tuple[list[float], list[float]]:
+    """A ladder as written (settings, ``--steps``, the admin API) -> (steps, approval steps).
+
+    Each item is a number, or text: a number optionally followed by one ``!`` (``"25!"``: the
+    rollout holds at 25% until approved). The steps then follow ``check_steps``; 100 cannot be an
+    approval step (reaching it completes the rollout). Raises ValueError, one line naming the item."""
+    steps: list[float] = []
+    approvals: list[float] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | float | str):
+            raise ValueError(f"rollout step {item!r} must be a number, or a number followed by '!'")
+        marked = False
+        if isinstance(item, str):
+            text = item.strip()
+            marked = text.endswith(APPROVAL_MARK)
+            number = text[: -len(APPROVAL_MARK)].strip() if marked else text
+            try:
+                if not number or APPROVAL_MARK in number or len(number) > 32:
+                    raise ValueError
+                value = float(number)
+            except ValueError:
+                shown = item if len(item) <= 40 else item[:40] + "..."
+                raise ValueError(
+                    f"rollout step {shown!r} must be a number, or a number followed by one '!' "
+                    "(an approval step, e.g. 25!)"
+                ) from None
+        else:
+            value = float(item)
+        steps.append(value)
+        if marked:
+            approvals.append(value)
+    check_steps(steps)
+    return steps, check_approval_steps(steps, approvals)
+
+
+def check_approval_steps(steps: Sequence[float], approvals: Sequence[float]) -> list[float]:
+    """Approval steps must be on the ladder and below 100. Raises ValueError saying which."""
+    for value in approvals:
+        if value not in steps:
+            raise ValueError(f"approval step {value:g} is not on the ladder {[f'{s:g}' for s in steps]}")
+        if value >= 100:
+            raise ValueError(
+                "100 cannot be an approval step: reaching it completes the rollout; "
+                "mark the step before it (e.g. 95!)"
+            )
+    return sorted(set(approvals))
+
+
+def format_ladder(steps: Sequence[float], approvals: Sequence[float]) -> str:
+    """``1,5,25!,50,100``: the ladder as it is written."""
+    return ",".join(f"{s:g}{APPROVAL_MARK if s in approvals else ''}" for s in steps)
+
 
 class RouteGroup(StrictModel):
     """A named set of path patterns that share one split (and shadow/canary policy)."""
@@ -234,6 +289,15 @@ class CanaryThresholds(StrictModel):
     power: float = Field(default=0.8, gt=0, lt=1)  # chance of catching those before a check may PASS
 
 
+# The canary's event kinds (``proxy/canary/events.KINDS``; a test keeps the two equal), which a
+# notifier's ``events`` may choose from.
+ALERT_KINDS = (
+    "started", "step_advanced", "awaiting_approval", "approved", "paused", "resumed", "completed",
+    "aborted", "rolled_back", "recovered", "insufficient_data", "overridden", "state_lost",
+    "gate_dry_run_failed",
+)  # fmt: skip
+
+
 class NotifierTarget(StrictModel):
     """One alert destination. ``kind`` picks the payload format."""
 
@@ -241,6 +305,18 @@ class NotifierTarget(StrictModel):
     url: str | None = None  # pagerduty defaults to the Events API v2 enqueue endpoint
     routing_key: SecretStr | None = None  # pagerduty integration key
     min_severity: Literal["info", "warning", "critical"] = "info"
+    events: list[str] | None = None  # only these event kinds (None: all, above min_severity)
+
+    @field_validator("events")
+    @classmethod
+    def _known_events(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        unknown = [kind for kind in value if kind not in ALERT_KINDS]
+        if unknown or not value:
+            shown = ", ".join(repr(k)[:40] for k in unknown[:3]) or "an empty list"
+            raise ValueError(f"notifier events: {shown} not among {', '.join(ALERT_KINDS)}")
+        return value
 
     @model_validator(mode="after")
     def _complete(self) -> NotifierTarget:
@@ -335,6 +411,22 @@ Gate = Annotated[PrometheusGate | HttpGate, Field(discriminator="kind")]
 GATE_KINDS = ("prometheus", "http")
 
 
+class ConfirmHook(StrictModel):
+    """A URL that must answer 2xx before the leader takes a step (Flagger's confirm-promotion).
+    Anything else (another status, a timeout, no answer) holds the step; asked again next check."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")  # shown in status and logs (the URL is not)
+    url: str
+    groups: list[str] = Field(default_factory=list)  # empty: every group
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        http_url(value, f"confirm hook url {value!r} must be an http:// or https:// URL")
+        return value
+
+
 class CanarySettings(StrictModel):
     """Health checks, automatic rollback and the rollout ladder."""
 
@@ -347,11 +439,18 @@ class CanarySettings(StrictModel):
     leader_lock_ttl_seconds: float = Field(default=15.0, gt=0)
     insufficient_data_alert_seconds: float = Field(default=600.0, gt=0)
     steps: StepLadder = Field(default_factory=lambda: [1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 100.0])
+    # steps written ``N!`` in ``steps`` (filled from the marks; may also be listed here)
+    approval_steps: list[float] = Field(default_factory=list)
     step_interval_seconds: float = Field(default=300.0, gt=0)
     thresholds: CanaryThresholds = Field(default_factory=CanaryThresholds)
     group_thresholds: dict[str, CanaryThresholds] = Field(default_factory=dict)
     parity_tables: list[str] = Field(default_factory=list)
     notifiers: list[NotifierTarget] = Field(default_factory=list)
+    confirm_hooks: list[ConfirmHook] = Field(default_factory=list)
+    # Slack interactivity: the app's signing secret turns on POST {admin_prefix}/slack/interactions
+    # (the approve button of an awaiting_approval alert); unset, that endpoint answers 404
+    slack_signing_secret: SecretStr | None = None
+    slack_approvers: list[str] = Field(default_factory=list)  # Slack user ids; empty: any user
     notify_queue_size: int = Field(default=1000, ge=1)
     notify_retries: int = Field(default=3, ge=0)
     notify_backoff_seconds: float = Field(default=1.0, gt=0)
@@ -376,6 +475,23 @@ class CanarySettings(StrictModel):
     def gates_for(self, group: str) -> list[PrometheusGate | HttpGate]:
         """The group's own gates, then those for every group (``"*"``)."""
         return [*self.gates.get(group, []), *self.gates.get("*", [])]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _approval_marks(cls, data: Any) -> Any:
+        """``steps: [1, 5, "25!", 100]``: the marks become ``approval_steps``, the steps numbers."""
+        if isinstance(data, dict) and isinstance(data.get("steps"), list | tuple):
+            steps, approvals = parse_ladder(data["steps"])
+            listed = data.get("approval_steps") or []
+            if not isinstance(listed, list | tuple):
+                raise ValueError("approval_steps must be a list of steps")
+            data = {**data, "steps": steps, "approval_steps": [*approvals, *listed]}
+        return data
+
+    @model_validator(mode="after")
+    def _approvals_on_ladder(self) -> CanarySettings:
+        self.approval_steps = check_approval_steps(self.steps, self.approval_steps)
+        return self
 
 
 class DeprecationRule(StrictModel):

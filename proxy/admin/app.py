@@ -57,10 +57,18 @@ OPEN_READS = frozenset({"/health", "/ready"})  # liveness/readiness probes never
 def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> Starlette:
     token = ctx.settings.admin_token_value()
     reads_protected = ctx.settings.admin_reads_require_token
+
+    def needs_token(handler: Handler, write: bool, path: str) -> bool:
+        """Writes need the token, except a handler marked ``signed`` (it verifies a signature of
+        its own, e.g. Slack's); reads only when ``admin_reads_require_token``."""
+        if getattr(handler, "signed", False):
+            return False
+        return write or (reads_protected and path not in OPEN_READS)
+
     how = "send Authorization: Bearer <admin token> (strangler serve keeps it in admin_token_file)"
 
     def guard(handler: Handler, write: bool, path: str = "") -> Handler:
-        protected = write or (reads_protected and path not in OPEN_READS)
+        protected = needs_token(handler, write, path)
 
         async def guarded(request: Request) -> Response:
             if protected and not allowed(request, token):
@@ -173,7 +181,7 @@ def build_admin(ctx: AdminContext, extra_routes: list[Route] | None = None) -> S
             handlers.update(dict.fromkeys(chosen, guarded))
             if "GET" in chosen:
                 handlers.setdefault("HEAD", guarded)
-            protected = write or (reads_protected and path not in OPEN_READS)
+            protected = needs_token(handler, write, path)
             docs.append(RouteDoc(path, chosen, handler.__doc__ or "", write, protected))
     routes = [Route(path, dispatch(handlers), methods=list(handlers)) for path, handlers in by_path.items()]
     document = openapi_document(ctx.settings, docs)

@@ -1,17 +1,26 @@
 """The canary's admin routes: ``GET /canary/status``, ``GET /rollout`` and ``POST /rollout/<action>``
-(start, pause, resume, abort, promote). The prefix and the write-token guard come from admin/app."""
+(start, pause, resume, abort, promote, approve), and ``POST /slack/interactions`` (Slack's approve
+button, verified by Slack's signature instead of the token). The prefix and the write-token guard
+come from admin/app."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.admin.app import unknown_group
+from proxy.admin.app import error, unknown_group
+from proxy.canary import slack
 from proxy.canary.capability import CanaryService
-from proxy.canary.rollout import RolloutError, check_steps, parse_duration
+from proxy.canary.rollout import RolloutError, parse_duration, parse_steps
+
+log = logging.getLogger("strangler.admin")
+
+MAX_LADDER = 1000  # a ladder longer than this in a request body is refused before parsing
 
 
 def routes(service: CanaryService) -> list[Route]:
@@ -44,14 +53,27 @@ def routes(service: CanaryService) -> list[Route]:
                 group = group_of(data, request)
                 who = f"admin api ({request.client.host if request.client else '?'})"
                 if action == "start":
-                    steps = data.get("steps") or settings.canary.steps
-                    if isinstance(steps, str):
-                        steps = [float(s) for s in steps.split(",") if s.strip()]
-                    steps = [float(s) for s in steps]
-                    check_steps(steps)
+                    raw_steps = data.get("steps")
+                    if raw_steps:
+                        if not isinstance(raw_steps, str | list) or len(raw_steps) > MAX_LADDER:
+                            raise RolloutError(
+                                f"steps must be a list or a comma list of at most {MAX_LADDER}"
+                            )
+                        steps, approvals = parse_steps(raw_steps)
+                    else:
+                        steps, approvals = list(settings.canary.steps), list(settings.canary.approval_steps)
                     raw_interval = data.get("interval", settings.canary.step_interval_seconds)
                     interval = parse_duration(str(raw_interval))
-                    state = await service.rollouts.start(group, steps, interval, who)
+                    state = await service.rollouts.start(group, steps, interval, who, approvals)
+                elif action == "approve":
+                    hold = data.get("hold_id")
+                    if hold is not None and (isinstance(hold, bool) or not isinstance(hold, int)):
+                        raise RolloutError("hold_id must be an integer (the hold shown in the status)")
+                    by = data.get("by")
+                    if by is not None and (not isinstance(by, str) or not 0 < len(by) <= 100):
+                        raise RolloutError("by must be a name of 1 to 100 characters")
+                    name = f"{by} via {who}" if by else who
+                    state = await service.rollouts.approve(group, name, hold)
                 elif action == "pause":
                     state = await service.rollouts.pause(group, who)
                 elif action == "resume":
@@ -76,9 +98,61 @@ def routes(service: CanaryService) -> list[Route]:
     async def status(request: Request) -> Response:
         return JSONResponse(await service.status())
 
+    secret = settings.canary.slack_signing_secret
+    approvers = set(settings.canary.slack_approvers)
+
+    async def slack_interaction(request: Request) -> Response:
+        """Approve a hold from Slack's approve button (signed by Slack, not by the admin token)."""
+        if secret is None:
+            return error(404, "not found", detail="Slack approvals are off (canary.slack_signing_secret)")
+        try:
+            body = await _capped_body(request, slack.MAX_BODY_BYTES)
+            slack.verify(
+                secret.get_secret_value(),
+                request.headers.get("x-slack-request-timestamp"),
+                request.headers.get("x-slack-signature"),
+                body,
+                time.time(),
+            )
+            click = slack.parse_click(body)
+            if approvers and click.user_id not in approvers:
+                raise slack.SlackRefused(f"Slack user {click.user_id} may not approve rollouts", 403)
+            if click.group not in settings.group_names:
+                raise slack.SlackRefused(f"unknown group {click.group!r}", 404)
+            by = f"slack {click.user_name} ({click.user_id})"
+            state = await service.rollouts.approve(click.group, by, click.hold_id)
+        except slack.SlackRefused as exc:
+            log.warning("Slack interaction refused: %s", exc)
+            return error(exc.status, "refused", detail=str(exc))
+        except RolloutError as exc:
+            return error(409, "rejected", detail=str(exc))
+        return JSONResponse(
+            {
+                "text": f"approved: {state.group} leaves {state.percentage:g}% once its checks pass",
+                **state.as_dict(),
+            }
+        )
+
+    slack_interaction.signed = True  # type: ignore[attr-defined]  # no token: Slack's signature
+
     return [
         Route("/canary/status", status, methods=["GET"]),
         Route("/rollout", handler("get"), methods=["GET"]),
         *(Route(f"/rollout/{action}", handler(action), methods=["POST"])
-          for action in ("start", "pause", "resume", "abort", "promote")),
+          for action in ("start", "pause", "resume", "abort", "promote", "approve")),
+        Route("/slack/interactions", slack_interaction, methods=["POST"]),
     ]  # fmt: skip
+
+
+async def _capped_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past ``limit`` bytes without reading the rest into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise slack.SlackRefused(f"body larger than {limit} bytes", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise slack.SlackRefused(f"body larger than {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -28,7 +28,7 @@ from proxy.cliutil import (
     console,
     err,
     fail,
-    print_rollback,
+    redis_or_api,
     resolve_redis_url,
     settings_from,
     with_control,
@@ -100,9 +100,8 @@ def set_phase(
     The rule may come from this CLI's config, from a running proxy's (registered in Redis), or be
     defined live in Redis; any other name is refused (exit 2)."""
     settings = settings_from(config, redis_url=redis_url)
-    if url:
-        doc = _remote(settings, url, token, lambda c: c.override_deprecation(name, {"phase": phase}))
-    else:
+
+    def local(settings: Settings) -> dict[str, Any]:
         from proxy.traffic.deprecation import PHASES, SECTION, InvalidOverride, parse_override
 
         known = _known_rules(settings)
@@ -115,7 +114,10 @@ def set_phase(
         except InvalidOverride as exc:
             fail(str(exc), EXIT_USAGE)
         with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: raw}))
-        doc = views.override_document(known.where, name, raw, True)
+        return views.override_document(known.where, name, raw, True)
+
+    remote = lambda c: dict(c.override_deprecation(name, {"phase": phase}))  # noqa: E731
+    doc = _override(config, redis_url, url, token, settings, local, remote)
     if as_json:
         print(json.dumps(doc))
         return
@@ -133,9 +135,8 @@ def clear(
 ) -> None:
     """Drop a rule's live override (back to its configured values); an unknown rule: exit 2."""
     settings = settings_from(config, redis_url=redis_url)
-    if url:
-        doc = _remote(settings, url, token, lambda c: c.clear_deprecation(name))
-    else:
+
+    def local(settings: Settings) -> dict[str, Any]:
         from proxy.traffic.deprecation import SECTION
 
         known = _known_rules(settings)
@@ -143,7 +144,10 @@ def clear(
         changed = name in known.overrides
         if changed:
             with_control(settings, lambda c: c.set_hash_fields(SECTION, {name: None}))
-        doc = views.override_document(known.where, name, None, changed)
+        return views.override_document(known.where, name, None, changed)
+
+    remote = lambda c: dict(c.clear_deprecation(name))  # noqa: E731
+    doc = _override(config, redis_url, url, token, settings, local, remote)
     if as_json:
         print(json.dumps(doc))
         return
@@ -153,17 +157,21 @@ def clear(
         console.print(f"deprecation rule [bold]{name}[/bold]: no live override (it follows its config)")
 
 
-def _remote(
-    settings: Settings, url: str, token: str | None, call: Callable[[AdminClient], Any]
+def _override(
+    config: Any,
+    redis_url: str | None,
+    url: str | None,
+    token: str | None,
+    settings: Settings,
+    local: Callable[[Settings], dict[str, Any]],
+    remote: Callable[[AdminClient], dict[str, Any]],
 ) -> dict[str, Any]:
-    """A live override through the proxy named by ``--url``; its refusals exit as the Redis path's."""
-    try:
-        with AdminClient(url, token, settings.admin_prefix) as client:
-            doc = dict(call(client))
-            doc["source"] = views.source(views.ADMIN_API, client.url)
-            return doc
-    except AdminError as exc:
-        fail(str(exc), exc.exit_code)
+    """A live override, through the proxy named by ``--url`` or Redis (``redis_or_api``); over the
+    API the document's ``source`` is the API's, as the CLI reached it."""
+    doc, where = redis_or_api(
+        config, redis_url, url, token, local, remote, settings=settings, prefix=settings.admin_prefix
+    )
+    return {**doc, "source": where}
 
 
 @dataclass
@@ -252,50 +260,3 @@ def _rules_from_redis(settings: Settings) -> dict[str, Any]:
     for item in listed:
         item["hits"] = None  # counts live in a proxy's memory
     return views.deprecations_document(known.where, Keys.for_settings(settings).hash(SECTION), listed)
-
-
-# --- status / set / rollback through the admin API (cli.py calls these when --url is given) ---------
-# AdminError raised here is turned into one line and an exit code by proxy.cli.StranglerGroup (a
-# refusal exits 2, as the same refusal through Redis; an unreachable or failing proxy exits 1).
-
-
-def _fetch(url: str, token: str | None, call: Callable[[AdminClient], dict[str, Any]]) -> dict[str, Any]:
-    """One admin API call; the document's ``source`` says where it was read, as the CLI reached it."""
-    with AdminClient(url, token) as client:
-        doc = call(client)
-        doc["source"] = views.source(views.ADMIN_API, client.url)
-    return doc
-
-
-def remote_status(url: str, token: str | None, as_json: bool) -> None:
-    doc = _fetch(url, token, lambda c: c.status())
-    if isinstance(doc.get("proxy"), dict):
-        doc["proxy"]["url"] = doc["source"]["url"]
-    if as_json:
-        print(json.dumps(doc))
-        return
-    views.render_status(doc, console)
-
-
-def remote_set(
-    url: str, token: str | None, percentage: str, group: str | None, as_json: bool = False
-) -> None:
-    doc = _fetch(url, token, lambda c: c.set_split(percentage, group))
-    if as_json:
-        print(json.dumps(doc))
-        return
-    console.print(f"v2 share for [bold]{doc['group']}[/bold] set to [bold]{doc['percentage']:g}%[/bold]")
-
-
-def remote_rollback(url: str, token: str | None, group: str | None, as_json: bool = False) -> None:
-    doc = _fetch(url, token, lambda c: c.rollback(group))
-    if as_json:
-        print(json.dumps(doc))
-        return
-    if doc.get("pending"):  # 202: Redis had no master; that proxy serves 0% and retries the write
-        console.print(
-            f"[yellow]rollback of {doc['group']} accepted[/yellow]: 0% on that proxy now; "
-            "Redis is unreachable, every proxy follows when it is written"
-        )
-        return
-    print_rollback(doc.get("changed") or {doc["group"]: None})

@@ -76,6 +76,41 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     },
 }
 BODIES[("/split", "post")] = BODIES[("/split", "put")]
+BODIES[("/rollout/approve", "post")] = {
+    "type": "object",
+    "description": "approve the current approval hold (a ladder step written N!)",
+    "properties": {
+        "group": {"type": "string", "default": "default"},
+        "by": {"type": "string", "maxLength": 100, "description": "who approves (recorded)"},
+        "hold_id": {"type": "integer", "description": "refused unless it is the current hold"},
+    },
+}
+BODIES[("/rollout/start", "post")] = {
+    "type": "object",
+    "properties": {
+        "group": {"type": "string", "default": "default"},
+        "steps": {
+            "description": 'ladder, e.g. [1, 5, "25!", 100] or "1,5,25!,100" (25!: approval step)',
+            "oneOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"oneOf": [{"type": "number"}, {"type": "string"}]}},
+            ],
+        },
+        "interval": {"type": "string", "description": "hold per step, e.g. 30s, 5m"},
+    },
+}
+SIGNED_BODIES: dict[tuple[str, str], dict[str, Any]] = {
+    ("/slack/interactions", "post"): {
+        "type": "object",
+        "description": (
+            "Slack's interactive payload (application/x-www-form-urlencoded, field payload: JSON "
+            "with the strangler_approve action); verified with X-Slack-Signature and "
+            "X-Slack-Request-Timestamp (5 minutes at most), not the admin token"
+        ),
+        "required": ["payload"],
+        "properties": {"payload": {"type": "string"}},
+    },
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +156,16 @@ def openapi_document(settings: Settings, routes: list[RouteDoc]) -> dict[str, An
             body = BODIES.get((route.path, lower))
             if body is not None:
                 operation["requestBody"] = {
-                    "required": route.path != "/rollback",
+                    "required": route.path not in ("/rollback", "/rollout/start"),
                     "content": {"application/json": {"schema": body}},
                 }
+            signed = SIGNED_BODIES.get((route.path, lower))
+            if signed is not None:
+                operation["requestBody"] = {
+                    "required": True,
+                    "content": {"application/x-www-form-urlencoded": {"schema": signed}},
+                }
+                operation["security"] = []  # Slack's signature, checked by the handler
             if route.protected:
                 operation["security"] = [{"bearer": []}]
                 operation["responses"]["401"] = {

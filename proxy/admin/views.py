@@ -95,13 +95,13 @@ async def status_document(
 ) -> dict[str, Any]:
     """The ``status`` view from Redis: every group the caller knows plus those running proxies
     registered, the rollout, last check and decision per group, a loss of Redis data, parity."""
-    from proxy.canary import records
+    from proxy.canary import statusview
     from proxy.parity.store import read_last_results
 
     registered = await control.registered_groups()
     names = ordered([*groups, *registered])
     raw = await control.get_split(names)
-    canary = await records.read_status(control.redis, control.keys, names)
+    canary = await statusview.read_status(control.redis, control.keys, names)
     parity = await read_last_results(control.redis, control.keys)
     rows = split_rows(names, raw, registered, default_percentage)
     for row in rows:
@@ -161,7 +161,7 @@ def render_status(doc: dict[str, Any], console: Console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from proxy.canary.commands import gate_lines, summarize
+    from proxy.canary.commands import approval_line, gate_lines, summarize
 
     where = doc["source"]
     proxy = doc["proxy"]
@@ -207,6 +207,13 @@ def render_status(doc: dict[str, Any], console: Console) -> None:
     for row in doc["groups"]:  # metric gates of the last check (docs/canary.md, Metric gates)
         for line in gate_lines(row["verdict"]):
             console.print(f"{escape(row['group'])} {escape(line)}")
+    for row in doc["groups"]:  # an approval hold asks a person to act: one line, not folded
+        note = approval_line(row["rollout"]) if row["rollout"] else ""
+        if note:
+            hint = (
+                f"; strangler rollout approve --group {row['group']}" if note.startswith("awaiting") else ""
+            )
+            console.print(f"rollout of {escape(row['group'])}: {escape(note)}{hint}", soft_wrap=True)
     for name, result in sorted(doc["parity"].items()):  # the last `strangler parity` run per table
         counts = ", ".join(f"{result.get(k, 0)} {k}" for k in ("missing", "extra", "changed"))
         console.print(f"parity {escape(name)}: {escape(str(result.get('status')))} ({counts})")

@@ -181,6 +181,12 @@ def _actual_action(check: Check, after: Check | None) -> str:
     return HOLD
 
 
+def _held(check: Check) -> bool:
+    """A step the checks allowed but something else held at this check (parity behind, an
+    approval not given, a confirm hook refusing): the candidate does not advance there either."""
+    return bool(check.extras.get("parity_hold") or check.extras.get("step_hold"))
+
+
 def replay(group: str, checks: Sequence[Check], candidate: Candidate, judges: Sequence[Judge] = ()) -> Replay:
     """The candidate's decisions over ``checks`` (oldest first)."""
     thresholds = candidate.for_group(group)
@@ -217,7 +223,7 @@ def replay(group: str, checks: Sequence[Check], candidate: Candidate, judges: Se
             if status is Status.PASS:
                 start = max(last_at or 0.0, counted_from)
                 judged += max(0.0, min(check.at - start, 2 * candidate.check_interval_seconds))
-                if judged >= rollout.interval and not check.extras.get("parity_hold"):
+                if judged >= rollout.interval and not _held(check):
                     action, judged, counted_from = ADVANCE, 0.0, check.at
         out.steps.append(Step(*actual, status.value, action, failed, reason, streak))
         last_at = check.at

@@ -97,13 +97,12 @@ def backtest_command(
         result = backtest.replay(name, loaded[name].checks, candidate, judges)
         views.append((result, backtest.view(result, candidate, start, loaded[name].skipped), loaded[name]))
     if as_json:
-        from proxy.canary.commands import _redis_source
+        from proxy.cliutil import resolve_redis_url
+        from proxy.redis_url import describe
+        from proxy.viewsource import REDIS, source
 
-        print(
-            json.dumps(
-                {"source": _redis_source(settings), "since": start, "groups": [v for _, v, _ in views]}
-            )
-        )
+        where = source(REDIS, describe(resolve_redis_url(settings)))
+        print(json.dumps({"source": where, "since": start, "groups": [v for _, v, _ in views]}))
         return
     for result, _, got in views:
         console.print(

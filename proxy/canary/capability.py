@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from proxy.background import Component
-from proxy.canary import records
+from proxy.canary import statusview
 from proxy.canary.controller import CanaryController, ParityBehind, ShadowTotals
 from proxy.canary.notify.courier import Courier
 from proxy.canary.notify.factory import build_notifier
@@ -40,7 +40,7 @@ class CanaryService:
         self.controller = controller
 
     async def status(self) -> dict[str, Any]:
-        data = await records.read_status(self.redis, self.keys, self.settings.group_names)
+        data = await statusview.read_status(self.redis, self.keys, self.settings.group_names)
         data["this_process"] = {
             "identity": self.controller.lock.identity if self.controller else None,
             "leader": bool(self.controller and self.controller.is_leader),

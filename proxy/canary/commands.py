@@ -18,8 +18,16 @@ from typing import Annotated, Any
 import redis.asyncio as aioredis
 import typer
 
-from proxy.canary import records
-from proxy.canary.rollout import COMPLETED, ROLLED_BACK, RolloutError, Rollouts, parse_duration, parse_steps
+from proxy.canary import records, statusview
+from proxy.canary.rollout import (
+    ACTIVE,
+    COMPLETED,
+    ROLLED_BACK,
+    RolloutError,
+    Rollouts,
+    parse_duration,
+    parse_steps,
+)
 from proxy.cliutil import (
     EXIT_USAGE,
     AdminTokenOpt,
@@ -31,11 +39,13 @@ from proxy.cliutil import (
     check_group,
     console,
     fail,
+    redis_or_api,
     settings_from,
     with_control,
 )
 from proxy.control.client import SplitWriter
 from proxy.control.keys import Keys
+from proxy.settings import format_ladder
 
 rollout_app = typer.Typer(no_args_is_help=True, help="Progressive rollout: step v2 up while the checks pass.")
 
@@ -64,42 +74,31 @@ def _transition(
 ) -> dict[str, Any]:
     """Run one Rollouts call (Redis) or its admin API twin (``--url``); refused: exit code 2.
     Returns the rollout view (docs/schemas/rollout.json): the state, and where it was written."""
-    if url:
-        from proxy.cliutil.remote import AdminClient
 
-        with AdminClient(url, token) as client:
-            return {"source": _source("admin_api", client.url), **client.rollout(remote[0], group, remote[1])}
-    settings = settings_from(config, redis_url=redis_url)
-    name = check_group(settings, group)
+    def local(settings: Any) -> dict[str, Any]:
+        name = check_group(settings, group)
 
-    async def go(control: Any) -> dict[str, Any]:
-        state = await action(Rollouts(control.redis, control.keys), name, settings)
-        return dict(state.as_dict())
+        async def go(control: Any) -> dict[str, Any]:
+            state = await action(Rollouts(control.redis, control.keys), name, settings)
+            return dict(state.as_dict())
 
-    try:
-        return {"source": _redis_source(settings), **with_control(settings, go)}
-    except RolloutError as exc:
-        fail(str(exc), EXIT_USAGE)
+        try:
+            return with_control(settings, go)
+        except RolloutError as exc:
+            fail(str(exc), EXIT_USAGE)
 
+    def remote_call(client: Any) -> dict[str, Any]:
+        return client.rollout(remote[0], group, remote[1])
 
-def _source(path: str, url: str) -> dict[str, str]:
-    """Where a view was read or written: the one field in which the two paths' documents differ
-    (``proxy.admin.views.source``; the canary sits below the admin layer, so it is spelt here)."""
-    return {"path": path, "url": url}
-
-
-def _redis_source(settings: Any) -> dict[str, str]:
-    from proxy.cliutil import resolve_redis_url
-    from proxy.redis_url import describe
-
-    return _source("redis", describe(resolve_redis_url(settings)))
+    state, where = redis_or_api(config, redis_url, url, token, local, remote_call)
+    return {"source": where, **state}
 
 
 def _print_state(state: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(state, default=str))
         return
-    steps = ", ".join(f"{s:g}" for s in state["steps"])
+    steps = format_ladder(state["steps"], state.get("approval_steps") or []).replace(",", ", ")
     console.print(
         f"rollout [bold]{state['group']}[/bold]: {state['state']} at [bold]{state['percentage']:g}%[/bold] "
         f"(step {state['index'] + 1}/{len(state['steps'])}: {steps}; hold {state['interval_seconds']:g}s)"
@@ -109,7 +108,10 @@ def _print_state(state: dict[str, Any], as_json: bool) -> None:
 @rollout_app.command("start")
 def start(
     group: GroupOpt = None,
-    steps: Annotated[str | None, typer.Option(help="Ladder, e.g. 1,5,10,25,50,75,90,95,100.")] = None,
+    steps: Annotated[
+        str | None,
+        typer.Option(help="Ladder, e.g. 1,5,10,25!,50,75,90,95,100 (25!: hold at 25% until approved)."),
+    ] = None,
     interval: Annotated[str | None, typer.Option(help="Hold per step, e.g. 30s, 5m.")] = None,
     config: ConfigOpt = None,
     redis_url: RedisOpt = None,
@@ -120,9 +122,12 @@ def start(
     """Start at the first step; the leader advances while the checks pass."""
 
     async def action(r: Rollouts, name: str, settings: Any) -> Any:
-        ladder = parse_steps(steps) if steps else list(settings.canary.steps)
+        if steps:
+            ladder, approvals = parse_steps(steps)
+        else:
+            ladder, approvals = list(settings.canary.steps), list(settings.canary.approval_steps)
         hold = parse_duration(interval) if interval else settings.canary.step_interval_seconds
-        return await r.start(name, ladder, hold, who())
+        return await r.start(name, ladder, hold, who(), approvals)
 
     body = {k: v for k, v in (("steps", steps), ("interval", interval)) if v}
     _print_state(_transition(config, redis_url, url, token, group, action, ("start", body)), as_json)
@@ -188,36 +193,72 @@ def promote(
     _print_state(_transition(config, redis_url, url, token, group, action, ("promote", body)), as_json)
 
 
+@rollout_app.command("approve")
+def approve(
+    group: GroupOpt = None,
+    by: Annotated[str | None, typer.Option("--by", help="Who approves (default: user@host).")] = None,
+    config: ConfigOpt = None,
+    redis_url: RedisOpt = None,
+    url: RemoteUrlOpt = None,
+    token: AdminTokenOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve the current approval hold (a step written N!): the rollout leaves it once the checks
+    have passed for the hold. Refused (exit 2) when the rollout is not held at an approval step."""
+    if by is not None and not 0 < len(by.strip()) <= 100:
+        fail("--by must be a name of 1 to 100 characters", EXIT_USAGE)
+    name = by.strip() if by else None
+    action = lambda r, n, s: r.approve(n, f"{name} ({who()})" if name else who())  # noqa: E731
+    body = {"by": name} if name else {}
+    state = _transition(config, redis_url, url, token, group, action, ("approve", body))
+    if as_json:
+        _print_state(state, True)
+        return
+    _print_state(state, False)
+    console.print(f"  {approval_line(state)}", markup=False)
+
+
+def approval_line(rollout: dict[str, Any]) -> str:
+    """``awaiting approval since 12:00:00 UTC`` / ``approved by X at 12:01:00 UTC`` / ``""``: the
+    current hold's approval, as status, rollout status and watch show it."""
+    approval = rollout.get("approval")
+    if rollout.get("awaiting_approval"):
+        since = time.strftime("%H:%M:%S", time.gmtime(float(rollout.get("awaiting_since") or 0)))
+        paused = " (paused: resume first)" if rollout.get("state") == "paused" else ""
+        return f"awaiting approval since {since} UTC{paused}"
+    if approval and approval.get("hold_id") == rollout.get("hold_id") and rollout.get("state") in ACTIVE:
+        when = time.strftime("%H:%M:%S", time.gmtime(float(approval["at"])))
+        return f"approved by {approval['by']} at {when} UTC"
+    return ""
+
+
 def _status_reader(
     config: Path | None, redis_url: str | None, url: str | None, token: str | None, group: str | None
 ) -> tuple[str, Any]:
-    """The group name and a function returning ``records.read_status`` for it, from Redis or the API
-    (with ``source``: where it was read)."""
-    if url:
-        from proxy.cliutil.remote import AdminClient
+    """The group name and a function returning ``statusview.read_status`` for it, from Redis or the
+    API (with ``source``: where it was read)."""
+    name, settings = group or "default", None
+    if not url:  # an unknown group is refused before the first read
+        settings = settings_from(config, redis_url=redis_url)
+        name = check_group(settings, group)
 
-        name = group or "default"
+    def local(settings: Any) -> dict[str, Any]:
+        return with_control(settings, lambda c: statusview.read_status(c.redis, c.keys, [name]))
 
-        def remote() -> dict[str, Any]:
-            with AdminClient(url, token) as client:
-                data = client.canary_status()
-                where = _source("admin_api", client.url)
-            if name not in data.get("groups", {}):
-                fail(
-                    f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}",
-                    EXIT_USAGE,
-                )
-            return {"source": where, "leader": data.get("leader"), "groups": {name: data["groups"][name]}}
+    def remote(client: Any) -> dict[str, Any]:
+        data = client.canary_status()
+        if name not in data.get("groups", {}):
+            fail(
+                f"unknown group {name!r}; the proxy serves: {', '.join(data.get('groups', {}))}",
+                EXIT_USAGE,
+            )
+        return {"leader": data.get("leader"), "groups": {name: data["groups"][name]}}
 
-        return name, remote
-    settings = settings_from(config, redis_url=redis_url)
-    name = check_group(settings, group)
+    def read() -> dict[str, Any]:
+        data, where = redis_or_api(config, redis_url, url, token, local, remote, settings=settings)
+        return {"source": where, **data}
 
-    def local() -> dict[str, Any]:
-        data = with_control(settings, lambda c: records.read_status(c.redis, c.keys, [name]))
-        return {"source": _redis_source(settings), **data}
-
-    return name, local
+    return name, read
 
 
 @rollout_app.command("status")
@@ -254,7 +295,13 @@ def watch_line(rollout: dict[str, Any], width: int = 20) -> str:
     filled = round(width * float(rollout["percentage"]) / 100)
     bar = "#" * filled + "." * (width - filled)
     step = f"step {rollout['index'] + 1}/{len(rollout['steps'])}"
-    return f"[{bar}] {rollout['percentage']:>5g}% {rollout['state']}, {step}"
+    approval = approval_line(rollout)
+    line = f"[{bar}] {rollout['percentage']:>5g}% {rollout['state']}, {step}"
+    return (
+        f"{line}; {approval.split(':')[0] if approval.startswith('awaiting') else approval}"
+        if approval
+        else line
+    )
 
 
 def check_line(verdict: dict[str, Any]) -> str:
@@ -317,7 +364,7 @@ def watch(
             fail(str(exc), EXIT_USAGE)
     name, read = _status_reader(config, redis_url, url, token, group)
     started = time.monotonic()
-    last: tuple[str, str] = ("", "")
+    last: tuple[str, str, str] = ("", "", "")
     console.print(f"watching the rollout of {name} (Ctrl-C stops watching, not the rollout)")
     while True:
         entry = read()["groups"][name]
@@ -326,13 +373,14 @@ def watch(
             fail(f"no rollout for {name} (start one: strangler rollout start --group {name})")
         verdict = entry.get("verdict")
         checks = [check_line(verdict), *gate_lines(verdict)] if verdict else []
-        lines = (watch_line(rollout), "\n".join(checks))
+        lines = (watch_line(rollout), "\n".join(checks), approval_line(rollout))
         stamp = time.strftime("%H:%M:%S")
         if lines[0] != last[0]:
             console.print(f"{stamp} {lines[0]}", markup=False, soft_wrap=True)
-        if lines[1] and lines[1] != last[1]:
-            for line in lines[1].split("\n"):
-                console.print(f"{stamp}   {line}", markup=False, soft_wrap=True)
+        for shown, before in zip(lines[1:], last[1:], strict=True):
+            if shown and shown != before:
+                for line in shown.split("\n"):
+                    console.print(f"{stamp}   {line}", markup=False, soft_wrap=True)
         last = lines
         if rollout["state"] == COMPLETED:
             console.print(f"rollout of {name}: completed at {rollout['percentage']:g}%")
@@ -359,6 +407,9 @@ def summarize(entry: dict[str, Any]) -> dict[str, str]:
         else f"{rollout['state']} {rollout['percentage']:g}% "
         f"(step {rollout['index'] + 1}/{len(rollout['steps'])})"
     )
+    approval = approval_line(rollout) if rollout else ""
+    if approval:
+        r = f"{r}; {approval}"
     lost = entry.get("state_lost")
     if lost:
         when = time.strftime("%H:%M:%S", time.localtime(float(lost.get("at", 0))))
@@ -392,7 +443,7 @@ def _fig(figures: dict[str, Any]) -> str:
 
 async def canary_status(control: Any, groups: list[str]) -> dict[str, dict[str, str]]:
     """Per group summary lines for ``strangler status``."""
-    data = await records.read_status(control.redis, control.keys, groups)
+    data = await statusview.read_status(control.redis, control.keys, groups)
     return {group: summarize(entry) for group, entry in data["groups"].items()}
 
 

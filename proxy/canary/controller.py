@@ -31,6 +31,7 @@ from redis.exceptions import WatchError
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, history, records
 from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, Window, assess
+from proxy.canary.confirm import Confirm, ConfirmHooks
 from proxy.canary.gates import decide as gate_rules
 from proxy.canary.gates.runner import GateRunner
 from proxy.canary.judge import Tally, assess_statistical, load_tally
@@ -68,6 +69,7 @@ class CanaryController(BackgroundLoop):
         wall: Callable[[], float] = time.time,
         identity: str | None = None,
         race_hook: RaceHook | None = None,
+        confirm: Confirm | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -93,6 +95,8 @@ class CanaryController(BackgroundLoop):
         self.race_hook = race_hook
         self.gates = GateRunner(self.canary, metrics)  # metric gates: one shared client, closed on stop
         self._gate_records: dict[str, list[dict[str, Any]]] = {}  # this check's, per group
+        wait = min(1.0, self.canary.check_interval_seconds / 4)  # a slow hook never stalls other groups
+        self.confirm = confirm or ConfirmHooks(self.canary.confirm_hooks, wait)
 
     def leader_token(self) -> LeaderToken:
         """The fencing token every action carries (checked in the action's own transaction)."""
@@ -150,6 +154,7 @@ class CanaryController(BackgroundLoop):
             self._redis_trouble(exc)
 
     async def on_stop(self) -> None:
+        self.confirm.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.lock.release(), timeout=1.0)  # hand over at once
         await self.gates.close()
@@ -261,6 +266,14 @@ class CanaryController(BackgroundLoop):
                             v1=verdict.v1, v2=verdict.v2),
             )  # fmt: skip
         judged = self._judged_time(rollout, prev, verdict, record, now)
+        due = (
+            verdict.status is Status.PASS
+            and not held
+            and judged >= (rollout.interval_seconds if rollout else 0)
+        )
+        step_hold = await self._step_gate(group, rollout) if due else None
+        if step_hold:
+            record["step_hold"] = step_hold
         if self.race_hook is not None:
             await self.race_hook("decided", group)
         acted = False
@@ -273,10 +286,10 @@ class CanaryController(BackgroundLoop):
                 for gate in gate_records:
                     gate["consecutive_failures"] = 0
                 record.pop("tally", None)  # the next attempt is a new judged period
-        due = rollout is not None and rollout.state == PROGRESSING and judged >= rollout.interval_seconds
+        ready = rollout is not None and rollout.state == PROGRESSING and due and not step_hold
         await self._write_verdict(
             group, record, windows, rollout, fresh="at" not in prev, since=history_since,
-            advance_due=due and verdict.status is Status.PASS and not acted and not held,
+            advance_due=ready and not acted,
         )  # fmt: skip
         if not acted and rollout is not None and rollout.active:
             try:
@@ -288,6 +301,7 @@ class CanaryController(BackgroundLoop):
                     and verdict.status is Status.PASS
                     and judged >= rollout.interval_seconds
                     and not held
+                    and not step_hold
                 ):
                     figures = {"v1": verdict.v1, "v2": verdict.v2, "verdict": verdict.status.value,
                                "judged_seconds": round(judged, 3)}  # fmt: skip
@@ -295,7 +309,11 @@ class CanaryController(BackgroundLoop):
             except Superseded as exc:
                 log.info("rollout of %s: not acting (%s)", group, exc)
             rollout = await self.rollouts.get(group)
-        self.metrics.rollout_at(group, None if rollout is None else rollout.percentage)
+        self.metrics.rollout_at(
+            group,
+            None if rollout is None else rollout.percentage,
+            awaiting_approval=rollout is not None and rollout.awaiting_approval,
+        )
         return verdict
 
     async def _write_verdict(
@@ -325,6 +343,17 @@ class CanaryController(BackgroundLoop):
             pipe.set(records.verdict_key(self.keys, group), json.dumps(record, default=str))
             history.push(pipe, self.keys, group, item, self.canary.history_checks)
             await pipe.execute()
+
+    async def _step_gate(self, group: str, rollout: RolloutState | None) -> str | None:
+        """Why a step that the checks allow is not taken yet: an approval hold not approved, or a
+        confirm hook that did not answer 2xx (asked only once the approval is there). None: go."""
+        if rollout is None or rollout.state != PROGRESSING:
+            return None
+        if rollout.awaiting_approval:
+            return f"awaiting approval of the hold at {rollout.percentage:g}%"
+        to = rollout.steps[min(rollout.index + 1, len(rollout.steps) - 1)]
+        body = {"from_percentage": rollout.percentage, "to_percentage": to, "hold_id": rollout.hold_id}
+        return await self.confirm.ask(group, body)
 
     def _judged_time(
         self,

@@ -36,6 +36,8 @@ KINDS: dict[str, Severity] = {
     "paused": "warning",
     "resumed": "info",
     "completed": "info",
+    "awaiting_approval": "warning",  # an approval step was reached: a person must approve to go on
+    "approved": "info",  # a person approved the hold (CLI, admin API or Slack)
     "insufficient_data": "warning",  # too little traffic to judge for a long time
     "overridden": "warning",  # a person set the split by hand during a rollout (paused or ended it)
     "state_lost": "critical",  # Redis lost its data: the split was restored from a proxy's snapshot

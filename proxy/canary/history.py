@@ -28,7 +28,7 @@ FORMAT = 1
 BUCKETS = len(BOUNDS) + 1
 # judging parts other helpers add to the verdict record (metric gates, the statistical judge): kept
 # as they are, so a replay can use them
-EXTRA_KEYS = ("gates", "statistics", "tally", "parity_hold")
+EXTRA_KEYS = ("gates", "statistics", "tally", "parity_hold", "step_hold")
 # one record is read at most this large: a hostile list item must not eat the CLI's memory
 MAX_RECORD_BYTES = 64 * 1024
 

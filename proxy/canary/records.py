@@ -1,4 +1,5 @@
-"""Where verdicts and decisions live in Redis, and the status view built from them (CLI, admin).
+"""Where verdicts and decisions live in Redis (a leaf: the status view built from them is
+``canary/statusview``, which also reads rollouts; this module imports nothing of the canary).
 
 - ``<prefix>canary:verdict:<group>``: the last check (JSON), with the failure streak and the
   insufficient-data clock, so a new leader carries on where the old one stopped; with the
@@ -62,40 +63,3 @@ async def read_many(redis: aioredis.Redis, keys: list[str]) -> list[dict[str, An
     if not keys:
         return []
     return [load(raw) for raw in await redis.mget(keys)]
-
-
-async def read_status(redis: aioredis.Redis, keys: Keys, groups: list[str]) -> dict[str, Any]:
-    """Per group: split (raw), rollout, last verdict, last decision; plus who leads and whether
-    Redis lost its data."""
-    from proxy.canary.rollout import RolloutState  # rollout imports this module
-
-    columns = [
-        [keys.split(g) for g in groups], [keys.rollout(g) for g in groups],
-        [verdict_key(keys, g) for g in groups], [decision_key(keys, g) for g in groups],
-    ]  # fmt: skip
-    async with redis.pipeline(transaction=False) as pipe:
-        for column in columns:
-            for key in column:  # GETs, not MGET: cluster pipelines refuse MGET
-                pipe.get(key)
-        pipe.get(leader_key(keys))
-        pipe.get(lost_key(keys))
-        results = await pipe.execute()
-    n = len(groups)
-    splits, rollouts, verdicts, decisions = (results[i * n : (i + 1) * n] for i in range(4))
-    leader, lost = results[4 * n], results[4 * n + 1]
-    out: dict[str, Any] = {
-        "leader": leader.decode() if isinstance(leader, bytes) else leader,
-        "state_lost": load(lost),
-        "groups": {},
-    }
-    for i, group in enumerate(groups):
-        raw_split = splits[i].decode() if isinstance(splits[i], bytes) else splits[i]
-        rollout = RolloutState.from_json(rollouts[i]).as_dict() if rollouts[i] else None
-        out["groups"][group] = {
-            "split_raw": raw_split,
-            "rollout": rollout,
-            "verdict": load(verdicts[i]),
-            "decision": load(decisions[i]),
-            "state_lost": out["state_lost"],
-        }
-    return out

@@ -15,6 +15,13 @@ on those fresh facts, not by timing:
   judged, the split untouched, and the lock still held by that leader.
 
 The ladder itself is arithmetic: the next step is ``steps[index + 1]``, 100 ends it.
+
+Approval steps (``25!`` in a ladder, kept as ``approval_steps`` beside the numeric ``steps``): the
+rollout reaches 25% as usual; leaving it needs both the judged time of its hold (the leader's rule)
+and an approval of that very hold (``hold_id``). An approval is one more compare-and-set
+(``approve``), recorded in the state and the log; a hold that ends (a step taken, a pause and
+resume) takes its approval with it, so a new hold at the same step needs a new one. The automatic
+rollback does not look at approvals: it stays armed during the hold.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from proxy.canary.leader import LeaderToken
 from proxy.control import splitstate
 from proxy.control.keys import Keys
 from proxy.control.snapshot import as_text
+from proxy.settings import check_approval_steps, parse_ladder
 from proxy.settings import check_steps as ladder_rule
 
 PROGRESSING, PAUSED, COMPLETED, ROLLED_BACK = "progressing", "paused", "completed", "rolled_back"
@@ -55,6 +63,16 @@ class Superseded(RolloutError):
 
 
 @dataclass(frozen=True)
+class Approval:
+    """Who let a hold go, and when: valid for the hold it names only."""
+
+    hold_id: int
+    step: float
+    by: str
+    at: float
+
+
+@dataclass(frozen=True)
 class RolloutState:
     group: str
     state: str
@@ -68,6 +86,23 @@ class RolloutState:
     last: dict[str, Any] = field(default_factory=dict)
     override: float | None = None  # share set by hand during (or after) the rollout
     hold_id: int = 0  # changes whenever a hold starts (a step entered, a resume): judged time restarts
+    approval_steps: list[float] = field(default_factory=list)  # steps held until approved (``25!``)
+    approval: Approval | None = None  # the last approval given (it counts for its own hold only)
+
+    @property
+    def at_approval_step(self) -> bool:
+        """Active, on the ladder (no hand-set share) and at a step written ``N!``."""
+        return self.active and self.override is None and self.steps[self.index] in self.approval_steps
+
+    @property
+    def approved(self) -> bool:
+        """The current hold was approved."""
+        return self.approval is not None and self.approval.hold_id == self.hold_id
+
+    @property
+    def awaiting_approval(self) -> bool:
+        """At an approval step whose hold nobody approved yet: the leader does not advance."""
+        return self.at_approval_step and not self.approved
 
     @property
     def percentage(self) -> float:
@@ -85,6 +120,8 @@ class RolloutState:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["percentage"] = self.percentage
+        data["awaiting_approval"] = self.awaiting_approval
+        data["awaiting_since"] = self.step_started_at if self.awaiting_approval else None
         return data
 
     @classmethod
@@ -121,20 +158,21 @@ class Facts:
 Change = Callable[[Facts], "tuple[RolloutState | None, Event | None, dict[str, Any]] | None"]
 
 
-def parse_steps(text: str) -> list[float]:
-    """``1,5,10,...,100``: strictly increasing, above 0, ending at 100 (the settings' rule)."""
+def parse_steps(text: str | list[Any]) -> tuple[list[float], list[float]]:
+    """``1,5,25!,...,100`` (or the same as a list) -> (steps, approval steps), by the settings'
+    rule (``proxy.settings.parse_ladder``), as a ``RolloutError``."""
+    items: list[Any] = [part for part in text.split(",") if part.strip()] if isinstance(text, str) else text
     try:
-        steps = [float(part) for part in text.split(",") if part.strip()]
+        return parse_ladder(items)
     except ValueError as exc:
-        raise RolloutError(f"steps must be numbers separated by commas: {text!r}") from exc
-    check_steps(steps)
-    return steps
+        raise RolloutError(str(exc)) from None
 
 
-def check_steps(steps: list[float]) -> None:
-    """The settings' ladder rule (``proxy.settings.check_steps``), as a ``RolloutError``."""
+def check_steps(steps: list[float], approval_steps: list[float] | None = None) -> None:
+    """The settings' ladder rules (``proxy.settings.check_steps``), as a ``RolloutError``."""
     try:
         ladder_rule(steps)
+        check_approval_steps(steps, approval_steps or [])
     except ValueError as exc:
         raise RolloutError(str(exc)) from None
 
@@ -189,8 +227,16 @@ class Rollouts:
 
     # --- transitions made by people --------------------------------------------------------
 
-    async def start(self, group: str, steps: list[float], interval: float, by: str) -> RolloutState:
-        check_steps(steps)
+    async def start(
+        self,
+        group: str,
+        steps: list[float],
+        interval: float,
+        by: str,
+        approval_steps: list[float] | None = None,
+    ) -> RolloutState:
+        approvals = sorted(set(approval_steps or []))
+        check_steps(steps, approvals)
 
         def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
             current = f.current
@@ -198,12 +244,13 @@ class Rollouts:
                 raise RolloutError(f"a rollout for {group} is already {current.state}; abort it first")
             hold = (current.hold_id + 1) if current else 1
             state = RolloutState(
-                group, PROGRESSING, list(steps), 0, interval, f.now, f.now, f.now, hold_id=hold
-            )
+                group, PROGRESSING, list(steps), 0, interval, f.now, f.now, f.now, hold_id=hold,
+                approval_steps=approvals,
+            )  # fmt: skip
             return state, events.make(
                 "started", group, f"rollout of {group} started at {steps[0]:g}%", by,
-                steps=steps, interval_seconds=interval,
-            ), {"fresh_history": True}  # fmt: skip
+                steps=steps, interval_seconds=interval, approval_steps=approvals,
+            ), {"fresh_history": True, **_awaiting(state, by)}  # fmt: skip
 
         return await self._required(group, "start", go, by)
 
@@ -242,7 +289,7 @@ class Rollouts:
             return (
                 new,
                 events.make("resumed", group, f"rollout of {group} resumed at {new.percentage:g}%", by),
-                {},
+                _awaiting(new, by),
             )
 
         return await self._required(group, "resume", go, by)
@@ -257,6 +304,17 @@ class Rollouts:
             return _advanced(state, group, by, f.now, full, figures)
 
         return await self._required(group, "promote", go, by, figures=figures)
+
+    async def approve(self, group: str, by: str, hold_id: int | None = None) -> RolloutState:
+        """Let the current approval hold go: the leader then leaves the step once the checks have
+        passed for the hold's interval. Refused (nothing written), one line saying why: no rollout,
+        not active, paused, not at an approval step (an approval given early is not kept), already
+        approved, or ``hold_id`` (a Slack button's) naming a hold that is over."""
+
+        def go(f: Facts) -> tuple[RolloutState, Event, dict[str, Any]]:
+            return _approved(f.current, group, by, f.now, hold_id)
+
+        return await self._required(group, "approve", go, by)
 
     async def abort(self, group: str, by: str, reason: str = "aborted") -> RolloutState:
         """Traffic to 0 and the state rolled back, in one write; refused (nothing written) unless
@@ -312,8 +370,8 @@ class Rollouts:
             state = f.current
             if state is None or state.state != PROGRESSING or state.seq != expect_seq:
                 return None
-            if state.override is not None:
-                return None
+            if state.override is not None or state.awaiting_approval:
+                return None  # an approval hold is checked here too, on the facts under WATCH
             if f.split_value() != state.percentage:
                 return None
             return _advanced(state, group, by, f.now, False, figures)
@@ -510,6 +568,8 @@ class Rollouts:
                         pipe.ltrim(records.decisions_key(self.keys), 0, records.DECISIONS_LIMIT - 1)
                     if event is not None:
                         events.push(pipe, self.keys, event)
+                    for also in extra.get("also", ()):
+                        events.push(pipe, self.keys, also)
                     await pipe.execute()
                     break
                 except WatchError:
@@ -540,7 +600,61 @@ def _advanced(
         if done
         else f"rollout of {group} advanced {state.percentage:g}% -> {new.percentage:g}%"
     )
-    return new, events.make(kind, group, message, by, **({"figures": figures} if figures else {})), {}
+    extra = _awaiting(new, by)
+    return new, events.make(kind, group, message, by, **({"figures": figures} if figures else {})), extra
+
+
+def _awaiting(state: RolloutState, by: str) -> dict[str, Any]:
+    """The ``awaiting_approval`` event (with the hold id a Slack button sends back) for a
+    transition that starts an approval hold; queued in the same write (``extra["also"]``)."""
+    if not (state.state == PROGRESSING and state.awaiting_approval):
+        return {}
+    event = events.make(
+        "awaiting_approval", state.group,
+        f"rollout of {state.group} holds at {state.percentage:g}% until approved "
+        f"(strangler rollout approve --group {state.group})",
+        by, step=state.percentage, hold_id=state.hold_id,
+    )  # fmt: skip
+    return {"also": [event]}
+
+
+def _approved(
+    state: RolloutState | None, group: str, by: str, now: float, hold_id: int | None
+) -> tuple[RolloutState, Event, dict[str, Any]]:
+    """The approval rule, pure: the new state and its event, or a ``RolloutError`` saying why not."""
+    if state is None:
+        raise RolloutError(f"no rollout for {group}: nothing to approve")
+    where = f"{state.state} at {state.percentage:g}%"
+    if hold_id is not None and hold_id != state.hold_id:
+        raise RolloutError(
+            f"stale approval for {group}: hold {hold_id} is over (the rollout is {where} now, hold "
+            f"{state.hold_id}); nothing approved"
+        )
+    if not state.active:
+        raise RolloutError(f"nothing to approve: the rollout of {group} is {where}")
+    if state.approved and state.approval is not None:
+        when = time.strftime("%H:%M:%S", time.gmtime(state.approval.at))
+        raise RolloutError(
+            f"the hold of {group} at {state.percentage:g}% is already approved "
+            f"by {state.approval.by} at {when} UTC"
+        )
+    if not state.at_approval_step:
+        marked = ", ".join(f"{s:g}" for s in state.approval_steps) or "none"
+        raise RolloutError(
+            f"the rollout of {group} is {where}, not at an approval step (approval steps: {marked}); "
+            "approve once the step is reached"
+        )
+    if state.state == PAUSED:
+        raise RolloutError(
+            f"the rollout of {group} is paused at {state.percentage:g}%; resume it first "
+            "(the resumed hold is the one to approve)"
+        )
+    new = replace(state, approval=Approval(state.hold_id, state.percentage, by, now))
+    event = events.make(
+        "approved", group, f"rollout of {group} approved at {state.percentage:g}% by {by}", by,
+        step=state.percentage, hold_id=state.hold_id,
+    )  # fmt: skip
+    return new, event, {}
 
 
 def _require(current: RolloutState | None, group: str, *states: str) -> RolloutState:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from statistics import NormalDist
 
-from proxy.canary.analysis import BOUNDS, History, Status, Window
+from proxy.canary.analysis import BOUNDS, History, Status, Window, assess
 from proxy.canary.judge import Tally, assess_statistical
 from proxy.settings import CanaryThresholds
 
@@ -150,10 +150,13 @@ def run_once(
         inc2 = draw(rng, s.rate * s.split * seconds, shares2, s.v2_error_rate)
         recent = [*recent[-(per_window - 1) :], (inc1, inc2)] if per_window > 1 else [(inc1, inc2)]
         w1, w2 = _sum([a for a, _ in recent]), _sum([b for _, b in recent])
-        verdict, tally = assess_statistical(
-            w1, w2, inc1, inc2, thresholds, history, tally,
-            now=now, until=until, failures_to_act=failures_to_act,
-        )  # fmt: skip
+        if thresholds.judge == "statistical":
+            verdict, tally = assess_statistical(
+                w1, w2, inc1, inc2, thresholds, history, tally,
+                now=now, until=until, failures_to_act=failures_to_act,
+            )  # fmt: skip
+        else:  # the fixed limits, on the same traffic: what the statistical judge is compared with
+            verdict = assess(w1, w2, thresholds, history, failures_to_act=failures_to_act)
         history = History(verdict.consecutive_failures)
         statuses.append(verdict.status.value)
         if verdict.rollback:
@@ -206,12 +209,13 @@ def summarise(runs: list[Run], interval: float = 10.0) -> dict[str, float | int 
 
 
 def targets(
-    *, checks: int = 10_000, runs: int = 1000, seed: int = 11
+    *, checks: int = 10_000, runs: int = 1000, seed: int = 11, judge: str = "statistical", period: int = 30
 ) -> dict[str, dict[str, float | int | None]]:
-    """The issue's three measures with the default statistical thresholds (docs/canary.md)."""
-    t = CanaryThresholds(judge="statistical")
+    """The issue's three measures with the default thresholds of ``judge`` (docs/canary.md);
+    ``period``: checks per judged period with identical versions (30: 5 minutes, 270: a ladder)."""
+    t = CanaryThresholds(judge="statistical" if judge == "statistical" else "thresholds")
     return {
-        "identical": summarise(run_checks(Scenario(), t, total=checks, seed=seed)),
+        "identical": summarise(run_checks(Scenario(), t, total=checks, seed=seed, checks=period)),
         "errors_1_to_2_percent": summarise(
             list(run_many(Scenario(v2_error_rate=0.02), t, runs=runs, seed=seed + 1))
         ),
@@ -222,7 +226,8 @@ def targets(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m proxy.canary.simulate [--checks N] [--runs N] [--seed S]``: the figures as JSON."""
+    """``python -m proxy.canary.simulate [--checks N] [--runs N] [--seed S] [--judge J] [--period N]``:
+    the figures as JSON."""
     import argparse
     import json
 
@@ -230,10 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checks", type=int, default=10_000, help="checks with identical versions")
     parser.add_argument("--runs", type=int, default=1000, help="5-minute runs per regression")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--judge", choices=("statistical", "thresholds"), default="statistical",
+        help="thresholds: the fixed limits on the same traffic, for comparison",
+    )  # fmt: skip
+    parser.add_argument("--period", type=int, default=30, help="checks per period, identical versions")
     args = parser.parse_args(argv)
-    if args.checks < 1 or args.runs < 1:
-        parser.error("--checks and --runs must be at least 1")
-    print(json.dumps(targets(checks=args.checks, runs=args.runs, seed=args.seed), indent=2))
+    if args.checks < 1 or args.runs < 1 or args.period < 1:
+        parser.error("--checks, --runs and --period must be at least 1")
+    figures = targets(
+        checks=args.checks, runs=args.runs, seed=args.seed, judge=args.judge, period=args.period
+    )
+    print(json.dumps(figures, indent=2))
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 import typer
@@ -26,6 +26,10 @@ from proxy.control.embedded import read_url
 from proxy.control.keys import Keys
 from proxy.redis_url import describe
 from proxy.settings import ConfigError, RouteGroup, Settings, load_settings
+from proxy.viewsource import ADMIN_API, REDIS, source
+
+if TYPE_CHECKING:
+    from proxy.cliutil.remote import AdminClient
 
 # Exit codes, the same for every command (README "Operate").
 EXIT_FAILED = 1  # the action failed or did not hold: unreachable, checks failed, rolled back, timed out
@@ -156,3 +160,34 @@ def print_rollback(changed: dict[str, str | None]) -> None:
     for name, before in changed.items():
         was = "unset" if before is None else f"{before}%"
         console.print(f"[yellow]rolled back[/yellow] {name}: v2 share {escape(was)} -> 0%")
+
+
+def redis_or_api(
+    config: Path | None,
+    redis_url: str | None,
+    url: str | None,
+    token: str | None,
+    local: Callable[[Settings], T],
+    remote: Callable[[AdminClient], T],
+    *,
+    settings: Settings | None = None,
+    prefix: str | None = None,
+) -> tuple[T, dict[str, str]]:
+    """The one place a command chooses where it acts: with ``--url`` (``url``) the admin API of
+    the proxy named, through ``remote(client)``; otherwise Redis, through ``local(settings)``.
+    Returns the result and where it ran (the ``source`` of the views' JSON documents).
+
+    ``settings``: already loaded by the caller (not loaded again); ``prefix``: the admin prefix
+    when not the default. A refusal of the admin API exits as the same refusal through Redis
+    (one line, exit 2; unreachable or failing: exit 1)."""
+    if url:
+        from proxy.cliutil.remote import DEFAULT_PREFIX, AdminClient, AdminError
+
+        try:
+            with AdminClient(url, token, prefix or DEFAULT_PREFIX) as client:
+                return remote(client), source(ADMIN_API, client.url)
+        except AdminError as exc:
+            fail(str(exc), exc.exit_code)
+    settings = settings or settings_from(config, redis_url=redis_url)
+    result = local(settings)
+    return result, source(REDIS, describe(resolve_redis_url(settings)))

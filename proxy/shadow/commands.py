@@ -21,7 +21,7 @@ from proxy.cliutil import (
     RemoteUrlOpt,
     console,
     fail,
-    settings_from,
+    redis_or_api,
     with_control,
     with_registered_groups,
 )
@@ -42,7 +42,7 @@ def _run_at(
     config: Path | None,
     redis_url: str | None,
     action: Any,
-    remote: Any = None,
+    remote: Any,
     url: str | None = None,
     token: str | None = None,
 ) -> tuple[Any, dict[str, str]]:
@@ -50,30 +50,23 @@ def _run_at(
     ``--url``; its result and where it ran (the ``source`` of the views' JSON documents).
     InvalidValue -> exit code 2. Groups registered in Redis by running proxies count as known
     groups, so a group missing from this CLI's config still works."""
-    from proxy import viewsource
 
-    if url:
-        from proxy.cliutil.remote import AdminClient
+    def local(loaded: Any) -> Any:
+        settings = with_registered_groups(loaded)
 
-        with AdminClient(url, token) as client:
-            return remote(client), viewsource.source(viewsource.ADMIN_API, client.url)
-    from proxy.cliutil import resolve_redis_url
-    from proxy.redis_url import describe
+        async def go(control: ControlClient) -> Any:
+            shadow = ShadowControl(control, settings)
+            report = ReportStore(
+                control.redis, control.keys, settings.shadow.max_samples, settings.shadow.noise_threshold
+            )
+            return await action(shadow, report)
 
-    settings = with_registered_groups(settings_from(config, redis_url=redis_url))
-    where = viewsource.source(viewsource.REDIS, describe(resolve_redis_url(settings)))
+        try:
+            return with_control(settings, go)
+        except InvalidValue as exc:
+            fail(str(exc), EXIT_USAGE)
 
-    async def go(control: ControlClient) -> Any:
-        shadow = ShadowControl(control, settings)
-        report = ReportStore(
-            control.redis, control.keys, settings.shadow.max_samples, settings.shadow.noise_threshold
-        )
-        return await action(shadow, report)
-
-    try:
-        return with_control(settings, go), where
-    except InvalidValue as exc:
-        fail(str(exc), EXIT_USAGE)
+    return redis_or_api(config, redis_url, url, token, local, remote)
 
 
 REPLICA_FIELDS = (

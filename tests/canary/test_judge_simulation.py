@@ -64,6 +64,18 @@ def test_the_simulation_command_prints_the_figures(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["--runs", "0"])
     with pytest.raises(SystemExit):
+        main(["--judge", "coin"])
+
+
+def test_the_fixed_limits_miss_the_slowdown_the_statistical_judge_catches() -> None:
+    """The comparison the docs make (docs/canary.md, "Compared with the fixed limits"), small and
+    seeded: the same slower v2, the same traffic, judged both ways."""
+    slower = Scenario(v2_latency_factor=1.2)
+    fixed = summarise(list(run_many(slower, CanaryThresholds(), runs=40, seed=3)))
+    statistical = summarise(list(run_many(slower, CanaryThresholds(judge="statistical"), runs=40, seed=3)))
+    assert statistical["per_run_rate"] == 1.0
+    assert fixed["per_run_rate"] is not None and fixed["per_run_rate"] <= 0.2
+    with pytest.raises(SystemExit):
         main(["--runs", "lots"])
 
 

@@ -36,7 +36,8 @@ def test_config_and_live_rollouts_refuse_the_same_ladders_in_the_same_words(
 
 def test_a_sane_ladder_is_taken_by_both() -> None:
     assert Settings(canary={"steps": [1, 50, 100]}).canary.steps == [1.0, 50.0, 100.0]
-    assert parse_steps("1, 50,100") == [1.0, 50.0, 100.0]
+    assert parse_steps("1, 50,100") == ([1.0, 50.0, 100.0], [])
+    assert Settings(canary={"steps": [1, "50!", 100]}).canary.approval_steps == [50.0]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 
-from proxy.canary import events, records
+from proxy.canary import events, records, statusview
 from proxy.canary.analysis import History, Status, Window, assess
 from proxy.canary.commands import summarize
 from proxy.canary.rollout import COMPLETED, PAUSED, PROGRESSING, ROLLED_BACK
@@ -130,11 +130,11 @@ def test_lost_redis_data_keeps_the_split_alerts_and_status_says_so(redis_url: st
         assert len(alerts) == 1 and alerts[0].severity == "critical"
         await rig.second()
         assert len([e for e in rig.notifier.events if e.kind == "state_lost"]) == 1
-        status = await records.read_status(rig.redis, rig.keys, ["default"])
+        status = await statusview.read_status(rig.redis, rig.keys, ["default"])
         line = summarize(status["groups"]["default"])["rollout"]
         assert line.startswith("REDIS LOST ITS DATA") and "default" in line
         await rig.control.set_split(100)  # a person acknowledges by setting the split
-        status = await records.read_status(rig.redis, rig.keys, ["default"])
+        status = await statusview.read_status(rig.redis, rig.keys, ["default"])
         assert summarize(status["groups"]["default"])["rollout"].startswith("completed")
 
     run(redis_url, body)

@@ -5,7 +5,8 @@ interleaved at random (Hypothesis stateful testing) against the real session Red
 - a manual change or rollback is never undone by automation (only a rollback on checks made
   after it, with v2 failing after it, may move the split, and only to 0);
 - every transition is in the log;
-- every rollback produces exactly one delivered critical alert.
+- every rollback produces exactly one delivered critical alert;
+- the leader never leaves an approval step (``25!``) without an approval of that hold.
 
 Runs with the ``fast`` Hypothesis profile by default, ``HYPOTHESIS_PROFILE=deep`` for more.
 """
@@ -26,6 +27,7 @@ from proxy.metrics import Metrics
 from tests.canary.test_loop import Rig
 
 REDIS_URL: dict[str, str] = {}
+APPROVAL_STEPS = (25, 50)  # every ladder below marks these (when it has them) as approval steps
 
 
 class Migration(RuleBasedStateMachine):
@@ -60,10 +62,15 @@ class Migration(RuleBasedStateMachine):
 
     # --- operator actions ------------------------------------------------------------------
 
-    @rule(steps=st.sampled_from([[10, 50, 100], [25, 100], [5, 10, 20, 40, 100]]))
+    @rule(steps=st.sampled_from([[10, 50, 100], [25, 100], [5, 10, 20, 40, 100], [10, 25, 50, 100]]))
     def start(self, steps: list[float]) -> None:
         self.person()
-        self.do(self.attempt(self.rig.rollouts.start("default", steps, 2, "op")))
+        held = [step for step in steps if step in APPROVAL_STEPS]
+        self.do(self.attempt(self.rig.rollouts.start("default", steps, 2, "op", held)))
+
+    @rule()
+    def approve(self) -> None:
+        self.do(self.attempt(self.rig.rollouts.approve("default", "op")))
 
     @rule(action=st.sampled_from(["pause", "resume", "promote", "abort"]))
     def rollout_command(self, action: str) -> None:
@@ -125,6 +132,21 @@ class Migration(RuleBasedStateMachine):
         if state.seq <= 100:
             assert len(history) == state.seq
         assert history[0] == state.last
+
+    @invariant()
+    def no_approval_step_is_left_by_the_leader_unapproved(self) -> None:
+        history = list(reversed(self.do(self.rig.rollouts.history("default", 200))))
+        approved = False
+        for entry in history:
+            action = entry["action"]
+            came_from = entry.get("from") or {}
+            if (
+                entry["by"].startswith("leader")
+                and action in ("step_advanced", "completed")
+                and came_from.get("percentage") in APPROVAL_STEPS
+            ):
+                assert approved, history
+            approved = action == "approved" or (approved and action == "paused")
 
     @invariant()
     def one_critical_alert_per_rollback(self) -> None:

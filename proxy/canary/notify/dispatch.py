@@ -29,9 +29,12 @@ class Target:
     url: str
     min_rank: int
     routing_key: str | None
+    kinds: frozenset[str] | None = None  # the events this target receives (None: all)
 
     def payload(self, event: Event) -> dict[str, Any] | None:
         if SEVERITY_RANK.get(event.severity, 0) < self.min_rank:
+            return None
+        if self.kinds is not None and event.kind not in self.kinds:
             return None
         if self.kind == "slack":
             return formats.slack(event)
@@ -47,6 +50,7 @@ def make_target(spec: NotifierTarget) -> Target:
         spec.url,
         SEVERITY_RANK[spec.min_severity],
         spec.routing_key.get_secret_value() if spec.routing_key else None,
+        None if spec.events is None else frozenset(spec.events),
     )
 
 

@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 from proxy.canary.events import Event
+from proxy.canary.slack import ACTION_ID, button_value
 
 COLORS = {"info": "#2eb886", "warning": "#daa038", "critical": "#a30200"}
 PD_SEVERITY = {"info": "info", "warning": "warning", "critical": "critical"}
@@ -36,7 +37,7 @@ def slack(event: Event) -> dict[str, Any]:
         {"title": "id", "value": event.id, "short": True},
     ]
     fields += [{"title": name, "value": _flat(value), "short": False} for name, value in event.fields.items()]
-    return {
+    body: dict[str, Any] = {
         "text": f"[strangler] {event.message}",
         "attachments": [
             {
@@ -47,6 +48,37 @@ def slack(event: Event) -> dict[str, Any]:
             }
         ],
     }
+    if event.kind == "awaiting_approval" and isinstance(event.fields.get("hold_id"), int):
+        body["blocks"] = approve_blocks(event)
+    return body
+
+
+def approve_blocks(event: Event) -> list[dict[str, Any]]:
+    """The message and its approve button (Block Kit). A click reaches the admin API's
+    ``/slack/interactions`` (the Slack app's interactivity URL) with the group and this hold."""
+    value = button_value(event.group, int(event.fields["hold_id"]))
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"[strangler] {event.message}"}},
+        {
+            "type": "actions",
+            "block_id": f"strangler-approve-{event.id}",
+            "elements": [
+                {
+                    "type": "button",
+                    "action_id": ACTION_ID,
+                    "style": "primary",
+                    "text": {"type": "plain_text", "text": "Approve"},
+                    "value": value,
+                    "confirm": {
+                        "title": {"type": "plain_text", "text": "Approve this step?"},
+                        "text": {"type": "plain_text", "text": event.message[:300]},
+                        "confirm": {"type": "plain_text", "text": "Approve"},
+                        "deny": {"type": "plain_text", "text": "Cancel"},
+                    },
+                }
+            ],
+        },
+    ]
 
 
 def dedup_key(event: Event) -> str:
