@@ -458,3 +458,25 @@ def test_the_statistical_judge_is_replayed_from_the_stored_increments(redis_url:
     candidate.write_text(yaml.safe_dump({"group_thresholds": STATISTICAL}))
     ran = cli("canary", "backtest", "--since", "1h", "--gates", str(candidate), "--redis-url", redis_url)
     assert ran.exit_code == 0 and "as the actual rollback did" in " ".join(ran.output.split()), ran.output
+
+
+def test_a_step_held_for_approval_is_not_advanced_by_the_candidate_either() -> None:
+    from proxy.canary.analysis import Window
+
+    def stored_check(at: float, held: bool) -> Check:
+        record: dict[str, Any] = {"at": at, "split": 10, "status": "pass", "consecutive_failures": 0}
+        if held:
+            record["step_hold"] = "awaiting approval of the hold at 10%"
+        item = history.entry(
+            record, {"v1": Window.of(200, 0, [0.01] * 200), "v2": Window.of(200, 0, [0.01] * 200)},
+            {"state": "progressing", "percentage": 10, "interval_seconds": 20, "started_at": 1.0,
+             "hold_id": 1, "step_started_at": 0.0},
+            fresh=False, advance_due=False,
+        )  # fmt: skip
+        return parse(json.dumps(item))
+
+    candidate = Candidate.of(CanarySettings(check_interval_seconds=10))
+    held = [stored_check(at, True) for at in (10, 20, 30, 40)]
+    assert replay("default", held, candidate).count(ADVANCE, False) == 0
+    free = [stored_check(at, False) for at in (10, 20, 30, 40)]
+    assert replay("default", free, candidate).count(ADVANCE, False) == 2
