@@ -30,14 +30,14 @@ from redis.exceptions import WatchError
 
 from proxy.background import BackgroundLoop, cancel_and_wait
 from proxy.canary import events, history, records
-from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, Window, assess
+from proxy.canary.analysis import History, ShadowFigures, Status, Verdict, assess
 from proxy.canary.confirm import Confirm, ConfirmHooks
 from proxy.canary.gates import decide as gate_rules
 from proxy.canary.gates.runner import GateRunner
 from proxy.canary.judge import Tally, assess_statistical, load_tally
 from proxy.canary.leader import LeaderLock, LeaderToken
 from proxy.canary.rollout import PROGRESSING, RaceHook, Rollouts, RolloutState, Superseded
-from proxy.canary.windows import REDIS_ERRORS, read_windows
+from proxy.canary.windows import REDIS_ERRORS, read_increment, read_windows
 from proxy.control.client import ControlClient
 from proxy.control.keys import Keys
 from proxy.metrics import Metrics
@@ -412,21 +412,16 @@ class CanaryController(BackgroundLoop):
         tally, note = load_tally(prev.get("tally"))
         if note:
             log.warning("canary %s: %s", group, note)
-        until = int(now) - 2
-        oldest = until - int(2 * self.canary.window_seconds)
         start = (
             tally.until
             if tally is not None
             else int(max(now - self.canary.window_seconds, judged_since or 0))
         )
-        start = max(start, oldest)
-        increment = {"v1": Window(), "v2": Window()}  # nothing new since the last check
-        if until > start:
-            increment = (
-                await read_windows(self.redis, self.keys, [group], until, until - start, {group: start})
-            )[group]
+        _, until, v1, v2 = await read_increment(
+            self.redis, self.keys, group, start, now, self.canary.window_seconds
+        )
         return assess_statistical(
-            windows["v1"], windows["v2"], increment["v1"], increment["v2"], thresholds,
+            windows["v1"], windows["v2"], v1, v2, thresholds,
             History(int(prev.get("consecutive_failures", 0))), tally, now=now, until=until,
             failures_to_act=self.canary.consecutive_failures, shadow=shadow, note=note,
         )  # fmt: skip

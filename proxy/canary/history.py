@@ -102,23 +102,19 @@ async def increment(
 ) -> Increment:
     """Read the seconds since the previous stored check (its ``inc.until``; at most two windows
     back, where the window hashes expire; never before ``since``, a fresh history)."""
-    from proxy.canary.windows import read_windows
+    from proxy.canary.windows import SETTLE_SECONDS, read_increment
 
-    until = int(now) - 2
-    oldest = until - int(2 * window_seconds)
-    start = until - int(window_seconds)
+    start = int(now) - SETTLE_SECONDS - int(window_seconds)
     last = await redis.lindex(checks_key(keys, group), 0)
     try:
         previous = json.loads(last)["inc"]["until"] if last else None
     except (ValueError, TypeError, KeyError, RecursionError):
         previous = None
-    if isinstance(previous, int) and not isinstance(previous, bool) and previous <= until:
+    if isinstance(previous, int) and not isinstance(previous, bool) and previous <= int(now) - SETTLE_SECONDS:
         start = previous
-    start = max(start, oldest, int(since or 0))
-    if until <= start:
-        return Increment(until, until, Window(), Window())
-    got = (await read_windows(redis, keys, [group], until, until - start, {group: start}))[group]
-    return Increment(start, until, got["v1"], got["v2"])
+    return Increment(
+        *await read_increment(redis, keys, group, max(start, int(since or 0)), now, window_seconds)
+    )
 
 
 def push(pipe: Any, keys: Keys, group: str, item: dict[str, Any], limit: int) -> None:

@@ -173,3 +173,22 @@ async def read_windows(
             slots = sums.get(group, {}).get(version, [0] * SLOTS)
             out[group][version] = Window(slots[REQUESTS], slots[ERRORS], tuple(slots[FIRST_BUCKET:]))
     return out
+
+
+SETTLE_SECONDS = 2
+"""How far behind a check an increment stops: every replica's flush for a second is in by then."""
+
+
+async def read_increment(
+    redis: aioredis.Redis, keys: Keys, group: str, start: int, now: float, window_seconds: float
+) -> tuple[int, int, Window, Window]:
+    """The seconds ``(start, until]`` not yet counted, for a sequential count (the statistical
+    judge's tally, the check history): ``until`` stays ``SETTLE_SECONDS`` behind ``now``, and
+    ``start`` is clamped to two windows back, where the per-second hashes expire. Returns
+    ``(start, until, v1, v2)``; nothing to read gives empty windows."""
+    until = int(now) - SETTLE_SECONDS
+    start = max(start, until - int(2 * window_seconds))
+    if until <= start:
+        return until, until, Window(), Window()
+    got = (await read_windows(redis, keys, [group], until, until - start, {group: start}))[group]
+    return start, until, got["v1"], got["v2"]
