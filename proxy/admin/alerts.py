@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.admin.bodies import BodyTooLarge, capped_body
 from proxy.canary import events
 from proxy.canary.alertmanager import BadPayload, Firing, plan
 from proxy.canary.capability import CanaryService
@@ -24,23 +25,6 @@ from proxy.metrics import Metrics
 log = logging.getLogger("strangler.admin")
 
 BY = "alertmanager"
-
-
-class TooLarge(Exception):
-    pass
-
-
-async def _body(request: Request, cap: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise TooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def routes(service: CanaryService, metrics: Metrics) -> list[Route]:
@@ -83,8 +67,8 @@ def routes(service: CanaryService, metrics: Metrics) -> list[Route]:
         import orjson
 
         try:
-            raw = await _body(request, canary.alert_max_body_bytes)
-        except TooLarge:
+            raw = await capped_body(request, canary.alert_max_body_bytes)
+        except BodyTooLarge:
             detail = f"body above {canary.alert_max_body_bytes} bytes (canary.alert_max_body_bytes)"
             return JSONResponse({"error": "body too large", "detail": detail}, status_code=413)
         try:

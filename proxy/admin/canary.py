@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.admin.app import error, unknown_group
+from proxy.admin.bodies import BodyTooLarge, capped_body
 from proxy.canary import slack
 from proxy.canary.capability import CanaryService
 from proxy.canary.rollout import RolloutError, parse_duration, parse_steps
@@ -106,7 +107,10 @@ def routes(service: CanaryService) -> list[Route]:
         if secret is None:
             return error(404, "not found", detail="Slack approvals are off (canary.slack_signing_secret)")
         try:
-            body = await _capped_body(request, slack.MAX_BODY_BYTES)
+            try:
+                body = await capped_body(request, slack.MAX_BODY_BYTES)
+            except BodyTooLarge:
+                raise slack.SlackRefused(f"body larger than {slack.MAX_BODY_BYTES} bytes", 413) from None
             slack.verify(
                 secret.get_secret_value(),
                 request.headers.get("x-slack-request-timestamp"),
@@ -142,17 +146,3 @@ def routes(service: CanaryService) -> list[Route]:
           for action in ("start", "pause", "resume", "abort", "promote", "approve")),
         Route("/slack/interactions", slack_interaction, methods=["POST"]),
     ]  # fmt: skip
-
-
-async def _capped_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) past ``limit`` bytes without reading the rest into memory."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise slack.SlackRefused(f"body larger than {limit} bytes", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise slack.SlackRefused(f"body larger than {limit} bytes", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)

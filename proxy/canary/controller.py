@@ -94,7 +94,6 @@ class CanaryController(BackgroundLoop):
         # called as ("decided", group) between a check's reads and its action: tests land races there
         self.race_hook = race_hook
         self.gates = GateRunner(self.canary, metrics)  # metric gates: one shared client, closed on stop
-        self._gate_records: dict[str, list[dict[str, Any]]] = {}  # this check's, per group
         wait = min(1.0, self.canary.check_interval_seconds / 4)  # a slow hook never stalls other groups
         self.confirm = confirm or ConfirmHooks(self.canary.confirm_hooks, wait)
 
@@ -192,11 +191,11 @@ class CanaryController(BackgroundLoop):
                 prev = {"needs_recovery": prev.get("needs_recovery", False)}
             prevs[group] = prev
         # every group's metric gates at once: a slow metrics store costs one timeout per check
-        self._gate_records = await self.gates.evaluate_all(prevs, now)
+        gate_records = await self.gates.evaluate_all(prevs, now)
         for group in groups:
             verdicts[group] = await self._check_group(
                 group, prevs[group], windows[group], splits, now, shadow.get(group), fresh.get(group),
-                judged_since=since.get(group),
+                judged_since=since.get(group), gate_records=gate_records.get(group, []),
             )  # fmt: skip
         return verdicts
 
@@ -220,6 +219,7 @@ class CanaryController(BackgroundLoop):
         history_since: float | None = None,
         *,
         judged_since: float | None = None,
+        gate_records: list[dict[str, Any]] | None = None,
     ) -> Verdict:
         thresholds = self.canary.group_thresholds.get(group, self.canary.thresholds)
         tally: Tally | None = None
@@ -236,7 +236,7 @@ class CanaryController(BackgroundLoop):
                 failures_to_act=self.canary.consecutive_failures,
                 shadow=shadow,
             )
-        verdict, gate_records = await self._gates(group, verdict, now)
+        verdict, gate_records = await self._gates(group, verdict, gate_records or [], now)
         self._observe(group, verdict)
         split = self._effective_split(group, splits)
         rollout = await self.rollouts.get(group)
@@ -376,12 +376,13 @@ class CanaryController(BackgroundLoop):
         record["hold"] = {"id": hold_id, "judged": judged}
         return judged
 
-    async def _gates(self, group: str, verdict: Verdict, now: float) -> tuple[Verdict, list[dict[str, Any]]]:
+    async def _gates(
+        self, group: str, verdict: Verdict, records: list[dict[str, Any]], now: float
+    ) -> tuple[Verdict, list[dict[str, Any]]]:
         """Metric gates (``canary/gates``, evaluated for every group by ``check_all``) beside the
         built-in checks: the verdict to act on (``decide.combine``: a gate at its failure limit
         rolls back through ``rollback``, a failing or inconclusive one holds) and the gate records
         shown in status. Dry-run gates are alerted once per failing streak, never acted on."""
-        records = self._gate_records.get(group, [])
         if not records:
             return verdict, []
         for gate in gate_rules.dry_run_alerts(records, now):

@@ -147,16 +147,36 @@ def _finite(x: float, digits: int = 4) -> float | None:
     return round(x, digits) if math.isfinite(x) else None
 
 
+def _outcome(
+    test: str, said: str, log_lr: float, threshold: float, power: float, wanted: float, lowest_p: float,
+    *, worse: str, unseen: str, clean: str,
+) -> tuple[dict[str, Any], bool, float]:  # fmt: skip
+    """What both sequential tests report the same way: the evidence against its threshold, the
+    always-valid p-value (the lowest ``1 / likelihood ratio`` of the period, ``lowest_p`` before
+    this check), the power, and the one-line reason (crossed, too little data, or clean)."""
+    p_value = min(lowest_p, math.exp(-log_lr) if log_lr > 0 else 1.0)
+    crossed = log_lr >= threshold
+    if crossed:
+        tail = f"evidence {log_lr:.1f} reached {threshold:.1f}: {worse}"
+    elif power < wanted:
+        tail = f"too little data to see {unseen} ({power:.0%} power)"
+    else:
+        tail = f"{clean} ({log_lr:.1f} of {threshold:.1f})"
+    return {
+        "log_lr": round(log_lr, 4), "threshold": round(threshold, 4),
+        "evidence": round(log_lr / threshold, 4), "p_value": round(p_value, 6), "power": round(power, 4),
+        "enough_data": power >= wanted, "reason": f"{test}: {said}; {tail}",
+    }, crossed, p_value  # fmt: skip
+
+
 def _errors(tally: Tally, t: CanaryThresholds, threshold: float) -> tuple[dict[str, Any], bool, float]:
     _, weights = stats.error_grid(t.min_error_ratio)
     log_lr = stats.mixture(tally.error_log_lr, weights)
-    p_value = min(tally.min_p_errors, math.exp(-log_lr) if log_lr > 0 else 1.0)
     estimate, lo, hi = stats.rate_ratio_ci(tally.n1, tally.x1, tally.n2, tally.x2)
     power = stats.error_power(
         tally.n1, tally.x1, tally.n2, ratio=t.min_error_ratio, floor=t.error_rate_floor,
         threshold=threshold, ratios=tally.ratios, weights=weights,
     )  # fmt: skip
-    crossed = log_lr >= threshold
     share = tally.n2 / (tally.n1 + tally.n2) if tally.n1 + tally.n2 else 0.0
     if math.isnan(estimate):
         said = f"no errors yet in {tally.n1 + tally.n2} requests"
@@ -165,19 +185,15 @@ def _errors(tally: Tally, t: CanaryThresholds, threshold: float) -> tuple[dict[s
             f"v2 made {tally.x2} of {tally.x1 + tally.x2} errors on {share:.1%} of the traffic: "
             f"{estimate:.2f}x v1's rate (95% CI {lo:.2f}-{hi:.2f})"
         )
-    if crossed:
-        reason = f"errors: {said}; evidence {log_lr:.1f} reached {threshold:.1f}: v2 fails more often"
-    elif power < t.power:
-        reason = f"errors: {said}; too little data to see a {t.min_error_ratio:g}x rise ({power:.0%} power)"
-    else:
-        reason = f"errors: {said}; no evidence of a rise ({log_lr:.1f} of {threshold:.1f})"
+    outcome, crossed, p_value = _outcome(
+        "errors", said, log_lr, threshold, power, t.power, tally.min_p_errors,
+        worse="v2 fails more often", unseen=f"a {t.min_error_ratio:g}x rise", clean="no evidence of a rise",
+    )  # fmt: skip
     part = {
         "effect": _finite(estimate), "ci95": [_finite(lo), _finite(hi)],
         "v1_error_rate": _finite(tally.x1 / tally.n1 if tally.n1 else 0.0, 6),
         "v2_error_rate": _finite(tally.x2 / tally.n2 if tally.n2 else 0.0, 6),
-        "log_lr": round(log_lr, 4), "threshold": round(threshold, 4),
-        "evidence": round(log_lr / threshold, 4), "p_value": round(p_value, 6),
-        "power": round(power, 4), "enough_data": power >= t.power, "reason": reason,
+        **outcome,
     }  # fmt: skip
     return part, crossed, p_value
 
@@ -186,26 +202,19 @@ def _latency(tally: Tally, t: CanaryThresholds, threshold: float) -> tuple[dict[
     phi = stats.dispersion(tally.score, tally.info, tally.spread, tally.checks)
     score, info = tally.score / phi, tally.info / phi
     log_lr = stats.latency_log_lr(score, info, LATENCY_TAU)
-    p_value = min(tally.min_p_latency, math.exp(-log_lr) if log_lr > 0 else 1.0)
     theta = stats.mann_whitney(tally.h1, tally.h2).theta
     lo, hi = stats.superiority_ci(tally.h1, tally.h2)
     effect = stats.scaled_superiority(tally.h1, BOUNDS, 1 + t.min_latency_shift) - 0.5
     power = stats.latency_power(info, effect, LATENCY_TAU, threshold)
-    crossed = log_lr >= threshold
     said = f"a v2 request was slower than a v1 request in {theta:.1%} of pairs (95% CI {lo:.1%}-{hi:.1%})"
-    shift = f"{t.min_latency_shift:.0%}"
-    if crossed:
-        reason = f"latency: {said}; evidence {log_lr:.1f} reached {threshold:.1f}: v2 is slower"
-    elif power < t.power:
-        reason = f"latency: {said}; too little data to see a {shift} slowdown ({power:.0%} power)"
-    else:
-        reason = f"latency: {said}; no evidence v2 is slower ({log_lr:.1f} of {threshold:.1f})"
+    outcome, crossed, p_value = _outcome(
+        "latency", said, log_lr, threshold, power, t.power, tally.min_p_latency,
+        worse="v2 is slower", unseen=f"a {t.min_latency_shift:.0%} slowdown",
+        clean="no evidence v2 is slower",
+    )  # fmt: skip
     part = {
         "effect": round(theta, 4), "ci95": [round(lo, 4), round(hi, 4)],
-        "log_lr": round(log_lr, 4), "threshold": round(threshold, 4),
-        "evidence": round(log_lr / threshold, 4), "p_value": round(p_value, 6),
-        "power": round(power, 4), "enough_data": power >= t.power, "reason": reason,
-        "dispersion": round(phi, 4),
+        **outcome, "dispersion": round(phi, 4),
     }  # fmt: skip
     return part, crossed, p_value
 
