@@ -168,6 +168,13 @@ SPLIT_HOP_HEAD = (
 )
 
 
+# a HEAD answer whose declared length is followed by that many bytes: a whole forged answer. A HEAD
+# answer has no body (RFC 9110 9.3.2), so those bytes are a second answer nobody asked for.
+HEAD_SMUGGLE_BODY = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED"
+HEAD_SMUGGLE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(HEAD_SMUGGLE_BODY)
+HEAD_SMUGGLE = (b"/head-same", b"/head-late")
+
+
 class ScriptedBackend(RawServer):
     """A raw keep-alive backend: answers ``T=<target>``; ``/poison`` writes a second, unrequested
     answer 0.3 s after the first; ``/switch`` answers 101 to a plain request; after ``/drop-next``
@@ -193,7 +200,7 @@ class ScriptedBackend(RawServer):
                 if got is None:
                     return
                 head, buffer = got
-                target = head.split(b" ")[1]
+                method, target = head.split(b" ")[:2]
                 self.seen.append(target)
                 if drop_next:
                     return  # read, never answered: the connection closes
@@ -208,6 +215,12 @@ class ScriptedBackend(RawServer):
                     if target == b"/double":  # a second, unrequested answer in the same packet
                         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nT=/double"
                                      b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nPOISONED")  # fmt: skip
+                        continue
+                    if method == b"HEAD" and target in HEAD_SMUGGLE:  # a HEAD answer with a "body"
+                        conn.sendall(HEAD_SMUGGLE_HEAD)
+                        if target == b"/head-late":
+                            time.sleep(0.2)  # the stray bytes come after the head, on an idle connection
+                        conn.sendall(HEAD_SMUGGLE_BODY)
                         continue
                     if target == b"/hop-split":
                         conn.sendall(SPLIT_HOP_HEAD)
@@ -326,6 +339,28 @@ def test_a_second_answer_in_the_same_packet_is_dropped_with_its_connection(
         for i in range(3):
             assert client.get(proxy.url + f"/after-{i}").text == f"T=/after-{i}"
     assert backend.connections == 2  # the connection that carried the stray answer was not reused
+
+
+@pytest.mark.parametrize("target", HEAD_SMUGGLE)
+def test_a_head_answer_followed_by_body_bytes_never_answers_the_next_request(
+    scripted: tuple[ScriptedBackend, ProxyProcess], target: bytes
+) -> None:
+    """A backend that sends a body after a HEAD answer (here a whole forged answer, in the same
+    packet or a moment later): the HEAD gets its head alone, and the stray bytes are never read as
+    the answer to a later request on that upstream connection, from this client or another."""
+    _, proxy = scripted
+    path = target.decode()
+    with httpx.Client(timeout=5) as client:
+        assert client.get(proxy.url + "/warm").text == "T=/warm"  # the fast path: a warm connection
+        for round_ in range(3):
+            head = client.head(proxy.url + path)
+            assert head.status_code == 200 and head.content == b""
+            if target == b"/head-late":
+                time.sleep(0.3)  # the forged answer is on the idle pooled connection by now
+            assert client.get(proxy.url + f"/after-{round_}").text == f"T=/after-{round_}"
+            with httpx.Client(timeout=5) as other:
+                assert other.get(proxy.url + f"/other-{round_}").text == f"T=/other-{round_}"
+    assert proxy.metric("http_errors_total", version="v1") == 0
 
 
 def test_a_client_gone_before_its_answer_leaves_nothing_for_the_next_client(
