@@ -34,14 +34,18 @@ def test_more_v2_errors_are_rolled_back_by_the_error_evidence(
     proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
 ) -> None:
     v1, v2 = v1v2
+    for backend in v1v2:
+        # both slow alike: without it, sub-millisecond answers on a loaded machine can differ by
+        # which backend process the scheduler favours, and the latency evidence may act first
+        backend.control(delay_ms=20)
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     proxy = proxy_factory(v1_url=v1.url, v2_url=v2.url, redis_url=redis_url, canary=statistical())
     r.set(SPLIT, "20")
-    with Traffic([proxy.url]):
+    with Traffic([proxy.url], concurrency=12):
         wait_until(
             lambda: "statistics" in (state(r, VERDICT) or {}), timeout=20, message="a statistical check"
         )
-        v2.control(error_rate=0.05)  # below every absolute limit: only the evidence can act
+        v2.control(delay_ms=20, error_rate=0.05)  # below every absolute limit: only the evidence can act
         wait_until(lambda: r.get(SPLIT) == "0", timeout=30, interval=0.05)
     decision = state(r, DECISION)
     assert decision is not None and decision["failed_check"] == "error_evidence", decision
