@@ -233,6 +233,11 @@ class ShadowSettings(StrictModel):
     )
     # endpoint names tried before route patterns and templating: "/search/{term}", "/files/**"
     endpoint_patterns: list[str] = Field(default_factory=list)
+    # unary gRPC answers: messages decoded by field name with this FileDescriptorSet (protoc
+    # --descriptor_set_out --include_imports), else with v1's server reflection when
+    # grpc_reflection, else compared by field number (wire format); docs/shadow.md
+    grpc_descriptor_set: Path | None = None
+    grpc_reflection: bool = False
 
     @field_validator("compare_headers")
     @classmethod
