@@ -248,6 +248,14 @@ class ShadowSettings(StrictModel):
                 raise ValueError(f"{name!r} is not a header name")
         return names
 
+    @field_validator("grpc_descriptor_set")
+    @classmethod
+    def _descriptor_file(cls, value: Path | None) -> Path | None:
+        # read (and parsed) when the shadow is built; checked here so serve refuses before starting
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)[:200]} is not a file (make one with protoc --descriptor_set_out)")
+        return value
+
     @field_validator("endpoint_patterns")
     @classmethod
     def _endpoint_patterns(cls, value: list[str]) -> list[str]:

@@ -533,6 +533,31 @@ def quick_compare_grpc(a: GrpcAnswer, b: GrpcAnswer, options: Options | None = N
     return Outcome("match")
 
 
+def sample_text(method: str, answer: GrpcAnswer, decoder: MessageDecoder, limit: int) -> str | None:
+    """An answer's messages as JSON text for a mismatch sample (binary protobuf means nothing
+    to a reader), cut at ``limit`` characters; the framing problem when there is one."""
+    if answer.body is None:
+        return None
+    frames = split_messages(answer.body, answer.encoding, max(limit, 1) * 64)
+    if frames.problem:
+        return _describe(frames)[:limit]
+    values: list[Any] = []
+    for message in frames.messages:
+        for reader in (decoder, WIRE):
+            try:
+                values.append(reader.decode(method, message))
+                break
+            except NotDecodable:
+                continue
+        else:
+            values.append(f"<{len(message)} bytes, not protobuf>")
+    try:
+        text = orjson.dumps(values[0] if len(values) == 1 else values).decode()
+    except (TypeError, orjson.JSONEncodeError):  # pragma: no cover - decoders give JSON types only
+        return None
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def learn_grpc(
     method: str,
     first: GrpcAnswer,

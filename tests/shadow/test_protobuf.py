@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.metrics import Metrics
-from proxy.settings import ConfigError, Settings
+from proxy.settings import ConfigError, Settings, load_settings
 from proxy.shadow.capability import grpc_decoding
 from proxy.shadow.compare import Options, is_noisy
 from proxy.shadow.descriptors import DescriptorDecoder, GrpcDecoding, load_descriptor_set
@@ -28,6 +28,7 @@ from proxy.shadow.protobuf import (
     grpc_differences,
     learn_grpc,
     quick_compare_grpc,
+    sample_text,
     split_messages,
 )
 from tests.shadow.protobuf_support import Compiled, compile_protos, frame
@@ -327,6 +328,17 @@ def test_ignore_rules_apply_to_protobuf_fields(proto: Compiled, schema: Descript
     assert compare_grpc(METHOD, a, b, rules, set(), decoder=schema).result == "match"
 
 
+def test_a_sample_shows_the_decoded_message(proto: Compiled, schema: DescriptorDecoder) -> None:
+    body = answer(frame(reply(proto, name="ann")))
+    assert sample_text(METHOD, body, schema, 2048) == (
+        '{"user":{"name":"ann","display_name":"","id":"0","tags":[],"visits":0,"score":0.0,'
+        '"avatar":"","role":"ROLE_UNSPECIFIED","past":[]},"generation":"7"}'
+    )
+    assert sample_text(METHOD, body, WIRE, 20) == '{"1":{"1":"ann"},"2"...'
+    assert sample_text(METHOD, answer(b"\x00\x00"), WIRE, 100) == "truncated: 2 bytes after message 0"
+    assert sample_text(METHOD, answer(frame(b"\xff")), WIRE, 100) == '"<1 bytes, not protobuf>"'
+
+
 # --- status and metadata --------------------------------------------------------------------------
 
 
@@ -422,8 +434,9 @@ def test_a_bad_descriptor_set_is_a_config_error_at_start(proto: Compiled, tmp_pa
     assert isinstance(build(grpc_descriptor_set=proto.descriptor_set), GrpcDecoding)
     junk = tmp_path / "junk.pb"
     junk.write_bytes(b"\xff\xff\xff")
+    with pytest.raises(ConfigError, match="missing.pb is not a file"):  # refused when loading settings
+        load_settings(None, {}, shadow={"grpc_descriptor_set": str(tmp_path / "missing.pb")})
     for path, reason in [
-        (tmp_path / "missing.pb", "cannot read"),
         (junk, "not a FileDescriptorSet"),
         (proto.bare_set, "--include_imports"),
     ]:
