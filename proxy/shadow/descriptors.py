@@ -112,6 +112,19 @@ class DescriptorDecoder:
             return False
         return True
 
+    def safe(self, method: str) -> bool:
+        """The method is declared ``idempotency_level = NO_SIDE_EFFECTS``."""
+        parts = split_method(method)
+        if parts is None:
+            return False
+        try:
+            rpc = self._pool.FindServiceByName(parts[0]).methods_by_name.get(parts[1])
+        except KeyError:
+            return False
+        if rpc is None:
+            return False
+        return bool(rpc.GetOptions().idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS)
+
     def message_class(self, method: str, response: bool = True) -> Any:
         """The generated class of the call's output (or input) type; None for an unknown method."""
         key = (method, response)
@@ -310,7 +323,11 @@ class ReflectionSource:
         if len(self._ready) + len(self._failed) + len(self._fetching) >= MAX_SERVICES:
             if service not in self._failed:
                 return None
-        task = asyncio.get_running_loop().create_task(self._fetch(service), name="strangler-reflection")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # asked outside the event loop (a tool, a test): no fetch from there
+            return None
+        task = loop.create_task(self._fetch(service), name="strangler-reflection")
         self._fetching[service] = task
         task.add_done_callback(lambda _: self._fetching.pop(service, None))
         return task
@@ -372,6 +389,12 @@ class GrpcDecoding:
             if parts is not None and static.knows(parts[0]):
                 return static
         return self._reflection.decoder(method) if self._reflection is not None else WIRE
+
+    def safe(self, method: str) -> bool:
+        """Calibration allowed: the descriptors that read the call mark it NO_SIDE_EFFECTS (a
+        service whose reflection is not fetched yet: not yet)."""
+        decoder = self.decoder(method)
+        return isinstance(decoder, DescriptorDecoder) and decoder.safe(method)
 
     async def resolve(self, method: str) -> MessageDecoder:
         decoder = self.decoder(method)

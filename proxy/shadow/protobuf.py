@@ -326,6 +326,11 @@ class Decoding(Protocol):
         """May wait, bounded, for the service's descriptors (a mirror worker, never the request path)."""
         ...
 
+    def safe(self, method: str) -> bool:
+        """Whether the call may be sent to v1 a second time (calibration): its descriptor says
+        ``option idempotency_level = NO_SIDE_EFFECTS`` (gRPC's GET). Unknown: False."""
+        ...
+
 
 class WireOnly:
     """No schema configured: every call in wire format."""
@@ -338,6 +343,9 @@ class WireOnly:
 
     async def resolve(self, method: str) -> MessageDecoder:
         return WIRE
+
+    def safe(self, method: str) -> bool:
+        return False
 
 
 # --- comparing ------------------------------------------------------------------------------------

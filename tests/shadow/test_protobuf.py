@@ -444,6 +444,15 @@ def test_a_bad_descriptor_set_is_a_config_error_at_start(proto: Compiled, tmp_pa
             build(grpc_descriptor_set=path)
 
 
+def test_only_calls_declared_without_side_effects_may_be_calibrated(schema: DescriptorDecoder) -> None:
+    decoding = GrpcDecoding(schema, None)
+    assert decoding.safe(METHOD)  # option idempotency_level = NO_SIDE_EFFECTS
+    assert not decoding.safe("/strangler.shadowtest.Users/RenameUser")
+    assert not decoding.safe("/strangler.shadowtest.Users/Nope")
+    assert not decoding.safe("/other.Service/Call")
+    assert not WireOnly().safe(METHOD)  # without descriptors nothing says a call is a read
+
+
 def test_the_decoding_picks_the_descriptor_set_then_the_wire_format(
     proto: Compiled, schema: DescriptorDecoder
 ) -> None:

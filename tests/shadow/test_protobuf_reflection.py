@@ -134,7 +134,10 @@ def test_a_v1_without_the_service_falls_through_to_v2(servers: dict[str, str], p
 def test_the_descriptor_set_comes_first_and_reflection_fills_in(servers: dict[str, str]) -> None:
     source = ReflectionSource([(servers["v1"], None)], timeout=5)
     decoding = GrpcDecoding(None, source)
+    assert not decoding.safe(METHOD)  # not fetched yet: nothing says the call is a read
     assert isinstance(run(decoding.resolve(METHOD)), DescriptorDecoder)
+    assert decoding.safe(METHOD)  # the method's options come through reflection
+    assert not decoding.safe("/strangler.shadowtest.Users/RenameUser")
     assert run(decoding.resolve("no/method")) is WIRE
 
 
