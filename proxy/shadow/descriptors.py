@@ -153,10 +153,14 @@ class DescriptorDecoder:
             message.ParseFromString(data)
         except (DecodeError, RuntimeError, ValueError) as exc:  # upb: DecodeError; recursion: RuntimeError
             raise NotDecodable(f"not a {cls.DESCRIPTOR.full_name}") from exc
-        value = json_format.MessageToDict(
-            message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
-        _add_unknown(message, value, 0)
+        try:
+            value = json_format.MessageToDict(
+                message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            )
+            _add_unknown(message, value, 0)
+        except (ValueError, TypeError, KeyError, RecursionError, json_format.Error) as exc:
+            # a value JSON has no form for: a Timestamp past year 9999, a Duration over 10,000 years
+            raise NotDecodable(f"{cls.DESCRIPTOR.full_name} has no JSON form: {str(exc)[:200]}") from exc
         return value
 
 

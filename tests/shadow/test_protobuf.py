@@ -159,6 +159,37 @@ def test_the_wire_decoder_reads_or_refuses_any_bytes(data: bytes) -> None:
     assert isinstance(decoded, dict)
 
 
+@settings(max_examples=300, deadline=None)
+@given(left=st.binary(max_size=80), right=st.binary(max_size=80))
+def test_any_message_bytes_compare_with_the_schema_without_an_exception(
+    left: bytes, right: bytes, schema: DescriptorDecoder
+) -> None:
+    counted = Counted()
+    outcome = compare_grpc(
+        METHOD,
+        answer(frame(left)),
+        answer(frame(right)),
+        EndpointRules(),
+        set(),
+        decoder=schema,
+        count=counted,
+    )
+    assert outcome.result in ("match", "mismatch")
+    assert set(counted) <= {"descriptor", "wire_fallback", "not_protobuf"}
+
+
+def test_a_value_json_cannot_show_falls_back_to_the_wire_format(
+    proto: Compiled, schema: DescriptorDecoder
+) -> None:
+    far = proto.pb2.GetUserReply()
+    far.user.served_at.seconds = 10**12  # past year 9999: MessageToDict refuses it
+    counted = Counted()
+    a, b = answer(frame(far.SerializeToString())), answer(frame(reply(proto, name="x")))
+    outcome = compare_grpc(METHOD, a, b, EndpointRules(), set(), decoder=schema, count=counted)
+    assert counted == ["wire_fallback", "wire_fallback"]
+    assert "root['1']['7']" in outcome.mismatched
+
+
 def test_deeply_nested_length_delimited_bytes_stay_bounded() -> None:
     nested = b""
     for _ in range(2000):  # 2000 levels of field 1 holding the next level
