@@ -230,6 +230,21 @@ def test_hostile_bodies_are_named_and_counted(proto: Compiled) -> None:
     assert counted == ["not_protobuf"]
 
 
+def test_hostile_bodies_count_in_the_metric(proto: Compiled) -> None:
+    metrics = Metrics()
+    decoding = grpc_decoding(Settings(v1_url="http://127.0.0.1:1", v2_url="http://127.0.0.1:2"), metrics)
+    good = answer(frame(reply(proto, name="ann")))
+    for hostile in (b"\x00\x00", b"\x00\xff\xff\xff\xff", frame(b"\xff"), frame(reply(proto, name="bob"))):
+        compare_grpc(
+            METHOD, good, answer(hostile), EndpointRules(), set(), decoder=WIRE, count=decoding.count
+        )
+
+    def value(outcome: str) -> float | None:
+        return metrics.registry.get_sample_value("strangler_shadow_grpc_decoding_total", {"outcome": outcome})
+
+    assert (value("truncated"), value("too_large"), value("not_protobuf"), value("wire")) == (1, 1, 1, 2)
+
+
 def test_an_answer_over_the_compare_limit_is_skipped_or_a_size_difference(proto: Compiled) -> None:
     small = answer(frame(reply(proto, name="ann")))
     options = Options(max_bytes=1000)
