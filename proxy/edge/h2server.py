@@ -47,6 +47,7 @@ CONNECTION_SPECIFIC: Final = frozenset(
 )
 CHUNKED: Final = (b"transfer-encoding", b"chunked")
 NO_BODY_STATUS: Final = frozenset({204, 304})
+LINGER_SECONDS: Final = 2.0  # after our GOAWAY, how long what the client still sends is discarded
 
 
 def _json_error(error: bytes, detail: bytes) -> bytes:
@@ -279,9 +280,27 @@ class H2ServerProtocol(asyncio.Protocol):
                     self.h2.close_connection(ErrorCodes.NO_ERROR)
             self.flush()
             self._to(CLOSED)
+        self._shut()
+
+    def _shut(self) -> None:
+        """Close after our GOAWAY. The client may still be sending: a close with unread input
+        makes the kernel answer with a reset, which can destroy the GOAWAY on its way (found by
+        the empty-DATA flood test). So, as the HTTP/1.1 server's lingering close: half-close,
+        discard what still comes (state CLOSED), close at the client's EOF or after
+        ``LINGER_SECONDS``."""
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+            return
+        transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # the client is done sending: the transport closes (ends a lingering close)
 
     def _refuse(self, reason: str, code: ErrorCodes) -> None:
         """Connection-level abuse or protocol error: counted, GOAWAY with ``code``, closed."""
@@ -292,9 +311,7 @@ class H2ServerProtocol(asyncio.Protocol):
         self.flush()
         self._to(CLOSED)
         self._reset_all()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+        self._shut()
 
     # --- a graceful stop -------------------------------------------------------------------------
 
@@ -368,8 +385,7 @@ class H2ServerProtocol(asyncio.Protocol):
             self.flush()  # h2 queued its GOAWAY with the right code
             self._to(CLOSED)
             self._reset_all()
-            if self.transport is not None:
-                self.transport.close()
+            self._shut()
             return
         streams = self._streams
         for event in events:
@@ -397,8 +413,7 @@ class H2ServerProtocol(asyncio.Protocol):
                 self._to(CLOSED)
                 self._reset_all()
                 self.flush()
-                if self.transport is not None:
-                    self.transport.close()
+                self._shut()
                 return
             if self.state is CLOSED:
                 return

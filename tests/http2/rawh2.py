@@ -12,6 +12,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+from hyperframe.frame import Frame
 
 Event = h2.events.Event
 
@@ -37,6 +38,10 @@ class RawH2:
             (opened, h2.connection.ConnectionInputs.RECV_GOAWAY): (None, opened),
         }
         self.events: list[Event] = []
+        # every frame the server sent, parsed apart from the client state machine (which drops
+        # some, e.g. a RST_STREAM on a stream it closed)
+        self.frames: list[Frame] = []
+        self._inbound = bytearray()
         self.closed = False
         self.data: dict[int, bytearray] = {}
         self.auto_ack = True  # credit DATA back as it arrives
@@ -77,6 +82,7 @@ class RawH2:
         if not chunk:
             self.closed = True
             return False
+        self._parse(chunk)
         try:
             events = self.conn.receive_data(chunk)
         except h2.exceptions.ProtocolError:
@@ -92,6 +98,20 @@ class RawH2:
         except OSError:
             self.closed = True
         return True
+
+    def _parse(self, chunk: bytes) -> None:
+        buffer = self._inbound
+        buffer += chunk
+        while len(buffer) >= 9:
+            frame, length = Frame.parse_frame_header(memoryview(bytes(buffer[:9])))
+            if len(buffer) < 9 + length:
+                break
+            frame.parse_body(memoryview(bytes(buffer[9 : 9 + length])))
+            self.frames.append(frame)
+            del buffer[: 9 + length]
+
+    def frames_of(self, kind: type[Any], sid: int | None = None) -> list[Any]:
+        return [f for f in self.frames if isinstance(f, kind) and (sid is None or f.stream_id == sid)]
 
     def wait(self, predicate: Callable[[RawH2], Any], timeout: float = 10.0) -> Any:
         deadline = time.monotonic() + timeout
