@@ -27,6 +27,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
@@ -374,18 +375,8 @@ class H2ServerProtocol(asyncio.Protocol):
             return
         try:
             events = self.h2.receive_data(data)
-        except h2.exceptions.DenialOfServiceError:
-            self._refuse(HEADERS_TOO_LARGE, ErrorCodes.ENHANCE_YOUR_CALM)  # an HPACK bomb
-            return
-        except h2.exceptions.FrameTooLargeError:
-            self._refuse("h2_frame_too_large", ErrorCodes.FRAME_SIZE_ERROR)
-            return
-        except h2.exceptions.ProtocolError:
-            self._limits.count("h2_protocol_error")
-            self.flush()  # h2 queued its GOAWAY with the right code
-            self._to(CLOSED)
-            self._reset_all()
-            self._shut()
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
             return
         streams = self._streams
         for event in events:
@@ -418,6 +409,29 @@ class H2ServerProtocol(asyncio.Protocol):
             if self.state is CLOSED:
                 return
         self.flush()
+
+    def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        """``h2`` refused what the client sent and queued its GOAWAY (with the code it chose):
+        counted by kind, sent, closed. An undecodable header block is a COMPRESSION_ERROR (RFC
+        9113 4.3), which h2 reports as a PROTOCOL_ERROR: that GOAWAY is replaced."""
+        if isinstance(exc, h2.exceptions.DenialOfServiceError):
+            reason = HEADERS_TOO_LARGE  # an HPACK bomb: the decoded list went over the limit
+        elif isinstance(exc, h2.exceptions.FrameTooLargeError):
+            reason = "h2_frame_too_large"
+        else:
+            reason = "h2_protocol_error"
+        self._limits.count(reason)
+        if reason == "h2_protocol_error" and isinstance(exc.__cause__, hpack.HPACKError):
+            self.h2.clear_outbound_data_buffer()
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.h2.highest_inbound_stream_id
+            frame.error_code = ErrorCodes.COMPRESSION_ERROR
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(frame.serialize())
+        self.flush()
+        self._to(CLOSED)
+        self._reset_all()
+        self._shut()
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         sid = event.stream_id

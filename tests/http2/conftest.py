@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Backend, ProxyProcess, RedisServer
+from tests.support import Backend, ProxyProcess, RedisServer, free_port
 
 STALL_SECONDS = 1.0
 
@@ -28,7 +28,7 @@ def h2_proxy(
         "log_level": "warning",
         "poll_interval_seconds": 0.2,
         "limits": {"strict_states": True},
-        "http2": {"stall_timeout_seconds": STALL_SECONDS},
+        "http2": {"stall_timeout_seconds": STALL_SECONDS, "port": free_port()},
     }
     proxy = ProxyProcess(workdir / "h2hostile", settings).start()
     yield proxy

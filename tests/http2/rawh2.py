@@ -12,7 +12,8 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
-from hyperframe.frame import Frame
+import hpack
+from hyperframe.frame import Frame, HeadersFrame
 
 Event = h2.events.Event
 
@@ -42,6 +43,8 @@ class RawH2:
         # some, e.g. a RST_STREAM on a stream it closed)
         self.frames: list[Frame] = []
         self._inbound = bytearray()
+        self._decoder = hpack.Decoder()  # the server's header blocks, decoded apart too
+        self.heads: dict[int, list[list[tuple[bytes, bytes]]]] = {}
         self.closed = False
         self.data: dict[int, bytearray] = {}
         self.auto_ack = True  # credit DATA back as it arrives
@@ -108,6 +111,12 @@ class RawH2:
                 break
             frame.parse_body(memoryview(bytes(buffer[9 : 9 + length])))
             self.frames.append(frame)
+            if isinstance(frame, HeadersFrame):  # our server sends no CONTINUATION
+                try:
+                    decoded = self._decoder.decode(frame.data, raw=True)
+                except hpack.HPACKError:
+                    decoded = []
+                self.heads.setdefault(frame.stream_id, []).append([(bytes(n), bytes(v)) for n, v in decoded])
             del buffer[: 9 + length]
 
     def frames_of(self, kind: type[Any], sid: int | None = None) -> list[Any]:
@@ -131,11 +140,19 @@ class RawH2:
         ]
 
     def ended(self, sid: int) -> bool:
-        return bool(self.of(h2.events.StreamEnded, sid) or self.of(h2.events.StreamReset, sid))
+        if self.of(h2.events.StreamEnded, sid) or self.of(h2.events.StreamReset, sid):
+            return True
+        return any(
+            "END_STREAM" in f.flags for f in self.frames if f.stream_id == sid and f.type in (0, 1)
+        ) or any(f.type == 3 for f in self.frames if f.stream_id == sid)
 
     def status(self, sid: int) -> int | None:
         for event in self.of(h2.events.ResponseReceived, sid):
             return int(dict(event.headers)[b":status"])
+        for head in self.heads.get(sid, []):  # streams the client state machine does not know
+            status = dict(head).get(b":status")
+            if status is not None:
+                return int(status)
         return None
 
     def goaway(self) -> h2.events.ConnectionTerminated | None:
