@@ -255,7 +255,9 @@ class _H2Conn(asyncio.Protocol):
         self._paused = False
         self._drain: asyncio.Event | None = None
         self._idle: asyncio.TimerHandle | None = None
-        self._ready = self.loop.create_future()  # connection_made happened
+        # the backend's first SETTINGS arrived: no stream is opened before (its stream limit and
+        # windows are known, and a backend that does not speak HTTP/2 fails here, nothing sent)
+        self.ready: asyncio.Future[None] = self.loop.create_future()
 
     # --- asyncio.Protocol ----------------------------------------------------------------------------
 
@@ -272,8 +274,6 @@ class _H2Conn(asyncio.Protocol):
         )
         h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
-        if not self._ready.done():
-            self._ready.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -320,6 +320,8 @@ class _H2Conn(asyncio.Protocol):
                     if stream is not None:
                         stream._window.set()
             elif isinstance(event, RemoteSettingsChanged):
+                if not self.ready.done():
+                    self.ready.set_result(None)
                 for stream in self.streams.values():
                     stream._window.set()
             elif isinstance(event, ConnectionTerminated):
@@ -475,9 +477,9 @@ class _H2Conn(asyncio.Protocol):
             self._idle = None
         if self.transport is not None:
             self.transport.abort()
-        if not self._ready.done():
-            self._ready.set_exception(error)
-            self._ready.exception()
+        if not self.ready.done():
+            self.ready.set_exception(error)
+            self.ready.exception()
         for stream in list(self.streams.values()):
             stream.closed = True
             stream._fail(error)
@@ -610,20 +612,30 @@ class H2Pool:
                     lambda: conn, origin.host, origin.port, ssl=self._ssl,
                     server_hostname=origin.host if self._ssl is not None else None,
                 )  # fmt: skip
+                self._check_alpn(conn)
+                await conn.ready
+        except H2NotNegotiated:
+            raise
+        except UpstreamError:
+            conn.close()
+            raise H2NotNegotiated(self.version, "backend did not speak HTTP/2") from None
         except TimeoutError:
+            conn.close()
             raise UpstreamConnectTimeout(self.version, "connect timeout") from None
         except (ssl.SSLError, ssl.CertificateError):
             raise UpstreamConnectError(self.version, "TLS handshake failed") from None
         except OSError as exc:
             raise UpstreamConnectError(self.version, f"cannot connect: {_reason(exc)}") from None
+        self._conns.append(conn)
+        return conn
+
+    def _check_alpn(self, conn: _H2Conn) -> None:
         if self._ssl is not None:
             transport = conn.transport
             ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
             if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
                 conn.close()
                 raise H2NotNegotiated(self.version, "backend did not choose HTTP/2 (ALPN h2)")
-        self._conns.append(conn)
-        return conn
 
     def room(self) -> None:
         """A stream slot freed up (or a connection went): wake the opens waiting for one."""

@@ -59,10 +59,24 @@ FAILURE_CODE: Final = {502: grpc.UNAVAILABLE, 503: grpc.UNAVAILABLE, 504: grpc.D
 class _Call:
     """One call's shared state between the relay and the upload task."""
 
-    __slots__ = ("gone",)
+    __slots__ = ("gone", "sent", "kept", "limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.gone = False  # the client left (reset its stream or closed the connection)
+        # the body sent so far, while it is small: a stream the backend did not process (refused,
+        # above a GOAWAY's last id) is sent again on a new stream with it; None once past the limit
+        self.sent: list[bytes] | None = []
+        self.kept = 0
+        self.limit = limit
+
+    def keep(self, chunk: bytes) -> None:
+        sent = self.sent
+        if sent is not None and chunk:
+            self.kept += len(chunk)
+            if self.kept > self.limit:
+                self.sent = None
+            else:
+                sent.append(chunk)
 
 
 class Duplex:
@@ -75,6 +89,7 @@ class Duplex:
         self._upstreams = upstreams
         self._metrics = metrics
         self._read_timeout = settings.read_timeout_seconds
+        self._replay_limit = settings.limits.body_buffer_bytes
         self._errors = frozenset(settings.grpc.error_codes)
         self._methods = grpc.MethodLabels(settings.grpc.max_method_labels)
 
@@ -102,7 +117,7 @@ class Duplex:
         headers = self._headers(ex, xc, deadline, loop)
         authority = xc.host if (not xc.add_host and xc.host) else b""
         body = xc.body
-        call = _Call()
+        call = _Call(self._replay_limit)
         stream: H2Stream | None = None
         upload: asyncio.Task[None] | None = None
         retried = False
@@ -129,8 +144,8 @@ class Duplex:
                 unsent = exc.nothing_sent and (body is None or not body.started)
                 if unsent and app._fall_back(xc, exc):
                     continue
-                if unsent and not retried and exc.kind == "refused_stream":
-                    retried = True  # not processed (RFC 9113 8.7): once more, on a new stream
+                if exc.kind == "refused_stream" and not retried and (body is None or call.sent is not None):
+                    retried = True  # not processed (RFC 9113 8.7): once more, on a new stream, body replayed
                     continue
                 await self._failed(ex, xc, exc, is_grpc)
                 return
@@ -175,12 +190,18 @@ class Duplex:
         backend stream is cancelled when it does. An upstream failure is the relay's to report."""
         try:
             if body is not None:
-                while True:
+                more = True
+                if call.sent:  # a retry: what the refused stream had, then the rest
+                    for chunk in call.sent:
+                        await stream.send(chunk, False)
+                    if body.done:
+                        await stream.send(b"", True)
+                        more = False
+                while more:
                     chunk, more = await body.take()
+                    call.keep(chunk)
                     if chunk or not more:
                         await stream.send(chunk, not more)
-                    if not more:
-                        break
             await ex.wait_gone()
         except ClientGone:
             pass
