@@ -728,6 +728,41 @@ class GrpcSettings(StrictModel):
         return names
 
 
+class Http2Settings(StrictModel):
+    """HTTP/2 on the listener (proxy/edge/h2server.py): h2c by prior knowledge on the main port,
+    ``h2`` offered by ALPN when TLS is configured, optionally a port of its own. Every limit below
+    is refused cheaply and counted in ``strangler_rejected_requests_total{reason="h2_..."}``
+    (docs/security.md "HTTP/2")."""
+
+    # false: the listener speaks HTTP/1.1 only (the preface is refused as malformed, no ALPN h2)
+    enabled: bool = True
+    # an extra plain listener that speaks only h2c (prior knowledge); None: none
+    port: int | None = Field(default=None, ge=0, le=65535)
+    # streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); more: REFUSED_STREAM
+    max_concurrent_streams: int = Field(default=100, ge=1, le=2**31 - 1)
+    # per stream, what we advertise (SETTINGS_INITIAL_WINDOW_SIZE): request bytes buffered per stream
+    initial_window_size: int = Field(default=65535 * 16, ge=65535, le=2**31 - 1)
+    # largest frame we accept (SETTINGS_MAX_FRAME_SIZE)
+    max_frame_size: int = Field(default=16384, ge=16384, le=2**24 - 1)
+    # HPACK dynamic table we keep for the client's headers (SETTINGS_HEADER_TABLE_SIZE)
+    header_table_size: int = Field(default=4096, ge=0, le=2**31 - 1)
+    # decoded header list (RFC 9113 6.5.2 size: names + values + 32 each); over it: 431 / h2_headers_too_large
+    max_header_list_size: int = Field(default=16384, ge=1024)
+    # RST_STREAMs a client may send (or provoke) per second (CVE-2023-44487 rapid reset); over it:
+    # GOAWAY ENHANCE_YOUR_CALM (h2_rapid_reset)
+    max_resets_per_second: int = Field(default=100, ge=1)
+    # SETTINGS, PING, PRIORITY, empty DATA and unneeded WINDOW_UPDATE frames per second; over it:
+    # GOAWAY ENHANCE_YOUR_CALM (h2_control_flood)
+    max_control_frames_per_second: int = Field(default=200, ge=1)
+    # CONTINUATION frames after one HEADERS (CVE-2024-27316 class); over it: GOAWAY (h2_continuation_flood)
+    max_continuation_frames: int = Field(default=16, ge=1)
+    # a connection with no stream open for this long is closed with GOAWAY (NO_ERROR)
+    idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    # a stream whose answer waits this long on a flow-control window the client keeps shut is
+    # reset (h2_stall), freeing the upstream connection behind it
+    stall_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the proxy needs, validated once. Runtime objects receive it; nothing else reads env."""
 
@@ -828,6 +863,7 @@ class Settings(BaseSettings):
     deprecations: list[DeprecationRule] = Field(default_factory=list)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
+    http2: Http2Settings = Field(default_factory=Http2Settings)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -236,7 +236,7 @@ class Duplex:
                     if captured is not None and len(captured) <= max_capture:
                         captured += chunk
                     await ex.write(chunk, True)
-                await _end(ex, stream.trailers)
+                await ex.end(stream.trailers)  # HTTP/1.1 clients: the end of the body, no trailers
         except UpstreamError as exc:
             if call.gone:
                 self._done_grpc(xc, is_grpc, "CANCELLED")
@@ -284,14 +284,3 @@ class Duplex:
         if is_grpc:
             seconds = time.perf_counter() - xc.started
             self._metrics.grpc_call(xc.group, xc.version, self._methods.label(xc.norm), code, seconds)
-
-
-async def _end(ex: ClientExchange, trailers: list[tuple[bytes, bytes]]) -> None:
-    """End a streamed answer with its trailers: HTTP/2 clients get them (``end``, part of the
-    exchange protocol once the HTTP/2 listener is in); HTTP/1.1 clients get the end of the body
-    and not the trailers (documented)."""
-    end = getattr(ex, "end", None)
-    if end is not None:
-        await end(trailers)
-    else:
-        await ex.write(b"", False)
