@@ -47,11 +47,13 @@ from h2.settings import SettingCodes
 
 from proxy.edge.client import Headers, Origin, PoolLimits, _reason
 from proxy.edge.errors import (
+    H2NotNegotiated,
     UpstreamConnectError,
     UpstreamConnectTimeout,
     UpstreamError,
     UpstreamPoolTimeout,
     UpstreamProtocolError,
+    UpstreamRefusedStream,
     UpstreamReset,
     UpstreamTimeout,
 )
@@ -61,20 +63,6 @@ STREAM_WINDOW: Final = 1 << 20  # what we advertise per stream: buffered per str
 CONNECTION_WINDOW: Final = 16 << 20  # and per connection, across its streams
 IDLE_SECONDS: Final = 60.0  # a connection with no stream for this long is closed (GOAWAY)
 _BAD_IN_TARGET: Final = re.compile(rb"[ \r\n\t#\x00]")
-
-
-class UpstreamRefusedStream(UpstreamError):
-    """The backend did not process the stream (REFUSED_STREAM, or above a GOAWAY's last stream
-    id, RFC 9113 6.8 and 8.7): it may be sent again, or served by the other version."""
-
-    kind = "refused_stream"
-    nothing_sent = True
-
-
-class H2NotNegotiated(UpstreamProtocolError):
-    """An https backend configured for h2 did not choose it by ALPN: nothing was sent."""
-
-    nothing_sent = True
 
 
 class H2Stream:
