@@ -72,7 +72,7 @@ class Servicer:
         self.calls = 0
         self.time_left: list[float | None] = []  # per call: the deadline the server saw
         self.metadata: list[dict[str, Any]] = []  # per call: the request metadata it saw
-        self.cancelled = threading.Event()  # a call saw its client cancel
+        self.ended = threading.Event()  # a streaming call ended on the server (see _watch)
         self._lock = threading.Lock()
 
     def _start(self, context: grpc.ServicerContext) -> None:
@@ -90,16 +90,14 @@ class Servicer:
             context.set_trailing_metadata(
                 [("x-grpc-test-echo-trailing-bin", metadata["x-grpc-test-echo-trailing-bin"])]
             )
-        context.add_callback(self._ended(context))
         if failing:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} injected failure")
 
-    def _ended(self, context: grpc.ServicerContext) -> Any:
-        def ended() -> None:
-            if context.code() is None and not context.is_active():
-                self.cancelled.set()
-
-        return ended
+    def _watch(self, context: grpc.ServicerContext) -> None:
+        """``ended`` is set when a streaming call is over on the server, however it ended: a call
+        whose client went away (cancel, reset) ends only if that reached the backend."""
+        if not context.add_callback(self.ended.set):
+            self.ended.set()  # over already
 
     def _payload(self, size: int) -> Any:
         return self.pb.messages.Payload(body=b"\0" * size)
@@ -129,6 +127,7 @@ class Servicer:
         self._check(request, context)
 
     def StreamingInputCall(self, requests: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._watch(context)
         self._start(context)
         total = sum(len(request.payload.body) for request in requests)
         return self.pb.messages.StreamingInputCallResponse(aggregated_payload_size=total)
@@ -137,6 +136,7 @@ class Servicer:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")  # as the generated base does
 
     def FullDuplexCall(self, requests: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._watch(context)
         self._start(context)
         for request in requests:
             self._check(request, context)
@@ -169,7 +169,7 @@ class InteropServer:
         servicer.calls = 0
         servicer.time_left.clear()
         servicer.metadata.clear()
-        servicer.cancelled.clear()
+        servicer.ended.clear()
 
     def stop(self) -> None:
         self.server.stop(0).wait(5)
