@@ -681,6 +681,53 @@ class WebSocketSettings(StrictModel):
     rollback_grace_seconds: float = Field(default=0.0, ge=0)
 
 
+# the gRPC status codes by number (grpc/doc/statuscodes.md); names are what settings and metrics use
+GRPC_STATUS_CODES: tuple[str, ...] = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+DEFAULT_GRPC_ERRORS: tuple[str, ...] = (
+    "UNAVAILABLE",
+    "INTERNAL",
+    "UNKNOWN",
+    "DEADLINE_EXCEEDED",
+    "DATA_LOSS",
+)
+
+
+class GrpcSettings(StrictModel):
+    """gRPC calls (content-type application/grpc*) through the split: what counts as a version's error."""
+
+    # grpc-status codes (names or numbers) counted as an error of the version that answered, for the
+    # canary and http_errors (recorded as a 5xx: see docs/operations.md "gRPC"); others are successes
+    error_codes: list[str] = Field(default_factory=lambda: list(DEFAULT_GRPC_ERRORS))
+    # distinct grpc_method label values per process; further methods are counted as "other"
+    max_method_labels: int = Field(default=200, ge=1)
+
+    @field_validator("error_codes", mode="before")
+    @classmethod
+    def _known_codes(cls, value: Any) -> list[str]:
+        """Each a code name (any case) or number 1..16, stored as the name; OK cannot be an error."""
+        if not isinstance(value, list):
+            raise ValueError("grpc error codes must be a list of gRPC status names or numbers")
+        names: list[str] = []
+        for code in value:
+            if isinstance(code, int) and not isinstance(code, bool) and 0 <= code < len(GRPC_STATUS_CODES):
+                name = GRPC_STATUS_CODES[code]
+            elif isinstance(code, str) and code.strip().upper() in GRPC_STATUS_CODES:
+                name = code.strip().upper()
+            elif isinstance(code, str) and code.strip().isdigit() and int(code) < len(GRPC_STATUS_CODES):
+                name = GRPC_STATUS_CODES[int(code)]
+            else:
+                raise ValueError(f"grpc error code {code!r} is not a gRPC status name or number (1-16)")
+            if name == "OK":
+                raise ValueError("grpc error codes cannot include OK (0)")
+            if name not in names:
+                names.append(name)
+        return names
+
+
 class Http2Settings(StrictModel):
     """HTTP/2 on the listener (proxy/edge/h2server.py): h2c by prior knowledge on the main port,
     ``h2`` offered by ALPN when TLS is configured, optionally a port of its own. Every limit below
@@ -792,6 +839,11 @@ class Settings(BaseSettings):
     # client certificate (and key) presented to https backends that ask for one
     upstream_client_cert_file: Path | None = None
     upstream_client_key_file: Path | None = None
+    # how each backend is spoken to: http1 (default), or h2 (HTTP/2: prior knowledge on an http://
+    # URL, ALPN "h2" on an https:// one; gRPC backends need it)
+    v1_protocol: Literal["http1", "h2"] = "http1"
+    v2_protocol: Literal["http1", "h2"] = "http1"
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
 
     # TLS termination on the listener (both set: https; reloaded on SIGHUP without a restart)
     tls_cert_file: Path | None = None
