@@ -74,5 +74,5 @@ def build(settings: Settings, metrics: Metrics, control: ControlClient, store: C
     shadow = settings.shadow
     report = ReportStore(control.redis, control.keys, shadow.max_samples, shadow.noise_threshold)
     decoding = grpc_decoding(settings, metrics)
-    mirror = ShadowMirror(settings, metrics, store, RouteTable(settings.routes), report)
+    mirror = ShadowMirror(settings, metrics, store, RouteTable(settings.routes), report, decoding)
     return Shadow(report, ShadowControl(control, settings), mirror, decoding)
