@@ -458,6 +458,10 @@ def _metadata_differences(a: GrpcAnswer, b: GrpcAnswer, options: Options) -> lis
         if name == "grpc-message":  # percent-encoded on the wire (RFC 3986 style)
             one = unquote(one, errors="replace") if one is not None else None
             two = unquote(two, errors="replace") if two is not None else None
+        if not one:  # an empty grpc-message (grpcio sends one with OK) says nothing: absent
+            one = None
+        if not two:
+            two = None
         if one == two:
             continue
         if name == "grpc-status":

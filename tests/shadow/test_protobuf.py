@@ -402,6 +402,8 @@ def test_a_trailers_only_answer_equals_the_same_status_in_trailers() -> None:
     trailers_only = GrpcAnswer(200, (*GRPC, ("grpc-status", "5"), ("grpc-message", "no such user")), b"")
     with_trailers = answer(b"", trailers=(("grpc-status", "5"), ("grpc-message", "no%20such%20user")))
     assert compare_grpc(METHOD, trailers_only, with_trailers, EndpointRules(), set()).result == "match"
+    empty = answer(b"", trailers=(("grpc-status", "0"), ("grpc-message", "")))
+    assert compare_grpc(METHOD, empty, answer(b""), EndpointRules(), set()).result == "match"
     missing = answer(b"", trailers=())
     assert compare_grpc(METHOD, trailers_only, missing, EndpointRules(), set()).mismatched == [
         "grpc-status",

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection
 
+from tests.grpc.rawh2 import ANSWER, TRAILERS, RawH2Server
 from tests.shadow.helpers import BASE_SHADOW, detail, summary
 from tests.shadow.protobuf_support import Compiled, compile_protos
 from tests.support import ProxyProcess, wait_until
@@ -127,3 +128,62 @@ def test_without_descriptors_the_field_number_is_named(
     # nothing says the call is a read: no calibration, so served_at (field 7) differs too
     assert set(one["fields"]) == {"root['1']['2']", "root['1']['7']['1']"}
     assert found["pending"] == 0
+
+
+class HostileV2(RawH2Server):
+    """A v2 whose answers a grpcio server would never send: ``answer`` is the body it sends (then
+    grpc-status 0), or ``reset`` (cut mid-answer)."""
+
+    body = b""
+
+    def _ok(self, h2: Any, stream_id: int) -> None:  # type: ignore[override]
+        h2.send_headers(stream_id, ANSWER)
+        h2.send_data(stream_id, self.body)
+        h2.send_headers(stream_id, TRAILERS, end_stream=True)
+
+
+@pytest.mark.parametrize(
+    ("mode", "body", "outcome", "field", "v2"),
+    [
+        ("ok", b"\x00\x00\x00\x00\x09ab", "truncated", "body", "truncated: 2 of 9 bytes"),
+        ("ok", b"\x00\xff\xff\xff\xff", "too_large", "body-size", "over 1048576 bytes"),
+        ("ok", b"\x07\x00\x00\x00\x01a", "malformed", "body", "malformed: compressed flag 7"),
+        ("ok", b"\x00\x00\x00\x00\x02\xff\xff", "not_protobuf", "body", "2 bytes"),
+        ("reset", b"", "", "", ""),
+    ],
+)
+def test_a_hostile_v2_answer_is_named_counted_and_harmless(
+    proxy_factory: Callable[..., ProxyProcess],
+    users: tuple[Users, Users],
+    redis_url: str,
+    proto: Compiled,
+    mode: str,
+    body: bytes,
+    outcome: str,
+    field: str,
+    v2: str,
+) -> None:
+    hostile = HostileV2(mode)
+    hostile.body = body
+    try:
+        v1 = users[0]
+        proxy = proxy_factory(
+            v1_url=v1.url, v2_url=hostile.url, v1_protocol="h2", v2_protocol="h2", redis_url=redis_url,
+            shadow={**SHADOW, "grpc_descriptor_set": str(proto.descriptor_set), "calibration_percentage": 0,
+                    "calibration_warmup": 0},
+        )  # fmt: skip
+        calls(proxy, proto, 2)  # the client is served by v1 whatever v2 does
+        if mode == "reset":
+            errors = {"group": "default", "outcome": "error"}
+            wait_until(lambda: proxy.metric("strangler_shadow_requests_total", **errors) == 2, timeout=20)
+        else:
+            found = wait_until(
+                lambda: grpc_row(proxy, compared=2), timeout=20, interval=0.1, message="2 compared"
+            )
+            one = detail(proxy, found["endpoint"])
+            assert one["fields"] == {field: 2}
+            assert one["samples"][0]["diff"][-1]["v2"] == v2
+            assert proxy.metric("strangler_shadow_grpc_decoding_total", outcome=outcome) == 2
+        calls(proxy, proto, 1)  # and keeps serving
+    finally:
+        hostile.stop()
