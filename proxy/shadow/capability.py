@@ -54,7 +54,7 @@ def grpc_decoding(settings: Settings, metrics: Metrics) -> Decoding:
     except ImportError as exc:
         raise ConfigError(
             f"shadow.grpc_descriptor_set and shadow.grpc_reflection need the protobuf package "
-            f"(and grpcio, grpcio-reflection for reflection): {exc}"
+            f"(and grpcio, grpcio-reflection for reflection; pip install 'strangler[grpc]'): {exc}"
         ) from exc
     try:
         return build_decoding(
