@@ -136,6 +136,11 @@ class H2Stream:
             self._conn.reset(self, ErrorCodes.CANCEL)
             self._fail(UpstreamReset(self._conn.version, "stream cancelled"))
 
+    @property
+    def expired(self) -> bool:
+        """The call's deadline has passed (what a timeout of this stream was)."""
+        return self.deadline is not None and self._conn.loop.time() >= self.deadline
+
     # --- internals ---------------------------------------------------------------------------------------
 
     def _timeout(self) -> float:

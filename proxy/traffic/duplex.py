@@ -242,6 +242,15 @@ class Duplex:
                 self._done_grpc(xc, is_grpc, "CANCELLED")
                 app.finish(xc, CLIENT_GONE_RESPONSE)
                 return
+            if is_grpc and ex.http2 and stream.expired:
+                # the call's own deadline, its answer begun: it ends as the backend's would have
+                # (DEADLINE_EXCEEDED in the trailers); an HTTP/1.1 client gets no trailers: cut
+                self._metrics.upstream_error(xc.version, exc.kind)
+                self._done_grpc(xc, True, "DEADLINE_EXCEEDED")
+                app.finish(xc, FAILED, 504)
+                with contextlib.suppress(ClientGone, OSError):
+                    await ex.end(grpc.status_trailers(grpc.DEADLINE_EXCEEDED, "deadline exceeded"))
+                return
             # the answer had started: the stream (or connection) is cut, never passed off as whole
             self._metrics.upstream_error(xc.version, "reset" if exc.kind == "protocol" else exc.kind)
             self._done_grpc(xc, is_grpc, "INTERNAL")
