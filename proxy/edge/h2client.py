@@ -242,6 +242,7 @@ class _H2Conn(asyncio.Protocol):
         config = H2Configuration(client_side=True, header_encoding=None)
         self.h2 = H2Connection(config)
         self.streams: dict[int, H2Stream] = {}
+        self._frames = _GoawaySplitter()
         self.transport: asyncio.Transport | None = None
         self.goaway_last: int | None = None  # the lowest last-stream-id of GOAWAYs received
         self.closed = False
@@ -269,8 +270,12 @@ class _H2Conn(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
+        for piece in self._frames.split(data):
+            if self.closed:
+                return
+            self._receive(piece)
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except H2Error:
@@ -479,6 +484,48 @@ class _H2Conn(asyncio.Protocol):
         self.streams.clear()
         self.resume_writing()  # wake senders waiting for the write buffer to drain
         self.pool.lost(self)
+
+
+class _GoawaySplitter:
+    """Splits what the backend sends just after each GOAWAY frame. ``h2`` closes its state machine
+    on GOAWAY and refuses every later frame of the same ``receive_data`` call, so the frames that
+    finish the streams GOAWAY let through (RFC 9113 6.8) must come in a call of their own, after
+    the state is reopened. Only frame headers are read (9 bytes per frame, no copying unless a
+    GOAWAY is found)."""
+
+    __slots__ = ("_left", "_head", "_goaway")
+
+    def __init__(self) -> None:
+        self._left = 0  # payload bytes of the current frame still to come
+        self._head = b""  # a frame header split across packets
+        self._goaway = False  # the current frame is a GOAWAY
+
+    def split(self, data: bytes) -> list[bytes]:
+        pieces: list[bytes] = []
+        start = pos = 0
+        size = len(data)
+        while pos < size:
+            if self._left:
+                take = min(self._left, size - pos)
+                pos += take
+                self._left -= take
+            else:
+                need = 9 - len(self._head)
+                header = self._head + data[pos : pos + need]
+                pos += min(need, size - pos)
+                if len(header) < 9:
+                    self._head = header
+                    break
+                self._head = b""
+                self._left = int.from_bytes(header[:3], "big")
+                self._goaway = header[3] == 0x7
+            if self._goaway and not self._left:
+                self._goaway = False
+                pieces.append(data[start:pos])
+                start = pos
+        if start < size:
+            pieces.append(data[start:] if start else data)
+        return pieces
 
 
 def _plain(raw: list[tuple[bytes, bytes]], strip: frozenset[bytes]) -> list[tuple[bytes, bytes]]:

@@ -100,6 +100,18 @@ def test_goaway_before_processing_is_retried_on_a_new_connection(
     assert raw.connections == 2
 
 
+def test_streams_below_a_graceful_goaway_finish_and_later_ones_use_a_new_connection(
+    raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
+) -> None:
+    raw.mode = "goaway_then_answer"
+    proxy = raw_proxy()
+    first = post(proxy)
+    assert first.status_code == 200 and first.content == b"\0\0\0\0\x05hello"  # processed: finished
+    second = post(proxy)
+    assert second.status_code == 200 and second.content == b"\0\0\0\0\x05hello"
+    assert raw.connections == 2  # never a new stream on the connection that said GOAWAY
+
+
 def test_a_silent_backend_times_out_by_the_grpc_deadline(
     raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
 ) -> None:
