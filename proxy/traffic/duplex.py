@@ -142,7 +142,10 @@ class Duplex:
                     app.finish(xc, CLIENT_GONE_REQUEST)
                     return
                 unsent = exc.nothing_sent and (body is None or not body.started)
+                tried = xc.version
                 if unsent and app._fall_back(xc, exc):
+                    # v2's attempt, as the HTTP metrics and the canary record it
+                    self._done_grpc(xc, is_grpc, _failure_name(exc), tried)
                     continue
                 if exc.kind == "refused_stream" and not retried and (body is None or call.sent is not None):
                     retried = True  # not processed (RFC 9113 8.7): once more, on a new stream, body replayed
@@ -280,7 +283,7 @@ class Duplex:
             return
         self._app._count_failure(xc, exc)
         code = FAILURE_CODE.get(exc.status, grpc.UNAVAILABLE)
-        self._done_grpc(xc, True, grpc.code_name(code))
+        self._done_grpc(xc, True, _failure_name(exc))
         self._app.finish(xc, FAILED if exc.blames_version else PROXY_LIMIT, exc.status)
         with contextlib.suppress(ClientGone, OSError):
             await self._grpc_answer(ex, xc, code, f"upstream {xc.version}: {exc.detail}")
@@ -289,7 +292,13 @@ class Duplex:
         headers = [*grpc.trailers_only(code, message), (VERSION_HEADER, VERSION_VALUE[xc.version])]
         await ex.respond(200, headers, b"", False)
 
-    def _done_grpc(self, xc: Routed, is_grpc: bool, code: str) -> None:
+    def _done_grpc(self, xc: Routed, is_grpc: bool, code: str, version: str | None = None) -> None:
         if is_grpc:
             seconds = time.perf_counter() - xc.started
-            self._metrics.grpc_call(xc.group, xc.version, self._methods.label(xc.norm), code, seconds)
+            label = self._methods.label(xc.norm)
+            self._metrics.grpc_call(xc.group, version or xc.version, label, code, seconds)
+
+
+def _failure_name(exc: UpstreamError) -> str:
+    """The gRPC code a proxy-made failure answer carries (and its metric label)."""
+    return grpc.code_name(FAILURE_CODE.get(exc.status, grpc.UNAVAILABLE))
