@@ -130,6 +130,16 @@ class H2Stream:
         """The answer's DATA, each credited back to the backend's window as the next is asked for."""
         return _Chunks(self)
 
+    def release(self) -> None:
+        """The caller is done with the stream, however it went: RST_STREAM(CANCEL) if either
+        side is still open (an answer that ended before the request did), and its slot freed.
+        Idempotent; every stream ``open`` returned must be released."""
+        if self.closed:
+            return
+        if not (self.ended and self.sent_end):
+            self._conn.reset(self, ErrorCodes.CANCEL)
+        self._conn.forget(self)
+
     def cancel(self) -> None:
         """RST_STREAM(CANCEL) if the stream is still open (the client left, or a deadline passed)."""
         if not self.closed:
@@ -222,10 +232,7 @@ class _Chunks:
                 stream._ack()  # padding only
                 continue
             if stream.ended:
-                if not stream.sent_end and not stream.closed:
-                    # the answer is whole before our request was: stop the rest of the request
-                    stream._conn.reset(stream, ErrorCodes.CANCEL)
-                stream._conn.forget(stream)
+                stream.release()  # the answer is whole (the rest of an unfinished request is stopped)
                 raise StopAsyncIteration
             stream._check()
             stream._readable.clear()

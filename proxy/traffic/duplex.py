@@ -139,6 +139,7 @@ class Duplex:
                     stream.cancel()
                     stream = None
                 if call.gone:
+                    self._done_grpc(xc, is_grpc, "CANCELLED")
                     app.finish(xc, CLIENT_GONE_REQUEST)
                     return
                 unsent = exc.nothing_sent and (body is None or not body.started)
@@ -157,6 +158,7 @@ class Duplex:
         finally:
             if upload is not None:
                 upload.cancel()
+            stream.release()
 
     def _headers(
         self, ex: ClientExchange, xc: Routed, deadline: float | None, loop: asyncio.AbstractEventLoop

@@ -21,7 +21,7 @@ TRAILERS = [(b"grpc-status", b"0")]
 
 class RawH2Server:
     """``mode`` says what each request gets: ok, big_headers, reset, refuse_first, goaway_first,
-    goaway_then_answer, garbage, silent, slow (answers after ``delay``). ``max_streams`` is
+    goaway_then_answer, trailers_only, garbage, silent, slow (answers after ``delay``). ``max_streams`` is
     advertised in SETTINGS."""
 
     def __init__(self, mode: str = "ok", max_streams: int | None = None, delay: float = 0.0) -> None:
@@ -103,6 +103,8 @@ class RawH2Server:
         mode = self.mode
         if mode == "ok":
             self._ok(h2, stream_id)
+        elif mode == "trailers_only":
+            h2.send_headers(stream_id, [*ANSWER, *TRAILERS], end_stream=True)
         elif mode == "big_headers":
             h2.send_headers(stream_id, [*ANSWER, (b"x-big", b"a" * 100_000)])
         elif mode == "reset":

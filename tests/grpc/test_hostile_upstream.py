@@ -143,6 +143,22 @@ def test_streams_beyond_the_backends_limit_open_a_second_connection(
     assert raw.peak_streams == 1
 
 
+def test_every_stream_frees_its_slot_whatever_its_answer(
+    raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
+) -> None:
+    """With one stream allowed per connection, a stream kept after its answer would force a new
+    connection for every call: trailers-only answers, whole answers and failures alike."""
+    raw.max_streams = 1
+    proxy = raw_proxy()
+    for mode in ("trailers_only", "ok", "trailers_only", "reset", "ok", "refuse_first", "trailers_only"):
+        raw.mode = mode
+        try:
+            post(proxy)
+        except httpx.HTTPError:
+            assert mode == "reset"  # the cut answer
+    assert raw.connections == 1 and raw.requests == 7
+
+
 def test_plain_http_over_h2_keeps_its_status_and_body(
     raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
 ) -> None:
