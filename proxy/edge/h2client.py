@@ -138,6 +138,7 @@ class H2Stream:
             return
         if not (self.ended and self.sent_end):
             self._conn.reset(self, ErrorCodes.CANCEL)
+        self._conn.credit(self)
         self._conn.forget(self)
 
     def cancel(self) -> None:
@@ -197,9 +198,12 @@ class H2Stream:
         self._readable.set()
 
     def _fail(self, error: UpstreamError) -> None:
-        """The stream is over with an error: every waiter wakes and raises it."""
+        """The stream is over with an error: every waiter wakes and raises it. (A stream whose
+        answer had ended keeps it for the caller to read: only later failures are lost.)"""
         if self._error is None and not (self.ended and self._head.done()):
             self._error = error
+        if self._error is not None:
+            self._conn.credit(self)  # nobody will take what was buffered
         if not self._head.done():
             self._head.set_exception(error)
             self._head.exception()  # retrieved: nobody may be waiting yet
@@ -409,6 +413,19 @@ class _H2Conn(asyncio.Protocol):
                 self.h2.reset_stream(stream.stream_id, code)
             except H2Error:
                 pass  # already closed on the h2 side
+            self.flush()
+
+    def credit(self, stream: H2Stream) -> None:
+        """DATA received and never taken (the caller gave up on the stream) still counts against
+        the connection's window: credited back, or the connection would stall for every stream."""
+        leftover = stream._unacked + sum(flow for _, flow in stream._data)
+        stream._unacked = 0
+        stream._data.clear()
+        if leftover and not self.closed:
+            try:
+                self.h2.acknowledge_received_data(leftover, stream.stream_id)
+            except H2Error:
+                pass
             self.flush()
 
     def forget(self, stream: H2Stream) -> None:
