@@ -168,3 +168,14 @@ def test_plain_http_over_h2_keeps_its_status_and_body(
     assert response.status_code == 200 and response.content == b"\0\0\0\0\x05hello"
     assert proxy.metric("strangler_grpc_requests_total") == 0  # not a gRPC call: HTTP metrics only
     assert proxy.metric("http_requests_total", version="v1", code="200") == 1
+
+
+def test_an_http2_client_to_an_h2_backend_plain_http(
+    raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
+) -> None:
+    proxy = raw_proxy()
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:  # h2c by prior knowledge
+        response = client.post(proxy.url + "/plain", content=b"x" * 100_000)
+        assert response.http_version == "HTTP/2"
+        assert response.status_code == 200 and response.content == b"\0\0\0\0\x05hello"
+        assert response.headers["x-api-version"] == "v1"
