@@ -130,11 +130,27 @@ class H2Stream:
         """The answer's DATA, each credited back to the backend's window as the next is asked for."""
         return _Chunks(self)
 
+    def release(self) -> None:
+        """The caller is done with the stream, however it went: RST_STREAM(CANCEL) if either
+        side is still open (an answer that ended before the request did), and its slot freed.
+        Idempotent; every stream ``open`` returned must be released."""
+        if self.closed:
+            return
+        if not (self.ended and self.sent_end):
+            self._conn.reset(self, ErrorCodes.CANCEL)
+        self._conn.credit(self)
+        self._conn.forget(self)
+
     def cancel(self) -> None:
         """RST_STREAM(CANCEL) if the stream is still open (the client left, or a deadline passed)."""
         if not self.closed:
             self._conn.reset(self, ErrorCodes.CANCEL)
             self._fail(UpstreamReset(self._conn.version, "stream cancelled"))
+
+    @property
+    def expired(self) -> bool:
+        """The call's deadline has passed (what a timeout of this stream was)."""
+        return self.deadline is not None and self._conn.loop.time() >= self.deadline
 
     # --- internals ---------------------------------------------------------------------------------------
 
@@ -182,9 +198,12 @@ class H2Stream:
         self._readable.set()
 
     def _fail(self, error: UpstreamError) -> None:
-        """The stream is over with an error: every waiter wakes and raises it."""
+        """The stream is over with an error: every waiter wakes and raises it. (A stream whose
+        answer had ended keeps it for the caller to read: only later failures are lost.)"""
         if self._error is None and not (self.ended and self._head.done()):
             self._error = error
+        if self._error is not None:
+            self._conn.credit(self)  # nobody will take what was buffered
         if not self._head.done():
             self._head.set_exception(error)
             self._head.exception()  # retrieved: nobody may be waiting yet
@@ -217,10 +236,7 @@ class _Chunks:
                 stream._ack()  # padding only
                 continue
             if stream.ended:
-                if not stream.sent_end and not stream.closed:
-                    # the answer is whole before our request was: stop the rest of the request
-                    stream._conn.reset(stream, ErrorCodes.CANCEL)
-                stream._conn.forget(stream)
+                stream.release()  # the answer is whole (the rest of an unfinished request is stopped)
                 raise StopAsyncIteration
             stream._check()
             stream._readable.clear()
@@ -237,10 +253,12 @@ class _H2Conn(asyncio.Protocol):
         config = H2Configuration(client_side=True, header_encoding=None)
         self.h2 = H2Connection(config)
         self.streams: dict[int, H2Stream] = {}
+        self._frames = _GoawaySplitter()
         self.transport: asyncio.Transport | None = None
         self.goaway_last: int | None = None  # the lowest last-stream-id of GOAWAYs received
         self.closed = False
         self._paused = False
+        self._flush_due = False  # a flush_now is scheduled for the end of this loop pass
         self._drain: asyncio.Event | None = None
         self._idle: asyncio.TimerHandle | None = None
         # the backend's first SETTINGS arrived: no stream is opened before (its stream limit and
@@ -264,12 +282,16 @@ class _H2Conn(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
-            return
+        for piece in self._frames.split(data):
+            if self.closed:
+                return
+            self._receive(piece)
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except H2Error:
-            self.flush()  # the GOAWAY h2 queued
+            self.flush_now()  # the GOAWAY h2 queued
             self._lost(UpstreamProtocolError(self.version, "HTTP/2 protocol error from the backend"))
             return
         for event in events:
@@ -393,6 +415,19 @@ class _H2Conn(asyncio.Protocol):
                 pass  # already closed on the h2 side
             self.flush()
 
+    def credit(self, stream: H2Stream) -> None:
+        """DATA received and never taken (the caller gave up on the stream) still counts against
+        the connection's window: credited back, or the connection would stall for every stream."""
+        leftover = stream._unacked + sum(flow for _, flow in stream._data)
+        stream._unacked = 0
+        stream._data.clear()
+        if leftover and not self.closed:
+            try:
+                self.h2.acknowledge_received_data(leftover, stream.stream_id)
+            except H2Error:
+                pass
+            self.flush()
+
     def forget(self, stream: H2Stream) -> None:
         """A stream over (ended both ways, reset or failed): its slot is free."""
         if self.streams.pop(stream.stream_id, None) is None:
@@ -413,6 +448,15 @@ class _H2Conn(asyncio.Protocol):
             await self._drain.wait()
 
     def flush(self) -> None:
+        """Send what ``h2`` has queued, once at the end of this loop pass: the frames of every
+        stream that acted in it go out in one write (a write to a busy peer costs a syscall and,
+        on a loaded machine, a context switch; one per frame was the proxy's largest cost)."""
+        if not self._flush_due:
+            self._flush_due = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_due = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -425,7 +469,7 @@ class _H2Conn(asyncio.Protocol):
             self.h2.close_connection()
         except H2Error:
             pass
-        self.flush()
+        self.flush_now()
         if self.transport is not None:
             self.transport.close()
         self._lost(UpstreamReset(self.version, "connection closed"))
@@ -474,6 +518,48 @@ class _H2Conn(asyncio.Protocol):
         self.streams.clear()
         self.resume_writing()  # wake senders waiting for the write buffer to drain
         self.pool.lost(self)
+
+
+class _GoawaySplitter:
+    """Splits what the backend sends just after each GOAWAY frame. ``h2`` closes its state machine
+    on GOAWAY and refuses every later frame of the same ``receive_data`` call, so the frames that
+    finish the streams GOAWAY let through (RFC 9113 6.8) must come in a call of their own, after
+    the state is reopened. Only frame headers are read (9 bytes per frame, no copying unless a
+    GOAWAY is found)."""
+
+    __slots__ = ("_left", "_head", "_goaway")
+
+    def __init__(self) -> None:
+        self._left = 0  # payload bytes of the current frame still to come
+        self._head = b""  # a frame header split across packets
+        self._goaway = False  # the current frame is a GOAWAY
+
+    def split(self, data: bytes) -> list[bytes]:
+        pieces: list[bytes] = []
+        start = pos = 0
+        size = len(data)
+        while pos < size:
+            if self._left:
+                take = min(self._left, size - pos)
+                pos += take
+                self._left -= take
+            else:
+                need = 9 - len(self._head)
+                header = self._head + data[pos : pos + need]
+                pos += min(need, size - pos)
+                if len(header) < 9:
+                    self._head = header
+                    break
+                self._head = b""
+                self._left = int.from_bytes(header[:3], "big")
+                self._goaway = header[3] == 0x7
+            if self._goaway and not self._left:
+                self._goaway = False
+                pieces.append(data[start:pos])
+                start = pos
+        if start < size:
+            pieces.append(data[start:] if start else data)
+        return pieces
 
 
 def _plain(raw: list[tuple[bytes, bytes]], strip: frozenset[bytes]) -> list[tuple[bytes, bytes]]:

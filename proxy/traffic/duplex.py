@@ -139,10 +139,14 @@ class Duplex:
                     stream.cancel()
                     stream = None
                 if call.gone:
+                    self._done_grpc(xc, is_grpc, "CANCELLED")
                     app.finish(xc, CLIENT_GONE_REQUEST)
                     return
                 unsent = exc.nothing_sent and (body is None or not body.started)
+                tried = xc.version
                 if unsent and app._fall_back(xc, exc):
+                    # v2's attempt, as the HTTP metrics and the canary record it
+                    self._done_grpc(xc, is_grpc, _failure_name(exc), tried)
                     continue
                 if exc.kind == "refused_stream" and not retried and (body is None or call.sent is not None):
                     retried = True  # not processed (RFC 9113 8.7): once more, on a new stream, body replayed
@@ -154,6 +158,7 @@ class Duplex:
         finally:
             if upload is not None:
                 upload.cancel()
+            stream.release()
 
     def _headers(
         self, ex: ClientExchange, xc: Routed, deadline: float | None, loop: asyncio.AbstractEventLoop
@@ -242,6 +247,15 @@ class Duplex:
                 self._done_grpc(xc, is_grpc, "CANCELLED")
                 app.finish(xc, CLIENT_GONE_RESPONSE)
                 return
+            if is_grpc and ex.http2 and stream.expired:
+                # the call's own deadline, its answer begun: it ends as the backend's would have
+                # (DEADLINE_EXCEEDED in the trailers); an HTTP/1.1 client gets no trailers: cut
+                self._metrics.upstream_error(xc.version, exc.kind)
+                self._done_grpc(xc, True, "DEADLINE_EXCEEDED")
+                app.finish(xc, FAILED, 504)
+                with contextlib.suppress(ClientGone, OSError):
+                    await ex.end(grpc.status_trailers(grpc.DEADLINE_EXCEEDED, "deadline exceeded"))
+                return
             # the answer had started: the stream (or connection) is cut, never passed off as whole
             self._metrics.upstream_error(xc.version, "reset" if exc.kind == "protocol" else exc.kind)
             self._done_grpc(xc, is_grpc, "INTERNAL")
@@ -271,7 +285,7 @@ class Duplex:
             return
         self._app._count_failure(xc, exc)
         code = FAILURE_CODE.get(exc.status, grpc.UNAVAILABLE)
-        self._done_grpc(xc, True, grpc.code_name(code))
+        self._done_grpc(xc, True, _failure_name(exc))
         self._app.finish(xc, FAILED if exc.blames_version else PROXY_LIMIT, exc.status)
         with contextlib.suppress(ClientGone, OSError):
             await self._grpc_answer(ex, xc, code, f"upstream {xc.version}: {exc.detail}")
@@ -280,7 +294,13 @@ class Duplex:
         headers = [*grpc.trailers_only(code, message), (VERSION_HEADER, VERSION_VALUE[xc.version])]
         await ex.respond(200, headers, b"", False)
 
-    def _done_grpc(self, xc: Routed, is_grpc: bool, code: str) -> None:
+    def _done_grpc(self, xc: Routed, is_grpc: bool, code: str, version: str | None = None) -> None:
         if is_grpc:
             seconds = time.perf_counter() - xc.started
-            self._metrics.grpc_call(xc.group, xc.version, self._methods.label(xc.norm), code, seconds)
+            label = self._methods.label(xc.norm)
+            self._metrics.grpc_call(xc.group, version or xc.version, label, code, seconds)
+
+
+def _failure_name(exc: UpstreamError) -> str:
+    """The gRPC code a proxy-made failure answer carries (and its metric label)."""
+    return grpc.code_name(FAILURE_CODE.get(exc.status, grpc.UNAVAILABLE))

@@ -137,10 +137,12 @@ class MethodLabels:
         return label
 
 
+def status_trailers(code: int, message: str) -> list[tuple[bytes, bytes]]:
+    """``grpc-status`` and ``grpc-message`` for an answer the proxy ends itself (ASCII messages:
+    ours never need gRPC's percent-encoding beyond that)."""
+    return [(b"grpc-status", b"%d" % code), (b"grpc-message", message.encode("ascii", "replace"))]
+
+
 def trailers_only(code: int, message: str) -> list[tuple[bytes, bytes]]:
     """The headers of a trailers-only gRPC answer the proxy makes itself (status 200)."""
-    return [
-        (b"content-type", b"application/grpc"),
-        (b"grpc-status", b"%d" % code),
-        (b"grpc-message", message.encode("ascii", "replace")),
-    ]
+    return [(b"content-type", b"application/grpc"), *status_trailers(code, message)]

@@ -70,6 +70,7 @@ class Servicer:
         self.pb = pb
         self.fail_share = 0.0
         self.calls = 0
+        self.streamed = 0  # StreamingOutputCall messages handed to grpc (flow control holds it back)
         self.time_left: list[float | None] = []  # per call: the deadline the server saw
         self.metadata: list[dict[str, Any]] = []  # per call: the request metadata it saw
         self.ended = threading.Event()  # a streaming call ended on the server (see _watch)
@@ -124,6 +125,7 @@ class Servicer:
             if parameters.interval_us:
                 time.sleep(parameters.interval_us / 1e6)
             yield self.pb.messages.StreamingOutputCallResponse(payload=self._payload(parameters.size))
+            self.streamed += 1
         self._check(request, context)
 
     def StreamingInputCall(self, requests: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -167,6 +169,7 @@ class InteropServer:
         servicer = self.servicer
         servicer.fail_share = 0.0
         servicer.calls = 0
+        servicer.streamed = 0
         servicer.time_left.clear()
         servicer.metadata.clear()
         servicer.ended.clear()

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded
 from h2.settings import SettingCodes
@@ -21,7 +21,8 @@ TRAILERS = [(b"grpc-status", b"0")]
 
 class RawH2Server:
     """``mode`` says what each request gets: ok, big_headers, reset, refuse_first, goaway_first,
-    garbage, silent, slow (answers after ``delay``). ``max_streams`` is advertised in SETTINGS."""
+    goaway_then_answer, trailers_only, garbage, silent, slow (answers after ``delay``). ``max_streams`` is
+    advertised in SETTINGS."""
 
     def __init__(self, mode: str = "ok", max_streams: int | None = None, delay: float = 0.0) -> None:
         self.mode = mode
@@ -102,6 +103,8 @@ class RawH2Server:
         mode = self.mode
         if mode == "ok":
             self._ok(h2, stream_id)
+        elif mode == "trailers_only":
+            h2.send_headers(stream_id, [*ANSWER, *TRAILERS], end_stream=True)
         elif mode == "big_headers":
             h2.send_headers(stream_id, [*ANSWER, (b"x-big", b"a" * 100_000)])
         elif mode == "reset":
@@ -112,6 +115,11 @@ class RawH2Server:
             h2.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
         elif mode == "goaway_first" and number == 1:
             h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=0)
+        elif mode == "goaway_then_answer":
+            # a graceful shutdown: GOAWAY naming this stream as processed, then its answer
+            h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=stream_id)
+            h2.state_machine.state = ConnectionState.SERVER_OPEN  # h2 would refuse to send after GOAWAY
+            self._ok(h2, stream_id)
         elif mode == "garbage":
             sock.sendall(b"\x00\x00\x04\x09\x00\x00\x00\x00\x01junk")  # CONTINUATION out of place
         elif mode == "silent":

@@ -142,6 +142,8 @@ def test_v2_unreachable_falls_back_to_v1(
     assert proxy.metric("strangler_fallbacks_total") == 1
     assert proxy.metric("strangler_upstream_errors_total", version="v2", kind="connect") == 1
     assert grpc_count(proxy, version="v1", grpc_code="OK") == 1
+    assert grpc_count(proxy, version="v2", grpc_code="UNAVAILABLE") == 1  # v2's attempt, as for HTTP
+    assert proxy.metric("http_requests_total", version="v2", code="502") == 1
 
 
 def test_unreachable_without_fallback_is_a_grpc_unavailable(

@@ -100,6 +100,18 @@ def test_goaway_before_processing_is_retried_on_a_new_connection(
     assert raw.connections == 2
 
 
+def test_streams_below_a_graceful_goaway_finish_and_later_ones_use_a_new_connection(
+    raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
+) -> None:
+    raw.mode = "goaway_then_answer"
+    proxy = raw_proxy()
+    first = post(proxy)
+    assert first.status_code == 200 and first.content == b"\0\0\0\0\x05hello"  # processed: finished
+    second = post(proxy)
+    assert second.status_code == 200 and second.content == b"\0\0\0\0\x05hello"
+    assert raw.connections == 2  # never a new stream on the connection that said GOAWAY
+
+
 def test_a_silent_backend_times_out_by_the_grpc_deadline(
     raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
 ) -> None:
@@ -131,6 +143,22 @@ def test_streams_beyond_the_backends_limit_open_a_second_connection(
     assert raw.peak_streams == 1
 
 
+def test_every_stream_frees_its_slot_whatever_its_answer(
+    raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
+) -> None:
+    """With one stream allowed per connection, a stream kept after its answer would force a new
+    connection for every call: trailers-only answers, whole answers and failures alike."""
+    raw.max_streams = 1
+    proxy = raw_proxy()
+    for mode in ("trailers_only", "ok", "trailers_only", "reset", "ok", "refuse_first", "trailers_only"):
+        raw.mode = mode
+        try:
+            post(proxy)
+        except httpx.HTTPError:
+            assert mode == "reset"  # the cut answer
+    assert raw.connections == 1 and raw.requests == 7
+
+
 def test_plain_http_over_h2_keeps_its_status_and_body(
     raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
 ) -> None:
@@ -140,3 +168,14 @@ def test_plain_http_over_h2_keeps_its_status_and_body(
     assert response.status_code == 200 and response.content == b"\0\0\0\0\x05hello"
     assert proxy.metric("strangler_grpc_requests_total") == 0  # not a gRPC call: HTTP metrics only
     assert proxy.metric("http_requests_total", version="v1", code="200") == 1
+
+
+def test_an_http2_client_to_an_h2_backend_plain_http(
+    raw_proxy: Callable[..., ProxyProcess], raw: RawH2Server
+) -> None:
+    proxy = raw_proxy()
+    with httpx.Client(http1=False, http2=True, timeout=10) as client:  # h2c by prior knowledge
+        response = client.post(proxy.url + "/plain", content=b"x" * 100_000)
+        assert response.http_version == "HTTP/2"
+        assert response.status_code == 200 and response.content == b"\0\0\0\0\x05hello"
+        assert response.headers["x-api-version"] == "v1"
