@@ -540,6 +540,8 @@ def bench(
                     "results": as_json(h2_results),
                 }
                 if not as_json_output:
+                    if not http and (key == "grpc" or not grpc):  # the build line, once (as above)
+                        progress.print(f"strangler build: {proxy.build()}")
                     progress.print(
                         render_h2(h2_results, key == "grpc", h2_connections, streams, seconds, rounds)
                     )

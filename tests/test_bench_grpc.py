@@ -6,6 +6,7 @@ without h2load is told how to install it."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +109,25 @@ def test_the_h2_bench_measures_every_target_without_errors(grpc_mode: bool) -> N
         assert 0 < result.p50_ms <= result.p99_ms
     table = render_h2(results, grpc_mode, 2, 2, 1, 1)
     assert "vs envoy" in table and "2 connections x 2 streams" in table
+
+
+@measuring
+@needs_nginx
+@needs_h2load
+@needs_strangler_h2
+def test_json_holds_the_grpc_table_and_no_http_table() -> None:
+    result = strangler(
+        "bench", "--no-http", "--grpc", "--seconds", "1", "--rounds", "1",
+        "--connections", "4", "--streams", "2", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["http"] is None and document["h2_to_h1"] is None
+    assert document["grpc"]["connections"] == 2 and document["grpc"]["streams"] == 2
+    rows = document["grpc"]["results"]
+    assert [r["name"] for r in rows][:2] == [
+        DIRECT,
+        "strangler (1 worker, h2 both sides, split 10%, metrics on)",
+    ]
+    for row in rows:
+        assert row["rps"] > 0 and row["errors"] == 0 and row["note"] == "", row
