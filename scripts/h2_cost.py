@@ -18,10 +18,11 @@ side under test is timed:
   share of the h2 figures a faster HPACK could save).
 
 ``--batch`` requests arrive in one read (1: one call in flight per connection; 16: many streams
-multiplexed, as h2load -m sends them). Best of ``--repeat`` runs; microseconds per request and the
-rate one core could sustain at that cost alone.
+multiplexed, as h2load -m sends them). Best of ``--repeat`` short runs (on a shared machine the
+best of many short runs finds its quiet moments); microseconds per request and the rate one core
+could sustain at that cost alone.
 
-    scripts/h2_cost.py                 # batch 1 and 16, 20,000 requests each, best of 5
+    scripts/h2_cost.py                 # batch 1 and 16, 5,000 calls per run, best of 9
     scripts/h2_cost.py --requests 5000 --repeat 3 --batch 1
 """
 
@@ -237,8 +238,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=20000, help="calls per run")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per case; the best counts")
+    parser.add_argument("--requests", type=int, default=5000, help="calls per run")
+    parser.add_argument("--repeat", type=int, default=9, help="runs per case; the best counts")
     parser.add_argument("--batch", type=int, action="append", help="calls per read (default: 1 and 16)")
     args = parser.parse_args()
     versions = f"h2 {h2.__version__}, hpack {hpack.__version__}, httptools {httptools.__version__}"
