@@ -307,6 +307,17 @@ class Metrics:
             ["rule", "phase"], registry=reg,
         )  # fmt: skip
 
+        # gRPC calls (proxy/traffic/duplex.py): grpc_method is bounded per process (grpc.max_method_labels)
+        self.grpc_requests = Counter(
+            "strangler_grpc_requests_total", "gRPC calls by method and the grpc-status they ended with.",
+            ["group", "version", "grpc_method", "grpc_code"], registry=reg,
+        )  # fmt: skip
+        self.grpc_duration = Histogram(
+            "strangler_grpc_request_duration_seconds", "gRPC call time, from the request to its trailers.",
+            ["group", "version", "grpc_method"], buckets=LATENCY_BUCKETS, registry=reg,
+        )  # fmt: skip
+        self._grpc_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+
         # reliability: what a task leak would show; computed at scrape time, free per request
         if not self.multiprocess:
             self.loop_tasks = Gauge(
@@ -332,6 +343,19 @@ class Metrics:
 
     def client_disconnected(self, version: str, stage: str) -> None:
         self.client_disconnects.labels(version, stage).inc()
+
+    def grpc_call(self, group: str, version: str, method: str, code: str, seconds: float) -> None:
+        """One gRPC call ended (labels from closed sets: the method bounded, the code a name);
+        children resolved once per label set."""
+        key = (group, version, method, code)
+        children = self._grpc_children.get(key)
+        if children is None:
+            children = self._grpc_children[key] = (
+                self.grpc_requests.labels(group, version, method, code),
+                self.grpc_duration.labels(group, version, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     # --- websockets -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from proxy.edge.h2server import H2Config
 from proxy.edge.server import HttpServer, ServerLimits
 from proxy.settings import Settings
 
@@ -174,6 +175,8 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     cert, key = str(settings.tls_cert_file), str(settings.tls_key_file)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    if settings.http2.enabled:
+        context.set_alpn_protocols(["h2", "http/1.1"])  # HTTP/2 when the client offers it
 
     def reload() -> None:
         try:
@@ -185,6 +188,42 @@ def listener_tls(settings: Settings) -> ssl.SSLContext | None:
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
     return context
+
+
+def h2_config(settings: Settings) -> H2Config | None:
+    """HTTP/2 on the listeners (h2c prior knowledge, ALPN h2), or None when disabled."""
+    http2 = settings.http2
+    if not http2.enabled:
+        return None
+    return H2Config(
+        max_concurrent_streams=http2.max_concurrent_streams,
+        initial_window_size=http2.initial_window_size,
+        max_frame_size=http2.max_frame_size,
+        header_table_size=http2.header_table_size,
+        max_header_list_size=http2.max_header_list_size,
+        max_resets_per_second=http2.max_resets_per_second,
+        max_control_frames_per_second=http2.max_control_frames_per_second,
+        max_continuation_frames=http2.max_continuation_frames,
+        idle_timeout_seconds=http2.idle_timeout_seconds,
+        stall_timeout_seconds=http2.stall_timeout_seconds,
+    )
+
+
+def shared_socket(host: str, port: int, setting: str) -> socket.socket:
+    """A listening socket every worker (and the next generation during an upgrade) may bind too
+    (SO_REUSEPORT, no probe): the h2c-only port is bound by each worker, not by the parent."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(host, port, setting, exc) from None
+    return sock
 
 
 def limits_for(settings: Settings, count: Any) -> ServerLimits:
@@ -302,16 +341,25 @@ async def serve(
                 bound.close()
         raise
     metrics = app.metrics
+    h2 = h2_config(settings)
     main = HttpServer(
         app.proxy.handle,
         limits_for(settings, metrics.rejected_request),
         tls,
         fast=app.proxy.start if settings.fast_path else None,
+        h2=h2,
     )
     admin_server: HttpServer | None = None
+    h2_server: HttpServer | None = None
     try:
         await main.listen(settings.host, settings.port, sock=sock)
         group.servers.append(main)
+        if h2 is not None and settings.http2.port is not None:
+            # h2c only (prior knowledge), sharing the main listener's limits and drain
+            h2_server = HttpServer(app.proxy.handle, main.limits, None, h2=h2, h2_only=True)
+            h2_sock = shared_socket(settings.host, settings.http2.port, "http2.port")
+            await h2_server.listen(settings.host, settings.http2.port, sock=h2_sock)
+            group.servers.append(h2_server)
         if with_admin:
             admin_app = app.admin_app
 
@@ -332,6 +380,8 @@ async def serve(
         ws = settings.websocket
         # WebSockets get their grace, then 1001 early enough for the closing handshake to fit
         ws_grace = min(ws.drain_grace_seconds, max(0.0, drain - ws.close_timeout_seconds))
+        if h2_server is not None:
+            h2_server.stop_listening()
         await main.stop(drain, ws_grace)
         if admin_server is not None:
             await admin_server.stop(0.5)

@@ -681,6 +681,88 @@ class WebSocketSettings(StrictModel):
     rollback_grace_seconds: float = Field(default=0.0, ge=0)
 
 
+# the gRPC status codes by number (grpc/doc/statuscodes.md); names are what settings and metrics use
+GRPC_STATUS_CODES: tuple[str, ...] = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+DEFAULT_GRPC_ERRORS: tuple[str, ...] = (
+    "UNAVAILABLE",
+    "INTERNAL",
+    "UNKNOWN",
+    "DEADLINE_EXCEEDED",
+    "DATA_LOSS",
+)
+
+
+class GrpcSettings(StrictModel):
+    """gRPC calls (content-type application/grpc*) through the split: what counts as a version's error."""
+
+    # grpc-status codes (names or numbers) counted as an error of the version that answered, for the
+    # canary and http_errors (recorded as a 5xx: see docs/operations.md "gRPC"); others are successes
+    error_codes: list[str] = Field(default_factory=lambda: list(DEFAULT_GRPC_ERRORS))
+    # distinct grpc_method label values per process; further methods are counted as "other"
+    max_method_labels: int = Field(default=200, ge=1)
+
+    @field_validator("error_codes", mode="before")
+    @classmethod
+    def _known_codes(cls, value: Any) -> list[str]:
+        """Each a code name (any case) or number 1..16, stored as the name; OK cannot be an error."""
+        if not isinstance(value, list):
+            raise ValueError("grpc error codes must be a list of gRPC status names or numbers")
+        names: list[str] = []
+        for code in value:
+            if isinstance(code, int) and not isinstance(code, bool) and 0 <= code < len(GRPC_STATUS_CODES):
+                name = GRPC_STATUS_CODES[code]
+            elif isinstance(code, str) and code.strip().upper() in GRPC_STATUS_CODES:
+                name = code.strip().upper()
+            elif isinstance(code, str) and code.strip().isdigit() and int(code) < len(GRPC_STATUS_CODES):
+                name = GRPC_STATUS_CODES[int(code)]
+            else:
+                raise ValueError(f"grpc error code {code!r} is not a gRPC status name or number (1-16)")
+            if name == "OK":
+                raise ValueError("grpc error codes cannot include OK (0)")
+            if name not in names:
+                names.append(name)
+        return names
+
+
+class Http2Settings(StrictModel):
+    """HTTP/2 on the listener (proxy/edge/h2server.py): h2c by prior knowledge on the main port,
+    ``h2`` offered by ALPN when TLS is configured, optionally a port of its own. Every limit below
+    is refused cheaply and counted in ``strangler_rejected_requests_total{reason="h2_..."}``
+    (docs/security.md "HTTP/2")."""
+
+    # false: the listener speaks HTTP/1.1 only (the preface is refused as malformed, no ALPN h2)
+    enabled: bool = True
+    # an extra plain listener that speaks only h2c (prior knowledge); None: none
+    port: int | None = Field(default=None, ge=0, le=65535)
+    # streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); more: REFUSED_STREAM
+    max_concurrent_streams: int = Field(default=100, ge=1, le=2**31 - 1)
+    # per stream, what we advertise (SETTINGS_INITIAL_WINDOW_SIZE): request bytes buffered per stream
+    initial_window_size: int = Field(default=65535 * 16, ge=65535, le=2**31 - 1)
+    # largest frame we accept (SETTINGS_MAX_FRAME_SIZE)
+    max_frame_size: int = Field(default=16384, ge=16384, le=2**24 - 1)
+    # HPACK dynamic table we keep for the client's headers (SETTINGS_HEADER_TABLE_SIZE)
+    header_table_size: int = Field(default=4096, ge=0, le=2**31 - 1)
+    # decoded header list (RFC 9113 6.5.2 size: names + values + 32 each); over it: 431 / h2_headers_too_large
+    max_header_list_size: int = Field(default=16384, ge=1024)
+    # RST_STREAMs a client may send (or provoke) per second (CVE-2023-44487 rapid reset); over it:
+    # GOAWAY ENHANCE_YOUR_CALM (h2_rapid_reset)
+    max_resets_per_second: int = Field(default=100, ge=1)
+    # SETTINGS, PING, PRIORITY, empty DATA and unneeded WINDOW_UPDATE frames per second; over it:
+    # GOAWAY ENHANCE_YOUR_CALM (h2_control_flood)
+    max_control_frames_per_second: int = Field(default=200, ge=1)
+    # CONTINUATION frames after one HEADERS (CVE-2024-27316 class); over it: GOAWAY (h2_continuation_flood)
+    max_continuation_frames: int = Field(default=16, ge=1)
+    # a connection with no stream open for this long is closed with GOAWAY (NO_ERROR)
+    idle_timeout_seconds: float = Field(default=60.0, gt=0)
+    # a stream whose answer waits this long on a flow-control window the client keeps shut is
+    # reset (h2_stall), freeing the upstream connection behind it
+    stall_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything the proxy needs, validated once. Runtime objects receive it; nothing else reads env."""
 
@@ -757,6 +839,11 @@ class Settings(BaseSettings):
     # client certificate (and key) presented to https backends that ask for one
     upstream_client_cert_file: Path | None = None
     upstream_client_key_file: Path | None = None
+    # how each backend is spoken to: http1 (default), or h2 (HTTP/2: prior knowledge on an http://
+    # URL, ALPN "h2" on an https:// one; gRPC backends need it)
+    v1_protocol: Literal["http1", "h2"] = "http1"
+    v2_protocol: Literal["http1", "h2"] = "http1"
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
 
     # TLS termination on the listener (both set: https; reloaded on SIGHUP without a restart)
     tls_cert_file: Path | None = None
@@ -776,6 +863,7 @@ class Settings(BaseSettings):
     deprecations: list[DeprecationRule] = Field(default_factory=list)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
+    http2: Http2Settings = Field(default_factory=Http2Settings)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -191,6 +191,8 @@ def test_dashboard_queries_name_only_metrics_the_proxy_exports(busy_proxy: Proxy
         "strangler_canary_gate_checks_total",
         "strangler_canary_evidence",
         "strangler_rollout_awaiting_approval",
+        "strangler_grpc_requests_total",
+        "strangler_grpc_request_duration_seconds_bucket",
     ):
         assert needed in used, f"the dashboard shows nothing from {needed}"
     latency = " ".join(expr for _, expr in exprs if "http_request_duration_seconds_bucket" in expr)

@@ -55,3 +55,18 @@ class UpstreamPoolTimeout(UpstreamError):
     status = 503
     nothing_sent = True
     blames_version = False
+
+
+class UpstreamRefusedStream(UpstreamError):
+    """The backend did not process the stream (REFUSED_STREAM, or above a GOAWAY's last stream
+    id, RFC 9113 6.8 and 8.7): it may be sent again, or served by the other version."""
+
+    kind = "refused_stream"
+    nothing_sent = True
+
+
+class H2NotNegotiated(UpstreamProtocolError):
+    """A backend configured for h2 did not speak it (ALPN did not choose ``h2``, or no HTTP/2
+    SETTINGS came back): nothing was sent, so v2 may fall back to v1."""
+
+    nothing_sent = True

@@ -25,7 +25,7 @@ import re
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import unquote
 
 import httptools
@@ -110,6 +110,35 @@ class StateError(Exception):
     """A connection state change the table does not allow: a bug in this module."""
 
 
+H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class H2Takeover(Protocol):
+    """HTTP/2 on this listener (``proxy/edge/h2server.py``'s ``H2Config``): given the connection
+    once its first bytes are the h2c preface (or ALPN chose ``h2``)."""
+
+    def take_over(self, conn: ServerProtocol, data: bytes) -> None: ...
+
+    def protocol(self, handler: Any, limits: ServerLimits, scheme: str) -> asyncio.Protocol: ...
+
+
+class ClientConnection(Protocol):
+    """What the limits and the drain need of any client connection (HTTP/1.1 or HTTP/2)."""
+
+    transport: asyncio.Transport | None
+    _limits: ServerLimits
+
+    @property
+    def _ws(self) -> FrameSocket | None: ...
+
+    @property
+    def idle(self) -> bool: ...
+
+    def begin_drain(self) -> None: ...
+
+    def _close(self, linger: bool = False) -> None: ...
+
+
 Handler = Callable[["NativeExchange"], Awaitable[None]]
 # takes a request synchronously when it can (no task); else returns the coroutine to run as a task
 FastHandler = Callable[["NativeExchange"], Coroutine[Any, Any, None] | None]
@@ -160,7 +189,7 @@ class ServerLimits:
         self.draining = False  # a graceful stop has begun: every answer from now on says close
         self.count: Callable[[str], None] = count or (lambda reason: None)
         # every open connection, oldest first: idle ones are closed first at the cap
-        self.connections: dict[ServerProtocol, None] = {}
+        self.connections: dict[ClientConnection, None] = {}
 
 
 class Refused(Exception):
@@ -179,6 +208,8 @@ class NativeExchange:
     __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "http_version",
                  "keep_alive", "expect_continue", "_conn", "_body", "_body_done", "_responded", "_complete",
                  "_chunked", "_no_body", "gone", "upgradable", "upgrade", "trailers")  # fmt: skip
+
+    http2: Final = False
 
     def __init__(self, conn: ServerProtocol, method: str, raw_path: bytes, path: str, query: bytes,
                  headers: list[tuple[bytes, bytes]], http_version: str, keep_alive: bool,
@@ -342,6 +373,10 @@ class NativeExchange:
         elif self._conn.flow.write_paused:
             await self._conn.drain()
 
+    async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """Ends a streamed answer. HTTP/1.1 trailers are not sent (yet): dropped."""
+        await self.write(b"", False)
+
     async def wait_gone(self) -> None:
         """Returns when the client disconnects. Each call waits on a future of its own, so a
         cancelled waiter (a finished answer's disconnect watcher) changes nothing for the next."""
@@ -472,9 +507,12 @@ class ServerProtocol(asyncio.Protocol):
 
     def __init__(
         self, handler: Handler, limits: ServerLimits, scheme: str = "http", fast: FastHandler | None = None,
-        writes: WriteBatch | None = None,
+        writes: WriteBatch | None = None, h2: H2Takeover | None = None,
     ) -> None:  # fmt: skip
         self._handler = handler
+        self._h2 = h2
+        # the first bytes while they may be the h2c preface (None: decided, or no HTTP/2 here)
+        self._sniff: bytes | None = b"" if h2 is not None else None
         self._writes = writes if writes is not None else WriteBatch()
         self._fast = fast
         self._limits = limits
@@ -557,6 +595,12 @@ class ServerProtocol(asyncio.Protocol):
             transport.close()
             return
         limits.connections[self] = None
+        if self._h2 is not None and self.scheme == "https":
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._sniff = None
+                self._h2.take_over(self, b"")
+                return
         self._head_since = self.loop.time()
         if limits.draining:  # taken from the listen queue during a graceful stop
             self.begin_drain()
@@ -607,7 +651,24 @@ class ServerProtocol(asyncio.Protocol):
             self._ws.feed_eof()
         return None
 
+    def handed_over(self) -> None:
+        """This connection now speaks HTTP/2 through another protocol: forget it here."""
+        self._limits.connections.pop(self, None)
+        self._cancel_timers()
+        self.state = CLOSED
+
     def data_received(self, data: bytes) -> None:
+        if self._sniff is not None:
+            # the h2c preface (HTTP/2 with prior knowledge)? Decided within the first 24 bytes
+            seen = self._sniff + data
+            if len(seen) < 24 and H2_PREFACE.startswith(seen):
+                self._sniff = seen
+                return
+            self._sniff = None
+            if seen.startswith(H2_PREFACE) and self.state is IDLE and self._h2 is not None:
+                self._h2.take_over(self, seen)
+                return
+            data = seen
         state = self.state
         if state > DRAIN_IDLE:  # not HTTP any more
             if state is WEBSOCKET:
@@ -1139,10 +1200,12 @@ class HttpServer:
 
     def __init__(
         self, handler: Handler, limits: ServerLimits, tls: ssl.SSLContext | None = None,
-        fast: FastHandler | None = None,
+        fast: FastHandler | None = None, h2: H2Takeover | None = None, h2_only: bool = False,
     ) -> None:  # fmt: skip
         self._handler = handler
         self._fast = fast
+        self._h2 = h2  # HTTP/2: h2c prior knowledge and ALPN h2 beside HTTP/1.1
+        self._h2_only = h2_only and h2 is not None  # a listener that speaks only h2c
         self._writes = WriteBatch()  # its clients' answers of one loop pass go out together
         self.limits = limits
         self.tls = tls  # TLS termination: handshakes use whatever certificate the context holds now
@@ -1150,9 +1213,11 @@ class HttpServer:
         self.started = False
         self.forced = False
 
-    def protocol(self) -> ServerProtocol:
+    def protocol(self) -> asyncio.Protocol:
         scheme = "https" if self.tls is not None else "http"
-        return ServerProtocol(self._handler, self.limits, scheme, self._fast, self._writes)
+        if self._h2_only and self._h2 is not None:
+            return self._h2.protocol(self._handler, self.limits, scheme)
+        return ServerProtocol(self._handler, self.limits, scheme, self._fast, self._writes, self._h2)
 
     async def listen(self, host: str, port: int, sock: Any = None, backlog: int = 2048) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -1173,6 +1238,11 @@ class HttpServer:
     def force(self) -> None:
         """A second stop signal: the drain in progress ends at once."""
         self.forced = True
+
+    def stop_listening(self) -> None:
+        """Stop accepting; the connections are drained by the server whose limits they share."""
+        for server in self.servers:
+            server.close()
 
     def _close_listeners(self) -> list[socket.socket]:
         """Stop listening, taking first every connection the kernel already queued: closing a

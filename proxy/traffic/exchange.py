@@ -25,6 +25,11 @@ class ClientExchange(Protocol):
     client_host: str | None
     scheme: str
 
+    @property
+    def http2(self) -> bool:
+        """An HTTP/2 stream (proxy/edge/h2server.py): trailers can be sent with ``end``."""
+        ...
+
     async def read(self) -> tuple[bytes, bool]:
         """The next chunk of the request body and whether more follows; raises ``ClientGone``."""
         ...
@@ -35,6 +40,11 @@ class ClientExchange(Protocol):
 
     async def write(self, body: bytes, more: bool) -> None:
         """More of the answer; raises ``ClientGone`` (or OSError) if the client has left."""
+        ...
+
+    async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """Ends an answer begun with ``respond(..., more=True)``, with ``trailers`` where the
+        protocol carries them (HTTP/2); over HTTP/1.1 and ASGI they are dropped (for now)."""
         ...
 
     async def wait_gone(self) -> None:
@@ -84,6 +94,8 @@ class AsgiExchange:
     __slots__ = ("scope", "_receive", "_send", "method", "path", "raw_path", "query", "headers",
                  "client_host", "scheme")  # fmt: skip
 
+    http2 = False
+
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
         self._receive = receive
@@ -111,6 +123,9 @@ class AsgiExchange:
     async def write(self, body: bytes, more: bool) -> None:
         await self._send({"type": "http.response.body", "body": body, "more_body": more})
 
+    async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        await self.write(b"", False)  # ASGI trailers (http.response.trailers) are not sent yet
+
     async def wait_gone(self) -> None:
         while True:
             message = await self._receive()
@@ -134,6 +149,7 @@ class AsgiWebSocket:
     """
 
     method = "GET"
+    http2 = False
 
     def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.scope = scope
@@ -160,6 +176,9 @@ class AsgiWebSocket:
         await self.reject(status, headers, body)
 
     async def write(self, body: bytes, more: bool) -> None:
+        return None
+
+    async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         return None
 
     async def wait_gone(self) -> None:

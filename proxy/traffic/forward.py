@@ -37,6 +37,7 @@ from proxy.edge.websocket import FrameSocket, WsHandshakeRefused, open_upstream
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.traffic.decision import BadForce, Decider, query_value
+from proxy.traffic.duplex import Duplex
 from proxy.traffic.exchange import (
     ASGIApp,
     AsgiExchange,
@@ -57,6 +58,15 @@ from proxy.traffic.hooks import (
     NoMirror,
     PrimaryResult,
     Recorder,
+)
+from proxy.traffic.outcomes import (
+    ANSWERED,
+    CLIENT_FAULT,
+    CLIENT_GONE_REQUEST,
+    CLIENT_GONE_RESPONSE,
+    CUT,
+    FAILED,
+    PROXY_LIMIT,
 )
 from proxy.traffic.paths import is_canonical, normalise, strip_params
 from proxy.traffic.routing import RouteTable
@@ -79,15 +89,6 @@ NEVER_UNDERSCORED: Final = HOP_BY_HOP | PROXY_SET | {b"content-length", b"host",
 ALLOW_ALL: Final = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 JSON_HEADERS: Final = [(b"content-type", b"application/json")]
 VERSION_VALUE: Final = {"v1": b"v1", "v2": b"v2"}
-
-# how a request ended: ``finish`` records each the one right way
-ANSWERED: Final = 0  # the version's answer reached the client whole (any status, a 101 included)
-FAILED: Final = 1  # the version failed it: the proxy answered 502/504 (or relayed a refused upgrade)
-CUT: Final = 2  # the version's answer broke off after its head was relayed: the connection is closed
-PROXY_LIMIT: Final = 3  # the proxy's own limit (no pool slot free): answered 503, not the version's error
-CLIENT_GONE_REQUEST: Final = 4  # the client left before the answer began
-CLIENT_GONE_RESPONSE: Final = 5  # the client left while the answer was being written
-CLIENT_FAULT: Final = 6  # the client's own fault (a body below the minimum rate): never the version's
 
 
 class BodyTooSlow(Exception):
@@ -152,6 +153,7 @@ class ProxyApp:
         self._body_policy = BodyPolicy(
             limits.body_buffer_bytes, limits.min_body_rate_bytes_per_second, limits.body_rate_grace_seconds
         )
+        self._duplex = Duplex(self, upstreams, settings, metrics)  # backends spoken to over HTTP/2
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI adapter: ``proxy.app:app`` under any ASGI server runs the same core."""
@@ -422,6 +424,9 @@ class ProxyApp:
                     await self._failed(ex, xc, error)
                     return
                 error = None
+            if self._upstreams[xc.version].protocol == "h2":
+                await self._duplex.forward(ex, xc)  # streamed both ways; it finishes the request
+                return
             try:
                 response = await self._send_upstream(xc)
                 break
@@ -827,6 +832,24 @@ class _Body:
         if self.done:
             return self._first or b""
         return self._rest()
+
+    async def take(self) -> tuple[bytes, bool]:
+        """The next chunk as it arrives, kept for the mirror: the HTTP/2 upstream path streams
+        the body up at once (a gRPC stream waits for answers between its messages), with no
+        buffering and no minimum rate (a multiplexed stream holds no backend connection)."""
+        self.started = True
+        first = self._first
+        if first is not None:  # read (and kept) by ``prepare`` for an HTTP/1.1 attempt that fell back
+            self._first = None
+            return first, not self.done
+        if self.done:
+            return b"", False
+        chunk, more = await self._next()
+        if chunk:
+            self._keep(chunk)
+        if not more:
+            self.done = True
+        return chunk, more
 
     def _rest(self) -> AsyncIterator[bytes]:
         return _BodyRest(self)

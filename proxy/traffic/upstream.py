@@ -17,6 +17,7 @@ from proxy.edge.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from proxy.edge.h2client import H2Pool
 from proxy.edge.headers import HOP_BY_HOP
 from proxy.settings import Settings
 
@@ -37,7 +38,11 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
 
 
 class Upstream:
-    """One backend: its origin and a keep-alive pool. Opened and closed by the lifespan."""
+    """One backend: its origin and a keep-alive pool. Opened and closed by the lifespan.
+
+    ``protocol`` is how the backend is spoken to (``v1_protocol``/``v2_protocol``): with ``h2``,
+    requests go through ``h2`` (multiplexed streams, ``proxy/traffic/duplex.py``) and ``pool``
+    (HTTP/1.1) only serves WebSocket upgrades' origin and TLS context."""
 
     def __init__(
         self,
@@ -47,8 +52,10 @@ class Upstream:
         pool_size: int | None = None,
         read_timeout: float | None = None,
         on_drop: Callable[[str], None] | None = None,
+        protocol: str | None = None,
     ) -> None:
         self.version = version
+        self.protocol = protocol or (settings.v1_protocol if version == "v1" else settings.v2_protocol)
         origin = Origin.parse(base_url)
         limits = PoolLimits(
             size=pool_size or settings.upstream_pool_size,
@@ -62,12 +69,23 @@ class Upstream:
             version, origin, limits, tls_context(settings) if origin.scheme == "https" else None, on_drop,
             strip=RESPONSE_STRIP,
         )  # fmt: skip
+        self.h2: H2Pool | None = None
+        if self.protocol == "h2":
+            self.h2 = H2Pool(
+                version,
+                origin,
+                limits,
+                tls_context(settings) if origin.scheme == "https" else None,
+                RESPONSE_STRIP,
+            )
 
     async def start(self) -> None:
         """Connections are opened on demand; nothing to do before the first request."""
 
     async def close(self) -> None:
         await self.pool.close()
+        if self.h2 is not None:
+            await self.h2.close()
 
     async def send(
         self,
