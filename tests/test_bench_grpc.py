@@ -5,7 +5,6 @@ without h2load is told how to install it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from collections.abc import Iterator
@@ -40,21 +39,6 @@ needs_nginx = pytest.mark.skipif(
 needs_h2load = pytest.mark.skipif(
     h2load_binary() is None,
     reason="h2load is not installed (scripts/test installs nghttp2-client as root on Debian)",
-)
-
-
-def _missing(*modules: str) -> bool:
-    return not all(importlib.util.find_spec(f"proxy.edge.{name}") for name in modules)
-
-
-# Strangler's HTTP/2 listener (issue 28 part A) and upstream (part B) land beside this bench: the
-# gRPC table needs both, the h2-to-h1 table the listener only.
-needs_strangler_h2 = pytest.mark.skipif(
-    _missing("h2server", "h2client"),
-    reason="this build has no HTTP/2 listener or upstream (proxy/edge/h2server.py, h2client.py)",
-)
-needs_h2_listener = pytest.mark.skipif(
-    _missing("h2server"), reason="this build has no HTTP/2 listener (proxy/edge/h2server.py)"
 )
 
 
@@ -105,11 +89,7 @@ def test_without_h2load_the_bench_says_how_to_install_it() -> None:
 @measuring
 @needs_nginx
 @needs_h2load
-@pytest.mark.parametrize(
-    "grpc_mode",
-    [pytest.param(True, marks=needs_strangler_h2), pytest.param(False, marks=needs_h2_listener)],
-    ids=["grpc", "h2-to-h1"],
-)
+@pytest.mark.parametrize("grpc_mode", [True, False], ids=["grpc", "h2-to-h1"])
 def test_the_h2_bench_measures_every_target_without_errors(grpc_mode: bool) -> None:
     with_envoy = envoy_binary() is not None  # the bench extra; CI installs the test extra only
     results = bench_h2(grpc_mode, connections=2, streams=2, seconds=1, rounds=1, warmup=0.5, envoy=with_envoy)
@@ -127,7 +107,6 @@ def test_the_h2_bench_measures_every_target_without_errors(grpc_mode: bool) -> N
 @measuring
 @needs_nginx
 @needs_h2load
-@needs_strangler_h2
 def test_json_holds_the_grpc_table_and_no_http_table() -> None:
     result = strangler(
         "bench", "--no-http", "--grpc", "--seconds", "1", "--rounds", "1",
