@@ -254,6 +254,13 @@ class Metrics:
             "strangler_shadow_comparisons_total", "Shadow comparisons by result.",
             ["group", "result"], registry=reg,
         )  # fmt: skip
+        self.shadow_grpc_decoding = Counter(
+            "strangler_shadow_grpc_decoding_total",
+            "Mirrored gRPC answers by how their messages were read (descriptor, wire, wire_fallback) "
+            "or what stopped it (truncated, malformed, too_large, corrupt_compressed, unknown_encoding, "
+            "not_protobuf, reflection_failed).",
+            ["outcome"], registry=reg,
+        )  # fmt: skip
         self.shadow_latency_delta = Histogram(
             "strangler_shadow_latency_delta_seconds", "v2 minus v1 latency of mirrored requests.",
             ["group"], buckets=DELTA_BUCKETS, registry=reg,

@@ -233,6 +233,11 @@ class ShadowSettings(StrictModel):
     )
     # endpoint names tried before route patterns and templating: "/search/{term}", "/files/**"
     endpoint_patterns: list[str] = Field(default_factory=list)
+    # unary gRPC answers: messages decoded by field name with this FileDescriptorSet (protoc
+    # --descriptor_set_out --include_imports), else with v1's server reflection when
+    # grpc_reflection, else compared by field number (wire format); docs/shadow.md
+    grpc_descriptor_set: Path | None = None
+    grpc_reflection: bool = False
 
     @field_validator("compare_headers")
     @classmethod
@@ -242,6 +247,14 @@ class ShadowSettings(StrictModel):
             if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", name):
                 raise ValueError(f"{name!r} is not a header name")
         return names
+
+    @field_validator("grpc_descriptor_set")
+    @classmethod
+    def _descriptor_file(cls, value: Path | None) -> Path | None:
+        # read (and parsed) when the shadow is built; checked here so serve refuses before starting
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)[:200]} is not a file (make one with protoc --descriptor_set_out)")
+        return value
 
     @field_validator("endpoint_patterns")
     @classmethod

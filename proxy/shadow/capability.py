@@ -13,6 +13,7 @@ from proxy.settings import ConfigError, Settings
 from proxy.shadow.control import ShadowControl
 from proxy.shadow.mirror import ShadowMirror
 from proxy.shadow.policy import RULES_SECTION, SECTION, make_policy_parser, make_rules_parser
+from proxy.shadow.protobuf import DECODED, PROBLEMS, Decoding, WireOnly
 from proxy.shadow.report import ReportStore
 from proxy.traffic.routing import RouteTable
 
@@ -34,11 +35,44 @@ class Shadow:
     report: ReportStore
     control: ShadowControl
     mirror: ShadowMirror
+    grpc: Decoding  # how mirrored unary gRPC answers are decoded (proxy/shadow/protobuf.py)
+
+
+def grpc_decoding(settings: Settings, metrics: Metrics) -> Decoding:
+    """The gRPC decoders from the shadow settings; a descriptor set that cannot be read (or
+    protobuf/grpcio not installed) is a ConfigError at start-up, not a surprise per answer."""
+    shadow = settings.shadow
+    children = {name: metrics.shadow_grpc_decoding.labels(name) for name in (*DECODED, *PROBLEMS)}
+
+    def count(outcome: str) -> None:
+        children[outcome].inc()
+
+    if shadow.grpc_descriptor_set is None and not shadow.grpc_reflection:
+        return WireOnly(count)
+    try:
+        from proxy.shadow.descriptors import build_decoding
+    except ImportError as exc:
+        raise ConfigError(
+            f"shadow.grpc_descriptor_set and shadow.grpc_reflection need the protobuf package "
+            f"(and grpcio, grpcio-reflection for reflection; pip install 'strangler[grpc]'): {exc}"
+        ) from exc
+    try:
+        return build_decoding(
+            shadow.grpc_descriptor_set,
+            shadow.grpc_reflection,
+            [settings.v1_url, settings.v2_url],
+            settings.upstream_ca_file,
+            shadow.timeout_seconds,
+            count,
+        )
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"shadow.grpc_descriptor_set: {exc}") from exc
 
 
 def build(settings: Settings, metrics: Metrics, control: ControlClient, store: ControlStore) -> Shadow:
     """``control`` brings the Redis client and key names; ``store`` the snapshot the workers read."""
     shadow = settings.shadow
     report = ReportStore(control.redis, control.keys, shadow.max_samples, shadow.noise_threshold)
-    mirror = ShadowMirror(settings, metrics, store, RouteTable(settings.routes), report)
-    return Shadow(report, ShadowControl(control, settings), mirror)
+    decoding = grpc_decoding(settings, metrics)
+    mirror = ShadowMirror(settings, metrics, store, RouteTable(settings.routes), report, decoding)
+    return Shadow(report, ShadowControl(control, settings), mirror, decoding)

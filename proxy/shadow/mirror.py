@@ -46,7 +46,7 @@ from proxy.background import cancel_and_wait
 from proxy.control.snapshot import Snapshot
 from proxy.control.store import ControlStore
 from proxy.edge.client import UpstreamResponse
-from proxy.edge.errors import UpstreamError
+from proxy.edge.errors import UpstreamError, UpstreamProtocolError
 from proxy.metrics import Metrics
 from proxy.settings import Settings
 from proxy.shadow.compare import Answer, Options, Outcome, compare, learn, quick_compare
@@ -60,7 +60,18 @@ from proxy.shadow.policy import (
     is_safe,
     override_method,
 )
+from proxy.shadow.protobuf import (
+    Decoding,
+    GrpcAnswer,
+    MessageDecoder,
+    WireOnly,
+    compare_grpc,
+    learn_grpc,
+    quick_compare_grpc,
+    sample_text,
+)
 from proxy.shadow.report import ReportBatch, ReportStore
+from proxy.traffic.grpc import is_grpc
 from proxy.traffic.hooks import MirrorRequest, PrimaryResult
 from proxy.traffic.routing import RouteTable
 from proxy.traffic.upstream import Upstream, translate
@@ -88,6 +99,9 @@ class Fetched:
     encoding: str = ""
     reserved: int = 0  # bytes of the byte budget this body holds until the comparison is done
     over_budget: bool = False  # reading stopped because the byte budget was spent
+    # a gRPC answer (fetched over h2): ``headers`` then holds every answer header, and these
+    grpc: bool = False
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(slots=True)
@@ -95,13 +109,16 @@ class _Held:
     """A comparison waiting for its endpoint's calibration (both answers kept)."""
 
     group: str
-    v1: Answer
-    v2: Answer
+    v1: Answer | GrpcAnswer
+    v2: Answer | GrpcAnswer
     rules: EndpointRules
     options: Options
     request: MirrorRequest
     primary: PrimaryResult
     shadow: Fetched
+    # a gRPC call: its method path and the decoder that reads its messages (None: HTTP)
+    method: str = ""
+    decoder: MessageDecoder | None = None
 
     @property
     def size(self) -> int:
@@ -214,6 +231,36 @@ def mirror_headers(
     return kept
 
 
+def grpc_method(request: MirrorRequest) -> str:
+    """The call's method path ``/pkg.Service/Method`` (what descriptors are looked up by)."""
+    return request.raw_target.partition(b"?")[0].decode("latin-1")
+
+
+# what an h2 request may not carry (RFC 9113 8.2.2), the authority (sent as :authority), and a
+# deadline the client set for its own call (the mirror's timeout bounds ours)
+_NOT_H2 = frozenset({b"host", b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                     b"upgrade", b"te", b"grpc-timeout"})  # fmt: skip
+
+
+def grpc_headers(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """(the headers of a mirrored gRPC call over h2, the Host it had): names lower-case,
+    connection-specific ones dropped, ``te: trailers`` (gRPC servers require it)."""
+    out: list[tuple[bytes, bytes]] = []
+    host = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"host":
+            host = value
+        if lower not in _NOT_H2:
+            out.append((lower, value))
+    out.append((b"te", b"trailers"))
+    return out, host
+
+
+def _text_pairs(pairs: list[tuple[bytes, bytes]] | None) -> tuple[tuple[str, str], ...]:
+    return tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in pairs or ())
+
+
 def _truncate(body: bytes | None, limit: int) -> str | None:
     if body is None:
         return None
@@ -231,8 +278,10 @@ class ShadowMirror:
         store: ControlStore,
         routes: RouteTable,
         report: ReportStore,
+        grpc: Decoding | None = None,
     ) -> None:
         self._settings = settings
+        self._grpc: Decoding = grpc or WireOnly()
         self._store = store
         self._config = settings.shadow
         self._metrics = metrics
@@ -432,6 +481,12 @@ class ShadowMirror:
         meter = _Meter()
         try:
             plan, request = job.plan, job.request
+            if is_grpc(request.headers):  # over h2, its messages decoded: always in a task
+                self._count(plan.group, "sent")
+                endpoint = self._namer.name(request.method, request.path)
+                self._spawn(self._grpc_exchange(job, endpoint, meter))
+                meter.stop()
+                return
             endpoint, calibrate = self._endpoint(plan, request)
             self._count(plan.group, "sent")
             sink = None
@@ -452,15 +507,19 @@ class ShadowMirror:
         """The report's endpoint name, and whether v1 is asked a second time (calibration)."""
         claimed = override_method(request.headers, request.raw_target)
         endpoint = self._namer.name(claimed or request.method, request.path)
-        calibrate = (
+        safe = is_safe(request.method, request.headers, request.raw_target)
+        return endpoint, self._calibrates(plan, endpoint, safe)
+
+    def _calibrates(self, plan: GroupPolicy, endpoint: str, safe: bool) -> bool:
+        """A safe request is calibrated while its endpoint warms up, then at the percentage."""
+        return (
             plan.calibration_percentage > 0
-            and is_safe(request.method, request.headers, request.raw_target)
+            and safe
             and (
                 self._calibrated.get(endpoint, 0) < self._ready_after
                 or _random() * 100.0 < plan.calibration_percentage
             )
         )
-        return endpoint, calibrate
 
     def _send_now(self, upstream: Upstream | None, request: MirrorRequest, sink: _JobSink) -> bool:
         """Write a request without a body on a warm pooled connection (the client's no-task path);
@@ -556,6 +615,104 @@ class ShadowMirror:
             raise
         await self._finish(job, endpoint, results, meter)
 
+    async def _grpc_exchange(self, job: _Job, endpoint: str, meter: _Meter) -> None:
+        """A gRPC call sent again over h2 (to v2, and to v1 for a calibration sample when its
+        descriptors say it is a read: they are resolved first, so with reflection the first calls
+        to a service wait for it, bounded by its timeout, rather than go uncalibrated)."""
+        request = job.request
+        headers, host = grpc_headers(mirror_headers(request.headers, SHADOW_HEADER))
+        limit = job.plan.max_compare
+        results: list[Fetched | BaseException]
+        try:
+            await self._grpc.resolve(grpc_method(request))  # (the meter is stopped: a wait)
+            if self._calibrates(job.plan, endpoint, self._grpc.safe(grpc_method(request))):
+                results = list(
+                    await asyncio.gather(
+                        self._grpc_fetch(self._v2, request, headers, host, limit),
+                        self._grpc_fetch(self._v1, request, [*headers, CALIBRATION_HEADER], host, limit),
+                        return_exceptions=True,
+                    )
+                )
+            else:
+                try:
+                    results = [await self._grpc_fetch(self._v2, request, headers, host, limit)]
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - reported as the mirror's error below
+                    results = [exc]
+        except asyncio.CancelledError:
+            self._end(job, meter)
+            raise
+        await self._finish(job, endpoint, results, meter)
+
+    async def _grpc_fetch(
+        self,
+        upstream: Upstream | None,
+        request: MirrorRequest,
+        headers: list[tuple[bytes, bytes]],
+        host: bytes | None,
+        limit: int,
+    ) -> Fetched:
+        """One call on the backend's h2 pool, its answer read within the compare limit and the
+        byte budget (as ``_read``), its trailers kept. An HTTP/1.1 backend cannot answer gRPC:
+        reported as this mirror's error."""
+        assert upstream is not None
+        started = time.perf_counter()
+        pool = upstream.h2
+        stream = None
+        reserved = 0
+        try:
+            if pool is None:
+                raise UpstreamProtocolError(
+                    upstream.version, "a gRPC call needs h2 to this backend (vN_protocol)"
+                )
+            async with asyncio.timeout(self._timeout):
+                stream = await pool.open(
+                    request.method.encode("latin-1"), request.raw_target, headers,
+                    authority=host or pool.origin.host_header, end_stream=not request.body,
+                    read_timeout=self._timeout,
+                )  # fmt: skip
+                if request.body:
+                    await stream.send(request.body, True)
+                status, answer = await stream.response()
+                data = bytearray()
+                over = over_budget = False
+                if not stream.headers_only:
+                    async for chunk in stream.chunks():
+                        if len(data) + len(chunk) > limit:
+                            over = True
+                            break
+                        if self._buffered + len(chunk) > self._budget:
+                            over_budget = True
+                            break
+                        self._buffered += len(chunk)
+                        reserved += len(chunk)
+                        data += chunk
+                if over or over_budget:
+                    stream.cancel()
+                    self._buffered -= reserved
+                    reserved = 0
+        except BaseException as exc:
+            self._buffered -= reserved
+            if stream is not None:
+                stream.cancel()
+            if isinstance(exc, Exception):
+                raise translate(upstream.version, exc) from exc
+            raise
+        texts = _text_pairs(answer)
+        content_type = next((v for k, v in texts if k == "content-type"), "")
+        return Fetched(
+            status=status,
+            content_type=content_type,
+            body=None if over or over_budget else bytes(data),
+            seconds=time.perf_counter() - started,
+            headers=texts,
+            reserved=reserved,
+            over_budget=over_budget,
+            grpc=True,
+            trailers=_text_pairs(stream.trailers),
+        )
+
     async def _finish(
         self, job: _Job, endpoint: str, results: list[Fetched | BaseException], meter: _Meter
     ) -> None:
@@ -644,6 +801,15 @@ class ShadowMirror:
         rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
         return v1, v2, rules, self._options_for(plan.max_compare)
 
+    def _grpc_answers(
+        self, plan: GroupPolicy, endpoint: str, primary: PrimaryResult, shadow: Fetched
+    ) -> tuple[GrpcAnswer, GrpcAnswer, EndpointRules, Options]:
+        v1 = GrpcAnswer.from_raw(primary.status, primary.headers, primary.body, primary.trailers or ())
+        v2 = GrpcAnswer(shadow.status, shadow.headers, shadow.body, shadow.trailers)
+        rules_set = self._store.current.sections.get(RULES_SECTION)
+        rules = rules_set.for_endpoint(endpoint) if isinstance(rules_set, RuleSet) else EndpointRules()
+        return v1, v2, rules, self._options_for(plan.max_compare)
+
     def _settle_now(
         self,
         plan: GroupPolicy,
@@ -692,13 +858,29 @@ class ShadowMirror:
             self._result(group, "skipped")
             self._batch.count(endpoint, group, "skipped")
             return
-        v1, v2, rules, options = self._answers(plan, endpoint, primary, shadow)
+        v1: Answer | GrpcAnswer
+        v2: Answer | GrpcAnswer
+        method, decoder = "", None
+        if shadow.grpc:
+            method = grpc_method(request)
+            meter.stop()
+            decoder = await self._grpc.resolve(method)  # at most the reflection timeout, once per service
+            meter.start()
+            v1, v2, rules, options = self._grpc_answers(plan, endpoint, primary, shadow)
+        else:
+            v1, v2, rules, options = self._answers(plan, endpoint, primary, shadow)
         loop = asyncio.get_running_loop()
         assert self._executor is not None
         if isinstance(second, Fetched) and second.body is not None and not second.over_budget:
-            v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
+            teach: tuple[Any, ...]
+            if decoder is not None:
+                v1g = GrpcAnswer(second.status, second.headers, second.body, second.trailers)
+                teach = (learn_grpc, method, v1, v1g, rules, options, decoder)
+            else:
+                v1b = Answer(second.status, second.content_type, second.body, second.headers, second.encoding)
+                teach = (learn, v1, v1b, rules, options)
             meter.stop()
-            learnt = await loop.run_in_executor(self._executor, self._paced, learn, v1, v1b, rules, options)
+            learnt = await loop.run_in_executor(self._executor, self._paced, *teach)
             meter.start()
             if learnt:
                 seen = self._noise.setdefault(endpoint, {})
@@ -708,7 +890,7 @@ class ShadowMirror:
             # warm-up counts completed calibrations: until then every safe request calibrates, so
             # answers compared while the first calibration is in flight do not miss the noise
             self._calibrated[endpoint] = self._calibrated.get(endpoint, 0) + 1
-        held = _Held(group, v1, v2, rules, options, request, primary, shadow)
+        held = _Held(group, v1, v2, rules, options, request, primary, shadow, method, decoder)
         if second is not None and not self.calibrated(endpoint) and self._hold(endpoint, held):
             return  # pending: judged once the endpoint's calibration has run
         await self._judge(endpoint, held, meter)
@@ -757,8 +939,22 @@ class ShadowMirror:
 
     async def _judge(self, endpoint: str, held: _Held, meter: _Meter) -> None:
         noisy = self.noisy(endpoint)
+        if held.decoder is not None:  # gRPC: decoded and compared in the thread unless identical
+            assert isinstance(held.v1, GrpcAnswer) and isinstance(held.v2, GrpcAnswer)
+            texts = None
+            quick = quick_compare_grpc(held.v1, held.v2, held.options)
+            if quick is None:
+                meter.stop()
+                loop = asyncio.get_running_loop()
+                quick, texts = await loop.run_in_executor(
+                    self._executor, self._paced, self._grpc_judgement, held, noisy
+                )
+                meter.start()
+            self._record(endpoint, held.group, quick, held.request, held.primary, held.shadow, texts)
+            return
         # small answers are compared here, on the loop (no thread hand-off, no GIL convoy with
         # the loop); large ones or ones that need deepdiff in the paced compare thread
+        assert isinstance(held.v1, Answer) and isinstance(held.v2, Answer)
         outcome = quick_compare(held.v1, held.v2, held.rules, noisy, held.options)
         if outcome is None:
             meter.stop()
@@ -769,6 +965,25 @@ class ShadowMirror:
             meter.start()
         assert outcome is not None
         self._record(endpoint, held.group, outcome, held.request, held.primary, held.shadow)
+
+    def _grpc_judgement(
+        self, held: _Held, noisy: frozenset[str]
+    ) -> tuple[Outcome, tuple[str | None, str | None] | None]:
+        """Runs in the compare thread: the outcome, and for a mismatch the two answers' messages
+        as JSON text for the sample (decoded here, not on the loop)."""
+        assert isinstance(held.v1, GrpcAnswer) and isinstance(held.v2, GrpcAnswer)
+        assert held.decoder is not None
+        outcome = compare_grpc(
+            held.method, held.v1, held.v2, held.rules, noisy, held.options, held.decoder, self._grpc.count
+        )
+        texts = None
+        if outcome.result == "mismatch" and self._config.max_samples:
+            limit = self._config.sample_body_bytes
+            texts = (
+                sample_text(held.method, held.v1, held.decoder, limit),
+                sample_text(held.method, held.v2, held.decoder, limit),
+            )
+        return outcome, texts
 
     def _paced(self, func: Any, *args: Any) -> Any:
         """Runs in the compare thread. Sleeps after each call so its CPU share stays bounded."""
@@ -882,6 +1097,7 @@ class ShadowMirror:
         request: MirrorRequest,
         primary: PrimaryResult,
         shadow: Fetched,
+        texts: tuple[str | None, str | None] | None = None,
     ) -> None:
         batch = self._batch
         if outcome.result == "skipped":  # a body over the limit and nothing else differed
@@ -904,7 +1120,7 @@ class ShadowMirror:
         for name in outcome.suppressed:
             batch.suppressed[endpoint][name] += 1
         if outcome.result == "mismatch":
-            self._add_sample(endpoint, request, primary, shadow, "mismatch", outcome.differences)
+            self._add_sample(endpoint, request, primary, shadow, "mismatch", outcome.differences, texts=texts)
 
     def _add_sample(
         self,
@@ -915,7 +1131,9 @@ class ShadowMirror:
         result: str,
         differences: list[Any],
         detail: str | None = None,
+        texts: tuple[str | None, str | None] | None = None,
     ) -> None:
+        """``texts``: the bodies as a reader should see them (a gRPC answer's decoded messages)."""
         cap = self._config.max_samples
         if not cap:
             return
@@ -930,8 +1148,8 @@ class ShadowMirror:
             "v1_status": primary.status,
             "v2_status": shadow.status if shadow is not None else None,
             "diff": [d.as_dict() for d in differences],
-            "v1_body": _truncate(primary.body, limit),
-            "v2_body": _truncate(shadow.body, limit) if shadow is not None else None,
+            "v1_body": texts[0] if texts else _truncate(primary.body, limit),
+            "v2_body": texts[1] if texts else _truncate(shadow.body, limit) if shadow is not None else None,
             "detail": detail,
         }
         self._batch.sample(endpoint, orjson.dumps(payload), cap)

@@ -260,7 +260,7 @@ class Duplex:
         primary = None
         if captured is not None:
             kept = bytes(captured) if len(captured) <= max_capture else None
-            primary = PrimaryResult(status, headers, kept, time.perf_counter() - xc.started)
+            primary = PrimaryResult(status, headers, kept, time.perf_counter() - xc.started, stream.trailers)
         app.finish(xc, ANSWERED, recorded, primary)
 
     async def _failed(self, ex: ClientExchange, xc: Routed, exc: UpstreamError, is_grpc: bool) -> None:

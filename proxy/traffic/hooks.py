@@ -42,6 +42,7 @@ class PrimaryResult:
     headers: Headers
     body: bytes | None
     seconds: float
+    trailers: Headers | None = None  # an h2 answer's trailers (a gRPC call's status is there)
 
 
 class Mirror(Protocol):

@@ -1,11 +1,9 @@
-"""Latency of the primary and live control: mirroring a slow v2 costs the client nothing, and the
+"""The primary and live control: mirroring a slow v2 never holds the client, and the
 CLI changes sampling and ignore rules on a running proxy."""
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import httpx
@@ -15,50 +13,29 @@ from tests.shadow.helpers import cli, in_force, row, start_shadow_proxy, wait_ro
 from tests.support import Backend, ProxyProcess, wait_refreshed, wait_until
 
 
-def _p50(client: httpx.Client, count: int) -> list[float]:
-    timings = []
-    for i in range(count):
-        started = time.perf_counter()
-        response = client.get(f"/api/latency/{i}")
-        timings.append(time.perf_counter() - started)
-        assert response.status_code == 200 and response.headers["x-api-version"] == "v1"
-    return timings
-
-
-def test_slow_v2_mirrored_at_100_percent_leaves_client_p50_within_10_percent(
+def test_a_slow_v2_mirrored_at_100_percent_never_holds_the_client(
     proxy_factory: Callable[..., ProxyProcess], v1v2: tuple[Backend, Backend], redis_url: str
 ) -> None:
-    """Two runs on one proxy, mirroring off then on (twice, interleaved, to cancel drift on a busy
-    machine). v1 answers in 20 ms like a real backend, so the 10% margin is about the proxy, not
-    about scheduler jitter of a sub-millisecond loopback hop."""
+    """Mirroring is off the client's path, asserted as an order of events, not a timing threshold:
+    v2 takes 3 s, and all 30 sequential requests are answered by v1 while v2 has answered none of
+    their mirrored copies (a client held by the mirror would see each comparison end before its
+    next answer). Then every copy is compared, none dropped, each about 3 s slower than v1."""
     v1, v2 = v1v2
     v1.control(delay_ms=20)
-    v2.control(delay_ms=300)
-    # its own process: the client's timings must not share an interpreter (GIL) with the proxy
-    proxy = start_shadow_proxy(proxy_factory, v1, v2, redis_url, enabled=False, process=True)
-    runs: dict[bool, list[float]] = {False: [], True: []}
+    v2.control(delay_ms=3000)
+    proxy = start_shadow_proxy(proxy_factory, v1, v2, redis_url, enabled=True, process=True)
+    delta = "strangler_shadow_latency_delta_seconds_count"
     with httpx.Client(base_url=proxy.url, timeout=10) as client:
-        _p50(client, 5)  # warm the connections
-        for enabled in (False, True, False, True):
-            cli(proxy, "shadow", "on" if enabled else "off")
-            wait_until(lambda e=enabled: in_force(proxy)["enabled"] is e, timeout=5, message="switch")  # type: ignore[misc]
-            sent_before = proxy.metric("strangler_shadow_requests_total", outcome="sent")
-            runs[enabled] += _p50(client, 30)
-            sent = proxy.metric("strangler_shadow_requests_total", outcome="sent") - sent_before
-            if enabled:
-                wait_until(lambda b=sent_before: proxy.metric(  # type: ignore[misc]
-                    "strangler_shadow_requests_total", outcome="sent") - b == 30, timeout=10)  # fmt: skip
-            else:
-                assert sent == 0
-    off, on = statistics.median(runs[False]), statistics.median(runs[True])
-    assert on <= off * 1.10, f"p50 with mirroring {on * 1000:.1f} ms vs without {off * 1000:.1f} ms"
+        for i in range(30):
+            response = client.get(f"/api/latency/{i}")
+            assert response.status_code == 200 and response.headers["x-api-version"] == "v1"
+        assert proxy.metric(delta) == 0, "a mirrored copy finished before the client's answers"
+    wait_until(lambda: proxy.metric(delta) == 30, timeout=30, message="30 comparisons")
+    assert proxy.metric("strangler_shadow_requests_total", outcome="sent") == 30
     assert proxy.metric("strangler_shadow_requests_total", outcome="dropped") == 0
-    # the histogram saw v2 about 300 ms slower than v1
-    wait_until(lambda: proxy.metric("strangler_shadow_latency_delta_seconds_count") == 60, timeout=10)
-    # (a histogram with negative buckets has no _sum: read the buckets)
-    assert proxy.metric("strangler_shadow_latency_delta_seconds_bucket", le="0.1") == 0
-    assert proxy.metric("strangler_shadow_latency_delta_seconds_bucket", le="1.0") == 60
-    print(f"p50 off {off * 1000:.2f} ms, on {on * 1000:.2f} ms")
+    # (a histogram with negative buckets has no _sum: read the buckets) v2 about 3 s slower
+    assert proxy.metric("strangler_shadow_latency_delta_seconds_bucket", le="1.0") == 0
+    assert proxy.metric("strangler_shadow_latency_delta_seconds_bucket", le="5.0") == 30
 
 
 def price_rule_in_force(proxy: ProxyProcess) -> bool:
