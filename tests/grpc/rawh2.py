@@ -4,6 +4,7 @@ still survive (a clear 502/504, a metric, no crash, no other client touched)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded
+from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes
 
 ANSWER = [(b":status", b"200"), (b"content-type", b"application/grpc")]
@@ -87,7 +89,10 @@ class RawH2Server:
                         if isinstance(event, DataReceived):
                             h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                         if isinstance(event, StreamEnded):  # the whole request is in: answer it
-                            self._answer(sock, h2, lock, event.stream_id, number, open_streams)
+                            try:
+                                self._answer(sock, h2, lock, event.stream_id, number, open_streams)
+                            except StreamClosedError:  # the proxy reset it in the same read: gone
+                                open_streams.discard(event.stream_id)
                         if isinstance(event, ConnectionTerminated):
                             return
                     out = h2.data_to_send()
@@ -129,7 +134,8 @@ class RawH2Server:
             def later() -> None:
                 time.sleep(self.delay)
                 with lock:
-                    self._ok(h2, stream_id)
+                    with contextlib.suppress(StreamClosedError):  # reset while we slept
+                        self._ok(h2, stream_id)
                     open_streams.discard(stream_id)
                     out = h2.data_to_send()
                 try:
