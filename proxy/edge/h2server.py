@@ -32,7 +32,6 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from proxy.edge.asgi import ASGIApp, ClientGone, Message
-from proxy.edge.flow import FlowControl
 from proxy.edge.h2guard import HEADERS_TOO_LARGE, PREFACE, H2Guard
 
 if TYPE_CHECKING:
@@ -49,6 +48,16 @@ CONNECTION_SPECIFIC: Final = frozenset(
 CHUNKED: Final = (b"transfer-encoding", b"chunked")
 NO_BODY_STATUS: Final = frozenset({204, 304})
 LINGER_SECONDS: Final = 2.0  # after our GOAWAY, how long what the client still sends is discarded
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+def _json_head(status: int, body: bytes) -> list[tuple[bytes, bytes]]:
+    length = b"%d" % len(body)
+    return [(b":status", b"%d" % status), (b"content-type", b"application/json"), (b"content-length", length)]
 
 
 def _json_error(error: bytes, detail: bytes) -> bytes:
@@ -139,7 +148,11 @@ class H2ServerProtocol(asyncio.Protocol):
         self.scheme = scheme
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.flow = FlowControl()
+        # our write buffer toward the client: many streams may wait on it at once (FlowControl
+        # keeps one waiter, enough for HTTP/1.1's one answer at a time)
+        self.write_paused = False
+        self._drains: list[asyncio.Future[None]] = []
+        self._lost = False
         self.client_host: str | None = None
         self.client_port = 0
         self.server_address: tuple[str, int] | None = None
@@ -198,7 +211,6 @@ class H2ServerProtocol(asyncio.Protocol):
     def start(self, transport: asyncio.BaseTransport, data: bytes) -> None:
         """Begin HTTP/2 on ``transport``: our SETTINGS, the connection window, then ``data``."""
         self.transport = transport  # type: ignore[assignment]
-        self.flow.attach(transport)
         limits = self._limits
         limits.connections[self] = None
         config = self._config
@@ -238,7 +250,8 @@ class H2ServerProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.flow.lost()
+        self._lost = True
+        self._wake_drains(ConnectionResetError())
         self._reset_all()
 
     def _reset_all(self) -> None:
@@ -246,21 +259,41 @@ class H2ServerProtocol(asyncio.Protocol):
             stream._reset()
 
     def pause_writing(self) -> None:
-        self.flow.writing_paused()
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self.flow.writing_resumed()
+        self.write_paused = False
+        self._wake_drains(None)
+
+    def _wake_drains(self, error: Exception | None) -> None:
+        waiters, self._drains = self._drains, []
+        for waiter in waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
 
     async def drain(self) -> None:
-        """Wait while the client leaves our writes unread (the HTTP/1.1 rule: ``send_timeout``)."""
+        """Wait while the client leaves our writes unread: ``ClientGone`` once it is gone, or
+        after ``send_timeout`` without progress (the HTTP/1.1 rule: the connection is aborted)."""
+        if self._lost:
+            raise ClientGone()
+        if not self.write_paused:
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._drains.append(waiter)
+        timer = self.loop.call_later(self._limits.send_timeout, _expire, waiter)
         try:
-            await self.flow.drain(self._limits.send_timeout)
+            await waiter
         except ConnectionResetError:
             raise ClientGone() from None
         except TimeoutError:
             self._limits.count("client_send_timeout")
             self._abort()
             raise ClientGone() from None
+        finally:
+            timer.cancel()
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -449,9 +482,8 @@ class H2ServerProtocol(asyncio.Protocol):
         if max_body:
             ex._body_bytes += len(data)
             if ex._body_bytes > max_body:
-                self._limits.count("h2_body_too_large")
                 self.h2.acknowledge_received_data(len(data), sid)
-                ex._too_large()
+                self.refuse_stream(ex, 413, "h2_body_too_large", "request body over the limit")
                 return
         if data:
             ex._feed(data)
@@ -547,6 +579,27 @@ class H2ServerProtocol(asyncio.Protocol):
         ex.query = query
         return None
 
+    def refuse_stream(self, ex: H2Exchange, status: int, reason: str, detail: str) -> None:
+        """A stream refused mid-request (its body over a limit, or stalled): counted; the status
+        with a JSON body if nothing was answered yet (and the window allows it), then RST_STREAM
+        so the client stops sending; its handler sees the client gone."""
+        self._limits.count(reason)
+        sid = ex.stream_id
+        conn = self.h2
+        if self.state is not CLOSED and not ex.gone:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                body = _json_error(reason.replace("_", " ").encode(), detail.encode())
+                if not ex._responded and conn.local_flow_control_window(sid) >= len(body):
+                    ex._responded = True
+                    conn.send_headers(sid, _json_head(status, body))
+                    conn.send_data(sid, body, end_stream=True)
+                    conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+                else:
+                    conn.reset_stream(sid, ErrorCodes.CANCEL)
+            self.flush()
+        ex._complete = True
+        ex._reset()
+
     def _window_opened(self, sid: int) -> None:
         if sid == 0:
             for each in self._streams.values():
@@ -593,8 +646,7 @@ class H2ServerProtocol(asyncio.Protocol):
             try:
                 if not ex._responded and conn.local_flow_control_window(sid) >= 128:
                     body = _json_error(b"upstream unavailable", b"no answer was produced")
-                    conn.send_headers(sid, [(b":status", b"502"), (b"content-type", b"application/json"),
-                                            (b"content-length", b"%d" % len(body))])  # fmt: skip
+                    conn.send_headers(sid, _json_head(502, body))
                     conn.send_data(sid, body, end_stream=True)
                 else:
                     conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
@@ -625,7 +677,7 @@ class H2Exchange:
 
     __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "stream_id",
                  "trailers", "gone", "task", "_conn", "_chunks", "_body_done", "_body_bytes", "_waiter",
-                 "_window", "_gone_waiters", "_responded", "_complete", "_no_body", "_refused")  # fmt: skip
+                 "_window", "_gone_waiters", "_responded", "_complete", "_no_body")  # fmt: skip
 
     def __init__(
         self, conn: H2ServerProtocol, stream_id: int, headers: list[tuple[bytes, bytes]], has_body: bool
@@ -652,7 +704,6 @@ class H2Exchange:
         self._responded = False
         self._complete = False
         self._no_body = False
-        self._refused = False  # the body went over max_body_bytes
 
     def content_length(self) -> int | None:
         for name, value in self.headers:
@@ -669,10 +720,6 @@ class H2Exchange:
     def _end_body(self) -> None:
         self._body_done = True
         self._wake()
-
-    def _too_large(self) -> None:
-        self._refused = True
-        self._reset()
 
     def _reset(self) -> None:
         """The client reset the stream, or the connection is gone."""
@@ -719,10 +766,17 @@ class H2Exchange:
                 raise ClientGone()
             if self._body_done:
                 return b"", False
-            waiter = self._waiter = self._conn.loop.create_future()
+            conn = self._conn
+            waiter = self._waiter = conn.loop.create_future()
+            # the HTTP/1.1 rule (limits.body_timeout_seconds): a body that stalls is refused (408)
+            timer = conn.loop.call_later(conn._limits.body_timeout, _expire, waiter)
             try:
                 await waiter
+            except TimeoutError:
+                conn.refuse_stream(self, 408, "h2_body_timeout", "request body stalled")
+                raise ClientGone() from None
             finally:
+                timer.cancel()
                 self._waiter = None
 
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
@@ -820,7 +874,7 @@ class H2Exchange:
                 if last and end:
                     self._complete = True
                     break
-                if conn.flow.write_paused:
+                if conn.write_paused:
                     conn.flush()
                     await conn.drain()
         except h2.exceptions.H2Error:
@@ -830,7 +884,7 @@ class H2Exchange:
             if frames and guard is not None:
                 guard.data_sent(frames)
         conn.flush()
-        if conn.flow.write_paused and not self._complete:
+        if conn.write_paused and not self._complete:
             await conn.drain()
 
     async def _wait_window(self) -> None:
