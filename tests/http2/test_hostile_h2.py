@@ -31,7 +31,7 @@ CODES = h2.settings.SettingCodes
 CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 REJECTED = "strangler_rejected_requests_total"
-RSS_BUDGET = 40 * 1024 * 1024  # growth allowed over a whole attack (many connections of it)
+RSS_BUDGET = 16 * 1024 * 1024  # growth allowed over a whole attack (measured: about 0.1 MB)
 
 
 def rejected(proxy: ProxyProcess, reason: str) -> float:
