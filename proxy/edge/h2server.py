@@ -33,6 +33,7 @@ from hyperframe.frame import GoAwayFrame
 
 from proxy.edge.asgi import ASGIApp, ClientGone, Message
 from proxy.edge.h2guard import HEADERS_TOO_LARGE, PREFACE, H2Guard
+from proxy.edge.server import HOST_OK
 
 if TYPE_CHECKING:
     from proxy.edge.server import ServerLimits, ServerProtocol
@@ -173,6 +174,7 @@ class H2ServerProtocol(asyncio.Protocol):
         self._seen = b""  # the first bytes while fewer than the preface's 24
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._host_checked = b""  # the last Host / :authority found valid on this connection
 
     # --- the state machine -------------------------------------------------------------------------
 
@@ -522,7 +524,7 @@ class H2ServerProtocol(asyncio.Protocol):
         target = b""
         authority: bytes | None = None
         headers: list[tuple[bytes, bytes]] = []
-        host = False
+        hosts: list[bytes] = []
         cookies: list[bytes] = []
         cookie_at = -1
         for name, value in event.headers:
@@ -542,16 +544,19 @@ class H2ServerProtocol(asyncio.Protocol):
                 cookies.append(value)
                 continue
             if name == b"host":
-                host = True
+                hosts.append(value)
             headers.append((name, value))
         if len(cookies) > 1:
             headers[cookie_at] = (b"cookie", b"; ".join(cookies))
-        if authority is not None and not host:
+        if authority is not None and not hosts:
             headers.insert(0, (b"host", authority))
+            hosts.append(authority)
         has_body = event.stream_ended is None
         ex = H2Exchange(self, sid, headers, has_body)
         self._streams[sid] = ex
         problem = self._problem(ex, method, target, headers)
+        if problem is None and hosts and not self._host_ok(hosts):
+            problem = 400, "h2_bad_host", "invalid Host (or :authority)"
         if problem is not None:
             status, reason, detail = problem
             self._limits.count(reason)
@@ -569,6 +574,18 @@ class H2ServerProtocol(asyncio.Protocol):
                 )
                 return
         ex.task = self.loop.create_task(self._run(ex))
+
+    def _host_ok(self, hosts: list[bytes]) -> bool:
+        """One Host, ``uri-host[:port]`` (the HTTP/1.1 server's rule; h2 checks it agrees with
+        :authority). A client repeats its authority: checked once per connection."""
+        if len(hosts) > 1:
+            return False
+        host = hosts[0]
+        if host != self._host_checked:
+            if not HOST_OK.match(host):
+                return False
+            self._host_checked = host
+        return True
 
     def _problem(
         self, ex: H2Exchange, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
