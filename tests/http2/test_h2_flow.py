@@ -241,3 +241,18 @@ def test_an_idle_connection_gets_goaway(start_proxy: Callable[..., ProxyProcess]
     assert goaway.last_stream_id == sid
     client.wait(lambda c: c.closed)
     assert client.closed
+
+
+def test_an_upstream_reset_mid_answer_resets_the_stream(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy()
+    client = RawH2(proxy.port)
+    sid = client.request("/reset")  # the backend promises 100000 bytes, sends 1000, drops
+    client.wait(lambda c: c.ended(sid), timeout=20)
+    reset = client.of(h2.events.StreamReset, sid)
+    assert reset and reset[0].error_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+    assert not client.of(h2.events.StreamEnded, sid)  # never passed off as complete
+    assert len(client.data.get(sid, b"")) < 100000
+    again = client.request("/echo")  # the connection's other streams are not affected
+    client.wait(lambda c: c.ended(again))
+    assert client.status(again) == 200
+    client.close()
