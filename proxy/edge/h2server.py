@@ -681,8 +681,16 @@ class H2ServerProtocol(asyncio.Protocol):
                     conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
             except h2.exceptions.H2Error:
                 pass
-        elif ex._complete and not ex._body_done and not ex.gone and self.state is not CLOSED:
-            # answered before the whole request body came: the client may stop sending it
+        elif (
+            ex._complete
+            and not ex._body_done
+            and not ex.gone
+            and self.state is not CLOSED
+            and ex.content_length() != 0
+        ):
+            # answered before the whole request body came: the client may stop sending it (not
+            # for a declared empty body: its END_STREAM is on its way, and clients such as httpx
+            # fail a request whose stream was reset before they could end it)
             with contextlib.suppress(h2.exceptions.H2Error):
                 conn.reset_stream(sid, ErrorCodes.NO_ERROR)
         unread = ex._unread()

@@ -256,3 +256,20 @@ def test_an_upstream_reset_mid_answer_resets_the_stream(start_proxy: Callable[..
     client.wait(lambda c: c.ended(again))
     assert client.status(again) == 200
     client.close()
+
+
+def test_a_declared_empty_body_is_not_reset(start_proxy: Callable[..., ProxyProcess]) -> None:
+    """Found by the generated batches: PATCH with content-length 0 was answered, then its stream
+    reset (NO_ERROR) before httpx could send END_STREAM, which httpx reports as a local error."""
+    proxy = start_proxy()
+    client = RawH2(proxy.port)
+    sid = client.request("/echo", method="PATCH", headers=[("content-length", "0")], end=False)
+    client.wait(lambda c: c.ended(sid))
+    assert client.status(sid) == 200
+    assert not client.of(h2.events.StreamReset, sid)
+    client.conn.end_stream(sid)
+    client.flush()
+    again = client.request("/echo")
+    client.wait(lambda c: c.ended(again))
+    assert client.status(again) == 200
+    client.close()
