@@ -366,7 +366,7 @@ async def serve(
             async def admin_only(ex: Any) -> None:
                 await ex.asgi(admin_app)
 
-            admin_server = HttpServer(admin_only, limits_for(settings, metrics.rejected_request))
+            admin_server = HttpServer(admin_only, limits_for(settings, metrics.rejected_request), h2=h2)
             await admin_server.listen(settings.host, settings.admin_port or 0, sock=admin_sock)
             group.servers.append(admin_server)
             log.info("admin API on its own port: http://%s:%s%s", settings.host, settings.admin_port,

@@ -1,4 +1,5 @@
-"""Our own HTTP/1.1 edge on httptools (llhttp): the pooled upstream client (and, later, the server).
+"""Our own HTTP edge: the HTTP/1.1 server and pooled upstream client on httptools (llhttp), and
+HTTP/2 on the listener over the ``h2`` library (``h2server``, ``h2guard``).
 
 Imports nothing of ours above it. Knows nothing of routing, splits or Redis.
 """

@@ -32,8 +32,8 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from proxy.edge.asgi import ASGIApp, ClientGone, Message
-from proxy.edge.flow import FlowControl
 from proxy.edge.h2guard import HEADERS_TOO_LARGE, PREFACE, H2Guard
+from proxy.edge.server import HOST_OK
 
 if TYPE_CHECKING:
     from proxy.edge.server import ServerLimits, ServerProtocol
@@ -48,7 +48,18 @@ CONNECTION_SPECIFIC: Final = frozenset(
 )
 CHUNKED: Final = (b"transfer-encoding", b"chunked")
 NO_BODY_STATUS: Final = frozenset({204, 304})
+FLUSH_BYTES: Final = 65536  # DATA queued in h2 before it is written at once (else: at the end of the pass)
 LINGER_SECONDS: Final = 2.0  # after our GOAWAY, how long what the client still sends is discarded
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+def _json_head(status: int, body: bytes) -> list[tuple[bytes, bytes]]:
+    length = b"%d" % len(body)
+    return [(b":status", b"%d" % status), (b"content-type", b"application/json"), (b"content-length", length)]
 
 
 def _json_error(error: bytes, detail: bytes) -> bytes:
@@ -139,7 +150,12 @@ class H2ServerProtocol(asyncio.Protocol):
         self.scheme = scheme
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.flow = FlowControl()
+        # our write buffer toward the client: many streams may wait on it at once (FlowControl
+        # keeps one waiter, enough for HTTP/1.1's one answer at a time)
+        self.write_paused = False
+        self._drains: list[asyncio.Future[None]] = []
+        self._lost = False
+        self._flush_handle: asyncio.Handle | None = None
         self.client_host: str | None = None
         self.client_port = 0
         self.server_address: tuple[str, int] | None = None
@@ -158,6 +174,7 @@ class H2ServerProtocol(asyncio.Protocol):
         self._seen = b""  # the first bytes while fewer than the preface's 24
         self._timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0
+        self._host_checked = b""  # the last Host / :authority found valid on this connection
 
     # --- the state machine -------------------------------------------------------------------------
 
@@ -198,7 +215,6 @@ class H2ServerProtocol(asyncio.Protocol):
     def start(self, transport: asyncio.BaseTransport, data: bytes) -> None:
         """Begin HTTP/2 on ``transport``: our SETTINGS, the connection window, then ``data``."""
         self.transport = transport  # type: ignore[assignment]
-        self.flow.attach(transport)
         limits = self._limits
         limits.connections[self] = None
         config = self._config
@@ -224,7 +240,7 @@ class H2ServerProtocol(asyncio.Protocol):
         # the connection window: as large as one stream's (request bytes buffered per connection)
         if config.initial_window_size > 65535:
             conn.increment_flow_control_window(config.initial_window_size - 65535)
-        self.flush()
+        self.flush_now()
         self._idle_since = self.loop.time()
         self._timer = self.loop.call_later(config.idle_timeout, self._check_idle)
         if limits.draining:
@@ -238,7 +254,8 @@ class H2ServerProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.flow.lost()
+        self._lost = True
+        self._wake_drains(ConnectionResetError())
         self._reset_all()
 
     def _reset_all(self) -> None:
@@ -246,23 +263,53 @@ class H2ServerProtocol(asyncio.Protocol):
             stream._reset()
 
     def pause_writing(self) -> None:
-        self.flow.writing_paused()
+        self.write_paused = True
 
     def resume_writing(self) -> None:
-        self.flow.writing_resumed()
+        self.write_paused = False
+        self._wake_drains(None)
+
+    def _wake_drains(self, error: Exception | None) -> None:
+        waiters, self._drains = self._drains, []
+        for waiter in waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
 
     async def drain(self) -> None:
-        """Wait while the client leaves our writes unread (the HTTP/1.1 rule: ``send_timeout``)."""
+        """Wait while the client leaves our writes unread: ``ClientGone`` once it is gone, or
+        after ``send_timeout`` without progress (the HTTP/1.1 rule: the connection is aborted)."""
+        if self._lost:
+            raise ClientGone()
+        if not self.write_paused:
+            return
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._drains.append(waiter)
+        timer = self.loop.call_later(self._limits.send_timeout, _expire, waiter)
         try:
-            await self.flow.drain(self._limits.send_timeout)
+            await waiter
         except ConnectionResetError:
             raise ClientGone() from None
         except TimeoutError:
             self._limits.count("client_send_timeout")
             self._abort()
             raise ClientGone() from None
+        finally:
+            timer.cancel()
 
     def flush(self) -> None:
+        """What h2 has to send goes out at the end of this loop pass, in one write with what other
+        streams add meanwhile (a write per frame was the largest cost in the profile)."""
+        if self._flush_handle is None:
+            self._flush_handle = self.loop.call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_handle = None
+        self.flush_now()
+
+    def flush_now(self) -> None:
         data = self.h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
@@ -279,7 +326,7 @@ class H2ServerProtocol(asyncio.Protocol):
             if self._goaway_last < 0:
                 with contextlib.suppress(h2.exceptions.ProtocolError):
                     self.h2.close_connection(ErrorCodes.NO_ERROR)
-            self.flush()
+            self.flush_now()
             self._to(CLOSED)
         self._shut()
 
@@ -309,7 +356,7 @@ class H2ServerProtocol(asyncio.Protocol):
         if self.state is not CLOSED:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.h2.close_connection(code)
-        self.flush()
+        self.flush_now()
         self._to(CLOSED)
         self._reset_all()
         self._shut()
@@ -322,7 +369,7 @@ class H2ServerProtocol(asyncio.Protocol):
         if self.state is not OPEN:
             return
         self._to(DRAINING)
-        self.flush()
+        self.flush_now()
         last = self.h2.highest_inbound_stream_id
         self._goaway_last = last
         frame = GoAwayFrame(0)
@@ -358,7 +405,7 @@ class H2ServerProtocol(asyncio.Protocol):
                 self._limits.count("h2_bad_preface")
                 frame = GoAwayFrame(0)
                 frame.error_code = ErrorCodes.PROTOCOL_ERROR
-                self.flush()
+                self.flush_now()
                 if self.transport is not None:
                     self.transport.write(frame.serialize())
                 self._to(CLOSED)
@@ -403,7 +450,7 @@ class H2ServerProtocol(asyncio.Protocol):
             elif isinstance(event, h2.events.ConnectionTerminated):  # the client's GOAWAY
                 self._to(CLOSED)
                 self._reset_all()
-                self.flush()
+                self.flush_now()
                 self._shut()
                 return
             if self.state is CLOSED:
@@ -428,7 +475,7 @@ class H2ServerProtocol(asyncio.Protocol):
             frame.error_code = ErrorCodes.COMPRESSION_ERROR
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(frame.serialize())
-        self.flush()
+        self.flush_now()
         self._to(CLOSED)
         self._reset_all()
         self._shut()
@@ -449,9 +496,8 @@ class H2ServerProtocol(asyncio.Protocol):
         if max_body:
             ex._body_bytes += len(data)
             if ex._body_bytes > max_body:
-                self._limits.count("h2_body_too_large")
                 self.h2.acknowledge_received_data(len(data), sid)
-                ex._too_large()
+                self.refuse_stream(ex, 413, "h2_body_too_large", "request body over the limit")
                 return
         if data:
             ex._feed(data)
@@ -478,7 +524,7 @@ class H2ServerProtocol(asyncio.Protocol):
         target = b""
         authority: bytes | None = None
         headers: list[tuple[bytes, bytes]] = []
-        host = False
+        hosts: list[bytes] = []
         cookies: list[bytes] = []
         cookie_at = -1
         for name, value in event.headers:
@@ -498,16 +544,19 @@ class H2ServerProtocol(asyncio.Protocol):
                 cookies.append(value)
                 continue
             if name == b"host":
-                host = True
+                hosts.append(value)
             headers.append((name, value))
         if len(cookies) > 1:
             headers[cookie_at] = (b"cookie", b"; ".join(cookies))
-        if authority is not None and not host:
+        if authority is not None and not hosts:
             headers.insert(0, (b"host", authority))
+            hosts.append(authority)
         has_body = event.stream_ended is None
         ex = H2Exchange(self, sid, headers, has_body)
         self._streams[sid] = ex
         problem = self._problem(ex, method, target, headers)
+        if problem is None and hosts and not self._host_ok(hosts):
+            problem = 400, "h2_bad_host", "invalid Host (or :authority)"
         if problem is not None:
             status, reason, detail = problem
             self._limits.count(reason)
@@ -525,6 +574,18 @@ class H2ServerProtocol(asyncio.Protocol):
                 )
                 return
         ex.task = self.loop.create_task(self._run(ex))
+
+    def _host_ok(self, hosts: list[bytes]) -> bool:
+        """One Host, ``uri-host[:port]`` (the HTTP/1.1 server's rule; h2 checks it agrees with
+        :authority). A client repeats its authority: checked once per connection."""
+        if len(hosts) > 1:
+            return False
+        host = hosts[0]
+        if host != self._host_checked:
+            if not HOST_OK.match(host):
+                return False
+            self._host_checked = host
+        return True
 
     def _problem(
         self, ex: H2Exchange, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]
@@ -546,6 +607,27 @@ class H2ServerProtocol(asyncio.Protocol):
         ex.path = path
         ex.query = query
         return None
+
+    def refuse_stream(self, ex: H2Exchange, status: int, reason: str, detail: str) -> None:
+        """A stream refused mid-request (its body over a limit, or stalled): counted; the status
+        with a JSON body if nothing was answered yet (and the window allows it), then RST_STREAM
+        so the client stops sending; its handler sees the client gone."""
+        self._limits.count(reason)
+        sid = ex.stream_id
+        conn = self.h2
+        if self.state is not CLOSED and not ex.gone:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                body = _json_error(reason.replace("_", " ").encode(), detail.encode())
+                if not ex._responded and conn.local_flow_control_window(sid) >= len(body):
+                    ex._responded = True
+                    conn.send_headers(sid, _json_head(status, body))
+                    conn.send_data(sid, body, end_stream=True)
+                    conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+                else:
+                    conn.reset_stream(sid, ErrorCodes.CANCEL)
+            self.flush()
+        ex._complete = True
+        ex._reset()
 
     def _window_opened(self, sid: int) -> None:
         if sid == 0:
@@ -593,15 +675,22 @@ class H2ServerProtocol(asyncio.Protocol):
             try:
                 if not ex._responded and conn.local_flow_control_window(sid) >= 128:
                     body = _json_error(b"upstream unavailable", b"no answer was produced")
-                    conn.send_headers(sid, [(b":status", b"502"), (b"content-type", b"application/json"),
-                                            (b"content-length", b"%d" % len(body))])  # fmt: skip
+                    conn.send_headers(sid, _json_head(502, body))
                     conn.send_data(sid, body, end_stream=True)
                 else:
                     conn.reset_stream(sid, ErrorCodes.INTERNAL_ERROR)
             except h2.exceptions.H2Error:
                 pass
-        elif ex._complete and not ex._body_done and not ex.gone and self.state is not CLOSED:
-            # answered before the whole request body came: the client may stop sending it
+        elif (
+            ex._complete
+            and not ex._body_done
+            and not ex.gone
+            and self.state is not CLOSED
+            and ex.content_length() != 0
+        ):
+            # answered before the whole request body came: the client may stop sending it (not
+            # for a declared empty body: its END_STREAM is on its way, and clients such as httpx
+            # fail a request whose stream was reset before they could end it)
             with contextlib.suppress(h2.exceptions.H2Error):
                 conn.reset_stream(sid, ErrorCodes.NO_ERROR)
         unread = ex._unread()
@@ -625,7 +714,7 @@ class H2Exchange:
 
     __slots__ = ("method", "path", "raw_path", "query", "headers", "client_host", "scheme", "stream_id",
                  "trailers", "gone", "task", "_conn", "_chunks", "_body_done", "_body_bytes", "_waiter",
-                 "_window", "_gone_waiters", "_responded", "_complete", "_no_body", "_refused")  # fmt: skip
+                 "_window", "_gone_waiters", "_responded", "_complete", "_no_body")  # fmt: skip
 
     def __init__(
         self, conn: H2ServerProtocol, stream_id: int, headers: list[tuple[bytes, bytes]], has_body: bool
@@ -652,7 +741,6 @@ class H2Exchange:
         self._responded = False
         self._complete = False
         self._no_body = False
-        self._refused = False  # the body went over max_body_bytes
 
     def content_length(self) -> int | None:
         for name, value in self.headers:
@@ -669,10 +757,6 @@ class H2Exchange:
     def _end_body(self) -> None:
         self._body_done = True
         self._wake()
-
-    def _too_large(self) -> None:
-        self._refused = True
-        self._reset()
 
     def _reset(self) -> None:
         """The client reset the stream, or the connection is gone."""
@@ -719,10 +803,17 @@ class H2Exchange:
                 raise ClientGone()
             if self._body_done:
                 return b"", False
-            waiter = self._waiter = self._conn.loop.create_future()
+            conn = self._conn
+            waiter = self._waiter = conn.loop.create_future()
+            # the HTTP/1.1 rule (limits.body_timeout_seconds): a body that stalls is refused (408)
+            timer = conn.loop.call_later(conn._limits.body_timeout, _expire, waiter)
             try:
                 await waiter
+            except TimeoutError:
+                conn.refuse_stream(self, 408, "h2_body_timeout", "request body stalled")
+                raise ClientGone() from None
             finally:
+                timer.cancel()
                 self._waiter = None
 
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
@@ -796,6 +887,7 @@ class H2Exchange:
         at = 0
         size = len(data)
         frames = 0
+        queued = 0
         try:
             while True:
                 if self.gone:
@@ -808,7 +900,7 @@ class H2Exchange:
                     break
                 window = h2c.local_flow_control_window(sid)
                 if window <= 0:
-                    conn.flush()
+                    conn.flush_now()
                     await self._wait_window()
                     continue
                 frame = h2c.max_outbound_frame_size
@@ -820,9 +912,12 @@ class H2Exchange:
                 if last and end:
                     self._complete = True
                     break
-                if conn.flow.write_paused:
-                    conn.flush()
-                    await conn.drain()
+                queued += step
+                if queued >= FLUSH_BYTES:  # large answers: written as they go, so the transport
+                    queued = 0  # says when the client stops reading
+                    conn.flush_now()
+                    if conn.write_paused:
+                        await conn.drain()
         except h2.exceptions.H2Error:
             raise ClientGone() from None
         finally:
@@ -830,7 +925,7 @@ class H2Exchange:
             if frames and guard is not None:
                 guard.data_sent(frames)
         conn.flush()
-        if conn.flow.write_paused and not self._complete:
+        if conn.write_paused and not self._complete:
             await conn.drain()
 
     async def _wait_window(self) -> None:

@@ -49,6 +49,7 @@ _HOST_OK: Final = re.compile(
     rb"^(?:\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
     rb"|[A-Za-z0-9.\-_~!$&'()*+,;=%]*)(?::[0-9]*)?\Z"
 )
+HOST_OK: Final = _HOST_OK  # also checks HTTP/2's :authority (proxy/edge/h2server.py)
 _OWS: Final = b" \t"
 _URL_SPECIAL: Final = re.compile(rb"[?#]")  # a target with a query or fragment goes through parse_url
 _FRAMING_HEADERS: Final = frozenset({b"host", b"transfer-encoding", b"content-length", b"expect"})

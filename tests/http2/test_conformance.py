@@ -551,9 +551,10 @@ def test_6_9_2_2_an_initial_window_of_zero_gets_headers_only(h2_proxy: ProxyProc
 
 def test_6_9_2_3_a_settings_window_overflow_is_a_flow_control_error(h2_proxy: ProxyProcess) -> None:
     client = RawH2(h2_proxy.port, settings={0x4: 0})
-    sid = client.request("/echo")
+    client.auto_ack = False  # the connection window (65535) caps what the server can send meanwhile
+    sid = client.request("/stream?bytes=10000000")
     client.wait(lambda c: c.status(sid))
     client.send_raw(WindowUpdateFrame(sid, window_increment=2**31 - 1).serialize())
-    client.send_raw(SettingsFrame(0, settings={0x4: 1}).serialize())
+    client.send_raw(SettingsFrame(0, settings={0x4: 70000}).serialize())  # over 2^31-1 whatever was sent
     stream_error(client, sid, (FLOW,))
     client.close()

@@ -194,3 +194,13 @@ def test_alpn_h2_over_tls_and_http1_beside_it(
         response = client.get(url + "/echo")
         assert response.http_version == "HTTP/1.1"
         assert response.status_code == 200
+
+
+def test_admin_api_over_h2_on_its_own_port(start_proxy: Callable[..., ProxyProcess]) -> None:
+    port = free_port()
+    start_proxy(wait=False, admin_port=port)
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", http1=False, http2=True, timeout=10) as client:
+        wait_until(lambda: client.get("/_strangler/health").status_code == 200, timeout=20)
+        health = client.get("/_strangler/health")
+    assert health.http_version == "HTTP/2"
+    assert health.status_code == 200

@@ -185,3 +185,91 @@ def test_header_limits(start_proxy: Callable[..., ProxyProcess]) -> None:
     wait_until(lambda: proxy.metric(REJECTED, reason="h2_headers_too_large") >= 1)
     client.close()
     still_serves(proxy)
+
+
+def test_a_stalled_request_body_is_408(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(limits={"body_timeout_seconds": 0.5})
+    client = RawH2(proxy.port)
+    sid = client.request("/upload", method="POST", end=False)
+    client.conn.send_data(sid, b"a few bytes, then nothing")
+    client.flush()
+    client.wait(lambda c: c.ended(sid), timeout=10)
+    assert client.status(sid) == 408
+    wait_until(lambda: proxy.metric(REJECTED, reason="h2_body_timeout") >= 1)
+    client.close()
+    still_serves(proxy)
+
+
+def test_a_body_over_max_body_bytes_is_413(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(limits={"max_body_bytes": 1000})
+    client = RawH2(proxy.port)
+    sized = client.request("/upload", method="POST", headers=[("content-length", "5000")], end=False)
+    client.wait(lambda c: c.ended(sized))
+    assert client.status(sized) == 413
+    streamed = client.request("/upload", method="POST", end=False)
+    client.conn.send_data(streamed, b"x" * 5000)
+    client.flush()
+    client.wait(lambda c: c.ended(streamed))
+    assert client.status(streamed) in (413, None)  # 413 unless the answer had begun: then RST_STREAM
+    wait_until(lambda: proxy.metric(REJECTED, reason="h2_body_too_large") >= 2)
+    client.close()
+    still_serves(proxy)
+
+
+def test_many_streams_wait_on_a_client_that_reads_slowly(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(limits={"send_timeout_seconds": 30})
+    client = RawH2(proxy.port, settings={CODES.INITIAL_WINDOW_SIZE: 2**31 - 1})
+    client.conn.increment_flow_control_window(2**31 - 1 - 65535)
+    client.flush()
+    size = 2 * 1024 * 1024
+    streams = [client.request(f"/stream?bytes={size}&sized=1") for _ in range(16)]
+    time.sleep(1.0)  # not reading: the proxy's write buffer fills and every stream waits on it
+    client.wait(lambda c: all(c.ended(sid) for sid in streams), timeout=60)
+    for sid in streams:
+        assert client.status(sid) == 200
+        assert len(client.data.get(sid, b"")) == size
+    client.close()
+
+
+def test_an_idle_connection_gets_goaway(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(http2={"idle_timeout_seconds": 0.5})
+    client = RawH2(proxy.port)
+    sid = client.request("/echo")
+    client.wait(lambda c: c.ended(sid))
+    goaway = client.wait(lambda c: c.goaway(), timeout=10)
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == sid
+    client.wait(lambda c: c.closed)
+    assert client.closed
+
+
+def test_an_upstream_reset_mid_answer_resets_the_stream(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy()
+    client = RawH2(proxy.port)
+    sid = client.request("/reset")  # the backend promises 100000 bytes, sends 1000, drops
+    client.wait(lambda c: c.ended(sid), timeout=20)
+    reset = client.of(h2.events.StreamReset, sid)
+    assert reset and reset[0].error_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+    assert not client.of(h2.events.StreamEnded, sid)  # never passed off as complete
+    assert len(client.data.get(sid, b"")) < 100000
+    again = client.request("/echo")  # the connection's other streams are not affected
+    client.wait(lambda c: c.ended(again))
+    assert client.status(again) == 200
+    client.close()
+
+
+def test_a_declared_empty_body_is_not_reset(start_proxy: Callable[..., ProxyProcess]) -> None:
+    """Found by the generated batches: PATCH with content-length 0 was answered, then its stream
+    reset (NO_ERROR) before httpx could send END_STREAM, which httpx reports as a local error."""
+    proxy = start_proxy()
+    client = RawH2(proxy.port)
+    sid = client.request("/echo", method="PATCH", headers=[("content-length", "0")], end=False)
+    client.wait(lambda c: c.ended(sid))
+    assert client.status(sid) == 200
+    assert not client.of(h2.events.StreamReset, sid)
+    client.conn.end_stream(sid)
+    client.flush()
+    again = client.request("/echo")
+    client.wait(lambda c: c.ended(again))
+    assert client.status(again) == 200
+    client.close()
