@@ -35,7 +35,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -675,23 +675,12 @@ class ShadowMirror:
                 if request.body:
                     await stream.send(request.body, True)
                 status, answer = await stream.response()
-                data = bytearray()
-                over = over_budget = False
+                body: bytes | None = b""
+                over_budget = False
                 if not stream.headers_only:
-                    async for chunk in stream.chunks():
-                        if len(data) + len(chunk) > limit:
-                            over = True
-                            break
-                        if self._buffered + len(chunk) > self._budget:
-                            over_budget = True
-                            break
-                        self._buffered += len(chunk)
-                        reserved += len(chunk)
-                        data += chunk
-                if over or over_budget:
+                    body, reserved, over_budget = await self._take(stream.chunks(), limit)
+                if body is None:
                     stream.cancel()
-                    self._buffered -= reserved
-                    reserved = 0
         except BaseException as exc:
             self._buffered -= reserved
             if stream is not None:
@@ -704,7 +693,7 @@ class ShadowMirror:
         return Fetched(
             status=status,
             content_type=content_type,
-            body=None if over or over_budget else bytes(data),
+            body=body,
             seconds=time.perf_counter() - started,
             headers=texts,
             reserved=reserved,
@@ -1019,32 +1008,32 @@ class ShadowMirror:
             raise translate(upstream.version, exc) from exc
 
     async def _read(self, response: UpstreamResponse, limit: int, started: float) -> Fetched:
-        """Read an answer within the compare limit and the byte budget (its bytes are reserved as
-        they arrive; given back here on failure, else by whoever settles the result)."""
+        """Read an HTTP/1.1 answer within the compare limit and the byte budget (``_take``)."""
+        try:
+            body, reserved, over_budget = await self._take(response.chunks(), limit)
+        finally:
+            response.close()  # a no-op after a complete answer; else the connection is dropped
+        return self._fetched(response, body, limit, started, reserved, over_budget)
+
+    async def _take(self, chunks: AsyncIterator[bytes], limit: int) -> tuple[bytes | None, int, bool]:
+        """An answer's body within the compare limit and the byte budget, for either protocol: its
+        bytes are reserved as they arrive, given back here on failure or when a limit is passed,
+        else by whoever settles the result. Returns the body (None past a limit), the bytes
+        reserved, and whether it was the budget that stopped it."""
         data = bytearray()
-        over = over_budget = False
         reserved = 0
         try:
-            async for chunk in response.chunks():
-                if len(data) + len(chunk) > limit:
-                    over = True
-                    break
-                if self._buffered + len(chunk) > self._budget:
-                    over_budget = True
-                    break
+            async for chunk in chunks:
+                if len(data) + len(chunk) > limit or self._buffered + len(chunk) > self._budget:
+                    self._buffered -= reserved
+                    return None, 0, len(data) + len(chunk) <= limit
                 self._buffered += len(chunk)
                 reserved += len(chunk)
                 data += chunk
         except BaseException:
             self._buffered -= reserved
             raise
-        finally:
-            response.close()  # a no-op after a complete answer; else the connection is dropped
-        if over or over_budget:
-            self._buffered -= reserved
-            reserved = 0
-        body = None if over or over_budget else bytes(data)
-        return self._fetched(response, body, limit, started, reserved, over_budget)
+        return bytes(data), reserved, False
 
     def _fetched(
         self, response: UpstreamResponse, body: bytes | None, limit: int, started: float, reserved: int,

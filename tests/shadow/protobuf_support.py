@@ -56,6 +56,6 @@ def frame(*messages: bytes, compressed: bool = False) -> bytes:
     """A gRPC body: each message with its compressed flag and 4-byte big-endian length."""
     out = bytearray()
     for message in messages:
-        data = gzip.compress(message) if compressed else message
+        data = gzip.compress(message, mtime=0) if compressed else message
         out += bytes([1 if compressed else 0]) + len(data).to_bytes(4, "big") + data
     return bytes(out)
