@@ -291,3 +291,41 @@ def test_an_invalid_authority_is_400(
     assert not [r for b in backends for r in b.log() if r["raw_path"] == "/echo/bad-host"]
     client.close()
     still_serves(h2_proxy)
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(10, 5), (5, 10)], ids=["body_short", "body_long"])
+def test_a_body_that_breaks_its_content_length_never_reaches_the_backend(
+    h2_proxy: ProxyProcess, backends: tuple[Backend, Backend], declared: int, sent: int
+) -> None:
+    """H2.CL desync: an HTTP/1.1 backend reads exactly Content-Length bytes. A client that declares
+    one length and sends another must get its stream refused, and none of its bytes may reach a
+    backend: a short body would take the next request's bytes as its rest, a long one would leave
+    bytes read as a request of their own, on a pooled connection other clients share."""
+    v1, v2 = backends
+    for backend in backends:
+        backend.log(clear=True)
+    client = RawH2(h2_proxy.port, validate=False)
+    fields = [(b":method", b"POST"), (b":path", b"/echo"), (b":scheme", b"http"), (b":authority", b"x"),
+              (b"content-length", str(declared).encode())]  # fmt: skip
+    head = HeadersFrame(1, data=client.conn.encoder.encode(fields), flags=["END_HEADERS"])
+    send_quietly(client, head.serialize() + DataFrame(1, data=b"G" * sent, flags=["END_STREAM"]).serialize())
+    client.wait(lambda c: c.goaway() or c.of(h2.events.StreamReset, 1) or c.status(1) or c.closed)
+    goaway = client.goaway()
+    assert (goaway is not None and goaway.error_code == PROTOCOL_ERROR) or client.of(
+        h2.events.StreamReset, 1
+    ) or client.status(1) == 400, "the stream was answered as if its body were whole"  # fmt: skip
+    client.close()
+    # other clients next, over both protocols, on the proxy's pooled backend connections
+    with httpx.Client(base_url=h2_proxy.url, http1=False, http2=True, timeout=10) as h2c:
+        for i in range(3):
+            answer = h2c.post("/echo", content=b"next-h2-%d" % i)
+            assert answer.status_code == 200 and answer.json()["body"] == f"next-h2-{i}"
+    with httpx.Client(base_url=h2_proxy.url, timeout=10) as h1c:
+        for i in range(3):
+            answer = h1c.post("/echo", content=b"next-h1-%d" % i)
+            assert answer.status_code == 200 and answer.json()["body"] == f"next-h1-{i}"
+    seen = [record for backend in backends for record in backend.log()]
+    assert not [r for r in seen if "G" in (r.get("body") or "")], seen
+    assert sorted(r["body"] for r in seen if r["method"] == "POST") == sorted(
+        [f"next-h2-{i}" for i in range(3)] + [f"next-h1-{i}" for i in range(3)]
+    )
