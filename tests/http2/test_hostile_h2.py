@@ -6,6 +6,7 @@ sent), and the proxy serves a normal request afterwards (docs/security.md "HTTP/
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 import h2.errors
 import h2.events
@@ -32,6 +33,10 @@ CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
 REJECTED = "strangler_rejected_requests_total"
 RSS_BUDGET = 16 * 1024 * 1024  # growth allowed over a whole attack (measured: about 0.1 MB)
+# the worker's CPU seconds allowed per attack series (measured: 0.01 s for 5,000 reset streams or
+# 100,000 control frames, 0.03 for 20,000 CONTINUATION frames, 0.04 for 10 HPACK bombs; parsing
+# each frame through h2 instead of refusing at the limit would cost well over these)
+CPU_BUDGET = {"rapid_reset": 0.5, "continuation": 0.5, "control": 0.5, "hpack_bomb": 0.5}
 
 
 def rejected(proxy: ProxyProcess, reason: str) -> float:
@@ -75,8 +80,22 @@ def rss(h2_proxy: ProxyProcess) -> int:
     return h2_proxy.rss()
 
 
+def cpu_seconds(proxy: ProxyProcess) -> float:
+    """The serving worker's CPU time (user + system), as the kernel counts it: a budget on it bounds
+    the work an attack costs, whatever else the machine is doing (it is not a wall-clock timing)."""
+    times = psutil.Process(proxy.worker_pid()).cpu_times()
+    return float(times.user + times.system)
+
+
+@pytest.fixture()
+def cpu(h2_proxy: ProxyProcess, rss: int) -> Callable[[], float]:
+    """CPU seconds the worker has spent since the attack began (after the ``rss`` warm-up)."""
+    start = cpu_seconds(h2_proxy)
+    return lambda: cpu_seconds(h2_proxy) - start
+
+
 def test_rapid_reset_is_refused_and_bounded(
-    h2_proxy: ProxyProcess, backends: tuple[Backend, Backend], rss: int
+    h2_proxy: ProxyProcess, backends: tuple[Backend, Backend], rss: int, cpu: Callable[[], float]
 ) -> None:
     before = rejected(h2_proxy, "h2_rapid_reset")
     tag = uuid.uuid4().hex[:8]
@@ -99,10 +118,11 @@ def test_rapid_reset_is_refused_and_bounded(
     reached = [r for b in (v1, v2) for r in b.log() if f"/echo/rr-{tag}-" in r["raw_path"]]
     assert len(reached) <= 5 * 200
     assert h2_proxy.rss() - rss < RSS_BUDGET
+    assert cpu() < CPU_BUDGET["rapid_reset"], f"{cpu():.3f} s of CPU for 5,000 reset streams"
     still_serves(h2_proxy)
 
 
-def test_continuation_flood_is_refused(h2_proxy: ProxyProcess, rss: int) -> None:
+def test_continuation_flood_is_refused(h2_proxy: ProxyProcess, rss: int, cpu: Callable[[], float]) -> None:
     before = rejected(h2_proxy, "h2_continuation_flood")
     for _ in range(10):
         client = RawH2(h2_proxy.port)
@@ -114,6 +134,7 @@ def test_continuation_flood_is_refused(h2_proxy: ProxyProcess, rss: int) -> None
         client.close()
     wait_until(lambda: rejected(h2_proxy, "h2_continuation_flood") >= before + 10)
     assert h2_proxy.rss() - rss < RSS_BUDGET
+    assert cpu() < CPU_BUDGET["continuation"], f"{cpu():.3f} s of CPU for 10 x 2,000 CONTINUATION frames"
     still_serves(h2_proxy)
 
 
@@ -129,7 +150,9 @@ def test_a_header_block_over_the_limit_in_few_continuations_is_refused(h2_proxy:
 
 
 @pytest.mark.parametrize("kind", ["settings", "ping", "empty_data"])
-def test_control_frame_floods_are_refused(h2_proxy: ProxyProcess, rss: int, kind: str) -> None:
+def test_control_frame_floods_are_refused(
+    h2_proxy: ProxyProcess, rss: int, cpu: Callable[[], float], kind: str
+) -> None:
     before = rejected(h2_proxy, "h2_control_flood")
     for _ in range(5):
         client = RawH2(h2_proxy.port)
@@ -149,10 +172,11 @@ def test_control_frame_floods_are_refused(h2_proxy: ProxyProcess, rss: int, kind
         client.close()
     wait_until(lambda: rejected(h2_proxy, "h2_control_flood") >= before + 5)
     assert h2_proxy.rss() - rss < RSS_BUDGET
+    assert cpu() < CPU_BUDGET["control"], f"{cpu():.3f} s of CPU for 5 x 20,000 {kind} frames"
     still_serves(h2_proxy)
 
 
-def test_hpack_bomb_is_refused(h2_proxy: ProxyProcess, rss: int) -> None:
+def test_hpack_bomb_is_refused(h2_proxy: ProxyProcess, rss: int, cpu: Callable[[], float]) -> None:
     before = rejected(h2_proxy, "h2_headers_too_large")
     for _ in range(10):
         client = RawH2(h2_proxy.port)
@@ -165,6 +189,7 @@ def test_hpack_bomb_is_refused(h2_proxy: ProxyProcess, rss: int) -> None:
         client.close()
     wait_until(lambda: rejected(h2_proxy, "h2_headers_too_large") >= before + 10)
     assert h2_proxy.rss() - rss < RSS_BUDGET
+    assert cpu() < CPU_BUDGET["hpack_bomb"], f"{cpu():.3f} s of CPU for 10 HPACK bombs"
     still_serves(h2_proxy)
 
 
