@@ -14,7 +14,7 @@ from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded
-from h2.exceptions import StreamClosedError
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 
 ANSWER = [(b":status", b"200"), (b"content-type", b"application/grpc")]
@@ -91,7 +91,7 @@ class RawH2Server:
                         if isinstance(event, StreamEnded):  # the whole request is in: answer it
                             try:
                                 self._answer(sock, h2, lock, event.stream_id, number, open_streams)
-                            except StreamClosedError:  # the proxy reset it in the same read: gone
+                            except ProtocolError:  # the proxy reset the stream (or closed) in the same read
                                 open_streams.discard(event.stream_id)
                         if isinstance(event, ConnectionTerminated):
                             return
@@ -134,7 +134,7 @@ class RawH2Server:
             def later() -> None:
                 time.sleep(self.delay)
                 with lock:
-                    with contextlib.suppress(StreamClosedError):  # reset while we slept
+                    with contextlib.suppress(ProtocolError):  # reset (or closed) while we slept
                         self._ok(h2, stream_id)
                     open_streams.discard(stream_id)
                     out = h2.data_to_send()
